@@ -1,0 +1,1 @@
+//! `demask make-checkpoint`: random-weight checkpoints in the exact Hugging Face layout.

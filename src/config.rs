@@ -1,0 +1,464 @@
+//! `ModelConfig`: the architecture of a checkpoint, read from Hugging Face `config.json` in
+//! either dialect (LLaDA's OLMo-style names, Dream's Qwen2 names), plus the built-in presets.
+//! `validate()` refuses anything the kernels cannot run, naming the field.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which of the two supported architectures (DESIGN.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arch {
+    /// LLaDA-8B: MHA, no biases, row i predicts token i.
+    Llada,
+    /// Dream-7B / Dimple-7B: GQA, q/k/v bias, shifted logits (row i-1 predicts token i).
+    Dream,
+}
+
+/// The architecture as the engine uses it. All sizes in elements.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Rows of the embedding and LM head (LLaDA's `embedding_size`, Dream's `vocab_size`).
+    pub vocab: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    pub qkv_bias: bool,
+    pub mask_id: u32,
+    pub eos_id: u32,
+    /// End-of-turn token (LLaDA `<|eot_id|>`, Dream `<|im_end|>`), also a stop token.
+    pub eot_id: u32,
+    /// Longest canvas (prompt + gen) the model accepts.
+    pub max_seq_len: usize,
+}
+
+/// The only head dimension the attention kernels are built for.
+pub const HEAD_DIM: usize = 128;
+
+/// LLaDA `config.json` (model_type "llada"), the fields demask reads.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct LladaJson {
+    pub model_type: String,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    pub mlp_hidden_size: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
+    #[serde(default = "default_llada_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_llada_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub include_bias: bool,
+    #[serde(default)]
+    pub include_qkv_bias: Option<bool>,
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
+    /// demask extension: end-of-turn id (defaults to `<|eot_id|>` = 126348 when in vocab).
+    #[serde(default)]
+    pub eot_token_id: Option<u32>,
+    #[serde(default)]
+    pub weight_tying: bool,
+}
+
+fn default_llada_theta() -> f64 {
+    500000.0
+}
+fn default_llada_eps() -> f64 {
+    1e-5
+}
+
+/// Dream `config.json` (model_type "Dream", Qwen2 names), the fields demask reads.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct DreamJson {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_dream_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_dream_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// demask extension: end-of-turn id (defaults to `<|im_end|>` = 151645 when in vocab).
+    #[serde(default)]
+    pub eot_token_id: Option<u32>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_dream_theta() -> f64 {
+    1e6
+}
+fn default_dream_eps() -> f64 {
+    1e-6
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+        let cfg = Self::from_json(&text).map_err(|e| match e {
+            Error::BadInput(m) => Error::file(&path, m),
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses either dialect, chosen by `model_type`, and validates.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::bad_input(format!("config.json is not valid JSON: {e}")))?;
+        let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        let cfg = match model_type.to_ascii_lowercase().as_str() {
+            "llada" => {
+                let j: LladaJson = serde_json::from_value(v)
+                    .map_err(|e| Error::bad_input(format!("LLaDA config.json: {e}")))?;
+                Self::from_llada(&j)
+            }
+            "dream" | "qwen2" => {
+                let j: DreamJson = serde_json::from_value(v)
+                    .map_err(|e| Error::bad_input(format!("Dream config.json: {e}")))?;
+                Self::from_dream(&j)
+            }
+            other => {
+                return Err(Error::config(
+                    "model_type",
+                    format!("`{other}` is not supported (expected \"llada\" or \"Dream\")"),
+                ))
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn from_llada(j: &LladaJson) -> Self {
+        let vocab = j.embedding_size.unwrap_or(j.vocab_size).max(j.vocab_size);
+        ModelConfig {
+            arch: Arch::Llada,
+            n_layers: j.n_layers,
+            hidden: j.d_model,
+            ffn: j.mlp_hidden_size,
+            n_heads: j.n_heads,
+            n_kv_heads: j.n_kv_heads.unwrap_or(j.n_heads),
+            head_dim: if j.n_heads > 0 { j.d_model / j.n_heads } else { 0 },
+            vocab,
+            rope_theta: j.rope_theta,
+            norm_eps: j.rms_norm_eps,
+            qkv_bias: j.include_qkv_bias.unwrap_or(j.include_bias),
+            mask_id: j.mask_token_id.unwrap_or(126336),
+            eos_id: j.eos_token_id.unwrap_or(126081),
+            eot_id: j.eot_token_id.unwrap_or(if vocab > 126348 { 126348 } else { j.eos_token_id.unwrap_or(126081) }),
+            max_seq_len: j.max_sequence_length.unwrap_or(4096),
+        }
+    }
+
+    fn from_dream(j: &DreamJson) -> Self {
+        ModelConfig {
+            arch: Arch::Dream,
+            n_layers: j.num_hidden_layers,
+            hidden: j.hidden_size,
+            ffn: j.intermediate_size,
+            n_heads: j.num_attention_heads,
+            n_kv_heads: j.num_key_value_heads,
+            head_dim: if j.num_attention_heads > 0 { j.hidden_size / j.num_attention_heads } else { 0 },
+            vocab: j.vocab_size,
+            rope_theta: j.rope_theta,
+            norm_eps: j.rms_norm_eps,
+            qkv_bias: true,
+            mask_id: j.mask_token_id.unwrap_or(151666),
+            eos_id: j.eos_token_id.unwrap_or(151643),
+            eot_id: j.eot_token_id.unwrap_or(if j.vocab_size > 151645 { 151645 } else { j.eos_token_id.unwrap_or(151643) }),
+            max_seq_len: j.max_position_embeddings.unwrap_or(131072),
+        }
+    }
+
+    /// Serialises to the HF dialect of this architecture (what `make-checkpoint` writes).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        match self.arch {
+            Arch::Llada => serde_json::json!({
+                "architectures": ["LLaDAModelLM"],
+                "model_type": "llada",
+                "d_model": self.hidden,
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads,
+                "mlp_hidden_size": self.ffn,
+                "mlp_ratio": self.ffn / self.hidden.max(1),
+                "vocab_size": self.vocab,
+                "embedding_size": self.vocab,
+                "rope_theta": self.rope_theta,
+                "rms_norm_eps": self.norm_eps,
+                "include_bias": false,
+                "include_qkv_bias": self.qkv_bias,
+                "mask_token_id": self.mask_id,
+                "eos_token_id": self.eos_id,
+                "eot_token_id": self.eot_id,
+                "pad_token_id": self.eos_id,
+                "max_sequence_length": self.max_seq_len,
+                "weight_tying": false,
+                "block_type": "llama",
+                "activation_type": "silu",
+                "layer_norm_type": "rms",
+                "rope": true,
+                "torch_dtype": "bfloat16"
+            }),
+            Arch::Dream => serde_json::json!({
+                "architectures": ["DreamModel"],
+                "model_type": "Dream",
+                "hidden_size": self.hidden,
+                "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads,
+                "intermediate_size": self.ffn,
+                "vocab_size": self.vocab,
+                "rope_theta": self.rope_theta,
+                "rms_norm_eps": self.norm_eps,
+                "mask_token_id": self.mask_id,
+                "eos_token_id": self.eos_id,
+                "eot_token_id": self.eot_id,
+                "pad_token_id": self.eos_id,
+                "bos_token_id": self.eos_id,
+                "max_position_embeddings": self.max_seq_len,
+                "tie_word_embeddings": false,
+                "hidden_act": "silu",
+                "torch_dtype": "bfloat16"
+            }),
+        }
+    }
+
+    /// Invariants the engine relies on; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let (f_hidden, f_layers, f_heads, f_kv, f_ffn, f_vocab) = match self.arch {
+            Arch::Llada => ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "embedding_size"),
+            Arch::Dream => (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            ),
+        };
+        let pos = |field: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(field, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        pos(f_layers, self.n_layers)?;
+        pos(f_hidden, self.hidden)?;
+        pos(f_heads, self.n_heads)?;
+        pos(f_kv, self.n_kv_heads)?;
+        pos(f_ffn, self.ffn)?;
+        pos(f_vocab, self.vocab)?;
+        if self.n_layers > 1024 {
+            return Err(Error::config(f_layers, format!("{} is out of range (1..=1024)", self.n_layers)));
+        }
+        if self.hidden % self.n_heads != 0 {
+            return Err(Error::config(f_heads, format!("{} does not divide {f_hidden} = {}", self.n_heads, self.hidden)));
+        }
+        if self.head_dim != HEAD_DIM {
+            return Err(Error::config(
+                f_heads,
+                format!("head dim {f_hidden}/{f_heads} = {} is unsupported (kernels need {HEAD_DIM})", self.head_dim),
+            ));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::config(f_kv, format!("{} does not divide {f_heads} = {}", self.n_kv_heads, self.n_heads)));
+        }
+        if self.hidden % 8 != 0 || self.ffn % 8 != 0 {
+            return Err(Error::config(f_ffn, "hidden and ffn sizes must be multiples of 8 (16-byte rows)"));
+        }
+        if self.vocab > u32::MAX as usize / 2 {
+            return Err(Error::config(f_vocab, format!("{} is out of range", self.vocab)));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(Error::config("rope_theta", format!("{} is out of range (> 1)", self.rope_theta)));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return Err(Error::config("rms_norm_eps", format!("{} is out of range (0, 1)", self.norm_eps)));
+        }
+        for (field, id) in [("mask_token_id", self.mask_id), ("eos_token_id", self.eos_id), ("eot_token_id", self.eot_id)] {
+            if id as usize >= self.vocab {
+                return Err(Error::config(field, format!("{id} is not below {f_vocab} = {}", self.vocab)));
+            }
+        }
+        if self.max_seq_len == 0 {
+            return Err(Error::config("max_sequence_length", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// Rows of the fused QKV projection: (n_heads + 2 n_kv_heads) * head_dim.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    /// Logits are shifted (Dream): the slot at position p is predicted by row p - 1.
+    pub fn shifted(&self) -> bool {
+        self.arch == Arch::Dream
+    }
+
+    /// Parameter count (embedding + layers + final norm + LM head, biases included).
+    pub fn param_count(&self) -> u64 {
+        let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
+        let qkv = self.qkv_dim() as u64;
+        let per_layer =
+            h * qkv + if self.qkv_bias { qkv } else { 0 } + self.q_dim() as u64 * h + 3 * h * f + 2 * h;
+        2 * v * h + self.n_layers as u64 * per_layer + h
+    }
+
+    /// A built-in architecture by name: tiny-llada, tiny-dream, llada-8b, dream-7b.
+    pub fn preset(name: &str) -> Result<Self> {
+        let llada8b = ModelConfig {
+            arch: Arch::Llada,
+            n_layers: 32,
+            hidden: 4096,
+            ffn: 12288,
+            n_heads: 32,
+            n_kv_heads: 32,
+            head_dim: 128,
+            vocab: 126464,
+            rope_theta: 500000.0,
+            norm_eps: 1e-5,
+            qkv_bias: false,
+            mask_id: 126336,
+            eos_id: 126081,
+            eot_id: 126348,
+            max_seq_len: 4096,
+        };
+        let dream7b = ModelConfig {
+            arch: Arch::Dream,
+            n_layers: 28,
+            hidden: 3584,
+            ffn: 18944,
+            n_heads: 28,
+            n_kv_heads: 4,
+            head_dim: 128,
+            vocab: 152064,
+            rope_theta: 1e6,
+            norm_eps: 1e-6,
+            qkv_bias: true,
+            mask_id: 151666,
+            eos_id: 151643,
+            eot_id: 151645,
+            max_seq_len: 131072,
+        };
+        let cfg = match name {
+            "llada-8b" => llada8b,
+            "dream-7b" => dream7b,
+            // Tiny presets keep head_dim 128 (the kernels' only size) and a 512-token vocab
+            // whose top ids are the special tokens of the tiny tokenizer (see checkpoint.rs).
+            "tiny-llada" => ModelConfig {
+                n_layers: 2,
+                hidden: 256,
+                ffn: 512,
+                n_heads: 2,
+                n_kv_heads: 2,
+                vocab: 512,
+                mask_id: TINY_MASK,
+                eos_id: TINY_EOS,
+                eot_id: TINY_EOT,
+                max_seq_len: 1024,
+                ..llada8b
+            },
+            "tiny-dream" => ModelConfig {
+                n_layers: 2,
+                hidden: 512,
+                ffn: 1024,
+                n_heads: 4,
+                n_kv_heads: 2,
+                vocab: 512,
+                mask_id: TINY_MASK,
+                eos_id: TINY_EOS,
+                eot_id: TINY_EOT,
+                max_seq_len: 1024,
+                ..dream7b
+            },
+            other => {
+                return Err(Error::bad_input(format!(
+                    "unknown preset `{other}` (expected one of: {})",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(cfg)
+    }
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: &[&str] = &["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"];
+
+/// Special token ids of the tiny presets' tokenizer (bytes take ids 0..256).
+pub const TINY_MASK: u32 = 511;
+pub const TINY_EOS: u32 = 510;
+pub const TINY_EOT: u32 = 509;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llada_param_count_matches_checkpoint() {
+        assert_eq!(ModelConfig::preset("llada-8b").unwrap().param_count(), 8_015_581_184);
+    }
+
+    #[test]
+    fn presets_validate_and_roundtrip_through_hf_json() {
+        for name in PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap();
+            cfg.validate().unwrap();
+            let back = ModelConfig::from_json(&cfg.to_hf_json().to_string()).unwrap();
+            assert_eq!(back, cfg, "{name}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_fields_are_named() {
+        let mut j = ModelConfig::preset("tiny-llada").unwrap().to_hf_json();
+        j["rms_norm_eps"] = serde_json::json!(-1.0);
+        let e = ModelConfig::from_json(&j.to_string()).unwrap_err().to_string();
+        assert!(e.contains("rms_norm_eps"), "{e}");
+        let mut j = ModelConfig::preset("tiny-dream").unwrap().to_hf_json();
+        j["num_key_value_heads"] = serde_json::json!(3);
+        let e = ModelConfig::from_json(&j.to_string()).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let mut j = ModelConfig::preset("tiny-dream").unwrap().to_hf_json();
+        j["mask_token_id"] = serde_json::json!(100000);
+        let e = ModelConfig::from_json(&j.to_string()).unwrap_err().to_string();
+        assert!(e.contains("mask_token_id"), "{e}");
+        let e = ModelConfig::from_json("{not json").unwrap_err().to_string();
+        assert!(e.contains("JSON"), "{e}");
+    }
+}

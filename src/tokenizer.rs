@@ -1,0 +1,1 @@
+//! Tokenizer (tokenizer.json via `tokenizers`) and chat templates.
