@@ -1,1 +1,7 @@
 //! One safe wrapper per kernel: check shapes, compute the launch config, launch. No allocation.
+pub mod attention;
+pub mod embed;
+pub mod fill;
+pub mod norm;
+pub mod rope;
+pub mod swiglu;
