@@ -70,7 +70,7 @@ fn main() {
                     let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
                     let dst = out.join(format!("{stem}.fatbin"));
                     let mut cmd = Command::new(&nvcc);
-                    cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo", "--use_fast_math"])
+                    cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo"])
                         .arg("-I")
                         .arg(root.join("kernels"))
                         .args(&gencode)
