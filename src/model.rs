@@ -1,1 +1,1 @@
-//! The GPU forward pass.
+//! The GPU forward pass (in progress).

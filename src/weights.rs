@@ -1,10 +1,21 @@
 //! Host-side weights in the engine's layout (bf16, [out, in] row-major), with Q|K|V and
 //! gate|up fused at load. Loaded from Hugging Face safetensors checkpoints (sharded with
 //! `model.safetensors.index.json`, or one `model.safetensors`), memory-mapped, every tensor
-//! checked for name, dtype and shape.
-use half::bf16;
+//! checked for name, dtype and shape. Also the per-architecture tensor table
+//! ([`tensor_specs`]) shared with the checkpoint writer, and [`inspect`].
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::Path;
 
-use crate::config::ModelConfig;
+use half::vec::HalfBitsVecExt;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{Error, Result};
 
 /// One transformer block.
 #[derive(Clone)]
@@ -35,4 +46,488 @@ pub struct HostWeights {
     pub final_norm: Vec<bf16>,
     /// [vocab, hidden]
     pub lm_head: Vec<bf16>,
+}
+
+/// What a checkpoint tensor is; fixes its initialisation in random checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TensorRole {
+    /// Token embedding [vocab, hidden].
+    Embedding,
+    /// RMSNorm weight [hidden].
+    Norm,
+    /// Linear weight [out, in].
+    Linear,
+    /// Linear bias [out] (Dream q/k/v).
+    Bias,
+}
+
+/// One tensor of a transformer block, as stored in the checkpoint (before fusion).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerPart {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    QBias,
+    KBias,
+    VBias,
+    Wo,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Where a checkpoint tensor lands in [`HostWeights`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Embed,
+    Layer(usize, LayerPart),
+    FinalNorm,
+    LmHead,
+}
+
+/// One tensor of the Hugging Face checkpoint (unfused): its real name and exact shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: TensorRole,
+    pub slot: Slot,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Bytes as bf16.
+    pub fn bytes(&self) -> u64 {
+        2 * self.numel() as u64
+    }
+}
+
+/// Every tensor the engine needs from a checkpoint of `cfg`, in the checkpoint's order
+/// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (DESIGN.md §3).
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    use LayerPart::*;
+    let (h, f, v, qd, kvd) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim());
+    let spec = |name: String, shape: Vec<usize>, role, slot| TensorSpec { name, shape, role, slot };
+    let (embed, final_norm, head, prefix) = match cfg.arch {
+        Arch::Llada => (
+            "model.transformer.wte.weight",
+            "model.transformer.ln_f.weight",
+            "model.transformer.ff_out.weight",
+            "model.transformer.blocks",
+        ),
+        Arch::Dream => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
+    };
+    // (part, LLaDA name, Dream name, shape, role)
+    let mut parts: Vec<(LayerPart, &str, &str, Vec<usize>, TensorRole)> = vec![
+        (AttnNorm, "attn_norm.weight", "input_layernorm.weight", vec![h], TensorRole::Norm),
+        (Q, "q_proj.weight", "self_attn.q_proj.weight", vec![qd, h], TensorRole::Linear),
+        (K, "k_proj.weight", "self_attn.k_proj.weight", vec![kvd, h], TensorRole::Linear),
+        (V, "v_proj.weight", "self_attn.v_proj.weight", vec![kvd, h], TensorRole::Linear),
+    ];
+    if cfg.qkv_bias {
+        parts.extend([
+            (QBias, "q_proj.bias", "self_attn.q_proj.bias", vec![qd], TensorRole::Bias),
+            (KBias, "k_proj.bias", "self_attn.k_proj.bias", vec![kvd], TensorRole::Bias),
+            (VBias, "v_proj.bias", "self_attn.v_proj.bias", vec![kvd], TensorRole::Bias),
+        ]);
+    }
+    parts.extend([
+        (Wo, "attn_out.weight", "self_attn.o_proj.weight", vec![h, qd], TensorRole::Linear),
+        (FfnNorm, "ff_norm.weight", "post_attention_layernorm.weight", vec![h], TensorRole::Norm),
+        (Gate, "ff_proj.weight", "mlp.gate_proj.weight", vec![f, h], TensorRole::Linear),
+        (Up, "up_proj.weight", "mlp.up_proj.weight", vec![f, h], TensorRole::Linear),
+        (Down, "ff_out.weight", "mlp.down_proj.weight", vec![h, f], TensorRole::Linear),
+    ]);
+    let mut out = vec![spec(embed.into(), vec![v, h], TensorRole::Embedding, Slot::Embed)];
+    for i in 0..cfg.n_layers {
+        for (part, llada, dream, shape, role) in &parts {
+            let leaf = if cfg.arch == Arch::Llada { llada } else { dream };
+            out.push(spec(format!("{prefix}.{i}.{leaf}"), shape.clone(), *role, Slot::Layer(i, *part)));
+        }
+    }
+    out.push(spec(final_norm.into(), vec![h], TensorRole::Norm, Slot::FinalNorm));
+    out.push(spec(head.into(), vec![v, h], TensorRole::Linear, Slot::LmHead));
+    out
+}
+
+/// A lazily zeroed bf16 buffer (calloc: untouched pages cost nothing until written).
+fn zeros(n: usize) -> Vec<bf16> {
+    vec![0u16; n].reinterpret_into()
+}
+
+/// Allocates the fused layout of `cfg` and fills every checkpoint tensor's destination with
+/// `fill(spec, dst)` in parallel (rayon over tensors). Q|K|V, their biases and gate|up land in
+/// their rows of the fused buffers. The first error in checkpoint order is returned.
+pub(crate) fn assemble<F>(cfg: &ModelConfig, fill: F) -> Result<HostWeights>
+where
+    F: Fn(&TensorSpec, &mut [bf16]) -> Result<()> + Sync,
+{
+    let specs = tensor_specs(cfg);
+    let (h, f, v, qd, kvd, qkv) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim(), cfg.qkv_dim());
+    let mut embed = zeros(v * h);
+    let mut final_norm = zeros(h);
+    let mut lm_head = zeros(v * h);
+    let mut layers: Vec<HostLayer> = (0..cfg.n_layers)
+        .map(|_| HostLayer {
+            attn_norm: zeros(h),
+            wqkv: zeros(qkv * h),
+            bqkv: cfg.qkv_bias.then(|| zeros(qkv)),
+            wo: zeros(h * qd),
+            ffn_norm: zeros(h),
+            w_gate_up: zeros(2 * f * h),
+            w_down: zeros(h * f),
+        })
+        .collect();
+
+    let mut dst: HashMap<Slot, &mut [bf16]> = HashMap::new();
+    dst.insert(Slot::Embed, &mut embed);
+    dst.insert(Slot::FinalNorm, &mut final_norm);
+    dst.insert(Slot::LmHead, &mut lm_head);
+    for (i, l) in layers.iter_mut().enumerate() {
+        let (q, kv) = l.wqkv.split_at_mut(qd * h);
+        let (k, vv) = kv.split_at_mut(kvd * h);
+        let (g, u) = l.w_gate_up.split_at_mut(f * h);
+        let at = |p: LayerPart| Slot::Layer(i, p);
+        dst.insert(at(LayerPart::AttnNorm), &mut l.attn_norm);
+        dst.insert(at(LayerPart::Q), q);
+        dst.insert(at(LayerPart::K), k);
+        dst.insert(at(LayerPart::V), vv);
+        if let Some(b) = l.bqkv.as_mut() {
+            let (bq, bkv) = b.split_at_mut(qd);
+            let (bk, bv) = bkv.split_at_mut(kvd);
+            dst.insert(at(LayerPart::QBias), bq);
+            dst.insert(at(LayerPart::KBias), bk);
+            dst.insert(at(LayerPart::VBias), bv);
+        }
+        dst.insert(at(LayerPart::Wo), &mut l.wo);
+        dst.insert(at(LayerPart::FfnNorm), &mut l.ffn_norm);
+        dst.insert(at(LayerPart::Gate), g);
+        dst.insert(at(LayerPart::Up), u);
+        dst.insert(at(LayerPart::Down), &mut l.w_down);
+    }
+    let mut jobs = Vec::with_capacity(specs.len());
+    for s in &specs {
+        let d = dst.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no destination buffer"))?;
+        if d.len() != s.numel() {
+            return Err(Error::weights(&s.name, format!("internal: destination holds {} values, not {}", d.len(), s.numel())));
+        }
+        jobs.push((s, d));
+    }
+    let results: Vec<Result<()>> = jobs.into_par_iter().map(|(s, d)| fill(s, d)).collect();
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(HostWeights { cfg: cfg.clone(), embed, layers, final_norm, lm_head })
+}
+
+/// File name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// File name of a non-sharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Which shard holds each tensor: from the index's `weight_map`, or one file for all.
+pub(crate) enum ShardLayout {
+    Single,
+    Indexed(HashMap<String, String>),
+}
+
+impl ShardLayout {
+    /// Reads `model.safetensors.index.json` if present, else expects `model.safetensors`.
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
+        let index = dir.join(INDEX_FILE);
+        if !index.exists() {
+            if dir.join(SINGLE_FILE).exists() {
+                return Ok(ShardLayout::Single);
+            }
+            return Err(Error::file(dir, format!("no {INDEX_FILE} or {SINGLE_FILE} in this directory")));
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+        let mut out = HashMap::with_capacity(map.len());
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .filter(|f| !f.is_empty() && !f.contains(['/', '\\']) && *f != "." && *f != "..")
+                .ok_or_else(|| Error::file(&index, format!("weight_map[\"{name}\"] = {file} is not a shard file name")))?;
+            out.insert(name.clone(), file.to_string());
+        }
+        Ok(ShardLayout::Indexed(out))
+    }
+
+    /// The shard file named for `tensor`, or None when the index does not list it.
+    pub(crate) fn shard_of(&self, tensor: &str) -> Option<&str> {
+        match self {
+            ShardLayout::Single => Some(SINGLE_FILE),
+            ShardLayout::Indexed(m) => m.get(tensor).map(String::as_str),
+        }
+    }
+
+    /// Every shard file the layout names, sorted.
+    pub(crate) fn files(&self) -> Vec<String> {
+        let set: BTreeSet<&str> = match self {
+            ShardLayout::Single => [SINGLE_FILE].into_iter().collect(),
+            ShardLayout::Indexed(m) => m.values().map(String::as_str).collect(),
+        };
+        set.into_iter().map(String::from).collect()
+    }
+
+    /// What "missing" means for a tensor the layout does not place.
+    fn missing_msg(&self, tensor: &str) -> String {
+        match self.shard_of(tensor) {
+            Some(f) => format!("missing (expected in {f})"),
+            None => format!("missing (not listed in {INDEX_FILE})"),
+        }
+    }
+}
+
+/// Memory-maps one shard file; the error names the file.
+pub(crate) fn map_shard(path: &Path, layout: &ShardLayout) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| match (e.kind(), layout) {
+        (std::io::ErrorKind::NotFound, ShardLayout::Indexed(_)) => {
+            Error::file(path, format!("shard listed in {INDEX_FILE} does not exist"))
+        }
+        _ => Error::file(path, format!("cannot open: {e}")),
+    })?;
+    // SAFETY: the map is read-only; a checkpoint must not be modified while it is loaded
+    // (the same contract as every mmap-based safetensors loader).
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot memory-map: {e}")))
+}
+
+/// Error for a shard whose header or length is inconsistent.
+pub(crate) fn corrupt(path: &Path, e: safetensors::SafeTensorError) -> Error {
+    Error::file(path, format!("not a valid safetensors file (truncated or corrupt): {e}"))
+}
+
+/// Checks a stored tensor's dtype and shape against the spec.
+pub(crate) fn check_tensor(spec: &TensorSpec, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return Err(Error::weights(
+            &spec.name,
+            format!("dtype {dtype:?} is not supported (expected BF16; F16 and F32 are converted)"),
+        ));
+    }
+    if shape != spec.shape.as_slice() {
+        return Err(Error::weights(&spec.name, format!("shape {shape:?}, expected {:?} from config.json", spec.shape)));
+    }
+    Ok(())
+}
+
+/// Copies (BF16) or converts (F16, F32; round to nearest even) little-endian tensor data.
+fn convert_into(name: &str, dtype: Dtype, src: &[u8], dst: &mut [bf16]) -> Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let size = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => return Err(Error::weights(name, format!("dtype {other:?} is not supported"))),
+    };
+    if src.len() != dst.len() * size {
+        return Err(Error::weights(name, format!("{} bytes of data, expected {}", src.len(), dst.len() * size)));
+    }
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK * size)).for_each(|(d, s)| match dtype {
+        // safetensors data is little-endian, as is every host CUDA runs on.
+        Dtype::BF16 => bytemuck::cast_slice_mut::<bf16, u8>(d).copy_from_slice(s),
+        Dtype::F16 => {
+            for (x, b) in d.iter_mut().zip(s.chunks_exact(2)) {
+                *x = bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            }
+        }
+        _ => {
+            for (x, b) in d.iter_mut().zip(s.chunks_exact(4)) {
+                *x = bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+        }
+    });
+    Ok(())
+}
+
+impl HostWeights {
+    /// Loads a Hugging Face checkpoint directory: `config.json`, then the safetensors
+    /// (`model.safetensors.index.json` + shards, or one `model.safetensors`), memory-mapped.
+    /// Every tensor is checked (present, shape as the config implies, dtype BF16/F16/F32)
+    /// before any data is copied; Q|K|V (+ biases) and gate|up are fused; tensors are copied
+    /// in parallel. Tensors the engine does not use are ignored.
+    pub fn load(dir: &Path) -> Result<HostWeights> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let layout = ShardLayout::read(dir)?;
+        let specs = tensor_specs(&cfg);
+        let mut files: Vec<&str> = Vec::new();
+        for s in &specs {
+            let f = layout.shard_of(&s.name).ok_or_else(|| Error::weights(&s.name, layout.missing_msg(&s.name)))?;
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
+        let maps: Vec<Mmap> = files
+            .par_iter()
+            .map(|f| map_shard(&dir.join(f), &layout))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<_>>()?;
+        let mut shards: HashMap<&str, SafeTensors<'_>> = HashMap::new();
+        for (f, m) in files.iter().zip(&maps) {
+            shards.insert(f, SafeTensors::deserialize(m).map_err(|e| corrupt(&dir.join(f), e))?);
+        }
+        let view = |s: &TensorSpec| -> Result<safetensors::tensor::TensorView<'_>> {
+            let f = layout.shard_of(&s.name).ok_or_else(|| Error::weights(&s.name, layout.missing_msg(&s.name)))?;
+            let st = shards.get(f).ok_or_else(|| Error::weights(&s.name, layout.missing_msg(&s.name)))?;
+            let v = st.tensor(&s.name).map_err(|_| Error::weights(&s.name, layout.missing_msg(&s.name)))?;
+            check_tensor(s, v.dtype(), v.shape())?;
+            Ok(v)
+        };
+        for s in &specs {
+            view(s)?;
+        }
+        assemble(&cfg, |s, dst| {
+            let v = view(s)?;
+            convert_into(&s.name, v.dtype(), v.data(), dst)
+        })
+    }
+
+    /// Bytes of all host tensors (bf16).
+    pub fn bytes(&self) -> u64 {
+        2 * self.param_count()
+    }
+
+    /// Number of parameters held (embedding, layers with biases, final norm, LM head).
+    pub fn param_count(&self) -> u64 {
+        let layer = |l: &HostLayer| {
+            l.attn_norm.len()
+                + l.wqkv.len()
+                + l.bqkv.as_ref().map_or(0, Vec::len)
+                + l.wo.len()
+                + l.ffn_norm.len()
+                + l.w_gate_up.len()
+                + l.w_down.len()
+        };
+        let n = self.embed.len() + self.final_norm.len() + self.lm_head.len() + self.layers.iter().map(layer).sum::<usize>();
+        n as u64
+    }
+}
+
+/// A human-readable report on a checkpoint directory, from `config.json` and the safetensors
+/// headers only (no tensor data is read, so it is fast on 16 GB): architecture, sizes, special
+/// ids, parameter count, bytes on disk, dtype counts, and every problem found (all missing,
+/// misshapen or mistyped tensors, unreadable shards). The last line is "OK" or "N problems".
+/// Errs only when `dir` is not a directory.
+pub fn inspect(dir: &Path) -> Result<String> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "not a directory"));
+    }
+    let mut out = String::new();
+    let mut problems: Vec<String> = Vec::new();
+    let _ = writeln!(out, "checkpoint   {}", dir.display());
+    let cfg = match ModelConfig::from_dir(dir) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    if let Some(c) = &cfg {
+        let _ = writeln!(out, "architecture {:?} ({})", c.arch, if c.shifted() { "shifted logits" } else { "unshifted logits" });
+        let _ = writeln!(
+            out,
+            "sizes        layers {}, hidden {}, ffn {}, heads {}, kv heads {}, head dim {}, vocab {}",
+            c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab
+        );
+        let _ = writeln!(out, "rope theta   {}, rms norm eps {:e}, qkv bias {}", c.rope_theta, c.norm_eps, c.qkv_bias);
+        let _ = writeln!(out, "special ids  mask {}, eos {}, eot {}; max seq len {}", c.mask_id, c.eos_id, c.eot_id, c.max_seq_len);
+        let _ = writeln!(out, "parameters   {} ({} bytes as bf16)", c.param_count(), 2 * c.param_count());
+    }
+
+    let layout = match ShardLayout::read(dir) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    // Shard headers: name -> (dtype, shape); unreadable shards are problems.
+    let mut headers: HashMap<String, HashMap<String, (Dtype, Vec<usize>)>> = HashMap::new();
+    let (mut disk_bytes, mut n_stored, mut stored_params) = (0u64, 0usize, 0u64);
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    if let Some(layout) = &layout {
+        for f in layout.files() {
+            let path = dir.join(&f);
+            let header = map_shard(&path, layout).and_then(|m| {
+                let (_, meta) = SafeTensors::read_metadata(&m).map_err(|e| corrupt(&path, e))?;
+                disk_bytes += m.len() as u64;
+                let t = meta.tensors();
+                Ok(t.into_iter().map(|(n, i)| (n, (i.dtype, i.shape.clone()))).collect::<HashMap<_, _>>())
+            });
+            match header {
+                Ok(h) => {
+                    for (dt, shape) in h.values() {
+                        *dtypes.entry(format!("{dt:?}")).or_default() += 1;
+                        stored_params += shape.iter().product::<usize>() as u64;
+                    }
+                    n_stored += h.len();
+                    headers.insert(f, h);
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let dt: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
+        let _ = writeln!(out, "shards       {} file(s), {} bytes on disk", layout.files().len(), disk_bytes);
+        let _ = writeln!(out, "tensors      {n_stored} stored ({stored_params} values), dtypes: {}", dt.join(", "));
+    }
+
+    if let (Some(c), Some(layout)) = (&cfg, &layout) {
+        let specs = tensor_specs(c);
+        let (mut unchecked, mut known) = (0usize, 0usize);
+        for s in &specs {
+            let Some(f) = layout.shard_of(&s.name) else {
+                problems.push(Error::weights(&s.name, layout.missing_msg(&s.name)).to_string());
+                continue;
+            };
+            let Some(h) = headers.get(f) else {
+                unchecked += 1;
+                continue;
+            };
+            match h.get(&s.name) {
+                None => problems.push(Error::weights(&s.name, layout.missing_msg(&s.name)).to_string()),
+                Some((dt, shape)) => {
+                    known += 1;
+                    if let Err(e) = check_tensor(s, *dt, shape) {
+                        problems.push(e.to_string());
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "expected     {} tensors; {} found, {} ignored extra", specs.len(), known, n_stored.saturating_sub(known));
+        if unchecked > 0 {
+            let _ = writeln!(out, "unchecked    {unchecked} tensors placed in unreadable shards");
+        }
+    }
+
+    let tok = dir.join("tokenizer.json");
+    let tok_cfg = dir.join("tokenizer_config.json");
+    let chat = std::fs::read_to_string(&tok_cfg)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("chat_template").is_some());
+    let _ = writeln!(
+        out,
+        "tokenizer    {}; chat template {}",
+        if tok.exists() { "tokenizer.json present" } else { "no tokenizer.json" },
+        if chat { "in tokenizer_config.json" } else { "built-in" }
+    );
+    for p in &problems {
+        let _ = writeln!(out, "problem: {p}");
+    }
+    match problems.len() {
+        0 => out.push_str("OK\n"),
+        1 => out.push_str("1 problem\n"),
+        n => {
+            let _ = writeln!(out, "{n} problems");
+        }
+    }
+    Ok(out)
 }

@@ -182,3 +182,8 @@ pub fn test_gpu() -> Option<Arc<Gpu>> {
         }
     }
 }
+
+/// Names of the kernel modules (kernels/*.cu) compiled into this build.
+pub fn kernel_modules() -> Vec<&'static str> {
+    embedded::FATBINS.iter().map(|(n, _)| *n).collect()
+}

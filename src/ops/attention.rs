@@ -1,1 +1,196 @@
-//! (in progress)
+//! Bidirectional varlen attention over the KV cache (`kernels/attention.cu`): live queries of
+//! several sequences × each sequence's cache rows `[cache_base, cache_base + kv_len)`, GQA,
+//! head_dim 128, bf16 in/out with f32 accumulation. Two variants selectable by name.
+use std::str::FromStr;
+
+use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::config::HEAD_DIM;
+use crate::error::{Error, Result};
+use crate::gpu::{drv, DTensor, Gpu};
+
+/// Which kernel computes attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnVariant {
+    /// `attention_ref_bf16`: one warp per (row, head), keys one at a time (simple, slow).
+    Reference,
+    /// `attention_bf16`: FA2-style mma.sync tiles with cp.async double buffering.
+    Flash,
+}
+
+impl AttnVariant {
+    pub const ALL: [AttnVariant; 2] = [AttnVariant::Reference, AttnVariant::Flash];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnVariant::Reference => "reference",
+            AttnVariant::Flash => "flash",
+        }
+    }
+
+    fn symbol(self) -> &'static str {
+        match self {
+            AttnVariant::Reference => "attention_ref_bf16",
+            AttnVariant::Flash => "attention_bf16",
+        }
+    }
+}
+
+impl FromStr for AttnVariant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        AttnVariant::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| Error::bad_input(format!("unknown attention variant `{s}` (expected reference or flash)")))
+    }
+}
+
+impl std::fmt::Display for AttnVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Mirrors `struct AttnParams` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnParams {
+    /// const bf16* q: row r, head h at q + r*q_stride + h*128
+    q: u64,
+    /// const bf16* k_cache: [cache_rows, n_kv_heads*128]
+    k_cache: u64,
+    /// const bf16* v_cache: [cache_rows, n_kv_heads*128]
+    v_cache: u64,
+    /// bf16* out: [rows, n_heads*128]
+    out: u64,
+    /// const uint32_t* seqs: [n_seqs*4] row_start, row_count, cache_base, kv_len
+    seqs: u64,
+    /// int n_seqs
+    n_seqs: i32,
+    /// int max_rows
+    max_rows: i32,
+    /// int q_stride
+    q_stride: i32,
+    /// int n_heads
+    n_heads: i32,
+    /// int n_kv_heads
+    n_kv_heads: i32,
+    /// float scale
+    scale: f32,
+}
+
+// SAFETY: plain-old-data with the C layout of `AttnParams`.
+unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
+
+/// Flash tile: 64 M-rows (query row × head of a kv group) per block, 128 threads.
+const FA_M: usize = 64;
+/// Dynamic shared memory of `attention_bf16`: Q tile + 2 stages of K and V, 64×128 bf16 each.
+const FA_SMEM: usize = 5 * 64 * HEAD_DIM * 2;
+
+/// `out[r, h] = softmax(q[r, h]·Kᵀ / sqrt(128)) · V` for every live row `r` of every sequence
+/// (see `batch::SeqSpan`), keys/values being the sequence's cache rows
+/// `[cache_base, cache_base + kv_len)` of kv head `h / (n_heads / n_kv_heads)`.
+///
+/// - `q`: `[rows, q_stride]` bf16 (usually the fused QKV buffer, q_stride = (n_heads +
+///   2·n_kv_heads)·128); only the first `n_heads·128` columns of each row are read.
+/// - `seqs`: `[n_seqs, 4]` u32 on the device, the `SeqSpan` layout; `max_rows` ≥ every
+///   `row_count` (it sizes the grid: sequences with more rows would be cut short). The spans
+///   are trusted (the scheduler validated them with `RowBatch::validate`).
+/// - `k_cache`, `v_cache`: `[cache_rows, n_kv_heads·128]` bf16 (this layer).
+/// - `out`: `[≥ rows, n_heads·128]` bf16; rows outside every sequence are not written.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    variant: AttnVariant,
+    rows: usize,
+    q: &DTensor<bf16>,
+    q_stride: usize,
+    seqs: &DTensor<u32>,
+    n_seqs: usize,
+    max_rows: usize,
+    k_cache: &DTensor<bf16>,
+    v_cache: &DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        return Err(Error::bad_input(format!(
+            "{OP}: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}"
+        )));
+    }
+    let q_width = n_heads * HEAD_DIM;
+    let kv_width = n_kv_heads * HEAD_DIM;
+    if q_stride < q_width || q_stride % 8 != 0 {
+        return Err(Error::bad_input(format!(
+            "{OP}: q_stride {q_stride} must be >= n_heads*128 = {q_width} and a multiple of 8 (16-byte rows)"
+        )));
+    }
+    if q.len() < rows * q_stride {
+        return Err(Error::shape(OP, "q", &[rows, q_stride], &q.dims));
+    }
+    out.check_rows(OP, "out", rows, q_width)?;
+    if seqs.len() < n_seqs * 4 {
+        return Err(Error::shape(OP, "seqs", &[n_seqs, 4], &seqs.dims));
+    }
+    if k_cache.len() % kv_width != 0 || k_cache.is_empty() {
+        return Err(Error::shape(OP, "k_cache", &[k_cache.len() / kv_width.max(1), kv_width], &k_cache.dims));
+    }
+    if v_cache.len() != k_cache.len() {
+        return Err(Error::shape(OP, "v_cache", &k_cache.dims, &v_cache.dims));
+    }
+    if max_rows > rows {
+        return Err(Error::bad_input(format!("{OP}: max_rows {max_rows} exceeds the {rows} rows")));
+    }
+    if rows == 0 || n_seqs == 0 || max_rows == 0 {
+        return Ok(());
+    }
+    if rows * q_stride > i32::MAX as usize || n_seqs > 65535 {
+        return Err(Error::bad_input(format!("{OP}: {rows} rows × {q_stride} or {n_seqs} sequences is too large")));
+    }
+
+    let params = AttnParams {
+        q: q.ptr(gpu),
+        k_cache: k_cache.ptr(gpu),
+        v_cache: v_cache.ptr(gpu),
+        out: out.ptr_mut(gpu),
+        seqs: seqs.ptr(gpu),
+        n_seqs: n_seqs as i32,
+        max_rows: max_rows as i32,
+        q_stride: q_stride as i32,
+        n_heads: n_heads as i32,
+        n_kv_heads: n_kv_heads as i32,
+        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+    };
+    let symbol = variant.symbol();
+    let f = gpu.func("attention", symbol)?;
+    let cfg = match variant {
+        AttnVariant::Reference => LaunchConfig {
+            grid_dim: (max_rows as u32, n_seqs as u32, n_heads.div_ceil(4) as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        AttnVariant::Flash => {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                FA_SMEM as i32,
+            )
+            .map_err(drv(symbol))?;
+            let group = n_heads / n_kv_heads;
+            LaunchConfig {
+                grid_dim: ((max_rows * group).div_ceil(FA_M) as u32, n_seqs as u32, n_kv_heads as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: FA_SMEM as u32,
+            }
+        }
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&params);
+    // SAFETY: `params` mirrors the kernel's AttnParams; q, out and the caches were checked to
+    // hold the rows and widths the kernel indexes, given spans within them (RowBatch::validate).
+    unsafe { b.launch(cfg) }.map_err(drv(symbol))?;
+    gpu.after_launch(symbol)
+}

@@ -1,1 +1,109 @@
-//! (in progress)
+//! `rope_kv_store_bf16` (kernels/rope.cu): rotate-half RoPE of q (in place in the fused qkv
+//! activations) and k, with the kv_store: rotated k and unchanged v of live row r go to row
+//! `cache_rows[r]` of this layer's K and V caches. Numerics per [`RopeMode`] (see cpu::rope).
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+pub use crate::cpu::rope::RopeMode;
+
+use crate::config::HEAD_DIM;
+use crate::error::{Error, Result};
+use crate::gpu::{drv, DTensor, Gpu};
+
+const OP: &str = "rope_kv_store";
+const MAX_THREADS: usize = 256;
+
+/// Mirrors `RopeParams` in kernels/rope.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeParams {
+    qkv: u64,        // bf16*
+    k_cache: u64,    // bf16*
+    v_cache: u64,    // bf16*
+    positions: u64,  // const uint32_t*
+    cache_rows: u64, // const uint32_t*
+    rows: i32,       // int
+    n_heads: i32,    // int
+    n_kv_heads: i32, // int
+    theta: f32,      // float
+    mode: i32,       // int (0 LLaDA, 1 Dream)
+    cache_cap: i32,  // int (rows of k_cache / v_cache)
+}
+
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32/f32 scalars).
+unsafe impl cudarc::driver::DeviceRepr for RopeParams {}
+
+/// For live rows `r < rows` of `qkv` (`[>= rows, (n_heads + 2*n_kv_heads)*128]`, q | k | v):
+/// rotates q in place, writes rotated k to `k_cache[cache_rows[r]]` and v to
+/// `v_cache[cache_rows[r]]` (caches `[cache_cap, n_kv_heads*128]`). `positions` and
+/// `cache_rows` hold >= rows entries; cache rows must be < cache_cap (validated by the caller
+/// on the host; the kernel traps otherwise) and distinct within one call.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_store(
+    gpu: &Gpu,
+    rows: usize,
+    qkv: &mut DTensor<bf16>,
+    positions: &DTensor<u32>,
+    cache_rows: &DTensor<u32>,
+    k_cache: &mut DTensor<bf16>,
+    v_cache: &mut DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    theta: f32,
+    mode: RopeMode,
+) -> Result<()> {
+    if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
+        return Err(Error::bad_input(format!("{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range")));
+    }
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(Error::bad_input(format!("{OP}: theta {theta} must be finite and > 1")));
+    }
+    let qkv_dim = (n_heads + 2 * n_kv_heads) * HEAD_DIM;
+    let kv_dim = n_kv_heads * HEAD_DIM;
+    qkv.check_rows(OP, "qkv", rows, qkv_dim)?;
+    if positions.len() < rows {
+        return Err(Error::shape(OP, "positions", &[rows], &positions.dims));
+    }
+    if cache_rows.len() < rows {
+        return Err(Error::shape(OP, "cache_rows", &[rows], &cache_rows.dims));
+    }
+    let cache_cap = k_cache.rows();
+    k_cache.check_rows(OP, "k_cache", cache_cap, kv_dim)?;
+    if v_cache.dims != k_cache.dims {
+        return Err(Error::shape(OP, "v_cache", &k_cache.dims, &v_cache.dims));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    if rows > i32::MAX as usize || cache_cap > i32::MAX as usize {
+        return Err(Error::bad_input(format!("{OP}: {rows} rows / {cache_cap} cache rows is too many")));
+    }
+    // Work items per row: 8 per rotated head (8 pairs each) + 16 per v head (16-byte copies).
+    let items = (n_heads + n_kv_heads) * 8 + n_kv_heads * (HEAD_DIM / 8);
+    let threads = items.next_multiple_of(32).min(MAX_THREADS);
+    let params = RopeParams {
+        qkv: qkv.ptr_mut(gpu),
+        k_cache: k_cache.ptr_mut(gpu),
+        v_cache: v_cache.ptr_mut(gpu),
+        positions: positions.ptr(gpu),
+        cache_rows: cache_rows.ptr(gpu),
+        rows: rows as i32,
+        n_heads: n_heads as i32,
+        n_kv_heads: n_kv_heads as i32,
+        theta,
+        mode: match mode {
+            RopeMode::Llada => 0,
+            RopeMode::Dream => 1,
+        },
+        cache_cap: cache_cap as i32,
+    };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.func("rope", "rope_kv_store_bf16")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&params);
+    // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
+    // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above); the
+    // kernel traps on a cache row >= cache_cap.
+    unsafe { b.launch(cfg) }.map_err(drv("rope_kv_store_bf16"))?;
+    gpu.after_launch("rope_kv_store_bf16")
+}

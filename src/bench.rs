@@ -1,0 +1,170 @@
+//! Workloads, roofline accounting and the JSON report of `demask bench`.
+//! So far: W4, the full-canvas forward (the uncached step), on GPU or, without one, on the
+//! CPU backend with a tiny model. Times are CUDA-event medians after warm-up.
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+
+/// Measured device ceilings (printed at the start of every bench).
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceilings {
+    pub device: String,
+    pub sm_count: usize,
+    /// Device-to-device copy, bytes read + written per second / 1e9.
+    pub copy_gbps: f64,
+    /// bf16 GEMM 8192³ through cuBLASLt, TFLOP/s.
+    pub gemm_tflops: f64,
+}
+
+/// Work one forward must do: FLOPs and the fewest bytes (weights read once).
+#[derive(Clone, Debug, Serialize)]
+pub struct Roofline {
+    pub flops: f64,
+    pub bytes: f64,
+    /// max(flops / gemm rate, bytes / bandwidth), in ms.
+    pub floor_ms: f64,
+    pub bound: &'static str,
+}
+
+/// FLOPs and bytes of one full-canvas forward of `batch` sequences of `len` rows, where every
+/// row is live and attends to `len` keys, and every row's logits are produced.
+pub fn forward_roofline(cfg: &ModelConfig, len: usize, batch: usize, c: &Ceilings) -> Roofline {
+    let rows = (len * batch) as f64;
+    let h = cfg.hidden as f64;
+    let per_layer_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + 3.0 * h * cfg.ffn as f64;
+    let dense = 2.0 * rows * (per_layer_params * cfg.n_layers as f64 + cfg.vocab as f64 * h);
+    // QKᵀ and PV: 2 GEMMs of len × len × head_dim per head.
+    let attn = 4.0 * (len * len * batch) as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
+    let flops = dense + attn;
+    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0; // embed: only gathered rows
+    let kv_bytes = 2.0 * rows * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
+    let logit_bytes = rows * cfg.vocab as f64 * 4.0;
+    let bytes = weight_bytes + kv_bytes + logit_bytes;
+    let t_flops = flops / (c.gemm_tflops * 1e12) * 1e3;
+    let t_bytes = bytes / (c.copy_gbps * 1e9) * 1e3;
+    let (floor_ms, bound) = if t_flops >= t_bytes { (t_flops, "compute") } else { (t_bytes, "memory") };
+    Roofline { flops, bytes, floor_ms, bound }
+}
+
+/// Median, min and max of a set of timings.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub samples: usize,
+}
+
+impl Stats {
+    pub fn of(times: &[f64]) -> Stats {
+        let mut t = times.to_vec();
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let n = t.len();
+        let median = if n == 0 { f64::NAN } else if n % 2 == 1 { t[n / 2] } else { 0.5 * (t[n / 2 - 1] + t[n / 2]) };
+        Stats { median_ms: median, min_ms: *t.first().unwrap_or(&f64::NAN), max_ms: *t.last().unwrap_or(&f64::NAN), samples: n }
+    }
+}
+
+/// One row of the forward table.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardRow {
+    pub workload: String,
+    pub model: String,
+    pub len: usize,
+    pub batch: usize,
+    pub stats: Stats,
+    pub roofline: Option<Roofline>,
+    /// floor / median: how close to the hardware floor (1.0 = at the floor).
+    pub pct_of_floor: Option<f64>,
+    pub peak_mem_bytes: Option<usize>,
+}
+
+/// Deterministic pseudo-random token ids below `vocab` (never all one token).
+pub fn synthetic_tokens(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed ^ 0x2545_F491_4F6C_DD1D;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    //! GPU side of the benchmark: ceilings and the forward workload.
+    use std::sync::Arc;
+
+    use half::bf16;
+
+    use super::*;
+    use crate::error::Result;
+    use crate::gpu::{drv, gemm::linear, Gpu, Timer};
+    use crate::model::GpuModel;
+    use crate::ops;
+
+    pub fn measure_ceilings(gpu: &Arc<Gpu>) -> Result<Ceilings> {
+        // Copy: 1 GiB device to device, 10 times.
+        let n = 1usize << 29; // bf16 elements = 1 GiB
+        let mut a = gpu.alloc::<bf16>(&[n])?;
+        let mut b = gpu.alloc::<bf16>(&[n])?;
+        ops::fill::fill_normal(gpu, &mut a, 1, 0.0, 1.0)?;
+        let timer = Timer::new(gpu)?;
+        gpu.stream.memcpy_dtod(&a.buf, &mut b.buf).map_err(drv("cuMemcpyDtoD"))?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            timer.start(gpu)?;
+            for _ in 0..4 {
+                gpu.stream.memcpy_dtod(&a.buf, &mut b.buf).map_err(drv("cuMemcpyDtoD"))?;
+            }
+            best = best.min(timer.stop_ms(gpu)? as f64 / 4.0);
+        }
+        let copy_gbps = 2.0 * (n * 2) as f64 / (best * 1e-3) / 1e9;
+        drop((a, b));
+        // GEMM: 8192³ bf16 on random data.
+        let m = 8192usize;
+        let mut x = gpu.alloc::<bf16>(&[m, m])?;
+        let mut w = gpu.alloc::<bf16>(&[m, m])?;
+        let mut y = gpu.alloc::<bf16>(&[m, m])?;
+        ops::fill::fill_normal(gpu, &mut x, 2, 0.0, 1.0)?;
+        ops::fill::fill_normal(gpu, &mut w, 3, 0.0, 0.01)?;
+        linear(gpu, m, &x, &w, None, &mut y)?;
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            timer.start(gpu)?;
+            linear(gpu, m, &x, &w, None, &mut y)?;
+            times.push(timer.stop_ms(gpu)? as f64);
+        }
+        let t = Stats::of(&times).median_ms;
+        let gemm_tflops = 2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12;
+        Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops })
+    }
+
+    /// Times `iters` full-canvas forwards of `batch` sequences of `len` tokens.
+    pub fn bench_forward(
+        model: &mut GpuModel,
+        len: usize,
+        batch: usize,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<Stats> {
+        let vocab = model.cfg.vocab;
+        let seqs: Vec<Vec<u32>> = (0..batch).map(|i| synthetic_tokens(len, vocab, 17 + i as u64)).collect();
+        let b = crate::batch::RowBatch::full(&seqs);
+        let gpu = model.gpu.clone();
+        for _ in 0..warmup {
+            model.forward(&b)?;
+        }
+        gpu.synchronize()?;
+        let timer = Timer::new(&gpu)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            timer.start(&gpu)?;
+            model.forward(&b)?;
+            times.push(timer.stop_ms(&gpu)? as f64);
+        }
+        Ok(Stats::of(&times))
+    }
+}

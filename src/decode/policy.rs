@@ -1,0 +1,325 @@
+//! Commit policies (DESIGN.md §4): given the confidences of a block's eligible slots, which
+//! slots take their candidate this step. Pure logic, shared by the CPU backend and, as the
+//! reference, by the GPU commit kernel. Ranking is by confidence, descending; ties go to the
+//! lower position. Every policy commits at least one slot per step.
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// What a slot's confidence measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfKind {
+    /// softmax(l)[candidate] (untempered).
+    Prob = 0,
+    /// p1 − p2 of the untempered softmax.
+    Margin = 1,
+    /// Σ p log p (≤ 0; closer to 0 = more confident).
+    NegEntropy = 2,
+    /// Uniform in [0, 1) from the counter-based RNG (random remasking order).
+    Random = 3,
+}
+
+/// Dream's `diffusion_generate` algorithms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DreamAlg {
+    Origin,
+    MaskgitPlus,
+    TopkMargin,
+    Entropy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    /// `schedule:S` [LLaDA low_confidence].
+    Schedule { steps: u32 },
+    /// `random:S` [LLaDA random remasking].
+    Random { steps: u32 },
+    /// `threshold:τ` [Fast-dLLM parallel, Dimple confident decoding].
+    Threshold { tau: f32 },
+    /// `confident:τ,S` [Dimple]: threshold, falling back to the schedule count.
+    Confident { tau: f32, steps: u32 },
+    /// `factor:f` [Fast-dLLM].
+    Factor { f: f32 },
+    /// `dream:ALG,S` [Dream diffusion_generate].
+    Dream { alg: DreamAlg, steps: u32 },
+}
+
+/// Where a sequence's current block stands when a step starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepCtx {
+    /// Steps already taken in this block (0 on the block's first step).
+    pub step: u32,
+    /// Masked slots of the block when it started.
+    pub block_masked: u32,
+    /// Masked slots of the block now (the eligible ones).
+    pub masked: u32,
+}
+
+/// LLaDA's `get_num_transfer_tokens`: k_i = m / S + (i < m % S).
+pub fn schedule_count(m: u32, steps: u32, i: u32) -> u32 {
+    let s = steps.max(1);
+    m / s + u32::from(i < m % s)
+}
+
+/// Dream: timesteps linspace(1, 1e-3, S+1); step i goes t = ts[i] → s = ts[i+1] and commits
+/// floor(masked · (1 − s/t)), all on the last step.
+pub fn dream_count(masked: u32, steps: u32, i: u32) -> u32 {
+    let steps = steps.max(1);
+    if i + 1 >= steps {
+        return masked;
+    }
+    let eps = 1e-3f64;
+    let ts = |j: u32| 1.0 + (eps - 1.0) * j as f64 / steps as f64;
+    let (t, s) = (ts(i), ts(i + 1));
+    (masked as f64 * (1.0 - s / t)).floor() as u32
+}
+
+impl Policy {
+    pub fn conf_kind(&self) -> ConfKind {
+        match self {
+            Policy::Random { .. } => ConfKind::Random,
+            Policy::Dream { alg: DreamAlg::Origin, .. } => ConfKind::Random,
+            Policy::Dream { alg: DreamAlg::TopkMargin, .. } => ConfKind::Margin,
+            Policy::Dream { alg: DreamAlg::Entropy, .. } => ConfKind::NegEntropy,
+            _ => ConfKind::Prob,
+        }
+    }
+
+    /// Steps a block takes when the policy fixes them (schedule-like policies).
+    pub fn steps(&self) -> Option<u32> {
+        match *self {
+            Policy::Schedule { steps } | Policy::Random { steps } | Policy::Dream { steps, .. } => Some(steps),
+            _ => None,
+        }
+    }
+
+    /// Number of slots to commit, given the eligible confidences sorted descending.
+    /// Always in 1..=sorted.len() (0 only when nothing is eligible).
+    pub fn commit_count(&self, ctx: StepCtx, sorted: &[f32]) -> usize {
+        let n = sorted.len();
+        if n == 0 {
+            return 0;
+        }
+        let k = match *self {
+            Policy::Schedule { steps } | Policy::Random { steps } => {
+                if ctx.step + 1 >= steps {
+                    n
+                } else {
+                    schedule_count(ctx.block_masked, steps, ctx.step) as usize
+                }
+            }
+            Policy::Threshold { tau } => sorted.iter().take_while(|&&c| c >= tau).count(),
+            Policy::Confident { tau, steps } => {
+                let passing = sorted.iter().take_while(|&&c| c >= tau).count();
+                if passing > 0 {
+                    passing
+                } else if ctx.step + 1 >= steps {
+                    n
+                } else {
+                    schedule_count(ctx.block_masked, steps, ctx.step) as usize
+                }
+            }
+            Policy::Factor { f } => sorted
+                .iter()
+                .enumerate()
+                .take_while(|&(i, &c)| c >= 1.0 - f / (i as f32 + 2.0))
+                .count(),
+            Policy::Dream { steps, .. } => dream_count(ctx.masked, steps, ctx.step) as usize,
+        };
+        k.clamp(1, n)
+    }
+
+    /// The eligible slots (position, confidence) that commit this step, in rank order.
+    pub fn select(&self, ctx: StepCtx, eligible: &[(u32, f32)]) -> Vec<u32> {
+        let mut ranked = eligible.to_vec();
+        rank(&mut ranked);
+        let sorted: Vec<f32> = ranked.iter().map(|&(_, c)| c).collect();
+        let k = self.commit_count(ctx, &sorted);
+        ranked.truncate(k);
+        ranked.into_iter().map(|(p, _)| p).collect()
+    }
+}
+
+/// Sorts (position, confidence) by confidence descending, ties by lower position.
+/// NaN confidences rank last.
+pub fn rank(v: &mut [(u32, f32)]) {
+    v.sort_by(|a, b| {
+        let ca = if a.1.is_nan() { f32::NEG_INFINITY } else { a.1 };
+        let cb = if b.1.is_nan() { f32::NEG_INFINITY } else { b.1 };
+        cb.partial_cmp(&ca).unwrap().then(a.0.cmp(&b.0))
+    });
+}
+
+fn parse_f32(s: &str, what: &str, full: &str) -> Result<f32> {
+    s.trim()
+        .parse::<f32>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| Error::bad_input(format!("policy `{full}`: {what} `{s}` is not a number")))
+}
+
+fn parse_steps(s: &str, full: &str) -> Result<u32> {
+    match s.trim().parse::<u32>() {
+        Ok(v) if v > 0 => Ok(v),
+        _ => Err(Error::bad_input(format!("policy `{full}`: steps `{s}` must be a positive integer"))),
+    }
+}
+
+impl FromStr for Policy {
+    type Err = Error;
+    fn from_str(full: &str) -> Result<Self> {
+        let (name, args) = full.split_once(':').unwrap_or((full, ""));
+        let args: Vec<&str> = if args.is_empty() { Vec::new() } else { args.split(',').collect() };
+        let want = |n: usize, form: &str| {
+            if args.len() == n {
+                Ok(())
+            } else {
+                Err(Error::bad_input(format!("policy `{full}`: expected {form}")))
+            }
+        };
+        let unit = |v: f32, what: &str| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(Error::bad_input(format!("policy `{full}`: {what} {v} must lie in [0, 1]")))
+            }
+        };
+        let p = match name {
+            "schedule" => {
+                want(1, "schedule:STEPS")?;
+                Policy::Schedule { steps: parse_steps(args[0], full)? }
+            }
+            "random" => {
+                want(1, "random:STEPS")?;
+                Policy::Random { steps: parse_steps(args[0], full)? }
+            }
+            "threshold" => {
+                want(1, "threshold:TAU")?;
+                Policy::Threshold { tau: unit(parse_f32(args[0], "tau", full)?, "tau")? }
+            }
+            "confident" => {
+                want(2, "confident:TAU,STEPS")?;
+                Policy::Confident { tau: unit(parse_f32(args[0], "tau", full)?, "tau")?, steps: parse_steps(args[1], full)? }
+            }
+            "factor" => {
+                want(1, "factor:F")?;
+                let f = parse_f32(args[0], "factor", full)?;
+                if f <= 0.0 {
+                    return Err(Error::bad_input(format!("policy `{full}`: factor must be > 0")));
+                }
+                Policy::Factor { f }
+            }
+            "dream" => {
+                want(2, "dream:ALG,STEPS (ALG = origin | maskgit_plus | topk_margin | entropy)")?;
+                let alg = match args[0].trim() {
+                    "origin" => DreamAlg::Origin,
+                    "maskgit_plus" => DreamAlg::MaskgitPlus,
+                    "topk_margin" => DreamAlg::TopkMargin,
+                    "entropy" => DreamAlg::Entropy,
+                    a => {
+                        return Err(Error::bad_input(format!(
+                            "policy `{full}`: unknown Dream algorithm `{a}` (origin, maskgit_plus, topk_margin, entropy)"
+                        )))
+                    }
+                };
+                Policy::Dream { alg, steps: parse_steps(args[1], full)? }
+            }
+            _ => {
+                return Err(Error::bad_input(format!(
+                    "unknown policy `{full}` (schedule:S, random:S, threshold:T, confident:T,S, factor:F, dream:ALG,S)"
+                )))
+            }
+        };
+        Ok(p)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Schedule { steps } => write!(f, "schedule:{steps}"),
+            Policy::Random { steps } => write!(f, "random:{steps}"),
+            Policy::Threshold { tau } => write!(f, "threshold:{tau}"),
+            Policy::Confident { tau, steps } => write!(f, "confident:{tau},{steps}"),
+            Policy::Factor { f: x } => write!(f, "factor:{x}"),
+            Policy::Dream { alg, steps } => {
+                let a = match alg {
+                    DreamAlg::Origin => "origin",
+                    DreamAlg::MaskgitPlus => "maskgit_plus",
+                    DreamAlg::TopkMargin => "topk_margin",
+                    DreamAlg::Entropy => "entropy",
+                };
+                write!(f, "dream:{a},{steps}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(step: u32, block_masked: u32, masked: u32) -> StepCtx {
+        StepCtx { step, block_masked, masked }
+    }
+
+    #[test]
+    fn schedule_counts_split_remainder_first() {
+        // m = 10, S = 4: 3, 3, 2, 2.
+        let k: Vec<u32> = (0..4).map(|i| schedule_count(10, 4, i)).collect();
+        assert_eq!(k, [3, 3, 2, 2]);
+        assert_eq!(k.iter().sum::<u32>(), 10);
+        // m = 3, S = 5: 1, 1, 1, 0, 0 (the at-least-one rule lifts the zeros).
+        let k: Vec<u32> = (0..5).map(|i| schedule_count(3, 5, i)).collect();
+        assert_eq!(k, [1, 1, 1, 0, 0]);
+        let p = Policy::Schedule { steps: 5 };
+        assert_eq!(p.commit_count(ctx(3, 3, 1), &[0.2]), 1);
+    }
+
+    #[test]
+    fn threshold_commits_at_exactly_tau_and_at_least_one() {
+        let p = Policy::Threshold { tau: 0.75 };
+        let sel = p.select(ctx(0, 4, 4), &[(10, 0.5), (11, 0.75), (12, 0.9), (13, 0.7499)]);
+        assert_eq!(sel, [12, 11]);
+        let sel = p.select(ctx(0, 3, 3), &[(10, 0.1), (11, 0.3), (12, 0.3)]);
+        assert_eq!(sel, [11], "none passes: the most confident, ties to the lower position");
+    }
+
+    #[test]
+    fn factor_prefix_rule() {
+        // thresholds 1 - 1/(n+1): n=1: 0.5, n=2: 0.667, n=3: 0.75, n=4: 0.8
+        let p = Policy::Factor { f: 1.0 };
+        assert_eq!(p.commit_count(ctx(0, 5, 5), &[0.9, 0.8, 0.76, 0.79, 0.1]), 3);
+        assert_eq!(p.commit_count(ctx(0, 5, 5), &[0.4, 0.3]), 1);
+    }
+
+    #[test]
+    fn dream_floor_and_last_step_all() {
+        // S = 4: ts = 1, 0.75025, 0.5005, 0.25075, 0.001
+        assert_eq!(dream_count(10, 4, 0), 2); // 10 * (1 - 0.75025) = 2.4975
+        assert_eq!(dream_count(8, 4, 1), 2); // 8 * (1 - 0.5005/0.75025) = 2.663
+        assert_eq!(dream_count(5, 4, 3), 5);
+        assert_eq!(Policy::Dream { alg: DreamAlg::Entropy, steps: 4 }.commit_count(ctx(0, 2, 2), &[-0.1, -0.2]), 1);
+    }
+
+    #[test]
+    fn confident_falls_back_to_schedule() {
+        let p = Policy::Confident { tau: 0.9, steps: 2 };
+        assert_eq!(p.commit_count(ctx(0, 5, 5), &[0.95, 0.91, 0.5, 0.4, 0.3]), 2);
+        assert_eq!(p.commit_count(ctx(0, 5, 5), &[0.8, 0.7, 0.5, 0.4, 0.3]), 3);
+        assert_eq!(p.commit_count(ctx(1, 5, 2), &[0.8, 0.7]), 2);
+    }
+
+    #[test]
+    fn parse_and_display_round_trip_and_errors() {
+        for s in ["schedule:8", "random:4", "threshold:0.9", "confident:0.9,8", "factor:1", "dream:entropy,16", "dream:maskgit_plus,2"] {
+            let p: Policy = s.parse().unwrap();
+            assert_eq!(p.to_string(), s);
+        }
+        for bad in ["schedule", "schedule:0", "schedule:x", "threshold:1.5", "factor:-1", "dream:foo,4", "dream:origin", "nope:1", "confident:0.9"] {
+            let e = bad.parse::<Policy>().unwrap_err().to_string();
+            assert!(e.contains("policy"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Candidates and confidences for one logits row (DESIGN.md §4), bit-for-bit reproducible on
+//! CPU and GPU: argmax at temperature 0 (ties to the lowest id); at T > 0 Gumbel-max,
+//! argmax_v(l_v / T + g_v) with g = −ln(−ln u), u at 53-bit resolution (f64) from Philox4x32-10
+//! keyed by the seed and counted by (vocab pair, slot, step, sequence). Optional top-k / top-p
+//! restrict the candidates first. Confidences use the untempered, unfiltered softmax.
+use super::policy::ConfKind;
+
+/// Philox4x32-10 (Salmon et al. 2011), the generator of cuRAND and PyTorch.
+pub fn philox4x32(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    const M0: u64 = 0xD251_1F53;
+    const M1: u64 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let (mut c, mut k) = (ctr, key);
+    for _ in 0..10 {
+        let p0 = M0 * c[0] as u64;
+        let p1 = M1 * c[2] as u64;
+        c = [
+            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
+            p1 as u32,
+            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+        k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+    }
+    c
+}
+
+/// Uniform in (0, 1) from two 32-bit words at 53-bit resolution: k · 2⁻⁵³ for the 53-bit k,
+/// with k = 0 mapped to 2⁻⁵⁴ so the Gumbel transform stays finite.
+pub fn uniform53(hi: u32, lo: u32) -> f64 {
+    let k = ((hi as u64) << 21) | (lo as u64 >> 11); // 32 + 21 = 53 bits
+    if k == 0 {
+        return 1.0 / (1u64 << 54) as f64;
+    }
+    k as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Where a random number is drawn: (seed, sequence, step, slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RngKey {
+    pub seed: u64,
+    pub seq: u32,
+    pub step: u32,
+    pub slot: u32,
+}
+
+/// The counter word that selects the per-slot "random confidence" draw (no vocab id reaches it).
+pub const RANDOM_CONF_PAIR: u32 = 0xFFFF_FFFF;
+
+impl RngKey {
+    fn key(&self) -> [u32; 2] {
+        [self.seed as u32, (self.seed >> 32) as u32]
+    }
+    /// The uniform for vocabulary entry `v`.
+    pub fn uniform(&self, v: u32) -> f64 {
+        let r = philox4x32([v >> 1, self.slot, self.step, self.seq], self.key());
+        if v & 1 == 0 {
+            uniform53(r[0], r[1])
+        } else {
+            uniform53(r[2], r[3])
+        }
+    }
+    /// Gumbel noise for vocabulary entry `v`, in f64.
+    pub fn gumbel(&self, v: u32) -> f64 {
+        -(-self.uniform(v).ln()).ln()
+    }
+    /// The slot's uniform "random" confidence.
+    pub fn random_conf(&self) -> f64 {
+        let r = philox4x32([RANDOM_CONF_PAIR, self.slot, self.step, self.seq], self.key());
+        uniform53(r[0], r[1])
+    }
+}
+
+/// How candidates are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 = argmax.
+    pub temperature: f32,
+    /// Keep the k largest logits (0 = off).
+    pub top_k: u32,
+    /// Keep the smallest set of largest-probability tokens whose mass reaches p (1 = off).
+    pub top_p: f32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }
+    }
+}
+
+/// Softmax statistics of one row (one pass, numerically stable).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowStats {
+    pub max: f32,
+    /// Lowest id among the maxima.
+    pub argmax: u32,
+    /// Second-largest logit (the max again if it occurs twice).
+    pub second: f32,
+    /// Σ exp(l − max).
+    pub sum_exp: f64,
+    /// Σ p log p.
+    pub neg_entropy: f64,
+}
+
+pub fn row_stats(logits: &[f32]) -> RowStats {
+    let mut max = f32::NEG_INFINITY;
+    let mut argmax = 0u32;
+    let mut second = f32::NEG_INFINITY;
+    for (v, &l) in logits.iter().enumerate() {
+        if l > max {
+            second = max;
+            max = l;
+            argmax = v as u32;
+        } else if l > second {
+            second = l;
+        }
+    }
+    let (mut z, mut zl) = (0f64, 0f64);
+    for &l in logits {
+        let d = (l - max) as f64;
+        let e = d.exp();
+        z += e;
+        zl += e * d;
+    }
+    // Σ p log p = Σ e_i (d_i − ln z) / z = zl / z − ln z
+    RowStats { max, argmax, second, sum_exp: z, neg_entropy: zl / z - z.ln() }
+}
+
+/// The logit value at and above which a token survives top-k / top-p (−∞ = all survive).
+/// Ties at the cut-off survive together.
+pub fn filter_cutoff(logits: &[f32], s: &Sampling, st: &RowStats) -> f32 {
+    let k_on = s.top_k > 0 && (s.top_k as usize) < logits.len();
+    let p_on = s.top_p < 1.0;
+    if !k_on && !p_on {
+        return f32::NEG_INFINITY;
+    }
+    let mut sorted: Vec<f32> = logits.to_vec();
+    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let mut cut = f32::NEG_INFINITY;
+    if k_on {
+        cut = sorted[s.top_k as usize - 1];
+    }
+    if p_on {
+        let mut mass = 0f64;
+        for &l in &sorted {
+            mass += ((l - st.max) as f64).exp() / st.sum_exp;
+            if mass >= s.top_p as f64 {
+                cut = cut.max(l);
+                break;
+            }
+        }
+    }
+    cut
+}
+
+/// Candidate token and confidence of one eligible slot.
+pub fn candidate(logits: &[f32], s: &Sampling, kind: ConfKind, key: RngKey) -> (u32, f32) {
+    let st = row_stats(logits);
+    let token = if s.temperature <= 0.0 {
+        st.argmax
+    } else {
+        let cut = filter_cutoff(logits, s, &st);
+        let inv_t = 1.0 / s.temperature as f64;
+        let mut best = f64::NEG_INFINITY;
+        let mut tok = st.argmax;
+        for (v, &l) in logits.iter().enumerate() {
+            if l < cut {
+                continue;
+            }
+            let score = l as f64 * inv_t + key.gumbel(v as u32);
+            if score > best {
+                best = score;
+                tok = v as u32;
+            }
+        }
+        tok
+    };
+    let p = |l: f32| (((l - st.max) as f64).exp() / st.sum_exp) as f32;
+    let conf = match kind {
+        ConfKind::Prob => p(logits[token as usize]),
+        ConfKind::Margin => p(st.max) - p(st.second),
+        ConfKind::NegEntropy => st.neg_entropy as f32,
+        ConfKind::Random => key.random_conf() as f32,
+    };
+    (token, conf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn philox_known_answer() {
+        // Random123 known-answer test vectors for philox4x32-10.
+        assert_eq!(philox4x32([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32([0xffffffff; 4], [0xffffffff; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn uniform_is_open_interval() {
+        assert!(uniform53(0, 0) > 0.0);
+        assert!(uniform53(u32::MAX, u32::MAX) < 1.0);
+    }
+
+    #[test]
+    fn argmax_ties_go_to_lowest_id_and_stats_are_right() {
+        let l = [1.0f32, 3.0, 3.0, -2.0];
+        let st = row_stats(&l);
+        assert_eq!(st.argmax, 1);
+        assert_eq!(st.second, 3.0);
+        let (tok, conf) = candidate(&l, &Sampling::default(), ConfKind::Prob, RngKey { seed: 1, seq: 0, step: 0, slot: 0 });
+        assert_eq!(tok, 1);
+        let z: f64 = l.iter().map(|&x| ((x - 3.0) as f64).exp()).sum();
+        assert!((conf as f64 - 1.0 / z).abs() < 1e-6);
+        let (_, margin) = candidate(&l, &Sampling::default(), ConfKind::Margin, RngKey { seed: 1, seq: 0, step: 0, slot: 0 });
+        assert_eq!(margin, 0.0);
+        let ent: f64 = l.iter().map(|&x| { let p = ((x - 3.0) as f64).exp() / z; p * p.ln() }).sum();
+        assert!((st.neg_entropy - ent).abs() < 1e-9);
+    }
+
+    #[test]
+    fn top_k_and_top_p_cutoffs() {
+        let l = [0.0f32, 1.0, 2.0, 3.0];
+        let st = row_stats(&l);
+        assert_eq!(filter_cutoff(&l, &Sampling { temperature: 1.0, top_k: 2, top_p: 1.0 }, &st), 2.0);
+        // p(3) = 0.6439, p(2) = 0.2369: top_p 0.8 needs both.
+        assert_eq!(filter_cutoff(&l, &Sampling { temperature: 1.0, top_k: 0, top_p: 0.8 }, &st), 2.0);
+        assert_eq!(filter_cutoff(&l, &Sampling { temperature: 1.0, top_k: 0, top_p: 0.5 }, &st), 3.0);
+    }
+}

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Builds the GPU suite HERE (no GPU needed) and packs it for a GPU machine that has no Rust:
+#
+#   gpu-pack/
+#     demask              release binary (debug info stripped)
+#     tests/<name>        every test binary (lib unit tests = tests/lib, bin unit tests =
+#                         tests/bin-demask, integration tests by name)
+#     tests/fixtures/     golden fixtures (tests read them via DEMASK_FIXTURES)
+#     benches/<name>      criterion benches, when benches/*.rs exist
+#     bench.txt           `demask` argument lines to run, one per line (# comments); copied
+#                         from tools/bench.txt when present, else a default
+#     tools/golden/       the transformers golden script (optional step on the GPU machine)
+#     run.sh              runs it all there; logs go to "$OUT" if set, else gpu-pack/gpu-logs
+#
+# Usage: tools/gpu-suite.sh            (then copy gpu-pack/ over and run gpu-pack/run.sh)
+# The pack must stay under 60 MB: binaries are stripped of debug info and the size is checked.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+pack="$root/gpu-pack"
+limit_mb="${GPU_PACK_LIMIT_MB:-60}"
+export CARGO_TERM_COLOR=never
+
+echo "== gpu-suite: cargo build --release"
+cargo build --release
+
+echo "== gpu-suite: cargo test --release --no-run"
+tests_json="$(mktemp)"
+benches_json="$(mktemp)"
+trap 'rm -f "$tests_json" "$benches_json"' EXIT
+cargo test --release --no-run --message-format=json >"$tests_json"
+shopt -s nullglob
+bench_src=(benches/*.rs)
+if ((${#bench_src[@]})); then
+  echo "== gpu-suite: cargo bench --no-run"
+  cargo bench --no-run --message-format=json >"$benches_json"
+fi
+
+# "<dest name> <executable>" for every test (and bench) artifact cargo reported.
+list_artifacts() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+path, want = sys.argv[1], sys.argv[2]
+seen = set()
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if not m.get("profile", {}).get("test"):
+        continue
+    kinds, name = m["target"]["kind"], m["target"]["name"]
+    if want == "bench":
+        if "bench" not in kinds:
+            continue
+        dest = name
+    elif "bench" in kinds:
+        continue
+    elif "lib" in kinds or "rlib" in kinds:
+        dest = "lib"
+    elif "bin" in kinds:
+        dest = "bin-" + name
+    else:
+        dest = name
+    if dest not in seen:
+        seen.add(dest)
+        print(dest, m["executable"])
+PY
+}
+
+rm -rf "$pack"
+mkdir -p "$pack/tests/fixtures" "$pack/benches" "$pack/tools"
+strip_copy() {
+  cp "$1" "$2"
+  chmod u+w "$2"
+  strip --strip-debug "$2" 2>/dev/null || objcopy --strip-debug "$2"
+}
+strip_copy target/release/demask "$pack/demask"
+n_tests=0
+while read -r dest exe; do
+  strip_copy "$exe" "$pack/tests/$dest"
+  n_tests=$((n_tests + 1))
+done < <(list_artifacts "$tests_json" test)
+n_benches=0
+if [[ -s "$benches_json" ]]; then
+  while read -r dest exe; do
+    strip_copy "$exe" "$pack/benches/$dest"
+    n_benches=$((n_benches + 1))
+  done < <(list_artifacts "$benches_json" bench)
+fi
+cp -r tests/fixtures/. "$pack/tests/fixtures/" 2>/dev/null || true
+cp -r tools/golden "$pack/tools/golden"
+rm -rf "$pack/tools/golden/__pycache__"
+if [[ -f tools/bench.txt ]]; then
+  cp tools/bench.txt "$pack/bench.txt"
+else
+  cat >"$pack/bench.txt" <<'TXT'
+# One `demask` argument line per row, run in order by run.sh (# starts a comment).
+bench
+TXT
+fi
+
+cat >"$pack/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the packed demask GPU suite on a GPU machine (no Rust needed): every test binary with
+# DEMASK_REQUIRE_GPU=1, the criterion benches, the `demask` lines of bench.txt, and (with
+# DEMASK_GOLDEN=1) the transformers golden script. Logs go to "$OUT" if set, else ./gpu-logs.
+# Knobs: DEMASK_TEST_TIMEOUT (s per binary, 600), DEMASK_TEST_ARGS (passed to every test
+# binary, e.g. "--test-threads=1" or a name filter), RUN_BENCHES=0 to skip criterion,
+# CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 2"), DEMASK_BENCH_TIMEOUT (600).
+set -uo pipefail
+pack="$(cd "$(dirname "$0")" && pwd)"
+cd "$pack"
+logs="${OUT:-$pack/gpu-logs}"
+mkdir -p "$logs"
+export DEMASK_REQUIRE_GPU=1
+export DEMASK_FIXTURES="$pack/tests/fixtures"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+[[ -d /usr/local/cuda/lib64 ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64"
+summary="$logs/summary.txt"
+: >"$summary"
+failed=0
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true; } | tee "$logs/device.txt"
+
+# run_tests NAME BINARY [ENV...]: one libtest binary, its counts appended to the summary.
+run_tests() {
+  local name="$1" bin="$2" log="$logs/test-$1.log" t0=$SECONDS rc
+  shift 2
+  echo "== test $name"
+  # shellcheck disable=SC2086
+  env "$@" timeout "${DEMASK_TEST_TIMEOUT:-600}" "$bin" ${DEMASK_TEST_ARGS:-} >"$log" 2>&1
+  rc=$?
+  local p f i
+  p=$(sed -n 's/^test result:.* \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  f=$(sed -n 's/^test result:.* \([0-9]*\) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  i=$(sed -n 's/^test result:.* \([0-9]*\) ignored.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  local status=ok
+  if [[ $rc -ne 0 ]]; then
+    status="FAIL(rc=$rc)"
+    [[ $rc -eq 124 ]] && status="TIMEOUT"
+    grep -q '^test result:' "$log" || status="$status,no-result"
+    failed=1
+    grep -E '^test .* FAILED$|panicked at' "$log" | head -n 20
+  fi
+  printf 'test   %-28s %-18s passed %4d  failed %3d  ignored %3d  %5ds\n' "$name" "$status" "$p" "$f" "$i" \
+    $((SECONDS - t0)) | tee -a "$summary"
+}
+
+golden_fresh=""
+if [[ "${DEMASK_GOLDEN:-0}" == 1 ]]; then
+  echo "== golden fixtures from transformers (tools/golden/run.sh)"
+  if PYTHON="${PYTHON:-python3}" tools/golden/run.sh ./demask "$logs/fixtures" >"$logs/golden.log" 2>&1; then
+    golden_fresh="$logs/fixtures"
+    echo "golden script: ok (fixtures in $golden_fresh)" | tee -a "$summary"
+    grep -E 'check|wrote' "$logs/golden.log" | tee -a "$summary"
+  else
+    echo "golden script: FAILED (see golden.log)" | tee -a "$summary"
+    tail -n 20 "$logs/golden.log"
+    failed=1
+  fi
+fi
+
+for bin in tests/*; do
+  [[ -f "$bin" && -x "$bin" ]] || continue
+  run_tests "$(basename "$bin")" "./$bin"
+done
+if [[ -n "$golden_fresh" && -x tests/golden ]]; then
+  run_tests golden-fresh ./tests/golden "DEMASK_FIXTURES=$golden_fresh"
+fi
+
+if [[ "${RUN_BENCHES:-1}" == 1 ]]; then
+  for bin in benches/*; do
+    [[ -f "$bin" && -x "$bin" ]] || continue
+    name="$(basename "$bin")" log="$logs/criterion-$(basename "$bin").log" t0=$SECONDS
+    echo "== criterion $name"
+    # shellcheck disable=SC2086
+    timeout "${DEMASK_BENCH_TIMEOUT:-600}" "./$bin" --bench ${CRITERION_ARGS:---warm-up-time 1 --measurement-time 2} >"$log" 2>&1
+    rc=$?
+    [[ $rc -eq 0 ]] || failed=1
+    printf 'bench  %-28s %-18s %5ds\n' "$name" "$([[ $rc -eq 0 ]] && echo ok || echo "FAIL(rc=$rc)")" \
+      $((SECONDS - t0)) | tee -a "$summary"
+    # "<name> time: [lo mid hi]" lines (criterion prints long names on their own line).
+    awk '/^[^ ]/ && !/time:/ && !/^(Benchmarking|Found|Warning|Gnuplot)/ {name=$1} /time:/ {sub(/^ +/, ""); if ($0 ~ /^time:/) print "       " name " " $0; else print "       " $0}' \
+      "$log" | tee -a "$summary"
+  done
+fi
+
+n=0
+while IFS= read -r line || [[ -n "$line" ]]; do
+  line="${line%%#*}"
+  [[ -n "${line//[[:space:]]/}" ]] || continue
+  n=$((n + 1))
+  log="$logs/bench-$n.log" t0=$SECONDS
+  echo "== demask $line"
+  # shellcheck disable=SC2086
+  timeout "${DEMASK_BENCH_TIMEOUT:-600}" ./demask $line >"$log" 2>&1
+  rc=$?
+  [[ $rc -eq 0 ]] || failed=1
+  last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
+  printf 'demask %-40s rc %d %5ds | %s\n' "$line" "$rc" $((SECONDS - t0)) "$last" | tee -a "$summary"
+done <bench.txt
+
+echo
+echo "================ summary ($logs) ================"
+cat "$summary"
+exit "$failed"
+RUN
+chmod +x "$pack/run.sh" "$pack/tools/golden/"*.sh "$pack/tools/golden/"*.py
+
+echo "== gpu-suite: pack contents"
+(cd "$pack" && find . -type f -printf '%s\t%p\n' | sort -k2 | awk -F'\t' '{printf "  %10d  %s\n", $1, $2}')
+bytes=$(du -sb "$pack" | cut -f1)
+echo "gpu-pack: $n_tests test binaries, $n_benches benches, $((bytes / 1024 / 1024)) MB ($bytes bytes)"
+if ((bytes > limit_mb * 1024 * 1024)); then
+  echo "gpu-suite: the pack exceeds ${limit_mb} MB" >&2
+  exit 1
+fi
+echo "run it on the GPU machine: gpu-pack/run.sh   (OUT=dir for logs, DEMASK_GOLDEN=1 to regenerate fixtures)"
