@@ -12,6 +12,7 @@
 //                       share a kv head share its K/V tiles (GQA) and short sequences still
 //                       fill the tile.
 #include "common.cuh"
+#include <cooperative_groups.h>
 
 #define HEAD_DIM 128
 
@@ -124,18 +125,220 @@ __device__ __forceinline__ void load_kv_tile(bf16* dst, const bf16* cache, size_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const AttnParams p) {
+// One key tile for one warp: S = Q·Kᵀ over keys [key_off, key_off + 8·NJ) of the tile, online
+// softmax update of (row_m, row_l, o), O += P·V. This thread holds rows lane/4 (index 0) and
+// lane/4 + 8 (index 1) of the warp's 16.
+template <int NJ>
+__device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, const uint32_t (&qf)[8][4],
+                                          float (&o)[16][4], float* row_m, float* row_l, int key_off,
+                                          int key_base, int kv_len, float sl2, int lane) {
+    float sc[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+        for (int j = 0; j < NJ; j += 2) {
+            const int key = key_off + j * 8 + (lane & 7) + (lane >> 4) * 8;
+            const int chunk = kk * 2 + ((lane >> 3) & 1);
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4(smem_u32(k_t + swz(key, chunk)), b0, b1, b2, b3);
+            mma16816(sc[j], qf[kk], b0, b1);
+            mma16816(sc[j + 1], qf[kk], b2, b3);
+        }
+    }
+    // Mask keys past kv_len (only the last tile has any).
+    if (key_base + key_off + NJ * 8 > kv_len) {
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int c = key_base + key_off + j * 8 + (lane & 3) * 2;
+            if (c >= kv_len) sc[j][0] = sc[j][2] = -INFINITY;
+            if (c + 1 >= kv_len) sc[j][1] = sc[j][3] = -INFINITY;
+        }
+    }
+    float mx[2] = {row_m[0], row_m[1]};
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]) * sl2);
+        mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]) * sl2);
+    }
+    float mb[2];  // the exponent base: the running max, or 0 while no valid key has been seen
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        // A paired warp's key half can lie wholly past kv_len: m stays -inf, and exp2 of
+        // (-inf) - 0 gives 0 where (-inf) - (-inf) would give NaN.
+        mb[i] = mx[i] == -INFINITY ? 0.f : mx[i];
+    }
+    const float corr0 = exp2f(row_m[0] - mb[0]), corr1 = exp2f(row_m[1] - mb[1]);
+    row_m[0] = mx[0];
+    row_m[1] = mx[1];
+    float sum0 = 0.f, sum1 = 0.f;
+    uint32_t pf[NJ / 2][4];  // P as A fragments: k-steps of 16 keys
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const float p0 = exp2f(fmaf(sc[j][0], sl2, -mb[0]));
+        const float p1 = exp2f(fmaf(sc[j][1], sl2, -mb[0]));
+        const float p2 = exp2f(fmaf(sc[j][2], sl2, -mb[1]));
+        const float p3 = exp2f(fmaf(sc[j][3], sl2, -mb[1]));
+        sum0 += p0 + p1;
+        sum1 += p2 + p3;
+        pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+        pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+    row_l[0] = row_l[0] * corr0 + sum0;
+    row_l[1] = row_l[1] * corr1 + sum1;
+#pragma unroll
+    for (int d = 0; d < 16; ++d) {
+        o[d][0] *= corr0;
+        o[d][1] *= corr0;
+        o[d][2] *= corr1;
+        o[d][3] *= corr1;
+    }
+#pragma unroll
+    for (int kk = 0; kk < NJ / 2; ++kk) {
+#pragma unroll
+        for (int d = 0; d < 16; d += 2) {
+            const int key = key_off + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int chunk = d + (lane >> 4);
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4_t(smem_u32(v_t + swz(key, chunk)), b0, b1, b2, b3);
+            mma16816(o[d], pf[kk], b0, b1);
+            mma16816(o[d + 1], pf[kk], b2, b3);
+        }
+    }
+}
+
+// Normalises this block's output tile, stages it as bf16 in sQ (each warp its own 16 rows) and
+// stores 16 bytes per thread.
+__device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const float (&o)[16][4],
+                                            const float* row_l, bool writes, int slice, int m0, int m_count,
+                                            int row_start, int group, int kvh) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    const float inv0 = 1.f / row_l[0], inv1 = 1.f / row_l[1];
+    const int r0 = slice * 16 + (lane >> 2), r1 = r0 + 8;
+#pragma unroll
+    for (int d = 0; d < 16 && writes; ++d) {
+        *reinterpret_cast<uint32_t*>(sQ + swz(r0, d) + (lane & 3) * 2) = pack_bf16(o[d][0] * inv0, o[d][1] * inv0);
+        *reinterpret_cast<uint32_t*>(sQ + swz(r1, d) + (lane & 3) * 2) = pack_bf16(o[d][2] * inv1, o[d][3] * inv1);
+    }
+    __syncthreads();
+    const size_t out_stride = (size_t)p.n_heads * HEAD_DIM;
+#pragma unroll
+    for (int i = 0; i < (FA_M * 16) / FA_THREADS; ++i) {
+        const int idx = tid + i * FA_THREADS;
+        const int row = idx >> 4, chunk = idx & 15;
+        const int m = m0 + row;
+        if (m < m_count) {
+            const int r = m / group, h = kvh * group + m % group;
+            bf16* dst = p.out + (size_t)(row_start + r) * out_stride + (size_t)h * HEAD_DIM + chunk * 8;
+            *reinterpret_cast<bf16x8*>(dst) = *reinterpret_cast<const bf16x8*>(sQ + swz(row, chunk));
+        }
+    }
+}
+
+#define FA_SPLIT 4
+// f32 row stride of the partial-output tile in the merge (padded against bank conflicts).
+#define FA_OPAD (HEAD_DIM + 4)
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Split-KV merge across the SPLIT blocks of a cluster. Each block publishes its unnormalised
+// O tile [64][FA_OPAD] f32 (over its K/V stages) and per-row m (log2 units) and l (over sQ);
+// after a cluster barrier, block `rank` merges rows [rank*64/SPLIT, (rank+1)*64/SPLIT) from
+// every block's shared memory and writes them out; a second barrier keeps the shared memory
+// alive until every block has read it.
+template <int SPLIT>
+__device__ __forceinline__ void flash_merge(const AttnParams& p, unsigned char* smem, const float (&o)[16][4],
+                                            const float* row_m, const float* row_l, bool writes, int slice,
+                                            int rank, int m0, int m_count, int row_start, int group, int kvh) {
+    namespace cg = cooperative_groups;
+    float* sML = reinterpret_cast<float*>(smem);                             // [2][64]: m, l
+    float* sO = reinterpret_cast<float*>(smem + TILE_ELEMS * sizeof(bf16));  // [64][FA_OPAD]
+    const int tid = threadIdx.x, lane = tid & 31;
+    cp_async_wait<0>();  // a block with no key tile still has its Q copy in flight
+    __syncthreads();
+    const int r0 = slice * 16 + (lane >> 2), r1 = r0 + 8;
+#pragma unroll
+    for (int d = 0; d < 16 && writes; ++d) {
+        const int c = d * 8 + (lane & 3) * 2;
+        *reinterpret_cast<float2*>(sO + r0 * FA_OPAD + c) = make_float2(o[d][0], o[d][1]);
+        *reinterpret_cast<float2*>(sO + r1 * FA_OPAD + c) = make_float2(o[d][2], o[d][3]);
+    }
+    if (writes && (lane & 3) == 0) {
+        sML[r0] = row_m[0];
+        sML[r1] = row_m[1];
+        sML[FA_M + r0] = row_l[0];
+        sML[FA_M + r1] = row_l[1];
+    }
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    constexpr int ROWS = FA_M / SPLIT;
+    constexpr int COLS = ROWS * HEAD_DIM / FA_THREADS;  // per thread, a multiple of 8
+    static_assert(COLS % 8 == 0, "merge columns per thread");
+    const int row = rank * ROWS + tid / (HEAD_DIM / COLS);
+    const int c0 = (tid % (HEAD_DIM / COLS)) * COLS;
+    const int m = m0 + row;
+    if (m < m_count) {
+        float mj[SPLIT], M = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < SPLIT; ++j) {
+            mj[j] = cluster.map_shared_rank(sML, j)[row];
+            M = fmaxf(M, mj[j]);
+        }
+        float acc[COLS], L = 0.f;
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) acc[c] = 0.f;
+#pragma unroll
+        for (int j = 0; j < SPLIT; ++j) {
+            const float w = exp2f(mj[j] - M);  // 0 for a block that saw no key (m = -inf)
+            L += w * cluster.map_shared_rank(sML, j)[FA_M + row];
+            const float* src = cluster.map_shared_rank(sO, j) + row * FA_OPAD + c0;
+#pragma unroll
+            for (int c = 0; c < COLS; c += 4) {
+                const float4 v = *reinterpret_cast<const float4*>(src + c);
+                acc[c] += w * v.x;
+                acc[c + 1] += w * v.y;
+                acc[c + 2] += w * v.z;
+                acc[c + 3] += w * v.w;
+            }
+        }
+        const float inv = 1.f / L;
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) acc[c] *= inv;
+        const int r = m / group, h = kvh * group + m % group;
+        bf16* dst = p.out + (size_t)(row_start + r) * p.n_heads * HEAD_DIM + (size_t)h * HEAD_DIM + c0;
+#pragma unroll
+        for (int c = 0; c < COLS; c += 8) store8(dst + c, acc + c);
+    }
+    cluster.sync();
+}
+#else
+template <int SPLIT>
+__device__ __forceinline__ void flash_merge(const AttnParams&, unsigned char*, const float (&)[16][4], const float*,
+                                            const float*, bool, int, int, int, int, int, int, int) {
+    __trap();  // split-KV needs thread-block clusters (sm_90); the wrapper never launches it below
+}
+#endif
+
+// One block's work: M-tile `m_tile` of sequence blockIdx.y, kv head blockIdx.z, key tiles
+// rank, rank + SPLIT, ... With SPLIT > 1 the SPLIT blocks of a thread-block cluster share one
+// M-tile, each takes every SPLIT-th key tile, and they merge their partial softmax states
+// through distributed shared memory (sm_90): short query sets then still fill the GPU.
+// STAGES K/V tiles are in flight or in use at once (cp.async ring).
+template <int SPLIT, int STAGES>
+__device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile, const int rank) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-    bf16* sK = sQ + TILE_ELEMS;          // 2 stages
-    bf16* sV = sK + 2 * TILE_ELEMS;      // 2 stages
+    bf16* sK = sQ + TILE_ELEMS;           // STAGES tiles
+    bf16* sV = sK + STAGES * TILE_ELEMS;  // STAGES tiles
 
     const uint32_t* s = p.seqs + 4 * blockIdx.y;
     const int row_start = s[0], row_count = s[1], cache_base = s[2], kv_len = s[3];
     const int group = p.n_heads / p.n_kv_heads;
     const int m_count = row_count * group;
-    const int m0 = blockIdx.x * FA_M;
-    if (m0 >= m_count || kv_len <= 0) return;
+    const int m0 = m_tile * FA_M;
+    if (m0 >= m_count || kv_len <= 0) return;  // uniform across a cluster (same M-tile)
     const int kvh = blockIdx.z;
     const size_t kv_stride = (size_t)p.n_kv_heads * HEAD_DIM;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -151,11 +354,25 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const At
         const bf16* src = p.q + (size_t)(row_start + r) * p.q_stride + (size_t)h * HEAD_DIM + chunk * 8;
         cp_async16(smem_u32(sQ + swz(row, chunk)), src, valid);
     }
-    load_kv_tile(sK, p.k_cache, kv_stride, cache_base, 0, kv_len, kvh);
-    load_kv_tile(sV, p.v_cache, kv_stride, cache_base, 0, kv_len, kvh);
-    cp_async_commit();
+    const int n_tiles = (kv_len + FA_N - 1) / FA_N;
+    // One commit group per stage, empty ones included, so that group `it` is tile `it`.
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        const int t = rank + st * SPLIT;
+        if (t < n_tiles) {
+            load_kv_tile(sK + st * TILE_ELEMS, p.k_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+            load_kv_tile(sV + st * TILE_ELEMS, p.v_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+        }
+        cp_async_commit();
+    }
 
-    const bool warp_active = m0 + warp * 16 < m_count;
+    // Short M-tiles (≤ 32 rows: warps 2 and 3 would idle) pair the warps: warp w and w+2 take
+    // the same 16 rows, w the keys 0..31 of every tile and w+2 the keys 32..63; the pairs merge
+    // their softmax states after the loop.
+    const bool pair = m_count - m0 <= 32;
+    const int slice = pair ? (warp & 1) : warp;  // which 16 M-rows this warp computes
+    const int key_off = pair ? (warp >> 1) * 32 : 0;
+    const bool warp_active = m0 + slice * 16 < m_count;
     const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units
     uint32_t qf[8][4];
     float o[16][4];
@@ -163,22 +380,23 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const At
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
-    const int n_tiles = (kv_len + FA_N - 1) / FA_N;
-    for (int t = 0; t < n_tiles; ++t) {
-        const int st = t & 1;
-        if (t + 1 < n_tiles) {
-            load_kv_tile(sK + (st ^ 1) * TILE_ELEMS, p.k_cache, kv_stride, cache_base, (t + 1) * FA_N, kv_len, kvh);
-            load_kv_tile(sV + (st ^ 1) * TILE_ELEMS, p.v_cache, kv_stride, cache_base, (t + 1) * FA_N, kv_len, kvh);
+    for (int t = rank, it = 0; t < n_tiles; t += SPLIT, ++it) {
+        const int st = it % STAGES;
+        {
+            const int tn = t + (STAGES - 1) * SPLIT;
+            const int sn = (it + STAGES - 1) % STAGES;  // the stage read in iteration it - 1
+            if (tn < n_tiles) {
+                load_kv_tile(sK + sn * TILE_ELEMS, p.k_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
+                load_kv_tile(sV + sn * TILE_ELEMS, p.v_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
+            }
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+            cp_async_wait<STAGES - 1>();
         }
         __syncthreads();
-        if (t == 0) {
+        if (it == 0) {
 #pragma unroll
             for (int kk = 0; kk < 8; ++kk) {
-                const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int row = slice * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                 const int chunk = kk * 2 + (lane >> 4);
                 ldsm_x4(smem_u32(sQ + swz(row, chunk)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
             }
@@ -186,114 +404,80 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const At
         if (warp_active) {
             const bf16* k_t = sK + st * TILE_ELEMS;
             const bf16* v_t = sV + st * TILE_ELEMS;
-            // S = Q K^T: 16 rows x 64 keys per warp, 8 n-tiles of 8 keys.
-            float sc[8][4];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-#pragma unroll
-                for (int j = 0; j < 8; j += 2) {
-                    const int key = j * 8 + (lane & 7) + (lane >> 4) * 8;
-                    const int chunk = kk * 2 + ((lane >> 3) & 1);
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(smem_u32(k_t + swz(key, chunk)), b0, b1, b2, b3);
-                    mma16816(sc[j], qf[kk], b0, b1);
-                    mma16816(sc[j + 1], qf[kk], b2, b3);
-                }
-            }
-            // Mask keys past kv_len (only the last tile has any).
-            const int key_base = t * FA_N;
-            if (key_base + FA_N > kv_len) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const int c = key_base + j * 8 + (lane & 3) * 2;
-                    if (c >= kv_len) sc[j][0] = sc[j][2] = -INFINITY;
-                    if (c + 1 >= kv_len) sc[j][1] = sc[j][3] = -INFINITY;
-                }
-            }
-            // Online softmax; this thread holds rows lane/4 (index 0) and lane/4 + 8 (index 1).
-            float mx[2] = {row_m[0], row_m[1]};
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                mx[0] = fmaxf(mx[0], fmaxf(sc[j][0], sc[j][1]) * sl2);
-                mx[1] = fmaxf(mx[1], fmaxf(sc[j][2], sc[j][3]) * sl2);
-            }
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            }
-            // Every tile holds at least one valid key, so mx is finite here.
-            const float corr0 = exp2f(row_m[0] - mx[0]), corr1 = exp2f(row_m[1] - mx[1]);
-            row_m[0] = mx[0];
-            row_m[1] = mx[1];
-            float sum0 = 0.f, sum1 = 0.f;
-            uint32_t pf[4][4];  // P as A fragments: 4 k-steps of 16 keys
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float p0 = exp2f(fmaf(sc[j][0], sl2, -mx[0]));
-                const float p1 = exp2f(fmaf(sc[j][1], sl2, -mx[0]));
-                const float p2 = exp2f(fmaf(sc[j][2], sl2, -mx[1]));
-                const float p3 = exp2f(fmaf(sc[j][3], sl2, -mx[1]));
-                sum0 += p0 + p1;
-                sum1 += p2 + p3;
-                pf[j >> 1][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
-                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-            }
-            row_l[0] = row_l[0] * corr0 + sum0;
-            row_l[1] = row_l[1] * corr1 + sum1;
-#pragma unroll
-            for (int d = 0; d < 16; ++d) {
-                o[d][0] *= corr0;
-                o[d][1] *= corr0;
-                o[d][2] *= corr1;
-                o[d][3] *= corr1;
-            }
-            // O += P V: 16 dim-tiles of 8, 4 k-steps of 16 keys.
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-                for (int d = 0; d < 16; d += 2) {
-                    const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                    const int chunk = d + (lane >> 4);
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(smem_u32(v_t + swz(key, chunk)), b0, b1, b2, b3);
-                    mma16816(o[d], pf[kk], b0, b1);
-                    mma16816(o[d + 1], pf[kk], b2, b3);
-                }
+            if (pair) {
+                tile_step<4>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, kv_len, sl2, lane);
+            } else {
+                tile_step<8>(k_t, v_t, qf, o, row_m, row_l, 0, t * FA_N, kv_len, sl2, lane);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite the stage just read
     }
 
-    // Epilogue: normalise, stage the bf16 tile in sQ (each warp its own 16 rows), store 16 bytes
-    // per thread.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         row_l[i] += __shfl_xor_sync(0xffffffffu, row_l[i], 1);
         row_l[i] += __shfl_xor_sync(0xffffffffu, row_l[i], 2);
     }
-    const float inv0 = warp_active ? 1.f / row_l[0] : 0.f, inv1 = warp_active ? 1.f / row_l[1] : 0.f;
-    {
-        const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
+    if (pair) {
+        // Warps 2, 3 publish their partial state over the K stages; warps 0, 1 fold it in.
+        float4* sP = reinterpret_cast<float4*>(sK);     // [2 slices][16 d][32 lanes]
+        float4* sS = sP + 2 * 16 * 32;                  // [2 slices][32 lanes]: m0, m1, l0, l1
+        cp_async_wait<0>();
+        if (warp >= 2) {
 #pragma unroll
-        for (int d = 0; d < 16; ++d) {
-            *reinterpret_cast<uint32_t*>(sQ + swz(r0, d) + (lane & 3) * 2) = pack_bf16(o[d][0] * inv0, o[d][1] * inv0);
-            *reinterpret_cast<uint32_t*>(sQ + swz(r1, d) + (lane & 3) * 2) = pack_bf16(o[d][2] * inv1, o[d][3] * inv1);
+            for (int d = 0; d < 16; ++d) sP[(slice * 16 + d) * 32 + lane] = make_float4(o[d][0], o[d][1], o[d][2], o[d][3]);
+            sS[slice * 32 + lane] = make_float4(row_m[0], row_m[1], row_l[0], row_l[1]);
         }
-    }
-    __syncthreads();
-    const size_t out_stride = (size_t)p.n_heads * HEAD_DIM;
+        __syncthreads();
+        if (warp < 2) {
+            const float4 st = sS[slice * 32 + lane];
+            const float mo[2] = {st.x, st.y}, lo[2] = {st.z, st.w};
+            float a[2], b[2];
 #pragma unroll
-    for (int i = 0; i < (FA_M * 16) / FA_THREADS; ++i) {
-        const int idx = tid + i * FA_THREADS;
-        const int row = idx >> 4, chunk = idx & 15;
-        const int m = m0 + row;
-        if (m < m_count) {
-            const int r = m / group, h = kvh * group + m % group;
-            bf16* dst = p.out + (size_t)(row_start + r) * out_stride + (size_t)h * HEAD_DIM + chunk * 8;
-            *reinterpret_cast<bf16x8*>(dst) = *reinterpret_cast<const bf16x8*>(sQ + swz(row, chunk));
+            for (int i = 0; i < 2; ++i) {
+                // -inf in both halves: a split-KV block that got no key tile.
+                const float mnew = fmaxf(row_m[i], mo[i]);
+                const float base = mnew == -INFINITY ? 0.f : mnew;
+                a[i] = exp2f(row_m[i] - base);
+                b[i] = exp2f(mo[i] - base);
+                row_l[i] = row_l[i] * a[i] + lo[i] * b[i];
+                row_m[i] = mnew;
+            }
+#pragma unroll
+            for (int d = 0; d < 16; ++d) {
+                const float4 v = sP[(slice * 16 + d) * 32 + lane];
+                o[d][0] = o[d][0] * a[0] + v.x * b[0];
+                o[d][1] = o[d][1] * a[0] + v.y * b[0];
+                o[d][2] = o[d][2] * a[1] + v.z * b[1];
+                o[d][3] = o[d][3] * a[1] + v.w * b[1];
+            }
         }
+        __syncthreads();
     }
+    const bool writes = warp_active && !(pair && warp >= 2);
+    if constexpr (SPLIT == 1) {
+        flash_store(p, sQ, o, row_l, writes, slice, m0, m_count, row_start, group, kvh);
+    } else {
+        flash_merge<SPLIT>(p, smem_raw, o, row_m, row_l, writes, slice, rank, m0, m_count, row_start, group, kvh);
+    }
+}
+
+// Whole key range per block, 2 stages (80 KiB of shared memory: 2 blocks per SM).
+extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const AttnParams p) {
+    flash_body<1, 2>(p, blockIdx.x, 0);
+}
+
+// Split-KV flash for short query sets: grid x = M-tiles × FA_SPLIT, clusters of FA_SPLIT blocks
+// along x, 2 stages (80 KiB). sm_90 only (the wrapper checks); traps elsewhere.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FA_SPLIT_CLUSTER __cluster_dims__(FA_SPLIT, 1, 1)
+#else
+#define FA_SPLIT_CLUSTER
+#endif
+extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(FA_THREADS) attention_split_bf16(const AttnParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    flash_body<FA_SPLIT, 2>(p, blockIdx.x / FA_SPLIT, (int)cooperative_groups::this_cluster().block_rank());
+#else
+    __trap();
+#endif
 }

@@ -11,14 +11,14 @@ struct EmbedParams {
     int table_rows;
 };
 
-// Flat over n * row_len/8 16-byte vectors, grid-stride.
+// Flat over n * row_len/8 16-byte vectors (fewer than 2^31), grid-stride.
 extern "C" __global__ void embed_bf16(const EmbedParams p) {
     const int vpr = p.row_len >> 3;
-    const int64_t total = (int64_t)p.n * vpr;
-    for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total;
-         v += (int64_t)gridDim.x * blockDim.x) {
+    // total < 2^31 (checked by the wrapper), so unsigned 32-bit index math never wraps.
+    const unsigned total = (unsigned)p.n * vpr;
+    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
         const int r = (int)(v / vpr);
-        const int c = (int)(v - (int64_t)r * vpr);
+        const int c = (int)(v - r * vpr);
         const uint32_t id = __ldg(p.ids + r);
         if (id >= (uint32_t)p.table_rows) __trap();  // the host validates ids: this is a bug
         const uint4 x = __ldg(reinterpret_cast<const uint4*>(p.table + (int64_t)id * p.row_len) + c);

@@ -25,25 +25,34 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-// 23 random bits -> uniform float in (0, 1) (never 0, so log is finite).
-__device__ __forceinline__ float unit_open(uint32_t b) {
-    return __uint_as_float(0x3f800000u | (b >> 9)) - 1.0f + 0x1p-24f;
+// Bits `b` (at most 23 used, from the top of a 32-bit field shifted into place by the caller)
+// in the mantissa: 1.m - 1 is uniform in [0, 1).
+__device__ __forceinline__ float unit_mantissa(uint32_t mantissa23) {
+    return __uint_as_float(0x3f800000u | mantissa23) - 1.0f;
 }
 
-// Eight normals for vector `v` (indices 8v .. 8v+7): one 64-bit hash per Box-Muller pair.
+// One Box-Muller pair from a 32-bit word: 20 bits for the radius (u1 in (0, 1), so the
+// tails reach 5.27 std), 12 bits for the angle (finer than bf16 resolves).
 // Fast intrinsics are fine here: the angle is in [-pi, pi) and u1 in (0, 1).
+__device__ __forceinline__ void box_muller(uint32_t w, float mean, float std, float* z) {
+    const float u1 = unit_mantissa((w >> 12) << 3) + 0x1p-21f;
+    const float u2 = unit_mantissa((w & 0xfffu) << 11);
+    const float r2 = fmaxf(-2.f * __logf(u1), 1e-30f);  // lg2.approx may round to 0 near 1
+    const float r = r2 * rsqrtf(r2) * std;
+    float s, c;
+    __sincosf(6.28318530717958647692f * u2 - 3.14159265358979323846f, &s, &c);
+    z[0] = fmaf(r, c, mean);
+    z[1] = fmaf(r, s, mean);
+}
+
+// Eight normals for vector `v` (indices 8v .. 8v+7): two splitmix64 outputs (the stream of
+// counter 2v, 2v+1 from `key`), one 32-bit word per Box-Muller pair.
 __device__ __forceinline__ void normal8(uint64_t key, uint64_t v, float mean, float std, float* z) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const uint64_t h = mix64(key + (4 * v + j) * 0x9e3779b97f4a7c15ull);
-        const float u1 = unit_open((uint32_t)(h >> 32));
-        const float u2 = unit_open((uint32_t)h);
-        const float r2 = fmaxf(-2.f * __logf(u1), 1e-30f);
-        const float r = r2 * rsqrtf(r2) * std;
-        float s, c;
-        __sincosf(6.28318530717958647692f * u2 - 3.14159265358979323846f, &s, &c);
-        z[2 * j] = fmaf(r, c, mean);
-        z[2 * j + 1] = fmaf(r, s, mean);
+    for (int j = 0; j < 2; ++j) {
+        const uint64_t h = mix64(key + (2 * v + j) * 0x9e3779b97f4a7c15ull);
+        box_muller((uint32_t)h, mean, std, z + 4 * j);
+        box_muller((uint32_t)(h >> 32), mean, std, z + 4 * j + 2);
     }
 }
 

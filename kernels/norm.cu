@@ -24,16 +24,26 @@ extern "C" __global__ void add_rmsnorm_bf16(const NormParams p) {
     const int64_t row = blockIdx.x;
     const int vecs = p.hidden >> 3;
     bf16* res = p.residual + row * p.hidden;
+    // All loads first (raw 16-byte vectors), so they are in flight together.
+    uint4 xr[NORM_MAX_VPT], dr[NORM_MAX_VPT];
+#pragma unroll
+    for (int k = 0; k < NORM_MAX_VPT; ++k) {
+        const int v = threadIdx.x + k * blockDim.x;
+        if (v < vecs) {
+            xr[k] = reinterpret_cast<const uint4*>(res)[v];
+            if (p.delta) dr[k] = reinterpret_cast<const uint4*>(p.delta + row * p.hidden)[v];
+        }
+    }
     float x[NORM_MAX_VPT][8];
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < NORM_MAX_VPT; ++k) {
         const int v = threadIdx.x + k * blockDim.x;
         if (v < vecs) {
-            load8(res + v * 8, x[k]);
+            load8(reinterpret_cast<const bf16*>(&xr[k]), x[k]);
             if (p.delta) {
                 float d[8];
-                load8(p.delta + row * p.hidden + v * 8, d);
+                load8(reinterpret_cast<const bf16*>(&dr[k]), d);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) x[k][i] = round_bf16(x[k][i] + d[i]);
                 store8(res + v * 8, x[k]);  // exact: values are already bf16

@@ -9,14 +9,14 @@ struct SwigluParams {
     int ffn;
 };
 
-// Flat over rows * ffn/8 output vectors, grid-stride; 16-byte loads and stores.
+// Flat over rows * ffn/8 output vectors (fewer than 2^31), grid-stride; 16-byte loads and stores.
 extern "C" __global__ void swiglu_bf16(const SwigluParams p) {
     const int vpr = p.ffn >> 3;
-    const int64_t total = (int64_t)p.rows * vpr;
-    for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total;
-         v += (int64_t)gridDim.x * blockDim.x) {
+    // total < 2^31 (checked by the wrapper), so unsigned 32-bit index math never wraps.
+    const unsigned total = (unsigned)p.rows * vpr;
+    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
         const int64_t r = v / vpr;
-        const int c = (int)(v - r * vpr) << 3;
+        const int c = (int)(v - (unsigned)r * vpr) << 3;
         const bf16* g_ptr = p.gu + r * 2 * p.ffn + c;
         float g[8], u[8], y[8];
         load8(g_ptr, g);

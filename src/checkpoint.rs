@@ -12,8 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
@@ -22,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::tokenizer;
 use crate::weights::{assemble, tensor_specs, HostWeights, TensorRole, TensorSpec, INDEX_FILE, SINGLE_FILE};
 
-/// Shard size cap: llada-8b gives 6 shards, like the real checkpoint.
-pub const SHARD_BYTES: u64 = 2_700_000_000;
+/// Shard size cap (~2.7 GB shards): llada-8b gives 6 shards, like the real checkpoint.
+pub const SHARD_BYTES: u64 = 2_750_000_000;
 /// Values per independently seeded RNG chunk.
 pub const GEN_CHUNK: usize = 1 << 16;
 
@@ -62,7 +61,11 @@ pub fn plan_shards_with(cfg: &ModelConfig, max_bytes: u64) -> Vec<ShardPlan> {
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, (tensors, bytes))| ShardPlan { file: format!("model-{:05}-of-{n:05}.safetensors", i + 1), tensors, bytes })
+        .map(|(i, (tensors, bytes))| ShardPlan {
+            file: format!("model-{:05}-of-{n:05}.safetensors", i + 1),
+            tensors,
+            bytes,
+        })
         .collect()
 }
 
@@ -71,6 +74,49 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// xoshiro256++ (Blackman & Vigna): fast, and its stream is fixed by this code, so checkpoint
+/// values do not change with the `rand` version.
+struct Xoshiro256([u64; 4]);
+
+impl Xoshiro256 {
+    fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            splitmix64(x)
+        };
+        Xoshiro256([next(), next(), next(), next()])
+    }
+}
+
+impl RngCore for Xoshiro256 {
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for chunk in dest.chunks_mut(8) {
+            let b = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> std::result::Result<(), rand::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
 }
 
 /// Seed of one tensor: FNV-1a of its name mixed with the checkpoint seed.
@@ -95,7 +141,7 @@ fn fill_random(seed: u64, spec: &TensorSpec, dst: &mut [bf16]) {
     let (mean, std) = init_of(spec);
     let ts = tensor_seed(seed, &spec.name);
     dst.par_chunks_mut(GEN_CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut rng = StdRng::seed_from_u64(splitmix64(ts.wrapping_add(splitmix64(ci as u64))));
+        let mut rng = Xoshiro256::new(ts ^ splitmix64(ci as u64));
         for x in chunk {
             let z: f32 = rng.sample(StandardNormal);
             *x = bf16::from_f32(mean + std * z);
@@ -145,7 +191,10 @@ impl fmt::Display for CheckpointSummary {
             self.shards.len()
         )?;
         if self.tokenizer {
-            write!(f, "  tokenizer: byte-level tiny tokenizer (tokenizer.json, tokenizer_config.json with chat_template)")
+            write!(
+                f,
+                "  tokenizer: byte-level tiny tokenizer (tokenizer.json, tokenizer_config.json with chat_template)"
+            )
         } else {
             write!(f, "  tokenizer: none written (copy tokenizer files from the real checkpoint to decode text)")
         }
@@ -166,7 +215,7 @@ pub fn write_checkpoint(
 
 /// Writes config.json, `model-0000i-of-0000N.safetensors` (bf16, unfused, real names) and
 /// `model.safetensors.index.json`; for tiny-vocab configs also the tiny tokenizer. One tensor
-/// is in memory at a time, never the whole model. Each shard is written to a `.partial` file
+/// or two are in memory at a time, never the whole model. Each shard is written to a `.partial` file
 /// and renamed when complete; `progress` is called once per shard. Refuses an `out` that
 /// already holds a config.json unless `overwrite` (which also removes stale
 /// `model-*-of-*.safetensors` shards not in the new plan).
@@ -231,7 +280,10 @@ fn shard_header(shard: &ShardPlan) -> Vec<u8> {
     let mut off = 0u64;
     for t in &shard.tensors {
         let end = off + t.bytes();
-        map.insert(t.name.clone(), serde_json::json!({ "dtype": "BF16", "shape": t.shape, "data_offsets": [off, end] }));
+        map.insert(
+            t.name.clone(),
+            serde_json::json!({ "dtype": "BF16", "shape": t.shape, "data_offsets": [off, end] }),
+        );
         off = end;
     }
     let mut json = serde_json::Value::Object(map).to_string().into_bytes();
@@ -246,10 +298,21 @@ fn write_shard(path: &Path, shard: &ShardPlan, seed: u64) -> Result<()> {
     let io = |e: std::io::Error| Error::file(&partial, e);
     let mut w = BufWriter::with_capacity(8 << 20, File::create(&partial).map_err(io)?);
     w.write_all(&shard_header(shard)).map_err(io)?;
-    for t in &shard.tensors {
-        let v = random_tensor(seed, t);
-        w.write_all(bytemuck::cast_slice::<bf16, u8>(&v)).map_err(io)?;
-    }
+    // Generate the next tensor while this one is written (at most two in flight).
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<bf16>>(1);
+        scope.spawn(move || {
+            for t in &shard.tensors {
+                if tx.send(random_tensor(seed, t)).is_err() {
+                    break; // the writer failed and hung up
+                }
+            }
+        });
+        for v in rx {
+            w.write_all(bytemuck::cast_slice::<bf16, u8>(&v)).map_err(io)?;
+        }
+        Ok(())
+    })?;
     w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
     std::fs::rename(&partial, path).map_err(|e| Error::file(path, e))
 }

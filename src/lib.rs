@@ -2,6 +2,8 @@
 //! GPUs. Hand-written CUDA kernels compiled at build time, a thin runtime over cudarc, and an
 //! f32 CPU reference backend that is the oracle for every GPU op. See DESIGN.md.
 pub mod batch;
+pub mod bench;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

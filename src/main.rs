@@ -1,1 +1,302 @@
-fn main() {}
+//! The `demask` command line: make-checkpoint, inspect, bench, doctor.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use demask::bench::{self, ForwardRow, Stats};
+use demask::config::{ModelConfig, PRESETS};
+
+#[derive(Parser)]
+#[command(name = "demask", version, about = "Fast decoding engine for masked diffusion language models (LLaDA, Dream)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a random-weight checkpoint in the exact Hugging Face layout.
+    MakeCheckpoint {
+        /// Architecture: tiny-llada, tiny-dream, llada-8b, dream-7b.
+        #[arg(long)]
+        preset: String,
+        /// Seed of the weights (same seed, same bits).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a checkpoint already in --out.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Print a checkpoint's architecture, size and any problem found (reads headers only).
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Benchmark the forward pass (W4: one full-canvas forward) on synthetic or real weights.
+    Bench(BenchArgs),
+    /// Print the device, the kernels in this build and the measured ceilings.
+    Doctor,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Built-in architecture with random weights synthesised on the device.
+    #[arg(long, default_value = "llada-8b", conflicts_with = "model")]
+    preset: String,
+    /// A checkpoint directory instead of a preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Canvas lengths (rows per sequence) to time.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    lengths: Vec<usize>,
+    /// Sequences per forward.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed forwards per length (median reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// auto (GPU if usable, else the CPU backend on tiny-llada), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Kernel variants, e.g. attention=reference.
+    #[arg(long)]
+    variant: Vec<String>,
+    /// Also write the results as one JSON document.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::MakeCheckpoint { preset, seed, out, overwrite } => make_checkpoint(&preset, seed, &out, overwrite),
+        Cmd::Inspect { model } => {
+            let report = demask::weights::inspect(&model).with_context(|| format!("inspecting {}", model.display()))?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Doctor => doctor(),
+    }
+}
+
+fn make_checkpoint(preset: &str, seed: u64, out: &std::path::Path, overwrite: bool) -> Result<()> {
+    let cfg = ModelConfig::preset(preset)?;
+    let t0 = Instant::now();
+    eprintln!(
+        "writing {preset} (seed {seed}, {} parameters, {:.2} GB) to {}",
+        cfg.param_count(),
+        cfg.param_count() as f64 * 2.0 / 1e9,
+        out.display()
+    );
+    let summary = demask::checkpoint::write_checkpoint(&cfg, seed, out, overwrite, |msg: &str| eprintln!("  {msg}"))?;
+    eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
+    println!("{summary}");
+    Ok(())
+}
+
+/// Which device `--device` names, after probing.
+enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<demask::gpu::Gpu>),
+}
+
+fn pick_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" | "cuda" => 0,
+        s if s.starts_with("cuda:") => s[5..].parse().with_context(|| format!("bad --device {s}"))?,
+        s => bail!("bad --device `{s}` (expected auto, cpu, cuda or cuda:N)"),
+    };
+    #[cfg(feature = "cuda")]
+    match demask::gpu::Gpu::new(ordinal) {
+        Ok(g) => return Ok(Device::Cuda(g)),
+        Err(e) if spec == "auto" => {
+            eprintln!("no usable GPU ({e}); running the CPU backend instead");
+            return Ok(Device::Cpu);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        if spec == "auto" {
+            eprintln!("this build has no GPU backend (feature `cuda` off); running the CPU backend instead");
+            return Ok(Device::Cpu);
+        }
+        bail!("this build has no GPU backend (feature `cuda` off)")
+    }
+}
+
+fn print_rows(rows: &[ForwardRow]) {
+    println!("\n{:<10} {:<12} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}", "workload", "model", "len", "batch", "median ms", "min ms", "max ms", "floor ms", "% floor");
+    for r in rows {
+        let (floor, pct) = match (&r.roofline, r.pct_of_floor) {
+            (Some(f), Some(p)) => (format!("{:.2}", f.floor_ms), format!("{:.1}", 100.0 * p)),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<10} {:<12} {:>6} {:>6} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>8}",
+            r.workload, r.model, r.len, r.batch, r.stats.median_ms, r.stats.min_ms, r.stats.max_ms, floor, pct
+        );
+    }
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.lengths.is_empty() || a.lengths.contains(&0) {
+        bail!("--lengths must be positive");
+    }
+    if a.batch == 0 || a.iters == 0 {
+        bail!("--batch and --iters must be positive");
+    }
+    let device = pick_device(&a.device)?;
+    let (rows, ceilings) = match device {
+        Device::Cpu => (bench_cpu(&a)?, None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) => {
+            let (r, c) = bench_gpu(&a, gpu)?;
+            (r, Some(c))
+        }
+    };
+    print_rows(&rows);
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({ "ceilings": ceilings, "rows": rows });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn bench_cpu(a: &BenchArgs) -> Result<Vec<ForwardRow>> {
+    // The CPU backend runs tiny models only: swap a large preset for tiny-llada.
+    let (name, weights) = match &a.model {
+        Some(dir) => (dir.display().to_string(), demask::weights::HostWeights::load(dir)?),
+        None => {
+            let name = if a.preset.starts_with("tiny-") { a.preset.clone() } else { "tiny-llada".to_string() };
+            if name != a.preset {
+                eprintln!("CPU backend: benchmarking {name} instead of {} (too large for the CPU)", a.preset);
+            }
+            let cfg = ModelConfig::preset(&name)?;
+            (name, demask::checkpoint::random_weights(&cfg, a.seed))
+        }
+    };
+    let model = demask::cpu::forward::CpuModel::new(&weights)?;
+    let mut rows = Vec::new();
+    for &len in &a.lengths {
+        let len = len.min(model.cfg.max_seq_len);
+        let seqs: Vec<Vec<u32>> = (0..a.batch).map(|i| bench::synthetic_tokens(len, model.cfg.vocab, 17 + i as u64)).collect();
+        let iters = a.iters.min(5);
+        let mut times = Vec::new();
+        eprint!("cpu forward {name} len {len} batch {}: ", a.batch);
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            let logits = model.forward_full(&seqs)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            std::hint::black_box(logits);
+            eprint!(".");
+        }
+        eprintln!();
+        rows.push(ForwardRow {
+            workload: "W4-cpu".into(),
+            model: name.clone(),
+            len,
+            batch: a.batch,
+            stats: Stats::of(&times),
+            roofline: None,
+            pct_of_floor: None,
+            peak_mem_bytes: None,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(feature = "cuda")]
+fn bench_gpu(a: &BenchArgs, gpu: std::sync::Arc<demask::gpu::Gpu>) -> Result<(Vec<ForwardRow>, bench::Ceilings)> {
+    use demask::model::{Capacity, GpuModel, GpuWeights};
+    use demask::ops::attention::AttnVariant;
+
+    let mut attn = AttnVariant::Flash;
+    for v in &a.variant {
+        match v.split_once('=') {
+            Some(("attention", name)) => attn = name.parse()?,
+            _ => bail!("bad --variant `{v}` (expected attention=NAME)"),
+        }
+    }
+    eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
+    eprintln!("measuring ceilings...");
+    let ceil = bench::gpu::measure_ceilings(&gpu)?;
+    eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
+    let t0 = Instant::now();
+    let (name, cfg, weights) = match &a.model {
+        Some(dir) => {
+            let hw = demask::weights::HostWeights::load(dir)?;
+            let w = GpuWeights::upload(&gpu, &hw)?;
+            (dir.display().to_string(), hw.cfg.clone(), w)
+        }
+        None => {
+            let cfg = ModelConfig::preset(&a.preset)?;
+            (a.preset.clone(), cfg.clone(), GpuWeights::synthesize(&gpu, &cfg, a.seed)?)
+        }
+    };
+    eprintln!("weights: {name}, {:.2} GB on the device in {:.1} s", weights.bytes() as f64 / 1e9, t0.elapsed().as_secs_f64());
+    let max_len = *a.lengths.iter().max().unwrap();
+    if max_len > cfg.max_seq_len {
+        bail!("length {max_len} exceeds the model's context {}", cfg.max_seq_len);
+    }
+    let rows_cap = max_len * a.batch;
+    let cap = Capacity { rows: rows_cap, logit_rows: rows_cap, cache_rows: rows_cap, seqs: a.batch };
+    let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
+    model.attn_variant = attn;
+    let (free, total) = gpu.mem_info()?;
+    let mut out = Vec::new();
+    for &len in &a.lengths {
+        eprintln!("W4 forward len {len} batch {}: {} warm-up + {} timed", a.batch, a.warmup, a.iters);
+        let stats = bench::gpu::bench_forward(&mut model, len, a.batch, a.warmup, a.iters)?;
+        let roof = bench::forward_roofline(&cfg, len, a.batch, &ceil);
+        let pct = roof.floor_ms / stats.median_ms;
+        out.push(ForwardRow {
+            workload: "W4".into(),
+            model: name.clone(),
+            len,
+            batch: a.batch,
+            stats,
+            roofline: Some(roof),
+            pct_of_floor: Some(pct),
+            peak_mem_bytes: Some(total - free),
+        });
+    }
+    println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s; attention variant {}", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops, attn.name());
+    Ok((out, ceil))
+}
+
+fn doctor() -> Result<()> {
+    println!("demask {}", env!("CARGO_PKG_VERSION"));
+    println!("presets: {}", PRESETS.join(", "));
+    #[cfg(feature = "cuda")]
+    {
+        println!("kernels: {} modules in this build", demask::gpu::kernel_modules().len());
+        match demask::gpu::Gpu::new(0) {
+            Ok(g) => {
+                let (free, total) = g.mem_info()?;
+                println!("device: {} ({} SMs), {:.1} of {:.1} GB free", g.name, g.sm_count, free as f64 / 1e9, total as f64 / 1e9);
+                let c = bench::gpu::measure_ceilings(&g)?;
+                println!("ceilings: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", c.copy_gbps, c.gemm_tflops);
+            }
+            Err(e) => println!("device: none ({e})"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("kernels: none (built without the `cuda` feature)");
+    Ok(())
+}

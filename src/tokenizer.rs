@@ -47,14 +47,30 @@ fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// Reads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json` (its
-    /// `chat_template`, `bos_token`, `eos_token`). The architecture (for the built-in template)
+    /// Reads `dir/tokenizer.json` (or, when absent, the slow byte-level BPE files `vocab.json` +
+    /// `merges.txt` of Dream's DreamTokenizer, with Qwen2's pre-tokenization and the
+    /// `added_tokens_decoder` of tokenizer_config.json) and, if present,
+    /// `dir/tokenizer_config.json` (its `chat_template`, `bos_token`, `eos_token`). The architecture (for the built-in template)
     /// comes from config.json's `model_type`, else from the vocabulary (`<|im_start|>` → Dream).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let tok_cfg = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => Some(
+                serde_json::from_str::<serde_json::Value>(&t)
+                    .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::file(&cfg_path, e)),
+        };
         let path = dir.join("tokenizer.json");
-        let json = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let inner: tokenizers::Tokenizer =
-            json.parse().map_err(|e| Error::file(&path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = if !path.exists() && dir.join("vocab.json").exists() {
+            let json = slow_bpe_json(dir, tok_cfg.as_ref())?;
+            json.parse()
+                .map_err(|e| Error::file(dir.join("vocab.json"), format!("not a usable BPE vocabulary: {e}")))?
+        } else {
+            let json = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+            json.parse().map_err(|e| Error::file(&path, format!("not a valid tokenizer.json: {e}")))?
+        };
         let model_type = std::fs::read_to_string(dir.join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -64,15 +80,6 @@ impl Tokenizer {
             Some("dream" | "qwen2") => Arch::Dream,
             _ if inner.token_to_id("<|im_start|>").is_some() => Arch::Dream,
             _ => Arch::Llada,
-        };
-        let cfg_path = dir.join("tokenizer_config.json");
-        let tok_cfg = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => Some(
-                serde_json::from_str::<serde_json::Value>(&t)
-                    .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::file(&cfg_path, e)),
         };
         Self::from_parts(inner, arch, tok_cfg.as_ref())
     }
@@ -233,7 +240,8 @@ pub fn tiny_tokenizer_json(cfg: &ModelConfig) -> String {
                 "rstrip": false, "normalized": false, "special": true })
         })
         .collect();
-    let byte_level = serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true });
+    let byte_level =
+        serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true });
     let j = serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -250,6 +258,61 @@ pub fn tiny_tokenizer_json(cfg: &ModelConfig) -> String {
         }
     });
     serde_json::to_string_pretty(&j).expect("JSON values serialise") + "\n"
+}
+
+/// Qwen2's pre-tokenization regex (Dream's DreamTokenizer copies Qwen2Tokenizer).
+const QWEN2_PRETOKENIZE: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenizer.json equivalent of a slow Qwen2-style tokenizer: `vocab.json` + `merges.txt`
+/// (byte-level BPE, NFC, Qwen2 pre-tokenization) plus tokenizer_config.json's
+/// `added_tokens_decoder` (also put in the model vocab so they keep their ids).
+fn slow_bpe_json(dir: &Path, tok_cfg: Option<&serde_json::Value>) -> Result<String> {
+    let vocab_path = dir.join("vocab.json");
+    let text = std::fs::read_to_string(&vocab_path).map_err(|e| Error::file(&vocab_path, e))?;
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| Error::file(&vocab_path, format!("not a JSON object: {e}")))?;
+    let merges_path = dir.join("merges.txt");
+    let merges: Vec<String> = std::fs::read_to_string(&merges_path)
+        .map_err(|e| Error::file(&merges_path, e))?
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("#version"))
+        .map(String::from)
+        .collect();
+    let mut added = Vec::new();
+    if let Some(dec) = tok_cfg.and_then(|c| c.get("added_tokens_decoder")).and_then(|d| d.as_object()) {
+        for (id, tok) in dec {
+            let (Ok(id), Some(content)) = (id.parse::<u32>(), tok.get("content").and_then(|c| c.as_str())) else {
+                return Err(Error::Tokenizer(format!("tokenizer_config.json: bad added_tokens_decoder entry `{id}`")));
+            };
+            let flag = |k: &str| tok.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+            vocab.insert(content.to_string(), id.into());
+            added.push(serde_json::json!({ "id": id, "content": content, "single_word": flag("single_word"),
+                "lstrip": flag("lstrip"), "rstrip": flag("rstrip"), "normalized": flag("normalized"),
+                "special": flag("special") }));
+        }
+    }
+    added.sort_by_key(|t| t["id"].as_u64());
+    let no_regex = serde_json::json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false });
+    let j = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": { "type": "NFC" },
+        "pre_tokenizer": { "type": "Sequence", "pretokenizers": [
+            { "type": "Split", "pattern": { "Regex": QWEN2_PRETOKENIZE }, "behavior": "Isolated", "invert": false },
+            no_regex,
+        ] },
+        "post_processor": null,
+        "decoder": no_regex,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    });
+    Ok(j.to_string())
 }
 
 /// tokenizer_config.json of the tiny tokenizer, with the architecture's chat template.
@@ -304,5 +367,38 @@ mod tests {
     fn llada_template_trims_and_prepends_bos() {
         let s = render_chat(LLADA_CHAT_TEMPLATE, "  hi  ", "<BOS>", "").unwrap();
         assert_eq!(s, "<BOS><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    }
+
+    #[test]
+    fn slow_qwen2_files_load() {
+        let dir = std::env::temp_dir().join(format!("demask-slow-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let chars = byte_chars();
+        let mut vocab: serde_json::Map<String, serde_json::Value> =
+            chars.iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+        // Merges: "h e" -> "he", "he llo"... and "Ġ w" (space + w).
+        for (i, t) in ["he", "ll", "llo", "hello", "\u{120}w"].iter().enumerate() {
+            vocab.insert(t.to_string(), (256 + i).into());
+        }
+        std::fs::write(dir.join("vocab.json"), serde_json::Value::Object(vocab).to_string()).unwrap();
+        std::fs::write(dir.join("merges.txt"), "#version: 0.2\nh e\nl l\nll o\nhe llo\n\u{120} w\n").unwrap();
+        let cfg = serde_json::json!({
+            "added_tokens_decoder": {
+                "300": { "content": "<|endoftext|>", "special": true },
+                "302": { "content": "<|im_end|>", "special": true },
+                "301": { "content": "<|im_start|>", "special": true },
+            },
+            "eos_token": "<|endoftext|>",
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(t.arch(), Arch::Dream, "<|im_start|> means Qwen/Dream");
+        let ids = t.encode("hello world<|im_end|>", false).unwrap();
+        assert_eq!(ids, vec![259, 260, b'o' as u32, b'r' as u32, b'l' as u32, b'd' as u32, 302]);
+        assert_eq!(t.decode(&ids, false).unwrap(), "hello world<|im_end|>");
+        assert_eq!(t.decode(&ids, true).unwrap(), "hello world");
+        assert_eq!(t.token_to_id("<|im_start|>"), Some(301));
+        assert!(t.apply_chat("hi").unwrap().starts_with("<|im_start|>system"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

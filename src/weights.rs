@@ -213,7 +213,10 @@ where
     for s in &specs {
         let d = dst.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no destination buffer"))?;
         if d.len() != s.numel() {
-            return Err(Error::weights(&s.name, format!("internal: destination holds {} values, not {}", d.len(), s.numel())));
+            return Err(Error::weights(
+                &s.name,
+                format!("internal: destination holds {} values, not {}", d.len(), s.numel()),
+            ));
         }
         jobs.push((s, d));
     }
@@ -228,14 +231,14 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 
 /// Which shard holds each tensor: from the index's `weight_map`, or one file for all.
-pub(crate) enum ShardLayout {
+enum ShardLayout {
     Single,
     Indexed(HashMap<String, String>),
 }
 
 impl ShardLayout {
     /// Reads `model.safetensors.index.json` if present, else expects `model.safetensors`.
-    pub(crate) fn read(dir: &Path) -> Result<Self> {
+    fn read(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         if !index.exists() {
             if dir.join(SINGLE_FILE).exists() {
@@ -255,14 +258,16 @@ impl ShardLayout {
             let file = file
                 .as_str()
                 .filter(|f| !f.is_empty() && !f.contains(['/', '\\']) && *f != "." && *f != "..")
-                .ok_or_else(|| Error::file(&index, format!("weight_map[\"{name}\"] = {file} is not a shard file name")))?;
+                .ok_or_else(|| {
+                Error::file(&index, format!("weight_map[\"{name}\"] = {file} is not a shard file name"))
+            })?;
             out.insert(name.clone(), file.to_string());
         }
         Ok(ShardLayout::Indexed(out))
     }
 
     /// The shard file named for `tensor`, or None when the index does not list it.
-    pub(crate) fn shard_of(&self, tensor: &str) -> Option<&str> {
+    fn shard_of(&self, tensor: &str) -> Option<&str> {
         match self {
             ShardLayout::Single => Some(SINGLE_FILE),
             ShardLayout::Indexed(m) => m.get(tensor).map(String::as_str),
@@ -270,7 +275,7 @@ impl ShardLayout {
     }
 
     /// Every shard file the layout names, sorted.
-    pub(crate) fn files(&self) -> Vec<String> {
+    fn files(&self) -> Vec<String> {
         let set: BTreeSet<&str> = match self {
             ShardLayout::Single => [SINGLE_FILE].into_iter().collect(),
             ShardLayout::Indexed(m) => m.values().map(String::as_str).collect(),
@@ -288,7 +293,7 @@ impl ShardLayout {
 }
 
 /// Memory-maps one shard file; the error names the file.
-pub(crate) fn map_shard(path: &Path, layout: &ShardLayout) -> Result<Mmap> {
+fn map_shard(path: &Path, layout: &ShardLayout) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| match (e.kind(), layout) {
         (std::io::ErrorKind::NotFound, ShardLayout::Indexed(_)) => {
             Error::file(path, format!("shard listed in {INDEX_FILE} does not exist"))
@@ -301,12 +306,12 @@ pub(crate) fn map_shard(path: &Path, layout: &ShardLayout) -> Result<Mmap> {
 }
 
 /// Error for a shard whose header or length is inconsistent.
-pub(crate) fn corrupt(path: &Path, e: safetensors::SafeTensorError) -> Error {
+fn corrupt(path: &Path, e: safetensors::SafeTensorError) -> Error {
     Error::file(path, format!("not a valid safetensors file (truncated or corrupt): {e}"))
 }
 
 /// Checks a stored tensor's dtype and shape against the spec.
-pub(crate) fn check_tensor(spec: &TensorSpec, dtype: Dtype, shape: &[usize]) -> Result<()> {
+fn check_tensor(spec: &TensorSpec, dtype: Dtype, shape: &[usize]) -> Result<()> {
     if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
         return Err(Error::weights(
             &spec.name,
@@ -366,7 +371,12 @@ impl HostWeights {
         }
         let maps: Vec<Mmap> = files
             .par_iter()
-            .map(|f| map_shard(&dir.join(f), &layout))
+            .map(|f| {
+                let m = map_shard(&dir.join(f), &layout)?;
+                // Start read-ahead of cold shards; only a hint, so its failure is harmless.
+                let _ = m.advise(memmap2::Advice::WillNeed);
+                Ok(m)
+            })
             .collect::<Vec<_>>()
             .into_iter()
             .collect::<Result<_>>()?;
@@ -406,7 +416,10 @@ impl HostWeights {
                 + l.w_gate_up.len()
                 + l.w_down.len()
         };
-        let n = self.embed.len() + self.final_norm.len() + self.lm_head.len() + self.layers.iter().map(layer).sum::<usize>();
+        let n = self.embed.len()
+            + self.final_norm.len()
+            + self.lm_head.len()
+            + self.layers.iter().map(layer).sum::<usize>();
         n as u64
     }
 }
@@ -431,14 +444,23 @@ pub fn inspect(dir: &Path) -> Result<String> {
         }
     };
     if let Some(c) = &cfg {
-        let _ = writeln!(out, "architecture {:?} ({})", c.arch, if c.shifted() { "shifted logits" } else { "unshifted logits" });
+        let _ = writeln!(
+            out,
+            "architecture {:?} ({})",
+            c.arch,
+            if c.shifted() { "shifted logits" } else { "unshifted logits" }
+        );
         let _ = writeln!(
             out,
             "sizes        layers {}, hidden {}, ffn {}, heads {}, kv heads {}, head dim {}, vocab {}",
             c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab
         );
         let _ = writeln!(out, "rope theta   {}, rms norm eps {:e}, qkv bias {}", c.rope_theta, c.norm_eps, c.qkv_bias);
-        let _ = writeln!(out, "special ids  mask {}, eos {}, eot {}; max seq len {}", c.mask_id, c.eos_id, c.eot_id, c.max_seq_len);
+        let _ = writeln!(
+            out,
+            "special ids  mask {}, eos {}, eot {}; max seq len {}",
+            c.mask_id, c.eos_id, c.eot_id, c.max_seq_len
+        );
         let _ = writeln!(out, "parameters   {} ({} bytes as bf16)", c.param_count(), 2 * c.param_count());
     }
 
@@ -501,7 +523,13 @@ pub fn inspect(dir: &Path) -> Result<String> {
                 }
             }
         }
-        let _ = writeln!(out, "expected     {} tensors; {} found, {} ignored extra", specs.len(), known, n_stored.saturating_sub(known));
+        let _ = writeln!(
+            out,
+            "expected     {} tensors; {} found, {} ignored extra",
+            specs.len(),
+            known,
+            n_stored.saturating_sub(known)
+        );
         if unchecked > 0 {
             let _ = writeln!(out, "unchecked    {unchecked} tensors placed in unreadable shards");
         }

@@ -7,7 +7,7 @@
 //! Outputs are poisoned with NaN before each launch; rows outside every sequence must stay NaN.
 use demask::batch::SeqSpan;
 use demask::gpu::{test_gpu, DTensor, Gpu, Timer};
-use demask::ops::attention::{attention, AttnVariant};
+use demask::ops::attention::{attention, attention_forced, split_kv_supported, AttnVariant, FlashPath};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -119,17 +119,19 @@ fn upload(gpu: &Gpu, b: &Built, c: &Case) -> Dev {
     }
 }
 
-fn run(gpu: &Gpu, variant: AttnVariant, b: &Built, c: &Case, d: &mut Dev) -> Vec<f32> {
+/// Runs one variant (for flash: along the given path) into a poisoned output.
+fn run(gpu: &Gpu, variant: AttnVariant, path: FlashPath, b: &Built, c: &Case, d: &mut Dev) -> Vec<f32> {
     let poison = vec![bf16::NAN; d.out.len()];
     d.out.write(gpu, &poison).unwrap();
-    attention(gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, b.spans.len(), b.max_rows, &d.k, &d.v, c.n_heads, c.n_kv, &mut d.out)
-        .unwrap_or_else(|e| panic!("{}: {variant} launch: {e}", c.name));
+    let (rows, n_seqs) = (b.rows, b.spans.len());
+    attention_forced(gpu, variant, path, rows, &d.q, b.q_stride, &d.seqs, n_seqs, b.max_rows, &d.k, &d.v, c.n_heads, c.n_kv, &mut d.out)
+        .unwrap_or_else(|e| panic!("{}: {variant} ({path:?}) launch: {e}", c.name));
     gpu.synchronize().unwrap_or_else(|e| panic!("{}: {variant}: {e}", c.name));
     d.out.to_host(gpu).unwrap().iter().map(|x| x.to_f32()).collect()
 }
 
 /// Checks every element against the reference; returns the largest |got − want|.
-fn check(case: &str, variant: AttnVariant, got: &[f32], want: &[f32], width: usize) -> f32 {
+fn check(case: &str, variant: &str, got: &[f32], want: &[f32], width: usize) -> f32 {
     let mut bad = Vec::new();
     let mut max_err = 0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -157,16 +159,26 @@ fn run_case(c: &Case) {
     let mut want = vec![0f32; b.rows * width];
     demask::cpu::attention::attention(&b.qkv.1, b.q_stride, &b.k.1, &b.v.1, &b.spans, c.n_heads, c.n_kv, &mut want);
     let mut d = upload(&gpu, &b, c);
-    let got_ref = run(&gpu, AttnVariant::Reference, &b, c, &mut d);
-    let err_ref = check(c.name, AttnVariant::Reference, &got_ref, &want, width);
-    let got_fa = run(&gpu, AttnVariant::Flash, &b, c, &mut d);
-    let err_fa = check(c.name, AttnVariant::Flash, &got_fa, &want, width);
-    eprintln!("{}: max |err| reference {err_ref:.2e}, flash {err_fa:.2e}", c.name);
-    assert!(
-        err_fa <= 2.0 * err_ref + 2e-3,
-        "{}: flash error {err_fa:.3e} is more than 2x the reference variant's {err_ref:.3e}",
-        c.name
-    );
+    let got_ref = run(&gpu, AttnVariant::Reference, FlashPath::Auto, &b, c, &mut d);
+    let err_ref = check(c.name, "reference", &got_ref, &want, width);
+    let mut paths = vec![FlashPath::Whole];
+    if split_kv_supported(&gpu).unwrap() {
+        paths.push(FlashPath::SplitKv);
+    } else {
+        eprintln!("{}: split-KV path not checked (needs sm_90+)", c.name);
+    }
+    for path in paths {
+        let label = format!("flash {path:?}");
+        let label = label.as_str();
+        let got_fa = run(&gpu, AttnVariant::Flash, path, &b, c, &mut d);
+        let err_fa = check(c.name, label, &got_fa, &want, width);
+        eprintln!("{}: max |err| reference {err_ref:.2e}, {label} {err_fa:.2e}", c.name);
+        assert!(
+            err_fa <= 2.0 * err_ref + 2e-3,
+            "{}: {label} error {err_fa:.3e} is more than 2x the reference variant's {err_ref:.3e} (+2e-3)",
+            c.name
+        );
+    }
 }
 
 fn seq(rows: usize, kv_len: usize, gap: usize) -> Seq {
@@ -260,7 +272,10 @@ fn production_full_canvas_2048() {
 #[test]
 fn flash_timing() {
     let Some(gpu) = test_gpu() else { return };
-    let shapes: [(&'static str, usize, usize, usize, usize); 5] = [
+    let shapes: [(&'static str, usize, usize, usize, usize); 8] = [
+        ("llada decode 32x64", 32, 64, 32, 32),
+        ("llada decode 32x2048", 32, 2048, 32, 32),
+        ("llada decode 1x512", 1, 512, 32, 32),
         ("llada 512x512", 512, 512, 32, 32),
         ("llada 2048x2048", 2048, 2048, 32, 32),
         ("llada decode 32x512", 32, 512, 32, 32),
@@ -271,11 +286,23 @@ fn flash_timing() {
         let c = Case { name, seqs: vec![seq(rows, kv, 0)], n_heads: h, n_kv: kvh, std: 1.0, seed: 12 };
         let b = build(&c);
         let mut d = upload(&gpu, &b, &c);
-        for variant in AttnVariant::ALL {
+        let split_ok = split_kv_supported(&gpu).unwrap();
+        let runs: [(&str, AttnVariant, FlashPath); 4] = [
+            ("reference", AttnVariant::Reference, FlashPath::Auto),
+            ("flash", AttnVariant::Flash, FlashPath::Auto),
+            ("flash-whole", AttnVariant::Flash, FlashPath::Whole),
+            ("flash-split", AttnVariant::Flash, FlashPath::SplitKv),
+        ];
+        for (label, variant, path) in runs {
+            if path == FlashPath::SplitKv && !split_ok {
+                continue;
+            }
             let iters = 50;
-            let launch = |d: &mut Dev| {
-                attention(&gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, h, kvh, &mut d.out).unwrap()
-            };
+            let launch = |d: &mut Dev| match path {
+                FlashPath::Auto => attention(&gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, h, kvh, &mut d.out),
+                p => attention_forced(&gpu, variant, p, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, h, kvh, &mut d.out),
+            }
+            .unwrap();
             for _ in 0..5 {
                 launch(&mut d);
             }
@@ -286,7 +313,7 @@ fn flash_timing() {
             }
             let us = t.stop_ms(&gpu).unwrap() * 1e3 / iters as f32;
             let flops = 4.0 * rows as f64 * kv as f64 * D as f64 * h as f64;
-            eprintln!("attention/{variant}/{name}: {us:.1} us, {:.0} TFLOP/s", flops / (us as f64 * 1e-6) / 1e12);
+            eprintln!("attention/{label}/{name}: {us:.1} us, {:.0} TFLOP/s", flops / (us as f64 * 1e-6) / 1e12);
         }
     }
 }

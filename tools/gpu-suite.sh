@@ -10,7 +10,8 @@
 #     bench.txt           `demask` argument lines to run, one per line (# comments); copied
 #                         from tools/bench.txt when present, else a default
 #     tools/golden/       the transformers golden script (optional step on the GPU machine)
-#     run.sh              runs it all there; logs go to "$OUT" if set, else gpu-pack/gpu-logs
+#     run.sh              runs it all there; logs in gpu-pack/gpu-logs, and with $OUT set
+#                         summary.txt + all.log (+ regenerated fixtures) copied to $OUT
 #
 # Usage: tools/gpu-suite.sh            (then copy gpu-pack/ over and run gpu-pack/run.sh)
 # The pack must stay under 60 MB: binaries are stripped of debug info and the size is checked.
@@ -106,14 +107,17 @@ cat >"$pack/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the packed demask GPU suite on a GPU machine (no Rust needed): every test binary with
 # DEMASK_REQUIRE_GPU=1, the criterion benches, the `demask` lines of bench.txt, and (with
-# DEMASK_GOLDEN=1) the transformers golden script. Logs go to "$OUT" if set, else ./gpu-logs.
+# DEMASK_GOLDEN=1) the transformers golden script. Logs are written to ./gpu-logs; when $OUT is
+# set, only a few files are copied there (summary.txt, all.log with every log concatenated, and
+# the regenerated fixtures), since the machine that fetches $OUT limits the file count.
 # Knobs: DEMASK_TEST_TIMEOUT (s per binary, 600), DEMASK_TEST_ARGS (passed to every test
 # binary, e.g. "--test-threads=1" or a name filter), RUN_BENCHES=0 to skip criterion,
 # CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 2"), DEMASK_BENCH_TIMEOUT (600).
 set -uo pipefail
 pack="$(cd "$(dirname "$0")" && pwd)"
 cd "$pack"
-logs="${OUT:-$pack/gpu-logs}"
+logs="$pack/gpu-logs"
+rm -rf "$logs"
 mkdir -p "$logs"
 export DEMASK_REQUIRE_GPU=1
 export DEMASK_FIXTURES="$pack/tests/fixtures"
@@ -146,6 +150,7 @@ run_tests() {
   fi
   printf 'test   %-28s %-18s passed %4d  failed %3d  ignored %3d  %5ds\n' "$name" "$status" "$p" "$f" "$i" \
     $((SECONDS - t0)) | tee -a "$summary"
+  sed -n 's/^test \(.*\) \.\.\. FAILED$/         FAILED: \1/p' "$log" | head -n 20 | tee -a "$summary"
 }
 
 golden_fresh=""
@@ -202,8 +207,17 @@ while IFS= read -r line || [[ -n "$line" ]]; do
   printf 'demask %-40s rc %d %5ds | %s\n' "$line" "$rc" $((SECONDS - t0)) "$last" | tee -a "$summary"
 done <bench.txt
 
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  cp "$summary" "$OUT/summary.txt"
+  for f in "$logs"/device.txt "$logs"/golden.log "$logs"/test-*.log "$logs"/criterion-*.log "$logs"/bench-*.log; do
+    [[ -f "$f" ]] && printf '\n######## %s ########\n' "$(basename "$f")" && cat "$f"
+  done >"$OUT/all.log"
+  [[ -n "$golden_fresh" ]] && cp "$golden_fresh"/golden-*.safetensors "$OUT/"
+fi
 echo
-echo "================ summary ($logs) ================"
+echo "================ summary (logs: $logs${OUT:+, copied to $OUT}) ================"
+cat "$logs/device.txt"
 cat "$summary"
 exit "$failed"
 RUN

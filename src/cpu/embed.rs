@@ -4,14 +4,27 @@ use rayon::prelude::*;
 /// Copies row `ids[r]` of `table` (`[table_rows, row_len]`, row-major) into row `r` of `out`
 /// (`[ids.len(), row_len]`). Ids are validated upstream; an out-of-range id panics here.
 pub fn gather_rows(table: &[f32], row_len: usize, ids: &[u32], out: &mut [f32]) {
-    assert!(row_len > 0 && table.len() % row_len == 0, "gather_rows: table is not [rows, {row_len}]");
-    assert_eq!(out.len(), ids.len() * row_len, "gather_rows: out is not [{}, {row_len}]", ids.len());
+    assert!(
+        row_len > 0 && table.len().is_multiple_of(row_len),
+        "gather_rows: table is not [rows, {row_len}]"
+    );
+    assert_eq!(
+        out.len(),
+        ids.len() * row_len,
+        "gather_rows: out is not [{}, {row_len}]",
+        ids.len()
+    );
     let table_rows = table.len() / row_len;
-    out.par_chunks_mut(row_len).zip(ids.par_iter()).for_each(|(o, &id)| {
-        let id = id as usize;
-        assert!(id < table_rows, "gather_rows: id {id} >= table rows {table_rows}");
-        o.copy_from_slice(&table[id * row_len..(id + 1) * row_len]);
-    });
+    out.par_chunks_mut(row_len)
+        .zip(ids.par_iter())
+        .for_each(|(o, &id)| {
+            let id = id as usize;
+            assert!(
+                id < table_rows,
+                "gather_rows: id {id} >= table rows {table_rows}"
+            );
+            o.copy_from_slice(&table[id * row_len..(id + 1) * row_len]);
+        });
 }
 
 #[cfg(test)]

@@ -1,1 +1,135 @@
-//! (in progress)
+//! The whole-model forward pass on the CPU (f32): the oracle for the GPU forward and the
+//! backend that runs tiny models end to end. Same `RowBatch` semantics as the GPU: live rows
+//! write post-RoPE K/V into the cache at `cache_base + position`, attention reads
+//! `[cache_base, cache_base + kv_len)` of their sequence.
+use crate::batch::RowBatch;
+use crate::config::ModelConfig;
+use crate::cpu::{attention, embed, gemm, norm, rope, swiglu};
+use crate::error::{Error, Result};
+use crate::weights::HostWeights;
+
+fn f32s(v: &[half::bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+struct CpuLayer {
+    attn_norm: Vec<f32>,
+    wqkv: Vec<f32>,
+    bqkv: Option<Vec<f32>>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+/// f32 weights of a whole model.
+pub struct CpuModel {
+    pub cfg: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<CpuLayer>,
+    final_norm: Vec<f32>,
+    lm_head: Vec<f32>,
+}
+
+/// Per-layer K and V rows, `[capacity, n_kv_heads * head_dim]` each.
+pub struct CpuKvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub capacity: usize,
+}
+
+/// Refuses models whose f32 copy would not fit comfortably in host memory.
+const MAX_CPU_PARAMS: u64 = 2_000_000_000;
+
+impl CpuModel {
+    pub fn new(w: &HostWeights) -> Result<Self> {
+        let params = w.cfg.param_count();
+        if params > MAX_CPU_PARAMS {
+            return Err(Error::bad_input(format!(
+                "the CPU backend runs small models only ({params} parameters; limit {MAX_CPU_PARAMS}): use a GPU"
+            )));
+        }
+        Ok(CpuModel {
+            cfg: w.cfg.clone(),
+            embed: f32s(&w.embed),
+            layers: w
+                .layers
+                .iter()
+                .map(|l| CpuLayer {
+                    attn_norm: f32s(&l.attn_norm),
+                    wqkv: f32s(&l.wqkv),
+                    bqkv: l.bqkv.as_deref().map(f32s),
+                    wo: f32s(&l.wo),
+                    ffn_norm: f32s(&l.ffn_norm),
+                    w_gate_up: f32s(&l.w_gate_up),
+                    w_down: f32s(&l.w_down),
+                })
+                .collect(),
+            final_norm: f32s(&w.final_norm),
+            lm_head: f32s(&w.lm_head),
+        })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> CpuKvCache {
+        let n = capacity * self.cfg.kv_dim();
+        CpuKvCache {
+            k: (0..self.cfg.n_layers).map(|_| vec![0.0; n]).collect(),
+            v: (0..self.cfg.n_layers).map(|_| vec![0.0; n]).collect(),
+            capacity,
+        }
+    }
+
+    /// Runs the live rows of `b`, updating `cache`; returns logits `[b.logit_rows.len(), vocab]`.
+    pub fn forward(&self, b: &RowBatch, cache: &mut CpuKvCache) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        b.validate(cfg, cache.capacity)?;
+        let (t, h, kvd, qd) = (b.rows(), cfg.hidden, cfg.kv_dim(), cfg.q_dim());
+        let qkv_dim = cfg.qkv_dim();
+        let mode = rope::RopeMode::for_arch(cfg.arch);
+        let eps = cfg.norm_eps as f32;
+        let cache_rows = b.cache_rows();
+
+        let mut x = vec![0f32; t * h];
+        embed::gather_rows(&self.embed, h, &b.tokens, &mut x);
+        let mut xn = vec![0f32; t * h];
+        let mut qkv = vec![0f32; t * qkv_dim];
+        let mut att = vec![0f32; t * qd];
+        let mut o = vec![0f32; t * h];
+        let mut gu = vec![0f32; t * 2 * cfg.ffn];
+        let mut act = vec![0f32; t * cfg.ffn];
+        for (li, l) in self.layers.iter().enumerate() {
+            norm::rms_norm(&x, &l.attn_norm, eps, &mut xn);
+            gemm::linear(&xn, &l.wqkv, l.bqkv.as_deref(), h, &mut qkv);
+            rope::rope_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, &b.positions, cfg.rope_theta, mode);
+            rope::rope_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, &b.positions, cfg.rope_theta, mode);
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            for (r, &cr) in cache_rows.iter().enumerate() {
+                let src = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                let cr = cr as usize;
+                kc[cr * kvd..(cr + 1) * kvd].copy_from_slice(&src[qd..qd + kvd]);
+                vc[cr * kvd..(cr + 1) * kvd].copy_from_slice(&src[qd + kvd..qd + 2 * kvd]);
+            }
+            attention::attention(&qkv, qkv_dim, kc, vc, &b.seqs, cfg.n_heads, cfg.n_kv_heads, &mut att);
+            gemm::linear(&att, &l.wo, None, qd, &mut o);
+            norm::add_inplace(&mut x, &o);
+            norm::rms_norm(&x, &l.ffn_norm, eps, &mut xn);
+            gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
+            swiglu::swiglu(&gu, cfg.ffn, &mut act);
+            gemm::linear(&act, &l.w_down, None, cfg.ffn, &mut o);
+            norm::add_inplace(&mut x, &o);
+        }
+        norm::rms_norm(&x, &self.final_norm, eps, &mut xn);
+        let mut sel = vec![0f32; b.logit_rows.len() * h];
+        embed::gather_rows(&xn, h, &b.logit_rows, &mut sel);
+        let mut logits = vec![0f32; b.logit_rows.len() * cfg.vocab];
+        gemm::linear(&sel, &self.lm_head, None, h, &mut logits);
+        Ok(logits)
+    }
+
+    /// Full-canvas forward of each sequence (all rows live); logits `[Σ len, vocab]`.
+    pub fn forward_full(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let b = RowBatch::full(seqs);
+        let mut cache = self.new_cache(b.cache_rows_needed());
+        self.forward(&b, &mut cache)
+    }
+}

@@ -5,21 +5,28 @@ use rayon::prelude::*;
 /// The sum of squares is accumulated in f64; everything else is f32.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let hidden = w.len();
-    assert!(hidden > 0 && x.len() % hidden == 0, "rms_norm: x is not [rows, {hidden}]");
+    assert!(
+        hidden > 0 && x.len().is_multiple_of(hidden),
+        "rms_norm: x is not [rows, {hidden}]"
+    );
     assert_eq!(out.len(), x.len(), "rms_norm: out and x differ in length");
-    out.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, xr)| {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let inv = 1.0 / ((ss / hidden as f64) as f32 + eps).sqrt();
-        for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
-            *o = v * inv * wv;
-        }
-    });
+    out.par_chunks_mut(hidden)
+        .zip(x.par_chunks(hidden))
+        .for_each(|(o, xr)| {
+            let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let inv = 1.0 / ((ss / hidden as f64) as f32 + eps).sqrt();
+            for ((o, &v), &wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = v * inv * wv;
+            }
+        });
 }
 
 /// `x += d` elementwise (the residual add).
 pub fn add_inplace(x: &mut [f32], d: &[f32]) {
     assert_eq!(x.len(), d.len(), "add_inplace: lengths differ");
-    x.par_iter_mut().zip(d.par_iter()).for_each(|(a, &b)| *a += b);
+    x.par_iter_mut()
+        .zip(d.par_iter())
+        .for_each(|(a, &b)| *a += b);
 }
 
 #[cfg(test)]

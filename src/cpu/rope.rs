@@ -62,19 +62,28 @@ pub fn rope_inplace(
     mode: RopeMode,
 ) {
     let rows = positions.len();
-    assert!(col_offset + n_heads * HEAD_DIM <= row_stride, "rope_inplace: heads overrun the row");
-    assert!(x.len() >= rows * row_stride, "rope_inplace: x has fewer than {rows} rows");
-    x[..rows * row_stride].par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &pos)| {
-        let (c, s) = cos_sin(pos, theta, mode);
-        for head in row[col_offset..col_offset + n_heads * HEAD_DIM].chunks_mut(HEAD_DIM) {
-            let (lo, hi) = head.split_at_mut(HALF);
-            for i in 0..HALF {
-                let (a, b) = (lo[i], hi[i]);
-                lo[i] = a * c[i] - b * s[i];
-                hi[i] = b * c[i] + a * s[i];
+    assert!(
+        col_offset + n_heads * HEAD_DIM <= row_stride,
+        "rope_inplace: heads overrun the row"
+    );
+    assert!(
+        x.len() >= rows * row_stride,
+        "rope_inplace: x has fewer than {rows} rows"
+    );
+    x[..rows * row_stride]
+        .par_chunks_mut(row_stride)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let (c, s) = cos_sin(pos, theta, mode);
+            for head in row[col_offset..col_offset + n_heads * HEAD_DIM].chunks_mut(HEAD_DIM) {
+                let (lo, hi) = head.split_at_mut(HALF);
+                for i in 0..HALF {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * c[i] - b * s[i];
+                    hi[i] = b * c[i] + a * s[i];
+                }
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]
@@ -102,8 +111,16 @@ mod tests {
             let ang = 3.0 * 100f64.powf(-(2.0 * i as f64) / 128.0);
             let (c, s) = (ang.cos(), ang.sin());
             let (y1, y2) = (c - 2.0 * s, 2.0 * c + s);
-            assert!((x[3 + i] as f64 - y1).abs() < 1e-5, "i={i}: {} vs {y1}", x[3 + i]);
-            assert!((x[3 + HALF + i] as f64 - y2).abs() < 1e-5, "i={i}: {} vs {y2}", x[3 + HALF + i]);
+            assert!(
+                (x[3 + i] as f64 - y1).abs() < 1e-5,
+                "i={i}: {} vs {y1}",
+                x[3 + i]
+            );
+            assert!(
+                (x[3 + HALF + i] as f64 - y2).abs() < 1e-5,
+                "i={i}: {} vs {y2}",
+                x[3 + HALF + i]
+            );
         }
         // i = 0: angle 3 rad exactly.
         assert!((x[3] - (3f32.cos() - 2.0 * 3f32.sin())).abs() < 1e-6);

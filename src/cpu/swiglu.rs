@@ -3,14 +3,19 @@ use rayon::prelude::*;
 
 /// `gu` is `[rows, 2*ffn]` (gate | up per row), `out` is `[rows, ffn]`.
 pub fn swiglu(gu: &[f32], ffn: usize, out: &mut [f32]) {
-    assert!(ffn > 0 && out.len() % ffn == 0, "swiglu: out is not [rows, {ffn}]");
+    assert!(
+        ffn > 0 && out.len().is_multiple_of(ffn),
+        "swiglu: out is not [rows, {ffn}]"
+    );
     assert_eq!(gu.len(), out.len() * 2, "swiglu: gu is not [rows, 2*{ffn}]");
-    out.par_chunks_mut(ffn).zip(gu.par_chunks(2 * ffn)).for_each(|(o, row)| {
-        let (g, u) = row.split_at(ffn);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    });
+    out.par_chunks_mut(ffn)
+        .zip(gu.par_chunks(2 * ffn))
+        .for_each(|(o, row)| {
+            let (g, u) = row.split_at(ffn);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
 }
 
 #[cfg(test)]
@@ -37,6 +42,9 @@ mod tests {
         swiglu(&gu, 1, &mut out);
         let s1 = 1.0 / (1.0 + (-1f32).exp());
         let sm1 = -1.0 / (1.0 + 1f32.exp());
-        assert!((out[0] - 2.0 * s1).abs() < 1e-6 && (out[1] - 3.0 * sm1).abs() < 1e-6, "{out:?}");
+        assert!(
+            (out[0] - 2.0 * s1).abs() < 1e-6 && (out[1] - 3.0 * sm1).abs() < 1e-6,
+            "{out:?}"
+        );
     }
 }

@@ -6,3 +6,6 @@ pub mod step;
 
 pub use policy::{ConfKind, DreamAlg, Policy, StepCtx};
 pub use sampling::{RngKey, Sampling};
+pub mod canvas;
+pub mod prior;
+pub mod runner;

@@ -194,8 +194,19 @@ impl Blas {
     }
 }
 
+/// Element types a GEMM can write.
+pub trait GemmOut: cudarc::driver::DeviceRepr {
+    const OUT: OutType;
+}
+impl GemmOut for half::bf16 {
+    const OUT: OutType = OutType::Bf16;
+}
+impl GemmOut for f32 {
+    const OUT: OutType = OutType::F32;
+}
+
 /// Typed entry point: checks every shape, then runs [`Blas::linear_raw`].
-pub fn linear<Y: cudarc::driver::DeviceRepr>(
+pub fn linear<Y: GemmOut>(
     gpu: &Gpu,
     t: usize,
     x: &DTensor<half::bf16>,
@@ -214,11 +225,7 @@ pub fn linear<Y: cudarc::driver::DeviceRepr>(
             return Err(Error::shape("linear", "bias", &[n], &b.dims));
         }
     }
-    let out = match std::mem::size_of::<Y>() {
-        2 => OutType::Bf16,
-        4 => OutType::F32,
-        _ => return Err(Error::bad_input("linear: output must be bf16 or f32")),
-    };
+    let out = Y::OUT;
     let bp = bias.map(|b| b.ptr(gpu));
     gpu.blas.linear_raw(gpu, t, n, k, x.ptr(gpu), w.ptr(gpu), bp, y.ptr(gpu), out)
 }

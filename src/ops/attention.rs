@@ -86,8 +86,23 @@ unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
 /// Flash tile: 64 M-rows (query row × head of a kv group) per block, 128 threads.
 const FA_M: usize = 64;
-/// Dynamic shared memory of `attention_bf16`: Q tile + 2 stages of K and V, 64×128 bf16 each.
-const FA_SMEM: usize = 5 * 64 * HEAD_DIM * 2;
+/// Blocks per cluster of `attention_split_bf16` (FA_SPLIT in the .cu): each takes every
+/// FA_SPLIT-th key tile of the same M-tile.
+const FA_SPLIT: usize = 4;
+/// One 64×128 bf16 shared tile.
+const FA_TILE_BYTES: usize = 64 * HEAD_DIM * 2;
+
+/// How the flash variant covers the keys (`attention` picks; `attention_forced` names one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashPath {
+    /// `Whole` when its grid fills the GPU (≥ one block per SM), else `SplitKv` on sm_90+.
+    Auto,
+    /// `attention_bf16`: one block per 64-row tile over all keys, 2 K/V stages (80 KiB).
+    Whole,
+    /// `attention_split_bf16`: clusters of 4 blocks split the key tiles of a 64-row tile and
+    /// merge through distributed shared memory, 2 stages (sm_90+).
+    SplitKv,
+}
 
 /// `out[r, h] = softmax(q[r, h]·Kᵀ / sqrt(128)) · V` for every live row `r` of every sequence
 /// (see `batch::SeqSpan`), keys/values being the sequence's cache rows
@@ -100,10 +115,66 @@ const FA_SMEM: usize = 5 * 64 * HEAD_DIM * 2;
 ///   are trusted (the scheduler validated them with `RowBatch::validate`).
 /// - `k_cache`, `v_cache`: `[cache_rows, n_kv_heads·128]` bf16 (this layer).
 /// - `out`: `[≥ rows, n_heads·128]` bf16; rows outside every sequence are not written.
+///
+/// The flash variant picks its path ([`FlashPath::Auto`]): one block per 64-row tile
+/// (`attention_bf16`) when that grid fills the GPU; for short query sets (decode steps) the
+/// key tiles of each 64-row tile are split over a cluster of 4 blocks on sm_90+
+/// (`attention_split_bf16`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
     variant: AttnVariant,
+    rows: usize,
+    q: &DTensor<bf16>,
+    q_stride: usize,
+    seqs: &DTensor<u32>,
+    n_seqs: usize,
+    max_rows: usize,
+    k_cache: &DTensor<bf16>,
+    v_cache: &DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
+    launch(gpu, variant, FlashPath::Auto, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads, n_kv_heads, out)
+}
+
+/// As [`attention`], with the flash variant's path named (tests, profiling). The reference
+/// variant ignores `path`; `FlashPath::SplitKv` needs sm_90+.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forced(
+    gpu: &Gpu,
+    variant: AttnVariant,
+    path: FlashPath,
+    rows: usize,
+    q: &DTensor<bf16>,
+    q_stride: usize,
+    seqs: &DTensor<u32>,
+    n_seqs: usize,
+    max_rows: usize,
+    k_cache: &DTensor<bf16>,
+    v_cache: &DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
+    launch(gpu, variant, path, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads, n_kv_heads, out)
+}
+
+/// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).
+pub fn split_kv_supported(gpu: &Gpu) -> Result<bool> {
+    let major = gpu
+        .ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(drv("cuDeviceGetAttribute"))?;
+    Ok(major >= 9)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    variant: AttnVariant,
+    path: FlashPath,
     rows: usize,
     q: &DTensor<bf16>,
     q_stride: usize,
@@ -165,25 +236,46 @@ pub fn attention(
         n_kv_heads: n_kv_heads as i32,
         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
     };
-    let symbol = variant.symbol();
+    let group = n_heads / n_kv_heads;
+    let m_tiles = (max_rows * group).div_ceil(FA_M);
+    let path = match (variant, path) {
+        (AttnVariant::Reference, _) => None,
+        (AttnVariant::Flash, FlashPath::SplitKv) => {
+            if !split_kv_supported(gpu)? {
+                return Err(Error::bad_input(format!("{OP}: split-KV needs thread-block clusters (sm_90+)")));
+            }
+            Some(FlashPath::SplitKv)
+        }
+        (AttnVariant::Flash, FlashPath::Auto) => Some(if m_tiles * n_seqs * n_kv_heads >= gpu.sm_count {
+            FlashPath::Whole
+        } else if split_kv_supported(gpu)? {
+            FlashPath::SplitKv
+        } else {
+            FlashPath::Whole
+        }),
+        (AttnVariant::Flash, other) => Some(other),
+    };
+    // (symbol, blocks per M-tile, shared tiles: Q + K and V stages)
+    let (symbol, per_tile, tiles) = match path {
+        None => (variant.symbol(), 0, 0),
+        Some(FlashPath::SplitKv) => ("attention_split_bf16", FA_SPLIT, 5),
+        Some(_) => ("attention_bf16", 1, 5),
+    };
     let f = gpu.func("attention", symbol)?;
-    let cfg = match variant {
-        AttnVariant::Reference => LaunchConfig {
+    let cfg = match path {
+        None => LaunchConfig {
             grid_dim: (max_rows as u32, n_seqs as u32, n_heads.div_ceil(4) as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         },
-        AttnVariant::Flash => {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                FA_SMEM as i32,
-            )
-            .map_err(drv(symbol))?;
-            let group = n_heads / n_kv_heads;
+        Some(_) => {
+            let smem = tiles * FA_TILE_BYTES;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(drv(symbol))?;
             LaunchConfig {
-                grid_dim: ((max_rows * group).div_ceil(FA_M) as u32, n_seqs as u32, n_kv_heads as u32),
+                grid_dim: ((m_tiles * per_tile) as u32, n_seqs as u32, n_kv_heads as u32),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: FA_SMEM as u32,
+                shared_mem_bytes: smem as u32,
             }
         }
     };

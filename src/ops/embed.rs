@@ -27,9 +27,19 @@ unsafe impl cudarc::driver::DeviceRepr for EmbedParams {}
 /// `out[r, :] = table[ids[r], :]` for `r < n`. `table` is `[table_rows, row_len]` with
 /// `row_len % 8 == 0`; `out` holds at least `n` rows of `row_len`. Ids must be < table_rows
 /// (validated by the caller on the host; the kernel traps otherwise).
-pub fn gather_rows(gpu: &Gpu, n: usize, ids: &DTensor<u32>, table: &DTensor<bf16>, out: &mut DTensor<bf16>) -> Result<()> {
+pub fn gather_rows(
+    gpu: &Gpu,
+    n: usize,
+    ids: &DTensor<u32>,
+    table: &DTensor<bf16>,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
     let row_len = table.row_len();
-    if table.dims.len() != 2 || row_len == 0 || row_len % 8 != 0 || table.rows() > i32::MAX as usize {
+    if table.dims.len() != 2
+        || row_len == 0
+        || !row_len.is_multiple_of(8)
+        || table.rows() > i32::MAX as usize
+    {
         return Err(Error::bad_input(format!("{OP}: tensor `table` {:?} must be 2-D with a row length that is a nonzero multiple of 8", table.dims)));
     }
     if ids.len() < n {
@@ -40,7 +50,9 @@ pub fn gather_rows(gpu: &Gpu, n: usize, ids: &DTensor<u32>, table: &DTensor<bf16
         return Ok(());
     }
     if n * row_len / 8 > i32::MAX as usize {
-        return Err(Error::bad_input(format!("{OP}: {n} rows of {row_len} is too large")));
+        return Err(Error::bad_input(format!(
+            "{OP}: {n} rows of {row_len} is too large"
+        )));
     }
     let params = EmbedParams {
         ids: ids.ptr(gpu),
@@ -51,7 +63,11 @@ pub fn gather_rows(gpu: &Gpu, n: usize, ids: &DTensor<u32>, table: &DTensor<bf16
         table_rows: table.rows() as i32,
     };
     let vecs = (n * row_len / 8) as u32;
-    let cfg = LaunchConfig { grid_dim: (vecs.div_ceil(THREADS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (vecs.div_ceil(THREADS), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = gpu.func("embed", "embed_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);

@@ -39,8 +39,15 @@ unsafe impl cudarc::driver::DeviceRepr for FillConstParams {}
 /// Grid for a grid-stride loop over `n` bf16 in 16-byte vectors: enough blocks to fill the
 /// device, no more than the work needs.
 fn grid(gpu: &Gpu, n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(8).div_ceil(THREADS as usize).clamp(1, gpu.sm_count.max(1) * BLOCKS_PER_SM);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    let blocks = n
+        .div_ceil(8)
+        .div_ceil(THREADS as usize)
+        .clamp(1, gpu.sm_count.max(1) * BLOCKS_PER_SM);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Fills all of `t` with samples of N(mean, std²) rounded to bf16, deterministic in (seed, index).
@@ -49,7 +56,13 @@ pub fn fill_normal(gpu: &Gpu, t: &mut DTensor<bf16>, seed: u64, mean: f32, std: 
     if n == 0 {
         return Ok(());
     }
-    let params = FillNormalParams { out: t.ptr_mut(gpu), n: n as u64, seed, mean, std };
+    let params = FillNormalParams {
+        out: t.ptr_mut(gpu),
+        n: n as u64,
+        seed,
+        mean,
+        std,
+    };
     let f = gpu.func("fill", "fill_normal_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);
@@ -64,7 +77,11 @@ pub fn fill_const(gpu: &Gpu, t: &mut DTensor<bf16>, value: f32) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let params = FillConstParams { out: t.ptr_mut(gpu), n: n as u64, value };
+    let params = FillConstParams {
+        out: t.ptr_mut(gpu),
+        n: n as u64,
+        value,
+    };
     let f = gpu.func("fill", "fill_const_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);

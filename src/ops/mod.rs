@@ -5,3 +5,5 @@ pub mod fill;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
+pub mod commit;
+pub mod confidence;

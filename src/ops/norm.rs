@@ -44,14 +44,16 @@ pub fn add_rmsnorm(
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     let hidden = weight.len();
-    if hidden == 0 || hidden % 8 != 0 || hidden > MAX_HIDDEN {
+    if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_HIDDEN {
         return Err(Error::bad_input(format!(
             "{OP}: tensor `weight` {:?}: hidden must be a nonzero multiple of 8 and <= {MAX_HIDDEN}",
             weight.dims
         )));
     }
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::bad_input(format!("{OP}: eps {eps} must be finite and >= 0")));
+        return Err(Error::bad_input(format!(
+            "{OP}: eps {eps} must be finite and >= 0"
+        )));
     }
     residual.check_rows(OP, "residual", rows, hidden)?;
     if let Some(d) = delta {
@@ -75,7 +77,11 @@ pub fn add_rmsnorm(
         hidden: hidden as i32,
         eps,
     };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = gpu.func("norm", "add_rmsnorm_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
 
 const OP: &str = "rope_kv_store";
-const MAX_THREADS: usize = 256;
+const MAX_THREADS: usize = 512;
 
 /// Mirrors `RopeParams` in kernels/rope.cu.
 #[repr(C)]
@@ -53,10 +53,14 @@ pub fn rope_kv_store(
     mode: RopeMode,
 ) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
-        return Err(Error::bad_input(format!("{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range")));
+        return Err(Error::bad_input(format!(
+            "{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range"
+        )));
     }
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(Error::bad_input(format!("{OP}: theta {theta} must be finite and > 1")));
+        return Err(Error::bad_input(format!(
+            "{OP}: theta {theta} must be finite and > 1"
+        )));
     }
     let qkv_dim = (n_heads + 2 * n_kv_heads) * HEAD_DIM;
     let kv_dim = n_kv_heads * HEAD_DIM;
@@ -76,7 +80,9 @@ pub fn rope_kv_store(
         return Ok(());
     }
     if rows > i32::MAX as usize || cache_cap > i32::MAX as usize {
-        return Err(Error::bad_input(format!("{OP}: {rows} rows / {cache_cap} cache rows is too many")));
+        return Err(Error::bad_input(format!(
+            "{OP}: {rows} rows / {cache_cap} cache rows is too many"
+        )));
     }
     // Work items per row: 8 per rotated head (8 pairs each) + 16 per v head (16-byte copies).
     let items = (n_heads + n_kv_heads) * 8 + n_kv_heads * (HEAD_DIM / 8);
@@ -97,7 +103,11 @@ pub fn rope_kv_store(
         },
         cache_cap: cache_cap as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = gpu.func("rope", "rope_kv_store_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);

@@ -26,8 +26,11 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 /// `ffn % 8 == 0` with `ffn = out.row_len()`.
 pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16>) -> Result<()> {
     let ffn = out.row_len();
-    if ffn == 0 || ffn % 8 != 0 {
-        return Err(Error::bad_input(format!("{OP}: tensor `out` {:?}: ffn must be a nonzero multiple of 8", out.dims)));
+    if ffn == 0 || !ffn.is_multiple_of(8) {
+        return Err(Error::bad_input(format!(
+            "{OP}: tensor `out` {:?}: ffn must be a nonzero multiple of 8",
+            out.dims
+        )));
     }
     out.check_rows(OP, "out", rows, ffn)?;
     gu.check_rows(OP, "gu", rows, 2 * ffn)?;
@@ -36,9 +39,16 @@ pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16
     }
     let vecs = rows * ffn / 8;
     if vecs > i32::MAX as usize || 2 * ffn > i32::MAX as usize {
-        return Err(Error::bad_input(format!("{OP}: {rows} rows of {ffn} is too large")));
+        return Err(Error::bad_input(format!(
+            "{OP}: {rows} rows of {ffn} is too large"
+        )));
     }
-    let params = SwigluParams { gu: gu.ptr(gpu), out: out.ptr_mut(gpu), rows: rows as i32, ffn: ffn as i32 };
+    let params = SwigluParams {
+        gu: gu.ptr(gpu),
+        out: out.ptr_mut(gpu),
+        rows: rows as i32,
+        ffn: ffn as i32,
+    };
     let cfg = LaunchConfig {
         grid_dim: ((vecs as u32).div_ceil(THREADS), 1, 1),
         block_dim: (THREADS, 1, 1),

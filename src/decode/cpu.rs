@@ -1,0 +1,163 @@
+//! The CPU step backend: `CpuModel::forward` (f32) over the batch, then on the host a
+//! candidate and confidence per eligible slot (`sampling::candidate`) and the policy's
+//! selection (`Policy::select`). `score_and_select` is that host half on its own, usable
+//! with any logits (scripted logits in the semantics tests, GPU logits in parity tests).
+//!
+//! The mask token is never a candidate: its logit is treated as −1e30 (no probability mass,
+//! never the argmax or a sample), so a committed slot always leaves the mask state and every
+//! step makes progress.
+use rayon::prelude::*;
+
+use crate::batch::RowBatch;
+use crate::config::ModelConfig;
+use crate::cpu::forward::{CpuKvCache, CpuModel};
+use crate::error::{Error, Result};
+use crate::weights::HostWeights;
+
+use super::sampling::{candidate, RngKey};
+use super::step::{Commit, SeqWork, SlotScores, StepBackend};
+
+/// The logit the mask token gets before candidates are drawn (finite, so entropies stay
+/// finite: exp underflows to exactly 0).
+pub const MASK_LOGIT: f32 = -1e30;
+
+/// Candidates, confidences and commits of every sequence of `work`, given the logits of the
+/// batch's logit rows (`[n_logit_rows, vocab]`, row-major).
+pub fn score_and_select(
+    logits: &[f32],
+    vocab: usize,
+    mask_id: u32,
+    work: &[SeqWork],
+) -> Result<(Vec<Vec<Commit>>, Vec<SlotScores>)> {
+    if vocab == 0 || !logits.len().is_multiple_of(vocab) {
+        return Err(Error::shape("score_and_select", "logits", &[logits.len() / vocab.max(1), vocab], &[logits.len()]));
+    }
+    let n_rows = logits.len() / vocab;
+    for (si, w) in work.iter().enumerate() {
+        if w.logit_index.len() != w.eligible.len() {
+            return Err(Error::bad_input(format!(
+                "sequence {si}: {} logit indices for {} eligible slots",
+                w.logit_index.len(),
+                w.eligible.len()
+            )));
+        }
+        if let Some(&r) = w.logit_index.iter().find(|&&r| r as usize >= n_rows) {
+            return Err(Error::bad_input(format!("sequence {si}: logit index {r} is not below {n_rows} logit rows")));
+        }
+    }
+    let scores: Vec<SlotScores> = work
+        .par_iter()
+        .map(|w| {
+            let kind = w.policy.conf_kind();
+            let (tokens, conf): (Vec<u32>, Vec<f32>) = w
+                .eligible
+                .par_iter()
+                .zip(w.logit_index.par_iter())
+                .map(|(&pos, &r)| {
+                    let mut row = logits[r as usize * vocab..(r as usize + 1) * vocab].to_vec();
+                    if let Some(m) = row.get_mut(mask_id as usize) {
+                        *m = MASK_LOGIT;
+                    }
+                    let key = RngKey { seed: w.seed, seq: w.seq_id, step: w.step, slot: pos };
+                    candidate(&row, &w.sampling, kind, key)
+                })
+                .unzip();
+            SlotScores { tokens, conf }
+        })
+        .collect();
+    let commits = work
+        .iter()
+        .zip(&scores)
+        .map(|(w, s)| {
+            let pairs: Vec<(u32, f32)> = w.eligible.iter().copied().zip(s.conf.iter().copied()).collect();
+            w.policy
+                .select(w.ctx, &pairs)
+                .into_iter()
+                .map(|pos| {
+                    let i = w.eligible.binary_search(&pos).expect("select returns eligible positions");
+                    Commit { pos, token: s.tokens[i] }
+                })
+                .collect()
+        })
+        .collect();
+    Ok((commits, scores))
+}
+
+/// `StepBackend` over the f32 CPU model with a KV cache reused across steps (it grows, once,
+/// when a batch needs more rows than it holds).
+pub struct CpuStepper {
+    model: CpuModel,
+    cache: CpuKvCache,
+}
+
+impl CpuStepper {
+    /// Converts the weights to f32 and preallocates `capacity_rows` cache rows.
+    pub fn new(w: &HostWeights, capacity_rows: usize) -> Result<Self> {
+        let model = CpuModel::new(w)?;
+        let cache = model.new_cache(capacity_rows);
+        Ok(CpuStepper { model, cache })
+    }
+
+    pub fn model(&self) -> &CpuModel {
+        &self.model
+    }
+
+    /// Makes sure the cache holds at least `rows` rows.
+    pub fn reserve(&mut self, rows: usize) {
+        if rows > self.cache.capacity {
+            self.cache = self.model.new_cache(rows);
+        }
+    }
+}
+
+impl StepBackend for CpuStepper {
+    fn step(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<Vec<Vec<Commit>>> {
+        Ok(self.step_scored(batch, work)?.0)
+    }
+
+    fn step_scored(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<(Vec<Vec<Commit>>, Vec<SlotScores>)> {
+        if work.len() != batch.seqs.len() {
+            return Err(Error::bad_input(format!(
+                "step: {} work items for {} sequences in the batch",
+                work.len(),
+                batch.seqs.len()
+            )));
+        }
+        self.reserve(batch.cache_rows_needed());
+        let logits = self.model.forward(batch, &mut self.cache)?;
+        let cfg = &self.model.cfg;
+        score_and_select(&logits, cfg.vocab, cfg.mask_id, work)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::policy::{Policy, StepCtx};
+    use crate::decode::sampling::Sampling;
+
+    #[test]
+    fn mask_token_is_never_a_candidate() {
+        // vocab 4, mask id 3 has the largest logit.
+        let logits = [0.0f32, 1.0, 0.5, 9.0];
+        let w = SeqWork {
+            eligible: vec![7],
+            logit_index: vec![0],
+            policy: Policy::Threshold { tau: 0.5 },
+            ctx: StepCtx { step: 0, block_masked: 1, masked: 1 },
+            sampling: Sampling::default(),
+            seed: 1,
+            seq_id: 0,
+            step: 0,
+        };
+        let (c, s) = score_and_select(&logits, 4, 3, &[w]).unwrap();
+        assert_eq!(c, [vec![Commit { pos: 7, token: 1 }]]);
+        // p(1) over the three non-mask tokens.
+        let z = 1.0 + (-1.0f64).exp() + (-0.5f64).exp();
+        assert!((s[0].conf[0] as f64 - 1.0 / z).abs() < 1e-6, "{:?}", s[0].conf);
+    }
+}

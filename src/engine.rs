@@ -1,0 +1,375 @@
+//! The public decoding API: `Engine::load(dir, EngineOptions)` (or `from_weights` /
+//! `with_backend`), then `generate(&[Request]) -> Vec<Output>`. Requests are validated, turned
+//! into canvases (prompt ids or text, chat template, structure prior) and decoded together:
+//! every step is one forward over the batch of active sequences. A step callback sees each
+//! sequence's canvas after every step (streaming, visualisation).
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::decode::canvas::{Canvas, CanvasSpec};
+use crate::decode::cpu::CpuStepper;
+use crate::decode::prior::Prior;
+use crate::decode::runner::{self, SeqState, StepEvent};
+use crate::decode::step::StepBackend;
+use crate::decode::{Policy, Sampling};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::HostWeights;
+
+/// Where the engine runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// A GPU when one is usable, else the CPU backend.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA device ordinal.
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            t => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::bad_input(format!("device `{s}`: expected auto, cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Compute precision. The CPU backend computes in f32 (over bf16 weights), the GPU in bf16
+/// with f32 accumulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DType {
+    /// The backend's native precision.
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(DType::Auto),
+            "bf16" => Ok(DType::Bf16),
+            "f32" => Ok(DType::F32),
+            _ => Err(Error::bad_input(format!("dtype `{s}`: expected auto, bf16 or f32"))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// Most sequences per forward (0 = no limit). More requests run in successive waves;
+    /// a request's output does not depend on its batch neighbours.
+    pub max_batch: usize,
+    /// Most canvas rows (prompt + gen, summed over the batch) per forward (0 = no limit).
+    /// What a fixed-size backend (the GPU) sizes its buffers for.
+    pub max_rows: usize,
+}
+
+/// A request's prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Token ids, used as they are.
+    Ids(Vec<u32>),
+    /// Text, tokenized with the checkpoint's tokenizer; with `chat`, first wrapped in the chat
+    /// template as one user message (with the generation prompt).
+    Text { text: String, chat: bool },
+}
+
+/// One sequence to decode.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Prompt,
+    pub gen_len: u32,
+    /// Semi-autoregressive block length; `gen_len` = one block. Must divide `gen_len`.
+    pub block_len: u32,
+    pub policy: Policy,
+    /// Temperature (0 = argmax), top-k (0 = off), top-p (1 = off).
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// The RNG's sequence id (so two requests with one seed can differ); 0 by default.
+    pub seq_id: u32,
+    pub prior: Option<Prior>,
+    /// A finished block containing EOS/EOT ends the sequence (default on).
+    pub stop_at_eos: bool,
+}
+
+impl Request {
+    /// A greedy request with no prior, seed 0, stop at EOS on.
+    pub fn new(prompt: Prompt, gen_len: u32, block_len: u32, policy: Policy) -> Self {
+        Request {
+            prompt,
+            gen_len,
+            block_len,
+            policy,
+            sampling: Sampling::default(),
+            seed: 0,
+            seq_id: 0,
+            prior: None,
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// The result of one request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Output {
+    /// The gen region (gen_len tokens; after an EOS stop, EOS-filled).
+    pub tokens: Vec<u32>,
+    /// The gen region decoded (special tokens skipped) up to the first EOS/EOT, when the
+    /// model has a tokenizer.
+    pub text: Option<String>,
+    pub prompt_len: usize,
+    /// Steps (forwards) this sequence took.
+    pub steps: u32,
+    pub commits_per_step: Vec<u32>,
+    /// Wall time of each of its steps (the batch's step), ms.
+    pub step_ms: Vec<f64>,
+    pub total_ms: f64,
+    /// Generated tokens that are not EOS/EOT (fixed prior slots excluded).
+    pub generated_tokens: usize,
+    /// `generated_tokens` per second of `total_ms`.
+    pub tokens_per_s: f64,
+    pub stopped_at_eos: bool,
+}
+
+/// A loaded model and its decoding backend.
+pub struct Engine {
+    backend: Box<dyn StepBackend>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    device: String,
+    max_batch: usize,
+    max_rows: usize,
+}
+
+/// Models the CPU backend accepts (its f32 copy must fit comfortably in host memory); checked
+/// before weights are read so a large checkpoint fails fast.
+const CPU_MAX_PARAMS: u64 = 2_000_000_000;
+
+impl Engine {
+    /// Loads `dir` (config.json, safetensors, and tokenizer.json when present).
+    pub fn load(dir: &Path, opts: EngineOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        pick_backend(&cfg, &opts)?;
+        let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
+        let weights = HostWeights::load(dir)?;
+        Self::from_weights(weights, tokenizer, opts)
+    }
+
+    /// An engine over weights in memory (tests, synthetic checkpoints).
+    pub fn from_weights(weights: HostWeights, tokenizer: Option<Tokenizer>, opts: EngineOptions) -> Result<Self> {
+        pick_backend(&weights.cfg, &opts)?;
+        let stepper = CpuStepper::new(&weights, opts.max_rows)?;
+        Ok(Self::with_backend(Box::new(stepper), tokenizer, "cpu (f32)".into(), &opts))
+    }
+
+    /// An engine over any step backend (how the GPU backend plugs in); `opts.max_batch` and
+    /// `opts.max_rows` bound every forward it is given.
+    pub fn with_backend(
+        backend: Box<dyn StepBackend>,
+        tokenizer: Option<Tokenizer>,
+        device: String,
+        opts: &EngineOptions,
+    ) -> Self {
+        Engine {
+            backend,
+            tokenizer: tokenizer.map(Arc::new),
+            device,
+            max_batch: opts.max_batch,
+            max_rows: opts.max_rows,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+    /// The tokenizer as a shared handle (e.g. for a step callback that renders text).
+    pub fn shared_tokenizer(&self) -> Option<Arc<Tokenizer>> {
+        self.tokenizer.clone()
+    }
+    /// The backend in words, e.g. "cpu (f32)".
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Decodes all requests together; outputs in request order.
+    pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Output>> {
+        self.run(reqs, None)
+    }
+
+    /// As `generate`, calling `on_step` for every sequence after each of its steps.
+    pub fn generate_with(&mut self, reqs: &[Request], on_step: &mut dyn FnMut(&StepEvent)) -> Result<Vec<Output>> {
+        self.run(reqs, Some(on_step))
+    }
+
+    /// The prompt's token ids (tokenizing text, applying the chat template).
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text { text, chat } => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    Error::bad_input("a text prompt needs a tokenizer, and this model has none: pass token ids")
+                })?;
+                if *chat {
+                    tok.encode(&tok.apply_chat(text)?, false)
+                } else {
+                    tok.encode(text, true)
+                }
+            }
+        }
+    }
+
+    fn prepare(&self, r: &Request) -> Result<SeqState> {
+        let cfg = self.backend.config();
+        let t = r.sampling.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(Error::bad_input(format!("temperature {t} must be a finite number >= 0")));
+        }
+        let p = r.sampling.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Error::bad_input(format!("top_p {p} must lie in (0, 1]")));
+        }
+        let prompt = self.prompt_ids(&r.prompt)?;
+        crate::decode::canvas::check_lengths(prompt.len(), r.gen_len, r.block_len, cfg)?;
+        let prior = match &r.prior {
+            Some(pr) => pr.resolve(r.gen_len, cfg, self.tokenizer.as_deref())?,
+            None => Vec::new(),
+        };
+        let spec = CanvasSpec { gen_len: r.gen_len, block_len: r.block_len, stop_at_eos: r.stop_at_eos };
+        let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
+        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id))
+    }
+
+    fn run(&mut self, reqs: &[Request], on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<Output>> {
+        if reqs.is_empty() {
+            return Err(Error::bad_input("no requests to generate"));
+        }
+        let mut seqs = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                self.prepare(r).map_err(|e| match e {
+                    Error::BadInput(m) => Error::bad_input(format!("request {i}: {m}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let waves = self.waves(&seqs)?;
+        let mut on_step = on_step;
+        for w in waves {
+            let part = &mut seqs[w.clone()];
+            match on_step.as_mut() {
+                // Event indices count from the wave's first request.
+                Some(cb) => {
+                    let mut shifted = |e: &StepEvent| cb(&StepEvent { index: e.index + w.start, ..*e });
+                    runner::run(self.backend.as_mut(), part, Some(&mut shifted))?
+                }
+                None => runner::run(self.backend.as_mut(), part, None)?,
+            }
+        }
+        seqs.iter().map(|s| self.output(s)).collect()
+    }
+
+    /// Consecutive runs of requests that fit `max_batch` sequences and `max_rows` rows.
+    fn waves(&self, seqs: &[SeqState]) -> Result<Vec<std::ops::Range<usize>>> {
+        let max_batch = if self.max_batch == 0 { usize::MAX } else { self.max_batch };
+        let max_rows = if self.max_rows == 0 { usize::MAX } else { self.max_rows };
+        let mut out = Vec::new();
+        let (mut start, mut rows) = (0usize, 0usize);
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.canvas.len();
+            if len > max_rows {
+                return Err(Error::bad_input(format!(
+                    "request {i}: its canvas of {len} rows exceeds the engine's max_rows {max_rows}"
+                )));
+            }
+            if i - start == max_batch || rows + len > max_rows {
+                out.push(start..i);
+                start = i;
+                rows = 0;
+            }
+            rows += len;
+        }
+        out.push(start..seqs.len());
+        Ok(out)
+    }
+
+    fn output(&self, s: &SeqState) -> Result<Output> {
+        let cfg = self.backend.config();
+        let c = &s.canvas;
+        let gen = c.gen().to_vec();
+        let is_stop = |t: u32| t == cfg.eos_id || t == cfg.eot_id;
+        let generated_tokens = gen.iter().enumerate().filter(|&(i, &t)| !c.is_fixed_gen(i) && !is_stop(t)).count();
+        let text = match &self.tokenizer {
+            Some(tok) => {
+                let end = gen.iter().position(|&t| is_stop(t)).unwrap_or(gen.len());
+                Some(tok.decode(&gen[..end], true)?)
+            }
+            None => None,
+        };
+        let total_ms: f64 = s.step_ms.iter().sum();
+        let tokens_per_s = if total_ms > 0.0 { generated_tokens as f64 / (total_ms / 1e3) } else { 0.0 };
+        Ok(Output {
+            tokens: gen,
+            text,
+            prompt_len: c.prompt_len() as usize,
+            steps: c.steps(),
+            commits_per_step: s.commits_per_step.clone(),
+            step_ms: s.step_ms.clone(),
+            total_ms,
+            generated_tokens,
+            tokens_per_s,
+            stopped_at_eos: c.stopped_at_eos(),
+        })
+    }
+}
+
+/// Checks that the options name a backend this build can run for `cfg`. Only the CPU backend
+/// exists so far; the GPU backend (`decode::gpu::GpuStepper`) plugs in via `with_backend`.
+fn pick_backend(cfg: &ModelConfig, opts: &EngineOptions) -> Result<()> {
+    if let Device::Cuda(i) = opts.device {
+        return Err(Error::bad_input(format!(
+            "device cuda:{i}: the GPU decoding backend is not available in this build yet; use device cpu"
+        )));
+    }
+    if opts.dtype == DType::Bf16 {
+        return Err(Error::bad_input("dtype bf16: the CPU backend computes in f32 (use dtype auto or f32)"));
+    }
+    let params = cfg.param_count();
+    if params > CPU_MAX_PARAMS {
+        return Err(Error::bad_input(format!(
+            "the CPU backend runs small models only ({params} parameters; limit {CPU_MAX_PARAMS}), and no GPU backend is available"
+        )));
+    }
+    Ok(())
+}
