@@ -10,7 +10,11 @@
 //                       in shared memory with cp.async double buffering. The M dimension of a
 //                       block is (row, head-of-group) pairs of one kv head, so the heads that
 //                       share a kv head share its K/V tiles (GQA) and short sequences still
-//                       fill the tile.
+//                       fill the tile. Warps left idle by a short tile split each key tile with
+//                       the busy ones.
+//   attention_split_bf16  flash for grids too small to fill the GPU (decode steps, sm_90):
+//                       a cluster of 4 blocks splits the key tiles of one M-tile and merges
+//                       the partial softmax states through distributed shared memory.
 #include "common.cuh"
 #include <cooperative_groups.h>
 
@@ -71,7 +75,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_ref_bf16(const AttnP
 // head kvh*group + m % group.
 #define FA_M 64
 #define FA_N 64
-#define FA_THREADS 128
 // Shared tiles are [64][128] bf16 = 16 chunks of 16 bytes per row; chunk c of row r is stored
 // at chunk c ^ (r & 7) so that ldmatrix's 8 row addresses hit distinct banks.
 #define TILE_ELEMS (64 * HEAD_DIM)
@@ -112,11 +115,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 // Copies a 64-key tile of K or V (rows key0.., kv head kvh) into a swizzled shared tile;
 // keys at or past kv_len are zero-filled.
+template <int NT>
 __device__ __forceinline__ void load_kv_tile(bf16* dst, const bf16* cache, size_t kv_stride, int cache_base,
                                              int key0, int kv_len, int kvh) {
 #pragma unroll
-    for (int i = 0; i < (FA_N * 16) / FA_THREADS; ++i) {
-        const int idx = threadIdx.x + i * FA_THREADS;
+    for (int i = 0; i < (FA_N * 16) / NT; ++i) {
+        const int idx = threadIdx.x + i * NT;
         const int row = idx >> 4, chunk = idx & 15;
         const bool valid = key0 + row < kv_len;
         const int key = valid ? key0 + row : 0;
@@ -167,7 +171,7 @@ __device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, cons
     for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        // A paired warp's key half can lie wholly past kv_len: m stays -inf, and exp2 of
+        // A warp's share of a tile can lie wholly past kv_len: m stays -inf, and exp2 of
         // (-inf) - 0 gives 0 where (-inf) - (-inf) would give NaN.
         mb[i] = mx[i] == -INFINITY ? 0.f : mx[i];
     }
@@ -212,6 +216,7 @@ __device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, cons
 
 // Normalises this block's output tile, stages it as bf16 in sQ (each warp its own 16 rows) and
 // stores 16 bytes per thread.
+template <int NT>
 __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const float (&o)[16][4],
                                             const float* row_l, bool writes, int slice, int m0, int m_count,
                                             int row_start, int group, int kvh) {
@@ -226,8 +231,8 @@ __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const
     __syncthreads();
     const size_t out_stride = (size_t)p.n_heads * HEAD_DIM;
 #pragma unroll
-    for (int i = 0; i < (FA_M * 16) / FA_THREADS; ++i) {
-        const int idx = tid + i * FA_THREADS;
+    for (int i = 0; i < (FA_M * 16) / NT; ++i) {
+        const int idx = tid + i * NT;
         const int row = idx >> 4, chunk = idx & 15;
         const int m = m0 + row;
         if (m < m_count) {
@@ -238,7 +243,7 @@ __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const
     }
 }
 
-#define FA_SPLIT 4
+#define FA_SPLIT 8
 // f32 row stride of the partial-output tile in the merge (padded against bank conflicts).
 #define FA_OPAD (HEAD_DIM + 4)
 
@@ -248,7 +253,7 @@ __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const
 // after a cluster barrier, block `rank` merges rows [rank*64/SPLIT, (rank+1)*64/SPLIT) from
 // every block's shared memory and writes them out; a second barrier keeps the shared memory
 // alive until every block has read it.
-template <int SPLIT>
+template <int SPLIT, int NT>
 __device__ __forceinline__ void flash_merge(const AttnParams& p, unsigned char* smem, const float (&o)[16][4],
                                             const float* row_m, const float* row_l, bool writes, int slice,
                                             int rank, int m0, int m_count, int row_start, int group, int kvh) {
@@ -274,7 +279,7 @@ __device__ __forceinline__ void flash_merge(const AttnParams& p, unsigned char* 
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
     constexpr int ROWS = FA_M / SPLIT;
-    constexpr int COLS = ROWS * HEAD_DIM / FA_THREADS;  // per thread, a multiple of 8
+    constexpr int COLS = ROWS * HEAD_DIM / NT;  // per thread, a multiple of 8
     static_assert(COLS % 8 == 0, "merge columns per thread");
     const int row = rank * ROWS + tid / (HEAD_DIM / COLS);
     const int c0 = (tid % (HEAD_DIM / COLS)) * COLS;
@@ -314,7 +319,7 @@ __device__ __forceinline__ void flash_merge(const AttnParams& p, unsigned char* 
     cluster.sync();
 }
 #else
-template <int SPLIT>
+template <int SPLIT, int NT>
 __device__ __forceinline__ void flash_merge(const AttnParams&, unsigned char*, const float (&)[16][4], const float*,
                                             const float*, bool, int, int, int, int, int, int, int) {
     __trap();  // split-KV needs thread-block clusters (sm_90); the wrapper never launches it below
@@ -325,8 +330,8 @@ __device__ __forceinline__ void flash_merge(const AttnParams&, unsigned char*, c
 // rank, rank + SPLIT, ... With SPLIT > 1 the SPLIT blocks of a thread-block cluster share one
 // M-tile, each takes every SPLIT-th key tile, and they merge their partial softmax states
 // through distributed shared memory (sm_90): short query sets then still fill the GPU.
-// STAGES K/V tiles are in flight or in use at once (cp.async ring).
-template <int SPLIT, int STAGES>
+// STAGES K/V tiles are in flight or in use at once (cp.async ring); NW warps per block.
+template <int SPLIT, int STAGES, int NW>
 __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile, const int rank) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -344,9 +349,10 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     // Q tile: 64 M-rows x 16 chunks.
+    constexpr int NT = NW * 32;
 #pragma unroll
-    for (int i = 0; i < (FA_M * 16) / FA_THREADS; ++i) {
-        const int idx = tid + i * FA_THREADS;
+    for (int i = 0; i < (FA_M * 16) / NT; ++i) {
+        const int idx = tid + i * NT;
         const int row = idx >> 4, chunk = idx & 15;
         const int m = m0 + row;
         const bool valid = m < m_count;
@@ -360,18 +366,20 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
     for (int st = 0; st < STAGES - 1; ++st) {
         const int t = rank + st * SPLIT;
         if (t < n_tiles) {
-            load_kv_tile(sK + st * TILE_ELEMS, p.k_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
-            load_kv_tile(sV + st * TILE_ELEMS, p.v_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+            load_kv_tile<NT>(sK + st * TILE_ELEMS, p.k_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+            load_kv_tile<NT>(sV + st * TILE_ELEMS, p.v_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
         }
         cp_async_commit();
     }
 
-    // Short M-tiles (≤ 32 rows: warps 2 and 3 would idle) pair the warps: warp w and w+2 take
-    // the same 16 rows, w the keys 0..31 of every tile and w+2 the keys 32..63; the pairs merge
-    // their softmax states after the loop.
-    const bool pair = m_count - m0 <= 32;
-    const int slice = pair ? (warp & 1) : warp;  // which 16 M-rows this warp computes
-    const int key_off = pair ? (warp >> 1) * 32 : 0;
+    // Warps that would idle on a short M-tile share the key tiles instead: `ways` warps take
+    // the same 16 rows (a slice), each 64/ways keys of every tile, and merge their softmax
+    // states after the loop.
+    const int slices = (min(FA_M, m_count - m0) + 15) >> 4;
+    const int ways = min(4, NW / (slices <= 1 ? 1 : slices <= 2 ? 2 : 4));
+    const int n_pos = NW / ways;  // slice positions; n_pos >= slices
+    const int slice = warp % n_pos, way = warp / n_pos;
+    const int key_off = way * (FA_N / ways);
     const bool warp_active = m0 + slice * 16 < m_count;
     const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units
     uint32_t qf[8][4];
@@ -386,8 +394,8 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
             const int tn = t + (STAGES - 1) * SPLIT;
             const int sn = (it + STAGES - 1) % STAGES;  // the stage read in iteration it - 1
             if (tn < n_tiles) {
-                load_kv_tile(sK + sn * TILE_ELEMS, p.k_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
-                load_kv_tile(sV + sn * TILE_ELEMS, p.v_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
+                load_kv_tile<NT>(sK + sn * TILE_ELEMS, p.k_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
+                load_kv_tile<NT>(sV + sn * TILE_ELEMS, p.v_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
             }
             cp_async_commit();
             cp_async_wait<STAGES - 1>();
@@ -404,10 +412,12 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
         if (warp_active) {
             const bf16* k_t = sK + st * TILE_ELEMS;
             const bf16* v_t = sV + st * TILE_ELEMS;
-            if (pair) {
+            if (ways == 1) {
+                tile_step<8>(k_t, v_t, qf, o, row_m, row_l, 0, t * FA_N, kv_len, sl2, lane);
+            } else if (ways == 2) {
                 tile_step<4>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, kv_len, sl2, lane);
             } else {
-                tile_step<8>(k_t, v_t, qf, o, row_m, row_l, 0, t * FA_N, kv_len, sl2, lane);
+                tile_step<2>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, kv_len, sl2, lane);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite the stage just read
@@ -418,65 +428,71 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
         row_l[i] += __shfl_xor_sync(0xffffffffu, row_l[i], 1);
         row_l[i] += __shfl_xor_sync(0xffffffffu, row_l[i], 2);
     }
-    if (pair) {
-        // Warps 2, 3 publish their partial state over the K stages; warps 0, 1 fold it in.
-        float4* sP = reinterpret_cast<float4*>(sK);     // [2 slices][16 d][32 lanes]
-        float4* sS = sP + 2 * 16 * 32;                  // [2 slices][32 lanes]: m0, m1, l0, l1
+    if (ways > 1) {
+        // Warps of way > 0 publish their partial state over the K/V stages (at most
+        // 3 ways x 2 slices x 8 KiB + 3 KiB); way 0 folds them in.
+        float4* sP = reinterpret_cast<float4*>(sK);    // [ways-1][n_pos][16 d][32 lanes]
+        float4* sS = sP + 3 * 4 * 16 * 32 / 2;         // [ways-1][n_pos][32 lanes]: m0, m1, l0, l1
         cp_async_wait<0>();
-        if (warp >= 2) {
+        const int slot = ((way - 1) * n_pos + slice);
+        if (way > 0) {
 #pragma unroll
-            for (int d = 0; d < 16; ++d) sP[(slice * 16 + d) * 32 + lane] = make_float4(o[d][0], o[d][1], o[d][2], o[d][3]);
-            sS[slice * 32 + lane] = make_float4(row_m[0], row_m[1], row_l[0], row_l[1]);
+            for (int d = 0; d < 16; ++d) sP[(slot * 16 + d) * 32 + lane] = make_float4(o[d][0], o[d][1], o[d][2], o[d][3]);
+            sS[slot * 32 + lane] = make_float4(row_m[0], row_m[1], row_l[0], row_l[1]);
         }
         __syncthreads();
-        if (warp < 2) {
-            const float4 st = sS[slice * 32 + lane];
-            const float mo[2] = {st.x, st.y}, lo[2] = {st.z, st.w};
-            float a[2], b[2];
+        if (way == 0) {
+            for (int w = 1; w < ways; ++w) {
+                const int src = (w - 1) * n_pos + slice;
+                const float4 st = sS[src * 32 + lane];
+                const float mo[2] = {st.x, st.y}, lo[2] = {st.z, st.w};
+                float a[2], b[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                // -inf in both halves: a split-KV block that got no key tile.
-                const float mnew = fmaxf(row_m[i], mo[i]);
-                const float base = mnew == -INFINITY ? 0.f : mnew;
-                a[i] = exp2f(row_m[i] - base);
-                b[i] = exp2f(mo[i] - base);
-                row_l[i] = row_l[i] * a[i] + lo[i] * b[i];
-                row_m[i] = mnew;
-            }
+                for (int i = 0; i < 2; ++i) {
+                    // -inf on both sides: no valid key yet (a split-KV block without a tile).
+                    const float mnew = fmaxf(row_m[i], mo[i]);
+                    const float base = mnew == -INFINITY ? 0.f : mnew;
+                    a[i] = exp2f(row_m[i] - base);
+                    b[i] = exp2f(mo[i] - base);
+                    row_l[i] = row_l[i] * a[i] + lo[i] * b[i];
+                    row_m[i] = mnew;
+                }
 #pragma unroll
-            for (int d = 0; d < 16; ++d) {
-                const float4 v = sP[(slice * 16 + d) * 32 + lane];
-                o[d][0] = o[d][0] * a[0] + v.x * b[0];
-                o[d][1] = o[d][1] * a[0] + v.y * b[0];
-                o[d][2] = o[d][2] * a[1] + v.z * b[1];
-                o[d][3] = o[d][3] * a[1] + v.w * b[1];
+                for (int d = 0; d < 16; ++d) {
+                    const float4 v = sP[(src * 16 + d) * 32 + lane];
+                    o[d][0] = o[d][0] * a[0] + v.x * b[0];
+                    o[d][1] = o[d][1] * a[0] + v.y * b[0];
+                    o[d][2] = o[d][2] * a[1] + v.z * b[1];
+                    o[d][3] = o[d][3] * a[1] + v.w * b[1];
+                }
             }
         }
         __syncthreads();
     }
-    const bool writes = warp_active && !(pair && warp >= 2);
+    const bool writes = warp_active && way == 0;
     if constexpr (SPLIT == 1) {
-        flash_store(p, sQ, o, row_l, writes, slice, m0, m_count, row_start, group, kvh);
+        flash_store<NT>(p, sQ, o, row_l, writes, slice, m0, m_count, row_start, group, kvh);
     } else {
-        flash_merge<SPLIT>(p, smem_raw, o, row_m, row_l, writes, slice, rank, m0, m_count, row_start, group, kvh);
+        flash_merge<SPLIT, NT>(p, smem_raw, o, row_m, row_l, writes, slice, rank, m0, m_count, row_start, group, kvh);
     }
 }
 
 // Whole key range per block, 2 stages (80 KiB of shared memory: 2 blocks per SM).
-extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_bf16(const AttnParams p) {
-    flash_body<1, 2>(p, blockIdx.x, 0);
+extern "C" __global__ void __launch_bounds__(128) attention_bf16(const AttnParams p) {
+    flash_body<1, 2, 4>(p, blockIdx.x, 0);
 }
 
+
 // Split-KV flash for short query sets: grid x = M-tiles × FA_SPLIT, clusters of FA_SPLIT blocks
-// along x, 2 stages (80 KiB). sm_90 only (the wrapper checks); traps elsewhere.
+// along x, 2 stages (80 KiB), 4 warps. sm_90 only (the wrapper checks); traps elsewhere.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FA_SPLIT_CLUSTER __cluster_dims__(FA_SPLIT, 1, 1)
 #else
 #define FA_SPLIT_CLUSTER
 #endif
-extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(FA_THREADS) attention_split_bf16(const AttnParams p) {
+extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(128) attention_split_bf16(const AttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    flash_body<FA_SPLIT, 2>(p, blockIdx.x / FA_SPLIT, (int)cooperative_groups::this_cluster().block_rank());
+    flash_body<FA_SPLIT, 2, 4>(p, blockIdx.x / FA_SPLIT, (int)cooperative_groups::this_cluster().block_rank());
 #else
     __trap();
 #endif

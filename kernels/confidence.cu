@@ -56,6 +56,7 @@ struct Partial {
 
 #define CONF_THREADS 256
 #define CUT_THREADS 1024
+#define UNROLL 8  // 16-byte loads in flight per thread
 
 // ---------------------------------------------------------------- Philox, uniforms, Gumbel
 
@@ -190,65 +191,41 @@ __device__ __forceinline__ void consume4(Acc& a, SampleCtx& s, unsigned v, float
     }
 }
 
-// Merges b into a (a's elements precede b's in id order is NOT assumed: ties use the lower id).
-__device__ __forceinline__ void merge(Acc& a, const Acc& b) {
-    // second of the multiset {a.m, a.second, b.m, b.second}
-    if (b.m > a.m) {
-        a.second = fmaxf(b.second, a.m);
-    } else if (b.m < a.m) {
-        a.second = fmaxf(a.second, b.m);
-    } else {
-        a.second = a.m;  // the max occurs in both (or both empty: −inf)
-    }
-    const float nm = b.m > a.m ? b.m : a.m;
-    // rescale both z's to the new max
-    double za = a.z, zla = a.zl, zb = b.z, zlb = b.zl;
-    if (za > 0.0 && a.m != nm) {
-        const double dm = (double)a.m - (double)nm, sc = exp(dm);
-        zla = (zla + za * dm) * sc;
-        za *= sc;
-    }
-    if (zb > 0.0 && b.m != nm) {
-        const double dm = (double)b.m - (double)nm, sc = exp(dm);
-        zlb = (zlb + zb * dm) * sc;
-        zb *= sc;
-    }
-    a.z = za + zb;
-    a.zl = zla + zlb;
-    if (b.m > a.m || (b.m == a.m && b.arg < a.arg)) a.arg = b.arg;
-    a.m = nm;
-    if (b.best > a.best || (b.best == a.best && b.tok < a.tok)) {
-        a.best = b.best;
-        a.tok = b.tok;
-    }
-}
-
-__device__ __forceinline__ void shfl_acc(Acc& o, const Acc& a, int off) {
-    o.m = __shfl_xor_sync(0xffffffffu, a.m, off);
-    o.second = __shfl_xor_sync(0xffffffffu, a.second, off);
-    o.arg = __shfl_xor_sync(0xffffffffu, a.arg, off);
-    o.z = __shfl_xor_sync(0xffffffffu, a.z, off);
-    o.zl = __shfl_xor_sync(0xffffffffu, a.zl, off);
-    o.best = __shfl_xor_sync(0xffffffffu, a.best, off);
-    o.tok = __shfl_xor_sync(0xffffffffu, a.tok, off);
-}
-
-// Deterministic warp merge (butterfly: every lane ends with the same result).
-__device__ __forceinline__ void warp_merge(Acc& a) {
+// Combines the states of a warp's lanes; lane 0 ends with the result (other lanes' z / zl may
+// differ in rounding and are not used). No chained transcendental work: one max, one rescale per
+// lane, then plain reductions, so the cost per block is small and fixed.
+__device__ __forceinline__ void warp_combine(Acc& a) {
+    float M = a.m;
 #pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        Acc o;
-        shfl_acc(o, a, off);
-        // Merge in lane order so every lane computes the identical value.
-        const bool upper = (threadIdx.x & off) != 0;
-        if (upper) {
-            Acc t = o;
-            merge(t, a);
-            a = t;
-        } else {
-            merge(a, o);
-        }
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if (a.z > 0.0 && a.m != M) {
+        const double dm = (double)a.m - (double)M, sc = exp(dm);
+        a.zl = (a.zl + a.z * dm) * sc;
+        a.z *= sc;
     }
+    unsigned A = a.m == M ? a.arg : 0xFFFFFFFFu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a.z += __shfl_down_sync(0xffffffffu, a.z, o);
+        a.zl += __shfl_down_sync(0xffffffffu, a.zl, o);
+        A = min(A, __shfl_xor_sync(0xffffffffu, A, o));
+    }
+    // Second: the max again if another lane also holds it, else the largest other value.
+    float S = (a.m == M && a.arg == A) ? a.second : a.m;
+    double B = a.best;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        S = fmaxf(S, __shfl_xor_sync(0xffffffffu, S, o));
+        B = fmax(B, __shfl_xor_sync(0xffffffffu, B, o));
+    }
+    unsigned T = a.best == B ? a.tok : 0xFFFFFFFFu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) T = min(T, __shfl_xor_sync(0xffffffffu, T, o));
+    a.m = M;
+    a.arg = A;
+    a.second = S;
+    a.best = B;
+    a.tok = T;
 }
 
 __device__ __forceinline__ Partial to_partial(const Acc& a) {
@@ -311,18 +288,18 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     if (split == 0 && tid < head) consume1(a, sc, tid, __ldg(row + tid));
     const float4* vrow = reinterpret_cast<const float4*>(row + head);
     int i = v_lo + tid;
-    for (; i + 3 * CONF_THREADS < v_hi; i += 4 * CONF_THREADS) {
-        float4 x[4];
+    for (; i + (UNROLL - 1) * CONF_THREADS < v_hi; i += UNROLL * CONF_THREADS) {
+        float4 x[UNROLL];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) x[u] = __ldcs(vrow + i + u * CONF_THREADS);
+        for (int u = 0; u < UNROLL; ++u) x[u] = __ldcs(vrow + i + u * CONF_THREADS);
 #pragma unroll
-        for (int u = 0; u < 4; ++u) consume4(a, sc, head + 4 * (i + u * CONF_THREADS), x[u]);
+        for (int u = 0; u < UNROLL; ++u) consume4(a, sc, head + 4 * (i + u * CONF_THREADS), x[u]);
     }
     for (; i < v_hi; i += CONF_THREADS) consume4(a, sc, head + 4 * i, __ldcs(vrow + i));
     if (split == p.splits - 1 && tail0 + tid < vocab) consume1(a, sc, tail0 + tid, __ldg(row + tail0 + tid));
 
     // Block merge: warps, then warp 0 over the warp results.
-    warp_merge(a);
+    warp_combine(a);
     const int lane = tid & 31, warp = tid >> 5;
     if (lane == 0) warp_part[warp] = to_partial(a);
     __syncthreads();
@@ -331,7 +308,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
         Acc b;
         if (lane < CONF_THREADS / 32) b = from_partial(warp_part[lane]);
         else b.init();
-        warp_merge(b);
+        warp_combine(b);
         if (lane == 0) {
             parts[split] = to_partial(b);
             __threadfence();
@@ -360,7 +337,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     } else {
         f.init();
     }
-    warp_merge(f);
+    warp_combine(f);
     if (lane != 0) return;
     reinterpret_cast<unsigned*>(p.counters)[slot_i] = 0u;
 

@@ -44,6 +44,7 @@ pub struct GenerateArgs {
     /// Nucleus sampling mass in (0, 1] (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// RNG seed (sampling and random orders; same seed, same tokens).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Structure prior over the gen region: text with `<mask:N>` holes.
@@ -81,7 +82,11 @@ fn parse_prior_ids(items: &[String]) -> Result<Vec<(u32, u32)>> {
 /// The gen region as text (runs of tokens decoded together, masks as ░) or as ids.
 fn render(gen: &[u32], mask_id: u32, tok: Option<&Tokenizer>) -> String {
     let Some(tok) = tok else {
-        return gen.iter().map(|&t| if t == mask_id { "_".to_string() } else { t.to_string() }).collect::<Vec<_>>().join(" ");
+        return gen
+            .iter()
+            .map(|&t| if t == mask_id { "_".to_string() } else { t.to_string() })
+            .collect::<Vec<_>>()
+            .join(" ");
     };
     let mut out = String::new();
     let mut run: Vec<u32> = Vec::new();

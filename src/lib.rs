@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod decode;
+pub mod engine;
 pub mod error;
 pub mod tokenizer;
 pub mod weights;

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use demask::bench::{self, ForwardRow, Stats};
 use demask::config::{ModelConfig, PRESETS};
 
+mod generate_cli;
+
 #[derive(Parser)]
 #[command(name = "demask", version, about = "Fast decoding engine for masked diffusion language models (LLaDA, Dream)")]
 struct Cli {
@@ -39,6 +41,8 @@ enum Cmd {
     },
     /// Benchmark the forward pass (W4: one full-canvas forward) on synthetic or real weights.
     Bench(BenchArgs),
+    /// Decode a prompt: masked diffusion generation with a commit policy.
+    Generate(generate_cli::GenerateArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
 }
@@ -86,6 +90,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Generate(a) => generate_cli::run(a),
         Cmd::Doctor => doctor(),
     }
 }
@@ -161,7 +166,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         bail!("--batch and --iters must be positive");
     }
     let device = pick_device(&a.device)?;
-    let (rows, ceilings) = match device {
+    let (rows, ceilings): (Vec<ForwardRow>, Option<bench::Ceilings>) = match device {
         Device::Cpu => (bench_cpu(&a)?, None),
         #[cfg(feature = "cuda")]
         Device::Cuda(gpu) => {

@@ -7,7 +7,9 @@
 //! Outputs are poisoned with NaN before each launch; rows outside every sequence must stay NaN.
 use demask::batch::SeqSpan;
 use demask::gpu::{test_gpu, DTensor, Gpu, Timer};
-use demask::ops::attention::{attention, attention_forced, split_kv_supported, AttnVariant, FlashPath};
+use demask::ops::attention::{
+    attention, attention_forced, split_kv_supported, AttnVariant, FlashPath,
+};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -67,7 +69,12 @@ fn build(c: &Case) -> Built {
     for s in &c.seqs {
         assert!(s.rows <= s.kv_len);
         base += s.gap;
-        spans.push(SeqSpan { row_start: row as u32, row_count: s.rows as u32, cache_base: base as u32, kv_len: s.kv_len as u32 });
+        spans.push(SeqSpan {
+            row_start: row as u32,
+            row_count: s.rows as u32,
+            cache_base: base as u32,
+            kv_len: s.kv_len as u32,
+        });
         row += s.rows;
         base += s.kv_len;
     }
@@ -90,11 +97,22 @@ fn build(c: &Case) -> Built {
         }
     }
     let max_rows = c.seqs.iter().map(|s| s.rows).max().unwrap_or(0);
-    Built { rows, q_stride, spans, max_rows, qkv, k, v }
+    Built {
+        rows,
+        q_stride,
+        spans,
+        max_rows,
+        qkv,
+        k,
+        v,
+    }
 }
 
 fn spans_flat(spans: &[SeqSpan]) -> Vec<u32> {
-    spans.iter().flat_map(|s| [s.row_start, s.row_count, s.cache_base, s.kv_len]).collect()
+    spans
+        .iter()
+        .flat_map(|s| [s.row_start, s.row_count, s.cache_base, s.kv_len])
+        .collect()
 }
 
 struct Dev {
@@ -114,20 +132,38 @@ fn upload(gpu: &Gpu, b: &Built, c: &Case) -> Dev {
         q: gpu.upload(&b.qkv.0, &[b.rows, b.q_stride]).unwrap(),
         k: gpu.upload(&b.k.0, &[b.k.0.len() / kv_w, kv_w]).unwrap(),
         v: gpu.upload(&b.v.0, &[b.v.0.len() / kv_w, kv_w]).unwrap(),
-        seqs: gpu.upload(&spans_flat(&b.spans), &[b.spans.len(), 4]).unwrap(),
+        seqs: gpu
+            .upload(&spans_flat(&b.spans), &[b.spans.len(), 4])
+            .unwrap(),
         out: gpu.alloc(&[b.rows + EXTRA_ROWS, c.n_heads * D]).unwrap(),
     }
 }
 
 /// Runs one variant (for flash: along the given path) into a poisoned output.
-fn run(gpu: &Gpu, variant: AttnVariant, path: FlashPath, b: &Built, c: &Case, d: &mut Dev) -> Vec<f32> {
+fn run(
+    gpu: &Gpu,
+    variant: AttnVariant,
+    path: FlashPath,
+    b: &Built,
+    c: &Case,
+    d: &mut Dev,
+) -> Vec<f32> {
     let poison = vec![bf16::NAN; d.out.len()];
     d.out.write(gpu, &poison).unwrap();
     let (rows, n_seqs) = (b.rows, b.spans.len());
-    attention_forced(gpu, variant, path, rows, &d.q, b.q_stride, &d.seqs, n_seqs, b.max_rows, &d.k, &d.v, c.n_heads, c.n_kv, &mut d.out)
-        .unwrap_or_else(|e| panic!("{}: {variant} ({path:?}) launch: {e}", c.name));
-    gpu.synchronize().unwrap_or_else(|e| panic!("{}: {variant}: {e}", c.name));
-    d.out.to_host(gpu).unwrap().iter().map(|x| x.to_f32()).collect()
+    attention_forced(
+        gpu, variant, path, rows, &d.q, b.q_stride, &d.seqs, n_seqs, b.max_rows, &d.k, &d.v,
+        c.n_heads, c.n_kv, &mut d.out,
+    )
+    .unwrap_or_else(|e| panic!("{}: {variant} ({path:?}) launch: {e}", c.name));
+    gpu.synchronize()
+        .unwrap_or_else(|e| panic!("{}: {variant}: {e}", c.name));
+    d.out
+        .to_host(gpu)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect()
 }
 
 /// Checks every element against the reference; returns the largest |got − want|.
@@ -136,7 +172,9 @@ fn check(case: &str, variant: &str, got: &[f32], want: &[f32], width: usize) -> 
     let mut max_err = 0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        if !(err <= ATOL + RTOL * w.abs()) {
+        // NaN or ±inf in `got` fails too.
+        let ok = err <= ATOL + RTOL * w.abs();
+        if !ok {
             bad.push((i / width, i % width, g, w));
         }
         if err.is_finite() {
@@ -144,11 +182,23 @@ fn check(case: &str, variant: &str, got: &[f32], want: &[f32], width: usize) -> 
         }
     }
     for &(r, col, g, w) in bad.iter().take(8) {
-        eprintln!("{case} {variant}: row {r} head {} dim {}: got {g}, want {w}", col / D, col % D);
+        eprintln!(
+            "{case} {variant}: row {r} head {} dim {}: got {g}, want {w}",
+            col / D,
+            col % D
+        );
     }
-    assert!(bad.is_empty(), "{case} {variant}: {} of {} elements out of tolerance", bad.len(), want.len());
+    assert!(
+        bad.is_empty(),
+        "{case} {variant}: {} of {} elements out of tolerance",
+        bad.len(),
+        want.len()
+    );
     let extra = &got[want.len()..];
-    assert!(extra.iter().all(|x| x.is_nan()), "{case} {variant}: rows outside every sequence were written");
+    assert!(
+        extra.iter().all(|x| x.is_nan()),
+        "{case} {variant}: rows outside every sequence were written"
+    );
     max_err
 }
 
@@ -157,7 +207,9 @@ fn run_case(c: &Case) {
     let b = build(c);
     let width = c.n_heads * D;
     let mut want = vec![0f32; b.rows * width];
-    demask::cpu::attention::attention(&b.qkv.1, b.q_stride, &b.k.1, &b.v.1, &b.spans, c.n_heads, c.n_kv, &mut want);
+    demask::cpu::attention::attention(
+        &b.qkv.1, b.q_stride, &b.k.1, &b.v.1, &b.spans, c.n_heads, c.n_kv, &mut want,
+    );
     let mut d = upload(&gpu, &b, c);
     let got_ref = run(&gpu, AttnVariant::Reference, FlashPath::Auto, &b, c, &mut d);
     let err_ref = check(c.name, "reference", &got_ref, &want, width);
@@ -172,7 +224,10 @@ fn run_case(c: &Case) {
         let label = label.as_str();
         let got_fa = run(&gpu, AttnVariant::Flash, path, &b, c, &mut d);
         let err_fa = check(c.name, label, &got_fa, &want, width);
-        eprintln!("{}: max |err| reference {err_ref:.2e}, {label} {err_fa:.2e}", c.name);
+        eprintln!(
+            "{}: max |err| reference {err_ref:.2e}, {label} {err_fa:.2e}",
+            c.name
+        );
         assert!(
             err_fa <= 2.0 * err_ref + 2e-3,
             "{}: {label} error {err_fa:.3e} is more than 2x the reference variant's {err_ref:.3e} (+2e-3)",
@@ -197,7 +252,13 @@ fn tiny_heads_awkward_lengths() {
     });
     run_case(&Case {
         name: "tiny 4/2",
-        seqs: vec![seq(99, 511, 3), seq(111, 111, 1), seq(3, 65, 0), seq(64, 64, 0), seq(65, 129, 7)],
+        seqs: vec![
+            seq(99, 511, 3),
+            seq(111, 111, 1),
+            seq(3, 65, 0),
+            seq(64, 64, 0),
+            seq(65, 129, 7),
+        ],
         n_heads: 4,
         n_kv: 2,
         std: 1.0,
@@ -209,7 +270,12 @@ fn tiny_heads_awkward_lengths() {
 fn gqa_dream_heads() {
     run_case(&Case {
         name: "gqa 28/4",
-        seqs: vec![seq(19, 300, 11), seq(1, 1, 0), seq(111, 513, 4), seq(32, 1000, 0)],
+        seqs: vec![
+            seq(19, 300, 11),
+            seq(1, 1, 0),
+            seq(111, 513, 4),
+            seq(32, 1000, 0),
+        ],
         n_heads: 28,
         n_kv: 4,
         std: 1.0,
@@ -240,18 +306,46 @@ fn peaked_softmax() {
         std: 4.0,
         seed: 5,
     });
-    run_case(&Case { name: "peaked 4/2", seqs: vec![seq(33, 77, 1)], n_heads: 4, n_kv: 2, std: 6.0, seed: 6 });
+    run_case(&Case {
+        name: "peaked 4/2",
+        seqs: vec![seq(33, 77, 1)],
+        n_heads: 4,
+        n_kv: 2,
+        std: 6.0,
+        seed: 6,
+    });
 }
 
 #[test]
 fn production_full_canvas_512() {
-    run_case(&Case { name: "llada 512x512", seqs: vec![seq(512, 512, 0)], n_heads: 32, n_kv: 32, std: 1.0, seed: 7 });
-    run_case(&Case { name: "dream 512x512", seqs: vec![seq(512, 512, 0)], n_heads: 28, n_kv: 4, std: 1.0, seed: 8 });
+    run_case(&Case {
+        name: "llada 512x512",
+        seqs: vec![seq(512, 512, 0)],
+        n_heads: 32,
+        n_kv: 32,
+        std: 1.0,
+        seed: 7,
+    });
+    run_case(&Case {
+        name: "dream 512x512",
+        seqs: vec![seq(512, 512, 0)],
+        n_heads: 28,
+        n_kv: 4,
+        std: 1.0,
+        seed: 8,
+    });
 }
 
 #[test]
 fn production_decode_32_live_of_512() {
-    run_case(&Case { name: "llada decode 32x512", seqs: vec![seq(32, 512, 0)], n_heads: 32, n_kv: 32, std: 1.0, seed: 9 });
+    run_case(&Case {
+        name: "llada decode 32x512",
+        seqs: vec![seq(32, 512, 0)],
+        n_heads: 32,
+        n_kv: 32,
+        std: 1.0,
+        seed: 9,
+    });
     run_case(&Case {
         name: "dream decode batch",
         seqs: vec![seq(32, 512, 0), seq(32, 700, 16), seq(33, 290, 0)],
@@ -264,7 +358,14 @@ fn production_decode_32_live_of_512() {
 
 #[test]
 fn production_full_canvas_2048() {
-    run_case(&Case { name: "llada 2048x2048", seqs: vec![seq(2048, 2048, 0)], n_heads: 32, n_kv: 32, std: 1.0, seed: 11 });
+    run_case(&Case {
+        name: "llada 2048x2048",
+        seqs: vec![seq(2048, 2048, 0)],
+        n_heads: 32,
+        n_kv: 32,
+        std: 1.0,
+        seed: 11,
+    });
 }
 
 /// Times the flash kernel on the target shapes (H100 targets: 512² ≤ 30 µs, 2048² ≤ 300 µs,
@@ -283,7 +384,14 @@ fn flash_timing() {
         ("dream decode 32x512", 32, 512, 28, 4),
     ];
     for (name, rows, kv, h, kvh) in shapes {
-        let c = Case { name, seqs: vec![seq(rows, kv, 0)], n_heads: h, n_kv: kvh, std: 1.0, seed: 12 };
+        let c = Case {
+            name,
+            seqs: vec![seq(rows, kv, 0)],
+            n_heads: h,
+            n_kv: kvh,
+            std: 1.0,
+            seed: 12,
+        };
         let b = build(&c);
         let mut d = upload(&gpu, &b, &c);
         let split_ok = split_kv_supported(&gpu).unwrap();
@@ -298,11 +406,19 @@ fn flash_timing() {
                 continue;
             }
             let iters = 50;
-            let launch = |d: &mut Dev| match path {
-                FlashPath::Auto => attention(&gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, h, kvh, &mut d.out),
-                p => attention_forced(&gpu, variant, p, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, h, kvh, &mut d.out),
-            }
-            .unwrap();
+            let launch = |d: &mut Dev| {
+                match path {
+                    FlashPath::Auto => attention(
+                        &gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
+                        &d.v, h, kvh, &mut d.out,
+                    ),
+                    p => attention_forced(
+                        &gpu, variant, p, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
+                        &d.v, h, kvh, &mut d.out,
+                    ),
+                }
+                .unwrap()
+            };
             for _ in 0..5 {
                 launch(&mut d);
             }
@@ -313,7 +429,10 @@ fn flash_timing() {
             }
             let us = t.stop_ms(&gpu).unwrap() * 1e3 / iters as f32;
             let flops = 4.0 * rows as f64 * kv as f64 * D as f64 * h as f64;
-            eprintln!("attention/{label}/{name}: {us:.1} us, {:.0} TFLOP/s", flops / (us as f64 * 1e-6) / 1e12);
+            eprintln!(
+                "attention/{label}/{name}: {us:.1} us, {:.0} TFLOP/s",
+                flops / (us as f64 * 1e-6) / 1e12
+            );
         }
     }
 }

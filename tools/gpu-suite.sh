@@ -11,7 +11,8 @@
 #                         from tools/bench.txt when present, else a default
 #     tools/golden/       the transformers golden script (optional step on the GPU machine)
 #     run.sh              runs it all there; logs in gpu-pack/gpu-logs, and with $OUT set
-#                         summary.txt + all.log (+ regenerated fixtures) copied to $OUT
+#                         summary.txt, all.log, gpu-logs/*.json (bench reports written there)
+#                         and regenerated fixtures copied to $OUT
 #
 # Usage: tools/gpu-suite.sh            (then copy gpu-pack/ over and run gpu-pack/run.sh)
 # The pack must stay under 60 MB: binaries are stripped of debug info and the size is checked.
@@ -108,8 +109,9 @@ cat >"$pack/run.sh" <<'RUN'
 # Runs the packed demask GPU suite on a GPU machine (no Rust needed): every test binary with
 # DEMASK_REQUIRE_GPU=1, the criterion benches, the `demask` lines of bench.txt, and (with
 # DEMASK_GOLDEN=1) the transformers golden script. Logs are written to ./gpu-logs; when $OUT is
-# set, only a few files are copied there (summary.txt, all.log with every log concatenated, and
-# the regenerated fixtures), since the machine that fetches $OUT limits the file count.
+# set, only a few files are copied there (summary.txt, all.log with every log concatenated,
+# gpu-logs/*.json — point `bench --json` there — and the regenerated fixtures), since the
+# machine that fetches $OUT limits the file count.
 # Knobs: DEMASK_TEST_TIMEOUT (s per binary, 600), DEMASK_TEST_ARGS (passed to every test
 # binary, e.g. "--test-threads=1" or a name filter), RUN_BENCHES=0 to skip criterion,
 # CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 2"), DEMASK_BENCH_TIMEOUT (600).
@@ -214,6 +216,7 @@ if [[ -n "${OUT:-}" ]]; then
     [[ -f "$f" ]] && printf '\n######## %s ########\n' "$(basename "$f")" && cat "$f"
   done >"$OUT/all.log"
   [[ -n "$golden_fresh" ]] && cp "$golden_fresh"/golden-*.safetensors "$OUT/"
+  for f in "$logs"/*.json; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done  # bench --json reports
 fi
 echo
 echo "================ summary (logs: $logs${OUT:+, copied to $OUT}) ================"

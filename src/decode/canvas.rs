@@ -27,9 +27,7 @@ pub fn check_lengths(prompt_len: usize, gen_len: u32, block_len: u32, cfg: &Mode
         return Err(Error::bad_input("block_len must be > 0"));
     }
     if !gen_len.is_multiple_of(block_len) {
-        return Err(Error::bad_input(format!(
-            "gen_len {gen_len} is not a multiple of block_len {block_len}"
-        )));
+        return Err(Error::bad_input(format!("gen_len {gen_len} is not a multiple of block_len {block_len}")));
     }
     let total = prompt_len + gen_len as usize;
     if total > cfg.max_seq_len {

@@ -9,3 +9,6 @@ pub use sampling::{RngKey, Sampling};
 pub mod canvas;
 pub mod prior;
 pub mod runner;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod gpu;

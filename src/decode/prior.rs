@@ -39,7 +39,10 @@ pub fn parse_template(t: &str) -> Result<Vec<Piece>> {
         }
         let after = &rest[at + OPEN.len()..];
         let close = after.find('>').ok_or_else(|| {
-            Error::bad_input(format!("prior template: `{OPEN}` at byte {} has no closing `>`", t.len() - rest.len() + at))
+            Error::bad_input(format!(
+                "prior template: `{OPEN}` at byte {} has no closing `>`",
+                t.len() - rest.len() + at
+            ))
         })?;
         let n = &after[..close];
         match n.trim().parse::<u32>() {

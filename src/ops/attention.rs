@@ -43,7 +43,11 @@ impl FromStr for AttnVariant {
         AttnVariant::ALL
             .into_iter()
             .find(|v| v.name() == s)
-            .ok_or_else(|| Error::bad_input(format!("unknown attention variant `{s}` (expected reference or flash)")))
+            .ok_or_else(|| {
+                Error::bad_input(format!(
+                    "unknown attention variant `{s}` (expected reference or flash)"
+                ))
+            })
     }
 }
 
@@ -88,19 +92,20 @@ unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 const FA_M: usize = 64;
 /// Blocks per cluster of `attention_split_bf16` (FA_SPLIT in the .cu): each takes every
 /// FA_SPLIT-th key tile of the same M-tile.
-const FA_SPLIT: usize = 4;
+const FA_SPLIT: usize = 8;
 /// One 64×128 bf16 shared tile.
 const FA_TILE_BYTES: usize = 64 * HEAD_DIM * 2;
 
 /// How the flash variant covers the keys (`attention` picks; `attention_forced` names one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashPath {
-    /// `Whole` when its grid fills the GPU (≥ one block per SM), else `SplitKv` on sm_90+.
+    /// `Whole` when its grid fills the GPU (≥ one block per SM) or below sm_90, else `SplitKv`.
     Auto,
-    /// `attention_bf16`: one block per 64-row tile over all keys, 2 K/V stages (80 KiB).
+    /// `attention_bf16`: one block of 4 warps per 64-row tile over all keys, 2 K/V stages
+    /// (80 KiB).
     Whole,
-    /// `attention_split_bf16`: clusters of 4 blocks split the key tiles of a 64-row tile and
-    /// merge through distributed shared memory, 2 stages (sm_90+).
+    /// `attention_split_bf16`: clusters of 4 blocks (4 warps each) split the key tiles of a
+    /// 64-row tile and merge through distributed shared memory, 2 stages (sm_90+).
     SplitKv,
 }
 
@@ -119,7 +124,8 @@ pub enum FlashPath {
 /// The flash variant picks its path ([`FlashPath::Auto`]): one block per 64-row tile
 /// (`attention_bf16`) when that grid fills the GPU; for short query sets (decode steps) the
 /// key tiles of each 64-row tile are split over a cluster of 4 blocks on sm_90+
-/// (`attention_split_bf16`).
+/// (`attention_split_bf16`). Within a block, warps that a short tile leaves idle split each
+/// key tile with the others.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -136,7 +142,22 @@ pub fn attention(
     n_kv_heads: usize,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
-    launch(gpu, variant, FlashPath::Auto, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads, n_kv_heads, out)
+    launch(
+        gpu,
+        variant,
+        FlashPath::Auto,
+        rows,
+        q,
+        q_stride,
+        seqs,
+        n_seqs,
+        max_rows,
+        k_cache,
+        v_cache,
+        n_heads,
+        n_kv_heads,
+        out,
+    )
 }
 
 /// As [`attention`], with the flash variant's path named (tests, profiling). The reference
@@ -158,14 +179,19 @@ pub fn attention_forced(
     n_kv_heads: usize,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
-    launch(gpu, variant, path, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads, n_kv_heads, out)
+    launch(
+        gpu, variant, path, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads,
+        n_kv_heads, out,
+    )
 }
 
 /// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).
 pub fn split_kv_supported(gpu: &Gpu) -> Result<bool> {
     let major = gpu
         .ctx
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )
         .map_err(drv("cuDeviceGetAttribute"))?;
     Ok(major >= 9)
 }
@@ -188,14 +214,14 @@ fn launch(
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention";
-    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(Error::bad_input(format!(
             "{OP}: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}"
         )));
     }
     let q_width = n_heads * HEAD_DIM;
     let kv_width = n_kv_heads * HEAD_DIM;
-    if q_stride < q_width || q_stride % 8 != 0 {
+    if q_stride < q_width || !q_stride.is_multiple_of(8) {
         return Err(Error::bad_input(format!(
             "{OP}: q_stride {q_stride} must be >= n_heads*128 = {q_width} and a multiple of 8 (16-byte rows)"
         )));
@@ -207,20 +233,29 @@ fn launch(
     if seqs.len() < n_seqs * 4 {
         return Err(Error::shape(OP, "seqs", &[n_seqs, 4], &seqs.dims));
     }
-    if k_cache.len() % kv_width != 0 || k_cache.is_empty() {
-        return Err(Error::shape(OP, "k_cache", &[k_cache.len() / kv_width.max(1), kv_width], &k_cache.dims));
+    if !k_cache.len().is_multiple_of(kv_width) || k_cache.is_empty() {
+        return Err(Error::shape(
+            OP,
+            "k_cache",
+            &[k_cache.len() / kv_width.max(1), kv_width],
+            &k_cache.dims,
+        ));
     }
     if v_cache.len() != k_cache.len() {
         return Err(Error::shape(OP, "v_cache", &k_cache.dims, &v_cache.dims));
     }
     if max_rows > rows {
-        return Err(Error::bad_input(format!("{OP}: max_rows {max_rows} exceeds the {rows} rows")));
+        return Err(Error::bad_input(format!(
+            "{OP}: max_rows {max_rows} exceeds the {rows} rows"
+        )));
     }
     if rows == 0 || n_seqs == 0 || max_rows == 0 {
         return Ok(());
     }
     if rows * q_stride > i32::MAX as usize || n_seqs > 65535 {
-        return Err(Error::bad_input(format!("{OP}: {rows} rows × {q_stride} or {n_seqs} sequences is too large")));
+        return Err(Error::bad_input(format!(
+            "{OP}: {rows} rows × {q_stride} or {n_seqs} sequences is too large"
+        )));
     }
 
     let params = AttnParams {
@@ -242,24 +277,28 @@ fn launch(
         (AttnVariant::Reference, _) => None,
         (AttnVariant::Flash, FlashPath::SplitKv) => {
             if !split_kv_supported(gpu)? {
-                return Err(Error::bad_input(format!("{OP}: split-KV needs thread-block clusters (sm_90+)")));
+                return Err(Error::bad_input(format!(
+                    "{OP}: split-KV needs thread-block clusters (sm_90+)"
+                )));
             }
             Some(FlashPath::SplitKv)
         }
-        (AttnVariant::Flash, FlashPath::Auto) => Some(if m_tiles * n_seqs * n_kv_heads >= gpu.sm_count {
-            FlashPath::Whole
-        } else if split_kv_supported(gpu)? {
-            FlashPath::SplitKv
-        } else {
-            FlashPath::Whole
-        }),
+        (AttnVariant::Flash, FlashPath::Auto) => {
+            Some(if m_tiles * n_seqs * n_kv_heads >= gpu.sm_count {
+                FlashPath::Whole
+            } else if split_kv_supported(gpu)? {
+                FlashPath::SplitKv
+            } else {
+                FlashPath::Whole
+            })
+        }
         (AttnVariant::Flash, other) => Some(other),
     };
-    // (symbol, blocks per M-tile, shared tiles: Q + K and V stages)
-    let (symbol, per_tile, tiles) = match path {
-        None => (variant.symbol(), 0, 0),
-        Some(FlashPath::SplitKv) => ("attention_split_bf16", FA_SPLIT, 5),
-        Some(_) => ("attention_bf16", 1, 5),
+    // (symbol, blocks per M-tile, threads per block); shared memory: Q tile + 2 K and V stages
+    let (symbol, per_tile, threads) = match path {
+        None => (variant.symbol(), 0, 128),
+        Some(FlashPath::SplitKv) => ("attention_split_bf16", FA_SPLIT, 128),
+        Some(_) => ("attention_bf16", 1, 128),
     };
     let f = gpu.func("attention", symbol)?;
     let cfg = match path {
@@ -269,12 +308,19 @@ fn launch(
             shared_mem_bytes: 0,
         },
         Some(_) => {
-            let smem = tiles * FA_TILE_BYTES;
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(drv(symbol))?;
+            let smem = 5 * FA_TILE_BYTES;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(drv(symbol))?;
             LaunchConfig {
-                grid_dim: ((m_tiles * per_tile) as u32, n_seqs as u32, n_kv_heads as u32),
-                block_dim: (128, 1, 1),
+                grid_dim: (
+                    (m_tiles * per_tile) as u32,
+                    n_seqs as u32,
+                    n_kv_heads as u32,
+                ),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: smem as u32,
             }
         }

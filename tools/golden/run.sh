@@ -27,4 +27,5 @@ for pair in tiny-llada:7 tiny-dream:11; do
   "$PYTHON" "$here/make_golden.py" --checkpoint "$tmp/$preset" --preset "$preset" --seed "$seed" \
     --len "${GOLDEN_LEN:-32}" --out "$out/golden-$preset.safetensors"
 done
+chmod 644 "$out"/golden-*.safetensors
 ls -l "$out"/golden-*.safetensors
