@@ -243,7 +243,7 @@ __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const
     }
 }
 
-#define FA_SPLIT 8
+#define FA_SPLIT 4
 // f32 row stride of the partial-output tile in the merge (padded against bank conflicts).
 #define FA_OPAD (HEAD_DIM + 4)
 

@@ -168,3 +168,31 @@ pub mod gpu {
         Ok(Stats::of(&times))
     }
 }
+
+/// FLOPs and bytes each op of one full-canvas forward moves (all layers together), for the
+/// per-kernel table of `demask profile`: GEMMs count 2·m·n·k FLOPs and weight + activation
+/// bytes; elementwise ops count bytes read + written.
+pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize) -> Vec<(&'static str, f64, f64)> {
+    let t = (len * batch) as f64;
+    let (h, l) = (cfg.hidden as f64, cfg.n_layers as f64);
+    let (qkv, q, kv, f, v) = (cfg.qkv_dim() as f64, cfg.q_dim() as f64, cfg.kv_dim() as f64, cfg.ffn as f64, cfg.vocab as f64);
+    let gemm = |n: f64, k: f64, out_bytes: f64| (2.0 * t * n * k, 2.0 * n * k + 2.0 * t * k + out_bytes * t * n);
+    let per_layer = |(fl, by): (f64, f64)| (fl * l, by * l);
+    let mut v_ = vec![
+        ("gemm_qkv", per_layer(gemm(qkv, h, 2.0))),
+        ("gemm_o", per_layer(gemm(h, q, 2.0))),
+        ("gemm_gate_up", per_layer(gemm(2.0 * f, h, 2.0))),
+        ("gemm_down", per_layer(gemm(h, f, 2.0))),
+        ("gemm_lm_head", gemm(v, h, 4.0)),
+        ("attention", (4.0 * t * len as f64 * q * l, (2.0 * t * q + 2.0 * 2.0 * t * kv) * l)),
+        ("add_rmsnorm", (0.0, (2.0 * l + 1.0) * t * h * 2.0 * 3.0)),
+        ("rope_kv_store", (0.0, l * t * (qkv * 2.0 + q * 2.0 + 2.0 * kv * 2.0))),
+        ("swiglu", (0.0, l * t * 3.0 * f * 2.0)),
+        ("embed", (0.0, 2.0 * t * h * 2.0)),
+    ]
+    .into_iter()
+    .map(|(n, (fl, by))| (n, fl, by))
+    .collect::<Vec<_>>();
+    v_.sort_by(|a, b| a.0.cmp(b.0));
+    v_
+}

@@ -41,6 +41,8 @@ enum Cmd {
     },
     /// Benchmark the forward pass (W4: one full-canvas forward) on synthetic or real weights.
     Bench(BenchArgs),
+    /// Per-kernel time of a full-canvas forward (W4), with kernel variants side by side.
+    Profile(ProfileArgs),
     /// Decode a prompt: masked diffusion generation with a commit policy.
     Generate(generate_cli::GenerateArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
@@ -80,6 +82,24 @@ struct BenchArgs {
     seed: u64,
 }
 
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Built-in architecture with random weights synthesised on the device.
+    #[arg(long, default_value = "llada-8b")]
+    preset: String,
+    /// Canvas length (rows per sequence).
+    #[arg(long, default_value_t = 512)]
+    len: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Profiled forwards (after 3 warm-up forwards).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Variants to time side by side, e.g. attention=flash,reference.
+    #[arg(long, default_value = "attention=flash")]
+    variants: String,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -91,6 +111,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Generate(a) => generate_cli::run(a),
+        Cmd::Profile(a) => profile_cmd(a),
         Cmd::Doctor => doctor(),
     }
 }
@@ -304,4 +325,47 @@ fn doctor() -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     println!("kernels: none (built without the `cuda` feature)");
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn profile_cmd(a: ProfileArgs) -> Result<()> {
+    use demask::model::{Capacity, GpuModel, GpuWeights};
+    use demask::ops::attention::AttnVariant;
+    let variants: Vec<AttnVariant> = match a.variants.split_once('=') {
+        Some(("attention", list)) => list.split(',').map(|v| v.parse()).collect::<demask::Result<_>>()?,
+        _ => bail!("bad --variants `{}` (expected attention=NAME[,NAME...])", a.variants),
+    };
+    let gpu = demask::gpu::Gpu::new(0)?;
+    let ceil = bench::gpu::measure_ceilings(&gpu)?;
+    println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops);
+    let cfg = ModelConfig::preset(&a.preset)?;
+    let weights = GpuWeights::synthesize(&gpu, &cfg, 0)?;
+    let rows = a.len * a.batch;
+    let cap = Capacity { rows, logit_rows: rows, cache_rows: rows, seqs: a.batch };
+    let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
+    let work = bench::forward_op_work(&cfg, a.len, a.batch);
+    for v in variants {
+        model.attn_variant = v;
+        model.enable_profiling(false)?;
+        bench::gpu::bench_forward(&mut model, a.len, a.batch, 3, 1)?;
+        model.enable_profiling(true)?;
+        bench::gpu::bench_forward(&mut model, a.len, a.batch, 0, a.iters)?;
+        let p = model.profiler.as_ref().unwrap().per_forward();
+        let total: f64 = p.iter().map(|x| x.1).sum();
+        println!("\n{} len {} batch {}, attention={}: {:.3} ms per forward (sum of ops, profiled)", a.preset, a.len, a.batch, v.name(), total);
+        println!("{:<18} {:>9} {:>7} {:>9} {:>10} {:>9}", "op", "ms", "share", "launches", "TFLOP/s", "GB/s");
+        for (name, ms, n) in p {
+            let (fl, by) = work.iter().find(|w| w.0 == name).map(|w| (w.1, w.2)).unwrap_or((0.0, 0.0));
+            let tf = if fl > 0.0 { format!("{:.0}", fl / (ms * 1e-3) / 1e12) } else { "-".into() };
+            let gb = if by > 0.0 { format!("{:.0}", by / (ms * 1e-3) / 1e9) } else { "-".into() };
+            println!("{:<18} {:>9.3} {:>6.1}% {:>9.0} {:>10} {:>9}", name, ms, 100.0 * ms / total, n, tf, gb);
+        }
+        model.enable_profiling(false)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_cmd(_a: ProfileArgs) -> Result<()> {
+    bail!("`demask profile` needs the GPU backend (built without the `cuda` feature)")
 }

@@ -173,6 +173,8 @@ pub struct GpuModel {
     /// Host staging for the per-forward index arrays (reused; no allocation per step).
     staging: Vec<u32>,
     last_logit_rows: usize,
+    /// Per-op event timing (`enable_profiling`), for `demask profile`.
+    pub profiler: Option<crate::gpu::profile::OpProfiler>,
 }
 
 impl GpuModel {
@@ -224,6 +226,7 @@ impl GpuModel {
             ws,
             staging,
             last_logit_rows: 0,
+            profiler: None,
         })
     }
 
@@ -286,12 +289,27 @@ impl GpuModel {
         let mode = RopeMode::for_arch(cfg.arch);
         let max_rows = b.seqs.iter().map(|s| s.row_count as usize).max().unwrap_or(0);
         let ws = &mut self.ws;
+        let prof = &mut self.profiler;
+        // Records the end of an op when profiling (one event record; nothing otherwise).
+        macro_rules! mark {
+            ($name:expr) => {
+                if let Some(p) = prof.as_mut() {
+                    p.mark(g, $name)?;
+                }
+            };
+        }
+        if let Some(p) = prof.as_mut() {
+            p.begin(g)?;
+        }
         ops::embed::gather_rows(g, t, &ws.tokens, &self.weights.embed, &mut ws.x)?;
+        mark!("embed");
         for (li, l) in self.weights.layers.iter().enumerate() {
             // The previous layer's down projection (in `o`) joins the residual here.
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
+            mark!("add_rmsnorm");
             linear(g, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
+            mark!("gemm_qkv");
             ops::rope::rope_kv_store(
                 g,
                 t,
@@ -305,6 +323,7 @@ impl GpuModel {
                 cfg.rope_theta as f32,
                 mode,
             )?;
+            mark!("rope_kv_store");
             ops::attention::attention(
                 g,
                 self.attn_variant,
@@ -320,22 +339,40 @@ impl GpuModel {
                 cfg.n_kv_heads,
                 &mut ws.att,
             )?;
+            mark!("attention");
             linear(g, t, &ws.att, &l.wo, None, &mut ws.o)?;
+            mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
+            mark!("add_rmsnorm");
             linear(g, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
+            mark!("gemm_gate_up");
             ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+            mark!("swiglu");
             linear(g, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+            mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
+        mark!("add_rmsnorm");
         let r = b.logit_rows.len();
         let identity = r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x);
         if identity {
             linear(g, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits)?;
         } else {
             ops::embed::gather_rows(g, r, &ws.logit_rows, &ws.h, &mut ws.sel)?;
+            mark!("gather_logit_rows");
             linear(g, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits)?;
         }
+        mark!("gemm_lm_head");
+        if let Some(p) = prof.as_mut() {
+            p.end()?;
+        }
         self.last_logit_rows = r;
+        Ok(())
+    }
+
+    /// Turns per-op event timing on (every forward then ends with a host sync) or off.
+    pub fn enable_profiling(&mut self, on: bool) -> Result<()> {
+        self.profiler = if on { Some(crate::gpu::profile::OpProfiler::new(&self.gpu, 16 * self.cfg.n_layers + 8)?) } else { None };
         Ok(())
     }
 

@@ -15,7 +15,8 @@
 #                         and regenerated fixtures copied to $OUT
 #
 # Usage: tools/gpu-suite.sh            (then copy gpu-pack/ over and run gpu-pack/run.sh)
-# The pack must stay under 60 MB: binaries are stripped of debug info and the size is checked.
+# The pack must stay under 60 MB: binaries are stripped of debug info and xz-compressed
+# (run.sh unpacks them on first use, with xz or else python3's lzma), and the size is checked.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -78,6 +79,7 @@ strip_copy() {
   cp "$1" "$2"
   chmod u+w "$2"
   strip --strip-debug "$2" 2>/dev/null || objcopy --strip-debug "$2"
+  xz -T2 -6 "$2"
 }
 strip_copy target/release/demask "$pack/demask"
 n_tests=0
@@ -124,6 +126,16 @@ mkdir -p "$logs"
 export DEMASK_REQUIRE_GPU=1
 export DEMASK_FIXTURES="$pack/tests/fixtures"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+# Binaries travel xz-compressed; unpack them once.
+for z in demask.xz tests/*.xz benches/*.xz; do
+  [[ -f "$z" ]] || continue
+  if command -v xz >/dev/null; then
+    xz -d -f "$z"
+  else
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$z" && rm -f "$z"
+  fi
+  chmod +x "${z%.xz}"
+done
 [[ -d /usr/local/cuda/lib64 ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64"
 summary="$logs/summary.txt"
 : >"$summary"

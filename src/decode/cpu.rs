@@ -83,8 +83,10 @@ pub fn score_and_select(
     Ok((commits, scores))
 }
 
-/// `StepBackend` over the f32 CPU model with a KV cache reused across steps (it grows, once,
-/// when a batch needs more rows than it holds).
+/// `StepBackend` over the f32 CPU model with a KV cache that persists across steps (cached
+/// rows of the KV-cache schemes are read from it). The cache is sized at construction or by
+/// [`CpuStepper::reserve`] before a decode loop; a step never resizes it and refuses a batch
+/// that needs more rows.
 pub struct CpuStepper {
     model: CpuModel,
     cache: CpuKvCache,
@@ -102,7 +104,18 @@ impl CpuStepper {
         &self.model
     }
 
-    /// Makes sure the cache holds at least `rows` rows.
+    /// The KV cache (post-RoPE K and V of every layer, `[capacity, kv_dim]` f32 each).
+    pub fn cache(&self) -> &CpuKvCache {
+        &self.cache
+    }
+
+    /// Bytes one cache row takes: K and V of every layer, f32.
+    pub fn cache_row_bytes(&self) -> u64 {
+        (2 * self.model.cfg.n_layers * self.model.cfg.kv_dim() * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Makes sure the cache holds at least `rows` rows. Growing it drops what it held, so call
+    /// it before a decode loop, never during one.
     pub fn reserve(&mut self, rows: usize) {
         if rows > self.cache.capacity {
             self.cache = self.model.new_cache(rows);
@@ -123,7 +136,13 @@ impl StepBackend for CpuStepper {
                 batch.seqs.len()
             )));
         }
-        self.reserve(batch.cache_rows_needed());
+        let need = batch.cache_rows_needed();
+        if need > self.cache.capacity {
+            return Err(Error::bad_input(format!(
+                "step: the batch needs {need} KV-cache rows, the CPU cache holds {} (reserve them before decoding)",
+                self.cache.capacity
+            )));
+        }
         let logits = self.model.forward(batch, &mut self.cache)?;
         let cfg = &self.model.cfg;
         score_and_select(&logits, cfg.vocab, cfg.mask_id, work)

@@ -1,13 +1,21 @@
-//! The decode loop (no KV cache: every step recomputes every canvas row) over any
-//! `StepBackend`. Each step packs the canvases of all active sequences into one `RowBatch`
-//! (positions 0..len, cache rows back to back), asks for the logits of the rows that predict
-//! eligible slots (the slot's own row; for shifted models the row before it, row 0 for a slot
-//! at position 0), lets the backend pick the commits, applies them, advances blocks and stop
-//! rules, records per-step timings and calls the step callback. Finished sequences leave the
-//! batch; the loop ends when every sequence is done.
+//! The decode loop over any `StepBackend`, with KV caching (DESIGN.md §5). Each sequence is
+//! *admitted* once ([`admit`]): it gets a [`CachePlan`] for its cache scheme and a `cache_base`
+//! (its first KV-cache row) that stays fixed for its lifetime, because cached rows must stay
+//! where they were written. Each step packs, per active sequence, only the live rows the plan
+//! picks (tokens and positions of those canvas positions; `kv_len` = the canvas length, so
+//! attention reads cached ∪ live rows), asks for the logits of the rows that predict eligible
+//! slots (the slot's own row; for shifted models the row before it, row 0 for a slot at
+//! position 0 — live by construction), lets the backend pick the commits, applies them, tells
+//! the plan, advances blocks and stop rules, records per-step timings and live rows, and calls
+//! the step callback. Finished sequences leave the batch; the loop ends when every sequence is
+//! done. With the `none` scheme every row is live every step (exact decoding).
+//!
+//! The backend's cache must hold the admitted rows before the loop starts (the engine reserves
+//! them); the loop itself never sizes anything.
 use std::time::Instant;
 
 use crate::batch::{RowBatch, SeqSpan};
+use crate::cache::{CachePlan, CacheScheme};
 use crate::error::{Error, Result};
 
 use super::canvas::Canvas;
@@ -24,16 +32,121 @@ pub struct SeqState {
     /// RNG key parts (`RngKey { seed, seq: seq_id, .. }`).
     pub seed: u64,
     pub seq_id: u32,
+    /// KV-cache scheme (takes effect at admission).
+    pub cache: CacheScheme,
+    /// Test knob: a full refresh every step (then every scheme decodes exactly like `none`).
+    pub cache_refresh_every_step: bool,
+    /// The cache plan, set at admission.
+    pub plan: Option<CachePlan>,
+    /// First KV-cache row of this sequence, set once at admission.
+    pub cache_base: Option<u32>,
     /// Slots committed at each of this sequence's steps.
     pub commits_per_step: Vec<u32>,
+    /// Live rows (canvas rows recomputed) at each of this sequence's steps.
+    pub rows_per_step: Vec<u32>,
     /// Wall time of each step this sequence took part in (the whole batch's step), ms.
     pub step_ms: Vec<f64>,
 }
 
 impl SeqState {
+    /// A sequence with the `none` cache scheme (set `cache` before admission for another).
     pub fn new(canvas: Canvas, policy: Policy, sampling: Sampling, seed: u64, seq_id: u32) -> Self {
-        SeqState { canvas, policy, sampling, seed, seq_id, commits_per_step: Vec::new(), step_ms: Vec::new() }
+        SeqState {
+            canvas,
+            policy,
+            sampling,
+            seed,
+            seq_id,
+            cache: CacheScheme::None,
+            cache_refresh_every_step: false,
+            plan: None,
+            cache_base: None,
+            commits_per_step: Vec::new(),
+            rows_per_step: Vec::new(),
+            step_ms: Vec::new(),
+        }
     }
+
+    /// Sets the cache scheme (before admission).
+    pub fn with_cache(mut self, scheme: CacheScheme, refresh_every_step: bool) -> Self {
+        self.cache = scheme;
+        self.cache_refresh_every_step = refresh_every_step;
+        self
+    }
+
+    /// Whether [`admit`] has given this sequence its plan and cache rows.
+    pub fn is_admitted(&self) -> bool {
+        self.plan.is_some() && self.cache_base.is_some()
+    }
+
+    /// Canvas positions still masked (every block), ascending.
+    pub fn masked_positions(&self) -> Vec<u32> {
+        let c = &self.canvas;
+        let p = c.prompt_len() as usize;
+        let mask = c.mask_id();
+        c.tokens()[p..]
+            .iter()
+            .enumerate()
+            .filter(|&(i, &t)| t == mask && !c.is_fixed_gen(i))
+            .map(|(i, _)| (p + i) as u32)
+            .collect()
+    }
+
+    /// The current block `[start, end)` in canvas positions.
+    pub fn block_range(&self) -> (u32, u32) {
+        let c = &self.canvas;
+        let bl = c.spec().block_len;
+        let lo = c.prompt_len() + c.block() * bl;
+        (lo, (lo + bl).min(c.len() as u32))
+    }
+
+    /// The live rows of the coming step: the plan's choice once admitted, else every row.
+    pub fn live_rows(&self, eligible: &[u32]) -> Vec<u32> {
+        match &self.plan {
+            Some(plan) => {
+                let c = &self.canvas;
+                let masked = self.masked_positions();
+                plan.live_rows(c.steps(), c.ctx().step, self.block_range(), &masked, eligible).live
+            }
+            None => (0..self.canvas.len() as u32).collect(),
+        }
+    }
+}
+
+/// Admits every sequence of `seqs` not admitted yet: a cache plan for its scheme, and cache
+/// rows `[cache_base, cache_base + canvas len)` packed after the highest row already taken.
+/// Returns the cache rows the whole slice needs (one past the highest row of any sequence).
+pub fn admit(seqs: &mut [SeqState], shifted: bool) -> Result<usize> {
+    let end = |s: &SeqState| s.cache_base.map_or(0, |b| b as usize + s.canvas.len());
+    let mut next = seqs.iter().map(end).max().unwrap_or(0);
+    for s in seqs.iter_mut() {
+        if s.plan.is_none() {
+            let c = &s.canvas;
+            let spec = c.spec();
+            let mut plan = CachePlan::new(
+                s.cache,
+                c.prompt_len() as usize,
+                spec.gen_len as usize,
+                spec.block_len as usize,
+                shifted,
+            )?;
+            plan.set_refresh_every_step(s.cache_refresh_every_step);
+            s.plan = Some(plan);
+        }
+        if s.cache_base.is_none() {
+            let base = u32::try_from(next)
+                .map_err(|_| Error::bad_input(format!("cache row {next} does not fit in u32")))?;
+            s.cache_base = Some(base);
+            next += s.canvas.len();
+        }
+    }
+    Ok(seqs.iter().map(end).max().unwrap_or(0))
+}
+
+/// Cache rows the sequences of `seqs` need once admitted together from row 0: the sum of
+/// their canvases' lengths.
+pub fn cache_rows_for(seqs: &[SeqState]) -> usize {
+    seqs.iter().map(|s| s.canvas.len()).sum()
 }
 
 /// What the step callback sees, once per sequence per step, after the commits are applied.
@@ -52,6 +165,8 @@ pub struct StepEvent<'a> {
     pub scores: &'a SlotScores,
     /// The slots that took their candidate, in rank order.
     pub commits: &'a [Commit],
+    /// Canvas rows this sequence recomputed at this step (the rest came from its KV cache).
+    pub live_rows: u32,
     /// Wall time of the batch step, ms.
     pub ms: f64,
 }
@@ -65,26 +180,39 @@ pub fn logit_row(pos: u32, shifted: bool) -> u32 {
     }
 }
 
-/// Packs the full canvases of `seqs` (all rows live, positions 0..len) and the work of each:
-/// eligible slots and, per slot, the index into `logit_rows` of the row predicting it. Rows
-/// shared by two slots (shifted, empty prompt: slots 0 and 1 both read row 0) appear once.
+/// Packs the live rows of every sequence of `seqs` (the cache plan's choice once admitted;
+/// every row otherwise, with cache rows packed after the highest admitted one) and the work of
+/// each: eligible slots and, per slot, the index into `logit_rows` of the row predicting it.
+/// Rows shared by two slots (shifted, empty prompt: slots 0 and 1 both read row 0) appear once.
+///
+/// Panics if a plan leaves a logit row out of the live set (the plan guarantees it never does).
 pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>) {
     let mut b = RowBatch::default();
     let mut work = Vec::with_capacity(seqs.len());
-    let mut base = 0u32;
+    let mut next_free =
+        seqs.iter().filter_map(|s| s.cache_base.map(|base| base + s.canvas.len() as u32)).max().unwrap_or(0);
     for s in seqs {
         let c = &s.canvas;
         let start = b.tokens.len() as u32;
         let len = c.len() as u32;
-        b.tokens.extend_from_slice(c.tokens());
-        b.positions.extend(0..len);
-        b.seqs.push(SeqSpan { row_start: start, row_count: len, cache_base: base, kv_len: len });
-        base += len;
         let eligible = c.eligible();
+        let live = s.live_rows(&eligible);
+        let base = s.cache_base.unwrap_or_else(|| {
+            next_free += len;
+            next_free - len
+        });
+        let tokens = c.tokens();
+        b.tokens.extend(live.iter().map(|&p| tokens[p as usize]));
+        b.positions.extend_from_slice(&live);
+        b.seqs.push(SeqSpan { row_start: start, row_count: live.len() as u32, cache_base: base, kv_len: len });
         let mut logit_index = Vec::with_capacity(eligible.len());
         let mut last: Option<u32> = None;
         for &p in &eligible {
-            let row = start + logit_row(p, shifted);
+            let pos = logit_row(p, shifted);
+            let k = live.binary_search(&pos).unwrap_or_else(|_| {
+                panic!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache)
+            });
+            let row = start + k as u32;
             if last != Some(row) {
                 b.logit_rows.push(row);
                 last = Some(row);
@@ -105,7 +233,8 @@ pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>)
     (b, work)
 }
 
-/// Decodes every sequence of `seqs` to completion on `backend`. With a callback, each step
+/// Decodes every sequence of `seqs` to completion on `backend`, admitting those not admitted
+/// yet (the backend's cache must already hold [`admit`]'s rows). With a callback, each step
 /// also asks the backend for the eligible slots' scores and reports every sequence's step.
 pub fn run(
     backend: &mut dyn StepBackend,
@@ -114,6 +243,7 @@ pub fn run(
 ) -> Result<()> {
     let shifted = backend.config().shifted();
     let vocab = backend.config().vocab;
+    admit(seqs, shifted)?;
     let mut batch_step = 0u32;
     loop {
         let t0 = Instant::now();
@@ -137,11 +267,18 @@ pub fn run(
             )));
         }
         for (k, &i) in active.iter().enumerate() {
-            seqs[i].canvas.apply(&commits[k], vocab).map_err(|e| match e {
+            let s = &mut seqs[i];
+            let n = s.canvas.steps();
+            s.canvas.apply(&commits[k], vocab).map_err(|e| match e {
                 Error::BadInput(m) => Error::bad_input(format!("sequence {i}: {m}")),
                 other => other,
             })?;
-            seqs[i].commits_per_step.push(commits[k].len() as u32);
+            if let Some(plan) = s.plan.as_mut() {
+                let pos: Vec<u32> = commits[k].iter().map(|c| c.pos).collect();
+                plan.committed(n, &pos);
+            }
+            s.commits_per_step.push(commits[k].len() as u32);
+            s.rows_per_step.push(batch.seqs[k].row_count);
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         for (k, &i) in active.iter().enumerate() {
@@ -156,6 +293,7 @@ pub fn run(
                     eligible: &work[k].eligible,
                     scores: &scores[k],
                     commits: &commits[k],
+                    live_rows: batch.seqs[k].row_count,
                     ms,
                 });
             }

@@ -41,7 +41,12 @@ struct Plan {
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    /// Heuristic candidates not yet timed (emptied by the first call: autotuning).
+    untuned: Vec<sys::cublasLtMatmulAlgo_t>,
 }
+
+/// Heuristic candidates timed at a shape's first call (`DEMASK_GEMM_TUNE=0` keeps the first).
+const TUNE_CANDIDATES: usize = 8;
 
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
@@ -124,11 +129,35 @@ impl Blas {
                 8,
             )
             .map_err(blas_err("CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES"))?;
-            // The bias pointer is set per call; give the heuristic a placeholder-free desc.
-            let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref)
-                .map_err(blas_err("cublasLtMatmulAlgoGetHeuristic"))?;
+            let mut heur: [sys::cublasLtMatmulHeuristicResult_t; TUNE_CANDIDATES] = std::mem::zeroed();
+            let mut found = 0i32;
+            let st = sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                a,
+                b,
+                d,
+                d,
+                pref,
+                TUNE_CANDIDATES as i32,
+                heur.as_mut_ptr(),
+                &mut found,
+            );
             lt::destroy_matmul_pref(pref).map_err(blas_err("cublasLtMatmulPreferenceDestroy"))?;
-            plans.insert(key, Plan { desc, a, b, d, algo: heur.algo });
+            if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found <= 0 {
+                return Err(Error::Driver {
+                    op: "cublasLtMatmulAlgoGetHeuristic".into(),
+                    msg: format!("no algorithm for [{}x{}]·[{}x{}]ᵀ ({st:?})", key.t, key.k, key.n, key.k),
+                });
+            }
+            let algos: Vec<_> = heur[..found as usize]
+                .iter()
+                .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|h| h.algo)
+                .collect();
+            let tune = std::env::var("DEMASK_GEMM_TUNE").map_or(true, |v| v != "0");
+            let untuned = if tune && algos.len() > 1 { algos.clone() } else { Vec::new() };
+            plans.insert(key, Plan { desc, a, b, d, algo: algos[0], untuned });
         }
         Ok(())
     }
@@ -153,13 +182,53 @@ impl Blas {
         }
         let key = Key { t, n, k, bias: bias.is_some(), out };
         self.plan(key)?;
-        let plans = self.plans.lock().unwrap();
-        let p = &plans[&key];
+        let mut plans = self.plans.lock().unwrap();
+        let p = plans.get_mut(&key).expect("plan exists");
+        if !p.untuned.is_empty() {
+            let cands = std::mem::take(&mut p.untuned);
+            p.algo = self.autotune(gpu, p, &cands, x, w, bias, y)?;
+        }
+        self.run(p, &p.algo, x, w, bias, y)?;
+        gpu.after_launch("cublasLtMatmul")
+    }
+
+    /// Times every candidate algorithm on the real operands (3 runs each, after one warm-up)
+    /// and returns the fastest. Runs once per shape, at its first call (a host sync).
+    #[allow(clippy::too_many_arguments)]
+    fn autotune(
+        &self,
+        gpu: &Gpu,
+        p: &Plan,
+        cands: &[sys::cublasLtMatmulAlgo_t],
+        x: u64,
+        w: u64,
+        bias: Option<u64>,
+        y: u64,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let timer = super::Timer::new(gpu)?;
+        let mut best = (f32::MAX, cands[0]);
+        for algo in cands {
+            if self.run(p, algo, x, w, bias, y).is_err() {
+                continue; // an algorithm the heuristic offered but this shape refuses
+            }
+            timer.start(gpu)?;
+            for _ in 0..3 {
+                self.run(p, algo, x, w, bias, y)?;
+            }
+            let ms = timer.stop_ms(gpu)?;
+            if ms < best.0 {
+                best = (ms, *algo);
+            }
+        }
+        Ok(best.1)
+    }
+
+    fn run(&self, p: &Plan, algo: &sys::cublasLtMatmulAlgo_t, x: u64, w: u64, bias: Option<u64>, y: u64) -> Result<()> {
         let alpha = 1.0f32;
         let beta = 0.0f32;
         let (ws, _g) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
         // SAFETY: pointers come from live DTensors whose sizes the callers checked; the plan's
-        // descriptors are alive while the mutex is held.
+        // descriptors are alive while the plans mutex is held by the caller.
         unsafe {
             if let Some(bp) = bias {
                 lt::set_matmul_desc_attribute(
@@ -183,14 +252,14 @@ impl Blas {
                 p.d,
                 y as *mut c_void,
                 p.d,
-                &p.algo,
+                algo,
                 ws as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
             .map_err(blas_err("cublasLtMatmul"))?;
         }
-        gpu.after_launch("cublasLtMatmul")
+        Ok(())
     }
 }
 

@@ -92,7 +92,7 @@ unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 const FA_M: usize = 64;
 /// Blocks per cluster of `attention_split_bf16` (FA_SPLIT in the .cu): each takes every
 /// FA_SPLIT-th key tile of the same M-tile.
-const FA_SPLIT: usize = 8;
+const FA_SPLIT: usize = 4;
 /// One 64×128 bf16 shared tile.
 const FA_TILE_BYTES: usize = 64 * HEAD_DIM * 2;
 
