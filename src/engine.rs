@@ -3,6 +3,12 @@
 //! into canvases (prompt ids or text, chat template, structure prior) and decoded together:
 //! every step is one forward over the batch of active sequences. A step callback sees each
 //! sequence's canvas after every step (streaming, visualisation).
+//!
+//! KV caching (DESIGN.md §5): each request names a cache scheme (`Request::cache`). Every
+//! sequence of a wave gets its KV-cache rows (one per canvas row) when it is admitted; a wave
+//! holds as many requests as fit `max_batch`, `max_rows` and the KV budget
+//! (`EngineOptions::kv_budget`, or what the backend preallocated), and the backend's cache is
+//! sized for the wave before its first step, never during the decode loop.
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -10,11 +16,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::cache::CacheScheme;
 use crate::config::ModelConfig;
 use crate::decode::canvas::{Canvas, CanvasSpec};
 use crate::decode::cpu::CpuStepper;
 use crate::decode::prior::Prior;
-use crate::decode::runner::{self, SeqState, StepEvent};
+use crate::decode::runner::{self, cache_rows_for, SeqState, StepEvent};
 use crate::decode::step::StepBackend;
 use crate::decode::{Policy, Sampling};
 use crate::error::{Error, Result};
@@ -91,6 +98,79 @@ pub struct EngineOptions {
     /// Most canvas rows (prompt + gen, summed over the batch) per forward (0 = no limit).
     /// What a fixed-size backend (the GPU) sizes its buffers for.
     pub max_rows: usize,
+    /// Bytes the KV cache may take (every sequence of a wave together). `None`: on the CPU no
+    /// limit; on the GPU 90% of the device memory left free after the weights and workspace.
+    pub kv_budget: Option<u64>,
+}
+
+/// Parses a byte count: plain bytes (`1048576`) or a number with a binary suffix K, M, G or T
+/// (`512M`, `8G`, `1.5G`; an optional trailing `B`/`iB` is accepted: `8GiB`).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let bad = || Error::bad_input(format!("byte count `{s}`: expected bytes or a number with K, M, G or T (e.g. 8G)"));
+    let u = t.to_ascii_uppercase();
+    let u = u.strip_suffix("IB").or_else(|| u.strip_suffix('B')).unwrap_or(&u);
+    let (num, mult) = match u.chars().last() {
+        Some('K') => (&u[..u.len() - 1], 1u64 << 10),
+        Some('M') => (&u[..u.len() - 1], 1 << 20),
+        Some('G') => (&u[..u.len() - 1], 1 << 30),
+        Some('T') => (&u[..u.len() - 1], 1 << 40),
+        _ => (u, 1),
+    };
+    if mult == 1 {
+        return num.trim().parse::<u64>().map_err(|_| bad());
+    }
+    let x: f64 = num.trim().parse().map_err(|_| bad())?;
+    let bytes = x * mult as f64;
+    if !(x.is_finite() && x >= 0.0 && bytes < u64::MAX as f64) {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// What the engine needs of a backend beyond `StepBackend`: the size of its KV cache, which
+/// the engine sets before each decode loop (never during one).
+pub trait EngineBackend: StepBackend {
+    /// Bytes one KV-cache row takes (K and V of every layer).
+    fn cache_row_bytes(&self) -> u64;
+    /// Most cache rows the backend can hold: `None` when it can grow (the CPU), else the rows
+    /// it preallocated.
+    fn cache_row_limit(&self) -> Option<usize>;
+    /// Makes sure `rows` cache rows are ready (may allocate; an error when it cannot).
+    fn reserve_cache(&mut self, rows: usize) -> Result<()>;
+}
+
+impl EngineBackend for CpuStepper {
+    fn cache_row_bytes(&self) -> u64 {
+        CpuStepper::cache_row_bytes(self)
+    }
+    fn cache_row_limit(&self) -> Option<usize> {
+        None
+    }
+    fn reserve_cache(&mut self, rows: usize) -> Result<()> {
+        self.reserve(rows);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl EngineBackend for crate::decode::gpu::GpuStepper {
+    fn cache_row_bytes(&self) -> u64 {
+        let cfg = &self.model().cfg;
+        (2 * cfg.n_layers * cfg.kv_dim() * std::mem::size_of::<half::bf16>()) as u64
+    }
+    fn cache_row_limit(&self) -> Option<usize> {
+        Some(self.model().cache.rows)
+    }
+    fn reserve_cache(&mut self, rows: usize) -> Result<()> {
+        let have = self.model().cache.rows;
+        if rows > have {
+            return Err(Error::bad_input(format!(
+                "{rows} KV-cache rows needed, the GPU preallocated {have} (raise --kv-budget or lower the batch)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A request's prompt.
@@ -119,6 +199,11 @@ pub struct Request {
     pub prior: Option<Prior>,
     /// A finished block containing EOS/EOT ends the sequence (default on).
     pub stop_at_eos: bool,
+    /// KV-cache scheme (default `none`: exact decoding, every row recomputed every step).
+    pub cache: CacheScheme,
+    /// Test knob (not on the CLI): the cache scheme refreshes every row every step, so every
+    /// scheme must decode exactly like `none`.
+    pub cache_refresh_every_step: bool,
 }
 
 impl Request {
@@ -134,6 +219,8 @@ impl Request {
             seq_id: 0,
             prior: None,
             stop_at_eos: true,
+            cache: CacheScheme::None,
+            cache_refresh_every_step: false,
         }
     }
 }
@@ -150,6 +237,9 @@ pub struct Output {
     /// Steps (forwards) this sequence took.
     pub steps: u32,
     pub commits_per_step: Vec<u32>,
+    /// Canvas rows this sequence recomputed at each of its steps (the rest came from the KV
+    /// cache; every row with the `none` scheme).
+    pub rows_per_step: Vec<u32>,
     /// Wall time of each of its steps (the batch's step), ms.
     pub step_ms: Vec<f64>,
     pub total_ms: f64,
@@ -162,11 +252,12 @@ pub struct Output {
 
 /// A loaded model and its decoding backend.
 pub struct Engine {
-    backend: Box<dyn StepBackend>,
+    backend: Box<dyn EngineBackend>,
     tokenizer: Option<Arc<Tokenizer>>,
     device: String,
     max_batch: usize,
     max_rows: usize,
+    kv_budget: Option<u64>,
 }
 
 /// Models the CPU backend accepts (its f32 copy must fit comfortably in host memory); checked
@@ -190,10 +281,10 @@ impl Engine {
         Ok(Self::with_backend(Box::new(stepper), tokenizer, "cpu (f32)".into(), &opts))
     }
 
-    /// An engine over any step backend (how the GPU backend plugs in); `opts.max_batch` and
-    /// `opts.max_rows` bound every forward it is given.
+    /// An engine over any step backend (how the GPU backend plugs in); `opts.max_batch`,
+    /// `opts.max_rows` and `opts.kv_budget` bound every wave it is given.
     pub fn with_backend(
-        backend: Box<dyn StepBackend>,
+        backend: Box<dyn EngineBackend>,
         tokenizer: Option<Tokenizer>,
         device: String,
         opts: &EngineOptions,
@@ -204,6 +295,7 @@ impl Engine {
             device,
             max_batch: opts.max_batch,
             max_rows: opts.max_rows,
+            kv_budget: opts.kv_budget,
         }
     }
 
@@ -267,7 +359,7 @@ impl Engine {
         };
         let spec = CanvasSpec { gen_len: r.gen_len, block_len: r.block_len, stop_at_eos: r.stop_at_eos };
         let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
-        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id))
+        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id).with_cache(r.cache, r.cache_refresh_every_step))
     }
 
     fn run(&mut self, reqs: &[Request], on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<Output>> {
@@ -288,6 +380,7 @@ impl Engine {
         let mut on_step = on_step;
         for w in waves {
             let part = &mut seqs[w.clone()];
+            self.backend.reserve_cache(cache_rows_for(part))?;
             match on_step.as_mut() {
                 // Event indices count from the wave's first request.
                 Some(cb) => {
@@ -300,10 +393,29 @@ impl Engine {
         seqs.iter().map(|s| self.output(s)).collect()
     }
 
-    /// Consecutive runs of requests that fit `max_batch` sequences and `max_rows` rows.
+    /// KV-cache rows one wave may take, and the budget in bytes behind that number (for
+    /// messages): the smaller of `kv_budget / bytes per row` and what the backend holds.
+    fn cache_row_cap(&self) -> (usize, Option<u64>) {
+        let per_row = self.backend.cache_row_bytes().max(1);
+        let by_budget = self.kv_budget.map(|b| usize::try_from(b / per_row).unwrap_or(usize::MAX));
+        let by_backend = self.backend.cache_row_limit();
+        let rows = by_budget.unwrap_or(usize::MAX).min(by_backend.unwrap_or(usize::MAX));
+        let budget = match (self.kv_budget, by_backend) {
+            (Some(b), Some(r)) => Some(b.min(r as u64 * per_row)),
+            (Some(b), None) => Some(b),
+            (None, Some(r)) => Some(r as u64 * per_row),
+            (None, None) => None,
+        };
+        (rows, budget)
+    }
+
+    /// Consecutive runs of requests that fit `max_batch` sequences, `max_rows` rows and the KV
+    /// cache (one row per canvas row). A request that cannot fit even alone is refused.
     fn waves(&self, seqs: &[SeqState]) -> Result<Vec<std::ops::Range<usize>>> {
         let max_batch = if self.max_batch == 0 { usize::MAX } else { self.max_batch };
         let max_rows = if self.max_rows == 0 { usize::MAX } else { self.max_rows };
+        let (max_cache, budget) = self.cache_row_cap();
+        let per_row = self.backend.cache_row_bytes();
         let mut out = Vec::new();
         let (mut start, mut rows) = (0usize, 0usize);
         for (i, s) in seqs.iter().enumerate() {
@@ -313,7 +425,15 @@ impl Engine {
                     "request {i}: its canvas of {len} rows exceeds the engine's max_rows {max_rows}"
                 )));
             }
-            if i - start == max_batch || rows + len > max_rows {
+            if len > max_cache {
+                return Err(Error::bad_input(format!(
+                    "request {i}: its canvas of {len} rows needs {} bytes of KV cache ({per_row} per row), \
+                     more than the KV budget of {} bytes ({max_cache} rows); raise --kv-budget or shorten the request",
+                    len as u64 * per_row,
+                    budget.unwrap_or(0)
+                )));
+            }
+            if i - start == max_batch || rows + len > max_rows.min(max_cache) {
                 out.push(start..i);
                 start = i;
                 rows = 0;
@@ -345,6 +465,7 @@ impl Engine {
             prompt_len: c.prompt_len() as usize,
             steps: c.steps(),
             commits_per_step: s.commits_per_step.clone(),
+            rows_per_step: s.rows_per_step.clone(),
             step_ms: s.step_ms.clone(),
             total_ms,
             generated_tokens,

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use demask::decode::prior::Prior;
 use demask::decode::runner::StepEvent;
 use demask::decode::{Policy, Sampling};
-use demask::engine::{Device, Engine, EngineOptions, Output, Prompt, Request};
+use demask::cache::CacheScheme;
+use demask::engine::{parse_bytes, Device, Engine, EngineOptions, Output, Prompt, Request};
 use demask::tokenizer::Tokenizer;
 
 #[derive(clap::Args, Debug)]
@@ -56,6 +57,14 @@ pub struct GenerateArgs {
     /// End the sequence when a finished block contains EOS/EOT (default on; --stop-at-eos=false).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
+    /// KV-cache scheme: none (exact), prompt, prefix, dual, dkv:R (refresh every R steps),
+    /// dkv-greedy[:W] (window W, default 2).
+    #[arg(long, default_value = "none")]
+    pub cache: String,
+    /// Most bytes the KV cache may take: bytes or K/M/G/T (binary), e.g. 8G. Default: no limit
+    /// on the CPU; 90% of the device memory left after the weights and workspace on a GPU.
+    #[arg(long)]
+    pub kv_budget: Option<String>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -111,9 +120,11 @@ fn render(gen: &[u32], mask_id: u32, tok: Option<&Tokenizer>) -> String {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let device: Device = a.device.parse()?;
     let policy: Policy = a.policy.parse()?;
+    let cache: CacheScheme = a.cache.parse()?;
+    let kv_budget = a.kv_budget.as_deref().map(parse_bytes).transpose()?;
     let t0 = Instant::now();
     eprintln!("loading {} (device {device})", a.model.display());
-    let mut engine = Engine::load(&a.model, EngineOptions { device, ..Default::default() })
+    let mut engine = Engine::load(&a.model, EngineOptions { device, kv_budget, ..Default::default() })
         .with_context(|| format!("loading {}", a.model.display()))?;
     let cfg = engine.config().clone();
     eprintln!(
@@ -145,6 +156,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seq_id: 0,
         prior,
         stop_at_eos: a.stop_at_eos,
+        cache,
+        cache_refresh_every_step: false,
     };
     let reqs = [req];
     let t1 = Instant::now();
@@ -155,10 +168,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(
                 err,
-                "step {:>3} block {:>2} +{:<3} {:>8.2} ms | {}",
+                "step {:>3} block {:>2} +{:<3} rows {:>5} {:>8.2} ms | {}",
                 e.step,
                 e.eligible.first().map_or(0, |&p| (p - e.canvas.prompt_len()) / e.canvas.spec().block_len),
                 e.commits.len(),
+                e.live_rows,
                 e.ms,
                 render(e.canvas.gen(), mask_id, tok.as_deref())
             );
@@ -183,6 +197,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "arch": format!("{:?}", cfg.arch),
             "device": engine.device(),
             "policy": policy.to_string(),
+            "cache": cache.name(),
             "gen_len": a.gen_len,
             "block_len": reqs[0].block_len,
             "temperature": a.temperature,
@@ -194,6 +209,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "text": out.text,
             "steps": out.steps,
             "commits_per_step": out.commits_per_step,
+            "rows_per_step": out.rows_per_step,
             "ms_per_step": out.step_ms.iter().map(|&m| (m * 1e3).round() / 1e3).collect::<Vec<f64>>(),
             "total_ms": out.total_ms,
             "wall_s": wall,

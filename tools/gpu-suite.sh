@@ -173,7 +173,7 @@ if [[ "${DEMASK_GOLDEN:-0}" == 1 ]]; then
   if PYTHON="${PYTHON:-python3}" tools/golden/run.sh ./demask "$logs/fixtures" >"$logs/golden.log" 2>&1; then
     golden_fresh="$logs/fixtures"
     echo "golden script: ok (fixtures in $golden_fresh)" | tee -a "$summary"
-    grep -E 'check|wrote' "$logs/golden.log" | tee -a "$summary"
+    grep -E '^\[make_golden\] (bidirectional|self-check|wrote)' "$logs/golden.log" | tee -a "$summary"
   else
     echo "golden script: FAILED (see golden.log)" | tee -a "$summary"
     tail -n 20 "$logs/golden.log"

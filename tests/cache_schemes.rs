@@ -1,0 +1,356 @@
+//! KV caching end to end on the CPU backend (DESIGN.md §5): every scheme with a full refresh
+//! every step decodes exactly like `none`; the cache is really used (a prompt row's cached K
+//! goes stale under `prompt` / `dual`, rows that are not live keep their K, full steps equal a
+//! fresh recomputation); live rows per step follow the scheme's rule; every scheme finishes
+//! with several policies; alone vs in a batch; bad scheme strings; the KV budget.
+use demask::batch::RowBatch;
+use demask::cache::CacheScheme;
+use demask::checkpoint::random_weights;
+use demask::config::ModelConfig;
+use demask::decode::canvas::{Canvas, CanvasSpec};
+use demask::decode::cpu::CpuStepper;
+use demask::decode::runner::{self, SeqState, StepEvent};
+use demask::decode::step::{Commit, SeqWork, SlotScores, StepBackend};
+use demask::decode::Sampling;
+use demask::engine::{parse_bytes, Device, Engine, EngineOptions, Output, Prompt, Request};
+use demask::Result;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
+const SCHEMES: [&str; 8] = ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv-greedy", "dkv-greedy:0"];
+const POLICIES: [&str; 5] = ["schedule:4", "threshold:0.9", "factor:1", "random:4", "dream:entropy,4"];
+
+fn engine(preset: &str, opts: EngineOptions) -> Engine {
+    let cfg = ModelConfig::preset(preset).unwrap();
+    Engine::from_weights(random_weights(&cfg, 5), None, EngineOptions { device: Device::Cpu, ..opts }).unwrap()
+}
+
+/// A random prompt of `len` ordinary tokens (below the tiny presets' special ids).
+fn prompt(rng: &mut StdRng, len: usize) -> Vec<u32> {
+    (0..len).map(|_| rng.gen_range(0..500)).collect()
+}
+
+fn req(prompt: &[u32], gen: u32, block: u32, policy: &str, cache: &str) -> Request {
+    let mut r = Request::new(Prompt::Ids(prompt.to_vec()), gen, block, policy.parse().unwrap());
+    r.stop_at_eos = false;
+    r.cache = cache.parse().unwrap();
+    r
+}
+
+fn check_complete(o: &Output, what: &str) {
+    assert!(o.tokens.iter().all(|&t| t != demask::config::TINY_MASK), "{what}: a slot is still masked: {:?}", o.tokens);
+    assert_eq!(o.rows_per_step.len(), o.steps as usize, "{what}: one live-row count per step");
+    let len = (o.prompt_len + o.tokens.len()) as u32;
+    assert!(o.rows_per_step.iter().all(|&r| r >= 1 && r <= len), "{what}: rows {:?}", o.rows_per_step);
+    assert_eq!(o.rows_per_step[0], len, "{what}: the first step is full");
+}
+
+/// (a) Every scheme with a full refresh every step gives exactly the `none` tokens (CPU vs CPU,
+/// same reduction order: exact), on both presets and several policies, and runs every row.
+#[test]
+fn refresh_every_step_equals_none() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for preset in PRESETS {
+        let mut e = engine(preset, EngineOptions::default());
+        for (pi, policy) in POLICIES.iter().enumerate() {
+            let p = prompt(&mut rng, 3 + 4 * pi);
+            let base = e.generate(&[req(&p, 16, 8, policy, "none")]).unwrap().remove(0);
+            for scheme in SCHEMES {
+                let mut r = req(&p, 16, 8, policy, scheme);
+                r.cache_refresh_every_step = true;
+                let o = e.generate(&[r]).unwrap().remove(0);
+                assert_eq!(o.tokens, base.tokens, "{preset} {policy} {scheme}: refreshed every step must equal none");
+                assert_eq!(o.commits_per_step, base.commits_per_step, "{preset} {policy} {scheme}");
+                let len = (p.len() + 16) as u32;
+                assert!(o.rows_per_step.iter().all(|&r| r == len), "{preset} {scheme}: {:?}", o.rows_per_step);
+            }
+        }
+    }
+}
+
+/// Every scheme runs to completion on both presets with several policies, prompts of awkward
+/// lengths (1, 19) and several blocks; `none` runs every row every step.
+#[test]
+fn every_scheme_runs_to_completion() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for preset in PRESETS {
+        let mut e = engine(preset, EngineOptions::default());
+        for scheme in SCHEMES {
+            for (pi, policy) in POLICIES.iter().enumerate() {
+                let p = prompt(&mut rng, if pi % 2 == 0 { 1 } else { 19 });
+                let (gen, block) = if pi % 2 == 0 { (24, 8) } else { (12, 4) };
+                let o = e.generate(&[req(&p, gen, block, policy, scheme)]).unwrap().remove(0);
+                let what = format!("{preset} {scheme} {policy}");
+                check_complete(&o, &what);
+                if scheme == "none" || scheme == "dkv:1" {
+                    // dkv:1 refreshes at every step (i % 1 == 0).
+                    assert!(o.rows_per_step.iter().all(|&r| r as usize == p.len() + gen as usize), "{what}");
+                } else {
+                    assert!(
+                        o.rows_per_step.iter().any(|&r| (r as usize) < p.len() + gen as usize),
+                        "{what}: no step used the cache: {:?}",
+                        o.rows_per_step
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One step as seen by the callback: the block of the step, live rows, and masked slots before
+/// the step (every block).
+struct Seen {
+    block: u32,
+    live: u32,
+    masked_before: u32,
+    commits: u32,
+    eligible: u32,
+}
+
+fn observe(e: &mut Engine, r: Request) -> (Output, Vec<Seen>) {
+    let mask = e.config().mask_id;
+    let mut seen = Vec::new();
+    let mut cb = |ev: &StepEvent| {
+        let c = ev.canvas;
+        let p = c.prompt_len();
+        let masked_after = c.gen().iter().filter(|&&t| t == mask).count() as u32;
+        seen.push(Seen {
+            block: (ev.eligible[0] - p) / c.spec().block_len,
+            live: ev.live_rows,
+            masked_before: masked_after + ev.commits.len() as u32,
+            commits: ev.commits.len() as u32,
+            eligible: ev.eligible.len() as u32,
+        });
+    };
+    let o = e.generate_with(&[r], &mut cb).unwrap().remove(0);
+    assert_eq!(o.rows_per_step, seen.iter().map(|s| s.live).collect::<Vec<_>>(), "Output and events agree");
+    (o, seen)
+}
+
+/// Live rows per step follow each scheme's rule (P = 5, G = 24, blocks of 8): exactly on LLaDA
+/// (e.g. dual's non-first steps run exactly block_len rows); Dream may add the row before an
+/// eligible slot (always P−1 for `prompt`).
+#[test]
+fn live_rows_per_step_follow_the_scheme() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (p_len, gen, bl) = (5u32, 24u32, 8u32);
+    let len = p_len + gen;
+    for preset in PRESETS {
+        let shifted = preset == "tiny-dream";
+        let mut e = engine(preset, EngineOptions::default());
+        let p = prompt(&mut rng, p_len as usize);
+        for scheme in ["prompt", "prefix", "dual", "dkv:3"] {
+            // threshold:0.9 on random weights commits about one slot a step: many steps a block.
+            let (o, seen) = observe(&mut e, req(&p, gen, bl, "threshold:0.9", scheme));
+            check_complete(&o, &format!("{preset} {scheme}"));
+            let mut prev_block = u32::MAX;
+            let mut i = 0u32;
+            let mut prev_commits = 0u32;
+            for (n, s) in seen.iter().enumerate() {
+                if s.block != prev_block {
+                    i = 0;
+                    prev_block = s.block;
+                }
+                let start = p_len + s.block * bl;
+                // The LLaDA rule; a shifted model adds the row before each eligible slot when it
+                // is not live already: up to `slack` rows.
+                let (want, slack) = match scheme {
+                    "prompt" if n == 0 => (len, 0),
+                    "prompt" => (gen + u32::from(shifted), 0),
+                    "prefix" | "dual" if i == 0 => (len, 0),
+                    "prefix" => (len - start, u32::from(shifted)),
+                    "dual" => (bl, u32::from(shifted)),
+                    "dkv:3" if i == 0 || i == 1 || i % 3 == 0 => (len, 0),
+                    // still-masked rows (every block) and the rows committed at the previous step
+                    "dkv:3" => (s.masked_before + prev_commits, if shifted { s.eligible } else { 0 }),
+                    _ => unreachable!(),
+                };
+                assert!(
+                    s.live >= want && s.live <= want + slack,
+                    "{preset} {scheme} step {n} (block {}, i {i}): {} live rows, want {want} (+ up to {slack})",
+                    s.block,
+                    s.live
+                );
+                prev_commits = s.commits;
+                i += 1;
+            }
+        }
+    }
+}
+
+/// A request alone vs in a batch of 3 (different prompts, lengths and schemes around it) gives
+/// identical tokens for every scheme: its cache rows are its own.
+#[test]
+fn alone_equals_in_a_batch_of_three_for_every_scheme() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for preset in PRESETS {
+        let mut e = engine(preset, EngineOptions::default());
+        for scheme in SCHEMES {
+            let a = req(&prompt(&mut rng, 7), 16, 8, "schedule:4", "dual");
+            let b = req(&prompt(&mut rng, 11), 16, 4, "threshold:0.9", scheme);
+            let c = req(&prompt(&mut rng, 2), 8, 8, "factor:1", "prompt");
+            let alone = e.generate(&[b.clone()]).unwrap().remove(0);
+            let batch = e.generate(&[a, b, c]).unwrap();
+            assert_eq!(batch[1].tokens, alone.tokens, "{preset} {scheme}");
+            assert_eq!(batch[1].rows_per_step, alone.rows_per_step, "{preset} {scheme}");
+        }
+    }
+}
+
+/// Wraps a CpuStepper and snapshots K of every layer (the whole cache) after each step.
+struct Probe {
+    inner: CpuStepper,
+    k_after: Vec<Vec<Vec<f32>>>,
+    live: Vec<Vec<u32>>,
+}
+
+impl StepBackend for Probe {
+    fn step(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<Vec<Vec<Commit>>> {
+        Ok(self.step_scored(batch, work)?.0)
+    }
+    fn step_scored(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<(Vec<Vec<Commit>>, Vec<SlotScores>)> {
+        let out = self.inner.step_scored(batch, work)?;
+        self.k_after.push(self.inner.cache().k.clone());
+        self.live.push(batch.positions.clone());
+        Ok(out)
+    }
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+}
+
+/// Largest |a − b| over row `r` of two `[rows, kvd]` buffers.
+fn row_diff(a: &[f32], b: &[f32], r: usize, kvd: usize) -> f32 {
+    a[r * kvd..(r + 1) * kvd].iter().zip(&b[r * kvd..(r + 1) * kvd]).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// (c) The cache is really used. For one sequence decoded with `scheme`, after every step:
+/// rows that were not live kept the K they had (bit for bit); at full steps every row equals a
+/// fresh full recomputation of the step's input canvas (bit for bit: same f32 code); layer-0 K
+/// of live rows equals the fresh one (it depends on the token and position only); and returns
+/// the largest layer-1 K difference between a cached prompt row and the fresh recomputation.
+fn stale_prompt_k(preset: &str, scheme: &str) -> f32 {
+    let cfg = ModelConfig::preset(preset).unwrap();
+    let w = random_weights(&cfg, 6);
+    let mut rng = StdRng::seed_from_u64(5);
+    let p = prompt(&mut rng, 9);
+    let spec = CanvasSpec { gen_len: 16, block_len: 8, stop_at_eos: false };
+    let canvas = Canvas::new(&p, &[], spec, &cfg).unwrap();
+    let s = SeqState::new(canvas.clone(), "threshold:0.9".parse().unwrap(), Sampling::default(), 1, 0)
+        .with_cache(scheme.parse().unwrap(), false);
+    let len = canvas.len();
+    let mut probe = Probe { inner: CpuStepper::new(&w, len).unwrap(), k_after: Vec::new(), live: Vec::new() };
+    // The input canvas of each step: the initial one, then the canvas after each step.
+    let mut inputs = vec![canvas.tokens().to_vec()];
+    let mut cb = |e: &StepEvent| inputs.push(e.canvas.tokens().to_vec());
+    let mut seqs = [s];
+    runner::run(&mut probe, &mut seqs, Some(&mut cb)).unwrap();
+    let kvd = cfg.kv_dim();
+    let model = probe.inner.model();
+    let mut worst = 0f32;
+    for (n, k) in probe.k_after.iter().enumerate() {
+        let mut fresh = model.new_cache(len);
+        model.forward(&RowBatch::full(&[inputs[n].clone()]), &mut fresh).unwrap();
+        let live = &probe.live[n];
+        let full = live.len() == len;
+        for r in 0..len {
+            let is_live = live.binary_search(&(r as u32)).is_ok();
+            for l in 0..cfg.n_layers {
+                if full {
+                    assert_eq!(row_diff(&k[l], &fresh.k[l], r, kvd), 0.0, "{preset} {scheme} step {n}: full step row {r} layer {l}");
+                } else if !is_live && n > 0 {
+                    let prev = &probe.k_after[n - 1][l];
+                    assert_eq!(row_diff(&k[l], prev, r, kvd), 0.0, "{preset} {scheme} step {n}: cached row {r} changed");
+                }
+            }
+            if is_live {
+                let d = row_diff(&k[0], &fresh.k[0], r, kvd);
+                assert!(d <= 1e-5, "{preset} {scheme} step {n}: live row {r} layer-0 K off by {d}");
+            }
+            if r < p.len() {
+                worst = worst.max(row_diff(&k[cfg.n_layers - 1], &fresh.k[cfg.n_layers - 1], r, kvd));
+            }
+        }
+    }
+    assert!(probe.k_after.len() >= 3, "{preset} {scheme}: want several steps, got {}", probe.k_after.len());
+    worst
+}
+
+#[test]
+fn cached_prompt_rows_go_stale_with_prompt_and_dual() {
+    for preset in PRESETS {
+        let none = stale_prompt_k(preset, "none");
+        assert_eq!(none, 0.0, "{preset} none: the cache must equal a fresh recomputation");
+        for scheme in ["prompt", "dual"] {
+            let d = stale_prompt_k(preset, scheme);
+            // Rounding of a recomputation is ~1e-6; a stale row differs by orders more.
+            assert!(d > 1e-3, "{preset} {scheme}: cached prompt K equals a fresh recomputation ({d}): cache unused?");
+            eprintln!("{preset} {scheme}: largest stale prompt-row K difference {d}");
+        }
+        for scheme in ["prefix", "dkv:3", "dkv-greedy"] {
+            stale_prompt_k(preset, scheme);
+        }
+    }
+}
+
+#[test]
+fn bad_cache_schemes_are_refused() {
+    for (s, want) in [
+        ("bogus", "unknown cache scheme"),
+        ("dkv", "expected dkv:R"),
+        ("dkv:0", "must be >= 1"),
+        ("dkv:x", "not a non-negative integer"),
+        ("dual:3", "takes no parameter"),
+        ("dkv-greedy:-1", "not a non-negative integer"),
+        ("", "unknown cache scheme"),
+    ] {
+        let e = s.parse::<CacheScheme>().unwrap_err().to_string();
+        assert!(e.contains(want), "`{s}`: {e}");
+    }
+    for s in ["none", "prompt", "prefix", "dual", "dkv:4", "dkv-greedy:2"] {
+        assert_eq!(s.parse::<CacheScheme>().unwrap().name(), s);
+    }
+}
+
+#[test]
+fn byte_counts_parse() {
+    assert_eq!(parse_bytes("1048576").unwrap(), 1 << 20);
+    assert_eq!(parse_bytes("8G").unwrap(), 8 << 30);
+    assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+    assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+    assert_eq!(parse_bytes("1.5K").unwrap(), 1536);
+    for bad in ["", "G", "8X", "-1G", "1.5", "abc"] {
+        let e = parse_bytes(bad).unwrap_err().to_string();
+        assert!(e.contains("byte count"), "`{bad}`: {e}");
+    }
+}
+
+/// A KV budget too small for a request is a clear error naming the request, its rows and the
+/// budget; a budget that fits one request at a time splits a batch into waves with the same
+/// tokens as an unbounded run.
+#[test]
+fn kv_budget_errors_and_waves() {
+    let cfg = ModelConfig::preset("tiny-llada").unwrap();
+    // The CPU cache is f32: 2 (K, V) · layers · kv_dim · 4 bytes a row.
+    let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 4) as u64;
+    let mut rng = StdRng::seed_from_u64(7);
+    let reqs: Vec<Request> =
+        (0..3).map(|i| req(&prompt(&mut rng, 5 + i), 16, 8, "schedule:4", SCHEMES[1 + i])).collect();
+    let rows1 = 5 + 1 + 16; // request 1's canvas
+    let mut small = engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 20), ..Default::default() });
+    let e = small.generate(&reqs).unwrap_err().to_string();
+    assert!(e.contains("request 0") && e.contains("21 rows") && e.contains("KV budget"), "{e}");
+    assert!(e.contains(&(per_row * 20).to_string()), "the budget in bytes: {e}");
+    let e = small.generate(&reqs[1..2]).unwrap_err().to_string();
+    assert!(e.contains("request 0") && e.contains(&format!("{rows1} rows")), "{e}");
+    // Room for the longest request alone: three waves, same tokens as no budget.
+    let mut one = engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 23 + 7), ..Default::default() });
+    let mut free = engine("tiny-llada", EngineOptions::default());
+    let a = one.generate(&reqs).unwrap();
+    let b = free.generate(&reqs).unwrap();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.tokens, y.tokens, "request {i}");
+        assert_eq!(x.rows_per_step, y.rows_per_step, "request {i}");
+    }
+}
