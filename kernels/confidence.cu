@@ -544,3 +544,10 @@ extern "C" __global__ void __launch_bounds__(CUT_THREADS) confidence_cutoff_f32(
     }
     if (threadIdx.x == 0) *cut_out = cut;
 }
+
+// Sets logits[r, col] = value for r < rows: the mask token is never a candidate (its logit
+// becomes −1e30 before confidences are computed, as src/decode/cpu.rs does on the host).
+extern "C" __global__ void set_column_f32(float* logits, int rows, int vocab, int col, float value) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < rows) logits[(size_t)r * vocab + col] = value;
+}

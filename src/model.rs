@@ -381,6 +381,11 @@ impl GpuModel {
         (&self.ws.logits, self.last_logit_rows)
     }
 
+    /// Mutable access to the logits buffer (e.g. to exclude the mask token before sampling).
+    pub fn logits_mut(&mut self) -> (&mut DTensor<f32>, usize) {
+        (&mut self.ws.logits, self.last_logit_rows)
+    }
+
     /// Copies the last forward's logits to the host (synchronising).
     pub fn logits_to_host(&self) -> Result<Vec<f32>> {
         self.ws.logits.to_host_n(&self.gpu, self.last_logit_rows * self.cfg.vocab)

@@ -142,19 +142,34 @@ impl GpuStepper {
                 )));
             }
             if !(w.sampling.temperature >= 0.0) || !(w.sampling.top_p > 0.0 && w.sampling.top_p <= 1.0) {
-                return Err(Error::bad_input(format!("step: sequence {si} has bad sampling {:?}", w.sampling)));
+                return Err(Error::bad_input(format!(
+                    "step: sequence {si} has bad sampling {:?}",
+                    w.sampling
+                )));
             }
             let kind = w.policy.conf_kind();
-            self.host_seqs.push(SeqCommitParams::new(&w.policy, w.ctx, self.host_pos.len(), w.eligible.len(), si));
+            self.host_seqs.push(SeqCommitParams::new(
+                &w.policy,
+                w.ctx,
+                self.host_pos.len(),
+                w.eligible.len(),
+                si,
+            ));
             for (&pos, &li) in w.eligible.iter().zip(&w.logit_index) {
-                let key = RngKey { seed: w.seed, seq: w.seq_id, step: w.step, slot: pos };
+                let key = RngKey {
+                    seed: w.seed,
+                    seq: w.seq_id,
+                    step: w.step,
+                    slot: pos,
+                };
                 self.host_slots.push(SlotParams::new(li, kind, &w.sampling, key));
                 self.host_pos.push(pos);
             }
         }
         let gpu = self.model.gpu.clone();
         self.conf_ws.set_slots(&gpu, &self.host_slots, cfg.vocab)?;
-        self.commit_ws.set_seqs(&gpu, &self.host_seqs, &self.host_pos, self.canvas_stride)
+        self.commit_ws
+            .set_seqs(&gpu, &self.host_seqs, &self.host_pos, self.canvas_stride)
     }
 
     /// forward → confidence → commit, leaving the commit lists in `out` (no host sync).
@@ -163,9 +178,28 @@ impl GpuStepper {
         self.stage(batch, work)?;
         self.model.forward(batch)?;
         let gpu = self.model.gpu.clone();
+        let mask = self.model.cfg.mask_id as usize;
+        {
+            let (logits, rows) = self.model.logits_mut();
+            crate::ops::confidence::set_column(&gpu, logits, rows, mask, crate::decode::cpu::MASK_LOGIT)?;
+        }
         let (logits, rows) = self.model.logits();
-        confidence(&gpu, logits, rows, &mut self.conf_ws, &mut self.slot_tokens, &mut self.slot_conf)?;
-        commit(&gpu, &mut self.commit_ws, &self.slot_tokens, &self.slot_conf, &mut self.canvas, &mut self.out)
+        confidence(
+            &gpu,
+            logits,
+            rows,
+            &mut self.conf_ws,
+            &mut self.slot_tokens,
+            &mut self.slot_conf,
+        )?;
+        commit(
+            &gpu,
+            &mut self.commit_ws,
+            &self.slot_tokens,
+            &self.slot_conf,
+            &mut self.canvas,
+            &mut self.out,
+        )
     }
 
     /// Downloads the commit lists: the step's one host synchronisation.
@@ -203,7 +237,10 @@ impl StepBackend for GpuStepper {
         let mut at = 0;
         for w in work {
             let k = w.eligible.len();
-            scores.push(SlotScores { tokens: tokens[at..at + k].to_vec(), conf: conf[at..at + k].to_vec() });
+            scores.push(SlotScores {
+                tokens: tokens[at..at + k].to_vec(),
+                conf: conf[at..at + k].to_vec(),
+            });
             at += k;
         }
         Ok((commits, scores))

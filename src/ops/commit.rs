@@ -18,17 +18,17 @@ const THREADS: u32 = 256; // COMMIT_THREADS in the .cu
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SeqCommitParams {
-    pub slot_offset: i32,   // int
-    pub slot_count: i32,    // int
-    pub policy: i32,        // int: 0 schedule, 1 random, 2 threshold, 3 confident, 4 factor, 5 dream
-    pub tau: f32,           // float
-    pub factor: f32,        // float
-    pub steps: u32,         // unsigned
-    pub ctx_step: u32,      // unsigned
-    pub block_masked: u32,  // unsigned
-    pub masked: u32,        // unsigned
-    pub canvas_row: i32,    // int
-    pub pad: [i32; 2],      // int[2]
+    pub slot_offset: i32,  // int
+    pub slot_count: i32,   // int
+    pub policy: i32,       // int: 0 schedule, 1 random, 2 threshold, 3 confident, 4 factor, 5 dream
+    pub tau: f32,          // float
+    pub factor: f32,       // float
+    pub steps: u32,        // unsigned
+    pub ctx_step: u32,     // unsigned
+    pub block_masked: u32, // unsigned
+    pub masked: u32,       // unsigned
+    pub canvas_row: i32,   // int
+    pub pad: [i32; 2],     // int[2]
 }
 
 // SAFETY: plain-old-data mirror of the C struct (i32 / u32 / f32 fields, no padding holes).
@@ -123,7 +123,13 @@ impl CommitWs {
     /// Validates and uploads the sequences and slot positions. The sequences' slot ranges must
     /// tile `[0, positions.len())` in order; positions are strictly ascending within a sequence
     /// and below `canvas_stride`.
-    pub fn set_seqs(&mut self, gpu: &Gpu, seqs: &[SeqCommitParams], positions: &[u32], canvas_stride: usize) -> Result<()> {
+    pub fn set_seqs(
+        &mut self,
+        gpu: &Gpu,
+        seqs: &[SeqCommitParams],
+        positions: &[u32],
+        canvas_stride: usize,
+    ) -> Result<()> {
         if seqs.len() > self.max_seqs || positions.len() > self.max_slots {
             return Err(Error::bad_input(format!(
                 "{OP}: {} sequences / {} slots, the workspace was sized for {} / {}",
@@ -134,7 +140,9 @@ impl CommitWs {
             )));
         }
         if canvas_stride > i32::MAX as usize {
-            return Err(Error::bad_input(format!("{OP}: canvas stride {canvas_stride} is too large")));
+            return Err(Error::bad_input(format!(
+                "{OP}: canvas stride {canvas_stride} is too large"
+            )));
         }
         let mut next = 0usize;
         for (si, q) in seqs.iter().enumerate() {
@@ -146,7 +154,10 @@ impl CommitWs {
             }
             next += q.slot_count as usize;
             if next > positions.len() {
-                return Err(Error::bad_input(format!("{OP}: sequence {si} slots run past {}", positions.len())));
+                return Err(Error::bad_input(format!(
+                    "{OP}: sequence {si} slots run past {}",
+                    positions.len()
+                )));
             }
             if !(0..=5).contains(&q.policy) || q.canvas_row < 0 {
                 return Err(Error::bad_input(format!("{OP}: sequence {si} has a bad record {q:?}")));
@@ -165,7 +176,10 @@ impl CommitWs {
             }
         }
         if next != positions.len() {
-            return Err(Error::bad_input(format!("{OP}: sequences cover {next} of {} slots", positions.len())));
+            return Err(Error::bad_input(format!(
+                "{OP}: sequences cover {next} of {} slots",
+                positions.len()
+            )));
         }
         self.seqs.write(gpu, seqs)?;
         self.positions.write(gpu, positions)?;
@@ -218,7 +232,11 @@ pub fn commit(
         canvas_stride: ws.canvas_stride as i32,
         canvas_rows: canvas.rows() as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (n_seqs as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (n_seqs as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = gpu.func("commit", "commit_u32")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);
@@ -234,15 +252,25 @@ pub fn parse_commits(out: &[u32], seqs: &[SeqCommitParams]) -> Result<Vec<Vec<Co
     let n_seqs = seqs.len();
     let mut lists = Vec::with_capacity(n_seqs);
     for (si, q) in seqs.iter().enumerate() {
-        let k = *out.get(si).ok_or_else(|| Error::shape(OP, "out", &[n_seqs], &[out.len()]))? as usize;
+        let k = *out
+            .get(si)
+            .ok_or_else(|| Error::shape(OP, "out", &[n_seqs], &[out.len()]))? as usize;
         if k > q.slot_count as usize {
-            return Err(Error::bad_input(format!("{OP}: sequence {si} reports {k} commits of {} slots", q.slot_count)));
+            return Err(Error::bad_input(format!(
+                "{OP}: sequence {si} reports {k} commits of {} slots",
+                q.slot_count
+            )));
         }
         let base = n_seqs + 2 * q.slot_offset as usize;
         let pairs = out
             .get(base..base + 2 * k)
             .ok_or_else(|| Error::shape(OP, "out", &[base + 2 * k], &[out.len()]))?;
-        lists.push(pairs.chunks_exact(2).map(|c| Commit { pos: c[0], token: c[1] }).collect());
+        lists.push(
+            pairs
+                .chunks_exact(2)
+                .map(|c| Commit { pos: c[0], token: c[1] })
+                .collect(),
+        );
     }
     Ok(lists)
 }
@@ -259,14 +287,24 @@ mod tests {
 
     #[test]
     fn parse_commits_reads_counts_then_pairs_at_slot_offsets() {
-        let ctx = StepCtx { step: 0, block_masked: 3, masked: 3 };
+        let ctx = StepCtx {
+            step: 0,
+            block_masked: 3,
+            masked: 3,
+        };
         let p = Policy::Threshold { tau: 0.5 };
-        let seqs = [SeqCommitParams::new(&p, ctx, 0, 3, 0), SeqCommitParams::new(&p, ctx, 3, 2, 1)];
+        let seqs = [
+            SeqCommitParams::new(&p, ctx, 0, 3, 0),
+            SeqCommitParams::new(&p, ctx, 3, 2, 1),
+        ];
         // counts 2, 1; seq 0 ranks (7, 70) (5, 50) (9, 90); seq 1 ranks (4, 40) (6, 60)
         let out = [2, 1, 7, 70, 5, 50, 9, 90, 4, 40, 6, 60];
         let lists = parse_commits(&out, &seqs).unwrap();
         assert_eq!(lists[0], [Commit { pos: 7, token: 70 }, Commit { pos: 5, token: 50 }]);
         assert_eq!(lists[1], [Commit { pos: 4, token: 40 }]);
-        assert!(parse_commits(&[4, 1, 7, 70], &seqs).is_err(), "count above the slot count");
+        assert!(
+            parse_commits(&[4, 1, 7, 70], &seqs).is_err(),
+            "count above the slot count"
+        );
     }
 }

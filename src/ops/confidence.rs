@@ -144,14 +144,22 @@ impl ConfidenceWs {
             )));
         }
         if vocab == 0 || vocab > i32::MAX as usize / 2 {
-            return Err(Error::bad_input(format!("{OP}: vocabulary size {vocab} is out of range")));
+            return Err(Error::bad_input(format!(
+                "{OP}: vocabulary size {vocab} is out of range"
+            )));
         }
         for (i, s) in slots.iter().enumerate() {
             if s.logit_row < 0 {
-                return Err(Error::bad_input(format!("{OP}: slot {i} has logit row {}", s.logit_row)));
+                return Err(Error::bad_input(format!(
+                    "{OP}: slot {i} has logit row {}",
+                    s.logit_row
+                )));
             }
             if !(0..=3).contains(&s.kind) {
-                return Err(Error::bad_input(format!("{OP}: slot {i} has confidence kind {}", s.kind)));
+                return Err(Error::bad_input(format!(
+                    "{OP}: slot {i} has confidence kind {}",
+                    s.kind
+                )));
             }
             if s.temperature.is_nan() || s.top_p.is_nan() || s.top_k < 0 {
                 return Err(Error::bad_input(format!("{OP}: slot {i} has bad sampling {s:?}")));
@@ -200,9 +208,14 @@ pub fn confidence(
         return Err(Error::shape(OP, "conf", &[n], &conf.dims));
     }
     if n > 65535 {
-        return Err(Error::bad_input(format!("{OP}: {n} slots exceed the grid limit of 65535")));
+        return Err(Error::bad_input(format!(
+            "{OP}: {n} slots exceed the grid limit of 65535"
+        )));
     }
-    let splits = ws.splits.unwrap_or_else(|| splits_for(gpu.sm_count, n, vocab)).clamp(1, MAX_SPLITS);
+    let splits = ws
+        .splits
+        .unwrap_or_else(|| splits_for(gpu.sm_count, n, vocab))
+        .clamp(1, MAX_SPLITS);
     let params = ConfidenceParams {
         logits: logits.ptr(gpu),
         slots: ws.slots.ptr(gpu),
@@ -217,7 +230,11 @@ pub fn confidence(
         splits: splits as i32,
     };
     if ws.any_filtered {
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (CUT_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (CUT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let f = gpu.func("confidence", "confidence_cutoff_f32")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&params);
@@ -226,7 +243,11 @@ pub fn confidence(
         unsafe { b.launch(cfg) }.map_err(drv("confidence_cutoff_f32"))?;
         gpu.after_launch("confidence_cutoff_f32")?;
     }
-    let cfg = LaunchConfig { grid_dim: (splits as u32, n as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (splits as u32, n as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let f = gpu.func("confidence", "confidence_f32")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&params);
@@ -249,14 +270,46 @@ mod tests {
 
     #[test]
     fn filter_rule_and_splits() {
-        let key = RngKey { seed: 0x1_0000_0002, seq: 3, step: 4, slot: 5 };
-        let s = SlotParams::new(7, ConfKind::Margin, &Sampling { temperature: 1.0, top_k: 10, top_p: 1.0 }, key);
+        let key = RngKey {
+            seed: 0x1_0000_0002,
+            seq: 3,
+            step: 4,
+            slot: 5,
+        };
+        let s = SlotParams::new(
+            7,
+            ConfKind::Margin,
+            &Sampling {
+                temperature: 1.0,
+                top_k: 10,
+                top_p: 1.0,
+            },
+            key,
+        );
         assert_eq!((s.seed_lo, s.seed_hi, s.kind, s.logit_row), (2, 1, 1, 7));
         assert!(s.filtered(100));
         assert!(!s.filtered(10), "top-k >= vocab is off");
-        let greedy = SlotParams::new(0, ConfKind::Prob, &Sampling { temperature: 0.0, top_k: 10, top_p: 0.5 }, key);
+        let greedy = SlotParams::new(
+            0,
+            ConfKind::Prob,
+            &Sampling {
+                temperature: 0.0,
+                top_k: 10,
+                top_p: 0.5,
+            },
+            key,
+        );
         assert!(!greedy.filtered(100), "filters apply only when sampling");
-        let p = SlotParams::new(0, ConfKind::Prob, &Sampling { temperature: 0.5, top_k: 0, top_p: 0.9 }, key);
+        let p = SlotParams::new(
+            0,
+            ConfKind::Prob,
+            &Sampling {
+                temperature: 0.5,
+                top_k: 0,
+                top_p: 0.9,
+            },
+            key,
+        );
         assert!(p.filtered(100));
         assert_eq!(splits_for(132, 32, 126464), 6);
         assert_eq!(splits_for(132, 256, 126464), 1);
@@ -264,4 +317,29 @@ mod tests {
         assert_eq!(splits_for(132, 1000, 126464), 1);
         assert_eq!(splits_for(132, 4, 513), 1);
     }
+}
+
+/// `logits[r, col] = value` for the first `rows` rows (`set_column_f32`): excludes the mask
+/// token from candidates before `confidence` runs.
+pub fn set_column(gpu: &Gpu, logits: &mut DTensor<f32>, rows: usize, col: usize, value: f32) -> Result<()> {
+    let vocab = logits.row_len();
+    if col >= vocab || rows > logits.rows() {
+        return Err(Error::shape("set_column", "logits", &[rows, col + 1], &logits.dims));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("confidence", "set_column_f32")?;
+    let ptr = logits.ptr_mut(gpu);
+    let (rows_i, vocab_i, col_i) = (rows as i32, vocab as i32, col as i32);
+    let cfg = LaunchConfig { grid_dim: ((rows as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&ptr) // float* logits
+        .arg(&rows_i) // int rows
+        .arg(&vocab_i) // int vocab
+        .arg(&col_i) // int col
+        .arg(&value); // float value
+    // SAFETY: the pointer is a live DTensor of at least rows × vocab f32 (checked above).
+    unsafe { b.launch(cfg) }.map_err(drv("set_column_f32"))?;
+    gpu.after_launch("set_column_f32")
 }
