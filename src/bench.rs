@@ -196,3 +196,106 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize) -> Vec<(&'st
     v_.sort_by(|a, b| a.0.cmp(b.0));
     v_
 }
+
+/// A decode workload (W1–W3, W5): `batch` requests of `prompt_len` synthetic tokens, each
+/// generating `gen_len` in blocks of `block_len` with a fixed-count policy, EOS stop off (so the
+/// work does not depend on the weights).
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeSpec {
+    pub workload: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub block_len: usize,
+    pub policy: String,
+    pub cache: String,
+}
+
+/// One row of the decode table.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub spec: DecodeSpec,
+    pub model: String,
+    pub device: String,
+    /// Steps (forwards) per sequence.
+    pub steps: u32,
+    /// Per-step wall time (each step ends with the scheduler's one host sync), after the first
+    /// `warmup_steps` steps of the run.
+    pub step: Stats,
+    pub tokens_per_s: f64,
+    /// Live rows per step per sequence, averaged over the timed steps.
+    pub live_rows_avg: f64,
+    pub roofline: Option<Roofline>,
+    pub pct_of_floor: Option<f64>,
+}
+
+/// FLOPs and bytes of one decode step of `batch` sequences, each recomputing `live` rows of a
+/// `kv_len`-row canvas and producing `logit_rows` logits: weights read once, KV rows read.
+pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, logit_rows: usize, c: &Ceilings) -> Roofline {
+    let h = cfg.hidden as f64;
+    let rows = live * batch as f64;
+    let per_layer_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + 3.0 * h * cfg.ffn as f64;
+    let dense = 2.0 * rows * per_layer_params * cfg.n_layers as f64
+        + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
+    let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
+    let flops = dense + attn;
+    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0;
+    let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
+    let bytes = weight_bytes + kv_bytes;
+    let t_flops = flops / (c.gemm_tflops * 1e12) * 1e3;
+    let t_bytes = bytes / (c.copy_gbps * 1e9) * 1e3;
+    let (floor_ms, bound) = if t_flops >= t_bytes { (t_flops, "compute") } else { (t_bytes, "memory") };
+    Roofline { flops, bytes, floor_ms, bound }
+}
+
+/// Runs a decode workload on `engine` and times its steps. The first `warmup_steps` steps
+/// (GEMM autotuning, first-touch) are excluded from the step statistics.
+pub fn run_decode(
+    engine: &mut crate::engine::Engine,
+    spec: &DecodeSpec,
+    warmup_steps: usize,
+    ceilings: Option<&Ceilings>,
+) -> crate::error::Result<DecodeRow> {
+    use crate::engine::{Prompt, Request};
+    let cfg = engine.config().clone();
+    let policy: crate::decode::Policy = spec.policy.parse()?;
+    let cache: crate::cache::CacheScheme = spec.cache.parse()?;
+    let reqs: Vec<Request> = (0..spec.batch)
+        .map(|i| {
+            let prompt = synthetic_tokens(spec.prompt_len, cfg.vocab.min(cfg.mask_id as usize), 1000 + i as u64);
+            let mut r = Request::new(Prompt::Ids(prompt), spec.gen_len as u32, spec.block_len as u32, policy);
+            r.stop_at_eos = false;
+            r.seed = i as u64;
+            r.cache = cache;
+            r
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let outs = engine.generate(&reqs)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let o = &outs[0];
+    let skip = warmup_steps.min(o.step_ms.len().saturating_sub(1));
+    let step = Stats::of(&o.step_ms[skip..]);
+    let generated: usize = outs.iter().map(|o| o.generated_tokens).sum();
+    let live: Vec<f64> = o.rows_per_step.iter().skip(skip).map(|&r| r as f64).collect();
+    let live_rows_avg = if live.is_empty() { (spec.prompt_len + spec.gen_len) as f64 } else { live.iter().sum::<f64>() / live.len() as f64 };
+    let (roofline, pct) = match ceilings {
+        Some(c) => {
+            let r = step_roofline(&cfg, spec.batch, live_rows_avg, spec.prompt_len + spec.gen_len, spec.block_len, c);
+            let pct = r.floor_ms / step.median_ms;
+            (Some(r), Some(pct))
+        }
+        None => (None, None),
+    };
+    Ok(DecodeRow {
+        spec: spec.clone(),
+        model: String::new(),
+        device: engine.device().to_string(),
+        steps: o.steps,
+        step,
+        tokens_per_s: generated as f64 / wall,
+        live_rows_avg,
+        roofline,
+        pct_of_floor: pct,
+    })
+}

@@ -359,7 +359,8 @@ impl Engine {
         };
         let spec = CanvasSpec { gen_len: r.gen_len, block_len: r.block_len, stop_at_eos: r.stop_at_eos };
         let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
-        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id).with_cache(r.cache, r.cache_refresh_every_step))
+        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id)
+            .with_cache(r.cache, r.cache_refresh_every_step))
     }
 
     fn run(&mut self, reqs: &[Request], on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<Output>> {

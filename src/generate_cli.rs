@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use demask::cache::CacheScheme;
 use demask::decode::prior::Prior;
 use demask::decode::runner::StepEvent;
 use demask::decode::{Policy, Sampling};
-use demask::cache::CacheScheme;
 use demask::engine::{parse_bytes, Device, Engine, EngineOptions, Output, Prompt, Request};
 use demask::tokenizer::Tokenizer;
 

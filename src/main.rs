@@ -51,6 +51,29 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct BenchArgs {
+    /// w4: one full-canvas forward per length (default). w1: decode steps (batch 1, prompt 256,
+    /// gen 256, block 32, schedule at --tokens-per-step, each --cache scheme); w2: w1 at
+    /// --batch 8,32,64; w3: w1 on dream-7b; w5: prompt 3840, dual. Flags below override.
+    #[arg(long, default_value = "w4")]
+    workload: String,
+    /// Decode workloads: prompt tokens per sequence.
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// Decode workloads: generated tokens per sequence.
+    #[arg(long)]
+    gen_len: Option<usize>,
+    /// Decode workloads: block length.
+    #[arg(long)]
+    block_len: Option<usize>,
+    /// Decode workloads: tokens committed per step (policy schedule:block_len/N).
+    #[arg(long, value_delimiter = ',')]
+    tokens_per_step: Vec<usize>,
+    /// Decode workloads: cache schemes to time (none, prompt, prefix, dual, dkv:R, dkv-greedy:W).
+    #[arg(long, value_delimiter = ',')]
+    cache: Vec<String>,
+    /// Decode workloads: batch sizes (overrides --batch).
+    #[arg(long, value_delimiter = ',')]
+    batches: Vec<usize>,
     /// Built-in architecture with random weights synthesised on the device.
     #[arg(long, default_value = "llada-8b", conflicts_with = "model")]
     preset: String,
@@ -187,6 +210,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         bail!("--batch and --iters must be positive");
     }
     let device = pick_device(&a.device)?;
+    if a.workload != "w4" {
+        return bench_decode_cmd(&a, device);
+    }
     let (rows, ceilings): (Vec<ForwardRow>, Option<bench::Ceilings>) = match device {
         Device::Cpu => (bench_cpu(&a)?, None),
         #[cfg(feature = "cuda")]
@@ -368,4 +394,124 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn profile_cmd(_a: ProfileArgs) -> Result<()> {
     bail!("`demask profile` needs the GPU backend (built without the `cuda` feature)")
+}
+
+/// The decode workloads (BENCH.md W1, W2, W3, W5) as a list of specs.
+fn decode_specs(a: &BenchArgs) -> Result<(String, Vec<bench::DecodeSpec>)> {
+    let w = a.workload.to_ascii_lowercase();
+    let (preset, batches, prompt, caches): (&str, Vec<usize>, usize, Vec<&str>) = match w.as_str() {
+        "w1" => ("llada-8b", vec![1], 256, vec!["none", "prefix", "dual", "dkv:4"]),
+        "w2" => ("llada-8b", vec![8, 32, 64], 256, vec!["dual"]),
+        "w3" => ("dream-7b", vec![1, 32], 256, vec!["none", "dual"]),
+        "w5" => ("llada-8b", vec![1], 3840, vec!["dual"]),
+        other => bail!("unknown --workload `{other}` (w1, w2, w3, w4, w5)"),
+    };
+    let preset = if a.preset != "llada-8b" || a.model.is_some() { a.preset.as_str() } else { preset };
+    let batches = if !a.batches.is_empty() { a.batches.clone() } else if a.batch != 1 { vec![a.batch] } else { batches };
+    let caches: Vec<String> = if a.cache.is_empty() { caches.iter().map(|s| s.to_string()).collect() } else { a.cache.clone() };
+    let prompt_len = a.prompt_len.unwrap_or(prompt);
+    let gen_len = a.gen_len.unwrap_or(256);
+    let block_len = a.block_len.unwrap_or(32);
+    let tps = if a.tokens_per_step.is_empty() { vec![1, 4] } else { a.tokens_per_step.clone() };
+    let mut specs = Vec::new();
+    for &batch in &batches {
+        for &t in &tps {
+            if t == 0 || block_len % t != 0 {
+                bail!("--tokens-per-step {t} must divide --block-len {block_len}");
+            }
+            for c in &caches {
+                specs.push(bench::DecodeSpec {
+                    workload: w.to_uppercase(),
+                    batch,
+                    prompt_len,
+                    gen_len,
+                    block_len,
+                    policy: format!("schedule:{}", block_len / t),
+                    cache: c.clone(),
+                });
+            }
+        }
+    }
+    Ok((preset.to_string(), specs))
+}
+
+fn print_decode_rows(rows: &[bench::DecodeRow]) {
+    println!(
+        "\n{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "work", "model", "batch", "prompt", "gen", "block", "policy", "cache", "steps", "ms/step", "min", "max", "tok/s", "live rows", "% floor"
+    );
+    for r in rows {
+        let s = &r.spec;
+        let pct = r.pct_of_floor.map_or("-".to_string(), |p| format!("{:.1}", 100.0 * p));
+        println!(
+            "{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9.3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>8}",
+            s.workload, r.model, s.batch, s.prompt_len, s.gen_len, s.block_len, s.policy, s.cache, r.steps,
+            r.step.median_ms, r.step.min_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct
+        );
+    }
+}
+
+fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
+    use demask::engine::{Engine, EngineOptions};
+    let (preset, specs) = decode_specs(a)?;
+    let max_batch = specs.iter().map(|s| s.batch).max().unwrap_or(1);
+    let max_len = specs.iter().map(|s| s.prompt_len + s.gen_len).max().unwrap_or(1);
+    let max_block = specs.iter().map(|s| s.block_len).max().unwrap_or(1);
+    let (mut engine, ceilings, model_name) = match device {
+        Device::Cpu => {
+            let name = if preset.starts_with("tiny-") { preset.clone() } else { "tiny-llada".to_string() };
+            if name != preset {
+                eprintln!("CPU backend: decoding {name} instead of {preset} (too large for the CPU)");
+            }
+            let w = match &a.model {
+                Some(dir) => demask::weights::HostWeights::load(dir)?,
+                None => demask::checkpoint::random_weights(&ModelConfig::preset(&name)?, a.seed),
+            };
+            (Engine::from_weights(w, None, EngineOptions::default())?, None, name)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) => {
+            use demask::decode::gpu::GpuStepper;
+            use demask::model::{Capacity, GpuWeights};
+            eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
+            let ceil = bench::gpu::measure_ceilings(&gpu)?;
+            eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
+            let (name, cfg, weights) = match &a.model {
+                Some(dir) => {
+                    let hw = demask::weights::HostWeights::load(dir)?;
+                    (dir.display().to_string(), hw.cfg.clone(), GpuWeights::upload(&gpu, &hw)?)
+                }
+                None => {
+                    let cfg = ModelConfig::preset(&preset)?;
+                    (preset.clone(), cfg.clone(), GpuWeights::synthesize(&gpu, &cfg, a.seed)?)
+                }
+            };
+            let rows = max_batch * max_len;
+            let cap = Capacity { rows, logit_rows: max_batch * max_block, cache_rows: rows, seqs: max_batch };
+            let stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+            let opts = EngineOptions { max_batch, max_rows: rows, ..Default::default() };
+            let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
+            (Engine::with_backend(Box::new(stepper), None, dev, &opts), Some(ceil), name)
+        }
+    };
+    let mut rows = Vec::new();
+    for spec in &specs {
+        eprintln!(
+            "{} batch {} prompt {} gen {} block {} {} cache {}...",
+            spec.workload, spec.batch, spec.prompt_len, spec.gen_len, spec.block_len, spec.policy, spec.cache
+        );
+        let mut r = bench::run_decode(&mut engine, spec, 3, ceilings.as_ref())?;
+        r.model = model_name.clone();
+        rows.push(r);
+    }
+    if let Some(c) = &ceilings {
+        println!("device: {}; copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", c.device, c.copy_gbps, c.gemm_tflops);
+    }
+    print_decode_rows(&rows);
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({ "ceilings": ceilings, "rows": rows });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }

@@ -262,10 +262,18 @@ fn stale_prompt_k(preset: &str, scheme: &str) -> f32 {
             let is_live = live.binary_search(&(r as u32)).is_ok();
             for l in 0..cfg.n_layers {
                 if full {
-                    assert_eq!(row_diff(&k[l], &fresh.k[l], r, kvd), 0.0, "{preset} {scheme} step {n}: full step row {r} layer {l}");
+                    assert_eq!(
+                        row_diff(&k[l], &fresh.k[l], r, kvd),
+                        0.0,
+                        "{preset} {scheme} step {n}: full step row {r} layer {l}"
+                    );
                 } else if !is_live && n > 0 {
                     let prev = &probe.k_after[n - 1][l];
-                    assert_eq!(row_diff(&k[l], prev, r, kvd), 0.0, "{preset} {scheme} step {n}: cached row {r} changed");
+                    assert_eq!(
+                        row_diff(&k[l], prev, r, kvd),
+                        0.0,
+                        "{preset} {scheme} step {n}: cached row {r} changed"
+                    );
                 }
             }
             if is_live {

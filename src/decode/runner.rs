@@ -134,8 +134,8 @@ pub fn admit(seqs: &mut [SeqState], shifted: bool) -> Result<usize> {
             s.plan = Some(plan);
         }
         if s.cache_base.is_none() {
-            let base = u32::try_from(next)
-                .map_err(|_| Error::bad_input(format!("cache row {next} does not fit in u32")))?;
+            let base =
+                u32::try_from(next).map_err(|_| Error::bad_input(format!("cache row {next} does not fit in u32")))?;
             s.cache_base = Some(base);
             next += s.canvas.len();
         }
@@ -209,9 +209,9 @@ pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>)
         let mut last: Option<u32> = None;
         for &p in &eligible {
             let pos = logit_row(p, shifted);
-            let k = live.binary_search(&pos).unwrap_or_else(|_| {
-                panic!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache)
-            });
+            let k = live
+                .binary_search(&pos)
+                .unwrap_or_else(|_| panic!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache));
             let row = start + k as u32;
             if last != Some(row) {
                 b.logit_rows.push(row);
