@@ -128,6 +128,45 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
+/// Share of the free device memory (after weights and workspace) the KV cache takes by default.
+pub const DEFAULT_KV_FRACTION: f64 = 0.9;
+
+/// KV-cache rows to preallocate on a device: `kv_budget` bytes, or by default
+/// [`DEFAULT_KV_FRACTION`] of the memory left after the workspace (`free` = device bytes free
+/// with the weights loaded, `workspace` = the workspace's bytes), divided by `row_bytes`, and
+/// at most `max_rows` (one wave never holds more canvas rows). An explicit budget beyond what
+/// is free, or room for no row at all, is an error that says so (not an out-of-memory crash).
+pub fn kv_cache_rows(
+    kv_budget: Option<u64>,
+    free: u64,
+    workspace: u64,
+    row_bytes: u64,
+    max_rows: usize,
+) -> Result<usize> {
+    let gb = |b: u64| b as f64 / 1e9;
+    let left = free.saturating_sub(workspace);
+    let budget = match kv_budget {
+        Some(b) if b > left => {
+            return Err(Error::OutOfMemory(format!(
+                "the KV budget of {b} bytes ({:.2} GB) exceeds the {:.2} GB free after the weights and a {:.2} GB workspace",
+                gb(b),
+                gb(left),
+                gb(workspace)
+            )))
+        }
+        Some(b) => b,
+        None => (left as f64 * DEFAULT_KV_FRACTION) as u64,
+    };
+    let rows = usize::try_from(budget / row_bytes.max(1)).unwrap_or(usize::MAX).min(max_rows);
+    if rows == 0 {
+        return Err(Error::OutOfMemory(format!(
+            "a KV budget of {budget} bytes holds no cache row ({row_bytes} bytes each; {:.2} GB free after the workspace)",
+            gb(left)
+        )));
+    }
+    Ok(rows)
+}
+
 /// What the engine needs of a backend beyond `StepBackend`: the size of its KV cache, which
 /// the engine sets before each decode loop (never during one).
 pub trait EngineBackend: StepBackend {
@@ -297,6 +336,33 @@ impl Engine {
             max_rows: opts.max_rows,
             kv_budget: opts.kv_budget,
         }
+    }
+
+    /// An engine on the GPU over weights already on the device, sized by `opts`: at most
+    /// `max_batch` sequences (0: 1) and `max_rows` canvas rows (0: `max_batch` · the model's
+    /// context) per wave; the KV cache takes `kv_budget` bytes or, by default, 90% of the
+    /// device memory left after the weights and workspace ([`kv_cache_rows`]), all allocated
+    /// here, once.
+    #[cfg(feature = "cuda")]
+    pub fn on_gpu(
+        gpu: Arc<crate::gpu::Gpu>,
+        cfg: ModelConfig,
+        weights: crate::model::GpuWeights,
+        tokenizer: Option<Tokenizer>,
+        opts: &EngineOptions,
+    ) -> Result<Self> {
+        use crate::model::{Capacity, GpuModel};
+        let seqs = opts.max_batch.max(1);
+        let rows = if opts.max_rows == 0 { seqs * cfg.max_seq_len } else { opts.max_rows };
+        let mut cap = Capacity { rows, logit_rows: rows, cache_rows: 0, seqs };
+        let (free, _) = gpu.mem_info()?;
+        let workspace = GpuModel::workspace_bytes(&cfg, cap) as u64;
+        let row_bytes = (2 * cfg.n_layers * cfg.kv_dim() * std::mem::size_of::<half::bf16>()) as u64;
+        cap.cache_rows = kv_cache_rows(opts.kv_budget, free as u64, workspace, row_bytes, rows)?;
+        let stepper = crate::decode::gpu::GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+        let device = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
+        let opts = EngineOptions { max_batch: seqs, max_rows: rows, ..opts.clone() };
+        Ok(Self::with_backend(Box::new(stepper), tokenizer, device, &opts))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -476,8 +542,8 @@ impl Engine {
     }
 }
 
-/// Checks that the options name a backend this build can run for `cfg`. Only the CPU backend
-/// exists so far; the GPU backend (`decode::gpu::GpuStepper`) plugs in via `with_backend`.
+/// Checks that the options name a backend `load` / `from_weights` can run for `cfg`: the CPU
+/// backend. The GPU backend comes through [`Engine::on_gpu`] (or `with_backend`).
 fn pick_backend(cfg: &ModelConfig, opts: &EngineOptions) -> Result<()> {
     if let Device::Cuda(i) = opts.device {
         return Err(Error::bad_input(format!(

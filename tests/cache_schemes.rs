@@ -165,7 +165,7 @@ fn live_rows_per_step_follow_the_scheme() {
                     "prefix" | "dual" if i == 0 => (len, 0),
                     "prefix" => (len - start, u32::from(shifted)),
                     "dual" => (bl, u32::from(shifted)),
-                    "dkv:3" if i == 0 || i == 1 || i % 3 == 0 => (len, 0),
+                    "dkv:3" if i == 0 || i == 1 || i.is_multiple_of(3) => (len, 0),
                     // still-masked rows (every block) and the rows committed at the previous step
                     "dkv:3" => (s.masked_before + prev_commits, if shifted { s.eligible } else { 0 }),
                     _ => unreachable!(),
@@ -194,7 +194,7 @@ fn alone_equals_in_a_batch_of_three_for_every_scheme() {
             let a = req(&prompt(&mut rng, 7), 16, 8, "schedule:4", "dual");
             let b = req(&prompt(&mut rng, 11), 16, 4, "threshold:0.9", scheme);
             let c = req(&prompt(&mut rng, 2), 8, 8, "factor:1", "prompt");
-            let alone = e.generate(&[b.clone()]).unwrap().remove(0);
+            let alone = e.generate(std::slice::from_ref(&b)).unwrap().remove(0);
             let batch = e.generate(&[a, b, c]).unwrap();
             assert_eq!(batch[1].tokens, alone.tokens, "{preset} {scheme}");
             assert_eq!(batch[1].rows_per_step, alone.rows_per_step, "{preset} {scheme}");
@@ -260,20 +260,16 @@ fn stale_prompt_k(preset: &str, scheme: &str) -> f32 {
         let full = live.len() == len;
         for r in 0..len {
             let is_live = live.binary_search(&(r as u32)).is_ok();
-            for l in 0..cfg.n_layers {
+            for (l, (kl, fl)) in k.iter().zip(&fresh.k).enumerate() {
                 if full {
                     assert_eq!(
-                        row_diff(&k[l], &fresh.k[l], r, kvd),
+                        row_diff(kl, fl, r, kvd),
                         0.0,
                         "{preset} {scheme} step {n}: full step row {r} layer {l}"
                     );
                 } else if !is_live && n > 0 {
                     let prev = &probe.k_after[n - 1][l];
-                    assert_eq!(
-                        row_diff(&k[l], prev, r, kvd),
-                        0.0,
-                        "{preset} {scheme} step {n}: cached row {r} changed"
-                    );
+                    assert_eq!(row_diff(kl, prev, r, kvd), 0.0, "{preset} {scheme} step {n}: cached row {r} changed");
                 }
             }
             if is_live {
@@ -365,4 +361,23 @@ fn kv_budget_errors_and_waves() {
         assert_eq!(x.tokens, y.tokens, "request {i}");
         assert_eq!(x.rows_per_step, y.rows_per_step, "request {i}");
     }
+}
+
+/// The GPU's default KV budget: 90% of the memory left after the workspace, in whole rows, at
+/// most one wave's rows; an explicit budget beyond the free memory or below one row is an
+/// out-of-memory error that says so.
+#[test]
+fn kv_cache_rows_from_budget_and_free_memory() {
+    use demask::engine::kv_cache_rows;
+    // 10 GB free, 1 GB workspace, 1 MB rows: 0.9 · 9e9 / 2^20 rows.
+    let (gb, mb) = (1_000_000_000u64, 1u64 << 20);
+    assert_eq!(kv_cache_rows(None, 10 * gb, gb, mb, usize::MAX).unwrap(), (0.9 * 9e9) as usize / mb as usize);
+    assert_eq!(kv_cache_rows(None, 10 * gb, gb, mb, 1000).unwrap(), 1000, "at most one wave's rows");
+    assert_eq!(kv_cache_rows(Some(100 * mb + 5), 10 * gb, gb, mb, usize::MAX).unwrap(), 100);
+    let e = kv_cache_rows(Some(9 * gb + 1), 10 * gb, gb, mb, usize::MAX).unwrap_err().to_string();
+    assert!(e.contains("out of device memory") && e.contains("exceeds"), "{e}");
+    let e = kv_cache_rows(Some(mb - 1), 10 * gb, gb, mb, usize::MAX).unwrap_err().to_string();
+    assert!(e.contains("holds no cache row"), "{e}");
+    let e = kv_cache_rows(None, gb, 2 * gb, mb, usize::MAX).unwrap_err().to_string();
+    assert!(e.contains("holds no cache row"), "workspace larger than free memory: {e}");
 }

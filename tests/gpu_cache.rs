@@ -245,7 +245,7 @@ impl StepBackend for Stale {
         let kvd = model.cfg.kv_dim();
         let g = model.gpu.clone();
         let cached = model.cache.k[layer].to_host(&g)?;
-        let mut fresh = RowBatch::full(&[self.canvas.clone()]);
+        let mut fresh = RowBatch::full(std::slice::from_ref(&self.canvas));
         fresh.seqs[0].cache_base = len as u32;
         model.forward(&fresh)?;
         let recomputed = model.cache.k[layer].to_host(&g)?;
@@ -321,6 +321,45 @@ fn gpu_cached_prompt_rows_go_stale_with_prompt_and_dual() {
                 partial > 0.25,
                 "{preset} {scheme}: cached prompt K equals a recomputation ({partial}): cache unused?"
             );
+        }
+    }
+}
+
+/// `Engine::on_gpu`: an explicit KV budget bounds the cache (a request that cannot fit is a
+/// clear error naming it, its rows and the budget), the default budget decodes every scheme to
+/// the end with partial steps where the scheme has them.
+#[test]
+fn gpu_engine_kv_budget() {
+    use demask::engine::{Engine, EngineOptions, Prompt, Request};
+    use demask::model::GpuWeights;
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = ModelConfig::preset("tiny-dream").unwrap();
+    let w = weights(&cfg, 10);
+    let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 2) as u64;
+    let req = |p: usize, scheme: &str| {
+        let mut r = Request::new(Prompt::Ids((1..=p as u32).collect()), 16, 8, "schedule:4".parse().unwrap());
+        r.stop_at_eos = false;
+        r.cache = scheme.parse().unwrap();
+        r
+    };
+    let opts = EngineOptions { max_batch: 2, kv_budget: Some(per_row * 30), ..Default::default() };
+    let mut e = Engine::on_gpu(gpu.clone(), cfg.clone(), GpuWeights::upload(&gpu, &w).unwrap(), None, &opts).unwrap();
+    let err = e.generate(&[req(5, "dual"), req(25, "dual")]).unwrap_err().to_string();
+    assert!(err.contains("request 1") && err.contains("41 rows") && err.contains("KV budget"), "{err}");
+    // Two requests of 21 rows: one wave each under a 30-row budget.
+    let outs = e.generate(&[req(5, "dual"), req(5, "prompt")]).unwrap();
+    assert!(outs.iter().all(|o| o.tokens.iter().all(|&t| t != cfg.mask_id)));
+    let opts = EngineOptions { max_batch: 3, ..Default::default() };
+    let mut e = Engine::on_gpu(gpu.clone(), cfg.clone(), GpuWeights::upload(&gpu, &w).unwrap(), None, &opts).unwrap();
+    for scheme in SCHEMES {
+        let outs = e.generate(&[req(3, scheme), req(19, scheme), req(1, scheme)]).unwrap();
+        for (i, o) in outs.iter().enumerate() {
+            assert!(o.tokens.iter().all(|&t| t != cfg.mask_id), "{scheme} request {i}: {:?}", o.tokens);
+            let len = (o.prompt_len + o.tokens.len()) as u32;
+            assert_eq!(o.rows_per_step[0], len, "{scheme}: the first step is full");
+            if !matches!(scheme, "none" | "dkv:1") && o.prompt_len > 1 {
+                assert!(o.rows_per_step.iter().any(|&r| r < len), "{scheme} request {i}: {:?}", o.rows_per_step);
+            }
         }
     }
 }
