@@ -307,13 +307,23 @@ impl Engine {
     /// Loads `dir` (config.json, safetensors, and tokenizer.json when present).
     pub fn load(dir: &Path, opts: EngineOptions) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = open_gpu(&opts)? {
+            let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
+            let weights = HostWeights::load(dir)?;
+            let w = crate::model::GpuWeights::upload(&gpu, &weights)?;
+            drop(weights);
+            return Self::on_gpu(gpu, cfg, w, tokenizer, &opts);
+        }
+        let opts = EngineOptions { device: Device::Cpu, ..opts };
         pick_backend(&cfg, &opts)?;
         let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
         let weights = HostWeights::load(dir)?;
         Self::from_weights(weights, tokenizer, opts)
     }
 
-    /// An engine over weights in memory (tests, synthetic checkpoints).
+    /// An engine on the CPU backend over weights in memory (tests, synthetic checkpoints).
+    /// For the GPU, upload them (`model::GpuWeights::upload`) and use [`Engine::on_gpu`].
     pub fn from_weights(weights: HostWeights, tokenizer: Option<Tokenizer>, opts: EngineOptions) -> Result<Self> {
         pick_backend(&weights.cfg, &opts)?;
         let stepper = CpuStepper::new(&weights, opts.max_rows)?;
@@ -353,7 +363,9 @@ impl Engine {
     ) -> Result<Self> {
         use crate::model::{Capacity, GpuModel};
         let seqs = opts.max_batch.max(1);
-        let rows = if opts.max_rows == 0 { seqs * cfg.max_seq_len } else { opts.max_rows };
+        // Default: room for every sequence at the model's context, capped at 4096 rows each
+        // (Dream's 131072-token context would otherwise size the workspace at tens of GB).
+        let rows = if opts.max_rows == 0 { seqs * cfg.max_seq_len.min(4096) } else { opts.max_rows };
         let mut cap = Capacity { rows, logit_rows: rows, cache_rows: 0, seqs };
         let (free, _) = gpu.mem_info()?;
         let workspace = GpuModel::workspace_bytes(&cfg, cap) as u64;
@@ -544,10 +556,22 @@ impl Engine {
 
 /// Checks that the options name a backend `load` / `from_weights` can run for `cfg`: the CPU
 /// backend. The GPU backend comes through [`Engine::on_gpu`] (or `with_backend`).
+/// The GPU `opts.device` asks for: `Cuda(i)` must open (else an error naming it); `Auto` takes
+/// device 0 when it opens and the CPU otherwise; `Cpu` takes none.
+#[cfg(feature = "cuda")]
+fn open_gpu(opts: &EngineOptions) -> Result<Option<Arc<crate::gpu::Gpu>>> {
+    match opts.device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(i) => crate::gpu::Gpu::new(i).map(Some).map_err(|e| Error::NoCuda(format!("device cuda:{i}: {e}"))),
+        Device::Auto => Ok(crate::gpu::Gpu::new(0).ok()),
+    }
+}
+
 fn pick_backend(cfg: &ModelConfig, opts: &EngineOptions) -> Result<()> {
     if let Device::Cuda(i) = opts.device {
         return Err(Error::bad_input(format!(
-            "device cuda:{i}: the GPU decoding backend is not available in this build yet; use device cpu"
+            "device cuda:{i}: weights in host memory run on the CPU backend here (use Engine::load or Engine::on_gpu for the GPU{})",
+            if cfg!(feature = "cuda") { "" } else { "; this build has no GPU backend" }
         )));
     }
     if opts.dtype == DType::Bf16 {
