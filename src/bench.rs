@@ -50,6 +50,7 @@ pub fn forward_roofline(cfg: &ModelConfig, len: usize, batch: usize, c: &Ceiling
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
     pub median_ms: f64,
+    pub mean_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
     pub samples: usize,
@@ -61,7 +62,8 @@ impl Stats {
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = t.len();
         let median = if n == 0 { f64::NAN } else if n % 2 == 1 { t[n / 2] } else { 0.5 * (t[n / 2 - 1] + t[n / 2]) };
-        Stats { median_ms: median, min_ms: *t.first().unwrap_or(&f64::NAN), max_ms: *t.last().unwrap_or(&f64::NAN), samples: n }
+        let mean_ms = if n == 0 { f64::NAN } else { t.iter().sum::<f64>() / n as f64 };
+        Stats { median_ms: median, mean_ms, min_ms: *t.first().unwrap_or(&f64::NAN), max_ms: *t.last().unwrap_or(&f64::NAN), samples: n }
     }
 }
 
@@ -281,8 +283,10 @@ pub fn run_decode(
     let live_rows_avg = if live.is_empty() { (spec.prompt_len + spec.gen_len) as f64 } else { live.iter().sum::<f64>() / live.len() as f64 };
     let (roofline, pct) = match ceilings {
         Some(c) => {
+            // Steps differ (a cached block's full first step vs its partial steps), so the floor
+            // of the average step (average live rows) is compared with the mean step time.
             let r = step_roofline(&cfg, spec.batch, live_rows_avg, spec.prompt_len + spec.gen_len, spec.block_len, c);
-            let pct = r.floor_ms / step.median_ms;
+            let pct = r.floor_ms / step.mean_ms;
             (Some(r), Some(pct))
         }
         None => (None, None),

@@ -438,7 +438,7 @@ fn decode_specs(a: &BenchArgs) -> Result<(String, Vec<bench::DecodeSpec>)> {
 fn print_decode_rows(rows: &[bench::DecodeRow]) {
     println!(
         "\n{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
-        "work", "model", "batch", "prompt", "gen", "block", "policy", "cache", "steps", "ms/step", "min", "max", "tok/s", "live rows", "% floor"
+        "work", "model", "batch", "prompt", "gen", "block", "policy", "cache", "steps", "median ms", "mean ms", "max", "tok/s", "live rows", "% floor"
     );
     for r in rows {
         let s = &r.spec;
@@ -446,7 +446,7 @@ fn print_decode_rows(rows: &[bench::DecodeRow]) {
         println!(
             "{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9.3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>8}",
             s.workload, r.model, s.batch, s.prompt_len, s.gen_len, s.block_len, s.policy, s.cache, r.steps,
-            r.step.median_ms, r.step.min_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct
+            r.step.median_ms, r.step.mean_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct
         );
     }
 }
