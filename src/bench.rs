@@ -144,6 +144,39 @@ pub mod gpu {
         Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops })
     }
 
+    /// A decode-shaped batch: `batch` sequences of `len` positions, of which the `live` rows
+    /// starting at `start` are recomputed (the rest read from the KV cache), with logits for
+    /// every live row — e.g. a `dual` step is live = block_len rows of a len-row canvas.
+    pub fn decode_batch(cfg: &ModelConfig, len: usize, live: usize, start: usize, batch: usize) -> crate::batch::RowBatch {
+        use crate::batch::{RowBatch, SeqSpan};
+        let mut b = RowBatch::default();
+        for i in 0..batch {
+            let row_start = b.tokens.len() as u32;
+            b.tokens.extend(synthetic_tokens(live, cfg.vocab, 31 + i as u64));
+            b.positions.extend((start..start + live).map(|p| p as u32));
+            b.seqs.push(SeqSpan { row_start, row_count: live as u32, cache_base: (i * len) as u32, kv_len: len as u32 });
+        }
+        b.logit_rows = (0..b.tokens.len() as u32).collect();
+        b
+    }
+
+    /// Times `iters` forwards of `b` after `warmup` (CUDA events; median of the iterations).
+    pub fn time_batch(model: &mut GpuModel, b: &crate::batch::RowBatch, warmup: usize, iters: usize) -> Result<Stats> {
+        let gpu = model.gpu.clone();
+        for _ in 0..warmup {
+            model.forward(b)?;
+        }
+        gpu.synchronize()?;
+        let timer = Timer::new(&gpu)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            timer.start(&gpu)?;
+            model.forward(b)?;
+            times.push(timer.stop_ms(&gpu)? as f64);
+        }
+        Ok(Stats::of(&times))
+    }
+
     /// Times `iters` full-canvas forwards of `batch` sequences of `len` tokens.
     pub fn bench_forward(
         model: &mut GpuModel,
@@ -171,11 +204,12 @@ pub mod gpu {
     }
 }
 
-/// FLOPs and bytes each op of one full-canvas forward moves (all layers together), for the
-/// per-kernel table of `demask profile`: GEMMs count 2·m·n·k FLOPs and weight + activation
-/// bytes; elementwise ops count bytes read + written.
-pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize) -> Vec<(&'static str, f64, f64)> {
-    let t = (len * batch) as f64;
+/// FLOPs and bytes each op of one forward moves (all layers together) when `live` rows per
+/// sequence attend to `len` keys, for the per-kernel table of `demask profile`: GEMMs count
+/// 2·m·n·k FLOPs and weight + activation bytes; attention the K/V rows it reads; elementwise
+/// ops bytes read + written.
+pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize) -> Vec<(&'static str, f64, f64)> {
+    let t = (live * batch) as f64;
     let (h, l) = (cfg.hidden as f64, cfg.n_layers as f64);
     let (qkv, q, kv, f, v) = (cfg.qkv_dim() as f64, cfg.q_dim() as f64, cfg.kv_dim() as f64, cfg.ffn as f64, cfg.vocab as f64);
     let gemm = |n: f64, k: f64, out_bytes: f64| (2.0 * t * n * k, 2.0 * n * k + 2.0 * t * k + out_bytes * t * n);
@@ -186,7 +220,7 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize) -> Vec<(&'st
         ("gemm_gate_up", per_layer(gemm(2.0 * f, h, 2.0))),
         ("gemm_down", per_layer(gemm(h, f, 2.0))),
         ("gemm_lm_head", gemm(v, h, 4.0)),
-        ("attention", (4.0 * t * len as f64 * q * l, (2.0 * t * q + 2.0 * 2.0 * t * kv) * l)),
+        ("attention", (4.0 * t * len as f64 * q * l, (2.0 * 2.0 * t * q + 2.0 * 2.0 * (len * batch) as f64 * kv) * l)),
         ("add_rmsnorm", (0.0, (2.0 * l + 1.0) * t * h * 2.0 * 3.0)),
         ("rope_kv_store", (0.0, l * t * (qkv * 2.0 + q * 2.0 + 2.0 * kv * 2.0))),
         ("swiglu", (0.0, l * t * 3.0 * f * 2.0)),

@@ -110,9 +110,13 @@ struct ProfileArgs {
     /// Built-in architecture with random weights synthesised on the device.
     #[arg(long, default_value = "llada-8b")]
     preset: String,
-    /// Canvas length (rows per sequence).
+    /// Canvas length (rows per sequence, the keys every live row attends to).
     #[arg(long, default_value_t = 512)]
     len: usize,
+    /// Live rows per sequence (default: all of --len, the full-canvas forward W4). A decode
+    /// step of the `dual` cache is `--live 32` (block_len rows), logits for each live row.
+    #[arg(long)]
+    live: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Profiled forwards (after 3 warm-up forwards).
@@ -366,19 +370,28 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops);
     let cfg = ModelConfig::preset(&a.preset)?;
     let weights = GpuWeights::synthesize(&gpu, &cfg, 0)?;
-    let rows = a.len * a.batch;
-    let cap = Capacity { rows, logit_rows: rows, cache_rows: rows, seqs: a.batch };
+    let live = a.live.unwrap_or(a.len);
+    if live == 0 || live > a.len {
+        bail!("--live must be in 1..=--len ({})", a.len);
+    }
+    let rows = live * a.batch;
+    let cap = Capacity { rows, logit_rows: rows, cache_rows: a.len * a.batch, seqs: a.batch };
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
-    let work = bench::forward_op_work(&cfg, a.len, a.batch);
+    // Live rows sit at the canvas's end (a dual step's block of the last gen block).
+    let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
+    let work = bench::forward_op_work(&cfg, a.len, a.batch, live);
     for v in variants {
         model.attn_variant = v;
         model.enable_profiling(false)?;
-        bench::gpu::bench_forward(&mut model, a.len, a.batch, 3, 1)?;
+        let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
         model.enable_profiling(true)?;
-        bench::gpu::bench_forward(&mut model, a.len, a.batch, 0, a.iters)?;
+        bench::gpu::time_batch(&mut model, &batch, 0, a.iters)?;
         let p = model.profiler.as_ref().unwrap().per_forward();
         let total: f64 = p.iter().map(|x| x.1).sum();
-        println!("\n{} len {} batch {}, attention={}: {:.3} ms per forward (sum of ops, profiled)", a.preset, a.len, a.batch, v.name(), total);
+        println!(
+            "\n{} len {} live {} batch {}, attention={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
+            a.preset, a.len, live, a.batch, v.name(), plain.median_ms, total
+        );
         println!("{:<18} {:>9} {:>7} {:>9} {:>10} {:>9}", "op", "ms", "share", "launches", "TFLOP/s", "GB/s");
         for (name, ms, n) in p {
             let (fl, by) = work.iter().find(|w| w.0 == name).map(|w| (w.1, w.2)).unwrap_or((0.0, 0.0));
