@@ -29,21 +29,7 @@ pub struct Roofline {
 /// FLOPs and bytes of one full-canvas forward of `batch` sequences of `len` rows, where every
 /// row is live and attends to `len` keys, and every row's logits are produced.
 pub fn forward_roofline(cfg: &ModelConfig, len: usize, batch: usize, c: &Ceilings) -> Roofline {
-    let rows = (len * batch) as f64;
-    let h = cfg.hidden as f64;
-    let per_layer_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + 3.0 * h * cfg.ffn as f64;
-    let dense = 2.0 * rows * (per_layer_params * cfg.n_layers as f64 + cfg.vocab as f64 * h);
-    // QKᵀ and PV: 2 GEMMs of len × len × head_dim per head.
-    let attn = 4.0 * (len * len * batch) as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
-    let flops = dense + attn;
-    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0; // embed: only gathered rows
-    let kv_bytes = 2.0 * rows * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
-    let logit_bytes = rows * cfg.vocab as f64 * 4.0;
-    let bytes = weight_bytes + kv_bytes + logit_bytes;
-    let t_flops = flops / (c.gemm_tflops * 1e12) * 1e3;
-    let t_bytes = bytes / (c.copy_gbps * 1e9) * 1e3;
-    let (floor_ms, bound) = if t_flops >= t_bytes { (t_flops, "compute") } else { (t_bytes, "memory") };
-    Roofline { flops, bytes, floor_ms, bound }
+    step_roofline(cfg, batch, len as f64, len, len, c)
 }
 
 /// Median, min and max of a set of timings.
@@ -265,8 +251,9 @@ pub struct DecodeRow {
     pub pct_of_floor: Option<f64>,
 }
 
-/// FLOPs and bytes of one decode step of `batch` sequences, each recomputing `live` rows of a
-/// `kv_len`-row canvas and producing `logit_rows` logits: weights read once, KV rows read.
+/// FLOPs and bytes of one step of `batch` sequences, each recomputing `live` rows of a
+/// `kv_len`-row canvas and producing `logit_rows` logits, and the floor they imply:
+/// max(FLOPs / measured GEMM rate, bytes / measured copy bandwidth).
 pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, logit_rows: usize, c: &Ceilings) -> Roofline {
     let h = cfg.hidden as f64;
     let rows = live * batch as f64;
@@ -275,9 +262,11 @@ pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, 
         + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
     let flops = dense + attn;
+    // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.
     let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0;
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
-    let bytes = weight_bytes + kv_bytes;
+    let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
+    let bytes = weight_bytes + kv_bytes + logit_bytes;
     let t_flops = flops / (c.gemm_tflops * 1e12) * 1e3;
     let t_bytes = bytes / (c.copy_gbps * 1e9) * 1e3;
     let (floor_ms, bound) = if t_flops >= t_bytes { (t_flops, "compute") } else { (t_bytes, "memory") };
@@ -336,4 +325,39 @@ pub fn run_decode(
         roofline,
         pct_of_floor: pct,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h100() -> Ceilings {
+        // BENCH.md's measured H100 ceilings.
+        Ceilings { device: "H100".into(), sm_count: 132, copy_gbps: 3030.0, gemm_tflops: 796.0 }
+    }
+
+    #[test]
+    fn w1_dual_step_floor_is_the_weight_read() {
+        let cfg = ModelConfig::preset("llada-8b").unwrap();
+        let r = step_roofline(&cfg, 1, 32.0, 512, 32, &h100());
+        assert_eq!(r.bound, "memory");
+        // BENCH.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
+        assert!((5.0..5.5).contains(&r.floor_ms), "{}", r.floor_ms);
+    }
+
+    #[test]
+    fn w4_floor_is_compute_bound() {
+        let cfg = ModelConfig::preset("llada-8b").unwrap();
+        let r = forward_roofline(&cfg, 512, 1, &h100());
+        assert_eq!(r.bound, "compute");
+        // 2·512·(6.98e9 layer + 0.52e9 LM head params) + attention 0.14 TFLOP ≈ 7.8 TFLOP.
+        assert!((7.6e12..8.0e12).contains(&r.flops), "{}", r.flops);
+        assert!((9.5..10.2).contains(&r.floor_ms), "{}", r.floor_ms);
+    }
+
+    #[test]
+    fn stats_median_and_mean() {
+        let s = Stats::of(&[3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.median_ms, s.mean_ms, s.min_ms, s.max_ms, s.samples), (2.5, 4.0, 1.0, 10.0, 4));
+    }
 }
