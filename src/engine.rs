@@ -1,14 +1,19 @@
 //! The public decoding API: `Engine::load(dir, EngineOptions)` (or `from_weights` /
-//! `with_backend`), then `generate(&[Request]) -> Vec<Output>`. Requests are validated, turned
-//! into canvases (prompt ids or text, chat template, structure prior) and decoded together:
-//! every step is one forward over the batch of active sequences. A step callback sees each
-//! sequence's canvas after every step (streaming, visualisation).
+//! `with_backend` / `on_gpu`), then either `generate(&[Request]) -> Vec<Output>` or, for
+//! embedding in a server, `submit(Request) -> RequestId` and `step() -> finished (id, Output)`
+//! pairs. Requests are validated at submit, turned into canvases (prompt ids or text, chat
+//! template, structure prior) and queued; every step is one forward over the active sequences.
+//! A step callback sees each sequence's canvas after every step (streaming, visualisation).
 //!
-//! KV caching (DESIGN.md §5): each request names a cache scheme (`Request::cache`). Every
-//! sequence of a wave gets its KV-cache rows (one per canvas row) when it is admitted; a wave
-//! holds as many requests as fit `max_batch`, `max_rows` and the KV budget
-//! (`EngineOptions::kv_budget`, or what the backend preallocated), and the backend's cache is
-//! sized for the wave before its first step, never during the decode loop.
+//! Continuous batching (`decode::scheduler`): at every step boundary finished sequences leave
+//! and queued requests join, FIFO, while they fit `max_batch` sequences, `max_rows` live canvas
+//! rows and the KV cache; `generate` is submit-all-then-step on top. A request's output does
+//! not depend on which others share its steps.
+//!
+//! KV caching (DESIGN.md §5): each request names a cache scheme (`Request::cache`). A sequence
+//! gets its KV-cache rows (one per canvas row, contiguous) when it is admitted and gives them
+//! back when it finishes; the cache holds `EngineOptions::kv_budget` bytes or what the backend
+//! preallocated, and is never resized while a sequence is active.
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -21,12 +26,15 @@ use crate::config::ModelConfig;
 use crate::decode::canvas::{Canvas, CanvasSpec};
 use crate::decode::cpu::CpuStepper;
 use crate::decode::prior::Prior;
-use crate::decode::runner::{self, cache_rows_for, SeqState, StepEvent};
+use crate::decode::runner::{SeqState, StepEvent};
+use crate::decode::scheduler::{Finished, Limits, Misfit, Scheduler};
 use crate::decode::step::StepBackend;
 use crate::decode::{Policy, Sampling};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::weights::HostWeights;
+
+pub use crate::decode::scheduler::RequestId;
 
 /// Where the engine runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,13 +100,13 @@ impl FromStr for DType {
 pub struct EngineOptions {
     pub device: Device,
     pub dtype: DType,
-    /// Most sequences per forward (0 = no limit). More requests run in successive waves;
-    /// a request's output does not depend on its batch neighbours.
+    /// Most sequences per forward (0 = no limit). More requests wait in the queue and join as
+    /// others finish; a request's output does not depend on its batch neighbours.
     pub max_batch: usize,
-    /// Most canvas rows (prompt + gen, summed over the batch) per forward (0 = no limit).
-    /// What a fixed-size backend (the GPU) sizes its buffers for.
+    /// Most canvas rows (prompt + gen, summed over the active sequences) per forward (0 = no
+    /// limit). What a fixed-size backend (the GPU) sizes its buffers for.
     pub max_rows: usize,
-    /// Bytes the KV cache may take (every sequence of a wave together). `None`: on the CPU no
+    /// Bytes the KV cache may take (every active sequence together). `None`: on the CPU no
     /// limit; on the GPU 90% of the device memory left free after the weights and workspace.
     pub kv_budget: Option<u64>,
 }
@@ -168,14 +176,15 @@ pub fn kv_cache_rows(
 }
 
 /// What the engine needs of a backend beyond `StepBackend`: the size of its KV cache, which
-/// the engine sets before each decode loop (never during one).
+/// the engine sets only while no sequence is active (never during a decode).
 pub trait EngineBackend: StepBackend {
     /// Bytes one KV-cache row takes (K and V of every layer).
     fn cache_row_bytes(&self) -> u64;
     /// Most cache rows the backend can hold: `None` when it can grow (the CPU), else the rows
     /// it preallocated.
     fn cache_row_limit(&self) -> Option<usize>;
-    /// Makes sure `rows` cache rows are ready (may allocate; an error when it cannot).
+    /// Makes sure `rows` cache rows are ready (may allocate, and may drop what the cache held;
+    /// an error when it cannot).
     fn reserve_cache(&mut self, rows: usize) -> Result<()>;
 }
 
@@ -294,9 +303,11 @@ pub struct Engine {
     backend: Box<dyn EngineBackend>,
     tokenizer: Option<Arc<Tokenizer>>,
     device: String,
-    max_batch: usize,
-    max_rows: usize,
     kv_budget: Option<u64>,
+    sched: Scheduler,
+    /// Outputs of submitted requests that finished during a `generate` call, handed out by
+    /// the next `step`.
+    unclaimed: Vec<(RequestId, Output)>,
 }
 
 /// Models the CPU backend accepts (its f32 copy must fit comfortably in host memory); checked
@@ -331,26 +342,33 @@ impl Engine {
     }
 
     /// An engine over any step backend (how the GPU backend plugs in); `opts.max_batch`,
-    /// `opts.max_rows` and `opts.kv_budget` bound every wave it is given.
+    /// `opts.max_rows` and `opts.kv_budget` bound the active set at every step.
     pub fn with_backend(
         backend: Box<dyn EngineBackend>,
         tokenizer: Option<Tokenizer>,
         device: String,
         opts: &EngineOptions,
     ) -> Self {
+        let (cache_rows, _) = cache_row_cap(backend.as_ref(), opts.kv_budget);
+        let limits = Limits {
+            max_batch: opts.max_batch,
+            max_rows: opts.max_rows,
+            cache_rows: (cache_rows != usize::MAX).then_some(cache_rows),
+            cache_grows: backend.cache_row_limit().is_none(),
+        };
         Engine {
             backend,
             tokenizer: tokenizer.map(Arc::new),
             device,
-            max_batch: opts.max_batch,
-            max_rows: opts.max_rows,
             kv_budget: opts.kv_budget,
+            sched: Scheduler::new(limits),
+            unclaimed: Vec::new(),
         }
     }
 
     /// An engine on the GPU over weights already on the device, sized by `opts`: at most
     /// `max_batch` sequences (0: 1) and `max_rows` canvas rows (0: `max_batch` · the model's
-    /// context) per wave; the KV cache takes `kv_budget` bytes or, by default, 90% of the
+    /// context) at once; the KV cache takes `kv_budget` bytes or, by default, 90% of the
     /// device memory left after the weights and workspace ([`kv_cache_rows`]), all allocated
     /// here, once.
     #[cfg(feature = "cuda")]
@@ -392,14 +410,69 @@ impl Engine {
         &self.device
     }
 
-    /// Decodes all requests together; outputs in request order.
+    /// Decodes all requests (submitted together, stepped until every one finished); outputs
+    /// in request order. Every request is validated before any is queued. Requests submitted
+    /// earlier keep running alongside; their outputs wait for the next [`Engine::step`].
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Output>> {
         self.run(reqs, None)
     }
 
-    /// As `generate`, calling `on_step` for every sequence after each of its steps.
+    /// As `generate`, calling `on_step` for every sequence after each of its steps (`index`:
+    /// the request's index in `reqs`; `batch_step`: counted from this call's first forward).
     pub fn generate_with(&mut self, reqs: &[Request], on_step: &mut dyn FnMut(&StepEvent)) -> Result<Vec<Output>> {
         self.run(reqs, Some(on_step))
+    }
+
+    /// Validates `r` fully (tokenization, lengths, ids, policy, sampling, prior, cache scheme,
+    /// and that it can ever fit the engine's limits) and queues it. An error names the
+    /// request by the id it would have had; nothing is queued then.
+    pub fn submit(&mut self, r: Request) -> Result<RequestId> {
+        let id = self.sched.next_id();
+        let seq = self.checked(&r, &format!("request {id}"))?;
+        self.sched.submit(seq)
+    }
+
+    /// One step boundary and step: finished sequences have left, queued requests join while
+    /// they fit, then one forward for every active sequence. Returns the requests that
+    /// finished in it (and any that finished during a `generate` call since the last `step`).
+    /// With nothing queued or active it returns at once with no outputs.
+    pub fn step(&mut self) -> Result<Vec<(RequestId, Output)>> {
+        self.step_inner(None)
+    }
+
+    /// As `step`, calling `on_step` for every sequence it stepped (`index` = the request's id
+    /// as `usize`; `batch_step` counts the engine's forwards).
+    pub fn step_with(&mut self, on_step: &mut dyn FnMut(&StepEvent)) -> Result<Vec<(RequestId, Output)>> {
+        self.step_inner(Some(on_step))
+    }
+
+    fn step_inner(&mut self, on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<(RequestId, Output)>> {
+        let mut out = std::mem::take(&mut self.unclaimed);
+        for f in self.sched.step(self.backend.as_mut(), on_step)? {
+            out.push((f.id, self.output(&f)?));
+        }
+        Ok(out)
+    }
+
+    /// Requests queued, not admitted yet.
+    pub fn pending(&self) -> usize {
+        self.sched.pending()
+    }
+
+    /// Requests admitted (decoding) and not finished.
+    pub fn active(&self) -> usize {
+        self.sched.active()
+    }
+
+    /// Drops a queued or active request (its cache rows are freed). False when the engine
+    /// does not hold it (unknown id, or already finished).
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        self.sched.cancel(id)
+    }
+
+    /// Forwards run since the engine was built.
+    pub fn batch_steps(&self) -> u32 {
+        self.sched.batch_step()
     }
 
     /// The prompt's token ids (tokenizing text, applying the chat template).
@@ -429,6 +502,7 @@ impl Engine {
         if !(p > 0.0 && p <= 1.0) {
             return Err(Error::bad_input(format!("top_p {p} must lie in (0, 1]")));
         }
+        check_policy(&r.policy)?;
         let prompt = self.prompt_ids(&r.prompt)?;
         crate::decode::canvas::check_lengths(prompt.len(), r.gen_len, r.block_len, cfg)?;
         let prior = match &r.prior {
@@ -437,93 +511,103 @@ impl Engine {
         };
         let spec = CanvasSpec { gen_len: r.gen_len, block_len: r.block_len, stop_at_eos: r.stop_at_eos };
         let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
-        Ok(SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id)
-            .with_cache(r.cache, r.cache_refresh_every_step))
+        let mut seq = SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id)
+            .with_cache(r.cache, r.cache_refresh_every_step);
+        seq.make_plan(cfg.shifted())?;
+        Ok(seq)
     }
 
-    fn run(&mut self, reqs: &[Request], on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<Output>> {
+    /// `prepare`, then the check that the request can ever be scheduled; errors start with
+    /// `label` ("request 3").
+    fn checked(&self, r: &Request, label: &str) -> Result<SeqState> {
+        let seq = self.prepare(r).map_err(|e| match e {
+            Error::BadInput(m) => Error::bad_input(format!("{label}: {m}")),
+            other => other,
+        })?;
+        match self.sched.fits_alone(seq.canvas.len()) {
+            Ok(()) => Ok(seq),
+            Err(Misfit::Rows { len, max_rows }) => Err(Error::bad_input(format!(
+                "{label}: its canvas of {len} rows exceeds the engine's max_rows {max_rows}"
+            ))),
+            Err(Misfit::Cache { len, cache_rows }) => {
+                let per_row = self.backend.cache_row_bytes();
+                let (_, budget) = cache_row_cap(self.backend.as_ref(), self.kv_budget);
+                Err(Error::bad_input(format!(
+                    "{label}: its canvas of {len} rows needs {} bytes of KV cache ({per_row} per row), \
+                     more than the KV budget of {} bytes ({cache_rows} rows); raise --kv-budget or shorten the request",
+                    len as u64 * per_row,
+                    budget.unwrap_or(0)
+                )))
+            }
+        }
+    }
+
+    fn run(&mut self, reqs: &[Request], mut on_step: Option<&mut dyn FnMut(&StepEvent)>) -> Result<Vec<Output>> {
         if reqs.is_empty() {
             return Err(Error::bad_input("no requests to generate"));
         }
-        let mut seqs = reqs
+        let seqs = reqs
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                self.prepare(r).map_err(|e| match e {
-                    Error::BadInput(m) => Error::bad_input(format!("request {i}: {m}")),
-                    other => other,
-                })
-            })
+            .map(|(i, r)| self.checked(r, &format!("request {i}")))
             .collect::<Result<Vec<_>>>()?;
-        let waves = self.waves(&seqs)?;
-        let mut on_step = on_step;
-        for w in waves {
-            let part = &mut seqs[w.clone()];
-            self.backend.reserve_cache(cache_rows_for(part))?;
-            match on_step.as_mut() {
-                // Event indices count from the wave's first request.
-                Some(cb) => {
-                    let mut shifted = |e: &StepEvent| cb(&StepEvent { index: e.index + w.start, ..*e });
-                    runner::run(self.backend.as_mut(), part, Some(&mut shifted))?
+        let mut ids = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            match self.sched.submit(s) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    self.cancel_all(&ids);
+                    return Err(e);
                 }
-                None => runner::run(self.backend.as_mut(), part, None)?,
             }
         }
-        seqs.iter().map(|s| self.output(s)).collect()
-    }
-
-    /// KV-cache rows one wave may take, and the budget in bytes behind that number (for
-    /// messages): the smaller of `kv_budget / bytes per row` and what the backend holds.
-    fn cache_row_cap(&self) -> (usize, Option<u64>) {
-        let per_row = self.backend.cache_row_bytes().max(1);
-        let by_budget = self.kv_budget.map(|b| usize::try_from(b / per_row).unwrap_or(usize::MAX));
-        let by_backend = self.backend.cache_row_limit();
-        let rows = by_budget.unwrap_or(usize::MAX).min(by_backend.unwrap_or(usize::MAX));
-        let budget = match (self.kv_budget, by_backend) {
-            (Some(b), Some(r)) => Some(b.min(r as u64 * per_row)),
-            (Some(b), None) => Some(b),
-            (None, Some(r)) => Some(r as u64 * per_row),
-            (None, None) => None,
-        };
-        (rows, budget)
-    }
-
-    /// Consecutive runs of requests that fit `max_batch` sequences, `max_rows` rows and the KV
-    /// cache (one row per canvas row). A request that cannot fit even alone is refused.
-    fn waves(&self, seqs: &[SeqState]) -> Result<Vec<std::ops::Range<usize>>> {
-        let max_batch = if self.max_batch == 0 { usize::MAX } else { self.max_batch };
-        let max_rows = if self.max_rows == 0 { usize::MAX } else { self.max_rows };
-        let (max_cache, budget) = self.cache_row_cap();
-        let per_row = self.backend.cache_row_bytes();
-        let mut out = Vec::new();
-        let (mut start, mut rows) = (0usize, 0usize);
-        for (i, s) in seqs.iter().enumerate() {
-            let len = s.canvas.len();
-            if len > max_rows {
-                return Err(Error::bad_input(format!(
-                    "request {i}: its canvas of {len} rows exceeds the engine's max_rows {max_rows}"
-                )));
+        // Ids of one call are consecutive: nothing else submits while `self` is borrowed.
+        let first = ids[0].0;
+        let ours = |id: u64| id.checked_sub(first).map(|k| k as usize).filter(|&k| k < reqs.len());
+        let step0 = self.sched.batch_step();
+        let mut outs: Vec<Option<Output>> = vec![None; reqs.len()];
+        let mut left = reqs.len();
+        while left > 0 {
+            let done = match on_step.as_mut() {
+                Some(cb) => {
+                    let mut mine = |e: &StepEvent| {
+                        if let Some(k) = ours(e.index as u64) {
+                            cb(&StepEvent { index: k, batch_step: e.batch_step.wrapping_sub(step0), ..*e })
+                        }
+                    };
+                    self.sched.step(self.backend.as_mut(), Some(&mut mine))
+                }
+                None => self.sched.step(self.backend.as_mut(), None),
+            };
+            let done = match done {
+                Ok(d) => d,
+                Err(e) => {
+                    self.cancel_all(&ids);
+                    return Err(e);
+                }
+            };
+            for f in done {
+                let o = self.output(&f)?;
+                match ours(f.id.0) {
+                    Some(k) => {
+                        outs[k] = Some(o);
+                        left -= 1;
+                    }
+                    None => self.unclaimed.push((f.id, o)),
+                }
             }
-            if len > max_cache {
-                return Err(Error::bad_input(format!(
-                    "request {i}: its canvas of {len} rows needs {} bytes of KV cache ({per_row} per row), \
-                     more than the KV budget of {} bytes ({max_cache} rows); raise --kv-budget or shorten the request",
-                    len as u64 * per_row,
-                    budget.unwrap_or(0)
-                )));
-            }
-            if i - start == max_batch || rows + len > max_rows.min(max_cache) {
-                out.push(start..i);
-                start = i;
-                rows = 0;
-            }
-            rows += len;
         }
-        out.push(start..seqs.len());
-        Ok(out)
+        Ok(outs.into_iter().map(|o| o.expect("every request finished")).collect())
     }
 
-    fn output(&self, s: &SeqState) -> Result<Output> {
+    fn cancel_all(&mut self, ids: &[RequestId]) {
+        for &id in ids {
+            self.sched.cancel(id);
+        }
+    }
+
+    fn output(&self, f: &Finished) -> Result<Output> {
+        let s = &f.seq;
         let cfg = self.backend.config();
         let c = &s.canvas;
         let gen = c.gen().to_vec();
@@ -554,6 +638,38 @@ impl Engine {
     }
 }
 
+/// KV-cache rows the active sequences may hold together, and the budget in bytes behind that
+/// number (for messages): the smaller of `kv_budget / bytes per row` and what the backend
+/// holds (`usize::MAX` / `None`: no limit).
+fn cache_row_cap(backend: &dyn EngineBackend, kv_budget: Option<u64>) -> (usize, Option<u64>) {
+    let per_row = backend.cache_row_bytes().max(1);
+    let by_budget = kv_budget.map(|b| usize::try_from(b / per_row).unwrap_or(usize::MAX));
+    let by_backend = backend.cache_row_limit();
+    let rows = by_budget.unwrap_or(usize::MAX).min(by_backend.unwrap_or(usize::MAX));
+    let budget = match (kv_budget, by_backend) {
+        (Some(b), Some(r)) => Some(b.min(r as u64 * per_row)),
+        (Some(b), None) => Some(b),
+        (None, Some(r)) => Some(r as u64 * per_row),
+        (None, None) => None,
+    };
+    (rows, budget)
+}
+
+/// Refuses policy parameters the parser would refuse (for policies built in code).
+fn check_policy(p: &Policy) -> Result<()> {
+    let bad = |what: &str| Err(Error::bad_input(format!("policy `{p}`: {what}")));
+    if p.steps() == Some(0) || matches!(p, Policy::Confident { steps: 0, .. }) {
+        return bad("steps must be >= 1");
+    }
+    match *p {
+        Policy::Threshold { tau } | Policy::Confident { tau, .. } if !(0.0..=1.0).contains(&tau) => {
+            bad("tau must lie in [0, 1]")
+        }
+        Policy::Factor { f } if !(f.is_finite() && f > 0.0) => bad("factor must be a finite number > 0"),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that the options name a backend `load` / `from_weights` can run for `cfg`: the CPU
 /// backend. The GPU backend comes through [`Engine::on_gpu`] (or `with_backend`).
 /// The GPU `opts.device` asks for: `Cuda(i)` must open (else an error naming it); `Auto` takes
@@ -562,7 +678,9 @@ impl Engine {
 fn open_gpu(opts: &EngineOptions) -> Result<Option<Arc<crate::gpu::Gpu>>> {
     match opts.device {
         Device::Cpu => Ok(None),
-        Device::Cuda(i) => crate::gpu::Gpu::new(i).map(Some).map_err(|e| Error::NoCuda(format!("device cuda:{i}: {e}"))),
+        Device::Cuda(i) => {
+            crate::gpu::Gpu::new(i).map(Some).map_err(|e| Error::NoCuda(format!("device cuda:{i}: {e}")))
+        }
         Device::Auto => Ok(crate::gpu::Gpu::new(0).ok()),
     }
 }

@@ -94,7 +94,7 @@ struct BenchArgs {
     /// auto (GPU if usable, else the CPU backend on tiny-llada), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Kernel variants, e.g. attention=reference.
+    /// Kernel variants, e.g. attention=reference or gemm=cublaslt (repeatable).
     #[arg(long)]
     variant: Vec<String>,
     /// Also write the results as one JSON document.
@@ -122,7 +122,7 @@ struct ProfileArgs {
     /// Profiled forwards (after 3 warm-up forwards).
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    /// Variants to time side by side, e.g. attention=flash,reference.
+    /// Variants to time side by side: attention=flash,reference or gemm=auto,cublaslt,skinny.
     #[arg(long, default_value = "attention=flash")]
     variants: String,
 }
@@ -280,15 +280,8 @@ fn bench_cpu(a: &BenchArgs) -> Result<Vec<ForwardRow>> {
 #[cfg(feature = "cuda")]
 fn bench_gpu(a: &BenchArgs, gpu: std::sync::Arc<demask::gpu::Gpu>) -> Result<(Vec<ForwardRow>, bench::Ceilings)> {
     use demask::model::{Capacity, GpuModel, GpuWeights};
-    use demask::ops::attention::AttnVariant;
 
-    let mut attn = AttnVariant::Flash;
-    for v in &a.variant {
-        match v.split_once('=') {
-            Some(("attention", name)) => attn = name.parse()?,
-            _ => bail!("bad --variant `{v}` (expected attention=NAME)"),
-        }
-    }
+    let (attn, gemm) = parse_variants(&a.variant)?;
     eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
     eprintln!("measuring ceilings...");
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
@@ -314,6 +307,7 @@ fn bench_gpu(a: &BenchArgs, gpu: std::sync::Arc<demask::gpu::Gpu>) -> Result<(Ve
     let cap = Capacity { rows: rows_cap, logit_rows: rows_cap, cache_rows: rows_cap, seqs: a.batch };
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
     model.attn_variant = attn;
+    model.gemm_variant = gemm;
     let (free, total) = gpu.mem_info()?;
     let mut out = Vec::new();
     for &len in &a.lengths {
@@ -332,7 +326,10 @@ fn bench_gpu(a: &BenchArgs, gpu: std::sync::Arc<demask::gpu::Gpu>) -> Result<(Ve
             peak_mem_bytes: Some(total - free),
         });
     }
-    println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s; attention variant {}", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops, attn.name());
+    println!(
+        "device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s; variants attention={} gemm={}",
+        ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops, attn.name(), gemm.name()
+    );
     Ok((out, ceil))
 }
 
@@ -361,9 +358,18 @@ fn doctor() -> Result<()> {
 fn profile_cmd(a: ProfileArgs) -> Result<()> {
     use demask::model::{Capacity, GpuModel, GpuWeights};
     use demask::ops::attention::AttnVariant;
-    let variants: Vec<AttnVariant> = match a.variants.split_once('=') {
-        Some(("attention", list)) => list.split(',').map(|v| v.parse()).collect::<demask::Result<_>>()?,
-        _ => bail!("bad --variants `{}` (expected attention=NAME[,NAME...])", a.variants),
+    use demask::ops::gemm::GemmVariant;
+    // (attention, gemm) pairs to time: one op's variants side by side, the other at its default.
+    let variants: Vec<(AttnVariant, GemmVariant)> = match a.variants.split_once('=') {
+        Some(("attention", list)) => list
+            .split(',')
+            .map(|v| Ok((v.parse()?, GemmVariant::Auto)))
+            .collect::<demask::Result<_>>()?,
+        Some(("gemm", list)) => list
+            .split(',')
+            .map(|v| Ok((AttnVariant::Flash, v.parse()?)))
+            .collect::<demask::Result<_>>()?,
+        _ => bail!("bad --variants `{}` (expected attention=NAME[,NAME...] or gemm=NAME[,NAME...])", a.variants),
     };
     let gpu = demask::gpu::Gpu::new(0)?;
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
@@ -380,8 +386,9 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work(&cfg, a.len, a.batch, live);
-    for v in variants {
+    for (v, gv) in variants {
         model.attn_variant = v;
+        model.gemm_variant = gv;
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
         model.enable_profiling(true)?;
@@ -389,8 +396,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         let p = model.profiler.as_ref().unwrap().per_forward();
         let total: f64 = p.iter().map(|x| x.1).sum();
         println!(
-            "\n{} len {} live {} batch {}, attention={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
-            a.preset, a.len, live, a.batch, v.name(), plain.median_ms, total
+            "\n{} len {} live {} batch {}, attention={} gemm={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
+            a.preset, a.len, live, a.batch, v.name(), gv.name(), plain.median_ms, total
         );
         println!("{:<18} {:>9} {:>7} {:>9} {:>10} {:>9}", "op", "ms", "share", "launches", "TFLOP/s", "GB/s");
         for (name, ms, n) in p {
@@ -467,9 +474,6 @@ fn print_decode_rows(rows: &[bench::DecodeRow]) {
 fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
     use demask::engine::{Engine, EngineOptions};
     let (preset, specs) = decode_specs(a)?;
-    let max_batch = specs.iter().map(|s| s.batch).max().unwrap_or(1);
-    let max_len = specs.iter().map(|s| s.prompt_len + s.gen_len).max().unwrap_or(1);
-    let max_block = specs.iter().map(|s| s.block_len).max().unwrap_or(1);
     let (mut engine, ceilings, model_name) = match device {
         Device::Cpu => {
             let name = if preset.starts_with("tiny-") { preset.clone() } else { "tiny-llada".to_string() };
@@ -486,6 +490,9 @@ fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
         Device::Cuda(gpu) => {
             use demask::decode::gpu::GpuStepper;
             use demask::model::{Capacity, GpuWeights};
+            let max_batch = specs.iter().map(|s| s.batch).max().unwrap_or(1);
+            let max_len = specs.iter().map(|s| s.prompt_len + s.gen_len).max().unwrap_or(1);
+            let max_block = specs.iter().map(|s| s.block_len).max().unwrap_or(1);
             eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
             let ceil = bench::gpu::measure_ceilings(&gpu)?;
             eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
@@ -501,7 +508,11 @@ fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
             };
             let rows = max_batch * max_len;
             let cap = Capacity { rows, logit_rows: max_batch * max_block, cache_rows: rows, seqs: max_batch };
-            let stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+            let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+            let (attn, gemm) = parse_variants(&a.variant)?;
+            stepper.model_mut().attn_variant = attn;
+            stepper.model_mut().gemm_variant = gemm;
+            eprintln!("variants: attention={} gemm={}", attn.name(), gemm.name());
             let opts = EngineOptions { max_batch, max_rows: rows, ..Default::default() };
             let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
             (Engine::with_backend(Box::new(stepper), None, dev, &opts), Some(ceil), name)
@@ -527,4 +538,19 @@ fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `--variant op=name` flags: (attention, gemm), defaults flash and auto.
+#[cfg(feature = "cuda")]
+fn parse_variants(flags: &[String]) -> Result<(demask::ops::attention::AttnVariant, demask::ops::gemm::GemmVariant)> {
+    let mut attn = demask::ops::attention::AttnVariant::Flash;
+    let mut gemm = demask::ops::gemm::GemmVariant::Auto;
+    for v in flags {
+        match v.split_once('=') {
+            Some(("attention", name)) => attn = name.parse()?,
+            Some(("gemm", name)) => gemm = name.parse()?,
+            _ => bail!("bad --variant `{v}` (expected attention=flash|reference or gemm=auto|cublaslt|skinny)"),
+        }
+    }
+    Ok((attn, gemm))
 }

@@ -9,9 +9,8 @@ use crate::batch::RowBatch;
 use crate::config::ModelConfig;
 use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
-use crate::gpu::gemm::linear;
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::{self, attention::AttnVariant};
+use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
 use crate::weights::HostWeights;
 
 pub struct GpuLayer {
@@ -153,6 +152,8 @@ struct Workspace {
     cache_rows: DTensor<u32>,
     seqs: DTensor<u32>,
     logit_rows: DTensor<u32>,
+    /// Split-K partials of the skinny GEMM (f32), sized for the layer shapes at ≤ 64 rows.
+    gemm_scratch: DTensor<f32>,
 }
 
 /// Per-layer K and V: `[cache_rows, n_kv_heads * head_dim]` bf16, post-RoPE.
@@ -169,6 +170,8 @@ pub struct GpuModel {
     pub cache: KvCache,
     pub cap: Capacity,
     pub attn_variant: AttnVariant,
+    /// Which GEMM runs the linear layers (`auto`: the skinny kernel for ≤ 32 rows).
+    pub gemm_variant: GemmVariant,
     ws: Workspace,
     /// Host staging for the per-forward index arrays (reused; no allocation per step).
     staging: Vec<u32>,
@@ -208,6 +211,7 @@ impl GpuModel {
             cache_rows: gpu.alloc(&[t])?,
             seqs: gpu.alloc(&[cap.seqs * 4])?,
             logit_rows: gpu.alloc(&[cap.logit_rows])?,
+            gemm_scratch: gpu.alloc(&[Self::gemm_scratch_len(&cfg, cap).max(1)])?,
         };
         let kvd = cfg.kv_dim();
         let mut cache = KvCache { k: Vec::new(), v: Vec::new(), rows: cap.cache_rows };
@@ -223,6 +227,7 @@ impl GpuModel {
             cache,
             cap,
             attn_variant: AttnVariant::Flash,
+            gemm_variant: GemmVariant::Auto,
             ws,
             staging,
             last_logit_rows: 0,
@@ -230,11 +235,22 @@ impl GpuModel {
         })
     }
 
+    /// f32 elements of split-K scratch the skinny GEMM needs for this model's layer shapes
+    /// (the LM head never splits).
+    fn gemm_scratch_len(cfg: &ModelConfig, cap: Capacity) -> usize {
+        let t = cap.rows.min(ops::gemm::SKINNY_ROW_LIMIT);
+        [(cfg.qkv_dim(), cfg.hidden), (cfg.hidden, cfg.q_dim()), (2 * cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn)]
+            .iter()
+            .map(|&(n, k)| ops::gemm::skinny_scratch_len(t, n, k))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Device bytes of the workspace, logits and KV cache for `cap`.
     pub fn workspace_bytes(cfg: &ModelConfig, cap: Capacity) -> usize {
         let act = cap.rows * (4 * cfg.hidden + cfg.qkv_dim() + cfg.q_dim() + 3 * cfg.ffn) * 2;
         let logits = cap.logit_rows * (cfg.vocab * 4 + cfg.hidden * 2);
-        let idx = (4 * cap.rows + 4 * cap.seqs + cap.logit_rows) * 4;
+        let idx = (4 * cap.rows + 4 * cap.seqs + cap.logit_rows) * 4 + Self::gemm_scratch_len(cfg, cap) * 4;
         let kv = 2 * cfg.n_layers * cap.cache_rows * cfg.kv_dim() * 2;
         act + logits + idx + kv
     }
@@ -288,6 +304,7 @@ impl GpuModel {
         let eps = cfg.norm_eps as f32;
         let mode = RopeMode::for_arch(cfg.arch);
         let max_rows = b.seqs.iter().map(|s| s.row_count as usize).max().unwrap_or(0);
+        let gv = self.gemm_variant;
         let ws = &mut self.ws;
         let prof = &mut self.profiler;
         // Records the end of an op when profiling (one event record; nothing otherwise).
@@ -308,7 +325,7 @@ impl GpuModel {
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            linear(g, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
+            ops::gemm::linear(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, &mut ws.gemm_scratch)?;
             mark!("gemm_qkv");
             ops::rope::rope_kv_store(
                 g,
@@ -340,15 +357,15 @@ impl GpuModel {
                 &mut ws.att,
             )?;
             mark!("attention");
-            linear(g, t, &ws.att, &l.wo, None, &mut ws.o)?;
+            ops::gemm::linear(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, &mut ws.gemm_scratch)?;
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            linear(g, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
+            ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu, &mut ws.gemm_scratch)?;
             mark!("gemm_gate_up");
             ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
             mark!("swiglu");
-            linear(g, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+            ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o, &mut ws.gemm_scratch)?;
             mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
@@ -356,11 +373,11 @@ impl GpuModel {
         let r = b.logit_rows.len();
         let identity = r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x);
         if identity {
-            linear(g, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits)?;
+            ops::gemm::linear(g, gv, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits, &mut ws.gemm_scratch)?;
         } else {
             ops::embed::gather_rows(g, r, &ws.logit_rows, &ws.h, &mut ws.sel)?;
             mark!("gather_logit_rows");
-            linear(g, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits)?;
+            ops::gemm::linear(g, gv, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits, &mut ws.gemm_scratch)?;
         }
         mark!("gemm_lm_head");
         if let Some(p) = prof.as_mut() {

@@ -10,8 +10,10 @@
 //! the step callback. Finished sequences leave the batch; the loop ends when every sequence is
 //! done. With the `none` scheme every row is live every step (exact decoding).
 //!
-//! The backend's cache must hold the admitted rows before the loop starts (the engine reserves
-//! them); the loop itself never sizes anything.
+//! [`step_batch`] is one such step over any set of admitted sequences: [`run`] loops it over a
+//! fixed set, the continuous-batching scheduler (`decode::scheduler`) over a set that changes
+//! at every step boundary. The backend's cache must hold the admitted rows before a step (the
+//! engine reserves them); a step itself never sizes anything.
 use std::time::Instant;
 
 use crate::batch::{RowBatch, SeqSpan};
@@ -79,6 +81,39 @@ impl SeqState {
         self.plan.is_some() && self.cache_base.is_some()
     }
 
+    /// Builds the cache plan for the sequence's scheme if it has none yet (an error when the
+    /// scheme cannot serve this canvas). Idempotent; [`admit_at`](Self::admit_at) calls it.
+    pub fn make_plan(&mut self, shifted: bool) -> Result<()> {
+        if self.plan.is_none() {
+            let c = &self.canvas;
+            let spec = c.spec();
+            let mut plan = CachePlan::new(
+                self.cache,
+                c.prompt_len() as usize,
+                spec.gen_len as usize,
+                spec.block_len as usize,
+                shifted,
+            )?;
+            plan.set_refresh_every_step(self.cache_refresh_every_step);
+            self.plan = Some(plan);
+        }
+        Ok(())
+    }
+
+    /// Admits the sequence with cache rows `[base, base + canvas len)` (fixed for its lifetime)
+    /// and its cache plan. Refuses a sequence already admitted.
+    pub fn admit_at(&mut self, base: u32, shifted: bool) -> Result<()> {
+        if let Some(b) = self.cache_base {
+            return Err(Error::bad_input(format!("sequence already admitted at cache row {b}")));
+        }
+        if base.checked_add(self.canvas.len() as u32).is_none() {
+            return Err(Error::bad_input(format!("cache rows from {base} do not fit in u32")));
+        }
+        self.make_plan(shifted)?;
+        self.cache_base = Some(base);
+        Ok(())
+    }
+
     /// Canvas positions still masked (every block), ascending.
     pub fn masked_positions(&self) -> Vec<u32> {
         let c = &self.canvas;
@@ -120,24 +155,13 @@ pub fn admit(seqs: &mut [SeqState], shifted: bool) -> Result<usize> {
     let end = |s: &SeqState| s.cache_base.map_or(0, |b| b as usize + s.canvas.len());
     let mut next = seqs.iter().map(end).max().unwrap_or(0);
     for s in seqs.iter_mut() {
-        if s.plan.is_none() {
-            let c = &s.canvas;
-            let spec = c.spec();
-            let mut plan = CachePlan::new(
-                s.cache,
-                c.prompt_len() as usize,
-                spec.gen_len as usize,
-                spec.block_len as usize,
-                shifted,
-            )?;
-            plan.set_refresh_every_step(s.cache_refresh_every_step);
-            s.plan = Some(plan);
-        }
         if s.cache_base.is_none() {
             let base =
                 u32::try_from(next).map_err(|_| Error::bad_input(format!("cache row {next} does not fit in u32")))?;
-            s.cache_base = Some(base);
+            s.admit_at(base, shifted)?;
             next += s.canvas.len();
+        } else {
+            s.make_plan(shifted)?;
         }
     }
     Ok(seqs.iter().map(end).max().unwrap_or(0))
@@ -152,11 +176,14 @@ pub fn cache_rows_for(seqs: &[SeqState]) -> usize {
 /// What the step callback sees, once per sequence per step, after the commits are applied.
 #[derive(Clone, Copy)]
 pub struct StepEvent<'a> {
-    /// Index of the sequence in the slice given to `run`.
+    /// Which sequence: its index in the slice given to [`run`]; with the engine's scheduler
+    /// the request's id (`RequestId.0`), and with `Engine::generate_with` its index in the
+    /// request list.
     pub index: usize,
     /// The sequence's step number (0 for its first step).
     pub step: u32,
-    /// Index of the batch step (counts every forward of this run).
+    /// Index of the batch step (counts every forward of this run; with the scheduler, of the
+    /// engine's life, and with `Engine::generate_with` from that call's first forward).
     pub batch_step: u32,
     pub canvas: &'a Canvas,
     /// Positions that were eligible at this step, ascending.
@@ -241,63 +268,89 @@ pub fn run(
     seqs: &mut [SeqState],
     mut callback: Option<&mut dyn FnMut(&StepEvent)>,
 ) -> Result<()> {
-    let shifted = backend.config().shifted();
-    let vocab = backend.config().vocab;
-    admit(seqs, shifted)?;
+    admit(seqs, backend.config().shifted())?;
     let mut batch_step = 0u32;
     loop {
-        let t0 = Instant::now();
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].canvas.is_done()).collect();
-        if active.is_empty() {
+        let index: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].canvas.is_done()).collect();
+        if index.is_empty() {
             return Ok(());
         }
-        let refs: Vec<&SeqState> = active.iter().map(|&i| &seqs[i]).collect();
-        let (batch, work) = build_step(&refs, shifted);
-        let (commits, scores) = if callback.is_some() {
-            backend.step_scored(&batch, &work)?
-        } else {
-            (backend.step(&batch, &work)?, Vec::new())
-        };
-        if commits.len() != work.len() || (callback.is_some() && scores.len() != work.len()) {
-            return Err(Error::bad_input(format!(
-                "step backend returned {} commit lists and {} score lists for {} sequences",
-                commits.len(),
-                scores.len(),
-                work.len()
-            )));
-        }
-        for (k, &i) in active.iter().enumerate() {
-            let s = &mut seqs[i];
-            let n = s.canvas.steps();
-            s.canvas.apply(&commits[k], vocab).map_err(|e| match e {
-                Error::BadInput(m) => Error::bad_input(format!("sequence {i}: {m}")),
-                other => other,
-            })?;
-            if let Some(plan) = s.plan.as_mut() {
-                let pos: Vec<u32> = commits[k].iter().map(|c| c.pos).collect();
-                plan.committed(n, &pos);
-            }
-            s.commits_per_step.push(commits[k].len() as u32);
-            s.rows_per_step.push(batch.seqs[k].row_count);
-        }
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        for (k, &i) in active.iter().enumerate() {
-            seqs[i].step_ms.push(ms);
-            if let Some(cb) = callback.as_mut() {
-                let s = &seqs[i];
-                cb(&StepEvent {
-                    index: i,
-                    step: s.canvas.steps() - 1,
-                    batch_step,
-                    canvas: &s.canvas,
-                    eligible: &work[k].eligible,
-                    scores: &scores[k],
-                    commits: &commits[k],
-                    live_rows: batch.seqs[k].row_count,
-                    ms,
-                });
-            }
-        }
+        let mut active: Vec<&mut SeqState> = seqs.iter_mut().filter(|s| !s.canvas.is_done()).collect();
+        let cb = callback.as_mut().map(|c| &mut **c as &mut dyn FnMut(&StepEvent));
+        step_batch(backend, &mut active, &index, batch_step, cb)?;
         batch_step += 1;
     }
+}
+
+/// One batch step: a forward over the live rows of every sequence of `seqs` (each admitted and
+/// not done), the commits applied, plans told, per-sequence records (commits, live rows, step
+/// time) appended and, with a callback, one [`StepEvent`] per sequence (`index[k]` is the
+/// event index of `seqs[k]`; `batch_step` is passed through). On an error no event is sent;
+/// sequences before the failing one may already hold the step's commits.
+pub fn step_batch(
+    backend: &mut dyn StepBackend,
+    seqs: &mut [&mut SeqState],
+    index: &[usize],
+    batch_step: u32,
+    mut callback: Option<&mut dyn FnMut(&StepEvent)>,
+) -> Result<()> {
+    if index.len() != seqs.len() {
+        return Err(Error::bad_input(format!("step: {} event indices for {} sequences", index.len(), seqs.len())));
+    }
+    if let Some(k) = seqs.iter().position(|s| !s.is_admitted() || s.canvas.is_done()) {
+        return Err(Error::bad_input(format!(
+            "step: sequence {} is {}",
+            index[k],
+            if seqs[k].canvas.is_done() { "already done" } else { "not admitted" }
+        )));
+    }
+    let shifted = backend.config().shifted();
+    let vocab = backend.config().vocab;
+    let t0 = Instant::now();
+    let refs: Vec<&SeqState> = seqs.iter().map(|s| &**s).collect();
+    let (batch, work) = build_step(&refs, shifted);
+    let (commits, scores) = if callback.is_some() {
+        backend.step_scored(&batch, &work)?
+    } else {
+        (backend.step(&batch, &work)?, Vec::new())
+    };
+    if commits.len() != work.len() || (callback.is_some() && scores.len() != work.len()) {
+        return Err(Error::bad_input(format!(
+            "step backend returned {} commit lists and {} score lists for {} sequences",
+            commits.len(),
+            scores.len(),
+            work.len()
+        )));
+    }
+    for (k, s) in seqs.iter_mut().enumerate() {
+        let n = s.canvas.steps();
+        s.canvas.apply(&commits[k], vocab).map_err(|e| match e {
+            Error::BadInput(m) => Error::bad_input(format!("sequence {}: {m}", index[k])),
+            other => other,
+        })?;
+        if let Some(plan) = s.plan.as_mut() {
+            let pos: Vec<u32> = commits[k].iter().map(|c| c.pos).collect();
+            plan.committed(n, &pos);
+        }
+        s.commits_per_step.push(commits[k].len() as u32);
+        s.rows_per_step.push(batch.seqs[k].row_count);
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    for (k, s) in seqs.iter_mut().enumerate() {
+        s.step_ms.push(ms);
+        if let Some(cb) = callback.as_mut() {
+            cb(&StepEvent {
+                index: index[k],
+                step: s.canvas.steps() - 1,
+                batch_step,
+                canvas: &s.canvas,
+                eligible: &work[k].eligible,
+                scores: &scores[k],
+                commits: &commits[k],
+                live_rows: batch.seqs[k].row_count,
+                ms,
+            });
+        }
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod embed;
 pub mod fill;
+pub mod gemm;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

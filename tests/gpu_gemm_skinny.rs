@@ -1,0 +1,499 @@
+//! The skinny GEMM (`ops::gemm`, kernels/gemm_skinny.cu) vs the CPU reference
+//! `cpu::gemm::linear` at every LLaDA-8B / Dream-7B linear shape and awkward ones, t from 1 to
+//! 64, with and without bias, bf16 and f32 out; determinism; shape errors; the `auto`
+//! dispatch; and a timing table against cuBLASLt (prints, never fails on time).
+//!
+//! Tolerance (as tests/gpu_gemm.rs, x ~ N(0, 1), w ~ N(0, 1/k), so |y| ~ 1): f32 out differs
+//! from the f32 reference only by accumulation order, |d| ≤ 2e-3 + 1e-3·|ref|; bf16 out adds
+//! one rounding (2⁻⁹ relative), |d| ≤ 4e-3 + 8e-3·|ref|.
+#![cfg(feature = "cuda")]
+use std::sync::Mutex;
+
+use cudarc::driver::sys::CUevent_flags;
+use demask::cpu::gemm as cpu_gemm;
+use demask::gpu::gemm::GemmOut;
+use demask::gpu::{test_gpu, DTensor, Gpu};
+use demask::ops::fill::fill_normal;
+use demask::ops::gemm::{self, GemmVariant, SkinnyConfig, SKINNY_ROW_LIMIT};
+use half::bf16;
+use rand::{rngs::StdRng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+/// Tests in this file share the GPU one at a time (so the timing test runs alone).
+static GPU_LOCK: Mutex<()> = Mutex::new(());
+
+const TS: [usize; 6] = [1, 7, 19, 32, 33, 64];
+const MAX_T: usize = 64;
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn rand_bf16(n: usize, std: f32, rng: &mut StdRng) -> (Vec<bf16>, Vec<f32>) {
+    let d = Normal::new(0.0f32, std).unwrap();
+    let b: Vec<bf16> = (0..n).map(|_| bf16::from_f32(d.sample(rng))).collect();
+    let f = b.iter().map(|x| x.to_f32()).collect();
+    (b, f)
+}
+
+/// One weight shape with its operands on both sides and the f32 reference for MAX_T rows.
+struct Problem {
+    n: usize,
+    k: usize,
+    x: DTensor<bf16>,
+    w: DTensor<bf16>,
+    bias: DTensor<bf16>,
+    bias_f: Vec<f32>,
+    /// x[0..MAX_T] · wᵀ without bias, [MAX_T, n].
+    want: Vec<f32>,
+    scratch: DTensor<f32>,
+}
+
+impl Problem {
+    /// w ~ N(0, 1/k) synthesised on the device (then read back for the reference), x ~ N(0, 1),
+    /// bias ~ N(0, 0.25), all bf16.
+    fn new(gpu: &Gpu, n: usize, k: usize, seed: u64) -> Problem {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (xb, xf) = rand_bf16(MAX_T * k, 1.0, &mut rng);
+        let (bb, bias_f) = rand_bf16(n, 0.5, &mut rng);
+        let mut w = gpu.alloc::<bf16>(&[n, k]).unwrap();
+        fill_normal(gpu, &mut w, seed ^ 0x5eed, 0.0, 1.0 / (k as f32).sqrt()).unwrap();
+        let wf: Vec<f32> = w.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect();
+        // Reference in slabs of W rows (cache-friendly for the big LM heads).
+        const SLAB: usize = 512;
+        let mut want = vec![0f32; MAX_T * n];
+        let mut part = vec![0f32; MAX_T * SLAB];
+        for c0 in (0..n).step_by(SLAB) {
+            let c1 = (c0 + SLAB).min(n);
+            let yp = &mut part[..MAX_T * (c1 - c0)];
+            cpu_gemm::linear(&xf, &wf[c0 * k..c1 * k], None, k, yp);
+            for r in 0..MAX_T {
+                want[r * n + c0..r * n + c1]
+                    .copy_from_slice(&yp[r * (c1 - c0)..(r + 1) * (c1 - c0)]);
+            }
+        }
+        let scratch_len = gemm::skinny_scratch_len(MAX_T, n, k).max(1);
+        Problem {
+            n,
+            k,
+            x: gpu.upload(&xb, &[MAX_T, k]).unwrap(),
+            w,
+            bias: gpu.upload(&bb, &[n]).unwrap(),
+            bias_f,
+            want,
+            scratch: gpu.alloc::<f32>(&[scratch_len]).unwrap(),
+        }
+    }
+
+    /// Runs `t` rows into an output of t + 2 rows poisoned with NaN; checks rows < t against
+    /// the reference and rows ≥ t untouched. Returns the raw output bits.
+    fn check(
+        &mut self,
+        gpu: &Gpu,
+        variant: GemmVariant,
+        t: usize,
+        bias: bool,
+        f32_out: bool,
+    ) -> Vec<u32> {
+        let (n, k) = (self.n, self.k);
+        let rows = t + 2;
+        let b = bias.then_some(&self.bias);
+        let got: Vec<f32> = if f32_out {
+            let mut y = gpu.upload(&vec![f32::NAN; rows * n], &[rows, n]).unwrap();
+            gemm::linear(
+                gpu,
+                variant,
+                t,
+                &self.x,
+                &self.w,
+                b,
+                &mut y,
+                &mut self.scratch,
+            )
+            .unwrap();
+            y.to_host(gpu).unwrap()
+        } else {
+            let mut y = gpu.upload(&vec![bf16::NAN; rows * n], &[rows, n]).unwrap();
+            gemm::linear(
+                gpu,
+                variant,
+                t,
+                &self.x,
+                &self.w,
+                b,
+                &mut y,
+                &mut self.scratch,
+            )
+            .unwrap();
+            y.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
+        };
+        let (atol, rtol) = if f32_out { (2e-3, 1e-3) } else { (4e-3, 8e-3) };
+        let mut bad = Vec::new();
+        for r in 0..t {
+            for c in 0..n {
+                let want = self.want[r * n + c] + if bias { self.bias_f[c] } else { 0.0 };
+                let g = got[r * n + c];
+                let ok = (g - want).abs() <= atol + rtol * want.abs(); // false for NaN
+                if !ok {
+                    bad.push((r, c, g, want));
+                }
+            }
+        }
+        let what = format!("{variant} t={t} n={n} k={k} bias={bias} f32={f32_out}");
+        assert!(
+            bad.is_empty(),
+            "{what}: {} mismatches, first (row, col, got, want) {:?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+        let written = got[t * n..].iter().filter(|v| !v.is_nan()).count();
+        assert_eq!(
+            written, 0,
+            "{what}: {written} elements written in rows >= t"
+        );
+        got[..t * n].iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every t of TS, bf16 and f32 out, bias on alternate t (always when `bias`).
+    fn check_all_t(&mut self, gpu: &Gpu, bias: bool) {
+        for (i, &t) in TS.iter().enumerate() {
+            let with_bias = bias || i % 2 == 1;
+            self.check(gpu, GemmVariant::Skinny, t, with_bias, false);
+            self.check(gpu, GemmVariant::Skinny, t, with_bias, true);
+        }
+    }
+}
+
+#[test]
+fn skinny_awkward_shapes() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    // n not a multiple of the 32-row warp slab or of 8; k with a partial 64-column stage, a
+    // partial X chunk, or a single 8-column vector; 4104 × 4104 exercises split-K with a tail.
+    for (i, &(n, k)) in [
+        (1000, 136),
+        (4104, 4104),
+        (13, 8),
+        (129, 520),
+        (33, 1032),
+        (1, 4096),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut p = Problem::new(&gpu, n, k, 100 + i as u64);
+        p.check_all_t(&gpu, false);
+    }
+}
+
+#[test]
+fn skinny_llada_shapes() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    // QKV, O, gate|up, down of LLaDA-8B.
+    for (i, &(n, k)) in [
+        (3 * 4096, 4096),
+        (4096, 4096),
+        (2 * 12288, 4096),
+        (4096, 12288),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut p = Problem::new(&gpu, n, k, 200 + i as u64);
+        p.check_all_t(&gpu, false);
+    }
+}
+
+#[test]
+fn skinny_dream_shapes() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    // QKV (with bias), O, gate|up, down of Dream-7B.
+    let mut qkv = Problem::new(&gpu, (28 + 8) * 128, 3584, 300);
+    qkv.check_all_t(&gpu, true);
+    for (i, &(n, k)) in [(3584, 3584), (2 * 18944, 3584), (3584, 18944)]
+        .iter()
+        .enumerate()
+    {
+        let mut p = Problem::new(&gpu, n, k, 301 + i as u64);
+        p.check_all_t(&gpu, false);
+    }
+}
+
+#[test]
+fn skinny_lm_heads() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for (i, &(n, k)) in [(126464, 4096), (152064, 3584)].iter().enumerate() {
+        let mut p = Problem::new(&gpu, n, k, 400 + i as u64);
+        for &t in &TS {
+            p.check(&gpu, GemmVariant::Skinny, t, false, true);
+        }
+        p.check(&gpu, GemmVariant::Skinny, 32, false, false);
+    }
+}
+
+#[test]
+fn skinny_is_deterministic() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    // A split-K shape (O projection) and a direct one (gate|up), each run twice.
+    for (i, &(n, k)) in [(4096, 4096), (2 * 12288, 4096)].iter().enumerate() {
+        let mut p = Problem::new(&gpu, n, k, 500 + i as u64);
+        for &t in &[19, 32, 64] {
+            for f32_out in [false, true] {
+                let a = p.check(&gpu, GemmVariant::Skinny, t, true, f32_out);
+                let b = p.check(&gpu, GemmVariant::Skinny, t, true, f32_out);
+                let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+                assert_eq!(
+                    diff, 0,
+                    "n={n} k={k} t={t} f32={f32_out}: {diff} elements differ between two runs"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_and_cublaslt_dispatch() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    let mut p = Problem::new(&gpu, 4096, 4096, 600);
+    for &t in &[1, gemm::SKINNY_MAX_ROWS, gemm::SKINNY_MAX_ROWS + 1, 64] {
+        p.check(&gpu, GemmVariant::Auto, t, true, false);
+        p.check(&gpu, GemmVariant::Cublaslt, t, true, true);
+    }
+}
+
+#[test]
+fn skinny_rejects_bad_shapes() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    let x = gpu
+        .upload(&vec![bf16::from_f32(0.5); 80 * 64], &[80, 64])
+        .unwrap();
+    let w = gpu
+        .upload(&vec![bf16::from_f32(0.25); 16 * 64], &[16, 64])
+        .unwrap();
+    let mut y = gpu.alloc::<bf16>(&[80, 16]).unwrap();
+    let mut s = gpu.alloc::<f32>(&[1]).unwrap();
+    let sk = GemmVariant::Skinny;
+    let too_many = SKINNY_ROW_LIMIT + 1;
+    assert!(
+        gemm::linear(&gpu, sk, too_many, &x, &w, None, &mut y, &mut s).is_err(),
+        "t > 64 must be refused"
+    );
+    let bias = gpu.upload(&[bf16::from_f32(1.0); 15], &[15]).unwrap();
+    assert!(
+        gemm::linear(&gpu, sk, 4, &x, &w, Some(&bias), &mut y, &mut s).is_err(),
+        "bias of 15 for n = 16"
+    );
+    let w_odd = gpu
+        .upload(&vec![bf16::from_f32(0.25); 16 * 60], &[16, 60])
+        .unwrap();
+    let x_odd = gpu
+        .upload(&vec![bf16::from_f32(0.5); 4 * 60], &[4, 60])
+        .unwrap();
+    assert!(
+        gemm::linear(&gpu, sk, 4, &x_odd, &w_odd, None, &mut y, &mut s).is_err(),
+        "k % 8 != 0"
+    );
+    let mut y_short = gpu.alloc::<bf16>(&[3, 16]).unwrap();
+    assert!(
+        gemm::linear(&gpu, sk, 4, &x, &w, None, &mut y_short, &mut s).is_err(),
+        "y has 3 rows for t = 4"
+    );
+    let mut y_wide = gpu.alloc::<f32>(&[4, 17]).unwrap();
+    assert!(
+        gemm::linear(&gpu, sk, 4, &x, &w, None, &mut y_wide, &mut s).is_err(),
+        "y rows of 17 for n = 16"
+    );
+    assert!(
+        gemm::linear(&gpu, sk, 0, &x, &w, None, &mut y, &mut s).is_ok(),
+        "t = 0 is a no-op"
+    );
+}
+
+/// Median µs of 20 calls (after 5 warm-ups), call i using weight buffer i % 3 so W is never
+/// L2-resident. Events are recorded between back-to-back calls (the queue stays full).
+fn time_us(gpu: &Gpu, mut call: impl FnMut(usize)) -> f64 {
+    for i in 0..5 {
+        call(i);
+    }
+    let ev: Vec<_> = (0..21)
+        .map(|_| {
+            gpu.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap()
+        })
+        .collect();
+    ev[0].record(&gpu.stream).unwrap();
+    for i in 0..20 {
+        call(i);
+        ev[i + 1].record(&gpu.stream).unwrap();
+    }
+    ev[20].synchronize().unwrap();
+    let mut us: Vec<f64> = (0..20)
+        .map(|i| ev[i].elapsed_ms(&ev[i + 1]).unwrap() as f64 * 1e3)
+        .collect();
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (us[9] + us[10]) / 2.0
+}
+
+struct Bench {
+    ws: Vec<DTensor<bf16>>,
+    x: DTensor<bf16>,
+    bias: DTensor<bf16>,
+    scratch: DTensor<f32>,
+}
+
+impl Bench {
+    fn new(gpu: &Gpu, n: usize, k: usize) -> Bench {
+        let ws = (0..3)
+            .map(|i| {
+                let mut w = gpu.alloc::<bf16>(&[n, k]).unwrap();
+                fill_normal(gpu, &mut w, 700 + i, 0.0, 1.0 / (k as f32).sqrt()).unwrap();
+                w
+            })
+            .collect();
+        let mut x = gpu.alloc::<bf16>(&[MAX_T, k]).unwrap();
+        fill_normal(gpu, &mut x, 710, 0.0, 1.0).unwrap();
+        let mut bias = gpu.alloc::<bf16>(&[n]).unwrap();
+        fill_normal(gpu, &mut bias, 711, 0.0, 0.5).unwrap();
+        let scratch = gpu
+            .alloc::<f32>(&[gemm::skinny_scratch_len(MAX_T, n, k).max(1)])
+            .unwrap();
+        Bench {
+            ws,
+            x,
+            bias,
+            scratch,
+        }
+    }
+
+    fn time<Y: GemmOut>(
+        &mut self,
+        gpu: &Gpu,
+        y: &mut DTensor<Y>,
+        t: usize,
+        bias: bool,
+        how: Option<SkinnyConfig>,
+    ) -> f64 {
+        let Bench {
+            ws,
+            x,
+            bias: b,
+            scratch,
+        } = self;
+        let b = bias.then_some(&*b);
+        time_us(gpu, |i| {
+            let w = &ws[i % 3];
+            match &how {
+                Some(cfg) => gemm::skinny_linear(gpu, cfg, t, x, w, b, y, scratch).unwrap(),
+                None => demask::gpu::gemm::linear(gpu, t, x, w, b, y).unwrap(),
+            }
+        })
+    }
+}
+
+#[test]
+fn skinny_vs_cublaslt_timing() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    println!(
+        "device {} ({} SMs); µs median of 20, W rotated over 3 buffers; GB/s of W",
+        gpu.name, gpu.sm_count
+    );
+    // (name, n, k, bias, f32 out)
+    let shapes = [
+        ("llada qkv", 3 * 4096, 4096, false, false),
+        ("llada o", 4096, 4096, false, false),
+        ("llada gate|up", 2 * 12288, 4096, false, false),
+        ("llada down", 4096, 12288, false, false),
+        ("llada lm_head", 126464, 4096, false, true),
+        ("dream qkv+bias", 4608, 3584, true, false),
+        ("dream o", 3584, 3584, false, false),
+        ("dream gate|up", 2 * 18944, 3584, false, false),
+        ("dream down", 3584, 18944, false, false),
+        ("dream lm_head", 152064, 3584, false, true),
+    ];
+    println!(
+        "{:<16} {:>3} {:>6} {:>10} {:>8} {:>10} {:>8} {:>7}",
+        "shape", "t", "splits", "skinny µs", "GB/s", "cublas µs", "GB/s", "speedup"
+    );
+    for &(name, n, k, bias, f32_out) in &shapes {
+        let mut bench = Bench::new(&gpu, n, k);
+        let mut y16 = gpu.alloc::<bf16>(&[MAX_T, n]).unwrap();
+        let mut y32 = gpu.alloc::<f32>(&[MAX_T, n]).unwrap();
+        let gb = (n * k * 2) as f64 / 1e3; // bytes / µs / 1e3 = GB/s
+        for &t in &[1, 16, 32, 64] {
+            let cfg = SkinnyConfig::default();
+            let plan = gemm::skinny_plan(&cfg, gpu.sm_count, t, n, k, bench.scratch.len());
+            let (sk, cb) = if f32_out {
+                (
+                    bench.time(&gpu, &mut y32, t, bias, Some(cfg)),
+                    bench.time(&gpu, &mut y32, t, bias, None),
+                )
+            } else {
+                (
+                    bench.time(&gpu, &mut y16, t, bias, Some(cfg)),
+                    bench.time(&gpu, &mut y16, t, bias, None),
+                )
+            };
+            println!(
+                "{name:<16} {t:>3} {:>6} {sk:>10.1} {:>8.0} {cb:>10.1} {:>8.0} {:>7.2}",
+                plan.splits,
+                gb / sk,
+                gb / cb,
+                cb / sk
+            );
+        }
+    }
+}
+
+#[test]
+fn skinny_launch_shape_sweep() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    println!("skinny sweep: µs (median of 20, W rotated over 3 buffers) per (warps, splits); '*' = default plan");
+    let shapes = [
+        ("llada qkv", 3 * 4096, 4096),
+        ("llada o", 4096, 4096),
+        ("llada gate|up", 2 * 12288, 4096),
+        ("llada down", 4096, 12288),
+        ("dream qkv", 4608, 3584),
+        ("dream down", 3584, 18944),
+    ];
+    for &(name, n, k) in &shapes {
+        let mut bench = Bench::new(&gpu, n, k);
+        let mut y = gpu.alloc::<bf16>(&[MAX_T, n]).unwrap();
+        for &t in &[1, 32, 64] {
+            let def = gemm::skinny_plan(
+                &SkinnyConfig::default(),
+                gpu.sm_count,
+                t,
+                n,
+                k,
+                bench.scratch.len(),
+            );
+            let mut line = format!("{name:<14} t={t:<2}");
+            for warps in [4u32, 8] {
+                for splits in [1usize, 2, 3, 4, 6, 8, 12, 16] {
+                    let cfg = SkinnyConfig {
+                        warps,
+                        splits: Some(splits),
+                    };
+                    let plan = gemm::skinny_plan(&cfg, gpu.sm_count, t, n, k, bench.scratch.len());
+                    if plan.splits != splits {
+                        continue; // clamped (scratch or k): same as another entry
+                    }
+                    let us = bench.time(&gpu, &mut y, t, false, Some(cfg));
+                    let mark = if plan == def { "*" } else { "" };
+                    line += &format!("  w{warps}s{splits}{mark}={us:.1}");
+                }
+            }
+            println!("{line}");
+        }
+    }
+}
