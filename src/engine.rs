@@ -142,8 +142,9 @@ pub const DEFAULT_KV_FRACTION: f64 = 0.9;
 /// KV-cache rows to preallocate on a device: `kv_budget` bytes, or by default
 /// [`DEFAULT_KV_FRACTION`] of the memory left after the workspace (`free` = device bytes free
 /// with the weights loaded, `workspace` = the workspace's bytes), divided by `row_bytes`, and
-/// at most `max_rows` (one wave never holds more canvas rows). An explicit budget beyond what
-/// is free, or room for no row at all, is an error that says so (not an out-of-memory crash).
+/// at most `max_rows` (the active sequences never hold more canvas rows). An explicit budget
+/// beyond what is free, or room for no row at all, is an error that says so (not an
+/// out-of-memory crash).
 pub fn kv_cache_rows(
     kv_budget: Option<u64>,
     free: u64,

@@ -114,11 +114,16 @@ impl CpuStepper {
         (2 * self.model.cfg.n_layers * self.model.cfg.kv_dim() * std::mem::size_of::<f32>()) as u64
     }
 
-    /// Makes sure the cache holds at least `rows` rows. Growing it drops what it held, so call
-    /// it before a decode loop, never during one.
+    /// Makes sure the cache holds at least `rows` rows. Growing keeps every row it held (rows
+    /// keep their indices), so active sequences' cached K/V survive; it allocates, so the
+    /// scheduler calls it only at step boundaries when admitting.
     pub fn reserve(&mut self, rows: usize) {
         if rows > self.cache.capacity {
-            self.cache = self.model.new_cache(rows);
+            let n = rows * self.model.cfg.kv_dim();
+            for l in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+                l.resize(n, 0.0);
+            }
+            self.cache.capacity = rows;
         }
     }
 }

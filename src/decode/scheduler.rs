@@ -301,7 +301,9 @@ impl Scheduler {
         if self.queue.is_empty() {
             return Ok(());
         }
-        if self.limits.cache_grows && self.active.is_empty() {
+        // A growable cache (the CPU's) keeps its rows when it grows, so it may grow with
+        // sequences active.
+        if self.limits.cache_grows {
             let target = self.growth_target();
             if target > self.rows.capacity() {
                 backend.reserve_cache(target)?;
@@ -320,17 +322,13 @@ impl Scheduler {
             }
             let Some(base) = self.rows.alloc(len) else { break };
             let mut e = self.queue.pop_front().expect("head exists");
-            let base32 = u32::try_from(base);
-            match base32
+            let admitted = u32::try_from(base)
                 .map_err(|_| Error::bad_input(format!("cache row {base} does not fit in u32")))
-                .and_then(|b| e.seq.admit_at(b, shifted))
-            {
-                Ok(()) => {}
-                Err(err) => {
-                    self.rows.release(base, len).expect("rows just allocated");
-                    self.queue.push_front(e);
-                    return Err(err);
-                }
+                .and_then(|b| e.seq.admit_at(b, shifted));
+            if let Err(err) = admitted {
+                self.rows.release(base, len).expect("rows just allocated");
+                self.queue.push_front(e);
+                return Err(err);
             }
             live += len;
             self.active.push(e);
