@@ -293,6 +293,10 @@ pub fn linear<Y: GemmOut>(
         if b.len() != n {
             return Err(Error::shape("linear", "bias", &[n], &b.dims));
         }
+        if Y::OUT == OutType::F32 {
+            // cuBLASLt takes a bf16 bias epilogue only with a bf16 output.
+            return Err(Error::bad_input("linear: a bias with f32 output is not supported (use a bf16 output)"));
+        }
     }
     let out = Y::OUT;
     let bp = bias.map(|b| b.ptr(gpu));

@@ -18,8 +18,11 @@ const OP: &str = "gemm_skinny";
 
 /// Most rows the skinny kernel accepts.
 pub const SKINNY_ROW_LIMIT: usize = 64;
-/// `Auto` uses the skinny kernel up to this many rows, cuBLASLt above.
-pub const SKINNY_MAX_ROWS: usize = 32;
+/// `Auto` uses the skinny kernel up to this many rows, cuBLASLt above. 0: never. Measured on
+/// the H100 (2026-11-25, criterion `linear/bf16/*/32x…`): at 32 rows cuBLASLt is faster on
+/// every LLaDA-8B shape (QKV 39 vs 65 µs, O 17.6 vs 22.0, gate|up 73.9 vs 101.8, down 41.7 vs
+/// 62.4, LM head 366 vs 407), so the skinny kernel stays a selectable variant until it wins.
+pub const SKINNY_MAX_ROWS: usize = 0;
 
 /// W rows per warp (2 mma m-tiles), as `WROWS` in the kernel.
 const WARP_ROWS: usize = 32;
@@ -326,14 +329,12 @@ mod tests {
             assert_eq!(v.name().parse::<GemmVariant>().unwrap(), v);
         }
         assert!("cublas".parse::<GemmVariant>().is_err());
-        assert_eq!(
-            GemmVariant::Auto.resolve(SKINNY_MAX_ROWS, 4096),
-            GemmVariant::Skinny
-        );
-        assert_eq!(
-            GemmVariant::Auto.resolve(SKINNY_MAX_ROWS + 1, 4096),
-            GemmVariant::Cublaslt
-        );
+        // Auto is cuBLASLt at every row count while SKINNY_MAX_ROWS is 0 (measured slower).
+        for t in [1, 32, 64, 512] {
+            let want = if t <= SKINNY_MAX_ROWS { GemmVariant::Skinny } else { GemmVariant::Cublaslt };
+            assert_eq!(GemmVariant::Auto.resolve(t, 4096), want, "t = {t}");
+        }
+        assert_eq!(GemmVariant::Auto.resolve(SKINNY_MAX_ROWS + 1, 4096), GemmVariant::Cublaslt);
         assert_eq!(GemmVariant::Auto.resolve(1, 4100), GemmVariant::Cublaslt);
         assert_eq!(GemmVariant::Skinny.resolve(100, 4096), GemmVariant::Skinny);
     }
