@@ -142,7 +142,7 @@ pub fn attention(
     n_kv_heads: usize,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
-    launch(
+    attention_forced(
         gpu,
         variant,
         FlashPath::Auto,
@@ -164,40 +164,6 @@ pub fn attention(
 /// variant ignores `path`; `FlashPath::SplitKv` needs sm_90+.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forced(
-    gpu: &Gpu,
-    variant: AttnVariant,
-    path: FlashPath,
-    rows: usize,
-    q: &DTensor<bf16>,
-    q_stride: usize,
-    seqs: &DTensor<u32>,
-    n_seqs: usize,
-    max_rows: usize,
-    k_cache: &DTensor<bf16>,
-    v_cache: &DTensor<bf16>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    out: &mut DTensor<bf16>,
-) -> Result<()> {
-    launch(
-        gpu, variant, path, rows, q, q_stride, seqs, n_seqs, max_rows, k_cache, v_cache, n_heads,
-        n_kv_heads, out,
-    )
-}
-
-/// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).
-pub fn split_kv_supported(gpu: &Gpu) -> Result<bool> {
-    let major = gpu
-        .ctx
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        )
-        .map_err(drv("cuDeviceGetAttribute"))?;
-    Ok(major >= 9)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn launch(
     gpu: &Gpu,
     variant: AttnVariant,
     path: FlashPath,
@@ -331,4 +297,15 @@ fn launch(
     // hold the rows and widths the kernel indexes, given spans within them (RowBatch::validate).
     unsafe { b.launch(cfg) }.map_err(drv(symbol))?;
     gpu.after_launch(symbol)
+}
+
+/// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).
+pub fn split_kv_supported(gpu: &Gpu) -> Result<bool> {
+    let major = gpu
+        .ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )
+        .map_err(drv("cuDeviceGetAttribute"))?;
+    Ok(major >= 9)
 }
