@@ -1,4 +1,4 @@
-//! The `demask` command line: make-checkpoint, inspect, bench, doctor.
+//! The `demask` command line: make-checkpoint, inspect, bench, profile, generate, doctor.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -39,9 +39,11 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
     },
-    /// Benchmark the forward pass (W4: one full-canvas forward) on synthetic or real weights.
+    /// Benchmark the workloads of BENCH.md on synthetic or real weights: W4 (one full-canvas
+    /// forward, default) or decode steps with cache schemes (W1, W2, W3, W5).
     Bench(BenchArgs),
-    /// Per-kernel time of a full-canvas forward (W4), with kernel variants side by side.
+    /// Per-kernel time of a forward (full canvas, or a decode step with --live), with kernel
+    /// variants side by side.
     Profile(ProfileArgs),
     /// Decode a prompt: masked diffusion generation with a commit policy.
     Generate(generate_cli::GenerateArgs),
