@@ -45,7 +45,7 @@ pub struct Stats {
 impl Stats {
     pub fn of(times: &[f64]) -> Stats {
         let mut t = times.to_vec();
-        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        t.sort_by(f64::total_cmp);
         let n = t.len();
         let median = if n == 0 { f64::NAN } else if n % 2 == 1 { t[n / 2] } else { 0.5 * (t[n / 2 - 1] + t[n / 2]) };
         let mean_ms = if n == 0 { f64::NAN } else { t.iter().sum::<f64>() / n as f64 };

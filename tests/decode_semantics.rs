@@ -273,7 +273,7 @@ fn shifted_logit_rows_cross_the_prompt_boundary() {
     assert_eq!(w0[1].logit_index, [4, 4]);
     // LLaDA reads the slot's own row.
     let cfg_l = fake_cfg("tiny-llada");
-    let (batch, work) = runner::build_step(&[&seq(&cfg_l, &[1, 2, 3], 4, 4, "schedule:4", None, false)], false);
+    let (batch, work) = runner::build_step(&[&seq(&cfg_l, &[1, 2, 3], 4, 4, "schedule:4", None, false)], false).unwrap();
     assert_eq!(batch.logit_rows, [3, 4, 5, 6]);
     assert_eq!(work[0].logit_index, [0, 1, 2, 3]);
     // Both take 4 steps (A: 1 block x 4, B: 2 blocks x 2), so every batch holds both.

@@ -213,7 +213,7 @@ pub fn logit_row(pos: u32, shifted: bool) -> u32 {
 /// Rows shared by two slots (shifted, empty prompt: slots 0 and 1 both read row 0) appear once.
 ///
 /// Panics if a plan leaves a logit row out of the live set (the plan guarantees it never does).
-pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>) {
+pub fn build_step(seqs: &[&SeqState], shifted: bool) -> Result<(RowBatch, Vec<SeqWork>)> {
     let mut b = RowBatch::default();
     let mut work = Vec::with_capacity(seqs.len());
     let mut next_free =
@@ -236,9 +236,11 @@ pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>)
         let mut last: Option<u32> = None;
         for &p in &eligible {
             let pos = logit_row(p, shifted);
-            let k = live
-                .binary_search(&pos)
-                .unwrap_or_else(|_| panic!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache));
+            // The plans guarantee it (tests/cache_plan.rs); a violation is an engine bug,
+            // reported as an error rather than a panic.
+            let k = live.binary_search(&pos).map_err(|_| {
+                Error::bad_input(format!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache))
+            })?;
             let row = start + k as u32;
             if last != Some(row) {
                 b.logit_rows.push(row);
@@ -257,7 +259,7 @@ pub fn build_step(seqs: &[&SeqState], shifted: bool) -> (RowBatch, Vec<SeqWork>)
             step: c.steps(),
         });
     }
-    (b, work)
+    Ok((b, work))
 }
 
 /// Decodes every sequence of `seqs` to completion on `backend`, admitting those not admitted
@@ -308,7 +310,7 @@ pub fn step_batch(
     let vocab = backend.config().vocab;
     let t0 = Instant::now();
     let refs: Vec<&SeqState> = seqs.iter().map(|s| &**s).collect();
-    let (batch, work) = build_step(&refs, shifted);
+    let (batch, work) = build_step(&refs, shifted)?;
     let (commits, scores) = if callback.is_some() {
         backend.step_scored(&batch, &work)?
     } else {
