@@ -136,7 +136,7 @@ pub fn filter_cutoff(logits: &[f32], s: &Sampling, st: &RowStats) -> f32 {
         return f32::NEG_INFINITY;
     }
     let mut sorted: Vec<f32> = logits.to_vec();
-    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    sorted.sort_by(|a, b| b.total_cmp(a));
     let mut cut = f32::NEG_INFINITY;
     if k_on {
         cut = sorted[s.top_k as usize - 1];

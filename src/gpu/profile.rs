@@ -69,7 +69,7 @@ impl OpProfiler {
     pub fn per_forward(&self) -> Vec<(&'static str, f64, f64)> {
         let n = self.forwards.max(1) as f64;
         let mut v: Vec<_> = self.totals.iter().map(|(k, (ms, c))| (*k, ms / n, *c as f64 / n)).collect();
-        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     }
 }
