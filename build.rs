@@ -1,11 +1,19 @@
 //! Compiles every `kernels/*.cu` with nvcc (one process per file, in parallel) into a fatbin
 //! (SASS for each arch + PTX for the newest) and embeds them via `$OUT_DIR/kernels.rs`.
 //! Without nvcc the crate still builds: the GPU backend then reports that no kernels are built.
+//! With the `cuda` feature it also compiles `csrc/nvtx_shim.c` (cc crate) when it finds the
+//! header-only NVTX v3 (`include/nvtx3`, next to an nvcc the same search accepts) and sets
+//! `cfg(demask_nvtx)`; `DEMASK_NVTX_HEADERS` (1|0) tells the crate's tests which way it went.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs, thread};
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
+    nvcc_candidates(root).into_iter().find(|p| p.is_file())
+}
+
+/// Where nvcc may live, in search order (the first that exists wins).
+fn nvcc_candidates(root: &Path) -> Vec<PathBuf> {
     let mut cands: Vec<PathBuf> = Vec::new();
     if let Ok(p) = env::var("NVCC") {
         cands.push(p.into());
@@ -18,7 +26,40 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     }
     cands.push("/usr/local/cuda/bin/nvcc".into());
     cands.push(root.join(".cuda/bin/nvcc"));
-    cands.into_iter().find(|p| p.is_file())
+    cands
+}
+
+/// The include folder holding `nvtx3/nvToolsExt.h` of the first toolkit (the folder above
+/// `bin/nvcc`, as given or with links resolved) along the nvcc search that has one.
+fn find_nvtx_include(root: &Path) -> Option<PathBuf> {
+    let nvccs = nvcc_candidates(root).into_iter().filter(|p| p.is_file());
+    let nvccs = nvccs.flat_map(|p| [fs::canonicalize(&p).ok(), Some(p)]).flatten();
+    nvccs
+        .filter_map(|p| Some(p.parent()?.parent()?.join("include")))
+        .find(|i| i.join("nvtx3/nvToolsExt.h").is_file())
+}
+
+/// Compiles the NVTX shim when the headers are there; returns whether `cfg(demask_nvtx)` is on.
+fn build_nvtx(root: &Path) -> bool {
+    let shim = root.join("csrc/nvtx_shim.c");
+    println!("cargo:rerun-if-changed={}", shim.display());
+    let pins = root.join(".cuda/.pins");
+    if pins.is_file() {
+        println!("cargo:rerun-if-changed={}", pins.display());
+    }
+    let Some(inc) = find_nvtx_include(root) else { return false };
+    println!("cargo:rerun-if-changed={}", inc.join("nvtx3/nvToolsExt.h").display());
+    match cc::Build::new().file(&shim).include(&inc).try_compile("demask_nvtx") {
+        Ok(()) => {
+            println!("cargo:rustc-link-lib=dl");
+            println!("cargo:rustc-cfg=demask_nvtx");
+            true
+        }
+        Err(e) => {
+            println!("cargo:warning=demask: NVTX shim did not compile ({e}); building without NVTX ranges");
+            false
+        }
+    }
 }
 
 /// `DEMASK_CUDA_ARCHS`: comma-separated compute capabilities, e.g. "90a,80" (default).
@@ -51,6 +92,9 @@ fn main() {
     }
 
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    println!("cargo::rustc-check-cfg=cfg(demask_nvtx)");
+    let nvtx = cuda && build_nvtx(&root);
+    println!("cargo:rustc-env=DEMASK_NVTX_HEADERS={}", u8::from(nvtx));
     let nvcc = if cuda && env::var_os("DEMASK_NO_KERNELS").is_none() { find_nvcc(&root) } else { None };
     let mut entries = Vec::new();
     match nvcc {

@@ -21,7 +21,7 @@ use demask::gpu::{DTensor, Gpu, Timer};
 use demask::ops::attention::{attention, AttnVariant};
 use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
-use demask::ops::gemm::{linear, skinny_scratch_len, GemmVariant};
+use demask::ops::gemm::{linear, GemmVariant};
 use demask::ops::rope::{rope_kv_store, RopeMode};
 use demask::ops::{embed, fill, norm, swiglu};
 use demask::Result;
@@ -411,17 +411,6 @@ fn bench_linear(c: &mut Criterion, env: &mut Env) -> Result<()> {
         (GemmVariant::Skinny, 32),
     ];
     let t_max = runs.iter().map(|r| r.1).max().unwrap_or(1);
-    let t_skinny = runs
-        .iter()
-        .filter(|r| r.0 == GemmVariant::Skinny)
-        .map(|r| r.1)
-        .max()
-        .unwrap_or(1);
-    let n_max = shapes.iter().map(|s| s.1).max().unwrap_or(1);
-    let k_max = shapes.iter().map(|s| s.2).max().unwrap_or(1);
-    let mut scratch = env
-        .gpu
-        .alloc::<f32>(&[skinny_scratch_len(t_skinny, n_max, k_max)])?;
     let mut grp = env.group(c, "linear");
     for (i, &(role, n, k, f32_out)) in shapes.iter().enumerate() {
         let seed = 80 + 3 * i as u64;
@@ -451,8 +440,8 @@ fn bench_linear(c: &mut Criterion, env: &mut Env) -> Result<()> {
                 let w = &ws[call % ws.len()];
                 call += 1;
                 match &mut y {
-                    Out::Bf16(y) => linear(&gpu, variant, t, &x, w, None, y, &mut scratch),
-                    Out::F32(y) => linear(&gpu, variant, t, &x, w, None, y, &mut scratch),
+                    Out::Bf16(y) => linear(&gpu, variant, t, &x, w, None, y),
+                    Out::F32(y) => linear(&gpu, variant, t, &x, w, None, y),
                 }
             });
         }

@@ -37,6 +37,8 @@ struct AttnParams {
 // ---------------------------------------------------------------------------------------------
 // Reference: block = 4 warps = 4 heads of one row; grid (max_rows, n_seqs, ceil(n_heads/4)).
 extern "C" __global__ void __launch_bounds__(128) attention_ref_bf16(const AttnParams p) {
+    pdl_wait();
+    pdl_trigger();
     const uint32_t* s = p.seqs + 4 * blockIdx.y;
     const int row_start = s[0], row_count = s[1], cache_base = s[2], kv_len = s[3];
     const int r = blockIdx.x;
@@ -479,6 +481,8 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
 
 // Whole key range per block, 2 stages (80 KiB of shared memory: 2 blocks per SM).
 extern "C" __global__ void __launch_bounds__(128) attention_bf16(const AttnParams p) {
+    pdl_wait();
+    pdl_trigger();
     flash_body<1, 2, 4>(p, blockIdx.x, 0);
 }
 
@@ -492,6 +496,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_bf16(const AttnParam
 #endif
 extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(128) attention_split_bf16(const AttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    pdl_wait();
+    pdl_trigger();
     flash_body<FA_SPLIT, 2, 4>(p, blockIdx.x / FA_SPLIT, (int)cooperative_groups::this_cluster().block_rank());
 #else
     __trap();

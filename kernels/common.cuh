@@ -41,19 +41,43 @@ __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(_
 // 16-byte vector of 8 bf16.
 struct __align__(16) bf16x8 { __nv_bfloat162 h[4]; };
 
+// Through a uint4, so global and shared accesses compile to one 16-byte instruction (a copy of
+// the bf16x8 struct itself becomes four 4-byte accesses).
 __device__ __forceinline__ void load8(const bf16* p, float* f) {
-    bf16x8 v = *reinterpret_cast<const bf16x8*>(p);
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float2 t = __bfloat1622float2(v.h[i]);
+        __nv_bfloat162 h;
+        memcpy(&h, &w[i], 4);
+        const float2 t = __bfloat1622float2(h);
         f[2 * i] = t.x;
         f[2 * i + 1] = t.y;
     }
 }
 
 __device__ __forceinline__ void store8(bf16* p, const float* f) {
-    bf16x8 v;
+    uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    *reinterpret_cast<bf16x8*>(p) = v;
+    for (int i = 0; i < 4; ++i) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        memcpy(&w[i], &h, 4);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Programmatic dependent launch (sm_90+). A kernel launched with the PDL attribute may start
+// while the kernel before it on the stream is still running: it must call pdl_wait() before
+// reading that kernel's output or writing any global memory. pdl_trigger() lets the next
+// kernel launch early (it still waits for this one's completion in its own pdl_wait()).
+// Both are no-ops before sm_90 and for launches without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }

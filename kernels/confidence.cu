@@ -10,6 +10,9 @@
 //   16-byte loads (online max and Σexp, Σe·(l−m), argmax, second max, Gumbel argmax) and writes
 //   a partial record; the last block of a slot to finish (atomic counter) merges the partials
 //   and writes the slot's token and confidence, then resets the counter to 0.
+// Both kernels read logit column `exclude_token` (the mask token; -1 = none) as CONF_MASK_LOGIT,
+// substituted at load time: the same values, hence the same bits, as writing -1e30 into the
+// column first (set_column_f32, src/decode/cpu.rs MASK_LOGIT) and running without exclusion.
 #include "common.cuh"
 
 #include <math_constants.h>
@@ -42,7 +45,16 @@ struct ConfidenceParams {
     int vocab;
     int logit_rows;
     int splits;         // blocks per slot (1..=32)
+    int exclude_token;  // logit column read as CONF_MASK_LOGIT (-1 = none)
+    int pad;            // unused (keeps the size a multiple of 8 explicitly)
 };
+static_assert(sizeof(ConfidenceParams) == 80, "ConfidenceParams must match src/ops/confidence.rs");
+
+// What an excluded logit column reads as (src/decode/cpu.rs MASK_LOGIT).
+#define CONF_MASK_LOGIT -1e30f
+
+// Logit `l` of column `v`, or CONF_MASK_LOGIT when `v` is the excluded column.
+__device__ __forceinline__ float excl(float l, int v, int ex) { return v == ex ? CONF_MASK_LOGIT : l; }
 
 struct Partial {
     double z;      // Σ exp(l − m)
@@ -152,7 +164,9 @@ struct SampleCtx {
 
 __device__ __forceinline__ void sample_one(Acc& a, SampleCtx& s, unsigned v, float l) {
     if (!(l >= s.cut)) return;
-    const double base = (double)l * s.inv_t;
+    // __dmul_rn: never contracted with the add below into one DFMA (ptxas did that in some
+    // inlined copies), so score = round(round(l / T) + g) everywhere, as sampling::candidate.
+    const double base = __dmul_rn((double)l, s.inv_t);
     if (base + GUMBEL_MAX < a.best) return;
     const double score = base + s.g(v);
     if (score > a.best) {
@@ -240,16 +254,41 @@ __device__ __forceinline__ Partial to_partial(const Acc& a) {
     return p;
 }
 
-__device__ __forceinline__ Acc from_partial(const Partial& p) {
+// Reads a record through volatile loads (the partials of other blocks are not cached in L1).
+__device__ __forceinline__ Acc from_partial(const volatile Partial* p) {
     Acc a;
-    a.z = p.z;
-    a.zl = p.zl;
-    a.best = p.best;
-    a.m = p.m;
-    a.second = p.second;
-    a.arg = p.arg;
-    a.tok = p.tok;
+    a.z = p->z;
+    a.zl = p->zl;
+    a.best = p->best;
+    a.m = p->m;
+    a.second = p->second;
+    a.arg = p->arg;
+    a.tok = p->tok;
     return a;
+}
+
+// One warp merges records parts[0..n) (n <= 32), lane i taking record i and the other lanes an
+// empty state; lane 0 ends with the result. Used for the warps of a block (shared memory) and
+// for the splits of a slot (global memory, written by other blocks).
+__device__ __forceinline__ Acc merge_partials(const volatile Partial* parts, int n) {
+    const int lane = threadIdx.x & 31;
+    Acc a;
+    if (lane < n) a = from_partial(parts + lane);
+    else a.init();
+    warp_combine(a);
+    return a;
+}
+
+// A 16-byte vector of columns v..v+3, with column `ex` (when among them) read as CONF_MASK_LOGIT.
+__device__ __forceinline__ float4 excl4(float4 x, int v, int ex) {
+    const unsigned d = (unsigned)(ex - v);
+    if (d < 4u) {
+        if (d == 0u) x.x = CONF_MASK_LOGIT;
+        else if (d == 1u) x.y = CONF_MASK_LOGIT;
+        else if (d == 2u) x.z = CONF_MASK_LOGIT;
+        else x.w = CONF_MASK_LOGIT;
+    }
+    return x;
 }
 
 // ---------------------------------------------------------------- confidence_f32
@@ -285,7 +324,8 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     Acc a;
     a.init();
     const int tid = threadIdx.x;
-    if (split == 0 && tid < head) consume1(a, sc, tid, __ldg(row + tid));
+    const int ex = p.exclude_token;
+    if (split == 0 && tid < head) consume1(a, sc, tid, excl(__ldg(row + tid), tid, ex));
     const float4* vrow = reinterpret_cast<const float4*>(row + head);
     int i = v_lo + tid;
     for (; i + (UNROLL - 1) * CONF_THREADS < v_hi; i += UNROLL * CONF_THREADS) {
@@ -293,10 +333,17 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) x[u] = __ldcs(vrow + i + u * CONF_THREADS);
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) consume4(a, sc, head + 4 * (i + u * CONF_THREADS), x[u]);
+        for (int u = 0; u < UNROLL; ++u) {
+            const int v = head + 4 * (i + u * CONF_THREADS);
+            consume4(a, sc, v, excl4(x[u], v, ex));
+        }
     }
-    for (; i < v_hi; i += CONF_THREADS) consume4(a, sc, head + 4 * i, __ldcs(vrow + i));
-    if (split == p.splits - 1 && tail0 + tid < vocab) consume1(a, sc, tail0 + tid, __ldg(row + tail0 + tid));
+    for (; i < v_hi; i += CONF_THREADS) {
+        const int v = head + 4 * i;
+        consume4(a, sc, v, excl4(__ldcs(vrow + i), v, ex));
+    }
+    if (split == p.splits - 1 && tail0 + tid < vocab)
+        consume1(a, sc, tail0 + tid, excl(__ldg(row + tail0 + tid), tail0 + tid, ex));
 
     // Block merge: warps, then warp 0 over the warp results.
     warp_combine(a);
@@ -305,10 +352,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     __syncthreads();
     Partial* parts = reinterpret_cast<Partial*>(p.partials) + (size_t)slot_i * p.splits;
     if (warp == 0) {
-        Acc b;
-        if (lane < CONF_THREADS / 32) b = from_partial(warp_part[lane]);
-        else b.init();
-        warp_combine(b);
+        const Acc b = merge_partials(warp_part, CONF_THREADS / 32);
         if (lane == 0) {
             parts[split] = to_partial(b);
             __threadfence();
@@ -322,22 +366,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
 
     // Last block of this slot: merge the partials (splits <= 32) in split order.
     __threadfence();
-    Acc f;
-    if (lane < p.splits) {
-        const volatile Partial* vp = parts + lane;
-        Partial q;
-        q.z = vp->z;
-        q.zl = vp->zl;
-        q.best = vp->best;
-        q.m = vp->m;
-        q.second = vp->second;
-        q.arg = vp->arg;
-        q.tok = vp->tok;
-        f = from_partial(q);
-    } else {
-        f.init();
-    }
-    warp_combine(f);
+    const Acc f = merge_partials(parts, p.splits);
     if (lane != 0) return;
     reinterpret_cast<unsigned*>(p.counters)[slot_i] = 0u;
 
@@ -348,7 +377,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     float conf;
     switch (s.kind) {
         case 0: {  // prob: exp(l_tok − max) / Σ
-            const float d = row[tok] - f.m;
+            const float d = excl(row[tok], (int)tok, ex) - f.m;
             conf = (float)(exp((double)d) / z);
             break;
         }
@@ -417,8 +446,9 @@ __device__ double block_sum_d(double v, double* red) {
 }
 
 // Radix select of the cut-off key: the largest key c with count(key >= c) >= k (by_mass = false)
-// or Σ_{key >= c} exp(l − max) >= target (by_mass = true). Returns false when no key qualifies.
-__device__ bool radix_cut(unsigned* out, const float* row, int vocab, bool by_mass, unsigned k, double target, float mx,
+// or Σ_{key >= c} exp(l − max) >= target (by_mass = true), column `ex` read as CONF_MASK_LOGIT.
+// Returns false when no key qualifies.
+__device__ bool radix_cut(unsigned* out, const float* row, int vocab, int ex, bool by_mass, unsigned k, double target, float mx,
                               unsigned* hc, double* hm, unsigned* sel, double* selm) {
     unsigned prefix = 0u, hi_mask = 0u;
     unsigned need = k;      // count still needed within the current prefix
@@ -435,7 +465,7 @@ __device__ bool radix_cut(unsigned* out, const float* row, int vocab, bool by_ma
             unsigned digit = 0xFFFFFFFFu;
             double w = 0.0;
             if (i < vocab) {
-                const float l = row[i];
+                const float l = excl(row[i], i, ex);
                 const unsigned key = fkey(l);
                 if ((key & hi_mask) == prefix) {
                     digit = (key >> shift) & 255u;
@@ -523,23 +553,24 @@ extern "C" __global__ void __launch_bounds__(CUT_THREADS) confidence_cutoff_f32(
     }
     const float* row = reinterpret_cast<const float*>(p.logits) + (size_t)s.logit_row * (size_t)vocab;
     float mx = -CUDART_INF_F;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    const int ex = p.exclude_token;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, excl(row[i], i, ex));
     mx = block_max_f(mx, redf);
     const unsigned max_key = fkey(mx);
 
     float cut = -CUDART_INF_F;
     if (k_on) {
         unsigned c;
-        if (radix_cut(&c, row, vocab, false, (unsigned)s.top_k, 0.0, mx, hc, hm, sel, selm))
+        if (radix_cut(&c, row, vocab, ex, false, (unsigned)s.top_k, 0.0, mx, hc, hm, sel, selm))
             cut = key_to_float(min(c, max_key));
     }
     if (p_on) {
         double z = 0.0;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += exp((double)(row[i] - mx));
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += exp((double)(excl(row[i], i, ex) - mx));
         z = block_sum_d(z, redd);
         const double target = (double)s.top_p * z;
         unsigned c;
-        if (radix_cut(&c, row, vocab, true, 0u, target, mx, hc, hm, sel, selm))
+        if (radix_cut(&c, row, vocab, ex, true, 0u, target, mx, hc, hm, sel, selm))
             cut = fmaxf(cut, key_to_float(min(c, max_key)));
     }
     if (threadIdx.x == 0) *cut_out = cut;

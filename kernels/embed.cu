@@ -13,6 +13,8 @@ struct EmbedParams {
 
 // Flat over n * row_len/8 16-byte vectors (fewer than 2^31), grid-stride.
 extern "C" __global__ void embed_bf16(const EmbedParams p) {
+    pdl_wait();
+    pdl_trigger();
     const int vpr = p.row_len >> 3;
     // total < 2^31 (checked by the wrapper), so unsigned 32-bit index math never wraps.
     const unsigned total = (unsigned)p.n * vpr;

@@ -1,55 +1,95 @@
 // Skinny GEMM for decode-shaped steps: Y[t, n] = X[t, k] · W[n, k]ᵀ (+ bias[n]), t ≤ 64,
-// bf16 operands, f32 accumulation, bf16 or f32 output. Purely memory-bound on W, so the
-// design is about streaming W at full bandwidth:
+// bf16 operands, f32 accumulation, bf16 or f32 output. Purely memory-bound on W (32 rows of
+// LLaDA-8B's QKV read 100 MB of weights for 3 GFLOP), so the design is about keeping enough
+// W bytes in flight on every SM and touching each W byte exactly once:
 //
-// - mma.sync m16n8k16 with W rows as M (16 per tile) and X rows as N (8 per tile). The
-//   reduction index k is permuted identically for A and B so that each thread's fragment
-//   registers come from one 16-byte load: thread (g = lane/4, q = lane%4) loads W[row g][kb +
-//   8q .. 8q+8) and W[row g+8][same]; elements 0..3 feed one mma (logical k 2q,2q+1,2q+8,2q+9)
-//   and elements 4..7 the next. X fragments use the same permutation, read from shared memory.
-// - A warp owns 32 W rows (2 m-tiles); a block owns nwarps·32 rows (blockDim.x / 32 warps) and
-//   one k range of `k_split` (split-K over gridDim.y). W goes global → registers with
-//   L1::no_allocate + L2 evict_first loads through a register ring of D 64-k stages (8 × 16 B
-//   per thread each): D - 1 stages are in flight while one is multiplied (D = 3 for t ≤ 32,
-//   2 for t ≤ 64, where the accumulators need the registers).
-// - X[0:t, chunk] is staged in shared memory in chunks of KC columns, double-buffered with
-//   cp.async (zero-filled for rows ≥ t and columns ≥ the block's k end), rows padded by 64 B
-//   so the 16-byte fragment reads are bank-conflict free.
-// - splits == 1: the epilogue adds the bias and writes Y. splits > 1: each block writes f32
-//   partials to partial[split][t][n] and gemm_skinny_reduce_bf16 sums them in split order
-//   (deterministic: no atomics), adds the bias and writes Y.
+// - A block owns BN = 128 W rows (8 warps: m-groups × k-groups, see Tile) and one k range
+//   (split-K over gridDim.y). W and X tiles of BK = 64 (or 128) columns go global → shared memory with
+//   cp.async (16-byte, L2 evict_first + 256-byte L2 prefetch for W) through a STAGES-deep ring:
+//   STAGES - 1 tiles (≈ 64–80 KB per block, two blocks per SM) are in flight while one is
+//   multiplied. The previous version streamed W into a register ring and kept too few bytes in
+//   flight at t = 32 (0.61–0.90× cuBLASLt, benches/RESULTS.md v0.3).
+// - Shared tiles are 64-column rows (128 B) with the 16-byte chunk index XOR-swizzled by
+//   row % 8, so the ldmatrix.x4 fragment loads (8 rows × 16 B each) are bank-conflict free.
+//   W rows are the mma M dimension, X rows the N dimension (m16n8k16, NT = t/8 n-tiles).
+// - Split-K (gridDim.y = S > 1) runs as a thread-block cluster of S blocks along y (sm_90):
+//   each block leaves its f32 partial tile in its shared memory, and after a cluster barrier
+//   every block sums a 1/S slice of the tile over the S ranks in rank order through
+//   distributed shared memory. One launch, no global scratch, deterministic.
+// - Programmatic dependent launch: the first STAGES - 1 W tiles are requested before
+//   griddepcontrol.wait, so with the launch attribute the weight stream starts while the
+//   kernel before (norm, RoPE, attention, SwiGLU) is still finishing; X is read after the wait.
 //
-// Entry points: gemm_skinny{8,16,32,64}_bf16 for t ≤ 8, 16, 32, 64 (NT = 1, 2, 4, 8 n-tiles
-// of 8 X rows), gemm_skinny_reduce_bf16. All take SkinnyParams. Requires k % 8 == 0 (the
-// wrapper checks) and 16-byte aligned x and w (DTensor buffers are); any n, any t ≤ 64.
+// Entry points gemm_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8; t ≤ 8·NT; BK = 64),
+// gemm_skinny{..}_k128_bf16 (BK = 128) and gemm_skinny{..}_glu_bf16 (BK = 64, X = SwiGLU of a
+// [t, 2k] gate|up input, see fetch_x_glu), 256 threads, dynamic shared memory Tile<NT, BK>::SMEM
+// (the wrapper mirrors it). Requirements (checked
+// by the wrapper): k % 8 == 0, x and w 16-byte aligned, k_split a multiple of BK.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+
+namespace cg = cooperative_groups;
 
 struct SkinnyParams {
     const bf16* x;     // [>= t, k]
     const bf16* w;     // [n, k]
     const bf16* bias;  // [n] or nullptr
     void* y;           // [>= t, n], bf16 or f32 (out_f32)
-    float* partial;    // [splits, t, n] f32 when splits > 1
     int t;
     int n;
     int k;
-    int k_split;  // k columns per split, a multiple of 64; split s covers [s*k_split, min(k, ..))
-    int splits;   // gridDim.y
+    int k_split;  // k columns per split (multiple of BK); split s covers [s*k_split, min(k, ..))
     int out_f32;  // 0: y is bf16, 1: y is f32
+    int x_stride; // elements between X rows: k, or 2k for the SwiGLU entry points (x = gate | up)
 };
 
 namespace {
 
-constexpr int MT = 2;         // m-tiles (16 W rows each) per warp
-constexpr int WROWS = 16 * MT;  // W rows per warp
-constexpr int U = 2;          // 32-column k chunks per stage
-constexpr int STAGE_K = 32 * U;  // 64 columns per stage
+constexpr int BN = 128;     // W rows per block
+constexpr int THREADS = 256;
+
+// NT n-tiles of 8 X rows; BK k columns per stage (64 or 128). The 8 warps form MG m-groups ×
+// KG k-groups: warp w owns m-tiles [(w % MG)·MTW, +MTW) (16 W rows each) and, of every stage,
+// the k-steps [(w / MG)·KSW, +KSW) (16 columns each). Splitting k across warps means each X
+// fragment is read from shared memory by MG warps instead of all 8 (shared-memory bandwidth,
+// not HBM, limited the one-m-tile-per-warp layout at t = 32); the KG partial sums are added in
+// shared memory once, at the end.
+template <int NT, int BK>
+struct Tile {
+    static constexpr int TP = 8 * NT;  // X rows staged (zero beyond t)
+    static constexpr int STAGES = BK == 64 ? (NT == 8 ? 4 : 5) : (NT == 8 ? 3 : 4);  // ring depth
+    static constexpr int W_ELEMS = BN * BK;
+    static constexpr int STAGE_ELEMS = W_ELEMS + TP * BK;
+    static constexpr int SMEM = STAGES * STAGE_ELEMS * 2;  // bytes
+    static constexpr int MG = NT == 8 ? 4 : 2;
+    static constexpr int KG = 8 / MG;
+    static constexpr int MTW = BN / 16 / MG;
+    static constexpr int KSW = BK / 16 / KG;
+    static_assert(SMEM >= KG * TP * BN * 4, "the k-group reduction tile must fit the ring");
+};
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte copy global → shared; zero-fills when !valid (src is then not read).
+// Element offset of 16-byte chunk `c` of tile row `r` (rows of BK columns): the low three bits
+// of the chunk index XOR-swizzled by r % 8, so 8 rows at one logical chunk hit 8 bank groups.
+template <int BK>
+__device__ __forceinline__ int swz(int r, int c) { return r * BK + ((c ^ (r & 7)) << 3); }
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    return pol;
+}
+
+// 16-byte global → shared copies; zero-fill when !valid (the source is then not read).
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(n), "l"(pol));
+}
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
@@ -58,197 +98,280 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ uint64_t evict_first_policy() {
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
-    return pol;
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_u32(p)));
 }
 
-// Streaming 16-byte load of weights: not kept in L1, first to leave L2.
-__device__ __forceinline__ uint4 ld_stream(const bf16* p, uint64_t pol) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p), "l"(pol));
-    return v;
-}
-
-__device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// X chunk width (columns staged per shared-memory buffer): two buffers stay under 48 KB.
-template <int NT>
-struct XChunk {
-    static constexpr int KC = NT <= 2 ? 512 : (NT == 4 ? 256 : 128);
-    static constexpr int STRIDE = KC + 32;  // +64 B: rows r, r+1 land in opposite bank halves
-    static constexpr int ROWS = NT * 8;
-    static constexpr int BUF = ROWS * STRIDE;  // elements per buffer
-    static constexpr int SPC = KC / STAGE_K;   // stages per chunk
-};
-
-// Stages X[0:ROWS, kc0 : kc0 + KC) into `buf` (zeros outside rows < t, columns < k1).
-template <int NT>
-__device__ __forceinline__ void load_x_chunk(const SkinnyParams& p, bf16* buf, int kc0, int k1) {
-    using C = XChunk<NT>;
-    constexpr int VPR = C::KC / 8;  // 16-byte vectors per row
-    for (int v = threadIdx.x; v < C::ROWS * VPR; v += blockDim.x) {
-        const int r = v / VPR;
-        const int c = (v - r * VPR) * 8;
-        const int kk = kc0 + c;
-        const bool valid = r < p.t && kk < k1;
-        const bf16* src = valid ? p.x + (size_t)r * p.k + kk : p.x;
-        cp_async16(smem_u32(buf + r * C::STRIDE + c), src, valid);
+// Issues the W copies of stage `kb` (k columns [kb, kb + BK) ∩ [.., k1)) into `st`.
+template <int NT, int BK>
+__device__ __forceinline__ void load_w(const SkinnyParams& p, bf16* st, int n0, int kb, int k1, uint64_t pol) {
+    constexpr int CPR = BK / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int u = 0; u < BN * CPR / THREADS; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        const int r = i / CPR, c = i % CPR;
+        const int gr = n0 + r, gk = kb + 8 * c;
+        const bool ok = gr < p.n && gk < k1;
+        const bf16* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
+        cp_async16_stream(smem_u32(st + swz<BK>(r, c)), src, ok, pol);
     }
 }
 
-// NT n-tiles of 8 X rows; D register stages of W (D - 1 in flight ahead of the one in use).
-template <int NT, int D>
+// The X copies of the same stage (rows >= t and columns >= k1 zero-filled).
+template <int NT, int BK>
+__device__ __forceinline__ void load_x(const SkinnyParams& p, bf16* st, int kb, int k1) {
+    using T = Tile<NT, BK>;
+    constexpr int CPR = BK / 8;
+    bf16* xs = st + T::W_ELEMS;
+#pragma unroll
+    for (int u = 0; u < (T::TP * CPR + THREADS - 1) / THREADS; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        if (i < T::TP * CPR) {
+            const int r = i / CPR, c = i % CPR;
+            const int gk = kb + 8 * c;
+            const bool ok = r < p.t && gk < k1;
+            const bf16* src = ok ? p.x + (size_t)r * p.x_stride + gk : p.x;
+            cp_async16(smem_u32(xs + swz<BK>(r, c)), src, ok);
+        }
+    }
+}
+
+// SwiGLU entry points: X[r, c] = bf16(bf16(silu(g)) · u), g = x[r, c], u = x[r, k + c] (the
+// gate|up GEMM's output), computed while staging — the exact expression of swiglu_bf16, so the
+// fused down projection equals swiglu_bf16 followed by the plain kernel bit for bit. The loads
+// are issued before a stage's mma (fetch) and converted after it (finish).
+template <int NT, int BK>
+struct GluFetch {
+    static constexpr int XV = (Tile<NT, BK>::TP * (BK / 8) + THREADS - 1) / THREADS;  // vectors per thread
+    uint4 g[XV], u[XV];
+};
+
+template <int NT, int BK>
+__device__ __forceinline__ void fetch_x_glu(const SkinnyParams& p, GluFetch<NT, BK>& f, int kb, int k1) {
+    using T = Tile<NT, BK>;
+    constexpr int CPR = BK / 8;
+#pragma unroll
+    for (int u = 0; u < GluFetch<NT, BK>::XV; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        const int r = i / CPR, c = i % CPR;
+        const int gk = kb + 8 * c;
+        f.g[u] = f.u[u] = make_uint4(0, 0, 0, 0);
+        if (i < T::TP * CPR && r < p.t && gk < k1) {
+            const bf16* gp = p.x + (size_t)r * p.x_stride + gk;
+            f.g[u] = __ldcg(reinterpret_cast<const uint4*>(gp));
+            f.u[u] = __ldcg(reinterpret_cast<const uint4*>(gp + p.k));
+        }
+    }
+}
+
+template <int NT, int BK>
+__device__ __forceinline__ void finish_x_glu(bf16* st, const GluFetch<NT, BK>& f) {
+    using T = Tile<NT, BK>;
+    constexpr int CPR = BK / 8;
+    bf16* xs = st + T::W_ELEMS;
+#pragma unroll
+    for (int u = 0; u < GluFetch<NT, BK>::XV; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        if (i < T::TP * CPR) {
+            const int r = i / CPR, c = i % CPR;
+            float g[8], up[8], y[8];
+            load8(reinterpret_cast<const bf16*>(&f.g[u]), g);
+            load8(reinterpret_cast<const bf16*>(&f.u[u]), up);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) y[e] = round_bf16(g[e] / (1.f + expf(-g[e]))) * up[e];
+            store8(xs + swz<BK>(r, c), y);  // zeros stay zeros: silu(0) · 0 = 0
+        }
+    }
+}
+
+// One stage: warp (mg, kg) multiplies its MTW m-tiles by all TP X rows over its KSW k-steps.
+template <int NT, int BK>
+__device__ __forceinline__ void mma_stage(const bf16* st, int warp, int lane, float (&acc)[Tile<NT, BK>::MTW][NT][4]) {
+    using T = Tile<NT, BK>;
+    const bf16* xs = st + T::W_ELEMS;
+    const int mg = warp % T::MG, kg = warp / T::MG;
+    const int wr = 16 * mg * T::MTW + (lane & 7) + ((lane >> 3) & 1) * 8;  // ldmatrix row for A
+#pragma unroll
+    for (int kk = 0; kk < T::KSW; ++kk) {
+        const int ks = kg * T::KSW + kk;
+        uint32_t b[NT][2];
+        if constexpr (NT == 1) {
+            ldmatrix_x2(b[0], xs + swz<BK>(lane & 7, 2 * ks + ((lane >> 3) & 1)));
+        } else {
+#pragma unroll
+            for (int jp = 0; jp < NT / 2; ++jp) {
+                uint32_t r[4];
+                ldmatrix_x4(r, xs + swz<BK>(16 * jp + (lane & 7) + (lane >> 4) * 8, 2 * ks + ((lane >> 3) & 1)));
+                b[2 * jp][0] = r[0];
+                b[2 * jp][1] = r[1];
+                b[2 * jp + 1][0] = r[2];
+                b[2 * jp + 1][1] = r[3];
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < T::MTW; ++mt) {
+            uint32_t a[4];
+            ldmatrix_x4(a, st + swz<BK>(wr + 16 * mt, 2 * ks + (lane >> 4)));
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma_bf16(acc[mt][j], a, b[j][0], b[j][1]);
+        }
+    }
+}
+
+__device__ __forceinline__ void store_out(const SkinnyParams& p, int r, int col, float v) {
+    const size_t o = (size_t)r * p.n + col;
+    if (p.bias) v += __bfloat162float(p.bias[col]);
+    if (p.out_f32) {
+        static_cast<float*>(p.y)[o] = v;
+    } else {
+        static_cast<bf16*>(p.y)[o] = __float2bfloat16(v);
+    }
+}
+
+template <int NT, int BK, bool GLU>
 __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
-    using C = XChunk<NT>;
+    using T = Tile<NT, BK>;
     extern __shared__ uint4 smem_raw[];
-    bf16* xs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* ring = reinterpret_cast<bf16*>(smem_raw);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, q = lane & 3;
-    const int nwarps = blockDim.x >> 5;
-    const int row0 = (blockIdx.x * nwarps + warp) * WROWS;  // first W row of this warp
+    const int n0 = blockIdx.x * BN;
     const int k0 = blockIdx.y * p.k_split;
     const int k1 = min(p.k, k0 + p.k_split);
-    const int nst = (k1 - k0 + STAGE_K - 1) / STAGE_K;
-    const int nchunks = (k1 - k0 + C::KC - 1) / C::KC;
+    const int nst = k1 > k0 ? (k1 - k0 + BK - 1) / BK : 0;
     const uint64_t pol = evict_first_policy();
 
-    // The four W rows this thread loads: row0 + 16m + g + 8h.
-    const bf16* wrow[MT][2];
-    bool wok[MT][2];
+    float acc[T::MTW][NT][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = row0 + 16 * m + g + 8 * h;
-            wok[m][h] = r < p.n;
-            wrow[m][h] = p.w + (size_t)(wok[m][h] ? r : 0) * p.k + 8 * q;
-        }
-
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int mt = 0; mt < T::MTW; ++mt)
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+            for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
-    // W register ring: ring[d][m][h][u] = 16 B of row (16m + g + 8h) at columns
-    // stage_k0 + 32u + 8q; stage s lives in ring[s % D], so D - 1 stages are in flight while
-    // one is multiplied.
-    uint4 ring[D][MT][2][U];
-    auto load_stage = [&](uint4 (&dst)[MT][2][U], int s) {
+    // Prologue: the W tiles of the first STAGES - 1 stages do not depend on the previous
+    // kernel, so they are issued before the programmatic-launch wait (overlapping that kernel's
+    // tail); X (its output) only after. Group s = {W of stages 0..STAGES-2 when s = 0} ∪ X of s,
+    // so waiting for group s still means stage s has landed.
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int kk = k0 + s * STAGE_K + 32 * u;  // + 8q, and k1 - kk is a multiple of 8
-            const bool kin = kk + 8 * q < k1;
+    for (int s = 0; s < T::STAGES - 1; ++s)
+        if (s < nst) load_w<NT, BK>(p, ring + s * T::STAGE_ELEMS, n0, k0 + s * BK, k1, pol);
+    pdl_wait();
+    pdl_trigger();
+    [[maybe_unused]] GluFetch<NT, BK> xf;
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    dst[m][h][u] = (kin && wok[m][h]) ? ld_stream(wrow[m][h] + kk, pol) : make_uint4(0, 0, 0, 0);
-        }
-    };
-
-#pragma unroll
-    for (int d = 0; d + 1 < D; ++d) load_stage(ring[d], d);  // past k1 this loads zeros
-    load_x_chunk<NT>(p, xs, k0, k1);
-    cp_async_commit();
-
-    for (int s0 = 0; s0 < nst; s0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; ++d) {
-            const int s = s0 + d;
-            if (s >= nst) break;  // block-uniform
-            const int c = s / C::SPC;
-            const int sc = s - c * C::SPC;  // stage within the chunk
-            if (sc == 0) {
-                __syncthreads();  // every warp is done with chunk c-1, whose buffer is refilled next
-                if (c + 1 < nchunks) {
-                    load_x_chunk<NT>(p, xs + ((c + 1) & 1) * C::BUF, k0 + (c + 1) * C::KC, k1);
-                    cp_async_commit();
-                    cp_async_wait<1>();  // this thread's copies of chunk c have landed
-                } else {
-                    cp_async_wait<0>();
-                }
-                __syncthreads();  // ... and everyone's
-            }
-            load_stage(ring[(d + D - 1) % D], s + D - 1);  // the slot stage s-1 used
-            const uint4(&cur)[MT][2][U] = ring[d];
-            const bf16* xb = xs + (c & 1) * C::BUF + sc * STAGE_K + 8 * q;
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                uint4 xv[NT];
-#pragma unroll
-                for (int j = 0; j < NT; ++j)
-                    xv[j] = *reinterpret_cast<const uint4*>(xb + (j * 8 + g) * C::STRIDE + 32 * u);
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    const uint4 lo = cur[m][0][u], hi = cur[m][1][u];
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        mma_bf16(acc[m][j], lo.x, hi.x, lo.y, hi.y, xv[j].x, xv[j].y);
-                        mma_bf16(acc[m][j], lo.z, hi.z, lo.w, hi.w, xv[j].z, xv[j].w);
-                    }
-                }
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (s < nst) {
+            if constexpr (GLU) {
+                fetch_x_glu<NT, BK>(p, xf, k0 + s * BK, k1);
+                finish_x_glu<NT, BK>(ring + s * T::STAGE_ELEMS, xf);
+            } else {
+                load_x<NT, BK>(p, ring + s * T::STAGE_ELEMS, k0 + s * BK, k1);
             }
         }
+        cp_async_commit();
+    }
+    for (int it = 0; it < nst; ++it) {
+        cp_async_wait<T::STAGES - 2>();  // this thread's copies of stage `it` have landed
+        __syncthreads();                 // ... everyone's; and stage it-1's slot is free
+        const int nx = it + T::STAGES - 1;
+        bf16* st = ring + (nx % T::STAGES) * T::STAGE_ELEMS;
+        if (nx < nst) {
+            load_w<NT, BK>(p, st, n0, k0 + nx * BK, k1, pol);
+            if constexpr (GLU) {
+                fetch_x_glu<NT, BK>(p, xf, k0 + nx * BK, k1);
+            } else {
+                load_x<NT, BK>(p, st, k0 + nx * BK, k1);
+            }
+        }
+        cp_async_commit();
+        mma_stage<NT, BK>(ring + (it % T::STAGES) * T::STAGE_ELEMS, warp, lane, acc);
+        // Stage nx is read at iteration nx, after at least one more __syncthreads.
+        if constexpr (GLU)
+            if (nx < nst) finish_x_glu<NT, BK>(st, xf);
     }
 
-    // acc[m][j][e]: X row j*8 + 2q + (e & 1), W row row0 + 16m + g + 8(e >> 1).
+    // Sum the KG k-group partials: red[kg][r][c] (r < TP X rows, c < BN W rows of the block).
+    // acc[mt][j][e]: X row 8j + 2q + (e & 1), W row 16·(mg·MTW + mt) + g + 8(e >> 1).
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done reading the ring
+    float* red = reinterpret_cast<float*>(smem_raw);
+    {
+        const int mg = warp % T::MG, kg = warp / T::MG;
+        float* mine = red + kg * T::TP * BN;
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+        for (int mt = 0; mt < T::MTW; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = row0 + 16 * m + g + 8 * (e >> 1);
-            if (col >= p.n) continue;
-            const float b = (p.splits == 1 && p.bias) ? __bfloat162float(p.bias[col]) : 0.f;
+            for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int r = j * 8 + 2 * q + (e & 1);
-                if (r >= p.t) continue;
-                const float v = acc[m][j][e];
-                const size_t o = (size_t)r * p.n + col;
-                if (p.splits > 1) {
-                    p.partial[(size_t)blockIdx.y * p.t * p.n + o] = v;
-                } else if (p.out_f32) {
-                    static_cast<float*>(p.y)[o] = v + b;
-                } else {
-                    static_cast<bf16*>(p.y)[o] = __float2bfloat16(v + b);
-                }
-            }
+                for (int e = 0; e < 4; ++e)
+                    mine[(8 * j + 2 * q + (e & 1)) * BN + 16 * (mg * T::MTW + mt) + g + 8 * (e >> 1)] = acc[mt][j][e];
+    }
+    __syncthreads();
+    const int rows = min(p.t, T::TP);
+    // Each element is summed (in k-group order) and rewritten in place by one thread.
+    for (int i = threadIdx.x; i < rows * BN; i += THREADS) {
+        float v = red[i];
+#pragma unroll
+        for (int kg = 1; kg < T::KG; ++kg) v += red[kg * T::TP * BN + i];
+        if (gridDim.y == 1) {
+            const int r = i / BN, col = n0 + (i - r * BN);
+            if (col < p.n) store_out(p, r, col, v);
+        } else {
+            red[i] = v;
         }
+    }
+    if (gridDim.y == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Split-K: the block partials red[0 .. rows·BN) of the cluster's S blocks, summed in rank
+    // order through distributed shared memory; block `rank` writes every S-th slice.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int S = (int)cluster.num_blocks();
+    const int rank = (int)cluster.block_rank();
+    for (int i = rank * THREADS + threadIdx.x; i < rows * BN; i += S * THREADS) {
+        float v = 0.f;
+        for (int s = 0; s < S; ++s) v += cluster.map_shared_rank(red, s)[i];
+        const int r = i / BN, col = n0 + (i - r * BN);
+        if (col < p.n) store_out(p, r, col, v);
+    }
+    cluster.sync();  // no block leaves while a peer still reads its tile
+#else
+    __trap();  // split-K needs thread-block clusters (sm_90+); the wrapper never launches it below
+#endif
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(256) gemm_skinny8_bf16(const SkinnyParams p) { skinny_body<1, 3>(p); }
-extern "C" __global__ void __launch_bounds__(256) gemm_skinny16_bf16(const SkinnyParams p) { skinny_body<2, 3>(p); }
-extern "C" __global__ void __launch_bounds__(256) gemm_skinny32_bf16(const SkinnyParams p) { skinny_body<4, 3>(p); }
-extern "C" __global__ void __launch_bounds__(256) gemm_skinny64_bf16(const SkinnyParams p) { skinny_body<8, 2>(p); }
-
-// Y[r, c] = Σ_s partial[s, r, c] (s = 0, 1, ... in order) + bias[c]; flat grid-stride over t·n.
-extern "C" __global__ void gemm_skinny_reduce_bf16(const SkinnyParams p) {
-    const size_t total = (size_t)p.t * p.n;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < p.splits; ++s) v += p.partial[s * total + i];
-        if (p.bias) v += __bfloat162float(p.bias[i % p.n]);
-        if (p.out_f32) {
-            static_cast<float*>(p.y)[i] = v;
-        } else {
-            static_cast<bf16*>(p.y)[i] = __float2bfloat16(v);
-        }
-    }
-}
+#define SKINNY_ENTRY(name, NT, BK, GLU, MINB) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) name(const SkinnyParams p) { skinny_body<NT, BK, GLU>(p); }
+SKINNY_ENTRY(gemm_skinny8_bf16, 1, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny16_bf16, 2, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny32_bf16, 4, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny64_bf16, 8, 64, false, 2)
+// 128-column stages (one block per SM, 256-byte runs of each W row per stage): a tuning variant.
+SKINNY_ENTRY(gemm_skinny8_k128_bf16, 1, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny16_k128_bf16, 2, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny32_k128_bf16, 4, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny64_k128_bf16, 8, 128, false, 1)
+// X = SwiGLU(gate | up) computed while staging (the down projection of a decode step).
+SKINNY_ENTRY(gemm_skinny8_glu_bf16, 1, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny16_glu_bf16, 2, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny32_glu_bf16, 4, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny64_glu_bf16, 8, 64, true, 2)

@@ -3,11 +3,40 @@
 //   out = bf16( w * bf16( x * rsqrt(mean(x^2) + eps) ) ),  x = residual in f32
 // (PyTorch: normalise in f32, cast to bf16, multiply by the bf16 weight).
 // hidden % 8 == 0 and hidden <= 8 * blockDim.x * NORM_MAX_VPT (checked by the wrapper).
+//
+// Numerics are fixed by the thread layout: thread t owns 16-byte vectors t + k*blockDim.x
+// (k < NORM_MAX_VPT), sums its squares in (k, element) order with fmaf, then block_sum (warp
+// butterfly, then warp 0 over the warp totals). The wrapper keeps blockDim.x =
+// round_up(ceil(hidden / 8 / NORM_MAX_VPT), 32), so any change here must keep that layout to
+// keep the outputs bit for bit.
+//
+// Performance (what changed, and why it should be faster; outputs are bit for bit the same):
+// - Every global access is one 16-byte LDG.128 / STG.128. common.cuh's load8 / store8 copy a
+//   struct of four bf16x2 and compile to four 4-byte accesses (checked in the SASS): the old
+//   kernel stored `out` and `residual` and loaded the weight that way, 4x the load/store
+//   instructions and L2 write transactions for half of its bytes. load8 / store8 now only
+//   (un)pack registers; memory goes through uint4.
+// - All loads of a block (residual, delta, weight) are issued up front, so a row costs one
+//   memory round trip, the reduction, then the stores. The weight used to be loaded after the
+//   reduction: a second, dependent L2 round trip on every block's critical path (it matters
+//   most in the 32-row decode case, where the kernel is pure latency).
+// - The updated residual stays packed in the uint4 it was loaded into (bf16(r + d) is exact
+//   in bf16) rather than in 32 floats, which pays for most of the prefetched weight: 80
+//   registers at sm_90a (56 before); NORM_MAX_THREADS caps the block so that always fits
+//   (hidden <= 24576; 512 blocks of 128 threads at LLaDA's 4096 are one wave either way).
+// - Launched with programmatic dependent launch (PDL): blocks start while the previous kernel
+//   finishes and wait (pdl_wait) before their first load, so the launch latency overlaps it.
+//   (Fetching the weight before the wait was tried: no shorter critical path, since the
+//   residual load follows the wait anyway, and 92 registers instead of 80.)
+// - delta is read with the streaming hint (__ldcs, evict-first): it is dead after this
+//   kernel and should not push the residual or the next GEMM's input out of L2.
 #include "common.cuh"
 
 // 16-byte vectors held in registers per thread; the wrapper sizes the block so that
 // hidden / 8 <= blockDim.x * NORM_MAX_VPT.
 #define NORM_MAX_VPT 4
+// Largest block (MAX_THREADS in the wrapper): 80 registers x 768 threads fit one SM's 64K.
+#define NORM_MAX_THREADS 768
 
 struct NormParams {
     bf16* residual;      // [rows, hidden], in/out
@@ -19,7 +48,72 @@ struct NormParams {
     float eps;
 };
 
-extern "C" __global__ void add_rmsnorm_bf16(const NormParams p) {
+extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_bf16(const NormParams p) {
+    __shared__ float scratch[32];
+    const int64_t row = blockIdx.x;
+    const int vecs = p.hidden >> 3;
+    bf16* res = p.residual + row * p.hidden;
+    const uint4* res4 = reinterpret_cast<const uint4*>(res);
+    const uint4* del4 = p.delta ? reinterpret_cast<const uint4*>(p.delta + row * p.hidden) : nullptr;
+    const uint4* w4 = reinterpret_cast<const uint4*>(p.weight);
+    pdl_wait();
+    pdl_trigger();
+    // All loads first (raw 16-byte vectors), so they are in flight together.
+    uint4 xr[NORM_MAX_VPT], dr[NORM_MAX_VPT], wr[NORM_MAX_VPT];
+#pragma unroll
+    for (int k = 0; k < NORM_MAX_VPT; ++k) {
+        const int v = threadIdx.x + k * blockDim.x;
+        if (v < vecs) {
+            xr[k] = res4[v];
+            if (del4) dr[k] = __ldcs(del4 + v);
+            wr[k] = __ldg(w4 + v);
+        }
+    }
+    // The residual (after the add) stays packed in xr: bf16(r + d) is exact in bf16, so
+    // repacking loses nothing and holds 16 registers instead of 32 floats.
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < NORM_MAX_VPT; ++k) {
+        const int v = threadIdx.x + k * blockDim.x;
+        if (v < vecs) {
+            float x[8];
+            load8(reinterpret_cast<const bf16*>(&xr[k]), x);
+            if (del4) {
+                float d[8];
+                load8(reinterpret_cast<const bf16*>(&dr[k]), d);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) x[i] = round_bf16(x[i] + d[i]);
+                store8(reinterpret_cast<bf16*>(&xr[k]), x);  // exact: values are already bf16
+                reinterpret_cast<uint4*>(res)[v] = xr[k];
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss = fmaf(x[i], x[i], ss);
+        }
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / (float)p.hidden + p.eps);
+    bf16* out = p.out + row * p.hidden;
+#pragma unroll
+    for (int k = 0; k < NORM_MAX_VPT; ++k) {
+        const int v = threadIdx.x + k * blockDim.x;
+        if (v < vecs) {
+            float x[8], w[8], y[8];
+            load8(reinterpret_cast<const bf16*>(&xr[k]), x);
+            load8(reinterpret_cast<const bf16*>(&wr[k]), w);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) y[i] = w[i] * round_bf16(x[i] * inv);
+            uint4 o;
+            store8(reinterpret_cast<bf16*>(&o), y);  // packs in registers
+            reinterpret_cast<uint4*>(out)[v] = o;    // one 16-byte store
+        }
+    }
+}
+
+// ---------------------------------------------------------------- previous version
+// add_rmsnorm_v0_bf16: the kernel before the changes described at the top of this file, verbatim
+// but renamed (its SASS is identical to the old build's). Kept only so tests/gpu_elementwise_v0.rs
+// can check the new kernel bit for bit against it and time both on the same card; delete it and
+// its wrapper `ops::norm::add_rmsnorm_v0` after that.
+extern "C" __global__ void add_rmsnorm_v0_bf16(const NormParams p) {
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
     const int vecs = p.hidden >> 3;

@@ -1,16 +1,41 @@
-// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store, one block per live row:
+// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store:
 //   q heads are rotated in place in qkv; rotated k goes to k_cache[cache_rows[r]];
 //   v is copied unchanged to v_cache[cache_rows[r]].
 // qkv row = [q: n_heads*128 | k: n_kv_heads*128 | v: n_kv_heads*128].
 // inv_freq[i] = 1 / theta^(2i/128) as the correctly rounded f32 (computed through f64 so the
 // CPU reference gets the same bits), angle = f32(pos) * inv_freq[i] in f32, precise sincosf.
-// mode 0 (LLaDA): f32 rotation, one rounding to bf16.
+// mode 0 (LLaDA): f32 rotation, one rounding to bf16 (the exact f32 steps: rotate_llada).
 // mode 1 (Dream / HF Qwen2 in bf16): c = bf16(cos), s = bf16(sin),
 //   y[i] = bf16( bf16(x[i]*c) + bf16(-x[i+64]*s) ), y[i+64] = bf16( bf16(x[i+64]*c) + bf16(x[i]*s) ).
+//
+// Work items of a row: (n_heads + n_kv_heads) * 8 rotation items (8 pairs (i, i+64) of one
+// head: two 16-byte loads and stores), then n_kv_heads * 16 v items (one 16-byte copy).
+// Grid (rows, chunks): block (r, c) takes items [c*B*ROPE_IPT, (c+1)*B*ROPE_IPT) of row r
+// (B = blockDim.x, 64 or 128), thread t items t + k*B, k < ROPE_IPT.
+//
+// Performance (what changed, and why it should be faster; outputs are bit for bit the same):
+// - Every access is one 16-byte LDG.128 / STG.128. common.cuh's load8 / store8 copy a struct of
+//   four bf16x2 and compile to four 4-byte accesses (checked in the SASS): the old kernel moved
+//   q and k that way, 4x the instructions and L2 transactions for 2/3 of its bytes.
+// - One memory round trip per block instead of three: the old block loaded positions[r], then
+//   computed the cos/sin table (f64 pow + sincosf: ~1 us of dependent math), synchronised, and
+//   only then loaded its data, in two dependent load -> rotate -> store rounds per thread (512
+//   threads, 1024 items at LLaDA). Now every data load of the block is issued first, the table
+//   is computed while they are in flight, and each thread rotates and stores ROPE_IPT items.
+// - Launched with programmatic dependent launch (PDL): a block starts while the QKV GEMM
+//   finishes, computes its inv_freq entry (the f64 pow) and only then waits (pdl_wait) to read
+//   positions, cache rows and qkv.
+// - Smaller blocks, more of them: 128 threads and 512 items per block (LLaDA: 2 blocks per row,
+//   1024 blocks at 512 rows, 6 resident per SM at 78 registers, each with 16 KB of loads in
+//   flight; capping registers at 64 for 8 per SM spills); at few rows the wrapper halves the
+//   block to 64 threads (LLaDA 32 rows: 128 blocks instead of 32) so that more SMs share the
+//   row's bytes, which is what bounds a latency-bound decode step.
 #include "common.cuh"
 
 #define ROPE_HEAD_DIM 128
 #define ROPE_HALF 64
+#define ROPE_IPT 4            // work items per thread (IPT in the wrapper)
+#define ROPE_MAX_THREADS 128  // largest block (the wrapper launches 64 or 128)
 
 struct RopeParams {
     bf16* qkv;                   // [rows, (n_heads + 2*n_kv_heads)*128]
@@ -26,7 +51,129 @@ struct RopeParams {
     int cache_cap;  // rows of k_cache / v_cache; a cache row >= cache_cap traps
 };
 
-extern "C" __global__ void rope_kv_store_bf16(const RopeParams p) {
+// The LLaDA rotation of 8 pairs with the f32 steps of the previous kernel, pinned with
+// intrinsics (never re-contracted): nvcc 13.0 had compiled `a*c - b*s` and `b*c + a*s` to
+//   y1[i] = fma(a, c, -(b*s)), y2[i] = fma(b, c, a*s)   for i = 1..7,
+//   y1[0] = fma(-b, s, a*c)    (a*c shared with the Dream branch's first product),
+// (read from its sm_90a SASS). Any other choice moves some outputs by one bf16 ulp.
+__device__ __forceinline__ void rotate_llada(const float* a, const float* b, const float* c, const float* s,
+                                             float* y1, float* y2) {
+    y1[0] = __fmaf_rn(-b[0], s[0], __fmul_rn(a[0], c[0]));
+    y2[0] = __fmaf_rn(b[0], c[0], __fmul_rn(a[0], s[0]));
+#pragma unroll
+    for (int i = 1; i < 8; ++i) {
+        y1[i] = __fmaf_rn(a[i], c[i], -__fmul_rn(b[i], s[i]));
+        y2[i] = __fmaf_rn(b[i], c[i], __fmul_rn(a[i], s[i]));
+    }
+}
+
+__device__ __forceinline__ void rotate_dream(const float* a, const float* b, const float* c, const float* s,
+                                             float* y1, float* y2) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        y1[i] = round_bf16(__fmul_rn(a[i], c[i])) + round_bf16(__fmul_rn(-b[i], s[i]));
+        y2[i] = round_bf16(__fmul_rn(b[i], c[i])) + round_bf16(__fmul_rn(a[i], s[i]));
+    }
+}
+
+// 8 bf16 packed in a uint4 (registers) <-> 8 floats.
+__device__ __forceinline__ void unpack8(const uint4& v, float* f) {
+    load8(reinterpret_cast<const bf16*>(&v), f);
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 v;
+    store8(reinterpret_cast<bf16*>(&v), f);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf16(const RopeParams p) {
+    __shared__ float cs[ROPE_HALF], sn[ROPE_HALF];
+    const int row = blockIdx.x;
+    const int qkv_dim = (p.n_heads + 2 * p.n_kv_heads) * ROPE_HEAD_DIM;
+    const int kv_dim = p.n_kv_heads * ROPE_HEAD_DIM;
+    const int n_rot = (p.n_heads + p.n_kv_heads) * 8;  // 8 items of 8 pairs per rotated head
+    const int n_items = n_rot + p.n_kv_heads * (ROPE_HEAD_DIM / 8);
+    const int w_first = blockIdx.y * blockDim.x * ROPE_IPT;
+    bf16* src_row = p.qkv + (int64_t)row * qkv_dim;
+    const uint4* v_src = reinterpret_cast<const uint4*>(src_row + (p.n_heads + p.n_kv_heads) * ROPE_HEAD_DIM);
+    // Blocks with rotation items need the cos/sin table (uniform over the block).
+    const bool has_rot = w_first < n_rot;
+
+    // 0. inv_freq needs only theta: its f64 pow runs before waiting for the previous kernel
+    //    (PDL), one entry per thread (blockDim.x >= ROPE_HALF, the wrapper launches 64 or 128).
+    float inv = 0.f;
+    if (has_rot && threadIdx.x < ROPE_HALF)
+        inv = (float)(1.0 / pow((double)p.theta, (double)(2 * threadIdx.x) / ROPE_HEAD_DIM));
+    pdl_wait();
+    pdl_trigger();
+
+    // 1. Every load of the block, in flight together: position, cache row, data.
+    const uint32_t pos = p.positions[row];
+    const uint32_t crow = p.cache_rows[row];
+    uint4 ra[ROPE_IPT], rb[ROPE_IPT];
+#pragma unroll
+    for (int k = 0; k < ROPE_IPT; ++k) {
+        const int w = w_first + threadIdx.x + k * blockDim.x;
+        if (w < n_rot) {
+            const bf16* head = src_row + (w >> 3) * ROPE_HEAD_DIM + (w & 7) * 8;
+            const uint4* src = reinterpret_cast<const uint4*>(head);
+            ra[k] = src[0];
+            rb[k] = src[ROPE_HALF / 8];
+        } else if (w < n_items) {
+            ra[k] = v_src[w - n_rot];
+        }
+    }
+
+    // 2. The cos/sin table while the loads are in flight.
+    if (has_rot) {
+        if (threadIdx.x < ROPE_HALF) {
+            const float ang = (float)pos * inv;
+            float s, c;
+            sincosf(ang, &s, &c);
+            if (p.mode == 1) {
+                c = round_bf16(c);
+                s = round_bf16(s);
+            }
+            cs[threadIdx.x] = c;
+            sn[threadIdx.x] = s;
+        }
+        __syncthreads();
+    }
+    if (crow >= (uint32_t)p.cache_cap) __trap();  // the host validates cache rows: this is a bug
+
+    // 3. Rotate and store.
+#pragma unroll
+    for (int k = 0; k < ROPE_IPT; ++k) {
+        const int w = w_first + threadIdx.x + k * blockDim.x;
+        if (w < n_rot) {
+            const int h = w >> 3;
+            const int i0 = (w & 7) * 8;
+            bf16* dst = h < p.n_heads ? src_row + h * ROPE_HEAD_DIM
+                                      : p.k_cache + (int64_t)crow * kv_dim + (h - p.n_heads) * ROPE_HEAD_DIM;
+            float a[8], b[8], c[8], s[8], y1[8], y2[8];
+            unpack8(ra[k], a);
+            unpack8(rb[k], b);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                c[i] = cs[i0 + i];
+                s[i] = sn[i0 + i];
+            }
+            if (p.mode == 1) rotate_dream(a, b, c, s, y1, y2);
+            else rotate_llada(a, b, c, s, y1, y2);
+            reinterpret_cast<uint4*>(dst + i0)[0] = pack8(y1);
+            reinterpret_cast<uint4*>(dst + ROPE_HALF + i0)[0] = pack8(y2);
+        } else if (w < n_items) {
+            reinterpret_cast<uint4*>(p.v_cache + (int64_t)crow * kv_dim)[w - n_rot] = ra[k];
+        }
+    }
+}
+
+// ---------------------------------------------------------------- previous version
+// rope_kv_store_v0_bf16: the kernel before the changes described at the top of this file, verbatim
+// but renamed (its SASS is identical to the old build's). Kept only so tests/gpu_elementwise_v0.rs
+// can check the new kernel bit for bit against it and time both on the same card; delete it and
+// its wrapper `ops::rope::rope_kv_store_v0` after that.
+extern "C" __global__ void rope_kv_store_v0_bf16(const RopeParams p) {
     __shared__ float cs[ROPE_HALF], sn[ROPE_HALF];
     const int row = blockIdx.x;
     const uint32_t pos = p.positions[row];

@@ -1,6 +1,10 @@
 //! The GPU forward pass: weights on the device, a preallocated workspace and KV cache, and
 //! `forward()` that runs the live rows of a `RowBatch` through every layer with the kernels of
 //! `ops` and cuBLASLt GEMMs. Nothing is allocated after `GpuModel::new`.
+//!
+//! A forward copies the batch's index arrays to the device in one packed copy, then launches
+//! the layers; a batch shape seen before replays one CUDA graph of the whole forward instead
+//! (see `gpu::graph`: the policy, what the shape key holds, and why it is enough).
 use std::sync::Arc;
 
 use half::bf16;
@@ -9,6 +13,7 @@ use crate::batch::RowBatch;
 use crate::config::ModelConfig;
 use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
+use crate::gpu::graph::{self, GraphCache, GraphStats, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
 use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
 use crate::weights::HostWeights;
@@ -21,6 +26,15 @@ pub struct GpuLayer {
     pub ffn_norm: DTensor<bf16>,
     pub w_gate_up: DTensor<bf16>,
     pub w_down: DTensor<bf16>,
+}
+
+impl GpuLayer {
+    /// Every tensor of the layer (the bias last, when present).
+    fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
+        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm, &self.w_gate_up, &self.w_down]
+            .into_iter()
+            .chain(self.bqkv.as_ref())
+    }
 }
 
 pub struct GpuWeights {
@@ -106,19 +120,7 @@ impl GpuWeights {
     }
 
     pub fn bytes(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.attn_norm.bytes()
-                    + l.wqkv.bytes()
-                    + l.bqkv.as_ref().map_or(0, |b| b.bytes())
-                    + l.wo.bytes()
-                    + l.ffn_norm.bytes()
-                    + l.w_gate_up.bytes()
-                    + l.w_down.bytes()
-            })
-            .sum();
+        let l: usize = self.layers.iter().flat_map(GpuLayer::tensors).map(DTensor::bytes).sum();
         l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
     }
 }
@@ -147,13 +149,6 @@ struct Workspace {
     act: DTensor<bf16>,
     sel: DTensor<bf16>,
     logits: DTensor<f32>,
-    tokens: DTensor<u32>,
-    positions: DTensor<u32>,
-    cache_rows: DTensor<u32>,
-    seqs: DTensor<u32>,
-    logit_rows: DTensor<u32>,
-    /// Split-K partials of the skinny GEMM (f32), sized for the layer shapes at ≤ 64 rows.
-    gemm_scratch: DTensor<f32>,
 }
 
 /// Per-layer K and V: `[cache_rows, n_kv_heads * head_dim]` bf16, post-RoPE.
@@ -173,11 +168,16 @@ pub struct GpuModel {
     /// Which GEMM runs the linear layers (`auto`: the skinny kernel for ≤ 32 rows).
     pub gemm_variant: GemmVariant,
     ws: Workspace,
-    /// Host staging for the per-forward index arrays (reused; no allocation per step).
+    /// The per-forward index arrays, packed (`graph::IndexLayout`), written by one copy.
+    index: DTensor<u32>,
+    /// Host staging of `index` (reused; no allocation per step).
     staging: Vec<u32>,
     last_logit_rows: usize,
     /// Per-op event timing (`enable_profiling`), for `demask profile`.
     pub profiler: Option<crate::gpu::profile::OpProfiler>,
+    graphs: GraphCache,
+    graphs_on: bool,
+    capture_mode: cudarc::driver::sys::CUstreamCaptureMode,
 }
 
 impl GpuModel {
@@ -206,12 +206,6 @@ impl GpuModel {
             act: gpu.alloc(&[t, cfg.ffn])?,
             sel: gpu.alloc(&[cap.logit_rows, h])?,
             logits: gpu.alloc(&[cap.logit_rows, cfg.vocab])?,
-            tokens: gpu.alloc(&[t])?,
-            positions: gpu.alloc(&[t])?,
-            cache_rows: gpu.alloc(&[t])?,
-            seqs: gpu.alloc(&[cap.seqs * 4])?,
-            logit_rows: gpu.alloc(&[cap.logit_rows])?,
-            gemm_scratch: gpu.alloc(&[Self::gemm_scratch_len(&cfg, cap).max(1)])?,
         };
         let kvd = cfg.kv_dim();
         let mut cache = KvCache { k: Vec::new(), v: Vec::new(), rows: cap.cache_rows };
@@ -219,7 +213,10 @@ impl GpuModel {
             cache.k.push(gpu.alloc(&[cap.cache_rows, kvd])?);
             cache.v.push(gpu.alloc(&[cap.cache_rows, kvd])?);
         }
-        let staging = Vec::with_capacity(4 * t + 4 * cap.seqs + cap.logit_rows);
+        let index_len = IndexLayout::new(t, cap.seqs, cap.logit_rows).len;
+        let index = gpu.alloc(&[index_len])?;
+        let staging = Vec::with_capacity(index_len);
+        let capture_mode = graph::capture_mode_from_env()?;
         Ok(GpuModel {
             gpu,
             cfg,
@@ -229,28 +226,21 @@ impl GpuModel {
             attn_variant: AttnVariant::Flash,
             gemm_variant: GemmVariant::Auto,
             ws,
+            index,
             staging,
             last_logit_rows: 0,
             profiler: None,
+            graphs: GraphCache::new(graph::DEFAULT_GRAPH_CAPACITY),
+            graphs_on: std::env::var("DEMASK_GRAPHS").map_or(true, |v| v != "0"),
+            capture_mode,
         })
-    }
-
-    /// f32 elements of split-K scratch the skinny GEMM needs for this model's layer shapes
-    /// (the LM head never splits).
-    fn gemm_scratch_len(cfg: &ModelConfig, cap: Capacity) -> usize {
-        let t = cap.rows.min(ops::gemm::SKINNY_ROW_LIMIT);
-        [(cfg.qkv_dim(), cfg.hidden), (cfg.hidden, cfg.q_dim()), (2 * cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn)]
-            .iter()
-            .map(|&(n, k)| ops::gemm::skinny_scratch_len(t, n, k))
-            .max()
-            .unwrap_or(0)
     }
 
     /// Device bytes of the workspace, logits and KV cache for `cap`.
     pub fn workspace_bytes(cfg: &ModelConfig, cap: Capacity) -> usize {
         let act = cap.rows * (4 * cfg.hidden + cfg.qkv_dim() + cfg.q_dim() + 3 * cfg.ffn) * 2;
         let logits = cap.logit_rows * (cfg.vocab * 4 + cfg.hidden * 2);
-        let idx = (4 * cap.rows + 4 * cap.seqs + cap.logit_rows) * 4 + Self::gemm_scratch_len(cfg, cap) * 4;
+        let idx = IndexLayout::new(cap.rows, cap.seqs, cap.logit_rows).len * 4;
         let kv = 2 * cfg.n_layers * cap.cache_rows * cfg.kv_dim() * 2;
         act + logits + idx + kv
     }
@@ -269,42 +259,123 @@ impl GpuModel {
         b.validate(&self.cfg, c.cache_rows)
     }
 
-    fn upload(&mut self, b: &RowBatch) -> Result<()> {
-        let gpu = self.gpu.clone();
+    /// The shape key of `b` under the current variants: every host scalar `run` uses.
+    fn shape_key(&self, b: &RowBatch) -> ShapeKey {
+        let (t, r) = (b.rows(), b.logit_rows.len());
+        ShapeKey {
+            rows: t,
+            seqs: b.seqs.len(),
+            max_rows: b.seqs.iter().map(|s| s.row_count as usize).max().unwrap_or(0),
+            logit_rows: r,
+            identity: r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x),
+            gemm: self.gemm_variant,
+            attn: self.attn_variant,
+        }
+    }
+
+    /// Packs the index arrays of `b` into the staging buffer at layout `l` and copies them to
+    /// the device in one transfer, before any launch (or capture) of the forward.
+    fn upload(&mut self, b: &RowBatch, l: &IndexLayout) -> Result<()> {
         let s = &mut self.staging;
         s.clear();
-        s.extend_from_slice(&b.tokens);
-        self.ws.tokens.write(&gpu, s)?;
-        self.ws.positions.write(&gpu, &b.positions)?;
-        s.clear();
+        s.resize(l.len, 0);
+        let t = l.rows;
+        s[l.tokens..l.tokens + t].copy_from_slice(&b.tokens);
+        s[l.positions..l.positions + t].copy_from_slice(&b.positions);
+        let rows = &mut s[l.cache_rows..l.cache_rows + t];
         for sq in &b.seqs {
-            for r in sq.row_start..sq.row_start + sq.row_count {
-                s.push(sq.cache_base + b.positions[r as usize]);
+            let span = sq.row_start as usize..(sq.row_start + sq.row_count) as usize;
+            for (dst, &p) in rows[span.clone()].iter_mut().zip(&b.positions[span]) {
+                *dst = sq.cache_base + p;
             }
         }
-        self.ws.cache_rows.write(&gpu, s)?;
-        s.clear();
-        for sq in &b.seqs {
-            s.extend_from_slice(&[sq.row_start, sq.row_count, sq.cache_base, sq.kv_len]);
+        for (i, sq) in b.seqs.iter().enumerate() {
+            let at = l.spans + 4 * i;
+            s[at..at + 4].copy_from_slice(&[sq.row_start, sq.row_count, sq.cache_base, sq.kv_len]);
         }
-        self.ws.seqs.write(&gpu, s)?;
-        self.ws.logit_rows.write(&gpu, &b.logit_rows)?;
-        Ok(())
+        s[l.logit_idx..l.len].copy_from_slice(&b.logit_rows);
+        self.index.write(&self.gpu, s)
     }
 
     /// Runs the live rows of `b` through the model; logits of `b.logit_rows` are left in the
     /// device buffer `[logit_rows, vocab]` f32 (see `logits()` / `logits_to_host()`).
+    ///
+    /// After the one upload, the launches are run op by op, or captured into a CUDA graph, or
+    /// replayed from one, by `gpu::graph::GraphCache::plan` for the batch's [`ShapeKey`]:
+    /// the first forward of a shape runs eagerly, the second is captured (and launched), later
+    /// ones replay. A failed capture leaves that shape eager. Profiling,
+    /// `DEMASK_SYNC_LAUNCHES=1` and `set_graphs(false)` run every forward eagerly.
     pub fn forward(&mut self, b: &RowBatch) -> Result<()> {
         self.check_capacity(b)?;
-        self.upload(b)?;
+        let key = self.shape_key(b);
+        self.upload(b, &IndexLayout::new(key.rows, key.seqs, key.logit_rows))?;
+        let step = if self.graphs_on && self.profiler.is_none() && !self.gpu.sync_launches {
+            self.graphs.rebind(self.binding());
+            self.graphs.plan(key)
+        } else {
+            self.graphs.note_eager();
+            GraphStep::Eager
+        };
+        match (step, self.graphs.graph(&key)) {
+            (GraphStep::Replay, Some(g)) => g.launch().map_err(crate::gpu::drv("cuGraphLaunch"))?,
+            (GraphStep::Capture, _) => {
+                let stream = self.gpu.stream.clone();
+                let mode = self.capture_mode;
+                match graph::capture_and_launch(&stream, mode, || self.run(&key)) {
+                    Ok(g) => self.graphs.captured(key, g),
+                    Err(why) => {
+                        // An error cudarc recorded while the capture failed must not surface in
+                        // the eager rerun; keep it in the reason instead.
+                        let why = match self.gpu.ctx.check_err() {
+                            Ok(()) => why,
+                            Err(e) => format!("{why} (then {e:?})"),
+                        };
+                        self.graphs.failed(key, why);
+                        self.run(&key)?;
+                    }
+                }
+            }
+            _ => self.run(&key)?,
+        }
+        self.last_logit_rows = key.logit_rows;
+        Ok(())
+    }
+
+    /// Fingerprint of every device address a captured graph bakes in besides the private
+    /// workspace: weights, KV cache (public fields a caller could replace) and the model
+    /// constants that become kernel parameters.
+    fn binding(&self) -> u64 {
+        let g = &*self.gpu;
+        let w = &self.weights;
+        let tensors = w
+            .layers
+            .iter()
+            .flat_map(GpuLayer::tensors)
+            .chain([&w.embed, &w.final_norm, &w.lm_head])
+            .chain(self.cache.k.iter())
+            .chain(self.cache.v.iter());
+        let c = &self.cfg;
+        let consts = [
+            self.cache.rows as u64,
+            self.cache.k.len() as u64,
+            (c.norm_eps as f32).to_bits() as u64,
+            (c.rope_theta as f32).to_bits() as u64,
+            (c.n_heads as u64) << 32 | c.n_kv_heads as u64,
+        ];
+        graph::fingerprint(tensors.flat_map(|x| [x.ptr(g), x.len() as u64]).chain(consts))
+    }
+
+    /// Launches the forward of a batch of shape `key` whose index arrays are already in
+    /// `self.index` (eagerly, or into an open capture). Reads nothing else of the batch.
+    fn run(&mut self, key: &ShapeKey) -> Result<()> {
         let gpu = self.gpu.clone();
         let g = &*gpu;
         let cfg = &self.cfg;
-        let t = b.rows();
+        let (t, r) = (key.rows, key.logit_rows);
         let eps = cfg.norm_eps as f32;
         let mode = RopeMode::for_arch(cfg.arch);
-        let max_rows = b.seqs.iter().map(|s| s.row_count as usize).max().unwrap_or(0);
-        let gv = self.gemm_variant;
+        let gv = key.gemm;
+        let idx = IndexViews::new(g, &self.index, &IndexLayout::new(t, key.seqs, r))?;
         let ws = &mut self.ws;
         let prof = &mut self.profiler;
         // Records the end of an op when profiling (one event record; nothing otherwise).
@@ -318,21 +389,23 @@ impl GpuModel {
         if let Some(p) = prof.as_mut() {
             p.begin(g)?;
         }
-        ops::embed::gather_rows(g, t, &ws.tokens, &self.weights.embed, &mut ws.x)?;
+        ops::embed::gather_rows(g, t, &idx.tokens, &self.weights.embed, &mut ws.x)?;
         mark!("embed");
         for (li, l) in self.weights.layers.iter().enumerate() {
+            // Host-side range per layer for nsys / ncu (eager forwards; a replayed graph has none).
+            let _nvtx = crate::gpu::nvtx::range(c"layer");
             // The previous layer's down projection (in `o`) joins the residual here.
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            ops::gemm::linear(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, &mut ws.gemm_scratch)?;
+            ops::gemm::linear(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
             mark!("gemm_qkv");
             ops::rope::rope_kv_store(
                 g,
                 t,
                 &mut ws.qkv,
-                &ws.positions,
-                &ws.cache_rows,
+                &idx.positions,
+                &idx.cache_rows,
                 &mut self.cache.k[li],
                 &mut self.cache.v[li],
                 cfg.n_heads,
@@ -343,13 +416,13 @@ impl GpuModel {
             mark!("rope_kv_store");
             ops::attention::attention(
                 g,
-                self.attn_variant,
+                key.attn,
                 t,
                 &ws.qkv,
                 cfg.qkv_dim(),
-                &ws.seqs,
-                b.seqs.len(),
-                max_rows,
+                &idx.spans,
+                key.seqs,
+                key.max_rows,
                 &self.cache.k[li],
                 &self.cache.v[li],
                 cfg.n_heads,
@@ -357,39 +430,75 @@ impl GpuModel {
                 &mut ws.att,
             )?;
             mark!("attention");
-            ops::gemm::linear(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, &mut ws.gemm_scratch)?;
+            ops::gemm::linear(g, gv, t, &ws.att, &l.wo, None, &mut ws.o)?;
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu, &mut ws.gemm_scratch)?;
+            ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
             mark!("gemm_gate_up");
-            ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
-            mark!("swiglu");
-            ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o, &mut ws.gemm_scratch)?;
-            mark!("gemm_down");
+            // SwiGLU feeds the down projection: fused into its X staging on the skinny path.
+            if gv.resolve(t, cfg.ffn) == GemmVariant::Skinny {
+                ops::gemm::linear_swiglu(g, gv, t, &ws.gu, &mut ws.act, &l.w_down, &mut ws.o)?;
+                mark!("gemm_down+swiglu");
+            } else {
+                ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+                mark!("swiglu");
+                ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+                mark!("gemm_down");
+            }
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
         mark!("add_rmsnorm");
-        let r = b.logit_rows.len();
-        let identity = r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x);
-        if identity {
-            ops::gemm::linear(g, gv, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits, &mut ws.gemm_scratch)?;
+        if key.identity {
+            ops::gemm::linear(g, gv, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits)?;
         } else {
-            ops::embed::gather_rows(g, r, &ws.logit_rows, &ws.h, &mut ws.sel)?;
+            ops::embed::gather_rows(g, r, &idx.logit_rows, &ws.h, &mut ws.sel)?;
             mark!("gather_logit_rows");
-            ops::gemm::linear(g, gv, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits, &mut ws.gemm_scratch)?;
+            ops::gemm::linear(g, gv, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits)?;
         }
         mark!("gemm_lm_head");
         if let Some(p) = prof.as_mut() {
             p.end()?;
         }
-        self.last_logit_rows = r;
         Ok(())
+    }
+
+    /// Turns CUDA graph replay of repeated batch shapes on or off (default on; the environment
+    /// variable `DEMASK_GRAPHS=0` starts a model with it off). Graphs already captured are kept
+    /// while off and used again when turned back on.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+    }
+
+    pub fn graphs_enabled(&self) -> bool {
+        self.graphs_on
+    }
+
+    /// (captures, replays, eager forwards) since the model was built.
+    pub fn graph_stats(&self) -> (u64, u64, u64) {
+        let s = self.graphs.stats();
+        (s.captures, s.replays, s.eager)
+    }
+
+    /// Every graph counter, failed captures included.
+    pub fn graph_counters(&self) -> GraphStats {
+        self.graphs.stats()
+    }
+
+    /// Why the last failed capture failed (its shape then runs eagerly).
+    pub fn graph_failure(&self) -> Option<&str> {
+        self.graphs.last_failure()
+    }
+
+    /// Drops every captured graph (shapes start over at eager).
+    pub fn clear_graphs(&mut self) {
+        self.graphs.clear();
     }
 
     /// Turns per-op event timing on (every forward then ends with a host sync) or off.
     pub fn enable_profiling(&mut self, on: bool) -> Result<()> {
-        self.profiler = if on { Some(crate::gpu::profile::OpProfiler::new(&self.gpu, 16 * self.cfg.n_layers + 8)?) } else { None };
+        self.profiler =
+            if on { Some(crate::gpu::profile::OpProfiler::new(&self.gpu, 16 * self.cfg.n_layers + 8)?) } else { None };
         Ok(())
     }
 

@@ -46,7 +46,10 @@ struct Problem {
     bias_f: Vec<f32>,
     /// x[0..MAX_T] · wᵀ without bias, [MAX_T, n].
     want: Vec<f32>,
-    scratch: DTensor<f32>,
+    /// `Some(s)`: `check` runs the skinny kernel with exactly s k-splits instead of `linear`.
+    splits: Option<usize>,
+    /// With `splits`: the 128-column-stage kernels.
+    k128: bool,
 }
 
 impl Problem {
@@ -72,7 +75,6 @@ impl Problem {
                     .copy_from_slice(&yp[r * (c1 - c0)..(r + 1) * (c1 - c0)]);
             }
         }
-        let scratch_len = gemm::skinny_scratch_len(MAX_T, n, k).max(1);
         Problem {
             n,
             k,
@@ -81,7 +83,8 @@ impl Problem {
             bias: gpu.upload(&bb, &[n]).unwrap(),
             bias_f,
             want,
-            scratch: gpu.alloc::<f32>(&[scratch_len]).unwrap(),
+            splits: None,
+            k128: false,
         }
     }
 
@@ -100,31 +103,23 @@ impl Problem {
         let b = bias.then_some(&self.bias);
         let got: Vec<f32> = if f32_out {
             let mut y = gpu.upload(&vec![f32::NAN; rows * n], &[rows, n]).unwrap();
-            gemm::linear(
-                gpu,
-                variant,
-                t,
-                &self.x,
-                &self.w,
-                b,
-                &mut y,
-                &mut self.scratch,
-            )
-            .unwrap();
+            match self.splits {
+                Some(s) => {
+                    let cfg = SkinnyConfig { splits: Some(s), k128: self.k128 };
+                    gemm::skinny_linear(gpu, &cfg, t, &self.x, &self.w, b, &mut y).unwrap()
+                }
+                None => gemm::linear(gpu, variant, t, &self.x, &self.w, b, &mut y).unwrap(),
+            }
             y.to_host(gpu).unwrap()
         } else {
             let mut y = gpu.upload(&vec![bf16::NAN; rows * n], &[rows, n]).unwrap();
-            gemm::linear(
-                gpu,
-                variant,
-                t,
-                &self.x,
-                &self.w,
-                b,
-                &mut y,
-                &mut self.scratch,
-            )
-            .unwrap();
+            match self.splits {
+                Some(s) => {
+                    let cfg = SkinnyConfig { splits: Some(s), k128: self.k128 };
+                    gemm::skinny_linear(gpu, &cfg, t, &self.x, &self.w, b, &mut y).unwrap()
+                }
+                None => gemm::linear(gpu, variant, t, &self.x, &self.w, b, &mut y).unwrap(),
+            }
             y.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
         };
         let (atol, rtol) = if f32_out { (2e-3, 1e-3) } else { (4e-3, 8e-3) };
@@ -177,12 +172,76 @@ fn skinny_awkward_shapes() {
         (129, 520),
         (33, 1032),
         (1, 4096),
+        (129, 4104),
     ]
     .iter()
     .enumerate()
     {
         let mut p = Problem::new(&gpu, n, k, 100 + i as u64);
         p.check_all_t(&gpu, false);
+    }
+}
+
+#[test]
+fn skinny_every_split_count() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !clusters(&gpu) {
+        eprintln!("skipping split-K sweep: no thread-block clusters on this device");
+        return;
+    }
+    // Each split count 1..=8 (one cluster of that many blocks per 128-row slab), with an n tail
+    // and a k range whose last split is short.
+    let mut p = Problem::new(&gpu, 300, 4104, 140);
+    for s in 1..=gemm::MAX_SPLITS {
+        p.splits = Some(s);
+        p.k128 = s % 2 == 1;
+        for t in [1, 19, 32, 64] {
+            p.check(&gpu, GemmVariant::Skinny, t, s % 2 == 0, s % 3 == 0);
+        }
+    }
+}
+
+/// The fused SwiGLU-input kernels equal `ops::swiglu` followed by the plain skinny kernel bit for
+/// bit (same activation expression, same GEMM), at the LLaDA / Dream down shapes and an awkward
+/// one; and `linear_swiglu` with cuBLASLt stays within GEMM tolerance of the same.
+#[test]
+fn skinny_swiglu_input_is_exact() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for (i, &(n, k)) in [(4096, 12288), (3584, 18944), (300, 136)].iter().enumerate() {
+        let mut gu = gpu.alloc::<bf16>(&[MAX_T, 2 * k]).unwrap();
+        fill_normal(&gpu, &mut gu, 900 + i as u64, 0.0, 1.5).unwrap();
+        let mut w = gpu.alloc::<bf16>(&[n, k]).unwrap();
+        fill_normal(&gpu, &mut w, 910 + i as u64, 0.0, 1.0 / (k as f32).sqrt()).unwrap();
+        let mut act = gpu.alloc::<bf16>(&[MAX_T, k]).unwrap();
+        for t in [1, 19, 32, 64] {
+            let cfg = SkinnyConfig::default();
+            demask::ops::swiglu::swiglu(&gpu, t, &gu, &mut act).unwrap();
+            let mut two = gpu.upload(&vec![f32::NAN; t * n], &[t, n]).unwrap();
+            gemm::skinny_linear(&gpu, &cfg, t, &act, &w, None, &mut two).unwrap();
+            let mut fused = gpu.upload(&vec![f32::NAN; t * n], &[t, n]).unwrap();
+            gemm::skinny_linear_swiglu(&gpu, &cfg, t, &gu, &w, &mut fused).unwrap();
+            let (a, b) = (two.to_host(&gpu).unwrap(), fused.to_host(&gpu).unwrap());
+            let diff: Vec<_> = a
+                .iter()
+                .zip(&b)
+                .enumerate()
+                .filter(|(_, (x, y))| x.to_bits() != y.to_bits())
+                .take(5)
+                .map(|(j, (x, y))| (j, *x, *y))
+                .collect();
+            assert!(diff.is_empty(), "{n}x{k} t={t}: fused != swiglu + skinny, first (index, two-step, fused) {diff:?}");
+            assert!(a.iter().all(|v| v.is_finite()), "{n}x{k} t={t}: unwritten outputs");
+            // The public entry: skinny fused, and the cuBLASLt fallback through `act`.
+            let mut y = gpu.upload(&vec![f32::NAN; t * n], &[t, n]).unwrap();
+            gemm::linear_swiglu(&gpu, GemmVariant::Skinny, t, &gu, &mut act, &w, &mut y).unwrap();
+            assert_eq!(y.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            gemm::linear_swiglu(&gpu, GemmVariant::Cublaslt, t, &gu, &mut act, &w, &mut y).unwrap();
+            let c = y.to_host(&gpu).unwrap();
+            let bad = c.iter().zip(&a).filter(|(x, y)| !((*x - *y).abs() <= 2e-3 + 2e-3 * y.abs())).count();
+            assert_eq!(bad, 0, "{n}x{k} t={t}: cuBLASLt path differs from the skinny one beyond f32 accumulation order");
+        }
     }
 }
 
@@ -279,16 +338,17 @@ fn skinny_rejects_bad_shapes() {
         .upload(&vec![bf16::from_f32(0.25); 16 * 64], &[16, 64])
         .unwrap();
     let mut y = gpu.alloc::<bf16>(&[80, 16]).unwrap();
-    let mut s = gpu.alloc::<f32>(&[1]).unwrap();
-    let sk = GemmVariant::Skinny;
+    let sk = SkinnyConfig::default();
     let too_many = SKINNY_ROW_LIMIT + 1;
     assert!(
-        gemm::linear(&gpu, sk, too_many, &x, &w, None, &mut y, &mut s).is_err(),
+        gemm::skinny_linear(&gpu, &sk, too_many, &x, &w, None, &mut y).is_err(),
         "t > 64 must be refused"
     );
+    // The `skinny` variant hands what the kernel cannot take to cuBLASLt instead.
+    assert!(gemm::linear(&gpu, GemmVariant::Skinny, too_many, &x, &w, None, &mut y).is_ok());
     let bias = gpu.upload(&[bf16::from_f32(1.0); 15], &[15]).unwrap();
     assert!(
-        gemm::linear(&gpu, sk, 4, &x, &w, Some(&bias), &mut y, &mut s).is_err(),
+        gemm::skinny_linear(&gpu, &sk, 4, &x, &w, Some(&bias), &mut y).is_err(),
         "bias of 15 for n = 16"
     );
     let w_odd = gpu
@@ -298,21 +358,21 @@ fn skinny_rejects_bad_shapes() {
         .upload(&vec![bf16::from_f32(0.5); 4 * 60], &[4, 60])
         .unwrap();
     assert!(
-        gemm::linear(&gpu, sk, 4, &x_odd, &w_odd, None, &mut y, &mut s).is_err(),
+        gemm::skinny_linear(&gpu, &sk, 4, &x_odd, &w_odd, None, &mut y).is_err(),
         "k % 8 != 0"
     );
     let mut y_short = gpu.alloc::<bf16>(&[3, 16]).unwrap();
     assert!(
-        gemm::linear(&gpu, sk, 4, &x, &w, None, &mut y_short, &mut s).is_err(),
+        gemm::skinny_linear(&gpu, &sk, 4, &x, &w, None, &mut y_short).is_err(),
         "y has 3 rows for t = 4"
     );
     let mut y_wide = gpu.alloc::<f32>(&[4, 17]).unwrap();
     assert!(
-        gemm::linear(&gpu, sk, 4, &x, &w, None, &mut y_wide, &mut s).is_err(),
+        gemm::skinny_linear(&gpu, &sk, 4, &x, &w, None, &mut y_wide).is_err(),
         "y rows of 17 for n = 16"
     );
     assert!(
-        gemm::linear(&gpu, sk, 0, &x, &w, None, &mut y, &mut s).is_ok(),
+        gemm::skinny_linear(&gpu, &sk, 0, &x, &w, None, &mut y).is_ok(),
         "t = 0 is a no-op"
     );
 }
@@ -347,7 +407,6 @@ struct Bench {
     ws: Vec<DTensor<bf16>>,
     x: DTensor<bf16>,
     bias: DTensor<bf16>,
-    scratch: DTensor<f32>,
 }
 
 impl Bench {
@@ -363,14 +422,10 @@ impl Bench {
         fill_normal(gpu, &mut x, 710, 0.0, 1.0).unwrap();
         let mut bias = gpu.alloc::<bf16>(&[n]).unwrap();
         fill_normal(gpu, &mut bias, 711, 0.0, 0.5).unwrap();
-        let scratch = gpu
-            .alloc::<f32>(&[gemm::skinny_scratch_len(MAX_T, n, k).max(1)])
-            .unwrap();
         Bench {
             ws,
             x,
             bias,
-            scratch,
         }
     }
 
@@ -386,13 +441,12 @@ impl Bench {
             ws,
             x,
             bias: b,
-            scratch,
         } = self;
         let b = bias.then_some(&*b);
         time_us(gpu, |i| {
             let w = &ws[i % 3];
             match &how {
-                Some(cfg) => gemm::skinny_linear(gpu, cfg, t, x, w, b, y, scratch).unwrap(),
+                Some(cfg) => gemm::skinny_linear(gpu, cfg, t, x, w, b, y).unwrap(),
                 None => demask::gpu::gemm::linear(gpu, t, x, w, b, y).unwrap(),
             }
         })
@@ -431,7 +485,7 @@ fn skinny_vs_cublaslt_timing() {
         let gb = (n * k * 2) as f64 / 1e3; // bytes / µs / 1e3 = GB/s
         for &t in &[1, 16, 32, 64] {
             let cfg = SkinnyConfig::default();
-            let plan = gemm::skinny_plan(&cfg, gpu.sm_count, t, n, k, bench.scratch.len());
+            let plan = gemm::skinny_plan(&cfg, gpu.sm_count, clusters(&gpu), n, k);
             let (sk, cb) = if f32_out {
                 (
                     bench.time(&gpu, &mut y32, t, bias, Some(cfg)),
@@ -454,11 +508,16 @@ fn skinny_vs_cublaslt_timing() {
     }
 }
 
+/// Whether the device runs thread-block clusters (the skinny kernel's split-K).
+fn clusters(gpu: &Gpu) -> bool {
+    demask::ops::attention::split_kv_supported(gpu).unwrap()
+}
+
 #[test]
 fn skinny_launch_shape_sweep() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
-    println!("skinny sweep: µs (median of 20, W rotated over 3 buffers) per (warps, splits); '*' = default plan");
+    println!("skinny sweep: µs (median of 20, W rotated over 3 buffers) per split count; '*' = default plan");
     let shapes = [
         ("llada qkv", 3 * 4096, 4096),
         ("llada o", 4096, 4096),
@@ -467,32 +526,24 @@ fn skinny_launch_shape_sweep() {
         ("dream qkv", 4608, 3584),
         ("dream down", 3584, 18944),
     ];
+    let cl = clusters(&gpu);
     for &(name, n, k) in &shapes {
         let mut bench = Bench::new(&gpu, n, k);
         let mut y = gpu.alloc::<bf16>(&[MAX_T, n]).unwrap();
         for &t in &[1, 32, 64] {
-            let def = gemm::skinny_plan(
-                &SkinnyConfig::default(),
-                gpu.sm_count,
-                t,
-                n,
-                k,
-                bench.scratch.len(),
-            );
+            let def = gemm::skinny_plan(&SkinnyConfig::default(), gpu.sm_count, cl, n, k);
             let mut line = format!("{name:<14} t={t:<2}");
-            for warps in [4u32, 8] {
-                for splits in [1usize, 2, 3, 4, 6, 8, 12, 16] {
-                    let cfg = SkinnyConfig {
-                        warps,
-                        splits: Some(splits),
-                    };
-                    let plan = gemm::skinny_plan(&cfg, gpu.sm_count, t, n, k, bench.scratch.len());
+            for k128 in [false, true] {
+                for splits in 1..=gemm::MAX_SPLITS {
+                    let cfg = SkinnyConfig { splits: Some(splits), k128 };
+                    let plan = gemm::skinny_plan(&cfg, gpu.sm_count, cl, n, k);
                     if plan.splits != splits {
-                        continue; // clamped (scratch or k): same as another entry
+                        continue; // clamped (k or no clusters): same as another entry
                     }
                     let us = bench.time(&gpu, &mut y, t, false, Some(cfg));
-                    let mark = if plan == def { "*" } else { "" };
-                    line += &format!("  w{warps}s{splits}{mark}={us:.1}");
+                    let mark = if plan == def && !k128 { "*" } else { "" };
+                    let tag = if k128 { "K" } else { "s" };
+                    line += &format!(" {tag}{splits}{mark}={us:.1}");
                 }
             }
             println!("{line}");

@@ -115,7 +115,8 @@ cat >"$pack/run.sh" <<'RUN'
 # gpu-logs/*.json — point `bench --json` there — and the regenerated fixtures), since the
 # machine that fetches $OUT limits the file count.
 # Knobs: DEMASK_TEST_TIMEOUT (s per binary, 600), DEMASK_TEST_ARGS (passed to every test
-# binary, e.g. "--test-threads=1" or a name filter), RUN_BENCHES=0 to skip criterion,
+# binary, e.g. "--nocapture" or a name filter; tests always run one at a time, since they share
+# one GPU stream and a CUDA-graph capture would record another test's launches), RUN_BENCHES=0 to skip criterion,
 # CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 2"), DEMASK_BENCH_TIMEOUT (600).
 set -uo pipefail
 pack="$(cd "$(dirname "$0")" && pwd)"
@@ -148,7 +149,7 @@ run_tests() {
   shift 2
   echo "== test $name"
   # shellcheck disable=SC2086
-  env "$@" timeout "${DEMASK_TEST_TIMEOUT:-600}" "$bin" ${DEMASK_TEST_ARGS:-} >"$log" 2>&1
+  env "$@" timeout "${DEMASK_TEST_TIMEOUT:-600}" "$bin" --test-threads=1 ${DEMASK_TEST_ARGS:-} >"$log" 2>&1
   rc=$?
   local p f i
   p=$(sed -n 's/^test result:.* \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')

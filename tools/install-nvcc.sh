@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install the pinned CUDA 13.0 compiler (nvcc + nvvm + crt + cudart headers + cccl) from PyPI
-# wheels into a project-local folder, for machines without a CUDA toolkit (CI, laptops).
+# Install the pinned CUDA 13.0 compiler (nvcc + nvvm + crt + cudart headers + cccl) and the
+# header-only NVTX v3 (include/nvtx3, for build.rs's NVTX shim) from PyPI wheels into a
+# project-local folder, for machines without a CUDA toolkit (CI, laptops).
 # Idempotent: a second run with the same pins returns at once.
 # Pins (DESIGN.md §7): newer nvvm emits PTX that the 13.0 ptxas and the 580 driver refuse,
-# so the five wheels move together.
+# so the five compiler wheels move together. nvidia-nvtx is headers only (plus a small interop
+# library nothing links); it stays on the 13.0 line with them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 prefix="${DEMASK_NVCC_PREFIX:-$here/.cuda}"
@@ -13,9 +15,11 @@ pins=(
   nvidia-cuda-crt==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-cccl==13.0.85
+  nvidia-nvtx==13.0.85
 )
 stamp="$prefix/.pins"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" && -x "$prefix/bin/nvcc" ]]; then
+if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" && -x "$prefix/bin/nvcc" &&
+      -f "$prefix/include/nvtx3/nvToolsExt.h" ]]; then
   echo "nvcc already installed: $prefix/bin/nvcc"
   exit 0
 fi
@@ -38,5 +42,6 @@ done
 [[ -e "$prefix/lib64" ]] || ln -s lib "$prefix/lib64"
 chmod +x "$prefix"/bin/* "$prefix"/nvvm/bin/* 2>/dev/null || true
 "$prefix/bin/nvcc" --version | tail -n 2
+[[ -f "$prefix/include/nvtx3/nvToolsExt.h" ]] || { echo "install-nvcc: nvtx3 headers missing" >&2; exit 1; }
 echo "${pins[*]}" > "$stamp"
 echo "nvcc installed: $prefix/bin/nvcc (build.rs finds it; or export NVCC=$prefix/bin/nvcc)"

@@ -7,6 +7,10 @@
 //! (canvas_stride = the model's max_seq_len). The stepper only writes committed slots; callers
 //! that keep their canvas on the device load it with [`GpuStepper::load_canvas`].
 //! Every buffer is allocated in `new`; a step allocates nothing on the device.
+//!
+//! When a step's batch shape repeats (dual cache inside a block, `none` every step), the
+//! forward replays one CUDA graph (see `model.rs`, `gpu::graph`); confidence and commit stay
+//! eager launches after it, since their slot counts change from step to step.
 use std::sync::Arc;
 
 use crate::batch::RowBatch;
@@ -57,8 +61,11 @@ impl GpuStepper {
         let g = &*gpu;
         let mut canvas = g.alloc::<u32>(&[cap.seqs, canvas_stride])?;
         g.stream.memset_zeros(&mut canvas.buf).map_err(drv("cuMemsetD8"))?;
+        let mut conf_ws = ConfidenceWs::new(g, max_slots)?;
+        // The mask token is never a candidate (its logit reads as MASK_LOGIT, as on the CPU).
+        conf_ws.set_exclude_token(Some(model.cfg.mask_id));
         Ok(GpuStepper {
-            conf_ws: ConfidenceWs::new(g, max_slots)?,
+            conf_ws,
             commit_ws: CommitWs::new(g, cap.seqs, max_slots)?,
             slot_tokens: g.alloc(&[max_slots])?,
             slot_conf: g.alloc(&[max_slots])?,
@@ -178,11 +185,7 @@ impl GpuStepper {
         self.stage(batch, work)?;
         self.model.forward(batch)?;
         let gpu = self.model.gpu.clone();
-        let mask = self.model.cfg.mask_id as usize;
-        {
-            let (logits, rows) = self.model.logits_mut();
-            crate::ops::confidence::set_column(&gpu, logits, rows, mask, crate::decode::cpu::MASK_LOGIT)?;
-        }
+        // The mask token is never a candidate: `conf_ws` excludes its column (see `with_weights`).
         let (logits, rows) = self.model.logits();
         confidence(
             &gpu,

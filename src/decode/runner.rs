@@ -296,6 +296,9 @@ pub fn step_batch(
     batch_step: u32,
     mut callback: Option<&mut dyn FnMut(&StepEvent)>,
 ) -> Result<()> {
+    // One NVTX range per decode step (nsys / ncu); closes on every return path.
+    #[cfg(feature = "cuda")]
+    let _nvtx = crate::gpu::nvtx::range(c"step");
     if index.len() != seqs.len() {
         return Err(Error::bad_input(format!("step: {} event indices for {} sequences", index.len(), seqs.len())));
     }

@@ -46,7 +46,7 @@ struct Plan {
 }
 
 /// Heuristic candidates timed at a shape's first call (`DEMASK_GEMM_TUNE=0` keeps the first).
-const TUNE_CANDIDATES: usize = 8;
+const TUNE_CANDIDATES: usize = 16;
 
 pub struct Blas {
     handle: sys::cublasLtHandle_t,

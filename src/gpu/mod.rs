@@ -2,6 +2,9 @@
 //! that build.rs embedded, typed device tensors, events. Everything here sits behind the
 //! `cuda` feature; a machine without libcuda gets `Error::NoCuda`, never a panic.
 pub mod gemm;
+pub mod graph;
+pub mod launch;
+pub mod nvtx;
 pub mod profile;
 pub mod tensor;
 
@@ -36,6 +39,9 @@ pub struct Gpu {
     pub ordinal: usize,
     /// `DEMASK_SYNC_LAUNCHES=1`: synchronise after every launch so a fault names its kernel.
     pub sync_launches: bool,
+    /// Programmatic dependent launch for kernels launched with it (sm_90+; `DEMASK_PDL=0` or
+    /// `DEMASK_SYNC_LAUNCHES=1` turn it off): a kernel's prologue overlaps its predecessor.
+    pub pdl: bool,
 }
 
 /// Whether libcuda can be loaded here (checked without panicking).
@@ -73,7 +79,10 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(drv("cuCtxCreate"))?;
         // SAFETY: demask runs every op on one stream, so cross-stream event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own (non-blocking): the legacy default stream cannot be captured into
+        // a CUDA graph. One stream serves every op, so a `Gpu` is driven by one thread at a time
+        // (a capture would otherwise record another thread's launches).
+        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let mut modules = HashMap::new();
         for (name, image) in embedded::FATBINS {
             let m = ctx
@@ -85,6 +94,11 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("cuDeviceGetAttribute"))? as usize;
+        let major = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(drv("cuDeviceGetAttribute"))?;
+        let sync_launches = std::env::var("DEMASK_SYNC_LAUNCHES").is_ok_and(|v| v == "1");
+        let pdl = major >= 9 && !sync_launches && std::env::var("DEMASK_PDL").map_or(true, |v| v != "0");
         let blas = gemm::Blas::new(stream.clone())?;
         Ok(Arc::new(Gpu {
             ctx,
@@ -95,7 +109,8 @@ impl Gpu {
             name,
             sm_count,
             ordinal,
-            sync_launches: std::env::var("DEMASK_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
+            sync_launches,
+            pdl,
         }))
     }
 

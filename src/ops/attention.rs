@@ -3,11 +3,12 @@
 //! head_dim 128, bf16 in/out with f32 accumulation. Two variants selectable by name.
 use std::str::FromStr;
 
-use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
+
 use half::bf16;
 
 use crate::config::HEAD_DIM;
 use crate::error::{Error, Result};
+use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{drv, DTensor, Gpu};
 
 /// Which kernel computes attention.
@@ -266,37 +267,27 @@ pub fn attention_forced(
         Some(FlashPath::SplitKv) => ("attention_split_bf16", FA_SPLIT, 128),
         Some(_) => ("attention_bf16", 1, 128),
     };
-    let f = gpu.func("attention", symbol)?;
-    let cfg = match path {
-        None => LaunchConfig {
-            grid_dim: (max_rows as u32, n_seqs as u32, n_heads.div_ceil(4) as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+    let lc = match path {
+        None => LaunchEx {
+            grid: (max_rows as u32, n_seqs as u32, n_heads.div_ceil(4) as u32),
+            block: (128, 1, 1),
+            smem: 0,
+            cluster: None,
+            pdl: true,
         },
-        Some(_) => {
-            let smem = 5 * FA_TILE_BYTES;
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(drv(symbol))?;
-            LaunchConfig {
-                grid_dim: (
-                    (m_tiles * per_tile) as u32,
-                    n_seqs as u32,
-                    n_kv_heads as u32,
-                ),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: smem as u32,
-            }
-        }
+        Some(_) => LaunchEx {
+            grid: ((m_tiles * per_tile) as u32, n_seqs as u32, n_kv_heads as u32),
+            block: (threads, 1, 1),
+            smem: (5 * FA_TILE_BYTES) as u32,
+            // attention_split_bf16 carries its cluster shape in the binary (__cluster_dims__).
+            cluster: None,
+            pdl: true,
+        },
     };
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
     // SAFETY: `params` mirrors the kernel's AttnParams; q, out and the caches were checked to
-    // hold the rows and widths the kernel indexes, given spans within them (RowBatch::validate).
-    unsafe { b.launch(cfg) }.map_err(drv(symbol))?;
-    gpu.after_launch(symbol)
+    // hold the rows and widths the kernel indexes, given spans within them (RowBatch::validate);
+    // every attention kernel waits for its predecessor (pdl_wait) before touching memory.
+    unsafe { launch_ex(gpu, "attention", symbol, lc, &params) }
 }
 
 /// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).

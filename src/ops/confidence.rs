@@ -6,6 +6,8 @@
 //! Use: [`ConfidenceWs::set_slots`] validates and uploads the slot records (do it before the
 //! forward so the copy does not wait on it), then [`confidence`] launches: the cut-off kernel
 //! first when some sampled slot has top-k / top-p, then the main kernel, `splits` blocks per slot.
+//! [`ConfidenceWs::set_exclude_token`] makes both read the mask token's column as `MASK_LOGIT`
+//! (what [`set_column`] would write there first, one launch fewer).
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::decode::policy::ConfKind;
@@ -70,17 +72,19 @@ impl SlotParams {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ConfidenceParams {
-    logits: u64,     // const float*
-    slots: u64,      // const ConfSlot*
-    cut: u64,        // float*
-    partials: u64,   // Partial*
-    counters: u64,   // unsigned*
-    tokens: u64,     // unsigned*
-    conf: u64,       // float*
-    n_slots: i32,    // int
-    vocab: i32,      // int
-    logit_rows: i32, // int
-    splits: i32,     // int
+    logits: u64,        // const float*
+    slots: u64,         // const ConfSlot*
+    cut: u64,           // float*
+    partials: u64,      // Partial*
+    counters: u64,      // unsigned*
+    tokens: u64,        // unsigned*
+    conf: u64,          // float*
+    n_slots: i32,       // int
+    vocab: i32,         // int
+    logit_rows: i32,    // int
+    splits: i32,        // int
+    exclude_token: i32, // int: logit column read as -1e30 (-1 = none)
+    pad: i32,           // int: unused
 }
 
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars).
@@ -99,6 +103,8 @@ pub struct ConfidenceWs {
     vocab: usize,
     max_logit_row: usize,
     any_filtered: bool,
+    /// Logit column the kernels read as `MASK_LOGIT` (see [`ConfidenceWs::set_exclude_token`]).
+    exclude_token: Option<u32>,
     /// Blocks per slot; `None` = chosen from the SM count (see [`splits_for`]).
     pub splits: Option<usize>,
 }
@@ -115,7 +121,9 @@ impl ConfidenceWs {
     pub fn new(gpu: &Gpu, max_slots: usize) -> Result<Self> {
         let m = max_slots.max(1);
         let mut counters = gpu.alloc::<u32>(&[m])?;
-        gpu.stream.memset_zeros(&mut counters.buf).map_err(drv("cuMemsetD8"))?;
+        gpu.stream
+            .memset_zeros(&mut counters.buf)
+            .map_err(drv("cuMemsetD8"))?;
         Ok(ConfidenceWs {
             slots: gpu.alloc(&[m])?,
             cut: gpu.alloc(&[m])?,
@@ -126,6 +134,7 @@ impl ConfidenceWs {
             vocab: 0,
             max_logit_row: 0,
             any_filtered: false,
+            exclude_token: None,
             splits: None,
         })
     }
@@ -162,19 +171,39 @@ impl ConfidenceWs {
                 )));
             }
             if s.temperature.is_nan() || s.top_p.is_nan() || s.top_k < 0 {
-                return Err(Error::bad_input(format!("{OP}: slot {i} has bad sampling {s:?}")));
+                return Err(Error::bad_input(format!(
+                    "{OP}: slot {i} has bad sampling {s:?}"
+                )));
             }
         }
         self.slots.write(gpu, slots)?;
         self.n_slots = slots.len();
         self.vocab = vocab;
-        self.max_logit_row = slots.iter().map(|s| s.logit_row as usize).max().unwrap_or(0);
+        self.max_logit_row = slots
+            .iter()
+            .map(|s| s.logit_row as usize)
+            .max()
+            .unwrap_or(0);
         self.any_filtered = slots.iter().any(|s| s.filtered(vocab));
         Ok(())
     }
 
     pub fn n_slots(&self) -> usize {
         self.n_slots
+    }
+
+    /// Makes both kernels read logit column `token` (the mask token) as
+    /// [`MASK_LOGIT`](crate::decode::cpu::MASK_LOGIT), so it is never a candidate: the same
+    /// results, bit for bit, as `set_column(logits, rows, token, MASK_LOGIT)` before
+    /// [`confidence`], without the launch and without writing the logits. `None` (the
+    /// default) reads every column as it is. Stays in force until changed; `confidence`
+    /// refuses a token that is not below the vocabulary size.
+    pub fn set_exclude_token(&mut self, token: Option<u32>) {
+        self.exclude_token = token;
+    }
+
+    pub fn exclude_token(&self) -> Option<u32> {
+        self.exclude_token
     }
 }
 
@@ -207,6 +236,15 @@ pub fn confidence(
     if conf.len() < n {
         return Err(Error::shape(OP, "conf", &[n], &conf.dims));
     }
+    let exclude_token = match ws.exclude_token {
+        None => -1,
+        Some(t) if (t as usize) < vocab => t as i32,
+        Some(t) => {
+            return Err(Error::bad_input(format!(
+                "{OP}: excluded token {t} is not below the vocabulary size {vocab}"
+            )))
+        }
+    };
     if n > 65535 {
         return Err(Error::bad_input(format!(
             "{OP}: {n} slots exceed the grid limit of 65535"
@@ -228,6 +266,8 @@ pub fn confidence(
         vocab: vocab as i32,
         logit_rows: logit_rows as i32,
         splits: splits as i32,
+        exclude_token,
+        pad: 0,
     };
     if ws.any_filtered {
         let cfg = LaunchConfig {
@@ -258,6 +298,47 @@ pub fn confidence(
     gpu.after_launch("confidence_f32")
 }
 
+/// `logits[r, col] = value` for the first `rows` rows (`set_column_f32`): excludes the mask
+/// token from candidates before `confidence` runs.
+pub fn set_column(
+    gpu: &Gpu,
+    logits: &mut DTensor<f32>,
+    rows: usize,
+    col: usize,
+    value: f32,
+) -> Result<()> {
+    let vocab = logits.row_len();
+    if col >= vocab || rows > logits.rows() {
+        return Err(Error::shape(
+            "set_column",
+            "logits",
+            &[rows, col + 1],
+            &logits.dims,
+        ));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.func("confidence", "set_column_f32")?;
+    let ptr = logits.ptr_mut(gpu);
+    let (rows_i, vocab_i, col_i) = (rows as i32, vocab as i32, col as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    // C signature: (float* logits, int rows, int vocab, int col, float value).
+    b.arg(&ptr)
+        .arg(&rows_i)
+        .arg(&vocab_i)
+        .arg(&col_i)
+        .arg(&value);
+    // SAFETY: the pointer is a live DTensor of at least rows × vocab f32 (checked above).
+    unsafe { b.launch(cfg) }.map_err(drv("set_column_f32"))?;
+    gpu.after_launch("set_column_f32")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +346,14 @@ mod tests {
     #[test]
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<SlotParams>(), 48);
-        assert_eq!(std::mem::size_of::<ConfidenceParams>(), 72);
+        // 7 pointers + 6 ints (exclude_token and pad included), as the C struct.
+        assert_eq!(std::mem::size_of::<ConfidenceParams>(), 80);
+        assert_eq!(std::mem::align_of::<ConfidenceParams>(), 8);
+        assert_eq!(
+            crate::decode::cpu::MASK_LOGIT.to_bits(),
+            (-1e30f32).to_bits(),
+            "CONF_MASK_LOGIT in kernels/confidence.cu"
+        );
     }
 
     #[test]
@@ -317,29 +405,4 @@ mod tests {
         assert_eq!(splits_for(132, 1000, 126464), 1);
         assert_eq!(splits_for(132, 4, 513), 1);
     }
-}
-
-/// `logits[r, col] = value` for the first `rows` rows (`set_column_f32`): excludes the mask
-/// token from candidates before `confidence` runs.
-pub fn set_column(gpu: &Gpu, logits: &mut DTensor<f32>, rows: usize, col: usize, value: f32) -> Result<()> {
-    let vocab = logits.row_len();
-    if col >= vocab || rows > logits.rows() {
-        return Err(Error::shape("set_column", "logits", &[rows, col + 1], &logits.dims));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let f = gpu.func("confidence", "set_column_f32")?;
-    let ptr = logits.ptr_mut(gpu);
-    let (rows_i, vocab_i, col_i) = (rows as i32, vocab as i32, col as i32);
-    let cfg = LaunchConfig { grid_dim: ((rows as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&ptr) // float* logits
-        .arg(&rows_i) // int rows
-        .arg(&vocab_i) // int vocab
-        .arg(&col_i) // int col
-        .arg(&value); // float value
-    // SAFETY: the pointer is a live DTensor of at least rows × vocab f32 (checked above).
-    unsafe { b.launch(cfg) }.map_err(drv("set_column_f32"))?;
-    gpu.after_launch("set_column_f32")
 }

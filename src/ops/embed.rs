@@ -1,10 +1,11 @@
 //! `embed_bf16` (kernels/embed.cu): row gather `out[r, :] = table[ids[r], :]`, for the token
 //! embedding and for gathering the rows that go through the LM head.
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+
 use half::bf16;
 
 use crate::error::{Error, Result};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
 
 const OP: &str = "gather_rows";
 const THREADS: u32 = 256;
@@ -63,16 +64,15 @@ pub fn gather_rows(
         table_rows: table.rows() as i32,
     };
     let vecs = (n * row_len / 8) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (vecs.div_ceil(THREADS), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let lc = LaunchEx {
+        grid: (vecs.div_ceil(THREADS), 1, 1),
+        block: (THREADS, 1, 1),
+        smem: 0,
+        cluster: None,
+        pdl: true,
     };
-    let f = gpu.func("embed", "embed_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
     // SAFETY: params mirror EmbedParams; ids holds >= n entries, out >= n rows of row_len,
-    // table is [table_rows, row_len] (checked above); the kernel traps on an id >= table_rows.
-    unsafe { b.launch(cfg) }.map_err(drv("embed_bf16"))?;
-    gpu.after_launch("embed_bf16")
+    // table is [table_rows, row_len] (checked above); the kernel traps on an id >= table_rows
+    // and waits for its predecessor (pdl_wait) before touching memory.
+    unsafe { launch_ex(gpu, "embed", "embed_bf16", lc, &params) }
 }

@@ -2,17 +2,18 @@
 //! cuBLASLt (`crate::gpu::gemm`) or the hand-written skinny GEMM of `kernels/gemm_skinny.cu`
 //! (t ≤ 64 rows, memory-bound decode steps), and the dispatch between them ([`GemmVariant`]).
 //!
-//! The skinny kernel splits W into row slabs of `warps · 32` rows (grid x) and, for narrow
-//! shapes, k into `splits` ranges (grid y) whose f32 partials go to a caller-provided scratch
-//! buffer and are summed in a fixed order by `gemm_skinny_reduce_bf16` (deterministic).
+//! The skinny kernel splits W into row slabs of 128 rows (grid x) and, for narrow shapes, k
+//! into `splits` ranges (grid y) that run as one thread-block cluster per slab and sum their
+//! partials in rank order through distributed shared memory (sm_90+; deterministic, one
+//! launch, no scratch). Without clusters (sm_80) it never splits.
 use std::str::FromStr;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::gpu::gemm::{GemmOut, OutType};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
 
 const OP: &str = "gemm_skinny";
 
@@ -24,22 +25,16 @@ pub const SKINNY_ROW_LIMIT: usize = 64;
 /// 62.4, LM head 366 vs 407), so the skinny kernel stays a selectable variant until it wins.
 pub const SKINNY_MAX_ROWS: usize = 0;
 
-/// W rows per warp (2 mma m-tiles), as `WROWS` in the kernel.
-const WARP_ROWS: usize = 32;
-/// k columns per pipeline stage; split boundaries are multiples of it (`STAGE_K`).
+/// W rows per block (`BN` in the kernel).
+const BLOCK_ROWS: usize = 128;
+/// k columns per pipeline stage; split boundaries are multiples of it (`BK`).
 const STAGE_K: usize = 64;
-/// Default warps per block.
-const DEFAULT_WARPS: u32 = 4;
-/// Blocks aimed at per SM when choosing the split count (all resident in one wave).
-const TARGET_BLOCKS_PER_SM: usize = 2;
+/// Threads per block (`THREADS`).
+const THREADS: u32 = 256;
 /// Fewest k columns per split.
-const MIN_SPLIT_K: usize = 256;
-/// Most k splits.
-const MAX_SPLITS: usize = 16;
-/// Bound on splits × row slabs (this bounds the scratch: see [`skinny_scratch_len`]).
-const SPLIT_BLOCKS_CAP: usize = 1024;
-/// Largest row slab (8 warps) that the scratch bound must cover.
-const MAX_SLAB_ROWS: usize = 8 * WARP_ROWS;
+const MIN_SPLIT_K: usize = 512;
+/// Most k splits (the portable thread-block cluster size).
+pub const MAX_SPLITS: usize = 8;
 
 /// Which implementation runs a linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,12 +62,16 @@ impl GemmVariant {
         }
     }
 
-    /// The implementation that runs `t` rows of a `[n, k]` weight (never `Auto`).
+    /// The implementation that runs `t` rows of a `[n, k]` weight (never `Auto`). `Skinny`
+    /// applies where the kernel can (t ≤ [`SKINNY_ROW_LIMIT`], k % 8 == 0) and leaves the rest
+    /// (a full-canvas refresh step, say) to cuBLASLt.
     pub fn resolve(self, t: usize, k: usize) -> GemmVariant {
+        let fits = k.is_multiple_of(8);
         match self {
-            GemmVariant::Auto if t <= SKINNY_MAX_ROWS && k.is_multiple_of(8) => GemmVariant::Skinny,
-            GemmVariant::Auto => GemmVariant::Cublaslt,
-            v => v,
+            GemmVariant::Auto if t <= SKINNY_MAX_ROWS && fits => GemmVariant::Skinny,
+            GemmVariant::Skinny if t <= SKINNY_ROW_LIMIT && fits => GemmVariant::Skinny,
+            GemmVariant::Cublaslt => GemmVariant::Cublaslt,
+            _ => GemmVariant::Cublaslt,
         }
     }
 }
@@ -99,8 +98,6 @@ impl std::fmt::Display for GemmVariant {
 
 /// `y[0..t] = x[0..t] · wᵀ (+ bias)` by `variant`. `w` is [n, k] bf16, `x` at least [t, k],
 /// `y` at least [t, n] (bf16 or f32), `bias` [n]; rows of `y` from t on are not written.
-/// `scratch` holds the skinny kernel's split-K partials (see [`skinny_scratch_len`]); cuBLASLt
-/// ignores it.
 #[allow(clippy::too_many_arguments)]
 pub fn linear<Y: GemmOut>(
     gpu: &Gpu,
@@ -110,89 +107,51 @@ pub fn linear<Y: GemmOut>(
     w: &DTensor<bf16>,
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
-    scratch: &mut DTensor<f32>,
 ) -> Result<()> {
     let k = w.dims.get(1).copied().unwrap_or(0);
     match variant.resolve(t, k) {
         GemmVariant::Cublaslt => crate::gpu::gemm::linear(gpu, t, x, w, bias, y),
-        _ => skinny_linear(gpu, &SkinnyConfig::default(), t, x, w, bias, y, scratch),
+        _ => skinny_linear(gpu, &SkinnyConfig::default(), t, x, w, bias, y),
     }
 }
 
-/// f32 elements of scratch that let the skinny kernel use its preferred split count for every
-/// shape with t ≤ `max_t`, n ≤ `max_n`, k ≤ `max_k` (a smaller scratch only lowers the split
-/// count). Zero when no split can happen.
-pub fn skinny_scratch_len(max_t: usize, max_n: usize, max_k: usize) -> usize {
-    let smax = (max_k / MIN_SPLIT_K).clamp(1, MAX_SPLITS);
-    if smax <= 1 {
-        return 0;
-    }
-    max_t.min(SKINNY_ROW_LIMIT) * (max_n * smax).min(SPLIT_BLOCKS_CAP * MAX_SLAB_ROWS)
-}
-
-/// Launch shape of the skinny kernel. `Default` is what [`linear`] uses; the fields are
-/// overrides for tuning sweeps.
-#[derive(Clone, Copy, Debug)]
+/// Launch-shape overrides for tuning sweeps; `Default` is what [`linear`] uses.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SkinnyConfig {
-    /// Warps per block (1..=8); a block owns `warps · 32` W rows.
-    pub warps: u32,
-    /// Number of k splits; `None` picks one from the SM count (always clamped to what the
-    /// scratch holds and to k / 64).
+    /// Number of k splits; `None` picks one from the SM count. Always clamped to
+    /// [`MAX_SPLITS`], to k / 64, and to 1 without thread-block clusters.
     pub splits: Option<usize>,
+    /// 128-column pipeline stages (`gemm_skinny*_k128_bf16`, one block per SM) instead of 64.
+    pub k128: bool,
 }
 
-impl Default for SkinnyConfig {
-    fn default() -> Self {
-        SkinnyConfig {
-            warps: DEFAULT_WARPS,
-            splits: None,
-        }
-    }
-}
-
-/// How a skinny GEMM is cut: `blocks_n` row slabs × `splits` k ranges of `k_split` columns.
+/// How a skinny GEMM is cut: `blocks_n` slabs of 128 W rows × `splits` k ranges of `k_split`
+/// columns (the `splits` blocks of one slab form a cluster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SkinnyPlan {
-    pub warps: u32,
     pub blocks_n: usize,
     pub splits: usize,
     pub k_split: usize,
 }
 
-/// The plan for `t` rows of a `[n, k]` weight on `sm_count` SMs with `scratch_len` f32 of
-/// scratch. Enough blocks to give every SM about [`TARGET_BLOCKS_PER_SM`] at once; split-K only
-/// when the row slabs alone are too few (narrow O / down projections).
-pub fn skinny_plan(
-    cfg: &SkinnyConfig,
-    sm_count: usize,
-    t: usize,
-    n: usize,
-    k: usize,
-    scratch_len: usize,
-) -> SkinnyPlan {
-    let warps = cfg.warps.clamp(1, 8);
-    let blocks_n = n.div_ceil(warps as usize * WARP_ROWS).max(1);
-    let target = sm_count.max(1) * TARGET_BLOCKS_PER_SM * DEFAULT_WARPS as usize / warps as usize;
+/// The plan for a `[n, k]` weight on `sm_count` SMs. Memory-bound: enough SMs must stream, so
+/// narrow shapes (fewer slabs than half the SMs: LLaDA's O and down projections) split k
+/// until there are about 0.6 blocks per SM; each block keeps 3–4 stages of 16 KB in flight.
+pub fn skinny_plan(cfg: &SkinnyConfig, sm_count: usize, clusters: bool, n: usize, k: usize) -> SkinnyPlan {
+    let blocks_n = n.div_ceil(BLOCK_ROWS).max(1);
+    // Measured on the H100 (tests/gpu_gemm_skinny.rs sweep): about 0.6 blocks per SM is
+    // enough to stream W; more splits only add reduction and cluster overhead.
     let want = cfg.splits.unwrap_or_else(|| {
-        if blocks_n >= target {
+        if 2 * blocks_n >= sm_count {
             1
         } else {
-            target
-                .div_ceil(blocks_n)
-                .min(k / MIN_SPLIT_K)
-                .min(MAX_SPLITS)
-                .min(SPLIT_BLOCKS_CAP / blocks_n)
+            (sm_count * 5 / 8).div_ceil(blocks_n).min(k / MIN_SPLIT_K)
         }
     });
-    let fits = scratch_len / (t * n).max(1);
-    let s = want.min(fits).min(k.div_ceil(STAGE_K)).max(1);
-    let k_split = k.div_ceil(s).div_ceil(STAGE_K) * STAGE_K;
-    SkinnyPlan {
-        warps,
-        blocks_n,
-        splits: k.div_ceil(k_split),
-        k_split,
-    }
+    let stage_k = if cfg.k128 { 2 * STAGE_K } else { STAGE_K };
+    let s = if clusters { want.clamp(1, MAX_SPLITS).min(k.div_ceil(stage_k)) } else { 1 };
+    let k_split = k.div_ceil(s).div_ceil(stage_k) * stage_k;
+    SkinnyPlan { blocks_n, splits: k.div_ceil(k_split), k_split }
 }
 
 /// Mirrors `struct SkinnyParams` in kernels/gemm_skinny.cu.
@@ -203,32 +162,86 @@ struct SkinnyParams {
     w: u64,       // const bf16* [n, k]
     bias: u64,    // const bf16* [n] or nullptr
     y: u64,       // void* [>= t, n], bf16 or f32
-    partial: u64, // float* [splits, t, n]
     t: i32,       // int
     n: i32,       // int
     k: i32,       // int
     k_split: i32, // int
-    splits: i32,  // int
-    out_f32: i32, // int
+    out_f32: i32,  // int
+    x_stride: i32, // int: k, or 2k for the SwiGLU entry points
 }
 
-// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no padding).
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for SkinnyParams {}
 
 /// Entry point and dynamic shared memory for `t` rows: NT = ceil(t/8) rounded up to 1, 2, 4, 8
-/// n-tiles; two X buffers of NT·8 rows × (KC + 32) bf16 (KC as `XChunk` in the kernel).
-fn kernel_for(t: usize) -> (&'static str, u32) {
-    let (sym, nt, kc) = match t {
-        0..=8 => ("gemm_skinny8_bf16", 1, 512),
-        9..=16 => ("gemm_skinny16_bf16", 2, 512),
-        17..=32 => ("gemm_skinny32_bf16", 4, 256),
-        _ => ("gemm_skinny64_bf16", 8, 128),
+/// n-tiles; STAGES ring slots of (128 + 8·NT) rows × BK bf16 (`Tile<NT, BK>` in the kernel).
+/// `glu` (the SwiGLU-input kernels) always uses 64-column stages.
+fn kernel_for(t: usize, k128: bool, glu: bool) -> (&'static str, u32) {
+    let nt = match t {
+        0..=8 => 1,
+        9..=16 => 2,
+        17..=32 => 4,
+        _ => 8,
     };
-    (sym, (2 * nt * 8 * (kc + 32) * 2) as u32)
+    let sym = match (nt, glu, k128) {
+        (1, true, _) => "gemm_skinny8_glu_bf16",
+        (2, true, _) => "gemm_skinny16_glu_bf16",
+        (4, true, _) => "gemm_skinny32_glu_bf16",
+        (_, true, _) => "gemm_skinny64_glu_bf16",
+        (1, _, true) => "gemm_skinny8_k128_bf16",
+        (2, _, true) => "gemm_skinny16_k128_bf16",
+        (4, _, true) => "gemm_skinny32_k128_bf16",
+        (_, _, true) => "gemm_skinny64_k128_bf16",
+        (1, ..) => "gemm_skinny8_bf16",
+        (2, ..) => "gemm_skinny16_bf16",
+        (4, ..) => "gemm_skinny32_bf16",
+        _ => "gemm_skinny64_bf16",
+    };
+    let (bk, stages) = match (k128 && !glu, nt == 8) {
+        (false, false) => (STAGE_K, 5),
+        (false, true) => (STAGE_K, 4),
+        (true, false) => (2 * STAGE_K, 4),
+        (true, true) => (2 * STAGE_K, 3),
+    };
+    (sym, (stages * (BLOCK_ROWS + 8 * nt) * bk * 2) as u32)
+}
+
+/// `y[0..t] = SwiGLU(gu[0..t]) · wᵀ`: `gu` is the gate|up output `[>= t, 2k]`, `w` `[n, k]`,
+/// SwiGLU as `ops::swiglu` (bit for bit). Where `variant` resolves to the skinny kernel the
+/// activation is computed while staging X (one launch and one `[t, k]` round trip less);
+/// otherwise `ops::swiglu` writes `act` (`[>= t, k]`) and the GEMM reads it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_swiglu<Y: GemmOut>(
+    gpu: &Gpu,
+    variant: GemmVariant,
+    t: usize,
+    gu: &DTensor<bf16>,
+    act: &mut DTensor<bf16>,
+    w: &DTensor<bf16>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    let k = w.dims.get(1).copied().unwrap_or(0);
+    match variant.resolve(t, k) {
+        GemmVariant::Skinny => skinny_impl(gpu, &SkinnyConfig::default(), t, x_input(gu, true), w, None, y),
+        _ => {
+            crate::ops::swiglu::swiglu(gpu, t, gu, act)?;
+            linear(gpu, GemmVariant::Cublaslt, t, act, w, None, y)
+        }
+    }
+}
+
+/// X operand of the skinny kernel: plain `[t, k]` rows or a `[t, 2k]` gate|up input.
+#[derive(Clone, Copy)]
+struct XInput<'a> {
+    x: &'a DTensor<bf16>,
+    glu: bool,
+}
+
+fn x_input(x: &DTensor<bf16>, glu: bool) -> XInput<'_> {
+    XInput { x, glu }
 }
 
 /// The skinny kernel with an explicit launch shape (see [`linear`] for the operands).
-#[allow(clippy::too_many_arguments)]
 pub fn skinny_linear<Y: GemmOut>(
     gpu: &Gpu,
     cfg: &SkinnyConfig,
@@ -237,8 +250,32 @@ pub fn skinny_linear<Y: GemmOut>(
     w: &DTensor<bf16>,
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
-    scratch: &mut DTensor<f32>,
 ) -> Result<()> {
+    skinny_impl(gpu, cfg, t, x_input(x, false), w, bias, y)
+}
+
+/// [`linear_swiglu`]'s skinny path with an explicit launch shape (tests and tuning).
+pub fn skinny_linear_swiglu<Y: GemmOut>(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    gu: &DTensor<bf16>,
+    w: &DTensor<bf16>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    skinny_impl(gpu, cfg, t, x_input(gu, true), w, None, y)
+}
+
+fn skinny_impl<Y: GemmOut>(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    xin: XInput<'_>,
+    w: &DTensor<bf16>,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    let XInput { x, glu } = xin;
     if w.dims.len() != 2 {
         return Err(Error::shape(OP, "w", &[0, 0], &w.dims));
     }
@@ -260,7 +297,8 @@ pub fn skinny_linear<Y: GemmOut>(
             "{OP}: {t} rows; the skinny GEMM takes at most {SKINNY_ROW_LIMIT} (use cuBLASLt)"
         )));
     }
-    x.check_rows(OP, "x", t, k)?;
+    let x_stride = if glu { 2 * k } else { k };
+    x.check_rows(OP, if glu { "gu" } else { "x" }, t, x_stride)?;
     y.check_rows(OP, "y", t, n)?;
     if let Some(b) = bias {
         if b.len() != n {
@@ -270,53 +308,33 @@ pub fn skinny_linear<Y: GemmOut>(
     if t == 0 {
         return Ok(());
     }
-    let plan = skinny_plan(cfg, gpu.sm_count, t, n, k, scratch.len());
+    let clusters = crate::ops::attention::split_kv_supported(gpu)?;
+    let cfg = SkinnyConfig { k128: cfg.k128 && !glu, ..*cfg };
+    let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
     let params = SkinnyParams {
         x: x.ptr(gpu),
         w: w.ptr(gpu),
         bias: bias.map_or(0, |b| b.ptr(gpu)),
         y: y.ptr_mut(gpu),
-        partial: scratch.ptr_mut(gpu),
         t: t as i32,
         n: n as i32,
         k: k as i32,
         k_split: plan.k_split as i32,
-        splits: plan.splits as i32,
         out_f32: (Y::OUT == OutType::F32) as i32,
+        x_stride: x_stride as i32,
     };
-    let (sym, smem) = kernel_for(t);
-    let cfg = LaunchConfig {
-        grid_dim: (plan.blocks_n as u32, plan.splits as u32, 1),
-        block_dim: (plan.warps * 32, 1, 1),
-        shared_mem_bytes: smem,
+    let (sym, smem) = kernel_for(t, cfg.k128 && !glu, glu);
+    let lc = LaunchEx {
+        grid: (plan.blocks_n as u32, plan.splits as u32, 1),
+        block: (THREADS, 1, 1),
+        smem,
+        cluster: (plan.splits > 1).then_some((1, plan.splits as u32, 1)),
+        pdl: true,
     };
-    let f = gpu.func("gemm_skinny", sym)?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
     // SAFETY: params mirror SkinnyParams; x holds >= t rows of k, w is [n, k], y >= t rows of
     // n, bias [n] (checked above); k % 8 == 0 keeps every 16-byte access of a row in bounds;
-    // splits > 1 only when scratch holds splits·t·n f32 (skinny_plan clamps to its length).
-    unsafe { b.launch(cfg) }.map_err(drv(sym))?;
-    gpu.after_launch(sym)?;
-    if plan.splits > 1 {
-        const THREADS: u32 = 256;
-        let blocks = (t * n)
-            .div_ceil(THREADS as usize)
-            .clamp(1, gpu.sm_count.max(1) * 8);
-        let rcfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = gpu.func("gemm_skinny", "gemm_skinny_reduce_bf16")?;
-        let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&params);
-        // SAFETY: as above; the reduce reads partial[0 .. splits·t·n) written by the launch
-        // before it on the same stream and writes y[0 .. t·n).
-        unsafe { b.launch(rcfg) }.map_err(drv("gemm_skinny_reduce_bf16"))?;
-        gpu.after_launch("gemm_skinny_reduce_bf16")?;
-    }
-    Ok(())
+    // clusters (splits > 1) only where the device supports them.
+    unsafe { launch_ex(gpu, "gemm_skinny", sym, lc, &params) }
 }
 
 #[cfg(test)]
@@ -336,11 +354,13 @@ mod tests {
         }
         assert_eq!(GemmVariant::Auto.resolve(SKINNY_MAX_ROWS + 1, 4096), GemmVariant::Cublaslt);
         assert_eq!(GemmVariant::Auto.resolve(1, 4100), GemmVariant::Cublaslt);
-        assert_eq!(GemmVariant::Skinny.resolve(100, 4096), GemmVariant::Skinny);
+        assert_eq!(GemmVariant::Skinny.resolve(64, 4096), GemmVariant::Skinny);
+        assert_eq!(GemmVariant::Skinny.resolve(65, 4096), GemmVariant::Cublaslt);
+        assert_eq!(GemmVariant::Skinny.resolve(8, 4100), GemmVariant::Cublaslt);
     }
 
     #[test]
-    fn plans_cover_k_and_fit_scratch() {
+    fn plans_cover_k() {
         let shapes = [
             (12288, 4096),
             (4096, 4096),
@@ -353,34 +373,39 @@ mod tests {
             (13, 8),
         ];
         for &(n, k) in &shapes {
-            for t in [1, 19, 32, 64] {
-                let scratch = skinny_scratch_len(64, n, k);
-                let p = skinny_plan(&SkinnyConfig::default(), 132, t, n, k, scratch);
-                assert!(
-                    p.splits >= 1 && p.k_split.is_multiple_of(STAGE_K),
-                    "{n}x{k}: {p:?}"
-                );
-                assert!(
-                    p.k_split * p.splits >= k && p.k_split * (p.splits - 1) < k,
-                    "{n}x{k}: {p:?}"
-                );
-                assert!(
-                    p.splits == 1 || p.splits * t * n <= scratch,
-                    "{n}x{k} t={t}: {p:?} scratch {scratch}"
-                );
-                assert!(
-                    p.blocks_n * p.splits >= 132 || p.splits == 1 || k / MIN_SPLIT_K <= p.splits,
-                    "{n}x{k}: {p:?}"
-                );
-                // No scratch: never split.
-                assert_eq!(
-                    skinny_plan(&SkinnyConfig::default(), 132, t, n, k, 0).splits,
-                    1
-                );
+            for clusters in [true, false] {
+                for (splits, k128) in [(None, false), (Some(1), true), (Some(3), false), (Some(8), true), (Some(100), false)] {
+                    let p = skinny_plan(&SkinnyConfig { splits, k128 }, 132, clusters, n, k);
+                    let ctx = format!("{n}x{k} clusters={clusters} splits={splits:?}: {p:?}");
+                    assert!(p.k_split.is_multiple_of(if k128 { 2 * STAGE_K } else { STAGE_K }), "{ctx}");
+                    assert!((1..=MAX_SPLITS).contains(&p.splits), "{ctx}");
+                    assert!(p.k_split * p.splits >= k && p.k_split * (p.splits - 1) < k, "{ctx}");
+                    assert_eq!(p.blocks_n, n.div_ceil(BLOCK_ROWS), "{ctx}");
+                    if !clusters {
+                        assert_eq!(p.splits, 1, "{ctx}");
+                    }
+                }
             }
         }
-        // LLaDA O projection at 32 rows: 32 slabs of 128 rows, split 8 ways over k = 4096.
-        let p = skinny_plan(&SkinnyConfig::default(), 132, 32, 4096, 4096, usize::MAX);
-        assert_eq!((p.blocks_n, p.splits, p.k_split), (32, 8, 512));
+        // LLaDA O projection: 32 slabs of 128 rows, split 3 ways (96 blocks on 132 SMs).
+        let p = skinny_plan(&SkinnyConfig::default(), 132, true, 4096, 4096);
+        assert_eq!((p.blocks_n, p.splits, p.k_split), (32, 3, 1408));
+        // QKV (96 slabs), gate|up and the LM head: enough slabs, no split.
+        assert_eq!(skinny_plan(&SkinnyConfig::default(), 132, true, 12288, 4096).splits, 1);
+        assert_eq!(skinny_plan(&SkinnyConfig::default(), 132, true, 24576, 4096).splits, 1);
+        assert_eq!(skinny_plan(&SkinnyConfig::default(), 132, true, 126464, 4096).splits, 1);
+    }
+
+    #[test]
+    fn params_match_the_c_layout() {
+        assert_eq!(std::mem::size_of::<SkinnyParams>(), 56); // 4 pointers + 6 ints
+        assert_eq!(kernel_for(32, false, false), ("gemm_skinny32_bf16", 5 * (128 + 32) * 64 * 2));
+        assert_eq!(kernel_for(7, true, false), ("gemm_skinny8_k128_bf16", 4 * (128 + 8) * 128 * 2));
+        assert_eq!(kernel_for(40, true, true), ("gemm_skinny64_glu_bf16", 4 * (128 + 64) * 64 * 2));
+        for t in [1, 9, 17, 33, 64] {
+            for k128 in [false, true] {
+                assert!(kernel_for(t, k128, false).1 <= 227 << 10, "t={t} k128={k128}");
+            }
+        }
     }
 }

@@ -1,16 +1,17 @@
 //! `add_rmsnorm_bf16` (kernels/norm.cu): fused residual add + RMSNorm, one block per row.
 //! `residual = bf16(residual + delta)` (when a delta is given, stored back), then
 //! `out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))` with x = residual in f32.
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::error::{Error, Result};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
 
 const OP: &str = "add_rmsnorm";
 /// 16-byte vectors per thread held in registers (`NORM_MAX_VPT` in the kernel).
 const MAX_VPT: usize = 4;
-const MAX_THREADS: usize = 1024;
+/// Largest block (`NORM_MAX_THREADS`, the kernel's `__launch_bounds__`).
+const MAX_THREADS: usize = 768;
 /// Largest supported hidden size.
 pub const MAX_HIDDEN: usize = MAX_THREADS * MAX_VPT * 8;
 
@@ -43,6 +44,37 @@ pub fn add_rmsnorm(
     eps: f32,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
+    launch(gpu, rows, residual, delta, weight, eps, out, false)
+}
+
+/// As [`add_rmsnorm`], with the previous kernel (`add_rmsnorm_v0_bf16`): only for the
+/// bit-identity test and side-by-side timing in tests/gpu_elementwise_v0.rs.
+#[doc(hidden)]
+pub fn add_rmsnorm_v0(
+    gpu: &Gpu,
+    rows: usize,
+    residual: &mut DTensor<bf16>,
+    delta: Option<&DTensor<bf16>>,
+    weight: &DTensor<bf16>,
+    eps: f32,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
+    launch(gpu, rows, residual, delta, weight, eps, out, true)
+}
+
+/// Validates and launches the current kernel, or the previous one when `v0` (both take the
+/// same parameters and block shape).
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    rows: usize,
+    residual: &mut DTensor<bf16>,
+    delta: Option<&DTensor<bf16>>,
+    weight: &DTensor<bf16>,
+    eps: f32,
+    out: &mut DTensor<bf16>,
+    v0: bool,
+) -> Result<()> {
     let hidden = weight.len();
     if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_HIDDEN {
         return Err(Error::bad_input(format!(
@@ -67,6 +99,7 @@ pub fn add_rmsnorm(
         return Err(Error::bad_input(format!("{OP}: {rows} rows is too many")));
     }
     let vecs = hidden / 8;
+    // This block size fixes the kernel's reduction order (see kernels/norm.cu): keep it.
     let threads = vecs.div_ceil(MAX_VPT).next_multiple_of(32).min(MAX_THREADS);
     let params = NormParams {
         residual: residual.ptr_mut(gpu),
@@ -77,16 +110,22 @@ pub fn add_rmsnorm(
         hidden: hidden as i32,
         eps,
     };
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
+    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
+    // may be launched early (PDL); v0 may not.
+    let lc = LaunchEx {
+        grid: (rows as u32, 1, 1),
+        block: (threads as u32, 1, 1),
+        smem: 0,
+        cluster: None,
+        pdl: !v0,
     };
-    let f = gpu.func("norm", "add_rmsnorm_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
+    let symbol = if v0 {
+        "add_rmsnorm_v0_bf16"
+    } else {
+        "add_rmsnorm_bf16"
+    };
     // SAFETY: params mirror NormParams; residual, delta and out hold >= rows rows of hidden,
-    // weight holds hidden (checked above); threads * MAX_VPT * 8 >= hidden by construction.
-    unsafe { b.launch(cfg) }.map_err(drv("add_rmsnorm_bf16"))?;
-    gpu.after_launch("add_rmsnorm_bf16")
+    // weight holds hidden (checked above); threads * MAX_VPT * 8 >= hidden by construction;
+    // with PDL the kernel waits for its predecessor before its first load.
+    unsafe { launch_ex(gpu, "norm", symbol, lc, &params) }
 }

@@ -1,17 +1,20 @@
 //! `rope_kv_store_bf16` (kernels/rope.cu): rotate-half RoPE of q (in place in the fused qkv
 //! activations) and k, with the kv_store: rotated k and unchanged v of live row r go to row
 //! `cache_rows[r]` of this layer's K and V caches. Numerics per [`RopeMode`] (see cpu::rope).
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 pub use crate::cpu::rope::RopeMode;
 
 use crate::config::HEAD_DIM;
 use crate::error::{Error, Result};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
 
 const OP: &str = "rope_kv_store";
-const MAX_THREADS: usize = 512;
+/// Work items per thread (`ROPE_IPT` in the kernel).
+const IPT: usize = 4;
+/// Block size (`ROPE_MAX_THREADS`), halved when the grid would not cover the SMs.
+const THREADS: usize = 128;
 
 /// Mirrors `RopeParams` in kernels/rope.cu.
 #[repr(C)]
@@ -52,6 +55,51 @@ pub fn rope_kv_store(
     theta: f32,
     mode: RopeMode,
 ) -> Result<()> {
+    launch(
+        gpu, rows, qkv, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode,
+        false,
+    )
+}
+
+/// As [`rope_kv_store`], with the previous kernel (`rope_kv_store_v0_bf16`): only for the
+/// bit-identity test and side-by-side timing in tests/gpu_elementwise_v0.rs.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_store_v0(
+    gpu: &Gpu,
+    rows: usize,
+    qkv: &mut DTensor<bf16>,
+    positions: &DTensor<u32>,
+    cache_rows: &DTensor<u32>,
+    k_cache: &mut DTensor<bf16>,
+    v_cache: &mut DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    theta: f32,
+    mode: RopeMode,
+) -> Result<()> {
+    launch(
+        gpu, rows, qkv, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode,
+        true,
+    )
+}
+
+/// Validates and launches the current kernel, or the previous one when `v0`.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    rows: usize,
+    qkv: &mut DTensor<bf16>,
+    positions: &DTensor<u32>,
+    cache_rows: &DTensor<u32>,
+    k_cache: &mut DTensor<bf16>,
+    v_cache: &mut DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    theta: f32,
+    mode: RopeMode,
+    v0: bool,
+) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
         return Err(Error::bad_input(format!(
             "{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range"
@@ -84,9 +132,25 @@ pub fn rope_kv_store(
             "{OP}: {rows} rows / {cache_cap} cache rows is too many"
         )));
     }
-    // Work items per row: 8 per rotated head (8 pairs each) + 16 per v head (16-byte copies).
+    // Work items per row: 8 per rotated head (8 pairs each) + 16 per v head (16-byte copies);
+    // a block takes threads * IPT items of one row. Few rows (a decode step): smaller blocks,
+    // so that the grid spreads each row over more SMs.
     let items = (n_heads + n_kv_heads) * 8 + n_kv_heads * (HEAD_DIM / 8);
-    let threads = items.next_multiple_of(32).min(MAX_THREADS);
+    let (symbol, threads, chunks) = if v0 {
+        // One block per row of up to 512 threads.
+        (
+            "rope_kv_store_v0_bf16",
+            items.next_multiple_of(32).min(512),
+            1,
+        )
+    } else {
+        let threads = if rows * items.div_ceil(THREADS * IPT) >= gpu.sm_count {
+            THREADS
+        } else {
+            THREADS / 2
+        };
+        ("rope_kv_store_bf16", threads, items.div_ceil(threads * IPT))
+    };
     let params = RopeParams {
         qkv: qkv.ptr_mut(gpu),
         k_cache: k_cache.ptr_mut(gpu),
@@ -103,17 +167,18 @@ pub fn rope_kv_store(
         },
         cache_cap: cache_cap as i32,
     };
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
+    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
+    // may be launched early (PDL); v0 may not.
+    let lc = LaunchEx {
+        grid: (rows as u32, chunks as u32, 1),
+        block: (threads as u32, 1, 1),
+        smem: 0,
+        cluster: None,
+        pdl: !v0,
     };
-    let f = gpu.func("rope", "rope_kv_store_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
     // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
-    // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above); the
-    // kernel traps on a cache row >= cache_cap.
-    unsafe { b.launch(cfg) }.map_err(drv("rope_kv_store_bf16"))?;
-    gpu.after_launch("rope_kv_store_bf16")
+    // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above); block
+    // (r, c) touches row r < rows only and items < items (the kernel checks); chunks <= 512
+    // (heads <= 4096) fits grid y; the kernel traps on a cache row >= cache_cap.
+    unsafe { launch_ex(gpu, "rope", symbol, lc, &params) }
 }

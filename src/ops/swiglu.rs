@@ -1,13 +1,16 @@
 //! `swiglu_bf16` (kernels/swiglu.cu): `out = bf16(bf16(silu(gate)) * up)` over `[rows, 2*ffn]`
 //! (gate | up per row) into `[rows, ffn]`.
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::error::{Error, Result};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
 
 const OP: &str = "swiglu";
+/// Block size (`SW_THREADS` in the kernel), halved when the grid would not cover the SMs twice.
 const THREADS: u32 = 256;
+/// 16-byte output vectors per thread (`SW_VPT`).
+const VPT: usize = 2;
 
 /// Mirrors `SwigluParams` in kernels/swiglu.cu.
 #[repr(C)]
@@ -25,6 +28,29 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 /// SwiGLU of the first `rows` rows: `gu` is `[>= rows, 2*ffn]`, `out` is `[>= rows, ffn]`,
 /// `ffn % 8 == 0` with `ffn = out.row_len()`.
 pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16>) -> Result<()> {
+    launch(gpu, rows, gu, out, false)
+}
+
+/// As [`swiglu`], with the previous kernel (`swiglu_v0_bf16`): only for the bit-identity test
+/// and side-by-side timing in tests/gpu_elementwise_v0.rs.
+#[doc(hidden)]
+pub fn swiglu_v0(
+    gpu: &Gpu,
+    rows: usize,
+    gu: &DTensor<bf16>,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
+    launch(gpu, rows, gu, out, true)
+}
+
+/// Validates and launches the current kernel, or the previous one when `v0`.
+fn launch(
+    gpu: &Gpu,
+    rows: usize,
+    gu: &DTensor<bf16>,
+    out: &mut DTensor<bf16>,
+    v0: bool,
+) -> Result<()> {
     let ffn = out.row_len();
     if ffn == 0 || !ffn.is_multiple_of(8) {
         return Err(Error::bad_input(format!(
@@ -37,8 +63,14 @@ pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16
     if rows == 0 {
         return Ok(());
     }
-    let vecs = rows * ffn / 8;
-    if vecs > i32::MAX as usize || 2 * ffn > i32::MAX as usize {
+    let vpr = ffn / 8;
+    let threads = if rows * vpr.div_ceil(THREADS as usize * VPT) >= 2 * gpu.sm_count {
+        THREADS
+    } else {
+        THREADS / 2
+    };
+    let chunks = vpr.div_ceil(threads as usize * VPT);
+    if rows > i32::MAX as usize || 2 * ffn > i32::MAX as usize || chunks > 65535 {
         return Err(Error::bad_input(format!(
             "{OP}: {rows} rows of {ffn} is too large"
         )));
@@ -49,16 +81,33 @@ pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16
         rows: rows as i32,
         ffn: ffn as i32,
     };
-    let cfg = LaunchConfig {
-        grid_dim: ((vecs as u32).div_ceil(THREADS), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let (symbol, grid_dim, threads) = if v0 {
+        // Flat over rows * ffn/8 vectors, one per thread (fewer than 2^31).
+        let vecs = rows * ffn / 8;
+        if vecs > i32::MAX as usize {
+            return Err(Error::bad_input(format!(
+                "{OP}: {rows} rows of {ffn} is too large"
+            )));
+        }
+        (
+            "swiglu_v0_bf16",
+            ((vecs as u32).div_ceil(THREADS), 1, 1),
+            THREADS,
+        )
+    } else {
+        ("swiglu_bf16", (rows as u32, chunks as u32, 1), threads)
     };
-    let f = gpu.func("swiglu", "swiglu_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
+    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
+    // may be launched early (PDL); v0 may not.
+    let lc = LaunchEx {
+        grid: grid_dim,
+        block: (threads, 1, 1),
+        smem: 0,
+        cluster: None,
+        pdl: !v0,
+    };
     // SAFETY: params mirror SwigluParams; gu holds >= rows rows of 2*ffn and out >= rows rows
-    // of ffn (checked above), so every 16-byte access is in bounds.
-    unsafe { b.launch(cfg) }.map_err(drv("swiglu_bf16"))?;
-    gpu.after_launch("swiglu_bf16")
+    // of ffn (checked above); block (r, c) touches row r < rows only, vectors < ffn / 8 only
+    // (the kernel checks; v0: vectors < rows * ffn / 8), so every access is in bounds.
+    unsafe { launch_ex(gpu, "swiglu", symbol, lc, &params) }
 }
