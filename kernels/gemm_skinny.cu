@@ -20,9 +20,8 @@
 //   griddepcontrol.wait, so with the launch attribute the weight stream starts while the
 //   kernel before (norm, RoPE, attention, SwiGLU) is still finishing; X is read after the wait.
 //
-// Entry points gemm_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8; t ≤ 8·NT; BK = 64),
-// gemm_skinny{..}_k128_bf16 (BK = 128) and gemm_skinny{..}_glu_bf16 (BK = 64, X = SwiGLU of a
-// [t, 2k] gate|up input, see fetch_x_glu), 256 threads, dynamic shared memory Tile<NT, BK>::SMEM
+// Entry points gemm_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8; t ≤ 8·NT; BK = 64) and
+// gemm_skinny{..}_k128_bf16 (BK = 128), 256 threads, dynamic shared memory Tile<NT, BK>::SMEM
 // (the wrapper mirrors it). Requirements (checked
 // by the wrapper): k % 8 == 0, x and w 16-byte aligned, k_split a multiple of BK.
 #include <cooperative_groups.h>
@@ -41,7 +40,7 @@ struct SkinnyParams {
     int k;
     int k_split;  // k columns per split (multiple of BK); split s covers [s*k_split, min(k, ..))
     int out_f32;  // 0: y is bf16, 1: y is f32
-    int x_stride; // elements between X rows: k, or 2k for the SwiGLU entry points (x = gate | up)
+    int pad;
 };
 
 namespace {
@@ -145,56 +144,8 @@ __device__ __forceinline__ void load_x(const SkinnyParams& p, bf16* st, int kb, 
             const int r = i / CPR, c = i % CPR;
             const int gk = kb + 8 * c;
             const bool ok = r < p.t && gk < k1;
-            const bf16* src = ok ? p.x + (size_t)r * p.x_stride + gk : p.x;
+            const bf16* src = ok ? p.x + (size_t)r * p.k + gk : p.x;
             cp_async16(smem_u32(xs + swz<BK>(r, c)), src, ok);
-        }
-    }
-}
-
-// SwiGLU entry points: X[r, c] = bf16(bf16(silu(g)) · u), g = x[r, c], u = x[r, k + c] (the
-// gate|up GEMM's output), computed while staging — the exact expression of swiglu_bf16, so the
-// fused down projection equals swiglu_bf16 followed by the plain kernel bit for bit. The loads
-// are issued before a stage's mma (fetch) and converted after it (finish).
-template <int NT, int BK>
-struct GluFetch {
-    static constexpr int XV = (Tile<NT, BK>::TP * (BK / 8) + THREADS - 1) / THREADS;  // vectors per thread
-    uint4 g[XV], u[XV];
-};
-
-template <int NT, int BK>
-__device__ __forceinline__ void fetch_x_glu(const SkinnyParams& p, GluFetch<NT, BK>& f, int kb, int k1) {
-    using T = Tile<NT, BK>;
-    constexpr int CPR = BK / 8;
-#pragma unroll
-    for (int u = 0; u < GluFetch<NT, BK>::XV; ++u) {
-        const int i = threadIdx.x + u * THREADS;
-        const int r = i / CPR, c = i % CPR;
-        const int gk = kb + 8 * c;
-        f.g[u] = f.u[u] = make_uint4(0, 0, 0, 0);
-        if (i < T::TP * CPR && r < p.t && gk < k1) {
-            const bf16* gp = p.x + (size_t)r * p.x_stride + gk;
-            f.g[u] = __ldcg(reinterpret_cast<const uint4*>(gp));
-            f.u[u] = __ldcg(reinterpret_cast<const uint4*>(gp + p.k));
-        }
-    }
-}
-
-template <int NT, int BK>
-__device__ __forceinline__ void finish_x_glu(bf16* st, const GluFetch<NT, BK>& f) {
-    using T = Tile<NT, BK>;
-    constexpr int CPR = BK / 8;
-    bf16* xs = st + T::W_ELEMS;
-#pragma unroll
-    for (int u = 0; u < GluFetch<NT, BK>::XV; ++u) {
-        const int i = threadIdx.x + u * THREADS;
-        if (i < T::TP * CPR) {
-            const int r = i / CPR, c = i % CPR;
-            float g[8], up[8], y[8];
-            load8(reinterpret_cast<const bf16*>(&f.g[u]), g);
-            load8(reinterpret_cast<const bf16*>(&f.u[u]), up);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) y[e] = round_bf16(g[e] / (1.f + expf(-g[e]))) * up[e];
-            store8(xs + swz<BK>(r, c), y);  // zeros stay zeros: silu(0) · 0 = 0
         }
     }
 }
@@ -243,7 +194,7 @@ __device__ __forceinline__ void store_out(const SkinnyParams& p, int r, int col,
     }
 }
 
-template <int NT, int BK, bool GLU>
+template <int NT, int BK>
 __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
     using T = Tile<NT, BK>;
     extern __shared__ uint4 smem_raw[];
@@ -274,37 +225,22 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
         if (s < nst) load_w<NT, BK>(p, ring + s * T::STAGE_ELEMS, n0, k0 + s * BK, k1, pol);
     pdl_wait();
     pdl_trigger();
-    [[maybe_unused]] GluFetch<NT, BK> xf;
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s) {
-        if (s < nst) {
-            if constexpr (GLU) {
-                fetch_x_glu<NT, BK>(p, xf, k0 + s * BK, k1);
-                finish_x_glu<NT, BK>(ring + s * T::STAGE_ELEMS, xf);
-            } else {
-                load_x<NT, BK>(p, ring + s * T::STAGE_ELEMS, k0 + s * BK, k1);
-            }
-        }
+        if (s < nst) load_x<NT, BK>(p, ring + s * T::STAGE_ELEMS, k0 + s * BK, k1);
         cp_async_commit();
     }
     for (int it = 0; it < nst; ++it) {
         cp_async_wait<T::STAGES - 2>();  // this thread's copies of stage `it` have landed
         __syncthreads();                 // ... everyone's; and stage it-1's slot is free
         const int nx = it + T::STAGES - 1;
-        bf16* st = ring + (nx % T::STAGES) * T::STAGE_ELEMS;
         if (nx < nst) {
+            bf16* st = ring + (nx % T::STAGES) * T::STAGE_ELEMS;
             load_w<NT, BK>(p, st, n0, k0 + nx * BK, k1, pol);
-            if constexpr (GLU) {
-                fetch_x_glu<NT, BK>(p, xf, k0 + nx * BK, k1);
-            } else {
-                load_x<NT, BK>(p, st, k0 + nx * BK, k1);
-            }
+            load_x<NT, BK>(p, st, k0 + nx * BK, k1);
         }
         cp_async_commit();
         mma_stage<NT, BK>(ring + (it % T::STAGES) * T::STAGE_ELEMS, warp, lane, acc);
-        // Stage nx is read at iteration nx, after at least one more __syncthreads.
-        if constexpr (GLU)
-            if (nx < nst) finish_x_glu<NT, BK>(st, xf);
     }
 
     // Sum the KG k-group partials: red[kg][r][c] (r < TP X rows, c < BN W rows of the block).
@@ -359,19 +295,14 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
 
 }  // namespace
 
-#define SKINNY_ENTRY(name, NT, BK, GLU, MINB) \
-    extern "C" __global__ void __launch_bounds__(THREADS, MINB) name(const SkinnyParams p) { skinny_body<NT, BK, GLU>(p); }
-SKINNY_ENTRY(gemm_skinny8_bf16, 1, 64, false, 2)
-SKINNY_ENTRY(gemm_skinny16_bf16, 2, 64, false, 2)
-SKINNY_ENTRY(gemm_skinny32_bf16, 4, 64, false, 2)
-SKINNY_ENTRY(gemm_skinny64_bf16, 8, 64, false, 2)
+#define SKINNY_ENTRY(name, NT, BK, MINB) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) name(const SkinnyParams p) { skinny_body<NT, BK>(p); }
+SKINNY_ENTRY(gemm_skinny8_bf16, 1, 64, 2)
+SKINNY_ENTRY(gemm_skinny16_bf16, 2, 64, 2)
+SKINNY_ENTRY(gemm_skinny32_bf16, 4, 64, 2)
+SKINNY_ENTRY(gemm_skinny64_bf16, 8, 64, 2)
 // 128-column stages (one block per SM, 256-byte runs of each W row per stage): a tuning variant.
-SKINNY_ENTRY(gemm_skinny8_k128_bf16, 1, 128, false, 1)
-SKINNY_ENTRY(gemm_skinny16_k128_bf16, 2, 128, false, 1)
-SKINNY_ENTRY(gemm_skinny32_k128_bf16, 4, 128, false, 1)
-SKINNY_ENTRY(gemm_skinny64_k128_bf16, 8, 128, false, 1)
-// X = SwiGLU(gate | up) computed while staging (the down projection of a decode step).
-SKINNY_ENTRY(gemm_skinny8_glu_bf16, 1, 64, true, 2)
-SKINNY_ENTRY(gemm_skinny16_glu_bf16, 2, 64, true, 2)
-SKINNY_ENTRY(gemm_skinny32_glu_bf16, 4, 64, true, 2)
-SKINNY_ENTRY(gemm_skinny64_glu_bf16, 8, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny8_k128_bf16, 1, 128, 1)
+SKINNY_ENTRY(gemm_skinny16_k128_bf16, 2, 128, 1)
+SKINNY_ENTRY(gemm_skinny32_k128_bf16, 4, 128, 1)
+SKINNY_ENTRY(gemm_skinny64_k128_bf16, 8, 128, 1)

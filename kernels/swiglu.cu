@@ -69,28 +69,3 @@ extern "C" __global__ void __launch_bounds__(SW_THREADS) swiglu_bf16(const Swigl
         }
     }
 }
-
-// ---------------------------------------------------------------- previous version
-// swiglu_v0_bf16: the kernel before the changes described at the top of this file, verbatim but
-// renamed (its SASS is identical to the old build's). Kept only so tests/gpu_elementwise_v0.rs can
-// check the new kernel bit for bit against it and time both on the same card; delete it and its
-// wrapper `ops::swiglu::swiglu_v0` after that.
-extern "C" __global__ void swiglu_v0_bf16(const SwigluParams p) {
-    const int vpr = p.ffn >> 3;
-    // total < 2^31 (checked by the wrapper), so unsigned 32-bit index math never wraps.
-    const unsigned total = (unsigned)p.rows * vpr;
-    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
-        const int64_t r = v / vpr;
-        const int c = (int)(v - (unsigned)r * vpr) << 3;
-        const bf16* g_ptr = p.gu + r * 2 * p.ffn + c;
-        float g[8], u[8], y[8];
-        load8(g_ptr, g);
-        load8(g_ptr + p.ffn, u);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float s = round_bf16(g[i] / (1.f + expf(-g[i])));
-            y[i] = s * u[i];
-        }
-        store8(p.out + r * p.ffn + c, y);
-    }
-}

@@ -125,6 +125,10 @@ impl GpuWeights {
     }
 }
 
+/// Most live rows for which `set_full_logits` computes the LM head on every row: the skinny
+/// range, where a GEMM costs its weight bytes whatever the row count.
+pub const FULL_LOGITS_MAX_ROWS: usize = 64;
+
 /// Sizes the engine preallocates for.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
@@ -173,6 +177,8 @@ pub struct GpuModel {
     /// Host staging of `index` (reused; no allocation per step).
     staging: Vec<u32>,
     last_logit_rows: usize,
+    /// `set_full_logits`: small forwards compute the LM head on every live row.
+    full_logits: bool,
     /// Per-op event timing (`enable_profiling`), for `demask profile`.
     pub profiler: Option<crate::gpu::profile::OpProfiler>,
     graphs: GraphCache,
@@ -229,6 +235,7 @@ impl GpuModel {
             index,
             staging,
             last_logit_rows: 0,
+            full_logits: false,
             profiler: None,
             graphs: GraphCache::new(graph::DEFAULT_GRAPH_CAPACITY),
             graphs_on: std::env::var("DEMASK_GRAPHS").map_or(true, |v| v != "0"),
@@ -259,15 +266,46 @@ impl GpuModel {
         b.validate(&self.cfg, c.cache_rows)
     }
 
+    /// With `on`, a forward of at most [`FULL_LOGITS_MAX_ROWS`] live rows (that the logits
+    /// buffer can hold) computes the LM head on every live row instead of only `b.logit_rows`:
+    /// at so few rows the LM head streams its weights once either way, and the forward's shape
+    /// then stays fixed across the steps of a block, so its CUDA graph replays. The logits of
+    /// `b.logit_rows[i]` are then in row [`logits_row`](Self::logits_row)`(b, i)`. Off by
+    /// default (`logits()` rows follow `b.logit_rows`); `GpuStepper` turns it on.
+    pub fn set_full_logits(&mut self, on: bool) {
+        self.full_logits = on;
+    }
+
+    /// Whether a forward of `b` computes logits for every live row (see `set_full_logits`).
+    pub fn full_logits_for(&self, b: &RowBatch) -> bool {
+        let t = b.rows();
+        self.full_logits && t <= FULL_LOGITS_MAX_ROWS && t <= self.cap.logit_rows
+    }
+
+    /// The row of the logits buffer holding the logits of `b.logit_rows[i]` after `forward(b)`.
+    pub fn logits_row(&self, b: &RowBatch, i: usize) -> u32 {
+        if self.full_logits_for(b) {
+            b.logit_rows[i]
+        } else {
+            i as u32
+        }
+    }
+
     /// The shape key of `b` under the current variants: every host scalar `run` uses.
     fn shape_key(&self, b: &RowBatch) -> ShapeKey {
-        let (t, r) = (b.rows(), b.logit_rows.len());
+        let t = b.rows();
+        let (r, identity) = if self.full_logits_for(b) {
+            (t, true)
+        } else {
+            let r = b.logit_rows.len();
+            (r, r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x))
+        };
         ShapeKey {
             rows: t,
             seqs: b.seqs.len(),
             max_rows: b.seqs.iter().map(|s| s.row_count as usize).max().unwrap_or(0),
             logit_rows: r,
-            identity: r == t && b.logit_rows.iter().enumerate().all(|(i, &x)| i as u32 == x),
+            identity,
             gemm: self.gemm_variant,
             attn: self.attn_variant,
         }
@@ -293,7 +331,15 @@ impl GpuModel {
             let at = l.spans + 4 * i;
             s[at..at + 4].copy_from_slice(&[sq.row_start, sq.row_count, sq.cache_base, sq.kv_len]);
         }
-        s[l.logit_idx..l.len].copy_from_slice(&b.logit_rows);
+        let idx = &mut s[l.logit_idx..l.len];
+        if idx.len() == b.logit_rows.len() {
+            idx.copy_from_slice(&b.logit_rows);
+        } else {
+            // Full logits (every live row): the gather is skipped; keep the slots defined.
+            for (i, v) in idx.iter_mut().enumerate() {
+                *v = i as u32;
+            }
+        }
         self.index.write(&self.gpu, s)
     }
 
@@ -436,16 +482,10 @@ impl GpuModel {
             mark!("add_rmsnorm");
             ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
             mark!("gemm_gate_up");
-            // SwiGLU feeds the down projection: fused into its X staging on the skinny path.
-            if gv.resolve(t, cfg.ffn) == GemmVariant::Skinny {
-                ops::gemm::linear_swiglu(g, gv, t, &ws.gu, &mut ws.act, &l.w_down, &mut ws.o)?;
-                mark!("gemm_down+swiglu");
-            } else {
-                ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
-                mark!("swiglu");
-                ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
-                mark!("gemm_down");
-            }
+            ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+            mark!("swiglu");
+            ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+            mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
         mark!("add_rmsnorm");

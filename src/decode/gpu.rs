@@ -57,7 +57,10 @@ impl GpuStepper {
         // both read row 0), so allow one extra slot per sequence.
         let max_slots = cap.logit_rows + cap.seqs;
         let canvas_stride = cfg.max_seq_len;
-        let model = GpuModel::new(gpu.clone(), cfg, weights, cap)?;
+        let mut model = GpuModel::new(gpu.clone(), cfg, weights, cap)?;
+        // LM head on every live row of a small step: fixed shapes within a block, so the
+        // forward's CUDA graph replays (slots are mapped with `GpuModel::logits_row`).
+        model.set_full_logits(true);
         let g = &*gpu;
         let mut canvas = g.alloc::<u32>(&[cap.seqs, canvas_stride])?;
         g.stream.memset_zeros(&mut canvas.buf).map_err(drv("cuMemsetD8"))?;
@@ -169,7 +172,8 @@ impl GpuStepper {
                     step: w.step,
                     slot: pos,
                 };
-                self.host_slots.push(SlotParams::new(li, kind, &w.sampling, key));
+                let row = self.model.logits_row(batch, li as usize);
+                self.host_slots.push(SlotParams::new(row, kind, &w.sampling, key));
                 self.host_pos.push(pos);
             }
         }

@@ -167,7 +167,7 @@ struct SkinnyParams {
     k: i32,       // int
     k_split: i32, // int
     out_f32: i32,  // int
-    x_stride: i32, // int: k, or 2k for the SwiGLU entry points
+    pad: i32,      // int (struct tail)
 }
 
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
@@ -175,70 +175,20 @@ unsafe impl cudarc::driver::DeviceRepr for SkinnyParams {}
 
 /// Entry point and dynamic shared memory for `t` rows: NT = ceil(t/8) rounded up to 1, 2, 4, 8
 /// n-tiles; STAGES ring slots of (128 + 8·NT) rows × BK bf16 (`Tile<NT, BK>` in the kernel).
-/// `glu` (the SwiGLU-input kernels) always uses 64-column stages.
-fn kernel_for(t: usize, k128: bool, glu: bool) -> (&'static str, u32) {
-    let nt = match t {
-        0..=8 => 1,
-        9..=16 => 2,
-        17..=32 => 4,
-        _ => 8,
+fn kernel_for(t: usize, k128: bool) -> (&'static str, u32) {
+    let (nt, sym, sym128) = match t {
+        0..=8 => (1, "gemm_skinny8_bf16", "gemm_skinny8_k128_bf16"),
+        9..=16 => (2, "gemm_skinny16_bf16", "gemm_skinny16_k128_bf16"),
+        17..=32 => (4, "gemm_skinny32_bf16", "gemm_skinny32_k128_bf16"),
+        _ => (8, "gemm_skinny64_bf16", "gemm_skinny64_k128_bf16"),
     };
-    let sym = match (nt, glu, k128) {
-        (1, true, _) => "gemm_skinny8_glu_bf16",
-        (2, true, _) => "gemm_skinny16_glu_bf16",
-        (4, true, _) => "gemm_skinny32_glu_bf16",
-        (_, true, _) => "gemm_skinny64_glu_bf16",
-        (1, _, true) => "gemm_skinny8_k128_bf16",
-        (2, _, true) => "gemm_skinny16_k128_bf16",
-        (4, _, true) => "gemm_skinny32_k128_bf16",
-        (_, _, true) => "gemm_skinny64_k128_bf16",
-        (1, ..) => "gemm_skinny8_bf16",
-        (2, ..) => "gemm_skinny16_bf16",
-        (4, ..) => "gemm_skinny32_bf16",
-        _ => "gemm_skinny64_bf16",
-    };
-    let (bk, stages) = match (k128 && !glu, nt == 8) {
-        (false, false) => (STAGE_K, 5),
-        (false, true) => (STAGE_K, 4),
-        (true, false) => (2 * STAGE_K, 4),
-        (true, true) => (2 * STAGE_K, 3),
+    let (sym, bk, stages) = match (k128, nt == 8) {
+        (false, false) => (sym, STAGE_K, 5),
+        (false, true) => (sym, STAGE_K, 4),
+        (true, false) => (sym128, 2 * STAGE_K, 4),
+        (true, true) => (sym128, 2 * STAGE_K, 3),
     };
     (sym, (stages * (BLOCK_ROWS + 8 * nt) * bk * 2) as u32)
-}
-
-/// `y[0..t] = SwiGLU(gu[0..t]) · wᵀ`: `gu` is the gate|up output `[>= t, 2k]`, `w` `[n, k]`,
-/// SwiGLU as `ops::swiglu` (bit for bit). Where `variant` resolves to the skinny kernel the
-/// activation is computed while staging X (one launch and one `[t, k]` round trip less);
-/// otherwise `ops::swiglu` writes `act` (`[>= t, k]`) and the GEMM reads it.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_swiglu<Y: GemmOut>(
-    gpu: &Gpu,
-    variant: GemmVariant,
-    t: usize,
-    gu: &DTensor<bf16>,
-    act: &mut DTensor<bf16>,
-    w: &DTensor<bf16>,
-    y: &mut DTensor<Y>,
-) -> Result<()> {
-    let k = w.dims.get(1).copied().unwrap_or(0);
-    match variant.resolve(t, k) {
-        GemmVariant::Skinny => skinny_impl(gpu, &SkinnyConfig::default(), t, x_input(gu, true), w, None, y),
-        _ => {
-            crate::ops::swiglu::swiglu(gpu, t, gu, act)?;
-            linear(gpu, GemmVariant::Cublaslt, t, act, w, None, y)
-        }
-    }
-}
-
-/// X operand of the skinny kernel: plain `[t, k]` rows or a `[t, 2k]` gate|up input.
-#[derive(Clone, Copy)]
-struct XInput<'a> {
-    x: &'a DTensor<bf16>,
-    glu: bool,
-}
-
-fn x_input(x: &DTensor<bf16>, glu: bool) -> XInput<'_> {
-    XInput { x, glu }
 }
 
 /// The skinny kernel with an explicit launch shape (see [`linear`] for the operands).
@@ -251,31 +201,6 @@ pub fn skinny_linear<Y: GemmOut>(
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
 ) -> Result<()> {
-    skinny_impl(gpu, cfg, t, x_input(x, false), w, bias, y)
-}
-
-/// [`linear_swiglu`]'s skinny path with an explicit launch shape (tests and tuning).
-pub fn skinny_linear_swiglu<Y: GemmOut>(
-    gpu: &Gpu,
-    cfg: &SkinnyConfig,
-    t: usize,
-    gu: &DTensor<bf16>,
-    w: &DTensor<bf16>,
-    y: &mut DTensor<Y>,
-) -> Result<()> {
-    skinny_impl(gpu, cfg, t, x_input(gu, true), w, None, y)
-}
-
-fn skinny_impl<Y: GemmOut>(
-    gpu: &Gpu,
-    cfg: &SkinnyConfig,
-    t: usize,
-    xin: XInput<'_>,
-    w: &DTensor<bf16>,
-    bias: Option<&DTensor<bf16>>,
-    y: &mut DTensor<Y>,
-) -> Result<()> {
-    let XInput { x, glu } = xin;
     if w.dims.len() != 2 {
         return Err(Error::shape(OP, "w", &[0, 0], &w.dims));
     }
@@ -297,8 +222,7 @@ fn skinny_impl<Y: GemmOut>(
             "{OP}: {t} rows; the skinny GEMM takes at most {SKINNY_ROW_LIMIT} (use cuBLASLt)"
         )));
     }
-    let x_stride = if glu { 2 * k } else { k };
-    x.check_rows(OP, if glu { "gu" } else { "x" }, t, x_stride)?;
+    x.check_rows(OP, "x", t, k)?;
     y.check_rows(OP, "y", t, n)?;
     if let Some(b) = bias {
         if b.len() != n {
@@ -309,8 +233,7 @@ fn skinny_impl<Y: GemmOut>(
         return Ok(());
     }
     let clusters = crate::ops::attention::split_kv_supported(gpu)?;
-    let cfg = SkinnyConfig { k128: cfg.k128 && !glu, ..*cfg };
-    let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
+    let plan = skinny_plan(cfg, gpu.sm_count, clusters, n, k);
     let params = SkinnyParams {
         x: x.ptr(gpu),
         w: w.ptr(gpu),
@@ -321,9 +244,9 @@ fn skinny_impl<Y: GemmOut>(
         k: k as i32,
         k_split: plan.k_split as i32,
         out_f32: (Y::OUT == OutType::F32) as i32,
-        x_stride: x_stride as i32,
+        pad: 0,
     };
-    let (sym, smem) = kernel_for(t, cfg.k128 && !glu, glu);
+    let (sym, smem) = kernel_for(t, cfg.k128);
     let lc = LaunchEx {
         grid: (plan.blocks_n as u32, plan.splits as u32, 1),
         block: (THREADS, 1, 1),
@@ -399,12 +322,11 @@ mod tests {
     #[test]
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<SkinnyParams>(), 56); // 4 pointers + 6 ints
-        assert_eq!(kernel_for(32, false, false), ("gemm_skinny32_bf16", 5 * (128 + 32) * 64 * 2));
-        assert_eq!(kernel_for(7, true, false), ("gemm_skinny8_k128_bf16", 4 * (128 + 8) * 128 * 2));
-        assert_eq!(kernel_for(40, true, true), ("gemm_skinny64_glu_bf16", 4 * (128 + 64) * 64 * 2));
+        assert_eq!(kernel_for(32, false), ("gemm_skinny32_bf16", 5 * (128 + 32) * 64 * 2));
+        assert_eq!(kernel_for(7, true), ("gemm_skinny8_k128_bf16", 4 * (128 + 8) * 128 * 2));
         for t in [1, 9, 17, 33, 64] {
             for k128 in [false, true] {
-                assert!(kernel_for(t, k128, false).1 <= 227 << 10, "t={t} k128={k128}");
+                assert!(kernel_for(t, k128).1 <= 227 << 10, "t={t} k128={k128}");
             }
         }
     }

@@ -44,26 +44,10 @@ pub fn add_rmsnorm(
     eps: f32,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
-    launch(gpu, rows, residual, delta, weight, eps, out, false)
+    launch(gpu, rows, residual, delta, weight, eps, out)
 }
 
-/// As [`add_rmsnorm`], with the previous kernel (`add_rmsnorm_v0_bf16`): only for the
-/// bit-identity test and side-by-side timing in tests/gpu_elementwise_v0.rs.
-#[doc(hidden)]
-pub fn add_rmsnorm_v0(
-    gpu: &Gpu,
-    rows: usize,
-    residual: &mut DTensor<bf16>,
-    delta: Option<&DTensor<bf16>>,
-    weight: &DTensor<bf16>,
-    eps: f32,
-    out: &mut DTensor<bf16>,
-) -> Result<()> {
-    launch(gpu, rows, residual, delta, weight, eps, out, true)
-}
-
-/// Validates and launches the current kernel, or the previous one when `v0` (both take the
-/// same parameters and block shape).
+/// Validates and launches the kernel.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     gpu: &Gpu,
@@ -73,7 +57,6 @@ fn launch(
     weight: &DTensor<bf16>,
     eps: f32,
     out: &mut DTensor<bf16>,
-    v0: bool,
 ) -> Result<()> {
     let hidden = weight.len();
     if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_HIDDEN {
@@ -110,20 +93,16 @@ fn launch(
         hidden: hidden as i32,
         eps,
     };
-    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
-    // may be launched early (PDL); v0 may not.
+    // The kernel waits for its predecessor (pdl_wait) before touching memory, so it may be
+    // launched early (PDL).
     let lc = LaunchEx {
         grid: (rows as u32, 1, 1),
         block: (threads as u32, 1, 1),
         smem: 0,
         cluster: None,
-        pdl: !v0,
+        pdl: true,
     };
-    let symbol = if v0 {
-        "add_rmsnorm_v0_bf16"
-    } else {
-        "add_rmsnorm_bf16"
-    };
+    let symbol = "add_rmsnorm_bf16";
     // SAFETY: params mirror NormParams; residual, delta and out hold >= rows rows of hidden,
     // weight holds hidden (checked above); threads * MAX_VPT * 8 >= hidden by construction;
     // with PDL the kernel waits for its predecessor before its first load.

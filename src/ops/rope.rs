@@ -57,34 +57,10 @@ pub fn rope_kv_store(
 ) -> Result<()> {
     launch(
         gpu, rows, qkv, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode,
-        false,
     )
 }
 
-/// As [`rope_kv_store`], with the previous kernel (`rope_kv_store_v0_bf16`): only for the
-/// bit-identity test and side-by-side timing in tests/gpu_elementwise_v0.rs.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn rope_kv_store_v0(
-    gpu: &Gpu,
-    rows: usize,
-    qkv: &mut DTensor<bf16>,
-    positions: &DTensor<u32>,
-    cache_rows: &DTensor<u32>,
-    k_cache: &mut DTensor<bf16>,
-    v_cache: &mut DTensor<bf16>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    theta: f32,
-    mode: RopeMode,
-) -> Result<()> {
-    launch(
-        gpu, rows, qkv, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode,
-        true,
-    )
-}
-
-/// Validates and launches the current kernel, or the previous one when `v0`.
+/// Validates and launches the kernel.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     gpu: &Gpu,
@@ -98,7 +74,6 @@ fn launch(
     n_kv_heads: usize,
     theta: f32,
     mode: RopeMode,
-    v0: bool,
 ) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
         return Err(Error::bad_input(format!(
@@ -136,21 +111,12 @@ fn launch(
     // a block takes threads * IPT items of one row. Few rows (a decode step): smaller blocks,
     // so that the grid spreads each row over more SMs.
     let items = (n_heads + n_kv_heads) * 8 + n_kv_heads * (HEAD_DIM / 8);
-    let (symbol, threads, chunks) = if v0 {
-        // One block per row of up to 512 threads.
-        (
-            "rope_kv_store_v0_bf16",
-            items.next_multiple_of(32).min(512),
-            1,
-        )
+    let threads = if rows * items.div_ceil(THREADS * IPT) >= gpu.sm_count {
+        THREADS
     } else {
-        let threads = if rows * items.div_ceil(THREADS * IPT) >= gpu.sm_count {
-            THREADS
-        } else {
-            THREADS / 2
-        };
-        ("rope_kv_store_bf16", threads, items.div_ceil(threads * IPT))
+        THREADS / 2
     };
+    let (symbol, chunks) = ("rope_kv_store_bf16", items.div_ceil(threads * IPT));
     let params = RopeParams {
         qkv: qkv.ptr_mut(gpu),
         k_cache: k_cache.ptr_mut(gpu),
@@ -167,14 +133,14 @@ fn launch(
         },
         cache_cap: cache_cap as i32,
     };
-    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
-    // may be launched early (PDL); v0 may not.
+    // The kernel waits for its predecessor (pdl_wait) before touching memory, so it may be
+    // launched early (PDL).
     let lc = LaunchEx {
         grid: (rows as u32, chunks as u32, 1),
         block: (threads as u32, 1, 1),
         smem: 0,
         cluster: None,
-        pdl: !v0,
+        pdl: true,
     };
     // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
     // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above); block

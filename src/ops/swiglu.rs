@@ -28,28 +28,15 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 /// SwiGLU of the first `rows` rows: `gu` is `[>= rows, 2*ffn]`, `out` is `[>= rows, ffn]`,
 /// `ffn % 8 == 0` with `ffn = out.row_len()`.
 pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16>) -> Result<()> {
-    launch(gpu, rows, gu, out, false)
+    launch(gpu, rows, gu, out)
 }
 
-/// As [`swiglu`], with the previous kernel (`swiglu_v0_bf16`): only for the bit-identity test
-/// and side-by-side timing in tests/gpu_elementwise_v0.rs.
-#[doc(hidden)]
-pub fn swiglu_v0(
-    gpu: &Gpu,
-    rows: usize,
-    gu: &DTensor<bf16>,
-    out: &mut DTensor<bf16>,
-) -> Result<()> {
-    launch(gpu, rows, gu, out, true)
-}
-
-/// Validates and launches the current kernel, or the previous one when `v0`.
+/// Validates and launches the kernel.
 fn launch(
     gpu: &Gpu,
     rows: usize,
     gu: &DTensor<bf16>,
     out: &mut DTensor<bf16>,
-    v0: bool,
 ) -> Result<()> {
     let ffn = out.row_len();
     if ffn == 0 || !ffn.is_multiple_of(8) {
@@ -81,33 +68,18 @@ fn launch(
         rows: rows as i32,
         ffn: ffn as i32,
     };
-    let (symbol, grid_dim, threads) = if v0 {
-        // Flat over rows * ffn/8 vectors, one per thread (fewer than 2^31).
-        let vecs = rows * ffn / 8;
-        if vecs > i32::MAX as usize {
-            return Err(Error::bad_input(format!(
-                "{OP}: {rows} rows of {ffn} is too large"
-            )));
-        }
-        (
-            "swiglu_v0_bf16",
-            ((vecs as u32).div_ceil(THREADS), 1, 1),
-            THREADS,
-        )
-    } else {
-        ("swiglu_bf16", (rows as u32, chunks as u32, 1), threads)
-    };
-    // The current kernel waits for its predecessor (pdl_wait) before touching memory, so it
-    // may be launched early (PDL); v0 may not.
+    let (symbol, grid_dim) = ("swiglu_bf16", (rows as u32, chunks as u32, 1));
+    // The kernel waits for its predecessor (pdl_wait) before touching memory, so it may be
+    // launched early (PDL).
     let lc = LaunchEx {
         grid: grid_dim,
         block: (threads, 1, 1),
         smem: 0,
         cluster: None,
-        pdl: !v0,
+        pdl: true,
     };
     // SAFETY: params mirror SwigluParams; gu holds >= rows rows of 2*ffn and out >= rows rows
     // of ffn (checked above); block (r, c) touches row r < rows only, vectors < ffn / 8 only
-    // (the kernel checks; v0: vectors < rows * ffn / 8), so every access is in bounds.
+    // (the kernel checks), so every access is in bounds.
     unsafe { launch_ex(gpu, "swiglu", symbol, lc, &params) }
 }
