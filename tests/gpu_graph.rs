@@ -360,12 +360,13 @@ fn stepper_dual_cache_decode_same_tokens_with_graphs() {
         let w = random_weights(&cfg, 11);
         let sampled = Sampling { temperature: 0.7, ..Sampling::default() };
         // Dual cache: a block's first step refreshes the whole canvas, the others recompute
-        // the block rows only, and with full logits (GpuStepper) those steps share one shape;
-        // the third sequence decodes alone after the others finish (its own repeating shape).
+        // the block rows only, and with full logits (GpuStepper) those steps share one shape
+        // (7 per block here); the third sequence finishes first, then the others go on as two.
+        // (`schedule:K` = K steps per block: 8 is one token per step for these 8-row blocks.)
         let specs = [
-            (5usize, "schedule:2", Sampling::default()),
-            (19, "schedule:2", sampled),
-            (11, "schedule:1", Sampling::default()),
+            (5usize, "schedule:8", Sampling::default()),
+            (19, "schedule:8", sampled),
+            (11, "schedule:4", Sampling::default()),
         ];
         let decode = |graphs: bool| {
             let mut rng = StdRng::seed_from_u64(12);
