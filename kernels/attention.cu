@@ -240,7 +240,7 @@ __device__ __forceinline__ void flash_store(const AttnParams& p, bf16* sQ, const
         if (m < m_count) {
             const int r = m / group, h = kvh * group + m % group;
             bf16* dst = p.out + (size_t)(row_start + r) * out_stride + (size_t)h * HEAD_DIM + chunk * 8;
-            *reinterpret_cast<bf16x8*>(dst) = *reinterpret_cast<const bf16x8*>(sQ + swz(row, chunk));
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(sQ + swz(row, chunk));  // one 16-byte access
         }
     }
 }

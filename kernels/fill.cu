@@ -77,9 +77,9 @@ extern "C" __global__ void fill_const_bf16(const FillConstParams p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     const uint64_t tid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const __nv_bfloat162 h = __float2bfloat162_rn(p.value);
-    bf16x8 x;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) x.h[i] = h;
-    for (uint64_t v = tid; v < nvec; v += stride) reinterpret_cast<bf16x8*>(p.out)[v] = x;
+    uint32_t w;
+    memcpy(&w, &h, 4);
+    const uint4 x = make_uint4(w, w, w, w);  // a uint4, so the store is one 16-byte access
+    for (uint64_t v = tid; v < nvec; v += stride) reinterpret_cast<uint4*>(p.out)[v] = x;
     for (uint64_t i = nvec * 8 + tid; i < p.n; i += stride) p.out[i] = h.x;
 }

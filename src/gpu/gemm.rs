@@ -45,8 +45,20 @@ struct Plan {
     untuned: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
-/// Heuristic candidates timed at a shape's first call (`DEMASK_GEMM_TUNE=0` keeps the first).
-const TUNE_CANDIDATES: usize = 16;
+/// Most heuristic candidates timed at a shape's first call.
+const MAX_TUNE_CANDIDATES: usize = 64;
+
+/// Candidates to time: `DEMASK_GEMM_TUNE=<n>` (0 or 1: keep the heuristic's first), default 16.
+fn tune_candidates() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DEMASK_GEMM_TUNE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(16)
+            .clamp(1, MAX_TUNE_CANDIDATES)
+    })
+}
 
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
@@ -129,7 +141,7 @@ impl Blas {
                 8,
             )
             .map_err(blas_err("CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES"))?;
-            let mut heur: [sys::cublasLtMatmulHeuristicResult_t; TUNE_CANDIDATES] = std::mem::zeroed();
+            let mut heur: [sys::cublasLtMatmulHeuristicResult_t; MAX_TUNE_CANDIDATES] = std::mem::zeroed();
             let mut found = 0i32;
             let st = sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
@@ -139,7 +151,7 @@ impl Blas {
                 d,
                 d,
                 pref,
-                TUNE_CANDIDATES as i32,
+                tune_candidates() as i32,
                 heur.as_mut_ptr(),
                 &mut found,
             );
@@ -155,8 +167,7 @@ impl Blas {
                 .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
                 .map(|h| h.algo)
                 .collect();
-            let tune = std::env::var("DEMASK_GEMM_TUNE").map_or(true, |v| v != "0");
-            let untuned = if tune && algos.len() > 1 { algos.clone() } else { Vec::new() };
+            let untuned = if algos.len() > 1 { algos.clone() } else { Vec::new() };
             plans.insert(key, Plan { desc, a, b, d, algo: algos[0], untuned });
         }
         Ok(())
