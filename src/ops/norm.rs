@@ -35,21 +35,8 @@ unsafe impl cudarc::driver::DeviceRepr for NormParams {}
 /// adds `delta` (same shape) into `residual` when given, then writes the RMSNorm of the
 /// (updated) residual times `weight` into `out` (`[>= rows, hidden]`).
 /// `hidden % 8 == 0`, `hidden <= MAX_HIDDEN`.
-pub fn add_rmsnorm(
-    gpu: &Gpu,
-    rows: usize,
-    residual: &mut DTensor<bf16>,
-    delta: Option<&DTensor<bf16>>,
-    weight: &DTensor<bf16>,
-    eps: f32,
-    out: &mut DTensor<bf16>,
-) -> Result<()> {
-    launch(gpu, rows, residual, delta, weight, eps, out)
-}
-
-/// Validates and launches the kernel.
 #[allow(clippy::too_many_arguments)]
-fn launch(
+pub fn add_rmsnorm(
     gpu: &Gpu,
     rows: usize,
     residual: &mut DTensor<bf16>,

@@ -55,26 +55,6 @@ pub fn rope_kv_store(
     theta: f32,
     mode: RopeMode,
 ) -> Result<()> {
-    launch(
-        gpu, rows, qkv, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode,
-    )
-}
-
-/// Validates and launches the kernel.
-#[allow(clippy::too_many_arguments)]
-fn launch(
-    gpu: &Gpu,
-    rows: usize,
-    qkv: &mut DTensor<bf16>,
-    positions: &DTensor<u32>,
-    cache_rows: &DTensor<u32>,
-    k_cache: &mut DTensor<bf16>,
-    v_cache: &mut DTensor<bf16>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    theta: f32,
-    mode: RopeMode,
-) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
         return Err(Error::bad_input(format!(
             "{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range"

@@ -27,12 +27,7 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 
 /// SwiGLU of the first `rows` rows: `gu` is `[>= rows, 2*ffn]`, `out` is `[>= rows, ffn]`,
 /// `ffn % 8 == 0` with `ffn = out.row_len()`.
-pub fn swiglu(gpu: &Gpu, rows: usize, gu: &DTensor<bf16>, out: &mut DTensor<bf16>) -> Result<()> {
-    launch(gpu, rows, gu, out)
-}
-
-/// Validates and launches the kernel.
-fn launch(
+pub fn swiglu(
     gpu: &Gpu,
     rows: usize,
     gu: &DTensor<bf16>,
