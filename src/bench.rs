@@ -249,6 +249,9 @@ pub struct DecodeRow {
     pub live_rows_avg: f64,
     pub roofline: Option<Roofline>,
     pub pct_of_floor: Option<f64>,
+    /// Device memory in use after the run (weights, KV cache, workspace: everything is
+    /// allocated up front, so this is the peak); `None` on the CPU.
+    pub peak_mem_bytes: Option<usize>,
 }
 
 /// FLOPs and bytes of one step of `batch` sequences, each recomputing `live` rows of a
@@ -324,6 +327,7 @@ pub fn run_decode(
         live_rows_avg,
         roofline,
         pct_of_floor: pct,
+        peak_mem_bytes: None,
     })
 }
 

@@ -195,15 +195,19 @@ fn pick_device(spec: &str) -> Result<Device> {
 }
 
 fn print_rows(rows: &[ForwardRow]) {
-    println!("\n{:<10} {:<12} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}", "workload", "model", "len", "batch", "median ms", "min ms", "max ms", "floor ms", "% floor");
+    println!(
+        "\n{:<10} {:<12} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "workload", "model", "len", "batch", "median ms", "min ms", "max ms", "floor ms", "% floor", "peak GB"
+    );
     for r in rows {
         let (floor, pct) = match (&r.roofline, r.pct_of_floor) {
             (Some(f), Some(p)) => (format!("{:.2}", f.floor_ms), format!("{:.1}", 100.0 * p)),
             _ => ("-".into(), "-".into()),
         };
+        let peak = r.peak_mem_bytes.map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1e9));
         println!(
-            "{:<10} {:<12} {:>6} {:>6} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>8}",
-            r.workload, r.model, r.len, r.batch, r.stats.median_ms, r.stats.min_ms, r.stats.max_ms, floor, pct
+            "{:<10} {:<12} {:>6} {:>6} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>8} {:>8}",
+            r.workload, r.model, r.len, r.batch, r.stats.median_ms, r.stats.min_ms, r.stats.max_ms, floor, pct, peak
         );
     }
 }
@@ -459,16 +463,17 @@ fn decode_specs(a: &BenchArgs) -> Result<(String, Vec<bench::DecodeSpec>)> {
 
 fn print_decode_rows(rows: &[bench::DecodeRow]) {
     println!(
-        "\n{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
-        "work", "model", "batch", "prompt", "gen", "block", "policy", "cache", "steps", "median ms", "mean ms", "max", "tok/s", "live rows", "% floor"
+        "\n{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8}",
+        "work", "model", "batch", "prompt", "gen", "block", "policy", "cache", "steps", "median ms", "mean ms", "max", "tok/s", "live rows", "% floor", "peak GB"
     );
     for r in rows {
         let s = &r.spec;
         let pct = r.pct_of_floor.map_or("-".to_string(), |p| format!("{:.1}", 100.0 * p));
+        let peak = r.peak_mem_bytes.map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1e9));
         println!(
-            "{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9.3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>8}",
+            "{:<5} {:<10} {:>5} {:>6} {:>5} {:>5} {:<12} {:<12} {:>6} {:>9.3} {:>8.3} {:>8.3} {:>9.1} {:>9.1} {:>8} {:>8}",
             s.workload, r.model, s.batch, s.prompt_len, s.gen_len, s.block_len, s.policy, s.cache, r.steps,
-            r.step.median_ms, r.step.mean_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct
+            r.step.median_ms, r.step.mean_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct, peak
         );
     }
 }
@@ -476,6 +481,12 @@ fn print_decode_rows(rows: &[bench::DecodeRow]) {
 fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
     use demask::engine::{Engine, EngineOptions};
     let (preset, specs) = decode_specs(a)?;
+    // The device whose memory use the table reports (None on the CPU).
+    #[cfg(feature = "cuda")]
+    let mem_gpu = match &device {
+        Device::Cuda(g) => Some(g.clone()),
+        Device::Cpu => None,
+    };
     let (mut engine, ceilings, model_name) = match device {
         Device::Cpu => {
             let name = if preset.starts_with("tiny-") { preset.clone() } else { "tiny-llada".to_string() };
@@ -528,6 +539,11 @@ fn bench_decode_cmd(a: &BenchArgs, device: Device) -> Result<()> {
         );
         let mut r = bench::run_decode(&mut engine, spec, 3, ceilings.as_ref())?;
         r.model = model_name.clone();
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mem_gpu {
+            let (free, total) = g.mem_info()?;
+            r.peak_mem_bytes = Some(total - free);
+        }
         rows.push(r);
     }
     if let Some(c) = &ceilings {
