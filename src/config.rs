@@ -165,7 +165,7 @@ impl ModelConfig {
             ffn: j.mlp_hidden_size,
             n_heads: j.n_heads,
             n_kv_heads: j.n_kv_heads.unwrap_or(j.n_heads),
-            head_dim: if j.n_heads > 0 { j.d_model / j.n_heads } else { 0 },
+            head_dim: j.d_model.checked_div(j.n_heads).unwrap_or(0),
             vocab,
             rope_theta: j.rope_theta,
             norm_eps: j.rms_norm_eps,
@@ -185,7 +185,7 @@ impl ModelConfig {
             ffn: j.intermediate_size,
             n_heads: j.num_attention_heads,
             n_kv_heads: j.num_key_value_heads,
-            head_dim: if j.num_attention_heads > 0 { j.hidden_size / j.num_attention_heads } else { 0 },
+            head_dim: j.hidden_size.checked_div(j.num_attention_heads).unwrap_or(0),
             vocab: j.vocab_size,
             rope_theta: j.rope_theta,
             norm_eps: j.rms_norm_eps,
@@ -280,7 +280,7 @@ impl ModelConfig {
         if self.n_layers > 1024 {
             return Err(Error::config(f_layers, format!("{} is out of range (1..=1024)", self.n_layers)));
         }
-        if self.hidden % self.n_heads != 0 {
+        if !self.hidden.is_multiple_of(self.n_heads) {
             return Err(Error::config(f_heads, format!("{} does not divide {f_hidden} = {}", self.n_heads, self.hidden)));
         }
         if self.head_dim != HEAD_DIM {
@@ -289,10 +289,10 @@ impl ModelConfig {
                 format!("head dim {f_hidden}/{f_heads} = {} is unsupported (kernels need {HEAD_DIM})", self.head_dim),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(f_kv, format!("{} does not divide {f_heads} = {}", self.n_kv_heads, self.n_heads)));
         }
-        if self.hidden % 8 != 0 || self.ffn % 8 != 0 {
+        if !self.hidden.is_multiple_of(8) || !self.ffn.is_multiple_of(8) {
             return Err(Error::config(f_ffn, "hidden and ffn sizes must be multiples of 8 (16-byte rows)"));
         }
         if self.vocab > u32::MAX as usize / 2 {

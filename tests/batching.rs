@@ -10,67 +10,18 @@
 //!     mid-flight, cancel, and outputs of submitted requests that finish during `generate`;
 //! (4) the cache-row allocator: first fit, fragmentation, coalescing, growth, refusals;
 //! (5) requests that can never fit, or are invalid, are refused at submit and queue nothing.
+mod common;
+
 use std::collections::HashMap;
 
-use demask::checkpoint::random_weights;
+use common::{cpu_engine, kv_row_bytes, mixed_requests, prompt, req, Trace, PRESETS};
 use demask::config::ModelConfig;
 use demask::decode::runner::StepEvent;
 use demask::decode::scheduler::RowAllocator;
 use demask::decode::{Policy, Sampling};
-use demask::engine::{Device, Engine, EngineOptions, Output, Prompt, Request, RequestId};
+use demask::engine::{EngineOptions, Output, Prompt, Request, RequestId};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
-
-fn engine(preset: &str, opts: EngineOptions) -> Engine {
-    let cfg = ModelConfig::preset(preset).unwrap();
-    Engine::from_weights(random_weights(&cfg, 5), None, EngineOptions { device: Device::Cpu, ..opts }).unwrap()
-}
-
-/// A random prompt of `len` ordinary tokens (below the tiny presets' special ids).
-fn prompt(rng: &mut StdRng, len: usize) -> Vec<u32> {
-    (0..len).map(|_| rng.gen_range(0..500)).collect()
-}
-
-fn req(prompt: &[u32], gen: u32, block: u32, policy: &str, cache: &str) -> Request {
-    let mut r = Request::new(Prompt::Ids(prompt.to_vec()), gen, block, policy.parse().unwrap());
-    r.stop_at_eos = false;
-    r.cache = cache.parse().unwrap();
-    r
-}
-
-/// Eight different requests: prompt lengths 1..40, gen 8..32, block 2..16, eight policies,
-/// every cache scheme, one sampled (temperature 0.8: deterministic too, keyed by seed, seq id,
-/// step and slot) and one with stop-at-EOS.
-fn mixed_requests(seed: u64) -> Vec<Request> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let spec: [(usize, u32, u32, &str, &str); 8] = [
-        (1, 8, 8, "schedule:4", "none"),
-        (7, 16, 4, "threshold:0.8", "prompt"),
-        (40, 32, 8, "factor:1", "prefix"),
-        (13, 24, 8, "confident:0.9,4", "dual"),
-        (26, 16, 16, "dream:maskgit_plus,4", "dkv:2"),
-        (3, 32, 4, "random:4", "dkv-greedy"),
-        (19, 8, 2, "dream:topk_margin,3", "dkv:1"),
-        (33, 24, 12, "schedule:3", "dkv-greedy:0"),
-    ];
-    spec.iter()
-        .enumerate()
-        .map(|(i, &(p, gen, block, policy, cache))| {
-            let mut r = req(&prompt(&mut rng, p), gen, block, policy, cache);
-            r.seed = 100 + i as u64;
-            r.seq_id = i as u32;
-            if i == 5 {
-                r.sampling = Sampling { temperature: 0.8, ..Sampling::default() };
-            }
-            if i == 3 {
-                r.stop_at_eos = true;
-            }
-            r
-        })
-        .collect()
-}
+use rand::SeedableRng;
 
 fn same_decode(a: &Output, b: &Output, what: &str) {
     assert_eq!(a.tokens, b.tokens, "{what}: tokens");
@@ -78,25 +29,6 @@ fn same_decode(a: &Output, b: &Output, what: &str) {
     assert_eq!(a.commits_per_step, b.commits_per_step, "{what}: commits per step");
     assert_eq!(a.rows_per_step, b.rows_per_step, "{what}: live rows per step");
     assert_eq!(a.step_ms.len(), a.steps as usize, "{what}: one step time per own step");
-}
-
-/// First and last batch step of each request index, and the sequences / canvas rows of each
-/// batch step, from `generate_with`'s callback.
-#[derive(Default)]
-struct Trace {
-    span: HashMap<usize, (u32, u32)>,
-    per_step: HashMap<u32, (usize, usize)>,
-}
-
-impl Trace {
-    fn record(&mut self, e: &StepEvent) {
-        let s = self.span.entry(e.index).or_insert((e.batch_step, e.batch_step));
-        s.0 = s.0.min(e.batch_step);
-        s.1 = s.1.max(e.batch_step);
-        let b = self.per_step.entry(e.batch_step).or_default();
-        b.0 += 1;
-        b.1 += e.canvas.len();
-    }
 }
 
 /// (1) Alone, together, max_batch 3, a max_rows bound and a tight KV budget: identical
@@ -110,7 +42,7 @@ fn batch_invariance_alone_vs_together_vs_joining_mid_flight() {
             _ => unreachable!(),
         };
         let longest = reqs.iter().map(canvas).max().unwrap();
-        let mut e = engine(preset, EngineOptions::default());
+        let mut e = cpu_engine(preset, EngineOptions::default());
         let alone: Vec<Output> = reqs.iter().map(|r| e.generate(std::slice::from_ref(r)).unwrap().remove(0)).collect();
         assert!(alone.iter().all(|o| o.tokens.iter().all(|&t| t != demask::config::TINY_MASK)));
         let together = e.generate(&reqs).unwrap();
@@ -118,14 +50,14 @@ fn batch_invariance_alone_vs_together_vs_joining_mid_flight() {
             same_decode(a, b, &format!("{preset} request {i}: alone vs all 8 together"));
         }
         let cfg = ModelConfig::preset(preset).unwrap();
-        let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 4) as u64;
+        let per_row = kv_row_bytes(&cfg, 4);
         let bounded = [
             ("max_batch 3", EngineOptions { max_batch: 3, ..Default::default() }),
             ("max_rows", EngineOptions { max_rows: longest + 20, ..Default::default() }),
             ("kv budget", EngineOptions { kv_budget: Some(per_row * (longest as u64 + 30)), ..Default::default() }),
         ];
         for (what, opts) in bounded {
-            let mut e = engine(preset, opts.clone());
+            let mut e = cpu_engine(preset, opts.clone());
             let mut t = Trace::default();
             let outs = e.generate_with(&reqs, &mut |ev: &StepEvent| t.record(ev)).unwrap();
             for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
@@ -154,7 +86,7 @@ fn a_queued_request_starts_before_the_longest_running_one_finishes() {
     let long = req(&prompt(&mut rng, 5), 64, 8, "schedule:8", "dual");
     let short = |rng: &mut StdRng| req(&prompt(rng, 9), 8, 8, "schedule:2", "prompt");
     let reqs = vec![long, short(&mut rng), short(&mut rng), short(&mut rng)];
-    let mut e = engine("tiny-dream", EngineOptions { max_batch: 2, ..Default::default() });
+    let mut e = cpu_engine("tiny-dream", EngineOptions { max_batch: 2, ..Default::default() });
     let mut t = Trace::default();
     let outs = e.generate_with(&reqs, &mut |ev: &StepEvent| t.record(ev)).unwrap();
     assert_eq!(outs[0].steps, 64);
@@ -175,8 +107,8 @@ fn submit_and_step_api() {
     let mut rng = StdRng::seed_from_u64(8);
     let reqs: Vec<Request> =
         (0..6).map(|i| req(&prompt(&mut rng, 2 + 5 * i), 8 * (1 + i as u32 % 3), 8, "schedule:2", "none")).collect();
-    let want = engine("tiny-llada", EngineOptions::default()).generate(&reqs).unwrap();
-    let mut e = engine("tiny-llada", EngineOptions { max_batch: 2, ..Default::default() });
+    let want = cpu_engine("tiny-llada", EngineOptions::default()).generate(&reqs).unwrap();
+    let mut e = cpu_engine("tiny-llada", EngineOptions { max_batch: 2, ..Default::default() });
     assert!(e.step().unwrap().is_empty(), "an idle step does nothing");
     assert_eq!(e.batch_steps(), 0);
     let ids: Vec<RequestId> = reqs[..5].iter().map(|r| e.submit(r.clone()).unwrap()).collect();
@@ -293,13 +225,13 @@ fn row_allocator_fragmentation_coalescing_refusal() {
 #[test]
 fn requests_that_cannot_fit_or_are_invalid_are_refused_at_submit() {
     let cfg = ModelConfig::preset("tiny-llada").unwrap();
-    let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 4) as u64;
+    let per_row = kv_row_bytes(&cfg, 4);
     let mut rng = StdRng::seed_from_u64(4);
     let p20 = prompt(&mut rng, 20);
     let big = req(&p20, 16, 8, "schedule:2", "dual"); // 36 rows
     let small = req(&p20[..4], 8, 8, "schedule:2", "dual"); // 12 rows
 
-    let mut e = engine("tiny-llada", EngineOptions { max_rows: 30, ..Default::default() });
+    let mut e = cpu_engine("tiny-llada", EngineOptions { max_rows: 30, ..Default::default() });
     let m = e.submit(big.clone()).unwrap_err().to_string();
     assert!(m.contains("request 0") && m.contains("36 rows") && m.contains("max_rows 30"), "{m}");
     assert_eq!((e.pending(), e.active()), (0, 0));
@@ -308,7 +240,7 @@ fn requests_that_cannot_fit_or_are_invalid_are_refused_at_submit() {
     assert!(m.contains("request 1"), "named by the id it would have had: {m}");
     assert_eq!(e.pending(), 1);
 
-    let mut e = engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 30), ..Default::default() });
+    let mut e = cpu_engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 30), ..Default::default() });
     let m = e.submit(big.clone()).unwrap_err().to_string();
     assert!(m.contains("request 0") && m.contains("36 rows") && m.contains("KV budget"), "{m}");
     assert!(m.contains(&(per_row * 30).to_string()), "the budget in bytes: {m}");

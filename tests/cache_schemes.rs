@@ -3,40 +3,23 @@
 //! goes stale under `prompt` / `dual`, rows that are not live keep their K, full steps equal a
 //! fresh recomputation); live rows per step follow the scheme's rule; every scheme finishes
 //! with several policies; alone vs in a batch; bad scheme strings; the KV budget.
+mod common;
+
+use common::{cpu_engine, kv_row_bytes, prompt, req, seq_state, spec, PRESETS};
 use demask::batch::RowBatch;
 use demask::cache::CacheScheme;
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
-use demask::decode::canvas::{Canvas, CanvasSpec};
 use demask::decode::cpu::CpuStepper;
-use demask::decode::runner::{self, SeqState, StepEvent};
+use demask::decode::runner::{self, StepEvent};
 use demask::decode::step::{Commit, SeqWork, SlotScores, StepBackend};
-use demask::decode::Sampling;
-use demask::engine::{parse_bytes, Device, Engine, EngineOptions, Output, Prompt, Request};
+use demask::engine::{parse_bytes, Engine, EngineOptions, Output, Request};
 use demask::Result;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
 const SCHEMES: [&str; 8] = ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv-greedy", "dkv-greedy:0"];
 const POLICIES: [&str; 5] = ["schedule:4", "threshold:0.9", "factor:1", "random:4", "dream:entropy,4"];
-
-fn engine(preset: &str, opts: EngineOptions) -> Engine {
-    let cfg = ModelConfig::preset(preset).unwrap();
-    Engine::from_weights(random_weights(&cfg, 5), None, EngineOptions { device: Device::Cpu, ..opts }).unwrap()
-}
-
-/// A random prompt of `len` ordinary tokens (below the tiny presets' special ids).
-fn prompt(rng: &mut StdRng, len: usize) -> Vec<u32> {
-    (0..len).map(|_| rng.gen_range(0..500)).collect()
-}
-
-fn req(prompt: &[u32], gen: u32, block: u32, policy: &str, cache: &str) -> Request {
-    let mut r = Request::new(Prompt::Ids(prompt.to_vec()), gen, block, policy.parse().unwrap());
-    r.stop_at_eos = false;
-    r.cache = cache.parse().unwrap();
-    r
-}
 
 fn check_complete(o: &Output, what: &str) {
     assert!(o.tokens.iter().all(|&t| t != demask::config::TINY_MASK), "{what}: a slot is still masked: {:?}", o.tokens);
@@ -52,7 +35,7 @@ fn check_complete(o: &Output, what: &str) {
 fn refresh_every_step_equals_none() {
     let mut rng = StdRng::seed_from_u64(1);
     for preset in PRESETS {
-        let mut e = engine(preset, EngineOptions::default());
+        let mut e = cpu_engine(preset, EngineOptions::default());
         for (pi, policy) in POLICIES.iter().enumerate() {
             let p = prompt(&mut rng, 3 + 4 * pi);
             let base = e.generate(&[req(&p, 16, 8, policy, "none")]).unwrap().remove(0);
@@ -75,7 +58,7 @@ fn refresh_every_step_equals_none() {
 fn every_scheme_runs_to_completion() {
     let mut rng = StdRng::seed_from_u64(2);
     for preset in PRESETS {
-        let mut e = engine(preset, EngineOptions::default());
+        let mut e = cpu_engine(preset, EngineOptions::default());
         for scheme in SCHEMES {
             for (pi, policy) in POLICIES.iter().enumerate() {
                 let p = prompt(&mut rng, if pi % 2 == 0 { 1 } else { 19 });
@@ -142,7 +125,7 @@ fn live_rows_per_step_follow_the_scheme() {
     let len = p_len + gen;
     for preset in PRESETS {
         let shifted = preset == "tiny-dream";
-        let mut e = engine(preset, EngineOptions::default());
+        let mut e = cpu_engine(preset, EngineOptions::default());
         let p = prompt(&mut rng, p_len as usize);
         for scheme in ["prompt", "prefix", "dual", "dkv:3"] {
             // threshold:0.9 on random weights commits about one slot a step: many steps a block.
@@ -189,7 +172,7 @@ fn live_rows_per_step_follow_the_scheme() {
 fn alone_equals_in_a_batch_of_three_for_every_scheme() {
     let mut rng = StdRng::seed_from_u64(4);
     for preset in PRESETS {
-        let mut e = engine(preset, EngineOptions::default());
+        let mut e = cpu_engine(preset, EngineOptions::default());
         for scheme in SCHEMES {
             let a = req(&prompt(&mut rng, 7), 16, 8, "schedule:4", "dual");
             let b = req(&prompt(&mut rng, 11), 16, 4, "threshold:0.9", scheme);
@@ -239,14 +222,11 @@ fn stale_prompt_k(preset: &str, scheme: &str) -> f32 {
     let w = random_weights(&cfg, 6);
     let mut rng = StdRng::seed_from_u64(5);
     let p = prompt(&mut rng, 9);
-    let spec = CanvasSpec { gen_len: 16, block_len: 8, stop_at_eos: false };
-    let canvas = Canvas::new(&p, &[], spec, &cfg).unwrap();
-    let s = SeqState::new(canvas.clone(), "threshold:0.9".parse().unwrap(), Sampling::default(), 1, 0)
-        .with_cache(scheme.parse().unwrap(), false);
-    let len = canvas.len();
+    let s = seq_state(&cfg, &p, &[], spec(16, 8), "threshold:0.9", 1, 0).with_cache(scheme.parse().unwrap(), false);
+    let len = s.canvas.len();
     let mut probe = Probe { inner: CpuStepper::new(&w, len).unwrap(), k_after: Vec::new(), live: Vec::new() };
     // The input canvas of each step: the initial one, then the canvas after each step.
-    let mut inputs = vec![canvas.tokens().to_vec()];
+    let mut inputs = vec![s.canvas.tokens().to_vec()];
     let mut cb = |e: &StepEvent| inputs.push(e.canvas.tokens().to_vec());
     let mut seqs = [s];
     runner::run(&mut probe, &mut seqs, Some(&mut cb)).unwrap();
@@ -341,20 +321,20 @@ fn byte_counts_parse() {
 fn kv_budget_errors_and_waves() {
     let cfg = ModelConfig::preset("tiny-llada").unwrap();
     // The CPU cache is f32: 2 (K, V) · layers · kv_dim · 4 bytes a row.
-    let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 4) as u64;
+    let per_row = kv_row_bytes(&cfg, 4);
     let mut rng = StdRng::seed_from_u64(7);
     let reqs: Vec<Request> =
         (0..3).map(|i| req(&prompt(&mut rng, 5 + i), 16, 8, "schedule:4", SCHEMES[1 + i])).collect();
     let rows1 = 5 + 1 + 16; // request 1's canvas
-    let mut small = engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 20), ..Default::default() });
+    let mut small = cpu_engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 20), ..Default::default() });
     let e = small.generate(&reqs).unwrap_err().to_string();
     assert!(e.contains("request 0") && e.contains("21 rows") && e.contains("KV budget"), "{e}");
     assert!(e.contains(&(per_row * 20).to_string()), "the budget in bytes: {e}");
     let e = small.generate(&reqs[1..2]).unwrap_err().to_string();
     assert!(e.contains("request 0") && e.contains(&format!("{rows1} rows")), "{e}");
     // Room for the longest request alone: three waves, same tokens as no budget.
-    let mut one = engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 23 + 7), ..Default::default() });
-    let mut free = engine("tiny-llada", EngineOptions::default());
+    let mut one = cpu_engine("tiny-llada", EngineOptions { kv_budget: Some(per_row * 23 + 7), ..Default::default() });
+    let mut free = cpu_engine("tiny-llada", EngineOptions::default());
     let a = one.generate(&reqs).unwrap();
     let b = free.generate(&reqs).unwrap();
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {

@@ -3,10 +3,13 @@
 //! (`decode::cpu::score_and_select`) picks the commits; the runner does the rest. Then end to
 //! end on random tiny-llada / tiny-dream weights through the `Engine`: every policy finishes,
 //! determinism, batching invariance, and bad input.
+mod common;
+
+use common::{ids_request, seq_state};
 use demask::batch::RowBatch;
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
-use demask::decode::canvas::{Canvas, CanvasSpec};
+use demask::decode::canvas::CanvasSpec;
 use demask::decode::cpu::score_and_select;
 use demask::decode::prior::Prior;
 use demask::decode::runner::{self, SeqState, StepEvent};
@@ -99,8 +102,7 @@ fn seq(
 ) -> SeqState {
     let prior = prior.map(|p| p.resolve(gen, cfg, None).unwrap()).unwrap_or_default();
     let spec = CanvasSpec { gen_len: gen, block_len: block, stop_at_eos: stop };
-    let canvas = Canvas::new(prompt, &prior, spec, cfg).unwrap();
-    SeqState::new(canvas, policy.parse().unwrap(), Sampling::default(), 7, 0)
+    seq_state(cfg, prompt, &prior, spec, policy, 7, 0)
 }
 
 /// Runs one sequence with a script; returns it, the fake, and the commits of each step.
@@ -324,12 +326,6 @@ fn engine(preset: &str) -> Engine {
     .unwrap()
 }
 
-fn req(prompt: &[u32], gen: u32, block: u32, policy: &str) -> Request {
-    let mut r = Request::new(Prompt::Ids(prompt.to_vec()), gen, block, policy.parse().unwrap());
-    r.stop_at_eos = false;
-    r
-}
-
 /// Every slot filled; `committed` (the masked slots) committed once each.
 fn check_complete(o: &Output, gen: usize, committed: usize, mask: u32) {
     assert_eq!(o.tokens.len(), gen);
@@ -346,7 +342,7 @@ fn every_policy_runs_to_completion_on_random_weights() {
         let mut e = engine(preset);
         let mask = e.config().mask_id;
         for &p in POLICIES {
-            let o = e.generate(&[req(&[72, 101, 108, 108, 111], 16, 8, p)]).unwrap().remove(0);
+            let o = e.generate(&[ids_request(&[72, 101, 108, 108, 111], 16, 8, p)]).unwrap().remove(0);
             check_complete(&o, 16, 16, mask);
             if p.starts_with("schedule") || p.starts_with("random") || p.starts_with("dream") {
                 assert_eq!(o.steps, 8, "{preset} {p}: 2 blocks x 4 steps");
@@ -360,7 +356,7 @@ fn every_policy_runs_to_completion_on_random_weights() {
 fn same_seed_same_tokens_and_different_seeds_differ() {
     for preset in ["tiny-llada", "tiny-dream"] {
         let mut e = engine(preset);
-        let mut r = req(&[1, 2, 3, 4], 16, 8, "threshold:0.5");
+        let mut r = ids_request(&[1, 2, 3, 4], 16, 8, "threshold:0.5");
         let g1 = e.generate(&[r.clone()]).unwrap().remove(0);
         let g2 = e.generate(&[r.clone()]).unwrap().remove(0);
         assert_eq!(g1.tokens, g2.tokens, "{preset} greedy");
@@ -381,12 +377,12 @@ fn a_request_alone_equals_it_in_a_batch_of_three() {
     for preset in ["tiny-llada", "tiny-dream"] {
         let mut e = engine(preset);
         for temperature in [0.0, 0.8] {
-            let mut r = req(&[10, 20, 30, 40, 50, 60, 70], 16, 4, "confident:0.8,4");
+            let mut r = ids_request(&[10, 20, 30, 40, 50, 60, 70], 16, 4, "confident:0.8,4");
             r.sampling.temperature = temperature;
             r.seed = 5;
-            let mut x = req(&[99], 8, 8, "schedule:3");
+            let mut x = ids_request(&[99], 8, 8, "schedule:3");
             x.seed = 6;
-            let mut y = req(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 24, 8, "factor:1");
+            let mut y = ids_request(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 24, 8, "factor:1");
             y.sampling.temperature = 0.5;
             let alone = e.generate(&[r.clone()]).unwrap().remove(0);
             let batch = e.generate(&[x, r, y]).unwrap();
@@ -401,7 +397,7 @@ fn waves_bounded_by_max_batch_and_max_rows_give_the_same_tokens() {
     let cfg = ModelConfig::preset("tiny-dream").unwrap();
     let reqs: Vec<Request> = (0..4u32)
         .map(|i| {
-            let mut r = req(&(1..4 + 3 * i).collect::<Vec<u32>>(), 8, 4, "threshold:0.7");
+            let mut r = ids_request(&(1..4 + 3 * i).collect::<Vec<u32>>(), 8, 4, "threshold:0.7");
             r.sampling.temperature = 0.9;
             r.seed = 40 + i as u64;
             r
@@ -430,7 +426,7 @@ fn stop_at_eos_counts_only_real_tokens() {
     let mut e = engine("tiny-llada");
     let cfg = e.config().clone();
     // Fixed EOS in block 0 forces the stop once block 0 is finished.
-    let mut r = req(&[1, 2, 3], 16, 4, "threshold:0.9");
+    let mut r = ids_request(&[1, 2, 3], 16, 4, "threshold:0.9");
     r.stop_at_eos = true;
     r.prior = Some(Prior::Fixed(vec![(1, cfg.eos_id), (9, 65)]));
     let o = e.generate(&[r]).unwrap().remove(0);
@@ -463,14 +459,14 @@ fn engine_loads_a_checkpoint_directory() {
     let dir = std::env::temp_dir().join(format!("demask-decode-semantics-{}", std::process::id()));
     demask::checkpoint::write_checkpoint(&cfg, 1, &dir, true, |_: &str| {}).unwrap();
     let mut e = Engine::load(&dir, EngineOptions { device: Device::Cpu, ..Default::default() }).unwrap();
-    let o = e.generate(&[req(&[1, 2, 3], 32, 8, "threshold:0.9")]).unwrap().remove(0);
+    let o = e.generate(&[ids_request(&[1, 2, 3], 32, 8, "threshold:0.9")]).unwrap().remove(0);
     check_complete(&o, 32, 32, cfg.mask_id);
     let r = Request::new(Prompt::Text { text: "abc".into(), chat: false }, 8, 8, "schedule:2".parse().unwrap());
     assert!(e.generate(&[r]).unwrap()[0].text.is_some());
     // cuda:0 either opens (a GPU machine: then it decodes too) or fails naming the device.
     match Engine::load(&dir, EngineOptions { device: Device::Cuda(0), ..Default::default() }) {
         Ok(mut e) => {
-            let o = e.generate(&[req(&[1, 2, 3], 32, 8, "threshold:0.9")]).unwrap().remove(0);
+            let o = e.generate(&[ids_request(&[1, 2, 3], 32, 8, "threshold:0.9")]).unwrap().remove(0);
             check_complete(&o, 32, 32, cfg.mask_id);
         }
         Err(e) => assert!(e.to_string().contains("cuda:0"), "{e}"),
@@ -484,7 +480,7 @@ fn bad_input_is_refused_with_clear_errors() {
     let mut e = engine("tiny-llada");
     let mut no_tok = Engine::from_weights(random_weights(&cfg, 3), None, EngineOptions::default()).unwrap();
     let err = |e: &mut Engine, r: Request| e.generate(&[r]).unwrap_err().to_string();
-    let base = || req(&[1, 2, 3], 16, 8, "schedule:4");
+    let base = || ids_request(&[1, 2, 3], 16, 8, "schedule:4");
     assert!(e.generate(&[]).unwrap_err().to_string().contains("no requests"));
     let m = err(&mut e, Request { prompt: Prompt::Ids(vec![1, 512]), ..base() });
     assert!(m.contains("512") && m.contains("vocabulary"), "{m}");

@@ -1,6 +1,6 @@
 //! Continuous batching on the GPU engine (`Engine::on_gpu`, tiny presets, the 8 mixed
-//! requests of tests/batching.rs: prompt lengths 1..40, different gen / block lengths,
-//! policies and every cache scheme).
+//! requests of tests/batching.rs (`common::mixed_requests`): prompt lengths 1..40, different
+//! gen / block lengths, policies and every cache scheme).
 //!
 //! What is asserted and what is only reported: on the CPU a row's result is bit-identical
 //! whatever shares its forward, so tests/batching.rs asserts alone == batched exactly. On the
@@ -20,69 +20,15 @@
 //! Skips without a GPU (`DEMASK_REQUIRE_GPU=1` makes that a failure).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::HashMap;
 
-use demask::checkpoint::random_weights;
+use common::{gpu_engine, mixed_requests, sharp_weights, Trace, PRESETS};
 use demask::config::ModelConfig;
 use demask::decode::runner::StepEvent;
-use demask::decode::Sampling;
-use demask::engine::{Engine, EngineOptions, Output, Prompt, Request, RequestId};
-use demask::gpu::{test_gpu, Gpu};
-use demask::model::GpuWeights;
-use demask::weights::HostWeights;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use std::sync::Arc;
-
-const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
-
-/// Random weights with a sharper LM head (fewer near-ties, as in tests/gpu_cache.rs).
-fn weights(cfg: &ModelConfig, seed: u64) -> HostWeights {
-    let mut w = random_weights(cfg, seed);
-    for x in &mut w.lm_head {
-        *x = half::bf16::from_f32(x.to_f32() * 4.0);
-    }
-    w
-}
-
-fn gpu_engine(gpu: &Arc<Gpu>, cfg: &ModelConfig, w: &HostWeights, max_batch: usize) -> Engine {
-    let opts = EngineOptions { max_batch, ..Default::default() };
-    let dev = GpuWeights::upload(gpu, w).unwrap();
-    Engine::on_gpu(gpu.clone(), cfg.clone(), dev, None, &opts).unwrap()
-}
-
-fn prompt(rng: &mut StdRng, len: usize) -> Vec<u32> {
-    (0..len).map(|_| rng.gen_range(0..500)).collect()
-}
-
-/// The 8 requests of tests/batching.rs.
-fn mixed_requests(seed: u64) -> Vec<Request> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let spec: [(usize, u32, u32, &str, &str); 8] = [
-        (1, 8, 8, "schedule:4", "none"),
-        (7, 16, 4, "threshold:0.8", "prompt"),
-        (40, 32, 8, "factor:1", "prefix"),
-        (13, 24, 8, "confident:0.9,4", "dual"),
-        (26, 16, 16, "dream:maskgit_plus,4", "dkv:2"),
-        (3, 32, 4, "random:4", "dkv-greedy"),
-        (19, 8, 2, "dream:topk_margin,3", "dkv:1"),
-        (33, 24, 12, "schedule:3", "dkv-greedy:0"),
-    ];
-    spec.iter()
-        .enumerate()
-        .map(|(i, &(p, gen, block, policy, cache))| {
-            let mut r = Request::new(Prompt::Ids(prompt(&mut rng, p)), gen, block, policy.parse().unwrap());
-            r.stop_at_eos = i == 3;
-            r.cache = cache.parse().unwrap();
-            r.seed = 100 + i as u64;
-            r.seq_id = i as u32;
-            if i == 5 {
-                r.sampling = Sampling { temperature: 0.8, ..Sampling::default() };
-            }
-            r
-        })
-        .collect()
-}
+use demask::engine::{Engine, EngineOptions, Output, Request, RequestId};
+use demask::gpu::test_gpu;
 
 fn check_complete(o: &Output, mask: u32, what: &str) {
     assert!(o.tokens.iter().all(|&t| t != mask), "{what}: a slot is still masked: {:?}", o.tokens);
@@ -95,20 +41,13 @@ fn check_complete(o: &Output, mask: u32, what: &str) {
 /// Runs `reqs` with `generate_with`, checking per batch step at most `max_batch` sequences and
 /// that each request's steps are consecutive batch steps.
 fn run_traced(e: &mut Engine, reqs: &[Request], max_batch: usize, what: &str) -> Vec<Output> {
-    let mut span: HashMap<usize, (u32, u32)> = HashMap::new();
-    let mut per_step: HashMap<u32, usize> = HashMap::new();
-    let outs = e
-        .generate_with(reqs, &mut |ev: &StepEvent| {
-            let s = span.entry(ev.index).or_insert((ev.batch_step, ev.batch_step));
-            s.1 = ev.batch_step;
-            *per_step.entry(ev.batch_step).or_default() += 1;
-        })
-        .unwrap();
+    let mut t = Trace::default();
+    let outs = e.generate_with(reqs, &mut |ev: &StepEvent| t.record(ev)).unwrap();
     for (i, o) in outs.iter().enumerate() {
-        let (f, l) = span[&i];
+        let (f, l) = t.span[&i];
         assert_eq!(l - f + 1, o.steps, "{what} request {i}: steps are consecutive batch steps");
     }
-    assert!(per_step.values().all(|&n| n <= max_batch), "{what}: more than {max_batch} sequences in a step");
+    assert!(t.per_step.values().all(|&(n, _)| n <= max_batch), "{what}: more than {max_batch} sequences in a step");
     outs
 }
 
@@ -121,9 +60,9 @@ fn gpu_batched_decoding_is_deterministic_and_alone_vs_batched_is_reported() {
     let Some(gpu) = test_gpu() else { return };
     for preset in PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
-        let w = weights(&cfg, 21);
+        let w = sharp_weights(&cfg, 21);
         let reqs = mixed_requests(11);
-        let mut e8 = gpu_engine(&gpu, &cfg, &w, 8);
+        let mut e8 = gpu_engine(&gpu, &cfg, &w, &EngineOptions { max_batch: 8, ..Default::default() });
         let a = run_traced(&mut e8, &reqs, 8, &format!("{preset} max_batch 8"));
         let b = run_traced(&mut e8, &reqs, 8, &format!("{preset} max_batch 8, again"));
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -135,7 +74,7 @@ fn gpu_batched_decoding_is_deterministic_and_alone_vs_batched_is_reported() {
             assert_eq!(x.rows_per_step, y.rows_per_step, "{what}: live rows per step");
         }
         let alone: Vec<Output> = reqs.iter().map(|r| e8.generate(std::slice::from_ref(r)).unwrap().remove(0)).collect();
-        let mut e3 = gpu_engine(&gpu, &cfg, &w, 3);
+        let mut e3 = gpu_engine(&gpu, &cfg, &w, &EngineOptions { max_batch: 3, ..Default::default() });
         let m3 = run_traced(&mut e3, &reqs, 3, &format!("{preset} max_batch 3"));
         for (i, (x, y)) in alone.iter().zip(&m3).enumerate() {
             let what = format!("{preset} request {i}");
@@ -170,9 +109,9 @@ fn gpu_batched_decoding_is_deterministic_and_alone_vs_batched_is_reported() {
 fn gpu_submit_and_step() {
     let Some(gpu) = test_gpu() else { return };
     let cfg = ModelConfig::preset("tiny-dream").unwrap();
-    let w = weights(&cfg, 22);
+    let w = sharp_weights(&cfg, 22);
     let reqs = mixed_requests(12);
-    let mut e = gpu_engine(&gpu, &cfg, &w, 3);
+    let mut e = gpu_engine(&gpu, &cfg, &w, &EngineOptions { max_batch: 3, ..Default::default() });
     let ids: Vec<RequestId> = reqs[..7].iter().map(|r| e.submit(r.clone()).unwrap()).collect();
     assert_eq!(ids, (0..7).map(RequestId).collect::<Vec<_>>());
     assert_eq!((e.pending(), e.active()), (7, 0));

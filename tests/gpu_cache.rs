@@ -10,60 +10,37 @@
 //! Skips without a GPU (`DEMASK_REQUIRE_GPU=1` makes that a failure).
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{
+    by_pos, conf_tol, gpu_engine, kv_row_bytes, prompt, seq_state, sets_differ_only_at_cut, sharp_weights, spec,
+    PRESETS,
+};
 use demask::batch::RowBatch;
-use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
-use demask::decode::canvas::{Canvas, CanvasSpec};
 use demask::decode::cpu::CpuStepper;
 use demask::decode::gpu::GpuStepper;
-use demask::decode::policy::{rank, ConfKind, Policy};
+use demask::decode::policy::ConfKind;
 use demask::decode::runner::{self, SeqState};
 use demask::decode::step::{Commit, SeqWork, SlotScores, StepBackend};
-use demask::decode::Sampling;
 use demask::gpu::test_gpu;
 use demask::model::Capacity;
-use demask::weights::HostWeights;
 use demask::Result;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
 const SCHEMES: [&str; 7] = ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv-greedy"];
-
-/// Tolerance on a confidence from the bf16 GPU forward vs the f32 CPU forward (as in
-/// tests/gpu_decode.rs): |gpu − cpu| ≤ 0.02 + 0.1·|cpu|. Near-ties closer than this at a
-/// cut-off are exempt.
-fn conf_tol(c: f32) -> f32 {
-    0.02 + 0.1 * c.abs()
-}
 
 /// Whether a GPU/CPU disagreement is a near-tie at the cut-off (the rule of
 /// tests/gpu_decode.rs): every slot in the symmetric difference of the committed sets has a CPU
-/// confidence within `conf_tol` of a cut value (the k-th or (k+1)-th ranked confidence, τ, or
-/// the factor threshold at its rank), and every slot committed by both with different tokens
-/// is an argmax near-tie (CPU probability ≤ 0.5).
+/// confidence within `conf_tol` of a cut value (`common::sets_differ_only_at_cut`: the k-th or
+/// (k+1)-th ranked confidence, τ, or the factor threshold at its rank), and every slot
+/// committed by both with different tokens is an argmax near-tie (CPU probability ≤ 0.5).
+/// (`conf_tol`: the bf16-vs-f32 confidence tolerance of tests/gpu_decode.rs,
+/// |gpu − cpu| ≤ 0.02 + 0.1·|cpu|.)
 fn near_tie(w: &SeqWork, cpu: &[Commit], gpu: &[Commit], sc: &SlotScores) -> bool {
     let conf_of = |p: u32| sc.conf[w.eligible.iter().position(|&q| q == p).unwrap()];
-    let mut ranked: Vec<(u32, f32)> = w.eligible.iter().cloned().zip(sc.conf.iter().cloned()).collect();
-    rank(&mut ranked);
-    let k = cpu.len();
-    let mut cuts: Vec<f32> = vec![ranked[k - 1].1];
-    if k < ranked.len() {
-        cuts.push(ranked[k].1);
-    }
-    match w.policy {
-        Policy::Threshold { tau } | Policy::Confident { tau, .. } => cuts.push(tau),
-        Policy::Factor { f } => cuts.extend((0..ranked.len()).map(|i| 1.0 - f / (i as f32 + 2.0))),
-        _ => {}
-    }
-    let cpu_set: Vec<u32> = cpu.iter().map(|c| c.pos).collect();
-    let gpu_set: Vec<u32> = gpu.iter().map(|c| c.pos).collect();
-    let mut diff =
-        cpu_set.iter().filter(|p| !gpu_set.contains(p)).chain(gpu_set.iter().filter(|p| !cpu_set.contains(p)));
-    let sets_ok = diff.all(|&p| {
-        let c = conf_of(p);
-        cuts.iter().any(|&x| (c - x).abs() <= conf_tol(x))
-    });
+    let sets_ok = sets_differ_only_at_cut(w, cpu, gpu, &sc.conf);
     let tokens_ok = cpu
         .iter()
         .all(|c| gpu.iter().find(|g| g.pos == c.pos).is_none_or(|g| g.token == c.token || conf_of(c.pos) <= 0.5));
@@ -112,12 +89,7 @@ impl StepBackend for Parity {
                     );
                 }
             }
-            let sorted = |v: &[Commit]| {
-                let mut v = v.to_vec();
-                v.sort_by_key(|c| c.pos);
-                v
-            };
-            if sorted(&got[si]) != sorted(&want[si]) {
+            if by_pos(&got[si]) != by_pos(&want[si]) {
                 assert!(
                     near_tie(w, &want[si], &got[si], c),
                     "{} {} step {} ctx {:?}: commits differ beyond the near-tie rule:\n gpu {:?}\n cpu {:?}\n cpu scores {:?}\n gpu scores {:?}",
@@ -146,21 +118,8 @@ impl StepBackend for Parity {
     }
 }
 
-/// Random tiny weights with the LM head scaled by 4 (exact in bf16), which spreads the
-/// near-uniform confidences of random init more like a trained model's (as tests/gpu_decode.rs).
-fn weights(cfg: &ModelConfig, seed: u64) -> HostWeights {
-    let mut w = random_weights(cfg, seed);
-    for x in &mut w.lm_head {
-        *x = half::bf16::from_f32(x.to_f32() * 4.0);
-    }
-    w
-}
-
 fn seq(cfg: &ModelConfig, prompt: &[u32], gen: u32, block: u32, policy: &str, scheme: &str, id: u32) -> SeqState {
-    let spec = CanvasSpec { gen_len: gen, block_len: block, stop_at_eos: false };
-    let canvas = Canvas::new(prompt, &[], spec, cfg).unwrap();
-    SeqState::new(canvas, policy.parse().unwrap(), Sampling::default(), 3, id)
-        .with_cache(scheme.parse().unwrap(), false)
+    seq_state(cfg, prompt, &[], spec(gen, block), policy, 3, id).with_cache(scheme.parse().unwrap(), false)
 }
 
 /// (b) For every scheme and both tiny presets, a batch of 3 sequences (prompts of 1, 19 and 7
@@ -178,7 +137,7 @@ fn cached_decode_step_parity_gpu_vs_cpu() {
     let mut rng = StdRng::seed_from_u64(21);
     for preset in PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
-        let w = weights(&cfg, 8);
+        let w = sharp_weights(&cfg, 8);
         let shapes = [(1usize, 32u32, 8u32, "schedule:4"), (19, 24, 8, "factor:1"), (7, 16, 16, "dream:entropy,8")];
         let rows: usize = shapes.iter().map(|&(p, g, _, _)| p + g as usize).sum();
         let cap = Capacity { rows, logit_rows: rows, cache_rows: rows, seqs: shapes.len() };
@@ -197,10 +156,7 @@ fn cached_decode_step_parity_gpu_vs_cpu() {
             let mut seqs: Vec<SeqState> = shapes
                 .iter()
                 .enumerate()
-                .map(|(i, &(p, g, b, pol))| {
-                    let prompt: Vec<u32> = (0..p).map(|_| rng.gen_range(0..500)).collect();
-                    seq(&cfg, &prompt, g, b, pol, scheme, i as u32)
-                })
+                .map(|(i, &(p, g, b, pol))| seq(&cfg, &prompt(&mut rng, p), g, b, pol, scheme, i as u32))
                 .collect();
             parity.what = format!("{preset} {scheme}");
             (parity.steps, parity.seq_steps, parity.exempt_steps, parity.partial_steps) = (0, 0, 0, 0);
@@ -293,9 +249,9 @@ impl StepBackend for Stale {
 
 fn stale(gpu: &std::sync::Arc<demask::gpu::Gpu>, preset: &str, scheme: &str) -> (f32, f32, usize) {
     let cfg = ModelConfig::preset(preset).unwrap();
-    let w = weights(&cfg, 9);
+    let w = sharp_weights(&cfg, 9);
     let mut rng = StdRng::seed_from_u64(22);
-    let prompt: Vec<u32> = (0..11).map(|_| rng.gen_range(0..500)).collect();
+    let prompt = prompt(&mut rng, 11);
     let s = seq(&cfg, &prompt, 24, 8, "schedule:6", scheme, 0);
     let len = s.canvas.len();
     let cap = Capacity { rows: len, logit_rows: len, cache_rows: 2 * len, seqs: 1 };
@@ -347,27 +303,21 @@ fn gpu_cached_prompt_rows_go_stale_with_prompt_and_dual() {
 /// the end with partial steps where the scheme has them.
 #[test]
 fn gpu_engine_kv_budget() {
-    use demask::engine::{Engine, EngineOptions, Prompt, Request};
-    use demask::model::GpuWeights;
+    use demask::engine::EngineOptions;
     let Some(gpu) = test_gpu() else { return };
     let cfg = ModelConfig::preset("tiny-dream").unwrap();
-    let w = weights(&cfg, 10);
-    let per_row = (2 * cfg.n_layers * cfg.kv_dim() * 2) as u64;
-    let req = |p: usize, scheme: &str| {
-        let mut r = Request::new(Prompt::Ids((1..=p as u32).collect()), 16, 8, "schedule:4".parse().unwrap());
-        r.stop_at_eos = false;
-        r.cache = scheme.parse().unwrap();
-        r
-    };
+    let w = sharp_weights(&cfg, 10);
+    let per_row = kv_row_bytes(&cfg, 2);
+    let req = |p: usize, scheme: &str| common::req(&(1..=p as u32).collect::<Vec<u32>>(), 16, 8, "schedule:4", scheme);
     let opts = EngineOptions { max_batch: 2, kv_budget: Some(per_row * 30), ..Default::default() };
-    let mut e = Engine::on_gpu(gpu.clone(), cfg.clone(), GpuWeights::upload(&gpu, &w).unwrap(), None, &opts).unwrap();
+    let mut e = gpu_engine(&gpu, &cfg, &w, &opts);
     let err = e.generate(&[req(5, "dual"), req(25, "dual")]).unwrap_err().to_string();
     assert!(err.contains("request 1") && err.contains("41 rows") && err.contains("KV budget"), "{err}");
     // Two requests of 21 rows: one wave each under a 30-row budget.
     let outs = e.generate(&[req(5, "dual"), req(5, "prompt")]).unwrap();
     assert!(outs.iter().all(|o| o.tokens.iter().all(|&t| t != cfg.mask_id)));
     let opts = EngineOptions { max_batch: 3, ..Default::default() };
-    let mut e = Engine::on_gpu(gpu.clone(), cfg.clone(), GpuWeights::upload(&gpu, &w).unwrap(), None, &opts).unwrap();
+    let mut e = gpu_engine(&gpu, &cfg, &w, &opts);
     for scheme in SCHEMES {
         let outs = e.generate(&[req(3, scheme), req(19, scheme), req(1, scheme)]).unwrap();
         for (i, o) in outs.iter().enumerate() {

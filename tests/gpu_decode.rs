@@ -10,6 +10,9 @@
 //! poisoned before every launch and checked to be fully written. Skips without a GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{by_pos, conf_tol, sets_differ_only_at_cut, sharp_weights};
 use demask::decode::policy::{rank, ConfKind, DreamAlg, Policy, StepCtx};
 use demask::decode::sampling::{candidate, filter_cutoff, row_stats, RngKey, Sampling};
 use demask::gpu::{test_gpu, DTensor, Gpu, Timer};
@@ -654,19 +657,11 @@ fn confidence_throughput() {
 // ---------------------------------------------------------------- (d) step-level parity
 
 use demask::batch::RowBatch;
-use demask::checkpoint::random_weights;
 use demask::cpu::forward::CpuModel;
 use demask::decode::gpu::GpuStepper;
 use demask::decode::step::{Commit, SeqWork, StepBackend};
 use demask::model::Capacity;
 use demask::ModelConfig;
-
-/// Tolerance on a confidence from the bf16 GPU forward vs the f32 CPU forward:
-/// |gpu − cpu| ≤ 0.02 + 0.1·|cpu| (bf16 activations shift logits by ~1%, and margins, being
-/// differences of probabilities, amplify that). Near-ties closer than this at a cut-off are exempt.
-fn conf_tol(c: f32) -> f32 {
-    0.02 + 0.1 * c.abs()
-}
 
 struct Case {
     canvases: Vec<Vec<u32>>,
@@ -745,34 +740,14 @@ fn cpu_step(model: &CpuModel, case: &Case) -> (Vec<Vec<Commit>>, Vec<Vec<(u32, f
 
 /// Whether a GPU/CPU disagreement is a near-tie at the cut-off: every slot in the symmetric
 /// difference of the committed sets has a CPU confidence within `conf_tol` of a cut value
-/// (the k-th or (k+1)-th ranked confidence, τ, or the factor threshold at its rank), and every
-/// slot committed by both with different tokens is an argmax near-tie: the CPU logits of the
-/// two tokens differ by at most 0.05·(1 + |l|) (bf16 forward noise).
+/// (`common::sets_differ_only_at_cut`: the k-th or (k+1)-th ranked confidence, τ, or the factor
+/// threshold at its rank), and every slot committed by both with different tokens is an argmax
+/// near-tie: the CPU logits of the two tokens differ by at most 0.05·(1 + |l|) (bf16 forward
+/// noise). (`common::conf_tol`: |gpu − cpu| ≤ 0.02 + 0.1·|cpu|; bf16 activations shift logits
+/// by ~1%, and margins, being differences of probabilities, amplify that.)
 fn near_tie(w: &SeqWork, cpu: &[Commit], gpu: &[Commit], sc: &[(u32, f32)], logits: &[f32], vocab: usize) -> bool {
-    let conf_of = |p: u32| sc[w.eligible.iter().position(|&q| q == p).unwrap()].1;
-    let mut ranked: Vec<(u32, f32)> = w.eligible.iter().cloned().zip(sc.iter().map(|s| s.1)).collect();
-    rank(&mut ranked);
-    let k = cpu.len();
-    let mut cuts: Vec<f32> = Vec::new();
-    cuts.push(ranked[k - 1].1);
-    if k < ranked.len() {
-        cuts.push(ranked[k].1);
-    }
-    match w.policy {
-        Policy::Threshold { tau } | Policy::Confident { tau, .. } => cuts.push(tau),
-        Policy::Factor { f } => cuts.extend((0..ranked.len()).map(|i| 1.0 - f / (i as f32 + 2.0))),
-        _ => {}
-    }
-    let cpu_set: Vec<u32> = cpu.iter().map(|c| c.pos).collect();
-    let gpu_set: Vec<u32> = gpu.iter().map(|c| c.pos).collect();
-    let diff = cpu_set
-        .iter()
-        .filter(|p| !gpu_set.contains(p))
-        .chain(gpu_set.iter().filter(|p| !cpu_set.contains(p)));
-    let sets_ok = diff.into_iter().all(|&p| {
-        let c = conf_of(p);
-        cuts.iter().any(|&x| (c - x).abs() <= conf_tol(x))
-    });
+    let conf: Vec<f32> = sc.iter().map(|s| s.1).collect();
+    let sets_ok = sets_differ_only_at_cut(w, cpu, gpu, &conf);
     let tokens_ok = cpu.iter().all(|c| {
         gpu.iter().find(|g| g.pos == c.pos).is_none_or(|g| {
             let li = w.logit_index[w.eligible.iter().position(|&q| q == c.pos).unwrap()] as usize;
@@ -794,13 +769,10 @@ fn step_parity_gpu_vs_cpu() {
     let mut rng = StdRng::seed_from_u64(16);
     for preset in ["tiny-llada", "tiny-dream"] {
         let cfg = ModelConfig::preset(preset).unwrap();
-        let mut weights = random_weights(&cfg, 7);
         // Random init gives near-uniform softmaxes over 512 tokens (confidences ~0.02 that sit
         // within bf16 noise of each other, so about 1 step in 4 hits a near-tie). Scaling the LM
         // head by 4 (exact in bf16) spreads the confidences more like a trained model's.
-        for w in &mut weights.lm_head {
-            *w = half::bf16::from_f32(w.to_f32() * 4.0);
-        }
+        let weights = sharp_weights(&cfg, 7);
         let cpu_model = CpuModel::new(&weights).unwrap();
         let cap = Capacity {
             rows: 3 * 44,
@@ -873,12 +845,7 @@ fn step_parity_gpu_vs_cpu() {
                     }
                 }
                 // Compare committed (slot, token) sets; the order within a step does not matter.
-                let sorted = |v: &[Commit]| {
-                    let mut v = v.to_vec();
-                    v.sort_by_key(|c| c.pos);
-                    v
-                };
-                if sorted(&got[si]) != sorted(&want[si]) {
+                if by_pos(&got[si]) != by_pos(&want[si]) {
                     assert!(
                         near_tie(w, &want[si], &got[si], &cpu_scores[si], &cpu_logits, cfg.vocab),
                         "{preset} {} ctx {:?}: commits differ beyond the near-tie rule:\n gpu {:?}\n cpu {:?}\n cpu scores {:?}\n gpu scores {:?}",

@@ -13,12 +13,14 @@
 //! launched on its stream, so they run one at a time (`LOCK`).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use common::{prompt, seq_state, spec, PRESETS};
 use demask::batch::{RowBatch, SeqSpan};
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
-use demask::decode::canvas::{Canvas, CanvasSpec};
 use demask::decode::gpu::GpuStepper;
 use demask::decode::runner::{self, SeqState};
 use demask::decode::Sampling;
@@ -27,8 +29,6 @@ use demask::model::{Capacity, GpuModel, GpuWeights};
 use demask::ops::{attention::AttnVariant, gemm::GemmVariant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -342,10 +342,8 @@ fn profiling_runs_eagerly() {
 }
 
 fn seq(cfg: &ModelConfig, prompt_len: usize, policy: &str, sampling: Sampling, id: u32, rng: &mut StdRng) -> SeqState {
-    let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.gen_range(0..500)).collect();
-    let spec = CanvasSpec { gen_len: 32, block_len: 8, stop_at_eos: false };
-    let canvas = Canvas::new(&prompt, &[], spec, cfg).unwrap();
-    SeqState::new(canvas, policy.parse().unwrap(), sampling, 5, id).with_cache("dual".parse().unwrap(), false)
+    let s = seq_state(cfg, &prompt(rng, prompt_len), &[], spec(32, 8), policy, 5, id);
+    SeqState { sampling, ..s }.with_cache("dual".parse().unwrap(), false)
 }
 
 /// (e) A dual-cache decode of three sequences (prompts 5, 19, 11; greedy and sampled) on

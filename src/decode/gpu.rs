@@ -151,7 +151,8 @@ impl GpuStepper {
                     "step: sequence {si} reads logit row {li}, the batch computes {logit_rows}"
                 )));
             }
-            if !(w.sampling.temperature >= 0.0) || !(w.sampling.top_p > 0.0 && w.sampling.top_p <= 1.0) {
+            let t_ok = w.sampling.temperature.is_finite() && w.sampling.temperature >= 0.0;
+            if !t_ok || w.sampling.top_p.is_nan() || w.sampling.top_p <= 0.0 || w.sampling.top_p > 1.0 {
                 return Err(Error::bad_input(format!(
                     "step: sequence {si} has bad sampling {:?}",
                     w.sampling

@@ -19,11 +19,11 @@ const OP: &str = "gemm_skinny";
 
 /// Most rows the skinny kernel accepts.
 pub const SKINNY_ROW_LIMIT: usize = 64;
-/// `Auto` uses the skinny kernel up to this many rows, cuBLASLt above. 0: never. Measured on
-/// the H100 (2026-11-25, criterion `linear/bf16/*/32x…`): at 32 rows cuBLASLt is faster on
-/// every LLaDA-8B shape (QKV 39 vs 65 µs, O 17.6 vs 22.0, gate|up 73.9 vs 101.8, down 41.7 vs
-/// 62.4, LM head 366 vs 407), so the skinny kernel stays a selectable variant until it wins.
-pub const SKINNY_MAX_ROWS: usize = 0;
+/// `Auto` uses the skinny kernel up to this many rows (cuBLASLt above); `None`: never. Measured
+/// on the H100 (2026-11-25, benches/RESULTS.md v0.4): the skinny kernel matches cuBLASLt in
+/// isolation (0.96–1.06× at 32 rows) but a 32-row LLaDA-8B decode forward is 6.67 ms with it
+/// against 6.62 ms with cuBLASLt, so it stays a selectable variant until it wins in situ.
+pub const AUTO_SKINNY_ROWS: Option<usize> = None;
 
 /// W rows per block (`BN` in the kernel).
 const BLOCK_ROWS: usize = 128;
@@ -43,7 +43,7 @@ pub enum GemmVariant {
     Cublaslt,
     /// `gemm_skinny*_bf16`: t ≤ 64, k % 8 == 0.
     Skinny,
-    /// Skinny when t ≤ [`SKINNY_MAX_ROWS`] and the shape allows it, else cuBLASLt.
+    /// Skinny when t ≤ [`AUTO_SKINNY_ROWS`] and the shape allows it, else cuBLASLt.
     Auto,
 }
 
@@ -68,7 +68,7 @@ impl GemmVariant {
     pub fn resolve(self, t: usize, k: usize) -> GemmVariant {
         let fits = k.is_multiple_of(8);
         match self {
-            GemmVariant::Auto if t <= SKINNY_MAX_ROWS && fits => GemmVariant::Skinny,
+            GemmVariant::Auto if AUTO_SKINNY_ROWS.is_some_and(|m| t <= m) && fits => GemmVariant::Skinny,
             GemmVariant::Skinny if t <= SKINNY_ROW_LIMIT && fits => GemmVariant::Skinny,
             GemmVariant::Cublaslt => GemmVariant::Cublaslt,
             _ => GemmVariant::Cublaslt,
@@ -270,12 +270,12 @@ mod tests {
             assert_eq!(v.name().parse::<GemmVariant>().unwrap(), v);
         }
         assert!("cublas".parse::<GemmVariant>().is_err());
-        // Auto is cuBLASLt at every row count while SKINNY_MAX_ROWS is 0 (measured slower).
+        // Auto is cuBLASLt at every row count while AUTO_SKINNY_ROWS is None (measured slower).
         for t in [1, 32, 64, 512] {
-            let want = if t <= SKINNY_MAX_ROWS { GemmVariant::Skinny } else { GemmVariant::Cublaslt };
+            let want = if AUTO_SKINNY_ROWS.is_some_and(|m| t <= m) { GemmVariant::Skinny } else { GemmVariant::Cublaslt };
             assert_eq!(GemmVariant::Auto.resolve(t, 4096), want, "t = {t}");
         }
-        assert_eq!(GemmVariant::Auto.resolve(SKINNY_MAX_ROWS + 1, 4096), GemmVariant::Cublaslt);
+        assert_eq!(GemmVariant::Auto.resolve(AUTO_SKINNY_ROWS.unwrap_or(64) + 1, 4096), GemmVariant::Cublaslt);
         assert_eq!(GemmVariant::Auto.resolve(1, 4100), GemmVariant::Cublaslt);
         assert_eq!(GemmVariant::Skinny.resolve(64, 4096), GemmVariant::Skinny);
         assert_eq!(GemmVariant::Skinny.resolve(65, 4096), GemmVariant::Cublaslt);
