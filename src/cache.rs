@@ -152,8 +152,11 @@ pub struct CachePlan {
     block_len: u32,
     shifted: bool,
     refresh_every_step: bool,
-    /// Step of the latest [`CachePlan::committed`] call and the positions committed at it.
-    last_commit: Option<(u32, Vec<u32>)>,
+    /// Step of the latest [`CachePlan::committed`] call (None before the first) and the
+    /// positions committed at it (room for a block's slots from the start, so reporting a
+    /// step's commits never allocates).
+    last_step: Option<u32>,
+    last_rows: Vec<u32>,
 }
 
 impl CachePlan {
@@ -186,7 +189,8 @@ impl CachePlan {
             block_len: block_len.min(gen_len) as u32,
             shifted,
             refresh_every_step: false,
-            last_commit: None,
+            last_step: None,
+            last_rows: Vec::with_capacity(block_len.min(gen_len)),
         })
     }
 
@@ -223,13 +227,33 @@ impl CachePlan {
     /// positions still masked (all blocks, ascending), `eligible` = masked positions of the
     /// current block (ascending).
     pub fn live_rows(&self, n: u32, i: u32, block: (u32, u32), masked: &[u32], eligible: &[u32]) -> StepRows {
+        let mut live = Vec::new();
+        let full = self.live_rows_into(n, i, block, masked, eligible, &mut live);
+        StepRows { full, live }
+    }
+
+    /// [`live_rows`](Self::live_rows) into `out` (cleared first; it allocates nothing once
+    /// `out` has held `P + G` rows); returns `full`.
+    pub fn live_rows_into(
+        &self,
+        n: u32,
+        i: u32,
+        block: (u32, u32),
+        masked: &[u32],
+        eligible: &[u32],
+        out: &mut Vec<u32>,
+    ) -> bool {
         let total = self.rows();
         self.debug_check_inputs(block, masked, eligible);
+        out.clear();
         if self.refresh(n, i) {
-            return StepRows { full: true, live: (0..total).collect() };
+            out.extend(0..total);
+            return true;
         }
-        let mut live = vec![false; total as usize];
-        let mut mark = |lo: u32, hi: u32| live[lo as usize..hi.min(total) as usize].fill(true);
+        // `out` first holds one mark per row (1 = live), then is compacted in place to the
+        // live positions.
+        out.resize(total as usize, 0);
+        let mut mark = |lo: u32, hi: u32| out[lo as usize..hi.min(total) as usize].fill(1);
         match self.scheme {
             CacheScheme::None => mark(0, total),
             CacheScheme::Prompt => {
@@ -242,9 +266,9 @@ impl CachePlan {
                 for &p in masked {
                     mark(p, p + 1);
                 }
-                if let Some((c, rows)) = &self.last_commit {
-                    if n >= 1 && *c == n - 1 {
-                        for &p in rows {
+                if let Some(c) = self.last_step {
+                    if n >= 1 && c == n - 1 {
+                        for &p in &self.last_rows {
                             mark(p, p + 1);
                         }
                     }
@@ -259,17 +283,24 @@ impl CachePlan {
         if self.shifted {
             for &p in eligible {
                 if p > 0 {
-                    live[p as usize - 1] = true;
+                    out[p as usize - 1] = 1;
                 }
             }
         }
         debug_assert!(
-            eligible.iter().all(|&p| live[p as usize]),
+            eligible.iter().all(|&p| out[p as usize] == 1),
             "cache plan {}: an eligible slot is not live at step {n}",
             self.scheme
         );
-        let live: Vec<u32> = (0..total).filter(|&p| live[p as usize]).collect();
-        StepRows { full: live.len() == total as usize, live }
+        let mut k = 0;
+        for p in 0..total as usize {
+            if out[p] != 0 {
+                out[k] = p as u32;
+                k += 1;
+            }
+        }
+        out.truncate(k);
+        k == total as usize
     }
 
     /// Tell the plan which positions were committed at step `n` (after the step ran). Several
@@ -281,10 +312,11 @@ impl CachePlan {
             self.prompt_len,
             self.rows()
         );
-        match &mut self.last_commit {
-            Some((c, rows)) if *c == n => rows.extend_from_slice(positions),
-            _ => self.last_commit = Some((n, positions.to_vec())),
+        if self.last_step != Some(n) {
+            self.last_step = Some(n);
+            self.last_rows.clear();
         }
+        self.last_rows.extend_from_slice(positions);
     }
 
     fn debug_check_inputs(&self, block: (u32, u32), masked: &[u32], eligible: &[u32]) {

@@ -18,12 +18,12 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
 use crate::model::{Capacity, GpuModel, GpuWeights};
-use crate::ops::commit::{commit, parse_commits, CommitWs, SeqCommitParams};
+use crate::ops::commit::{commit, parse_commits, parse_commits_into, CommitWs, SeqCommitParams};
 use crate::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use crate::weights::HostWeights;
 
 use super::sampling::RngKey;
-use super::step::{Commit, SeqWork, SlotScores, StepBackend};
+use super::step::{Commit, SeqWork, SlotScores, StepBackend, StepCommits};
 
 pub struct GpuStepper {
     model: GpuModel,
@@ -210,8 +210,9 @@ impl GpuStepper {
         )
     }
 
-    /// Downloads the commit lists: the step's one host synchronisation.
-    fn read_commits(&mut self) -> Result<Vec<Vec<Commit>>> {
+    /// Downloads the commit lists (`n_seqs + 2 · slots` u32): the step's one host
+    /// synchronisation. Returns how many words arrived in `host_out`.
+    fn download_commits(&mut self) -> Result<usize> {
         let gpu = self.model.gpu.clone();
         let n = self.commit_ws.out_len();
         if n > 0 {
@@ -220,6 +221,11 @@ impl GpuStepper {
                 .map_err(drv("cuMemcpyDtoH"))?;
             gpu.synchronize()?;
         }
+        Ok(n)
+    }
+
+    fn read_commits(&mut self) -> Result<Vec<Vec<Commit>>> {
+        let n = self.download_commits()?;
         parse_commits(&self.host_out[..n], &self.host_seqs)
     }
 }
@@ -231,6 +237,13 @@ impl StepBackend for GpuStepper {
     fn step(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<Vec<Vec<Commit>>> {
         self.launch(batch, work)?;
         self.read_commits()
+    }
+
+    /// As `step`, parsing into the runner's reusable commit lists (no host allocation).
+    fn step_into(&mut self, batch: &RowBatch, work: &[SeqWork], out: &mut StepCommits) -> Result<()> {
+        self.launch(batch, work)?;
+        let n = self.download_commits()?;
+        parse_commits_into(&self.host_out[..n], &self.host_seqs, out)
     }
 
     /// As `step`, then also downloads every slot's candidate token and confidence.

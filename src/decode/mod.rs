@@ -9,6 +9,7 @@ pub use sampling::{RngKey, Sampling};
 pub mod canvas;
 pub mod prior;
 pub mod runner;
+pub mod seq;
 pub mod scheduler;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -1,5 +1,5 @@
 //! The decode loop over any `StepBackend`, with KV caching (DESIGN.md §5). Each sequence is
-//! *admitted* once ([`admit`]): it gets a [`CachePlan`] for its cache scheme and a `cache_base`
+//! *admitted* once ([`admit`]): it gets a [`CachePlan`](crate::cache::CachePlan) for its cache scheme and a `cache_base`
 //! (its first KV-cache row) that stays fixed for its lifetime, because cached rows must stay
 //! where they were written. Each step packs, per active sequence, only the live rows the plan
 //! picks (tokens and positions of those canvas positions; `kv_len` = the canvas length, so
@@ -10,141 +10,88 @@
 //! the step callback. Finished sequences leave the batch; the loop ends when every sequence is
 //! done. With the `none` scheme every row is live every step (exact decoding).
 //!
-//! [`step_batch`] is one such step over any set of admitted sequences: [`run`] loops it over a
-//! fixed set, the continuous-batching scheduler (`decode::scheduler`) over a set that changes
-//! at every step boundary. The backend's cache must hold the admitted rows before a step (the
-//! engine reserves them); a step itself never sizes anything.
+//! [`step_batch_with`] is one such step over any set of admitted sequences: [`run`] loops it
+//! over a fixed set, the continuous-batching scheduler (`decode::scheduler`) over a set that
+//! changes at every step boundary. The backend's cache must hold the admitted rows before a
+//! step (the engine reserves them); a step itself never sizes anything.
+//!
+//! No allocation inside the decode loop: whoever loops keeps one [`StepScratch`] (the packed
+//! batch, the work lists, the commit lists, position scratch) and every step clears and
+//! refills it, so once its buffers have grown to the largest step the runner's bookkeeping
+//! allocates nothing on the host (`tests/no_alloc.rs`). Per-sequence records grow by one
+//! element a step into capacity reserved at admission.
 use std::time::Instant;
 
 use crate::batch::{RowBatch, SeqSpan};
-use crate::cache::{CachePlan, CacheScheme};
 use crate::error::{Error, Result};
 
 use super::canvas::Canvas;
-use super::policy::Policy;
-use super::sampling::Sampling;
-use super::step::{Commit, SeqWork, SlotScores, StepBackend};
+pub use super::seq::SeqState;
+use super::step::{Commit, SeqWork, SlotScores, StepBackend, StepCommits};
 
-/// One sequence in the decode loop: its canvas, how it decodes, and what happened so far.
-#[derive(Clone, Debug)]
-pub struct SeqState {
-    pub canvas: Canvas,
-    pub policy: Policy,
-    pub sampling: Sampling,
-    /// RNG key parts (`RngKey { seed, seq: seq_id, .. }`).
-    pub seed: u64,
-    pub seq_id: u32,
-    /// KV-cache scheme (takes effect at admission).
-    pub cache: CacheScheme,
-    /// Test knob: a full refresh every step (then every scheme decodes exactly like `none`).
-    pub cache_refresh_every_step: bool,
-    /// The cache plan, set at admission.
-    pub plan: Option<CachePlan>,
-    /// First KV-cache row of this sequence, set once at admission.
-    pub cache_base: Option<u32>,
-    /// Slots committed at each of this sequence's steps.
-    pub commits_per_step: Vec<u32>,
-    /// Live rows (canvas rows recomputed) at each of this sequence's steps.
-    pub rows_per_step: Vec<u32>,
-    /// Wall time of each step this sequence took part in (the whole batch's step), ms.
-    pub step_ms: Vec<f64>,
+/// Reusable host buffers of the decode loop (module docs): the sequences the next step runs
+/// ([`pick`](Self::pick)), the packed batch and work lists it builds, the commit lists the
+/// backend fills, and per-sequence position scratch. Whoever loops keeps one across steps.
+#[derive(Debug, Default)]
+pub struct StepScratch {
+    /// `(item index, event index)` of each sequence the next step runs, item indices ascending.
+    picks: Vec<(usize, usize)>,
+    pack: Pack,
+    commits: StepCommits,
+    /// Committed positions of the sequence being applied.
+    pos: Vec<u32>,
 }
 
-impl SeqState {
-    /// A sequence with the `none` cache scheme (set `cache` before admission for another).
-    pub fn new(canvas: Canvas, policy: Policy, sampling: Sampling, seed: u64, seq_id: u32) -> Self {
-        SeqState {
-            canvas,
-            policy,
-            sampling,
-            seed,
-            seq_id,
-            cache: CacheScheme::None,
-            cache_refresh_every_step: false,
-            plan: None,
-            cache_base: None,
-            commits_per_step: Vec::new(),
-            rows_per_step: Vec::new(),
-            step_ms: Vec::new(),
-        }
+/// What [`build_step_into`] fills. Every buffer is sized up front from bounds of the step's
+/// sequences (canvas and block lengths), not from what this step happens to need, so a step
+/// grows nothing unless a sequence joined that is larger than any before it.
+#[derive(Debug, Default)]
+struct Pack {
+    batch: RowBatch,
+    /// The step's work is `work[..n_work]`; entries past it keep their Vecs for later steps.
+    /// Sequences move between entries as others finish, so every entry's `eligible` and
+    /// `logit_index` hold room for `slot_cap` (the longest block seen).
+    work: Vec<SeqWork>,
+    n_work: usize,
+    slot_cap: usize,
+    /// Most eligible slots the step can have: the sum of its sequences' block lengths.
+    slot_bound: usize,
+    /// Masked positions of the sequence being packed (its eligible slots are a sub-slice).
+    masked: Vec<u32>,
+    /// Live rows of the sequence being packed.
+    live: Vec<u32>,
+}
+
+impl StepScratch {
+    /// Forgets the picks (the next step's set of sequences).
+    pub fn clear_picks(&mut self) {
+        self.picks.clear();
     }
 
-    /// Sets the cache scheme (before admission).
-    pub fn with_cache(mut self, scheme: CacheScheme, refresh_every_step: bool) -> Self {
-        self.cache = scheme;
-        self.cache_refresh_every_step = refresh_every_step;
-        self
+    /// Adds item `item` of the slice given to [`step_batch_with`] to the next step, reported
+    /// to the callback as `index`. Items must be picked in ascending order.
+    pub fn pick(&mut self, item: usize, index: usize) {
+        self.picks.push((item, index));
     }
 
-    /// Whether [`admit`] has given this sequence its plan and cache rows.
-    pub fn is_admitted(&self) -> bool {
-        self.plan.is_some() && self.cache_base.is_some()
+    /// Sequences picked for the next step.
+    pub fn picked(&self) -> usize {
+        self.picks.len()
     }
 
-    /// Builds the cache plan for the sequence's scheme if it has none yet (an error when the
-    /// scheme cannot serve this canvas). Idempotent; [`admit_at`](Self::admit_at) calls it.
-    pub fn make_plan(&mut self, shifted: bool) -> Result<()> {
-        if self.plan.is_none() {
-            let c = &self.canvas;
-            let spec = c.spec();
-            let mut plan = CachePlan::new(
-                self.cache,
-                c.prompt_len() as usize,
-                spec.gen_len as usize,
-                spec.block_len as usize,
-                shifted,
-            )?;
-            plan.set_refresh_every_step(self.cache_refresh_every_step);
-            self.plan = Some(plan);
-        }
-        Ok(())
+    /// The batch of the latest step built here.
+    pub fn batch(&self) -> &RowBatch {
+        &self.pack.batch
     }
 
-    /// Admits the sequence with cache rows `[base, base + canvas len)` (fixed for its lifetime)
-    /// and its cache plan. Refuses a sequence already admitted.
-    pub fn admit_at(&mut self, base: u32, shifted: bool) -> Result<()> {
-        if let Some(b) = self.cache_base {
-            return Err(Error::bad_input(format!("sequence already admitted at cache row {b}")));
-        }
-        if base.checked_add(self.canvas.len() as u32).is_none() {
-            return Err(Error::bad_input(format!("cache rows from {base} do not fit in u32")));
-        }
-        self.make_plan(shifted)?;
-        self.cache_base = Some(base);
-        Ok(())
+    /// The work lists of the latest step built here (one per sequence, batch order).
+    pub fn work(&self) -> &[SeqWork] {
+        &self.pack.work[..self.pack.n_work]
     }
 
-    /// Canvas positions still masked (every block), ascending.
-    pub fn masked_positions(&self) -> Vec<u32> {
-        let c = &self.canvas;
-        let p = c.prompt_len() as usize;
-        let mask = c.mask_id();
-        c.tokens()[p..]
-            .iter()
-            .enumerate()
-            .filter(|&(i, &t)| t == mask && !c.is_fixed_gen(i))
-            .map(|(i, _)| (p + i) as u32)
-            .collect()
-    }
-
-    /// The current block `[start, end)` in canvas positions.
-    pub fn block_range(&self) -> (u32, u32) {
-        let c = &self.canvas;
-        let bl = c.spec().block_len;
-        let lo = c.prompt_len() + c.block() * bl;
-        (lo, (lo + bl).min(c.len() as u32))
-    }
-
-    /// The live rows of the coming step: the plan's choice once admitted, else every row.
-    pub fn live_rows(&self, eligible: &[u32]) -> Vec<u32> {
-        match &self.plan {
-            Some(plan) => {
-                let c = &self.canvas;
-                let masked = self.masked_positions();
-                plan.live_rows(c.steps(), c.ctx().step, self.block_range(), &masked, eligible).live
-            }
-            None => (0..self.canvas.len() as u32).collect(),
-        }
+    /// The commit lists of the latest step run here.
+    pub fn commits(&self) -> &StepCommits {
+        &self.commits
     }
 }
 
@@ -212,54 +159,122 @@ pub fn logit_row(pos: u32, shifted: bool) -> u32 {
 /// each: eligible slots and, per slot, the index into `logit_rows` of the row predicting it.
 /// Rows shared by two slots (shifted, empty prompt: slots 0 and 1 both read row 0) appear once.
 ///
-/// Panics if a plan leaves a logit row out of the live set (the plan guarantees it never does).
+/// An error (not a panic) if a plan leaves a logit row out of the live set (the plans
+/// guarantee it never does). Allocates; the decode loop uses [`build_step_into`].
 pub fn build_step(seqs: &[&SeqState], shifted: bool) -> Result<(RowBatch, Vec<SeqWork>)> {
-    let mut b = RowBatch::default();
-    let mut work = Vec::with_capacity(seqs.len());
-    let mut next_free =
-        seqs.iter().filter_map(|s| s.cache_base.map(|base| base + s.canvas.len() as u32)).max().unwrap_or(0);
-    for s in seqs {
-        let c = &s.canvas;
-        let start = b.tokens.len() as u32;
-        let len = c.len() as u32;
-        let eligible = c.eligible();
-        let live = s.live_rows(&eligible);
-        let base = s.cache_base.unwrap_or_else(|| {
-            next_free += len;
-            next_free - len
-        });
-        let tokens = c.tokens();
-        b.tokens.extend(live.iter().map(|&p| tokens[p as usize]));
-        b.positions.extend_from_slice(&live);
-        b.seqs.push(SeqSpan { row_start: start, row_count: live.len() as u32, cache_base: base, kv_len: len });
-        let mut logit_index = Vec::with_capacity(eligible.len());
-        let mut last: Option<u32> = None;
-        for &p in &eligible {
-            let pos = logit_row(p, shifted);
-            // The plans guarantee it (tests/cache_plan.rs); a violation is an engine bug,
-            // reported as an error rather than a panic.
-            let k = live.binary_search(&pos).map_err(|_| {
-                Error::bad_input(format!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache))
-            })?;
-            let row = start + k as u32;
-            if last != Some(row) {
-                b.logit_rows.push(row);
-                last = Some(row);
+    let mut ws = StepScratch::default();
+    build_step_into(seqs.iter().copied(), shifted, &mut ws)?;
+    let Pack { batch, mut work, n_work, .. } = ws.pack;
+    work.truncate(n_work);
+    Ok((batch, work))
+}
+
+/// [`build_step`] into `ws` (its batch and work lists are cleared and refilled; read them with
+/// [`StepScratch::batch`] / [`StepScratch::work`]): no allocation once `ws` has grown to the
+/// largest step.
+pub fn build_step_into<'a, I>(seqs: I, shifted: bool, ws: &mut StepScratch) -> Result<()>
+where
+    I: Iterator<Item = &'a SeqState> + Clone,
+{
+    ws.pack.fill(seqs, shifted)
+}
+
+impl Pack {
+    fn fill<'a, I>(&mut self, seqs: I, shifted: bool) -> Result<()>
+    where
+        I: Iterator<Item = &'a SeqState> + Clone,
+    {
+        let Pack { batch: b, work, n_work, slot_cap, slot_bound, masked, live } = self;
+        let (mut next_free, mut n_seqs, mut rows, mut slots, mut most_slots, mut most_gen) = (0u32, 0, 0, 0, 0, 0);
+        for s in seqs.clone() {
+            let c = &s.canvas;
+            if let Some(base) = s.cache_base {
+                next_free = next_free.max(base + c.len() as u32);
             }
-            logit_index.push(b.logit_rows.len() as u32 - 1);
+            let block = c.spec().block_len as usize;
+            n_seqs += 1;
+            rows += c.len();
+            slots += block;
+            most_slots = most_slots.max(block);
+            most_gen = most_gen.max(c.spec().gen_len as usize);
         }
-        work.push(SeqWork {
-            eligible,
-            logit_index,
-            policy: s.policy,
-            ctx: c.ctx(),
-            sampling: s.sampling,
-            seed: s.seed,
-            seq_id: s.seq_id,
-            step: c.steps(),
-        });
+        b.tokens.clear();
+        b.tokens.reserve(rows);
+        b.positions.clear();
+        b.positions.reserve(rows);
+        b.seqs.clear();
+        b.seqs.reserve(n_seqs);
+        b.logit_rows.clear();
+        b.logit_rows.reserve(slots);
+        masked.clear();
+        masked.reserve(most_gen);
+        if most_slots > *slot_cap {
+            *slot_cap = most_slots;
+            for w in work.iter_mut() {
+                w.eligible.clear();
+                w.eligible.reserve(most_slots);
+                w.logit_index.clear();
+                w.logit_index.reserve(most_slots);
+            }
+        }
+        *slot_bound = slots;
+        *n_work = 0;
+        for s in seqs {
+            let c = &s.canvas;
+            let start = b.tokens.len() as u32;
+            let len = c.len() as u32;
+            s.masked_positions_into(masked);
+            let eligible = s.eligible_in(masked);
+            s.live_rows_into(masked, eligible, live);
+            let base = s.cache_base.unwrap_or_else(|| {
+                next_free += len;
+                next_free - len
+            });
+            let tokens = c.tokens();
+            b.tokens.extend(live.iter().map(|&p| tokens[p as usize]));
+            b.positions.extend_from_slice(live);
+            b.seqs.push(SeqSpan { row_start: start, row_count: live.len() as u32, cache_base: base, kv_len: len });
+            if work.len() == *n_work {
+                work.push(SeqWork {
+                    eligible: Vec::with_capacity(*slot_cap),
+                    logit_index: Vec::with_capacity(*slot_cap),
+                    policy: s.policy,
+                    ctx: c.ctx(),
+                    sampling: s.sampling,
+                    seed: s.seed,
+                    seq_id: s.seq_id,
+                    step: 0,
+                });
+            }
+            let w = &mut work[*n_work];
+            *n_work += 1;
+            w.eligible.clear();
+            w.eligible.extend_from_slice(eligible);
+            w.logit_index.clear();
+            w.policy = s.policy;
+            w.ctx = c.ctx();
+            w.sampling = s.sampling;
+            w.seed = s.seed;
+            w.seq_id = s.seq_id;
+            w.step = c.steps();
+            let mut last: Option<u32> = None;
+            for &p in eligible {
+                let pos = logit_row(p, shifted);
+                // The plans guarantee it (tests/cache_plan.rs); a violation is an engine bug,
+                // reported as an error rather than a panic.
+                let k = live.binary_search(&pos).map_err(|_| {
+                    Error::bad_input(format!("cache plan {}: row {pos}, which predicts slot {p}, is not live", s.cache))
+                })?;
+                let row = start + k as u32;
+                if last != Some(row) {
+                    b.logit_rows.push(row);
+                    last = Some(row);
+                }
+                w.logit_index.push(b.logit_rows.len() as u32 - 1);
+            }
+        }
+        Ok(())
     }
-    Ok((b, work))
 }
 
 /// Decodes every sequence of `seqs` to completion on `backend`, admitting those not admitted
@@ -271,53 +286,98 @@ pub fn run(
     mut callback: Option<&mut dyn FnMut(&StepEvent)>,
 ) -> Result<()> {
     admit(seqs, backend.config().shifted())?;
+    let mut ws = StepScratch::default();
     let mut batch_step = 0u32;
     loop {
-        let index: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].canvas.is_done()).collect();
-        if index.is_empty() {
+        ws.clear_picks();
+        for (i, s) in seqs.iter().enumerate() {
+            if !s.canvas.is_done() {
+                ws.pick(i, i);
+            }
+        }
+        if ws.picked() == 0 {
             return Ok(());
         }
-        let mut active: Vec<&mut SeqState> = seqs.iter_mut().filter(|s| !s.canvas.is_done()).collect();
         let cb = callback.as_mut().map(|c| &mut **c as &mut dyn FnMut(&StepEvent));
-        step_batch(backend, &mut active, &index, batch_step, cb)?;
+        step_batch_with(backend, seqs, &mut ws, batch_step, cb)?;
         batch_step += 1;
     }
 }
 
-/// One batch step: a forward over the live rows of every sequence of `seqs` (each admitted and
-/// not done), the commits applied, plans told, per-sequence records (commits, live rows, step
-/// time) appended and, with a callback, one [`StepEvent`] per sequence (`index[k]` is the
-/// event index of `seqs[k]`; `batch_step` is passed through). On an error no event is sent;
-/// sequences before the failing one may already hold the step's commits.
+/// One batch step over `seqs[k]` with event index `index[k]`: [`step_batch_with`] with a
+/// scratch of its own (so it allocates; loops keep a [`StepScratch`] instead).
 pub fn step_batch(
     backend: &mut dyn StepBackend,
     seqs: &mut [&mut SeqState],
     index: &[usize],
+    batch_step: u32,
+    callback: Option<&mut dyn FnMut(&StepEvent)>,
+) -> Result<()> {
+    if index.len() != seqs.len() {
+        return Err(Error::bad_input(format!("step: {} event indices for {} sequences", index.len(), seqs.len())));
+    }
+    let mut ws = StepScratch::default();
+    for (k, &ix) in index.iter().enumerate() {
+        ws.pick(k, ix);
+    }
+    step_batch_with(backend, seqs, &mut ws, batch_step, callback)
+}
+
+/// One batch step: a forward over the live rows of the sequences `ws` picked from `items` (each
+/// admitted and not done), the commits applied, plans told, per-sequence records (commits,
+/// live rows, step time) appended and, with a callback, one [`StepEvent`] per sequence (with
+/// the event index it was picked with; `batch_step` is passed through). On an error no event
+/// is sent; sequences before the failing one may already hold the step's commits. Without a
+/// callback, and once `ws` has grown to the largest step, the runner allocates nothing here
+/// (the backend's `step_into` may; see `tests/no_alloc.rs`).
+pub fn step_batch_with<S: AsRef<SeqState> + AsMut<SeqState>>(
+    backend: &mut dyn StepBackend,
+    items: &mut [S],
+    ws: &mut StepScratch,
     batch_step: u32,
     mut callback: Option<&mut dyn FnMut(&StepEvent)>,
 ) -> Result<()> {
     // One NVTX range per decode step (nsys / ncu); closes on every return path.
     #[cfg(feature = "cuda")]
     let _nvtx = crate::gpu::nvtx::range(c"step");
-    if index.len() != seqs.len() {
-        return Err(Error::bad_input(format!("step: {} event indices for {} sequences", index.len(), seqs.len())));
-    }
-    if let Some(k) = seqs.iter().position(|s| !s.is_admitted() || s.canvas.is_done()) {
-        return Err(Error::bad_input(format!(
-            "step: sequence {} is {}",
-            index[k],
-            if seqs[k].canvas.is_done() { "already done" } else { "not admitted" }
-        )));
+    let mut prev: Option<usize> = None;
+    for &(i, ix) in &ws.picks {
+        if i >= items.len() || prev.is_some_and(|p| p >= i) {
+            return Err(Error::bad_input(format!(
+                "step: sequence {ix} picked as item {i} of {} (items must be distinct, ascending)",
+                items.len()
+            )));
+        }
+        prev = Some(i);
+        let s = items[i].as_ref();
+        if !s.is_admitted() || s.canvas.is_done() {
+            return Err(Error::bad_input(format!(
+                "step: sequence {ix} is {}",
+                if s.canvas.is_done() { "already done" } else { "not admitted" }
+            )));
+        }
     }
     let shifted = backend.config().shifted();
     let vocab = backend.config().vocab;
     let t0 = Instant::now();
-    let refs: Vec<&SeqState> = seqs.iter().map(|s| &**s).collect();
-    let (batch, work) = build_step(&refs, shifted)?;
-    let (commits, scores) = if callback.is_some() {
-        backend.step_scored(&batch, &work)?
+    let StepScratch { picks, pack, commits, pos } = ws;
+    let shared = &*items;
+    pack.fill(picks.iter().map(|&(i, _)| shared[i].as_ref()), shifted)?;
+    let (batch, work) = (&pack.batch, &pack.work[..pack.n_work]);
+    // Sized before the forward, like every other buffer: a sequence commits at most its
+    // eligible slots, which fit in its block.
+    pos.clear();
+    pos.reserve(pack.slot_cap);
+    let scores = if callback.is_some() {
+        let (lists, scores) = backend.step_scored(batch, work)?;
+        commits.set_lists(&lists);
+        scores
     } else {
-        (backend.step(&batch, &work)?, Vec::new())
+        // Every commit is an eligible slot: with room for all of them the backend need not grow `commits`.
+        commits.clear();
+        commits.reserve(work.len(), pack.slot_bound);
+        backend.step_into(batch, work, commits)?;
+        Vec::new()
     };
     if commits.len() != work.len() || (callback.is_some() && scores.len() != work.len()) {
         return Err(Error::bad_input(format!(
@@ -327,31 +387,35 @@ pub fn step_batch(
             work.len()
         )));
     }
-    for (k, s) in seqs.iter_mut().enumerate() {
+    for (k, &(i, ix)) in picks.iter().enumerate() {
+        let s = items[i].as_mut();
         let n = s.canvas.steps();
-        s.canvas.apply(&commits[k], vocab).map_err(|e| match e {
-            Error::BadInput(m) => Error::bad_input(format!("sequence {}: {m}", index[k])),
+        let list = commits.seq(k);
+        s.canvas.apply(list, vocab).map_err(|e| match e {
+            Error::BadInput(m) => Error::bad_input(format!("sequence {ix}: {m}")),
             other => other,
         })?;
         if let Some(plan) = s.plan.as_mut() {
-            let pos: Vec<u32> = commits[k].iter().map(|c| c.pos).collect();
-            plan.committed(n, &pos);
+            pos.clear();
+            pos.extend(list.iter().map(|c| c.pos));
+            plan.committed(n, pos);
         }
-        s.commits_per_step.push(commits[k].len() as u32);
+        s.commits_per_step.push(list.len() as u32);
         s.rows_per_step.push(batch.seqs[k].row_count);
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    for (k, s) in seqs.iter_mut().enumerate() {
+    for (k, &(i, ix)) in picks.iter().enumerate() {
+        let s = items[i].as_mut();
         s.step_ms.push(ms);
         if let Some(cb) = callback.as_mut() {
             cb(&StepEvent {
-                index: index[k],
+                index: ix,
                 step: s.canvas.steps() - 1,
                 batch_step,
                 canvas: &s.canvas,
                 eligible: &work[k].eligible,
                 scores: &scores[k],
-                commits: &commits[k],
+                commits: commits.seq(k),
                 live_rows: batch.seqs[k].row_count,
                 ms,
             });

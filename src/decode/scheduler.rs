@@ -2,7 +2,7 @@
 //! the KV-cache rows they hold. At every step boundary [`Scheduler::step`] admits queued
 //! sequences while they fit (`max_batch` sequences, `max_rows` live canvas rows, a contiguous
 //! range of cache rows), runs one batch step for every active sequence
-//! ([`runner::step_batch`]), then retires the sequences that finished in it (their cache rows
+//! ([`runner::step_batch_with`]), then retires the sequences that finished in it (their cache rows
 //! go back to the [`RowAllocator`]). So a short request's slot is refilled at the very next
 //! step, not when its whole batch ends.
 //!
@@ -17,6 +17,9 @@
 //! ranges of them. A backend whose cache grows on demand (the CPU) is grown only while no
 //! sequence is active, because growing drops what it held; it is sized for the whole queue
 //! (within `cache_rows`) when that happens, so later admissions rarely wait for it.
+//!
+//! A step that admits and retires nothing allocates nothing on the host: the scheduler keeps
+//! the runner's [`StepScratch`] across steps (`tests/no_alloc.rs`).
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -25,7 +28,7 @@ use serde::Serialize;
 use crate::engine::EngineBackend;
 use crate::error::{Error, Result};
 
-use super::runner::{self, SeqState, StepEvent};
+use super::runner::{self, SeqState, StepEvent, StepScratch};
 
 /// First-fit allocator of contiguous KV-cache row ranges in `[0, capacity)`, with a free list
 /// kept sorted and coalesced (adjacent free ranges merge), so freeing every range always gives
@@ -165,6 +168,18 @@ struct Entry {
     first_step: Option<u32>,
 }
 
+impl AsRef<SeqState> for Entry {
+    fn as_ref(&self) -> &SeqState {
+        &self.seq
+    }
+}
+
+impl AsMut<SeqState> for Entry {
+    fn as_mut(&mut self) -> &mut SeqState {
+        &mut self.seq
+    }
+}
+
 /// A sequence that finished, with the batch steps of its first and last forward (`None` for
 /// a sequence that needed none: every slot fixed by its prior).
 pub struct Finished {
@@ -182,6 +197,11 @@ pub struct Scheduler {
     active: Vec<Entry>,
     next_id: u64,
     batch_step: u32,
+    /// The runner's buffers, reused by every step.
+    ws: StepScratch,
+    /// Canvas lengths of the queue (scratch of `growth_target`, which runs at every step
+    /// while requests wait).
+    lens: Vec<usize>,
 }
 
 impl Scheduler {
@@ -196,6 +216,8 @@ impl Scheduler {
             active: Vec::new(),
             next_id: 0,
             batch_step: 0,
+            ws: StepScratch::default(),
+            lens: Vec::new(),
         }
     }
 
@@ -280,8 +302,10 @@ impl Scheduler {
     /// Rows a growing cache is sized to when it grows: enough for every queued sequence, but
     /// no more than twice what can be active at once (slack against fragmentation), at least
     /// the longest queued canvas, and within `cache_rows`.
-    fn growth_target(&self) -> usize {
-        let mut lens: Vec<usize> = self.queue.iter().map(|e| e.seq.canvas.len()).collect();
+    fn growth_target(&mut self) -> usize {
+        let lens = &mut self.lens;
+        lens.clear();
+        lens.extend(self.queue.iter().map(|e| e.seq.canvas.len()));
         lens.sort_unstable_by(|a, b| b.cmp(a));
         let total: usize = lens.iter().sum();
         let longest = lens.first().copied().unwrap_or(0);
@@ -347,19 +371,20 @@ impl Scheduler {
         callback: Option<&mut dyn FnMut(&StepEvent)>,
     ) -> Result<Vec<Finished>> {
         self.admit(backend)?;
-        let index: Vec<usize> =
-            self.active.iter().filter(|e| !e.seq.canvas.is_done()).map(|e| e.id.0 as usize).collect();
-        if !index.is_empty() {
-            let step = self.batch_step;
-            let mut seqs: Vec<&mut SeqState> = Vec::with_capacity(index.len());
-            for e in self.active.iter_mut().filter(|e| !e.seq.canvas.is_done()) {
+        let step = self.batch_step;
+        self.ws.clear_picks();
+        for (i, e) in self.active.iter_mut().enumerate() {
+            if !e.seq.canvas.is_done() {
                 e.first_step.get_or_insert(step);
-                seqs.push(&mut e.seq);
+                self.ws.pick(i, e.id.0 as usize);
             }
-            runner::step_batch(&mut *backend, &mut seqs, &index, step, callback)?;
+        }
+        if self.ws.picked() > 0 {
+            runner::step_batch_with(&mut *backend, &mut self.active, &mut self.ws, step, callback)?;
             self.batch_step = self.batch_step.wrapping_add(1);
         }
         let last = self.batch_step.wrapping_sub(1);
+        // Empty (no allocation) unless a sequence finished.
         let mut done = Vec::new();
         let mut i = 0;
         while i < self.active.len() {

@@ -7,7 +7,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::decode::policy::{Policy, StepCtx};
-use crate::decode::step::Commit;
+use crate::decode::step::{Commit, StepCommits};
 use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
 
@@ -249,8 +249,16 @@ pub fn commit(
 
 /// Splits the downloaded `out` prefix (`ws.out_len()` elements) into per-sequence commit lists.
 pub fn parse_commits(out: &[u32], seqs: &[SeqCommitParams]) -> Result<Vec<Vec<Commit>>> {
+    let mut dst = StepCommits::default();
+    parse_commits_into(out, seqs, &mut dst)?;
+    Ok(dst.to_lists())
+}
+
+/// [`parse_commits`] into a reusable [`StepCommits`] (cleared first; no allocation once its
+/// buffers hold a step's worth).
+pub fn parse_commits_into(out: &[u32], seqs: &[SeqCommitParams], dst: &mut StepCommits) -> Result<()> {
     let n_seqs = seqs.len();
-    let mut lists = Vec::with_capacity(n_seqs);
+    dst.clear();
     for (si, q) in seqs.iter().enumerate() {
         let k = *out
             .get(si)
@@ -265,14 +273,12 @@ pub fn parse_commits(out: &[u32], seqs: &[SeqCommitParams]) -> Result<Vec<Vec<Co
         let pairs = out
             .get(base..base + 2 * k)
             .ok_or_else(|| Error::shape(OP, "out", &[base + 2 * k], &[out.len()]))?;
-        lists.push(
-            pairs
-                .chunks_exact(2)
-                .map(|c| Commit { pos: c[0], token: c[1] })
-                .collect(),
-        );
+        for c in pairs.chunks_exact(2) {
+            dst.push(Commit { pos: c[0], token: c[1] });
+        }
+        dst.end_seq();
     }
-    Ok(lists)
+    Ok(())
 }
 
 #[cfg(test)]
