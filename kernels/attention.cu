@@ -503,19 +503,3 @@ extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(128) attention_spl
     __trap();
 #endif
 }
-
-// The same with clusters of 8 blocks (each block ≈ 1–2 key tiles at decode lengths).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define FA_SPLIT8_CLUSTER __cluster_dims__(8, 1, 1)
-#else
-#define FA_SPLIT8_CLUSTER
-#endif
-extern "C" __global__ void FA_SPLIT8_CLUSTER __launch_bounds__(128) attention_split8_bf16(const AttnParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    pdl_wait();
-    pdl_trigger();
-    flash_body<8, 2, 4>(p, blockIdx.x / 8, (int)cooperative_groups::this_cluster().block_rank());
-#else
-    __trap();
-#endif
-}

@@ -216,7 +216,6 @@ fn run_case(c: &Case) {
     let mut paths = vec![FlashPath::Whole];
     if split_kv_supported(&gpu).unwrap() {
         paths.push(FlashPath::SplitKv);
-        paths.push(FlashPath::SplitKv8);
     } else {
         eprintln!("{}: split-KV path not checked (needs sm_90+)", c.name);
     }
@@ -396,15 +395,14 @@ fn flash_timing() {
         let b = build(&c);
         let mut d = upload(&gpu, &b, &c);
         let split_ok = split_kv_supported(&gpu).unwrap();
-        let runs: [(&str, AttnVariant, FlashPath); 5] = [
+        let runs: [(&str, AttnVariant, FlashPath); 4] = [
             ("reference", AttnVariant::Reference, FlashPath::Auto),
             ("flash", AttnVariant::Flash, FlashPath::Auto),
             ("flash-whole", AttnVariant::Flash, FlashPath::Whole),
             ("flash-split", AttnVariant::Flash, FlashPath::SplitKv),
-            ("flash-split8", AttnVariant::Flash, FlashPath::SplitKv8),
         ];
         for (label, variant, path) in runs {
-            if matches!(path, FlashPath::SplitKv | FlashPath::SplitKv8) && !split_ok {
+            if path == FlashPath::SplitKv && !split_ok {
                 continue;
             }
             let iters = 50;

@@ -108,8 +108,6 @@ pub enum FlashPath {
     /// `attention_split_bf16`: clusters of 4 blocks (4 warps each) split the key tiles of a
     /// 64-row tile and merge through distributed shared memory, 2 stages (sm_90+).
     SplitKv,
-    /// `attention_split8_bf16`: the same with clusters of 8 blocks (sm_90+).
-    SplitKv8,
 }
 
 /// `out[r, h] = softmax(q[r, h]·Kᵀ / sqrt(128)) · V` for every live row `r` of every sequence
@@ -244,13 +242,13 @@ pub fn attention_forced(
     let m_tiles = (max_rows * group).div_ceil(FA_M);
     let path = match (variant, path) {
         (AttnVariant::Reference, _) => None,
-        (AttnVariant::Flash, p @ (FlashPath::SplitKv | FlashPath::SplitKv8)) => {
+        (AttnVariant::Flash, FlashPath::SplitKv) => {
             if !split_kv_supported(gpu)? {
                 return Err(Error::bad_input(format!(
                     "{OP}: split-KV needs thread-block clusters (sm_90+)"
                 )));
             }
-            Some(p)
+            Some(FlashPath::SplitKv)
         }
         (AttnVariant::Flash, FlashPath::Auto) => {
             Some(if m_tiles * n_seqs * n_kv_heads >= gpu.sm_count {
@@ -267,7 +265,6 @@ pub fn attention_forced(
     let (symbol, per_tile, threads) = match path {
         None => (variant.symbol(), 0, 128),
         Some(FlashPath::SplitKv) => ("attention_split_bf16", FA_SPLIT, 128),
-        Some(FlashPath::SplitKv8) => ("attention_split8_bf16", 8, 128),
         Some(_) => ("attention_bf16", 1, 128),
     };
     let lc = match path {
