@@ -4,12 +4,15 @@
 //! a subset, hence the module-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda")]
+pub mod elementwise;
+
 use std::collections::HashMap;
 
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
 use demask::decode::canvas::{Canvas, CanvasSpec};
-use demask::decode::policy::{rank, Policy};
+use demask::decode::policy::{rank, DreamAlg, Policy};
 use demask::decode::runner::{SeqState, StepEvent};
 use demask::decode::step::{Commit, SeqWork};
 use demask::decode::Sampling;
@@ -188,4 +191,36 @@ pub fn gpu_engine(
 ) -> Engine {
     let dev = demask::model::GpuWeights::upload(gpu, w).unwrap();
     Engine::on_gpu(gpu.clone(), cfg.clone(), dev, None, opts).unwrap()
+}
+
+/// Policies the GPU commit and step-parity tests cover: every kind, including exact τ and the
+/// factor prefix rule.
+pub fn policies() -> Vec<Policy> {
+    vec![
+        Policy::Schedule { steps: 4 },
+        Policy::Schedule { steps: 7 },
+        Policy::Random { steps: 5 },
+        Policy::Threshold { tau: 0.75 },
+        Policy::Threshold { tau: 0.9 },
+        Policy::Confident { tau: 0.9, steps: 4 },
+        Policy::Confident { tau: 0.5, steps: 3 },
+        Policy::Factor { f: 1.0 },
+        Policy::Factor { f: 0.4 },
+        Policy::Dream {
+            alg: DreamAlg::Origin,
+            steps: 8,
+        },
+        Policy::Dream {
+            alg: DreamAlg::MaskgitPlus,
+            steps: 3,
+        },
+        Policy::Dream {
+            alg: DreamAlg::TopkMargin,
+            steps: 16,
+        },
+        Policy::Dream {
+            alg: DreamAlg::Entropy,
+            steps: 5,
+        },
+    ]
 }
