@@ -31,7 +31,7 @@ fn raise_smem(f: &CudaFunction, symbol: &str, smem: u32) -> Result<()> {
     if smem <= 48 << 10 {
         return Ok(());
     }
-    let mut raised = RAISED.lock().unwrap();
+    let mut raised = RAISED.lock().unwrap_or_else(|e| e.into_inner());
     let set = raised.get_or_insert_with(HashSet::new);
     if set.contains(&(symbol.to_string(), smem)) {
         return Ok(());
