@@ -20,8 +20,9 @@
 //   griddepcontrol.wait, so with the launch attribute the weight stream starts while the
 //   kernel before (norm, RoPE, attention, SwiGLU) is still finishing; X is read after the wait.
 //
-// Entry points gemm_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8; t ≤ 8·NT; BK = 64) and
-// gemm_skinny{..}_k128_bf16 (BK = 128), 256 threads, dynamic shared memory Tile<NT, BK>::SMEM
+// Entry points gemm_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8; t ≤ 8·NT; BK = 64),
+// gemm_skinny{..}_k128_bf16 (BK = 128) and gemm_skinny{..}_swiglu_bf16 (the gate|up projection
+// writing SwiGLU's output; gate and up halves paired per block, never split-K), 256 threads, dynamic shared memory Tile<NT, BK>::SMEM
 // (the wrapper mirrors it). Requirements (checked
 // by the wrapper): k % 8 == 0, x and w 16-byte aligned, k_split a multiple of BK.
 #include <cooperative_groups.h>
@@ -117,15 +118,25 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 }
 
 // Issues the W copies of stage `kb` (k columns [kb, kb + BK) ∩ [.., k1)) into `st`.
-template <int NT, int BK>
+// SWIGLU (the gate|up projection with SwiGLU in its epilogue): the block's first 64 rows are
+// gate rows [64·b, 64·b + 64) and the next 64 the matching up rows (+ n/2), so each block holds
+// both halves of its 64 output columns.
+template <int NT, int BK, bool SWIGLU>
 __device__ __forceinline__ void load_w(const SkinnyParams& p, bf16* st, int n0, int kb, int k1, uint64_t pol) {
     constexpr int CPR = BK / 8;  // 16-byte chunks per row
 #pragma unroll
     for (int u = 0; u < BN * CPR / THREADS; ++u) {
         const int i = threadIdx.x + u * THREADS;
         const int r = i / CPR, c = i % CPR;
-        const int gr = n0 + r, gk = kb + 8 * c;
-        const bool ok = gr < p.n && gk < k1;
+        int gr = n0 + r;
+        bool row_ok = gr < p.n;
+        if constexpr (SWIGLU) {
+            const int half = p.n >> 1, g = (n0 >> 1) + (r & 63);
+            gr = g + (r >= 64 ? half : 0);
+            row_ok = g < half;
+        }
+        const int gk = kb + 8 * c;
+        const bool ok = row_ok && gk < k1;
         const bf16* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
         cp_async16_stream(smem_u32(st + swz<BK>(r, c)), src, ok, pol);
     }
@@ -194,7 +205,7 @@ __device__ __forceinline__ void store_out(const SkinnyParams& p, int r, int col,
     }
 }
 
-template <int NT, int BK>
+template <int NT, int BK, bool SWIGLU>
 __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
     using T = Tile<NT, BK>;
     extern __shared__ uint4 smem_raw[];
@@ -222,7 +233,7 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
     // so waiting for group s still means stage s has landed.
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s)
-        if (s < nst) load_w<NT, BK>(p, ring + s * T::STAGE_ELEMS, n0, k0 + s * BK, k1, pol);
+        if (s < nst) load_w<NT, BK, SWIGLU>(p, ring + s * T::STAGE_ELEMS, n0, k0 + s * BK, k1, pol);
     pdl_wait();
     pdl_trigger();
 #pragma unroll
@@ -236,7 +247,7 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
         const int nx = it + T::STAGES - 1;
         if (nx < nst) {
             bf16* st = ring + (nx % T::STAGES) * T::STAGE_ELEMS;
-            load_w<NT, BK>(p, st, n0, k0 + nx * BK, k1, pol);
+            load_w<NT, BK, SWIGLU>(p, st, n0, k0 + nx * BK, k1, pol);
             load_x<NT, BK>(p, st, k0 + nx * BK, k1);
         }
         cp_async_commit();
@@ -266,12 +277,28 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
         float v = red[i];
 #pragma unroll
         for (int kg = 1; kg < T::KG; ++kg) v += red[kg * T::TP * BN + i];
-        if (gridDim.y == 1) {
+        if (gridDim.y == 1 && !SWIGLU) {
             const int r = i / BN, col = n0 + (i - r * BN);
             if (col < p.n) store_out(p, r, col, v);
         } else {
             red[i] = v;
         }
+    }
+    if constexpr (SWIGLU) {
+        // y = act [t, n/2]: act[r, c] = bf16(bf16(silu(g)) · u) with g, u the bf16-rounded GEMM
+        // outputs — exactly the gate|up GEMM's bf16 output followed by swiglu_bf16. (The wrapper
+        // never splits k here.)
+        __syncthreads();
+        const int half = p.n >> 1, c0 = n0 >> 1;
+        for (int i = threadIdx.x; i < rows * 64; i += THREADS) {
+            const int r = i >> 6, j = i & 63;
+            if (c0 + j < half) {
+                const float g = round_bf16(red[r * BN + j]), u = round_bf16(red[r * BN + 64 + j]);
+                static_cast<bf16*>(p.y)[(size_t)r * half + c0 + j] =
+                    __float2bfloat16(round_bf16(g / (1.f + expf(-g))) * u);
+            }
+        }
+        return;
     }
     if (gridDim.y == 1) return;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -295,14 +322,19 @@ __device__ __forceinline__ void skinny_body(const SkinnyParams& p) {
 
 }  // namespace
 
-#define SKINNY_ENTRY(name, NT, BK, MINB) \
-    extern "C" __global__ void __launch_bounds__(THREADS, MINB) name(const SkinnyParams p) { skinny_body<NT, BK>(p); }
-SKINNY_ENTRY(gemm_skinny8_bf16, 1, 64, 2)
-SKINNY_ENTRY(gemm_skinny16_bf16, 2, 64, 2)
-SKINNY_ENTRY(gemm_skinny32_bf16, 4, 64, 2)
-SKINNY_ENTRY(gemm_skinny64_bf16, 8, 64, 2)
+#define SKINNY_ENTRY(name, NT, BK, SWIGLU, MINB) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB) name(const SkinnyParams p) { skinny_body<NT, BK, SWIGLU>(p); }
+SKINNY_ENTRY(gemm_skinny8_bf16, 1, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny16_bf16, 2, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny32_bf16, 4, 64, false, 2)
+SKINNY_ENTRY(gemm_skinny64_bf16, 8, 64, false, 2)
 // 128-column stages (one block per SM, 256-byte runs of each W row per stage): a tuning variant.
-SKINNY_ENTRY(gemm_skinny8_k128_bf16, 1, 128, 1)
-SKINNY_ENTRY(gemm_skinny16_k128_bf16, 2, 128, 1)
-SKINNY_ENTRY(gemm_skinny32_k128_bf16, 4, 128, 1)
-SKINNY_ENTRY(gemm_skinny64_k128_bf16, 8, 128, 1)
+SKINNY_ENTRY(gemm_skinny8_k128_bf16, 1, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny16_k128_bf16, 2, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny32_k128_bf16, 4, 128, false, 1)
+SKINNY_ENTRY(gemm_skinny64_k128_bf16, 8, 128, false, 1)
+// The gate|up projection with SwiGLU in the epilogue (see load_w): y = act [t, n/2].
+SKINNY_ENTRY(gemm_skinny8_swiglu_bf16, 1, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny16_swiglu_bf16, 2, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny32_swiglu_bf16, 4, 64, true, 2)
+SKINNY_ENTRY(gemm_skinny64_swiglu_bf16, 8, 64, true, 2)

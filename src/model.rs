@@ -480,10 +480,16 @@ impl GpuModel {
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
-            mark!("gemm_gate_up");
-            ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
-            mark!("swiglu");
+            if gv.resolve(t, cfg.hidden) == GemmVariant::Skinny {
+                // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
+                ops::gemm::linear_swiglu(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act)?;
+                mark!("gemm_gate_up+swiglu");
+            } else {
+                ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
+                mark!("gemm_gate_up");
+                ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+                mark!("swiglu");
+            }
             ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
             mark!("gemm_down");
         }

@@ -202,6 +202,54 @@ fn skinny_every_split_count() {
     }
 }
 
+/// The gate|up GEMM with SwiGLU in its epilogue equals the plain skinny GEMM followed by
+/// `ops::swiglu` bit for bit (each output column is accumulated in the same order; the
+/// epilogue rounds g and u to bf16 as the two-step path stores them), at the LLaDA / Dream
+/// shapes and an ffn that leaves a partial 64-column group; rows ≥ t stay untouched; the
+/// cuBLASLt path of `linear_swiglu` agrees within bf16 rounding.
+#[test]
+fn skinny_swiglu_epilogue_is_exact() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for (i, &(ffn, k)) in [(12288, 4096), (18944, 3584), (136, 520)].iter().enumerate() {
+        let n = 2 * ffn;
+        let mut x = gpu.alloc::<bf16>(&[MAX_T, k]).unwrap();
+        fill_normal(&gpu, &mut x, 950 + i as u64, 0.0, 1.0).unwrap();
+        let mut w = gpu.alloc::<bf16>(&[n, k]).unwrap();
+        fill_normal(&gpu, &mut w, 960 + i as u64, 0.0, 1.5 / (k as f32).sqrt()).unwrap();
+        let mut gu = gpu.alloc::<bf16>(&[MAX_T, n]).unwrap();
+        let cfg = SkinnyConfig::default();
+        for t in [1, 19, 32, 64] {
+            let rows = t + 2;
+            let bits = |v: &DTensor<bf16>| -> Vec<u16> { v.to_host(&gpu).unwrap().iter().map(|x| x.to_bits()).collect() };
+            gemm::skinny_linear(&gpu, &cfg, t, &x, &w, None, &mut gu).unwrap();
+            let mut two = gpu.upload(&vec![bf16::NAN; rows * ffn], &[rows, ffn]).unwrap();
+            demask::ops::swiglu::swiglu(&gpu, t, &gu, &mut two).unwrap();
+            let mut fused = gpu.upload(&vec![bf16::NAN; rows * ffn], &[rows, ffn]).unwrap();
+            gemm::skinny_linear_swiglu(&gpu, &cfg, t, &x, &w, &mut fused).unwrap();
+            let (a, b) = (bits(&two), bits(&fused));
+            let diff: Vec<_> = (0..t * ffn).filter(|&j| a[j] != b[j]).take(5).map(|j| (j, a[j], b[j])).collect();
+            assert!(diff.is_empty(), "ffn {ffn} k {k} t={t}: fused != skinny + swiglu, first (index, two-step, fused) bits {diff:?}");
+            let host = fused.to_host(&gpu).unwrap();
+            assert!(host[..t * ffn].iter().all(|v| v.is_finite()), "ffn {ffn} t={t}: unwritten outputs");
+            assert!(host[t * ffn..].iter().all(|v| v.is_nan()), "ffn {ffn} t={t}: rows >= t written");
+            // The public entry: skinny fused, and the cuBLASLt path through `gu`.
+            let mut act = gpu.upload(&vec![bf16::NAN; rows * ffn], &[rows, ffn]).unwrap();
+            gemm::linear_swiglu(&gpu, GemmVariant::Skinny, t, &x, &w, &mut gu, &mut act).unwrap();
+            assert_eq!(bits(&act)[..t * ffn], b[..t * ffn], "ffn {ffn} t={t}: linear_swiglu(skinny)");
+            gemm::linear_swiglu(&gpu, GemmVariant::Cublaslt, t, &x, &w, &mut gu, &mut act).unwrap();
+            let (c, want) = (act.to_host(&gpu).unwrap(), two.to_host(&gpu).unwrap());
+            let bad = (0..t * ffn)
+                .filter(|&j| {
+                    let (g, e) = (c[j].to_f32(), want[j].to_f32());
+                    !((g - e).abs() <= 1e-2 + 2e-2 * e.abs())
+                })
+                .count();
+            assert_eq!(bad, 0, "ffn {ffn} t={t}: cuBLASLt path differs beyond bf16 rounding");
+        }
+    }
+}
+
 #[test]
 fn skinny_llada_shapes() {
     let _g = lock();

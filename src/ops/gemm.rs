@@ -175,20 +175,74 @@ unsafe impl cudarc::driver::DeviceRepr for SkinnyParams {}
 
 /// Entry point and dynamic shared memory for `t` rows: NT = ceil(t/8) rounded up to 1, 2, 4, 8
 /// n-tiles; STAGES ring slots of (128 + 8·NT) rows × BK bf16 (`Tile<NT, BK>` in the kernel).
-fn kernel_for(t: usize, k128: bool) -> (&'static str, u32) {
-    let (nt, sym, sym128) = match t {
-        0..=8 => (1, "gemm_skinny8_bf16", "gemm_skinny8_k128_bf16"),
-        9..=16 => (2, "gemm_skinny16_bf16", "gemm_skinny16_k128_bf16"),
-        17..=32 => (4, "gemm_skinny32_bf16", "gemm_skinny32_k128_bf16"),
-        _ => (8, "gemm_skinny64_bf16", "gemm_skinny64_k128_bf16"),
+/// `swiglu`: the gate|up entry points with SwiGLU in the epilogue (64-column stages).
+fn kernel_for(t: usize, k128: bool, swiglu: bool) -> (&'static str, u32) {
+    let nt = match t {
+        0..=8 => 1,
+        9..=16 => 2,
+        17..=32 => 4,
+        _ => 8,
     };
-    let (sym, bk, stages) = match (k128, nt == 8) {
-        (false, false) => (sym, STAGE_K, 5),
-        (false, true) => (sym, STAGE_K, 4),
-        (true, false) => (sym128, 2 * STAGE_K, 4),
-        (true, true) => (sym128, 2 * STAGE_K, 3),
+    let k128 = k128 && !swiglu;
+    let sym = match (nt, swiglu, k128) {
+        (1, true, _) => "gemm_skinny8_swiglu_bf16",
+        (2, true, _) => "gemm_skinny16_swiglu_bf16",
+        (4, true, _) => "gemm_skinny32_swiglu_bf16",
+        (_, true, _) => "gemm_skinny64_swiglu_bf16",
+        (1, _, true) => "gemm_skinny8_k128_bf16",
+        (2, _, true) => "gemm_skinny16_k128_bf16",
+        (4, _, true) => "gemm_skinny32_k128_bf16",
+        (_, _, true) => "gemm_skinny64_k128_bf16",
+        (1, ..) => "gemm_skinny8_bf16",
+        (2, ..) => "gemm_skinny16_bf16",
+        (4, ..) => "gemm_skinny32_bf16",
+        _ => "gemm_skinny64_bf16",
+    };
+    let (bk, stages) = match (k128, nt == 8) {
+        (false, false) => (STAGE_K, 5),
+        (false, true) => (STAGE_K, 4),
+        (true, false) => (2 * STAGE_K, 4),
+        (true, true) => (2 * STAGE_K, 3),
     };
     (sym, (stages * (BLOCK_ROWS + 8 * nt) * bk * 2) as u32)
+}
+
+/// The gate|up projection followed by SwiGLU: `act[0..t] = SwiGLU(x[0..t] · w_gate_upᵀ)`, with
+/// `w_gate_up` `[2·ffn, k]` (gate rows, then up rows), `act` `[>= t, ffn]`, SwiGLU exactly as
+/// `ops::swiglu` over the bf16 GEMM output. Where `variant` resolves to the skinny kernel, one
+/// launch does both (`gemm_skinny*_swiglu_bf16`: each block pairs 64 gate rows with their up
+/// rows and writes the activation in its epilogue — bit-identical to the two-step path);
+/// otherwise the GEMM writes `gu` (`[>= t, 2·ffn]`) and `ops::swiglu` reads it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_swiglu(
+    gpu: &Gpu,
+    variant: GemmVariant,
+    t: usize,
+    x: &DTensor<bf16>,
+    w_gate_up: &DTensor<bf16>,
+    gu: &mut DTensor<bf16>,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    let k = w_gate_up.dims.get(1).copied().unwrap_or(0);
+    match variant.resolve(t, k) {
+        GemmVariant::Skinny => skinny_impl(gpu, &SkinnyConfig::default(), t, x, true, w_gate_up, None, act),
+        _ => {
+            linear(gpu, GemmVariant::Cublaslt, t, x, w_gate_up, None, gu)?;
+            crate::ops::swiglu::swiglu(gpu, t, gu, act)
+        }
+    }
+}
+
+/// [`linear_swiglu`]'s skinny path with an explicit launch shape (tests and tuning).
+pub fn skinny_linear_swiglu(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    x: &DTensor<bf16>,
+    w_gate_up: &DTensor<bf16>,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    skinny_impl(gpu, cfg, t, x, true, w_gate_up, None, act)
 }
 
 /// The skinny kernel with an explicit launch shape (see [`linear`] for the operands).
@@ -197,6 +251,22 @@ pub fn skinny_linear<Y: GemmOut>(
     cfg: &SkinnyConfig,
     t: usize,
     x: &DTensor<bf16>,
+    w: &DTensor<bf16>,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    skinny_impl(gpu, cfg, t, x, false, w, bias, y)
+}
+
+/// Shared by the plain entry points and the SwiGLU-epilogue ones (`swiglu`: `w` is
+/// `[2·ffn, k]`, no bias, `y` is the bf16 activation `[t, ffn]`, never split over k).
+#[allow(clippy::too_many_arguments)]
+fn skinny_impl<Y: GemmOut>(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    x: &DTensor<bf16>,
+    swiglu: bool,
     w: &DTensor<bf16>,
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
@@ -223,7 +293,17 @@ pub fn skinny_linear<Y: GemmOut>(
         )));
     }
     x.check_rows(OP, "x", t, k)?;
-    y.check_rows(OP, "y", t, n)?;
+    if swiglu {
+        if !n.is_multiple_of(2) || bias.is_some() || Y::OUT != OutType::Bf16 {
+            return Err(Error::bad_input(format!(
+                "{OP}: SwiGLU epilogue needs an even row count of `w` {:?}, no bias and bf16 output",
+                w.dims
+            )));
+        }
+        y.check_rows(OP, "act", t, n / 2)?;
+    } else {
+        y.check_rows(OP, "y", t, n)?;
+    }
     if let Some(b) = bias {
         if b.len() != n {
             return Err(Error::shape(OP, "bias", &[n], &b.dims));
@@ -233,7 +313,9 @@ pub fn skinny_linear<Y: GemmOut>(
         return Ok(());
     }
     let clusters = crate::ops::attention::split_kv_supported(gpu)?;
-    let plan = skinny_plan(cfg, gpu.sm_count, clusters, n, k);
+    // The SwiGLU epilogue pairs gate and up rows inside one block: never split k.
+    let cfg = if swiglu { SkinnyConfig { splits: Some(1), k128: false, ..*cfg } } else { *cfg };
+    let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
     let params = SkinnyParams {
         x: x.ptr(gpu),
         w: w.ptr(gpu),
@@ -246,7 +328,7 @@ pub fn skinny_linear<Y: GemmOut>(
         out_f32: (Y::OUT == OutType::F32) as i32,
         pad: 0,
     };
-    let (sym, smem) = kernel_for(t, cfg.k128);
+    let (sym, smem) = kernel_for(t, cfg.k128, swiglu);
     let lc = LaunchEx {
         grid: (plan.blocks_n as u32, plan.splits as u32, 1),
         block: (THREADS, 1, 1),
@@ -322,11 +404,12 @@ mod tests {
     #[test]
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<SkinnyParams>(), 56); // 4 pointers + 6 ints
-        assert_eq!(kernel_for(32, false), ("gemm_skinny32_bf16", 5 * (128 + 32) * 64 * 2));
-        assert_eq!(kernel_for(7, true), ("gemm_skinny8_k128_bf16", 4 * (128 + 8) * 128 * 2));
+        assert_eq!(kernel_for(32, false, false), ("gemm_skinny32_bf16", 5 * (128 + 32) * 64 * 2));
+        assert_eq!(kernel_for(7, true, false), ("gemm_skinny8_k128_bf16", 4 * (128 + 8) * 128 * 2));
+        assert_eq!(kernel_for(40, true, true), ("gemm_skinny64_swiglu_bf16", 4 * (128 + 64) * 64 * 2));
         for t in [1, 9, 17, 33, 64] {
-            for k128 in [false, true] {
-                assert!(kernel_for(t, k128).1 <= 227 << 10, "t={t} k128={k128}");
+            for (k128, sw) in [(false, false), (true, false), (false, true)] {
+                assert!(kernel_for(t, k128, sw).1 <= 227 << 10, "t={t} k128={k128} swiglu={sw}");
             }
         }
     }
