@@ -298,8 +298,9 @@ pub fn confidence(
     gpu.after_launch("confidence_f32")
 }
 
-/// `logits[r, col] = value` for the first `rows` rows (`set_column_f32`): excludes the mask
-/// token from candidates before `confidence` runs.
+/// `logits[r, col] = value` for the first `rows` rows (`set_column_f32`). The decode loop
+/// excludes the mask token inside the confidence kernels instead
+/// ([`ConfidenceWs::set_exclude_token`]); this stays for tests that compare the two.
 pub fn set_column(
     gpu: &Gpu,
     logits: &mut DTensor<f32>,
