@@ -42,6 +42,8 @@ pub struct Gpu {
     /// Programmatic dependent launch for kernels launched with it (sm_90+; `DEMASK_PDL=0` or
     /// `DEMASK_SYNC_LAUNCHES=1` turn it off): a kernel's prologue overlaps its predecessor.
     pub pdl: bool,
+    /// Compute capability major version (9 = Hopper), queried once.
+    pub cc_major: i32,
 }
 
 /// Whether libcuda can be loaded here (checked without panicking).
@@ -111,6 +113,7 @@ impl Gpu {
             ordinal,
             sync_launches,
             pdl,
+            cc_major: major,
         }))
     }
 

@@ -9,7 +9,7 @@ use half::bf16;
 use crate::config::HEAD_DIM;
 use crate::error::{Error, Result};
 use crate::gpu::launch::{launch_ex, LaunchEx};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::{DTensor, Gpu};
 
 /// Which kernel computes attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,11 +292,6 @@ pub fn attention_forced(
 
 /// Whether this device can run `attention_split_bf16` (thread-block clusters: sm_90+).
 pub fn split_kv_supported(gpu: &Gpu) -> Result<bool> {
-    let major = gpu
-        .ctx
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        )
-        .map_err(drv("cuDeviceGetAttribute"))?;
-    Ok(major >= 9)
+    // Queried once in `Gpu::new`: this runs on every attention and skinny-GEMM launch.
+    Ok(gpu.cc_major >= 9)
 }

@@ -314,7 +314,7 @@ fn skinny_impl<Y: GemmOut>(
     }
     let clusters = crate::ops::attention::split_kv_supported(gpu)?;
     // The SwiGLU epilogue pairs gate and up rows inside one block: never split k.
-    let cfg = if swiglu { SkinnyConfig { splits: Some(1), k128: false, ..*cfg } } else { *cfg };
+    let cfg = if swiglu { SkinnyConfig { splits: Some(1), k128: false } } else { *cfg };
     let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
     let params = SkinnyParams {
         x: x.ptr(gpu),
