@@ -20,6 +20,7 @@ use demask::decode::sampling::{RngKey, Sampling};
 use demask::gpu::{DTensor, Gpu, Timer};
 use demask::ops::attention::{attention, AttnVariant};
 use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
+use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use demask::ops::gemm::{linear, GemmVariant};
 use demask::ops::rope::{rope_kv_store, RopeMode};
@@ -367,7 +368,7 @@ fn bench_commit(c: &mut Criterion, env: &mut Env) -> Result<()> {
             masked: slots as u32,
         };
         let seqs: Vec<SeqCommitParams> = (0..n_seqs)
-            .map(|s| SeqCommitParams::new(&policy, ctx, s * slots, slots, s))
+            .map(|s| SeqCommitParams::new(commit_rule(&policy), count_ctx(ctx), s * slots, slots, s))
             .collect();
         let positions: Vec<u32> = (0..n_seqs)
             .flat_map(|_| (prompt..prompt + slots).map(|p| p as u32))

@@ -1,6 +1,7 @@
 // Commit policy per sequence (DESIGN.md §4), mirroring src/decode/policy.rs: rank the eligible
 // slots by confidence descending (ties → lower position; NaN ranks as −inf), count k exactly as
-// Policy::commit_count, write the k committed tokens into the device canvas, and leave a compact
+// Policy::commit_count (at least 1, except Dream's count, which may be 0), write the k committed
+// tokens into the device canvas, and leave a compact
 // commit list (rank order) for the host.
 //
 // commit_u32: one block per sequence. Output `out` (u32):
@@ -53,17 +54,24 @@ __device__ __forceinline__ unsigned schedule_count(unsigned m, unsigned steps, u
     return m / s + (i < m % s ? 1u : 0u);
 }
 
-// Dream: ts = linspace(1, 1e-3, S+1); floor(masked · (1 − ts[i+1] / ts[i])), all on the last step.
-// Explicit _rn intrinsics keep nvcc from contracting into FMAs (the CPU rounds every op).
+// torch.linspace(1, 1e-3, n)[j] in f32 as PyTorch's CPU kernel computes it (policy::dream_timestep):
+// step = (end − start) / (n − 1); first half fma(step, j, start), second fma(−step, n − 1 − j, end).
+__device__ __forceinline__ float dream_timestep(unsigned n, unsigned j) {
+    const float start = 1.0f, end = 1e-3f;
+    if (n <= 1u) return start;
+    const float step = __fdiv_rn(__fsub_rn(end, start), (float)(n - 1u));
+    return j < n / 2u ? __fmaf_rn(step, (float)j, start) : __fmaf_rn(-step, (float)(n - 1u - j), end);
+}
+
+// Dream (policy::dream_count): int(masked · (1 − ts[i+1] / ts[i])) in f32, all on the last step;
+// 0 is a valid count. Explicit _rn intrinsics keep nvcc from contracting (the CPU rounds every op).
 __device__ __forceinline__ unsigned dream_count(unsigned masked, unsigned steps, unsigned i) {
     const unsigned s = steps > 1u ? steps : 1u;
     if (i + 1u >= s) return masked;
-    const double eps = 1e-3;
-    const double t = __dadd_rn(1.0, __ddiv_rn(__dmul_rn(eps - 1.0, (double)i), (double)s));
-    const double u = __dadd_rn(1.0, __ddiv_rn(__dmul_rn(eps - 1.0, (double)(i + 1u)), (double)s));
-    const double x = floor(__dmul_rn((double)masked, __dsub_rn(1.0, __ddiv_rn(u, t))));
-    if (!(x > 0.0)) return 0u;  // Rust's saturating `as u32`
-    if (x >= 4294967295.0) return 0xFFFFFFFFu;
+    const float t = dream_timestep(s + 1u, i), u = dream_timestep(s + 1u, i + 1u);
+    const float x = __fmul_rn((float)masked, __fsub_rn(1.0f, __fdiv_rn(u, t)));
+    if (!(x > 0.f)) return 0u;  // Rust's saturating `as u32`
+    if (x >= 4294967295.f) return 0xFFFFFFFFu;
     return (unsigned)x;
 }
 
@@ -112,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(COMMIT_THREADS) commit_u32(const Co
     }
     __syncthreads();
 
-    // 2. How many commit (Policy::commit_count), then clamp to [1, n].
+    // 2. How many commit (Policy::commit_count), then clamp to [1, n] ([0, n] for Dream).
     int k = 0;
     if (q.policy == 2 || q.policy == 3) {  // threshold / confident: how many pass τ
         int c = 0;
@@ -161,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(COMMIT_THREADS) commit_u32(const Co
                 break;
         }
         if (n == 0) k = 0;
+        else if (q.policy == 5) k = min(k, n);  // Dream: its count, 0 included
         else k = max(1, min(k, n));
         out[blockIdx.x] = (unsigned)k;
         k_shared = k;

@@ -13,6 +13,9 @@
 // Both kernels read logit column `exclude_token` (the mask token; -1 = none) as CONF_MASK_LOGIT,
 // substituted at load time: the same values, hence the same bits, as writing -1e30 into the
 // column first (set_column_f32, src/decode/cpu.rs MASK_LOGIT) and running without exclusion.
+// Slots with dist = 1 (Dream's confidences, sampling::ConfDist::Filtered) read every logit as
+// l / T (f32 division, T > 0), filter at any temperature, and read logits below the cut-off as
+// CONF_MASK_LOGIT too, so argmax, sample and confidence come from the filtered distribution.
 #include "common.cuh"
 
 #include <math_constants.h>
@@ -29,7 +32,8 @@ struct ConfSlot {
     unsigned seq;       // counter word 3
     unsigned step;      // counter word 2
     unsigned slot;      // counter word 1 (canvas position)
-    unsigned pad0, pad1;
+    unsigned dist;      // 0 raw softmax; 1 Dream's: logits / T, filtered, renormalised
+    unsigned pad;
 };
 
 // Mirrors ConfidenceParams in src/ops/confidence.rs.
@@ -55,6 +59,22 @@ static_assert(sizeof(ConfidenceParams) == 80, "ConfidenceParams must match src/o
 
 // Logit `l` of column `v`, or CONF_MASK_LOGIT when `v` is the excluded column.
 __device__ __forceinline__ float excl(float l, int v, int ex) { return v == ex ? CONF_MASK_LOGIT : l; }
+
+// What slot `s` reads for column `v`: excluded column → CONF_MASK_LOGIT; Dream slots scale by
+// 1/T (T > 0) and read values below `cut` as CONF_MASK_LOGIT (cut = -inf: nothing filtered).
+struct ValCtx {
+    int ex;
+    float t;    // > 0: divide by it
+    float cut;  // values below are filtered out
+    __device__ __forceinline__ float operator()(float l, int v) const {
+        if (v == ex) return CONF_MASK_LOGIT;
+        if (t > 0.f) l = __fdiv_rn(l, t);
+        return l < cut ? CONF_MASK_LOGIT : l;
+    }
+    __device__ __forceinline__ float4 four(float4 x, int v) const {
+        return make_float4((*this)(x.x, v), (*this)(x.y, v + 1), (*this)(x.z, v + 2), (*this)(x.w, v + 3));
+    }
+};
 
 struct Partial {
     double z;      // Σ exp(l − m)
@@ -279,18 +299,6 @@ __device__ __forceinline__ Acc merge_partials(const volatile Partial* parts, int
     return a;
 }
 
-// A 16-byte vector of columns v..v+3, with column `ex` (when among them) read as CONF_MASK_LOGIT.
-__device__ __forceinline__ float4 excl4(float4 x, int v, int ex) {
-    const unsigned d = (unsigned)(ex - v);
-    if (d < 4u) {
-        if (d == 0u) x.x = CONF_MASK_LOGIT;
-        else if (d == 1u) x.y = CONF_MASK_LOGIT;
-        else if (d == 2u) x.z = CONF_MASK_LOGIT;
-        else x.w = CONF_MASK_LOGIT;
-    }
-    return x;
-}
-
 // ---------------------------------------------------------------- confidence_f32
 
 extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const ConfidenceParams p) {
@@ -302,16 +310,23 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     const int vocab = p.vocab;
     const float* row = reinterpret_cast<const float*>(p.logits) + (size_t)s.logit_row * (size_t)vocab;
 
+    const bool dream = s.dist == 1u;
+    const bool k_on = s.top_k > 0 && s.top_k < vocab;
+    const bool p_on = s.top_p < 1.f;
     SampleCtx sc;
     sc.on = s.temperature > 0.f;
-    sc.inv_t = sc.on ? 1.0 / (double)s.temperature : 0.0;
+    // Dream slots are already scaled by 1/T when read: the Gumbel score is value + g.
+    sc.inv_t = sc.on ? (dream ? 1.0 : 1.0 / (double)s.temperature) : 0.0;
     sc.cut = -CUDART_INF_F;
+    const float cut = (sc.on || dream) && (k_on || p_on) ? reinterpret_cast<const float*>(p.cut)[slot_i] : -CUDART_INF_F;
     if (sc.on) {
-        const bool k_on = s.top_k > 0 && s.top_k < vocab;
-        const bool p_on = s.top_p < 1.f;
-        if (k_on || p_on) sc.cut = reinterpret_cast<const float*>(p.cut)[slot_i];
+        if (!dream) sc.cut = cut;
         sc.g.init(s);
     }
+    ValCtx val;
+    val.ex = p.exclude_token;
+    val.t = dream && sc.on ? s.temperature : 0.f;
+    val.cut = dream ? cut : -CUDART_INF_F;
 
     // Row layout: [0, head) scalar, then nvec 16-byte vectors, then the scalar tail.
     const int mis = (int)(((size_t)s.logit_row * (size_t)vocab) & 3);
@@ -324,8 +339,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     Acc a;
     a.init();
     const int tid = threadIdx.x;
-    const int ex = p.exclude_token;
-    if (split == 0 && tid < head) consume1(a, sc, tid, excl(__ldg(row + tid), tid, ex));
+    if (split == 0 && tid < head) consume1(a, sc, tid, val(__ldg(row + tid), tid));
     const float4* vrow = reinterpret_cast<const float4*>(row + head);
     int i = v_lo + tid;
     for (; i + (UNROLL - 1) * CONF_THREADS < v_hi; i += UNROLL * CONF_THREADS) {
@@ -335,15 +349,15 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int v = head + 4 * (i + u * CONF_THREADS);
-            consume4(a, sc, v, excl4(x[u], v, ex));
+            consume4(a, sc, v, val.four(x[u], v));
         }
     }
     for (; i < v_hi; i += CONF_THREADS) {
         const int v = head + 4 * i;
-        consume4(a, sc, v, excl4(__ldcs(vrow + i), v, ex));
+        consume4(a, sc, v, val.four(__ldcs(vrow + i), v));
     }
     if (split == p.splits - 1 && tail0 + tid < vocab)
-        consume1(a, sc, tail0 + tid, excl(__ldg(row + tail0 + tid), tail0 + tid, ex));
+        consume1(a, sc, tail0 + tid, val(__ldg(row + tail0 + tid), tail0 + tid));
 
     // Block merge: warps, then warp 0 over the warp results.
     warp_combine(a);
@@ -377,7 +391,7 @@ extern "C" __global__ void __launch_bounds__(CONF_THREADS) confidence_f32(const 
     float conf;
     switch (s.kind) {
         case 0: {  // prob: exp(l_tok − max) / Σ
-            const float d = excl(row[tok], (int)tok, ex) - f.m;
+            const float d = val(row[tok], (int)tok) - f.m;
             conf = (float)(exp((double)d) / z);
             break;
         }
@@ -448,7 +462,7 @@ __device__ double block_sum_d(double v, double* red) {
 // Radix select of the cut-off key: the largest key c with count(key >= c) >= k (by_mass = false)
 // or Σ_{key >= c} exp(l − max) >= target (by_mass = true), column `ex` read as CONF_MASK_LOGIT.
 // Returns false when no key qualifies.
-__device__ bool radix_cut(unsigned* out, const float* row, int vocab, int ex, bool by_mass, unsigned k, double target, float mx,
+__device__ bool radix_cut(unsigned* out, const float* row, int vocab, const ValCtx& val, bool by_mass, unsigned k, double target, float mx,
                               unsigned* hc, double* hm, unsigned* sel, double* selm) {
     unsigned prefix = 0u, hi_mask = 0u;
     unsigned need = k;      // count still needed within the current prefix
@@ -465,7 +479,7 @@ __device__ bool radix_cut(unsigned* out, const float* row, int vocab, int ex, bo
             unsigned digit = 0xFFFFFFFFu;
             double w = 0.0;
             if (i < vocab) {
-                const float l = excl(row[i], i, ex);
+                const float l = val(row[i], i);
                 const unsigned key = fkey(l);
                 if ((key & hi_mask) == prefix) {
                     digit = (key >> shift) & 255u;
@@ -543,7 +557,8 @@ extern "C" __global__ void __launch_bounds__(CUT_THREADS) confidence_cutoff_f32(
     const int slot_i = blockIdx.x;
     const ConfSlot s = reinterpret_cast<const ConfSlot*>(p.slots)[slot_i];
     const int vocab = p.vocab;
-    const bool on = s.temperature > 0.f;
+    const bool dream = s.dist == 1u;
+    const bool on = s.temperature > 0.f || dream;  // Dream filters at temperature 0 too
     const bool k_on = on && s.top_k > 0 && s.top_k < vocab;
     const bool p_on = on && s.top_p < 1.f;
     float* cut_out = reinterpret_cast<float*>(p.cut) + slot_i;
@@ -553,24 +568,27 @@ extern "C" __global__ void __launch_bounds__(CUT_THREADS) confidence_cutoff_f32(
     }
     const float* row = reinterpret_cast<const float*>(p.logits) + (size_t)s.logit_row * (size_t)vocab;
     float mx = -CUDART_INF_F;
-    const int ex = p.exclude_token;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, excl(row[i], i, ex));
+    ValCtx val;  // the values the filters see: Dream slots' are scaled by 1/T, none is cut yet
+    val.ex = p.exclude_token;
+    val.t = dream && s.temperature > 0.f ? s.temperature : 0.f;
+    val.cut = -CUDART_INF_F;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, val(row[i], i));
     mx = block_max_f(mx, redf);
     const unsigned max_key = fkey(mx);
 
     float cut = -CUDART_INF_F;
     if (k_on) {
         unsigned c;
-        if (radix_cut(&c, row, vocab, ex, false, (unsigned)s.top_k, 0.0, mx, hc, hm, sel, selm))
+        if (radix_cut(&c, row, vocab, val, false, (unsigned)s.top_k, 0.0, mx, hc, hm, sel, selm))
             cut = key_to_float(min(c, max_key));
     }
     if (p_on) {
         double z = 0.0;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += exp((double)(excl(row[i], i, ex) - mx));
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += exp((double)(val(row[i], i) - mx));
         z = block_sum_d(z, redd);
         const double target = (double)s.top_p * z;
         unsigned c;
-        if (radix_cut(&c, row, vocab, ex, true, 0u, target, mx, hc, hm, sel, selm))
+        if (radix_cut(&c, row, vocab, val, true, 0u, target, mx, hc, hm, sel, selm))
             cut = fmaxf(cut, key_to_float(min(c, max_key)));
     }
     if (threadIdx.x == 0) *cut_out = cut;

@@ -291,7 +291,8 @@ pub fn run_decode(
     let reqs: Vec<Request> = (0..spec.batch)
         .map(|i| {
             let prompt = synthetic_tokens(spec.prompt_len, cfg.vocab.min(cfg.mask_id as usize), 1000 + i as u64);
-            let mut r = Request::new(Prompt::Ids(prompt), spec.gen_len as u32, spec.block_len as u32, policy);
+            let mut r =
+                Request::new(Prompt::Ids(prompt)).gen_len(spec.gen_len as u32).block_len(spec.block_len as u32).policy(policy);
             r.stop_at_eos = false;
             r.seed = i as u64;
             r.cache = cache;

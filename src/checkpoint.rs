@@ -213,6 +213,23 @@ pub fn write_checkpoint(
     write_checkpoint_with(cfg, seed, out, overwrite, SHARD_BYTES, progress)
 }
 
+/// Whether [`write_checkpoint`] may write to `out`: refuses a path that is a file, and a
+/// directory that already holds a checkpoint (a config.json) unless `overwrite` (the CLI's
+/// `--overwrite`). Cheap; run it before announcing a write.
+pub fn check_output_dir(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::file(out, "exists and is not a directory"));
+    }
+    let config_path = out.join("config.json");
+    if config_path.exists() && !overwrite {
+        return Err(Error::file(
+            &config_path,
+            "already exists; refusing to overwrite a checkpoint (pass --overwrite to replace it)",
+        ));
+    }
+    Ok(())
+}
+
 /// Writes config.json, `model-0000i-of-0000N.safetensors` (bf16, unfused, real names) and
 /// `model.safetensors.index.json`; for tiny-vocab configs also the tiny tokenizer. One tensor
 /// or two are in memory at a time, never the whole model. Each shard is written to a `.partial` file
@@ -228,10 +245,8 @@ pub fn write_checkpoint_with(
     mut progress: impl FnMut(&str),
 ) -> Result<CheckpointSummary> {
     cfg.validate()?;
+    check_output_dir(out, overwrite)?;
     let config_path = out.join("config.json");
-    if config_path.exists() && !overwrite {
-        return Err(Error::file(&config_path, "already exists; refusing to overwrite a checkpoint (pass overwrite)"));
-    }
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
     let plan = plan_shards_with(cfg, max_shard_bytes);
     if overwrite {

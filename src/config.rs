@@ -42,6 +42,12 @@ pub struct ModelConfig {
 /// The only head dimension the attention kernels are built for.
 pub const HEAD_DIM: usize = 128;
 
+/// Upper bounds `validate()` enforces (far above any released model).
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_HIDDEN: usize = 1 << 16;
+pub const MAX_FFN: usize = 1 << 20;
+pub const MAX_SEQ_LEN: usize = 1 << 24;
+
 /// LLaDA `config.json` (model_type "llada"), the fields demask reads.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct LladaJson {
@@ -74,6 +80,24 @@ pub struct LladaJson {
     pub eot_token_id: Option<u32>,
     #[serde(default)]
     pub weight_tying: bool,
+}
+
+impl LladaJson {
+    /// `vocab_size` and `embedding_size` (the embedding's rows, padded) before they are merged
+    /// into one vocabulary: both must be positive and the embedding must hold every token.
+    fn check_vocab(&self) -> Result<()> {
+        if self.vocab_size == 0 {
+            return Err(Error::config("vocab_size", "must be > 0"));
+        }
+        match self.embedding_size {
+            Some(0) => Err(Error::config("embedding_size", "must be > 0")),
+            Some(e) if e < self.vocab_size => Err(Error::config(
+                "embedding_size",
+                format!("{e} is smaller than vocab_size = {} (the embedding needs a row per token)", self.vocab_size),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn default_llada_theta() -> f64 {
@@ -138,6 +162,7 @@ impl ModelConfig {
             "llada" => {
                 let j: LladaJson = serde_json::from_value(v)
                     .map_err(|e| Error::bad_input(format!("LLaDA config.json: {e}")))?;
+                j.check_vocab()?;
                 Self::from_llada(&j)
             }
             "dream" | "qwen2" => {
@@ -253,8 +278,16 @@ impl ModelConfig {
 
     /// Invariants the engine relies on; the error names the offending field.
     pub fn validate(&self) -> Result<()> {
-        let (f_hidden, f_layers, f_heads, f_kv, f_ffn, f_vocab) = match self.arch {
-            Arch::Llada => ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "embedding_size"),
+        let (f_hidden, f_layers, f_heads, f_kv, f_ffn, f_vocab, f_ctx) = match self.arch {
+            Arch::Llada => (
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "mlp_hidden_size",
+                "embedding_size",
+                "max_sequence_length",
+            ),
             Arch::Dream => (
                 "hidden_size",
                 "num_hidden_layers",
@@ -262,6 +295,7 @@ impl ModelConfig {
                 "num_key_value_heads",
                 "intermediate_size",
                 "vocab_size",
+                "max_position_embeddings",
             ),
         };
         let pos = |field: &str, v: usize| {
@@ -277,8 +311,18 @@ impl ModelConfig {
         pos(f_kv, self.n_kv_heads)?;
         pos(f_ffn, self.ffn)?;
         pos(f_vocab, self.vocab)?;
-        if self.n_layers > 1024 {
-            return Err(Error::config(f_layers, format!("{} is out of range (1..=1024)", self.n_layers)));
+        pos(f_ctx, self.max_seq_len)?;
+        // Upper bounds far above any released model: a typo (an extra digit) is refused here
+        // rather than turned into a huge allocation.
+        for (field, v, max) in [
+            (f_layers, self.n_layers, MAX_LAYERS),
+            (f_hidden, self.hidden, MAX_HIDDEN),
+            (f_ffn, self.ffn, MAX_FFN),
+            (f_ctx, self.max_seq_len, MAX_SEQ_LEN),
+        ] {
+            if v > max {
+                return Err(Error::config(field, format!("{v} is out of range (1..={max})")));
+            }
         }
         if !self.hidden.is_multiple_of(self.n_heads) {
             return Err(Error::config(f_heads, format!("{} does not divide {f_hidden} = {}", self.n_heads, self.hidden)));
@@ -292,8 +336,10 @@ impl ModelConfig {
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(f_kv, format!("{} does not divide {f_heads} = {}", self.n_kv_heads, self.n_heads)));
         }
-        if !self.hidden.is_multiple_of(8) || !self.ffn.is_multiple_of(8) {
-            return Err(Error::config(f_ffn, "hidden and ffn sizes must be multiples of 8 (16-byte rows)"));
+        for (field, v) in [(f_hidden, self.hidden), (f_ffn, self.ffn)] {
+            if !v.is_multiple_of(8) {
+                return Err(Error::config(field, format!("{v} is not a multiple of 8 (rows must be 16-byte aligned)")));
+            }
         }
         if self.vocab > u32::MAX as usize / 2 {
             return Err(Error::config(f_vocab, format!("{} is out of range", self.vocab)));
@@ -309,8 +355,14 @@ impl ModelConfig {
                 return Err(Error::config(field, format!("{id} is not below {f_vocab} = {}", self.vocab)));
             }
         }
-        if self.max_seq_len == 0 {
-            return Err(Error::config("max_sequence_length", "must be > 0"));
+        // The mask token must differ from the stop tokens: a committed EOS would read as a mask.
+        for (field, id) in [("eos_token_id", self.eos_id), ("eot_token_id", self.eot_id)] {
+            if id == self.mask_id {
+                return Err(Error::config(
+                    "mask_token_id",
+                    format!("{} is also the {field}; the mask token must be a token of its own", self.mask_id),
+                ));
+            }
         }
         Ok(())
     }
@@ -460,5 +512,36 @@ mod tests {
         assert!(e.contains("mask_token_id"), "{e}");
         let e = ModelConfig::from_json("{not json").unwrap_err().to_string();
         assert!(e.contains("JSON"), "{e}");
+    }
+
+    /// Sets `field` to `value` in `preset`'s config.json and returns the error, which must
+    /// name `named`.
+    fn refused(preset: &str, field: &str, value: serde_json::Value, named: &str) {
+        let mut j = ModelConfig::preset(preset).unwrap().to_hf_json();
+        j[field] = value.clone();
+        let e = match ModelConfig::from_json(&j.to_string()) {
+            Ok(c) => panic!("{preset}: {field} = {value} was accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&format!("`{named}`")), "{preset}: {field} = {value}: {e}");
+    }
+
+    #[test]
+    fn zero_and_out_of_range_sizes_are_refused_by_name() {
+        // LLaDA merges vocab_size and embedding_size: each is still checked on its own.
+        refused("tiny-llada", "vocab_size", serde_json::json!(0), "vocab_size");
+        refused("tiny-llada", "embedding_size", serde_json::json!(0), "embedding_size");
+        refused("tiny-llada", "embedding_size", serde_json::json!(256), "embedding_size");
+        refused("tiny-dream", "vocab_size", serde_json::json!(0), "vocab_size");
+        refused("tiny-llada", "max_sequence_length", serde_json::json!(0), "max_sequence_length");
+        refused("tiny-dream", "max_position_embeddings", serde_json::json!(0), "max_position_embeddings");
+        refused("tiny-dream", "max_position_embeddings", serde_json::json!(1u64 << 40), "max_position_embeddings");
+        refused("tiny-llada", "mlp_hidden_size", serde_json::json!(0), "mlp_hidden_size");
+        refused("tiny-llada", "mlp_hidden_size", serde_json::json!(100), "mlp_hidden_size");
+        refused("tiny-dream", "intermediate_size", serde_json::json!(1u64 << 30), "intermediate_size");
+        refused("tiny-dream", "num_hidden_layers", serde_json::json!(5000), "num_hidden_layers");
+        refused("tiny-dream", "num_key_value_heads", serde_json::json!(0), "num_key_value_heads");
+        refused("tiny-llada", "mask_token_id", serde_json::json!(crate::config::TINY_EOS), "mask_token_id");
+        refused("tiny-dream", "rope_theta", serde_json::json!(0.0), "rope_theta");
     }
 }

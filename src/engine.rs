@@ -1,85 +1,78 @@
-//! The public decoding API: `Engine::load(dir, EngineOptions)` (or `from_weights` /
-//! `with_backend` / `on_gpu`), then either `generate(&[Request]) -> Vec<Output>` or, for
-//! embedding in a server, `submit(Request) -> RequestId` and `step() -> finished (id, Output)`
-//! pairs. Requests are validated at submit, turned into canvases (prompt ids or text, chat
-//! template, structure prior) and queued; every step is one forward over the active sequences.
-//! A step callback sees each sequence's canvas after every step (streaming, visualisation).
+//! The public decoding API: [`Engine::load`] (or [`Engine::from_weights`] /
+//! [`Engine::with_backend`] / `Engine::on_gpu` with the `cuda` feature), then either
+//! [`generate`](Engine::generate)`(&[Request]) -> Vec<Output>` or, for embedding in a server,
+//! [`submit`](Engine::submit)`(Request) -> RequestId` and [`step`](Engine::step)`()` → the
+//! `(RequestId, Output)` pairs that finished. Requests are validated at submit, turned into
+//! canvases (prompt ids or text, chat template, structure prior) and queued; every step is one
+//! forward over the active sequences. A step callback sees each sequence's canvas after every
+//! step (streaming, visualisation).
 //!
 //! Continuous batching (`decode::scheduler`): at every step boundary finished sequences leave
 //! and queued requests join, FIFO, while they fit `max_batch` sequences, `max_rows` live canvas
 //! rows and the KV cache; `generate` is submit-all-then-step on top. A request's output does
 //! not depend on which others share its steps.
 //!
-//! KV caching (DESIGN.md §5): each request names a cache scheme (`Request::cache`). A sequence
+//! KV caching (DESIGN.md §5): each request names a cache scheme ([`Request::cache`]). A sequence
 //! gets its KV-cache rows (one per canvas row, contiguous) when it is admitted and gives them
-//! back when it finishes; the cache holds `EngineOptions::kv_budget` bytes or what the backend
+//! back when it finishes; the cache holds [`EngineOptions::kv_budget`] bytes or what the backend
 //! preallocated (the GPU's is fixed; the CPU's grows at step boundaries, keeping its rows).
+//!
+//! Threads: an [`Engine`] is `Send` (not `Sync`): a server moves each engine to the worker
+//! thread that drives it; the GPU backend makes its CUDA context current on whichever thread
+//! steps it.
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::decode::canvas::{Canvas, CanvasSpec};
 use crate::decode::cpu::CpuStepper;
-use crate::decode::runner::{SeqState, StepEvent};
+use crate::decode::runner::SeqState;
 use crate::decode::scheduler::{Finished, Limits, Misfit, Scheduler};
-use crate::decode::step::StepBackend;
 use crate::decode::Policy;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::weights::HostWeights;
 
+pub use crate::decode::runner::StepEvent;
 pub use crate::decode::scheduler::RequestId;
-pub use types::{kv_cache_rows, parse_bytes, DType, Device, EngineOptions, Output, Prompt, Request, DEFAULT_KV_FRACTION};
-
-mod types;
-
-/// What the engine needs of a backend beyond `StepBackend`: the size of its KV cache, which
-/// the engine sets only while no sequence is active (never during a decode).
-pub trait EngineBackend: StepBackend {
-    /// Bytes one KV-cache row takes (K and V of every layer).
-    fn cache_row_bytes(&self) -> u64;
-    /// Most cache rows the backend can hold: `None` when it can grow (the CPU), else the rows
-    /// it preallocated.
-    fn cache_row_limit(&self) -> Option<usize>;
-    /// Makes sure `rows` cache rows are ready (may allocate, and may drop what the cache held;
-    /// an error when it cannot).
-    fn reserve_cache(&mut self, rows: usize) -> Result<()>;
-}
-
-impl EngineBackend for CpuStepper {
-    fn cache_row_bytes(&self) -> u64 {
-        CpuStepper::cache_row_bytes(self)
-    }
-    fn cache_row_limit(&self) -> Option<usize> {
-        None
-    }
-    fn reserve_cache(&mut self, rows: usize) -> Result<()> {
-        self.reserve(rows);
-        Ok(())
-    }
-}
+pub use backend::EngineBackend;
+pub use request::{Prompt, Request, DEFAULT_GEN_LEN, DEFAULT_POLICY};
+pub use types::{kv_cache_rows, parse_bytes, DType, Device, EngineOptions, Output, DEFAULT_KV_FRACTION};
 
 #[cfg(feature = "cuda")]
-impl EngineBackend for crate::decode::gpu::GpuStepper {
-    fn cache_row_bytes(&self) -> u64 {
-        let cfg = &self.model().cfg;
-        (2 * cfg.n_layers * cfg.kv_dim() * std::mem::size_of::<half::bf16>()) as u64
-    }
-    fn cache_row_limit(&self) -> Option<usize> {
-        Some(self.model().cache.rows)
-    }
-    fn reserve_cache(&mut self, rows: usize) -> Result<()> {
-        let have = self.model().cache.rows;
-        if rows > have {
-            return Err(Error::bad_input(format!(
-                "{rows} KV-cache rows needed, the GPU preallocated {have} (raise --kv-budget or lower the batch)"
-            )));
-        }
-        Ok(())
-    }
-}
+use backend::open_gpu;
+use backend::{cache_row_cap, pick_backend};
 
-/// A loaded model and its decoding backend.
+mod backend;
+mod request;
+mod types;
+
+// An engine must stay movable to a worker thread (checked at every build, whatever the tests).
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Engine>();
+};
+
+/// A loaded model and its decoding backend, with the queue and the running batch of its
+/// requests.
+///
+/// `Send` but not `Sync`: one engine per thread, moved to whichever thread drives it.
+///
+/// ```
+/// use demask::prelude::*;
+/// # let dir = std::env::temp_dir().join(format!("demask-doc-engine-{}", std::process::id()));
+/// # demask::checkpoint::write_checkpoint(&ModelConfig::preset("tiny-llada")?, 0, &dir, true, |_| {})?;
+///
+/// let mut engine = Engine::load(&dir, EngineOptions { device: Device::Cpu, ..Default::default() })?;
+/// // A worker thread owns the engine from here on.
+/// let worker = std::thread::spawn(move || -> Result<Vec<Output>> {
+///     engine.generate(&[Request::ids(vec![1, 2, 3]).gen_len(16).block_len(8)])
+/// });
+/// let outs = worker.join().expect("worker thread")?;
+/// assert_eq!(outs[0].tokens.len(), 16);
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), demask::Error>(())
+/// ```
 pub struct Engine {
     backend: Box<dyn EngineBackend>,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -91,13 +84,28 @@ pub struct Engine {
     unclaimed: Vec<(RequestId, Output)>,
 }
 
-/// Models the CPU backend accepts (its f32 copy must fit comfortably in host memory); checked
-/// before weights are read so a large checkpoint fails fast.
-const CPU_MAX_PARAMS: u64 = 2_000_000_000;
-
 impl Engine {
-    /// Loads `dir` (config.json, safetensors, and tokenizer.json when present).
-    pub fn load(dir: &Path, opts: EngineOptions) -> Result<Self> {
+    /// Loads a checkpoint directory in the Hugging Face layout (config.json, safetensors, and
+    /// tokenizer.json when present) onto the device `opts.device` names: `Auto` takes GPU 0
+    /// when it opens and the CPU backend otherwise.
+    ///
+    /// ```
+    /// use demask::prelude::*;
+    ///
+    /// // A random tiny checkpoint (with a byte-level tokenizer) to load.
+    /// let dir = std::env::temp_dir().join(format!("demask-doc-load-{}", std::process::id()));
+    /// let cfg = ModelConfig::preset("tiny-llada")?;
+    /// demask::checkpoint::write_checkpoint(&cfg, 0, &dir, true, |_| {})?;
+    ///
+    /// let engine = Engine::load(&dir, EngineOptions { device: Device::Cpu, ..Default::default() })?;
+    /// assert_eq!(engine.config(), &cfg);
+    /// assert!(engine.tokenizer().is_some());
+    /// assert_eq!(engine.device(), "cpu (f32)");
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), demask::Error>(())
+    /// ```
+    pub fn load(dir: impl AsRef<Path>, opts: EngineOptions) -> Result<Self> {
+        let dir = dir.as_ref();
         let cfg = ModelConfig::from_dir(dir)?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = open_gpu(&opts)? {
@@ -115,7 +123,7 @@ impl Engine {
     }
 
     /// An engine on the CPU backend over weights in memory (tests, synthetic checkpoints).
-    /// For the GPU, upload them (`model::GpuWeights::upload`) and use [`Engine::on_gpu`].
+    /// For the GPU, upload them (`model::GpuWeights::upload`) and use `Engine::on_gpu`.
     pub fn from_weights(weights: HostWeights, tokenizer: Option<Tokenizer>, opts: EngineOptions) -> Result<Self> {
         pick_backend(&weights.cfg, &opts)?;
         let stepper = CpuStepper::new(&weights, opts.max_rows)?;
@@ -176,9 +184,11 @@ impl Engine {
         Ok(Self::with_backend(Box::new(stepper), tokenizer, device, &opts))
     }
 
+    /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         self.backend.config()
     }
+    /// The checkpoint's tokenizer (`None` when it has no tokenizer.json: token-id prompts only).
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_deref()
     }
@@ -194,6 +204,24 @@ impl Engine {
     /// Decodes all requests (submitted together, stepped until every one finished); outputs
     /// in request order. Every request is validated before any is queued. Requests submitted
     /// earlier keep running alongside; their outputs wait for the next [`Engine::step`].
+    ///
+    /// ```
+    /// use demask::prelude::*;
+    /// # let dir = std::env::temp_dir().join(format!("demask-doc-generate-{}", std::process::id()));
+    /// # demask::checkpoint::write_checkpoint(&ModelConfig::preset("tiny-llada")?, 0, &dir, true, |_| {})?;
+    /// let mut engine = Engine::load(&dir, EngineOptions { device: Device::Cpu, ..Default::default() })?;
+    ///
+    /// let outs = engine.generate(&[
+    ///     Request::text("Hello").chat(true).gen_len(32).block_len(8),
+    ///     Request::ids(vec![5, 6, 7]).gen_len(16).policy("schedule:4".parse()?).stop_at_eos(false),
+    /// ])?;
+    /// assert_eq!(outs.len(), 2);
+    /// assert_eq!(outs[1].tokens.len(), 16);
+    /// assert_eq!(outs[1].steps, 4); // one block of 16 slots in 4 steps
+    /// println!("{}", outs[0].text.as_deref().unwrap_or(""));
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), demask::Error>(())
+    /// ```
     pub fn generate(&mut self, reqs: &[Request]) -> Result<Vec<Output>> {
         self.run(reqs, None)
     }
@@ -207,6 +235,31 @@ impl Engine {
     /// Validates `r` fully (tokenization, lengths, ids, policy, sampling, prior, cache scheme,
     /// and that it can ever fit the engine's limits) and queues it. An error names the
     /// request by the id it would have had; nothing is queued then.
+    ///
+    /// A server loop submits as requests arrive and steps while any is pending or active:
+    ///
+    /// ```
+    /// use demask::prelude::*;
+    /// # let dir = std::env::temp_dir().join(format!("demask-doc-submit-{}", std::process::id()));
+    /// # demask::checkpoint::write_checkpoint(&ModelConfig::preset("tiny-llada")?, 0, &dir, true, |_| {})?;
+    /// let opts = EngineOptions { device: Device::Cpu, max_batch: 2, ..Default::default() };
+    /// let mut engine = Engine::load(&dir, opts)?;
+    ///
+    /// let a: RequestId = engine.submit(Request::text("Hi").gen_len(16).block_len(8))?;
+    /// let b = engine.submit(Request::ids(vec![1, 2]).gen_len(8).stop_at_eos(false))?;
+    /// let mut done = Vec::new();
+    /// while engine.pending() + engine.active() > 0 {
+    ///     // More requests may be submitted here; they join at the next step boundary.
+    ///     for (id, out) in engine.step()? {
+    ///         done.push((id, out));
+    ///     }
+    /// }
+    /// done.sort_by_key(|(id, _)| *id);
+    /// assert_eq!(done.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [a, b]);
+    /// assert_eq!(done[1].1.tokens.len(), 8);
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), demask::Error>(())
+    /// ```
     pub fn submit(&mut self, r: Request) -> Result<RequestId> {
         let id = self.sched.next_id();
         let seq = self.checked(&r, &format!("request {id}"))?;
@@ -285,15 +338,17 @@ impl Engine {
         }
         check_policy(&r.policy)?;
         let prompt = self.prompt_ids(&r.prompt)?;
-        crate::decode::canvas::check_lengths(prompt.len(), r.gen_len, r.block_len, cfg)?;
+        let block_len = r.effective_block_len();
+        crate::decode::canvas::check_lengths(prompt.len(), r.gen_len, block_len, cfg)?;
         let prior = match &r.prior {
             Some(pr) => pr.resolve(r.gen_len, cfg, self.tokenizer.as_deref())?,
             None => Vec::new(),
         };
-        let spec = CanvasSpec { gen_len: r.gen_len, block_len: r.block_len, stop_at_eos: r.stop_at_eos };
+        crate::decode::canvas::check_steps(&r.policy, r.gen_len, block_len, &prior)?;
+        let spec = CanvasSpec { gen_len: r.gen_len, block_len, stop_at_eos: r.stop_at_eos };
         let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
         let mut seq = SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id)
-            .with_cache(r.cache, r.cache_refresh_every_step);
+            .with_cache(r.cache, r.refresh_every_step);
         seq.make_plan(cfg.shifted())?;
         Ok(seq)
     }
@@ -419,23 +474,6 @@ impl Engine {
     }
 }
 
-/// KV-cache rows the active sequences may hold together, and the budget in bytes behind that
-/// number (for messages): the smaller of `kv_budget / bytes per row` and what the backend
-/// holds (`usize::MAX` / `None`: no limit).
-fn cache_row_cap(backend: &dyn EngineBackend, kv_budget: Option<u64>) -> (usize, Option<u64>) {
-    let per_row = backend.cache_row_bytes().max(1);
-    let by_budget = kv_budget.map(|b| usize::try_from(b / per_row).unwrap_or(usize::MAX));
-    let by_backend = backend.cache_row_limit();
-    let rows = by_budget.unwrap_or(usize::MAX).min(by_backend.unwrap_or(usize::MAX));
-    let budget = match (kv_budget, by_backend) {
-        (Some(b), Some(r)) => Some(b.min(r as u64 * per_row)),
-        (Some(b), None) => Some(b),
-        (None, Some(r)) => Some(r as u64 * per_row),
-        (None, None) => None,
-    };
-    (rows, budget)
-}
-
 /// Refuses policy parameters the parser would refuse (for policies built in code).
 fn check_policy(p: &Policy) -> Result<()> {
     let bad = |what: &str| Err(Error::bad_input(format!("policy `{p}`: {what}")));
@@ -451,36 +489,3 @@ fn check_policy(p: &Policy) -> Result<()> {
     }
 }
 
-/// Checks that the options name a backend `load` / `from_weights` can run for `cfg`: the CPU
-/// backend. The GPU backend comes through [`Engine::on_gpu`] (or `with_backend`).
-/// The GPU `opts.device` asks for: `Cuda(i)` must open (else an error naming it); `Auto` takes
-/// device 0 when it opens and the CPU otherwise; `Cpu` takes none.
-#[cfg(feature = "cuda")]
-fn open_gpu(opts: &EngineOptions) -> Result<Option<Arc<crate::gpu::Gpu>>> {
-    match opts.device {
-        Device::Cpu => Ok(None),
-        Device::Cuda(i) => {
-            crate::gpu::Gpu::new(i).map(Some).map_err(|e| Error::NoCuda(format!("device cuda:{i}: {e}")))
-        }
-        Device::Auto => Ok(crate::gpu::Gpu::new(0).ok()),
-    }
-}
-
-fn pick_backend(cfg: &ModelConfig, opts: &EngineOptions) -> Result<()> {
-    if let Device::Cuda(i) = opts.device {
-        return Err(Error::bad_input(format!(
-            "device cuda:{i}: weights in host memory run on the CPU backend here (use Engine::load or Engine::on_gpu for the GPU{})",
-            if cfg!(feature = "cuda") { "" } else { "; this build has no GPU backend" }
-        )));
-    }
-    if opts.dtype == DType::Bf16 {
-        return Err(Error::bad_input("dtype bf16: the CPU backend computes in f32 (use dtype auto or f32)"));
-    }
-    let params = cfg.param_count();
-    if params > CPU_MAX_PARAMS {
-        return Err(Error::bad_input(format!(
-            "the CPU backend runs small models only ({params} parameters; limit {CPU_MAX_PARAMS}), and no GPU backend is available"
-        )));
-    }
-    Ok(())
-}

@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use demask::cache::CacheScheme;
+use demask::config::ModelConfig;
+use demask::decode::canvas::check_steps;
 use demask::decode::prior::Prior;
 use demask::decode::runner::StepEvent;
 use demask::decode::{Policy, Sampling};
@@ -21,8 +23,8 @@ pub struct GenerateArgs {
     /// Prompt text (tokenized with the checkpoint's tokenizer).
     #[arg(long, required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
-    /// Wrap --prompt in the checkpoint's chat template as one user message.
-    #[arg(long, requires = "prompt")]
+    /// Wrap --prompt in the checkpoint's chat template as one user message (not with --prompt-ids).
+    #[arg(long, conflicts_with = "prompt_ids")]
     pub chat: bool,
     /// Prompt token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',')]
@@ -39,9 +41,12 @@ pub struct GenerateArgs {
     /// Sampling temperature (0 = argmax).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
-    /// Keep only the K most likely tokens when sampling (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: u32,
+    /// Keep only the K largest logits (0 = off). Default: the policy's reference behaviour:
+    /// 50 for dream:* policies (Dream's `diffusion_generate` filters to the top 50 before its
+    /// softmax, so its confidences come from that renormalised distribution; pass 0 for none),
+    /// off for the others (where it shapes only sampling at temperature > 0).
+    #[arg(long)]
+    pub top_k: Option<u32>,
     /// Nucleus sampling mass in (0, 1] (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
@@ -117,11 +122,98 @@ fn render(gen: &[u32], mask_id: u32, tok: Option<&Tokenizer>) -> String {
     out.replace('\n', "⏎")
 }
 
+/// Loads the checkpoint's tokenizer as the engine does, for a text prompt or a template prior
+/// with text; `None` when neither needs one.
+fn preflight_tokenizer(a: &GenerateArgs) -> Result<Option<Tokenizer>> {
+    let needs = a.prompt.is_some() || a.prior.is_some();
+    if !needs {
+        return Ok(None);
+    }
+    Tokenizer::load_optional(&a.model).with_context(|| format!("--model {}: loading the tokenizer", a.model.display()))
+}
+
+/// Every check that needs no weights, run before the (possibly minute-long) load: the flags on
+/// their own, then against config.json and the tokenizer (token ids against the vocabulary,
+/// prompt + gen length against the context, the prior, the policy's steps against the masked
+/// slots of a block). The engine checks the same again when the request is submitted.
+fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&Prior>) -> Result<()> {
+    if a.gen_len == 0 {
+        bail!("--gen-len must be > 0");
+    }
+    match a.block_len {
+        Some(0) => bail!("--block-len must be > 0"),
+        Some(b) if a.gen_len % b != 0 => bail!("--block-len {b} must divide --gen-len {}", a.gen_len),
+        _ => {}
+    }
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature {} must be a finite number >= 0", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {} must lie in (0, 1]", a.top_p);
+    }
+    if a.chat && a.prompt_ids.is_some() {
+        bail!("--chat wraps a text --prompt in the chat template; --prompt-ids are used as they are (drop --chat or pass --prompt)");
+    }
+    let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let tok = preflight_tokenizer(a)?;
+    let (ids, what) = match prompt {
+        Prompt::Ids(ids) => (ids.clone(), "--prompt-ids"),
+        Prompt::Text { text, chat } => {
+            let tok = tok.as_ref().with_context(|| {
+                format!("--prompt needs a tokenizer and {} has no tokenizer.json: pass --prompt-ids", a.model.display())
+            })?;
+            let ids = if *chat {
+                tok.apply_chat(text).and_then(|t| tok.encode(&t, false)).context("--chat: applying the chat template")?
+            } else {
+                tok.encode(text, true).context("--prompt: tokenizing")?
+            };
+            (ids, "--prompt")
+        }
+    };
+    if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab) {
+        bail!("{what}: token id {t} at index {i} is not below the model's vocabulary size {}", cfg.vocab);
+    }
+    let total = ids.len() + a.gen_len as usize;
+    if total > cfg.max_seq_len {
+        let field = match cfg.arch {
+            demask::Arch::Llada => "max_sequence_length",
+            demask::Arch::Dream => "max_position_embeddings",
+        };
+        bail!(
+            "{what} ({} tokens) + --gen-len {} = {total} exceeds the model's context of {} tokens ({field} in config.json)",
+            ids.len(),
+            a.gen_len,
+            cfg.max_seq_len
+        );
+    }
+    let slots = match prior {
+        Some(p) => {
+            let flag = if a.prior.is_some() { "--prior" } else { "--prior-ids" };
+            p.resolve(a.gen_len, &cfg, tok.as_ref()).with_context(|| flag.to_string())?
+        }
+        None => Vec::new(),
+    };
+    check_steps(policy, a.gen_len, a.block_len.unwrap_or(a.gen_len), &slots)
+        .with_context(|| format!("--policy {policy}"))?;
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let device: Device = a.device.parse()?;
-    let policy: Policy = a.policy.parse()?;
-    let cache: CacheScheme = a.cache.parse()?;
-    let kv_budget = a.kv_budget.as_deref().map(parse_bytes).transpose()?;
+    let device: Device = a.device.parse().context("--device")?;
+    let policy: Policy = a.policy.parse().context("--policy")?;
+    let cache: CacheScheme = a.cache.parse().context("--cache")?;
+    let kv_budget = a.kv_budget.as_deref().map(parse_bytes).transpose().context("--kv-budget")?;
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), None) => Prompt::Text { text: text.clone(), chat: a.chat },
+        (None, Some(ids)) => Prompt::Ids(ids.clone()),
+        _ => bail!("give exactly one of --prompt and --prompt-ids"),
+    };
+    let prior = match (&a.prior, &a.prior_ids) {
+        (Some(t), _) => Some(Prior::Template(t.clone())),
+        (None, Some(ids)) => Some(Prior::Fixed(parse_prior_ids(ids)?)),
+        (None, None) => None,
+    };
+    preflight(&a, &policy, &prompt, prior.as_ref())?;
     let t0 = Instant::now();
     eprintln!("loading {} (device {device})", a.model.display());
     let mut engine = Engine::load(&a.model, EngineOptions { device, kv_budget, ..Default::default() })
@@ -136,29 +228,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         engine.device(),
         t0.elapsed().as_secs_f64()
     );
-    let prompt = match (a.prompt, a.prompt_ids) {
-        (Some(text), None) => Prompt::Text { text, chat: a.chat },
-        (None, Some(ids)) => Prompt::Ids(ids),
-        _ => bail!("give exactly one of --prompt and --prompt-ids"),
-    };
-    let prior = match (a.prior, a.prior_ids) {
-        (Some(t), _) => Some(Prior::Template(t)),
-        (None, Some(ids)) => Some(Prior::Fixed(parse_prior_ids(&ids)?)),
-        (None, None) => None,
-    };
-    let req = Request {
-        prompt,
-        gen_len: a.gen_len,
-        block_len: a.block_len.unwrap_or(a.gen_len),
-        policy,
-        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
-        seed: a.seed,
-        seq_id: 0,
-        prior,
-        stop_at_eos: a.stop_at_eos,
-        cache,
-        cache_refresh_every_step: false,
-    };
+    let mut req = Request::new(prompt)
+        .gen_len(a.gen_len)
+        .policy(policy)
+        .sampling(Sampling { temperature: a.temperature, top_k: a.top_k.unwrap_or(Sampling::POLICY_TOP_K), top_p: a.top_p })
+        .seed(a.seed)
+        .stop_at_eos(a.stop_at_eos)
+        .cache(cache);
+    req.block_len = a.block_len;
+    req.prior = prior;
     let reqs = [req];
     let t1 = Instant::now();
     let out: Output = if a.show_steps {
@@ -201,7 +279,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "gen_len": a.gen_len,
             "block_len": reqs[0].block_len,
             "temperature": a.temperature,
-            "top_k": a.top_k,
+            "top_k": a.top_k.unwrap_or_else(|| policy.default_top_k()),
             "top_p": a.top_p,
             "seed": a.seed,
             "prompt_len": out.prompt_len,

@@ -353,6 +353,8 @@ impl GpuModel {
     /// `DEMASK_SYNC_LAUNCHES=1` and `set_graphs(false)` run every forward eagerly.
     pub fn forward(&mut self, b: &RowBatch) -> Result<()> {
         self.check_capacity(b)?;
+        // This thread may not be the one that built the model (an engine is `Send`).
+        self.gpu.bind_to_thread()?;
         let key = self.shape_key(b);
         self.upload(b, &IndexLayout::new(key.rows, key.seqs, key.logit_rows))?;
         let step = if self.graphs_on && self.profiler.is_none() && !self.gpu.sync_launches {

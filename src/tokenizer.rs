@@ -84,6 +84,17 @@ impl Tokenizer {
         Self::from_parts(inner, arch, tok_cfg.as_ref())
     }
 
+    /// The tokenizer a checkpoint is decoded with, by the rule `Engine::load` follows:
+    /// `Tokenizer::from_dir` when `dir/tokenizer.json` is a file, `None` when there is none.
+    /// A tokenizer.json that does not load is an error (so `inspect` and `generate` agree).
+    pub fn load_optional(dir: &Path) -> Result<Option<Self>> {
+        if dir.join("tokenizer.json").is_file() {
+            Self::from_dir(dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The tiny byte-level tokenizer of a tiny preset, in memory (what make-checkpoint writes).
     pub fn tiny(cfg: &ModelConfig) -> Result<Self> {
         if !tiny_tokenizer_fits(cfg) {

@@ -3,8 +3,7 @@
 //! `model.safetensors.index.json`, or one `model.safetensors`), memory-mapped, every tensor
 //! checked for name, dtype and shape. Also the per-architecture tensor table
 //! ([`tensor_specs`]) shared with the checkpoint writer, and [`inspect`].
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::Path;
 
@@ -17,10 +16,13 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 
+mod inspect;
+pub use inspect::{inspect, inspect_checkpoint, Inspection};
+
 /// One transformer block.
 #[derive(Clone)]
 pub struct HostLayer {
-    /// [hidden]
+    /// `[hidden]`
     pub attn_norm: Vec<bf16>,
     /// [(n_heads + 2 n_kv_heads) * head_dim, hidden]: rows q | k | v.
     pub wqkv: Vec<bf16>,
@@ -28,7 +30,7 @@ pub struct HostLayer {
     pub bqkv: Option<Vec<bf16>>,
     /// [hidden, n_heads * head_dim]
     pub wo: Vec<bf16>,
-    /// [hidden]
+    /// `[hidden]`
     pub ffn_norm: Vec<bf16>,
     /// [2 * ffn, hidden]: rows gate | up.
     pub w_gate_up: Vec<bf16>,
@@ -42,7 +44,7 @@ pub struct HostWeights {
     /// [vocab, hidden]
     pub embed: Vec<bf16>,
     pub layers: Vec<HostLayer>,
-    /// [hidden]
+    /// `[hidden]`
     pub final_norm: Vec<bf16>,
     /// [vocab, hidden]
     pub lm_head: Vec<bf16>,
@@ -53,11 +55,11 @@ pub struct HostWeights {
 pub enum TensorRole {
     /// Token embedding [vocab, hidden].
     Embedding,
-    /// RMSNorm weight [hidden].
+    /// RMSNorm weight `[hidden]`.
     Norm,
     /// Linear weight [out, in].
     Linear,
-    /// Linear bias [out] (Dream q/k/v).
+    /// Linear bias `[out]` (Dream q/k/v).
     Bias,
 }
 
@@ -422,140 +424,4 @@ impl HostWeights {
             + self.layers.iter().map(layer).sum::<usize>();
         n as u64
     }
-}
-
-/// A human-readable report on a checkpoint directory, from `config.json` and the safetensors
-/// headers only (no tensor data is read, so it is fast on 16 GB): architecture, sizes, special
-/// ids, parameter count, bytes on disk, dtype counts, and every problem found (all missing,
-/// misshapen or mistyped tensors, unreadable shards). The last line is "OK" or "N problems".
-/// Errs only when `dir` is not a directory.
-pub fn inspect(dir: &Path) -> Result<String> {
-    if !dir.is_dir() {
-        return Err(Error::file(dir, "not a directory"));
-    }
-    let mut out = String::new();
-    let mut problems: Vec<String> = Vec::new();
-    let _ = writeln!(out, "checkpoint   {}", dir.display());
-    let cfg = match ModelConfig::from_dir(dir) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            problems.push(e.to_string());
-            None
-        }
-    };
-    if let Some(c) = &cfg {
-        let _ = writeln!(
-            out,
-            "architecture {:?} ({})",
-            c.arch,
-            if c.shifted() { "shifted logits" } else { "unshifted logits" }
-        );
-        let _ = writeln!(
-            out,
-            "sizes        layers {}, hidden {}, ffn {}, heads {}, kv heads {}, head dim {}, vocab {}",
-            c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab
-        );
-        let _ = writeln!(out, "rope theta   {}, rms norm eps {:e}, qkv bias {}", c.rope_theta, c.norm_eps, c.qkv_bias);
-        let _ = writeln!(
-            out,
-            "special ids  mask {}, eos {}, eot {}; max seq len {}",
-            c.mask_id, c.eos_id, c.eot_id, c.max_seq_len
-        );
-        let _ = writeln!(out, "parameters   {} ({} bytes as bf16)", c.param_count(), 2 * c.param_count());
-    }
-
-    let layout = match ShardLayout::read(dir) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            problems.push(e.to_string());
-            None
-        }
-    };
-    // Shard headers: name -> (dtype, shape); unreadable shards are problems.
-    let mut headers: HashMap<String, HashMap<String, (Dtype, Vec<usize>)>> = HashMap::new();
-    let (mut disk_bytes, mut n_stored, mut stored_params) = (0u64, 0usize, 0u64);
-    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
-    if let Some(layout) = &layout {
-        for f in layout.files() {
-            let path = dir.join(&f);
-            let header = map_shard(&path, layout).and_then(|m| {
-                let (_, meta) = SafeTensors::read_metadata(&m).map_err(|e| corrupt(&path, e))?;
-                disk_bytes += m.len() as u64;
-                let t = meta.tensors();
-                Ok(t.into_iter().map(|(n, i)| (n, (i.dtype, i.shape.clone()))).collect::<HashMap<_, _>>())
-            });
-            match header {
-                Ok(h) => {
-                    for (dt, shape) in h.values() {
-                        *dtypes.entry(format!("{dt:?}")).or_default() += 1;
-                        stored_params += shape.iter().product::<usize>() as u64;
-                    }
-                    n_stored += h.len();
-                    headers.insert(f, h);
-                }
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
-        let dt: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
-        let _ = writeln!(out, "shards       {} file(s), {} bytes on disk", layout.files().len(), disk_bytes);
-        let _ = writeln!(out, "tensors      {n_stored} stored ({stored_params} values), dtypes: {}", dt.join(", "));
-    }
-
-    if let (Some(c), Some(layout)) = (&cfg, &layout) {
-        let specs = tensor_specs(c);
-        let (mut unchecked, mut known) = (0usize, 0usize);
-        for s in &specs {
-            let Some(f) = layout.shard_of(&s.name) else {
-                problems.push(Error::weights(&s.name, layout.missing_msg(&s.name)).to_string());
-                continue;
-            };
-            let Some(h) = headers.get(f) else {
-                unchecked += 1;
-                continue;
-            };
-            match h.get(&s.name) {
-                None => problems.push(Error::weights(&s.name, layout.missing_msg(&s.name)).to_string()),
-                Some((dt, shape)) => {
-                    known += 1;
-                    if let Err(e) = check_tensor(s, *dt, shape) {
-                        problems.push(e.to_string());
-                    }
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "expected     {} tensors; {} found, {} ignored extra",
-            specs.len(),
-            known,
-            n_stored.saturating_sub(known)
-        );
-        if unchecked > 0 {
-            let _ = writeln!(out, "unchecked    {unchecked} tensors placed in unreadable shards");
-        }
-    }
-
-    let tok = dir.join("tokenizer.json");
-    let tok_cfg = dir.join("tokenizer_config.json");
-    let chat = std::fs::read_to_string(&tok_cfg)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("chat_template").is_some());
-    let _ = writeln!(
-        out,
-        "tokenizer    {}; chat template {}",
-        if tok.exists() { "tokenizer.json present" } else { "no tokenizer.json" },
-        if chat { "in tokenizer_config.json" } else { "built-in" }
-    );
-    for p in &problems {
-        let _ = writeln!(out, "problem: {p}");
-    }
-    match problems.len() {
-        0 => out.push_str("OK\n"),
-        1 => out.push_str("1 problem\n"),
-        n => {
-            let _ = writeln!(out, "{n} problems");
-        }
-    }
-    Ok(out)
 }

@@ -249,13 +249,18 @@ fn requests_that_cannot_fit_or_are_invalid_are_refused_at_submit() {
     assert!(m.contains("request 1") && m.contains("KV budget"), "{m}");
     assert_eq!((e.pending(), e.active()), (0, 0), "generate validates every request before queueing any");
 
+    let with_prompt = |p: Prompt| {
+        let mut r = small.clone();
+        r.prompt = p;
+        r
+    };
     let invalid = [
-        (Request { gen_len: 0, ..small.clone() }, "gen_len must be > 0"),
-        (Request { prompt: Prompt::Ids(vec![1, 512]), ..small.clone() }, "vocabulary"),
-        (Request { policy: Policy::Schedule { steps: 0 }, ..small.clone() }, "steps must be >= 1"),
-        (Request { policy: Policy::Threshold { tau: f32::NAN }, ..small.clone() }, "tau"),
-        (Request { sampling: Sampling { temperature: -1.0, ..Sampling::default() }, ..small.clone() }, "temperature"),
-        (Request { prompt: Prompt::Text { text: "hi".into(), chat: false }, ..small.clone() }, "tokenizer"),
+        (small.clone().gen_len(0), "gen_len must be > 0"),
+        (with_prompt(Prompt::Ids(vec![1, 512])), "vocabulary"),
+        (small.clone().policy(Policy::Schedule { steps: 0 }), "steps must be >= 1"),
+        (small.clone().policy(Policy::Threshold { tau: f32::NAN }), "tau"),
+        (small.clone().sampling(Sampling { temperature: -1.0, ..Sampling::default() }), "temperature"),
+        (with_prompt(Prompt::Text { text: "hi".into(), chat: false }), "tokenizer"),
     ];
     for (r, what) in invalid {
         let m = e.submit(r).unwrap_err().to_string();

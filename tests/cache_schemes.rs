@@ -40,8 +40,7 @@ fn refresh_every_step_equals_none() {
             let p = prompt(&mut rng, 3 + 4 * pi);
             let base = e.generate(&[req(&p, 16, 8, policy, "none")]).unwrap().remove(0);
             for scheme in SCHEMES {
-                let mut r = req(&p, 16, 8, policy, scheme);
-                r.cache_refresh_every_step = true;
+                let r = req(&p, 16, 8, policy, scheme).testing_refresh_every_step(true);
                 let o = e.generate(&[r]).unwrap().remove(0);
                 assert_eq!(o.tokens, base.tokens, "{preset} {policy} {scheme}: refreshed every step must equal none");
                 assert_eq!(o.commits_per_step, base.commits_per_step, "{preset} {policy} {scheme}");

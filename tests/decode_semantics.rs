@@ -442,9 +442,13 @@ fn stop_at_eos_counts_only_real_tokens() {
 #[test]
 fn text_prompts_chat_and_template_priors() {
     let mut e = engine("tiny-dream");
-    let mut r = Request::new(Prompt::Text { text: "Hi".into(), chat: true }, 24, 8, "threshold:0.9".parse().unwrap());
-    r.prior = Some(Prior::Template("{\"a\": <mask:3>}".into()));
-    r.stop_at_eos = false;
+    let r = Request::text("Hi")
+        .chat(true)
+        .gen_len(24)
+        .block_len(8)
+        .policy("threshold:0.9".parse().unwrap())
+        .prior(Prior::Template("{\"a\": <mask:3>}".into()))
+        .stop_at_eos(false);
     let o = e.generate(&[r]).unwrap().remove(0);
     let chat = e.tokenizer().unwrap().apply_chat("Hi").unwrap();
     assert_eq!(o.prompt_len, e.tokenizer().unwrap().encode(&chat, false).unwrap().len());
@@ -461,7 +465,7 @@ fn engine_loads_a_checkpoint_directory() {
     let mut e = Engine::load(&dir, EngineOptions { device: Device::Cpu, ..Default::default() }).unwrap();
     let o = e.generate(&[ids_request(&[1, 2, 3], 32, 8, "threshold:0.9")]).unwrap().remove(0);
     check_complete(&o, 32, 32, cfg.mask_id);
-    let r = Request::new(Prompt::Text { text: "abc".into(), chat: false }, 8, 8, "schedule:2".parse().unwrap());
+    let r = Request::text("abc").gen_len(8).policy("schedule:2".parse().unwrap());
     assert!(e.generate(&[r]).unwrap()[0].text.is_some());
     // cuda:0 either opens (a GPU machine: then it decodes too) or fails naming the device.
     match Engine::load(&dir, EngineOptions { device: Device::Cuda(0), ..Default::default() }) {
@@ -481,32 +485,37 @@ fn bad_input_is_refused_with_clear_errors() {
     let mut no_tok = Engine::from_weights(random_weights(&cfg, 3), None, EngineOptions::default()).unwrap();
     let err = |e: &mut Engine, r: Request| e.generate(&[r]).unwrap_err().to_string();
     let base = || ids_request(&[1, 2, 3], 16, 8, "schedule:4");
+    let with_prompt = |p: Prompt| {
+        let mut r = base();
+        r.prompt = p;
+        r
+    };
     assert!(e.generate(&[]).unwrap_err().to_string().contains("no requests"));
-    let m = err(&mut e, Request { prompt: Prompt::Ids(vec![1, 512]), ..base() });
+    let m = err(&mut e, with_prompt(Prompt::Ids(vec![1, 512])));
     assert!(m.contains("512") && m.contains("vocabulary"), "{m}");
-    let m = err(&mut e, Request { prompt: Prompt::Ids(vec![1; 1020]), ..base() });
+    let m = err(&mut e, with_prompt(Prompt::Ids(vec![1; 1020])));
     assert!(m.contains("1036") && m.contains("context"), "{m}");
-    assert!(err(&mut e, Request { block_len: 0, ..base() }).contains("block_len must be > 0"));
-    assert!(err(&mut e, Request { gen_len: 0, ..base() }).contains("gen_len must be > 0"));
-    let m = err(&mut e, Request { gen_len: 20, block_len: 8, ..base() });
+    assert!(err(&mut e, base().block_len(0)).contains("block_len must be > 0"));
+    assert!(err(&mut e, base().gen_len(0)).contains("gen_len must be > 0"));
+    let m = err(&mut e, base().gen_len(20).block_len(8));
     assert!(m.contains("20") && m.contains("8") && m.contains("multiple"), "{m}");
     for bad in ["schedule:0", "threshold:2", "bogus:1", "dream:x,4"] {
         assert!(bad.parse::<Policy>().unwrap_err().to_string().contains("policy"), "{bad}");
     }
-    let m = err(&mut e, Request { sampling: Sampling { temperature: -0.1, ..Sampling::default() }, ..base() });
+    let m = err(&mut e, base().sampling(Sampling { temperature: -0.1, ..Sampling::default() }));
     assert!(m.contains("temperature"), "{m}");
     for p in [0.0, 1.5, f32::NAN] {
-        let m = err(&mut e, Request { sampling: Sampling { top_p: p, ..Sampling::default() }, ..base() });
+        let m = err(&mut e, base().sampling(Sampling { top_p: p, ..Sampling::default() }));
         assert!(m.contains("top_p"), "{m}");
     }
-    let m = err(&mut no_tok, Request { prompt: Prompt::Text { text: "hi".into(), chat: false }, ..base() });
+    let m = err(&mut no_tok, with_prompt(Prompt::Text { text: "hi".into(), chat: false }));
     assert!(m.contains("tokenizer"), "{m}");
-    let m = err(&mut e, Request { prior: Some(Prior::Template("abc<mask:14>".into())), ..base() });
+    let m = err(&mut e, base().prior(Prior::Template("abc<mask:14>".into())));
     assert!(m.contains("at least 17") && m.contains("gen_len is 16"), "{m}");
-    let m = err(&mut e, Request { prior: Some(Prior::Fixed(vec![(16, 3)])), ..base() });
+    let m = err(&mut e, base().prior(Prior::Fixed(vec![(16, 3)])));
     assert!(m.contains("offset 16"), "{m}");
     // The failing request is named in a batch.
-    let m = e.generate(&[base(), Request { gen_len: 0, ..base() }]).unwrap_err().to_string();
+    let m = e.generate(&[base(), base().gen_len(0)]).unwrap_err().to_string();
     assert!(m.contains("request 1"), "{m}");
     assert!("cuda:x".parse::<Device>().is_err());
 }

@@ -5,7 +5,8 @@
 //! rows, no Dream shift), with the preset and the checkpoint seed in its metadata; the test
 //! rebuilds the same weights in-process with `checkpoint::random_weights` and compares.
 //! Dream fixtures also hold `logits_bf16_rope`: the script's plain forward (checked against
-//! transformers to ~5e-7) with cos/sin rounded to bf16, as DESIGN.md §3 prescribes for Dream.
+//! transformers to ~5e-7) with cos/sin rounded to bf16, as Dream's bf16 run (and demask's GPU)
+//! computes; the CPU forward is checked against it in that mode.
 //!
 //! Fixtures are found in `$DEMASK_FIXTURES`, else `<crate>/tests/fixtures`, else
 //! `./tests/fixtures` (the GPU pack's layout). Regenerate them with `tools/golden/run.sh`
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 
 use demask::checkpoint::random_weights;
 use demask::cpu::forward::CpuModel;
+use demask::cpu::rope::RopeMode;
 use demask::ModelConfig;
 use safetensors::{Dtype, SafeTensors};
 
@@ -22,11 +24,6 @@ use safetensors::{Dtype, SafeTensors};
 /// about 6e-7), so 1e-4 catches any real deviation (a wrong rope theta, norm eps, bias or
 /// mask moves the logits by 1e-2 or more).
 const TOL_F32: f32 = 1e-4;
-/// Dream against transformers: DESIGN.md rounds cos/sin to bf16 (as Dream's bf16 run does)
-/// while HF Qwen2 in f32 does not; that alone moves the logits by about 7e-4 relative
-/// (make_golden.py reports it as `bf16_cos_sin_rel_err`), so allow about 3x that. The tight
-/// check for Dream is against `logits_bf16_rope` at TOL_F32.
-const TOL_DREAM_VS_HF: f32 = 2e-3;
 
 struct Fixture {
     path: PathBuf,
@@ -153,14 +150,16 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// Runs the CPU forward on weights rebuilt from (preset, seed) and compares with the fixture:
-/// `logits` at `tol_hf`, and `logits_bf16_rope` (when present) at TOL_F32.
-fn check(preset: &str, tol_hf: f32) {
+/// `logits` (transformers in f32: f32 cos/sin for both architectures, as the CPU forward) at
+/// TOL_F32, and `logits_bf16_rope` (when present) against the CPU forward with cos/sin rounded
+/// to bf16 (`RopeMode::Dream`, what the GPU's bf16 Dream forward does), also at TOL_F32.
+fn check(preset: &str) {
     let Some(fx) = load_fixture(preset) else { return };
     let cfg = ModelConfig::preset(preset).expect("preset");
     assert_eq!(fx.vocab, cfg.vocab, "{}: vocab differs from the preset", fx.path.display());
     assert!(fx.ids.iter().all(|&t| (t as usize) < cfg.vocab), "fixture ids must be < vocab");
     let weights = random_weights(&cfg, fx.seed);
-    let model = CpuModel::new(&weights).expect("CpuModel::new");
+    let mut model = CpuModel::new(&weights).expect("CpuModel::new");
     let got = model.forward_full(&[fx.ids.clone()]).expect("CPU forward");
     println!(
         "golden {preset}: seed {}, L {}, vocab {}; reference: {}",
@@ -169,9 +168,13 @@ fn check(preset: &str, tol_hf: f32) {
         fx.vocab,
         fx.meta.get("reference").map(String::as_str).unwrap_or("?")
     );
-    compare(&format!("golden {preset} vs transformers"), &got, &fx.logits["logits"], fx.vocab, tol_hf);
+    compare(&format!("golden {preset} vs transformers"), &got, &fx.logits["logits"], fx.vocab, TOL_F32);
     match fx.logits.get("logits_bf16_rope") {
-        Some(want) => compare(&format!("golden {preset} vs plain forward, bf16 cos/sin"), &got, want, fx.vocab, TOL_F32),
+        Some(want) => {
+            model.set_rope_mode(RopeMode::Dream);
+            let got = model.forward_full(&[fx.ids.clone()]).expect("CPU forward, bf16 cos/sin");
+            compare(&format!("golden {preset} vs plain forward, bf16 cos/sin"), &got, want, fx.vocab, TOL_F32)
+        }
         None if fx.meta.get("arch").map(String::as_str) == Some("dream") => {
             println!("golden {preset}: fixture has no logits_bf16_rope (older make_golden.py); only the HF check ran")
         }
@@ -181,10 +184,10 @@ fn check(preset: &str, tol_hf: f32) {
 
 #[test]
 fn golden_tiny_llada() {
-    check("tiny-llada", TOL_F32);
+    check("tiny-llada");
 }
 
 #[test]
 fn golden_tiny_dream() {
-    check("tiny-dream", TOL_DREAM_VS_HF);
+    check("tiny-dream");
 }

@@ -14,9 +14,10 @@ mod common;
 
 use common::policies;
 use demask::decode::policy::{rank, ConfKind, Policy, StepCtx};
-use demask::decode::sampling::{candidate, filter_cutoff, row_stats, RngKey, Sampling};
+use demask::decode::sampling::{candidate, filter_cutoff, row_stats, ConfDist, RngKey, Sampling};
 use demask::gpu::{test_gpu, DTensor, Gpu, Timer};
 use demask::ops::commit::{commit, parse_commits, CommitWs, SeqCommitParams};
+use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -132,7 +133,7 @@ fn confidence_argmax_matches_cpu() {
             want.push((
                 row,
                 kind,
-                candidate(&logits[row * vocab..(row + 1) * vocab], &s, kind, key),
+                candidate(&logits[row * vocab..(row + 1) * vocab], &s, kind, key, ConfDist::Raw),
             ));
         }
         for splits in [None, Some(1), Some(7)] {
@@ -243,7 +244,7 @@ fn confidence_sampling_matches_cpu() {
                 let key = key_of(i, 17 + si as u32);
                 let row = &logits[r * vocab..(r + 1) * vocab];
                 slots.push(SlotParams::new(r as u32, kind, s, key));
-                want.push((r, *s, kind, key, candidate(row, s, kind, key)));
+                want.push((r, *s, kind, key, candidate(row, s, kind, key, ConfDist::Raw)));
             }
         }
         let got = run_conf(&gpu, &dl, rows, vocab, &slots, None);
@@ -463,7 +464,7 @@ fn commit_matches_policy_select() {
             let mut ranked = eligible.clone();
             rank(&mut ranked);
             ranked_want.push(ranked.iter().map(|&(p, _)| (p, tok_of(p))).collect::<Vec<_>>());
-            seqs.push(SeqCommitParams::new(&policy, ctx, positions.len(), n, n_seqs - 1 - si));
+            seqs.push(SeqCommitParams::new(commit_rule(&policy), count_ctx(ctx), positions.len(), n, n_seqs - 1 - si));
             positions.extend_from_slice(&pos);
             tokens.extend_from_slice(&toks);
             conf.extend_from_slice(&c);
@@ -529,7 +530,7 @@ fn commit_and_confidence_reject_bad_input() {
         block_masked: 2,
         masked: 2,
     };
-    let seqs = [SeqCommitParams::new(&p, ctx, 0, 2, 0)];
+    let seqs = [SeqCommitParams::new(commit_rule(&p), count_ctx(ctx), 0, 2, 0)];
     assert!(ws.set_seqs(&gpu, &seqs, &[5, 5], 16).is_err(), "duplicate positions");
     assert!(
         ws.set_seqs(&gpu, &seqs, &[3, 16], 16).is_err(),

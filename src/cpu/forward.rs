@@ -29,6 +29,11 @@ pub struct CpuModel {
     layers: Vec<CpuLayer>,
     final_norm: Vec<f32>,
     lm_head: Vec<f32>,
+    /// How cos/sin enter the rotation: by default [`rope::RopeMode::Llada`] (f32 cos/sin, f32
+    /// rotation) for both architectures, which is what the official code computes in f32
+    /// (Dream casts cos/sin to the activation dtype: a no-op in f32). The GPU's bf16 Dream
+    /// forward rounds them to bf16 ([`rope::RopeMode::Dream`], settable for parity checks).
+    rope_mode: rope::RopeMode,
 }
 
 /// Per-layer K and V rows, `[capacity, n_kv_heads * head_dim]` each.
@@ -67,7 +72,14 @@ impl CpuModel {
                 .collect(),
             final_norm: f32s(&w.final_norm),
             lm_head: f32s(&w.lm_head),
+            rope_mode: rope::RopeMode::Llada,
         })
+    }
+
+    /// Sets how cos/sin enter the rotation (see the field's doc; `RopeMode::Dream` rounds them
+    /// to bf16 as the GPU's Dream forward does).
+    pub fn set_rope_mode(&mut self, mode: rope::RopeMode) {
+        self.rope_mode = mode;
     }
 
     pub fn new_cache(&self, capacity: usize) -> CpuKvCache {
@@ -85,7 +97,7 @@ impl CpuModel {
         b.validate(cfg, cache.capacity)?;
         let (t, h, kvd, qd) = (b.rows(), cfg.hidden, cfg.kv_dim(), cfg.q_dim());
         let qkv_dim = cfg.qkv_dim();
-        let mode = rope::RopeMode::for_arch(cfg.arch);
+        let mode = self.rope_mode;
         let eps = cfg.norm_eps as f32;
         let cache_rows = b.cache_rows();
 

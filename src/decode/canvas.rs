@@ -6,7 +6,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
-use super::policy::StepCtx;
+use super::policy::{Policy, StepCtx};
 use super::step::Commit;
 
 /// Lengths and rules of one canvas.
@@ -193,10 +193,20 @@ impl Canvas {
     /// that is not the mask and is below `vocab`; at least one commit), counts the step and
     /// advances past finished blocks.
     pub fn apply(&mut self, commits: &[Commit], vocab: usize) -> Result<()> {
+        self.apply_step(commits, vocab, false)
+    }
+
+    /// [`Canvas::apply`] for a step of `policy`: a policy that may commit nothing
+    /// ([`Policy::may_commit_none`], Dream) may pass an empty list; the step still counts.
+    pub fn apply_for(&mut self, commits: &[Commit], vocab: usize, policy: &Policy) -> Result<()> {
+        self.apply_step(commits, vocab, policy.may_commit_none())
+    }
+
+    fn apply_step(&mut self, commits: &[Commit], vocab: usize, may_commit_none: bool) -> Result<()> {
         if self.is_done() {
             return Err(Error::bad_input("commit to a finished sequence"));
         }
-        if commits.is_empty() {
+        if commits.is_empty() && !may_commit_none {
             return Err(Error::bad_input(format!(
                 "step {} committed no slot (every policy commits at least one)",
                 self.step
@@ -244,6 +254,33 @@ impl Canvas {
             self.block_step = 0;
             self.block_masked = self.masked_in_block();
         }
+    }
+}
+
+/// Refuses a step-count policy (`schedule:S`, `random:S`; S steps per block)
+/// whose S exceeds the masked slots of a block: every step commits at least one slot, so that
+/// block would silently take fewer steps than asked. `prior` holds the fixed token of every gen
+/// slot (`None` = masked; empty = no prior); blocks a prior fixes entirely take no step and are
+/// not checked. Run after [`check_lengths`] (block_len > 0 and divides gen_len).
+pub fn check_steps(policy: &Policy, gen_len: u32, block_len: u32, prior: &[Option<u32>]) -> Result<()> {
+    let (steps, fewer): (u32, fn(u32, &Policy) -> Policy) = match *policy {
+        Policy::Schedule { steps } => (steps, |m, _| Policy::Schedule { steps: m }),
+        Policy::Random { steps } => (steps, |m, _| Policy::Random { steps: m }),
+        // Dream commits its reference's count, 0 included: every one of its S steps runs.
+        _ => return Ok(()),
+    };
+    let (gen, block) = (gen_len as usize, block_len.max(1) as usize);
+    let masked = |b: usize| (b * block..((b + 1) * block).min(gen)).filter(|&i| prior.get(i).copied().flatten().is_none()).count();
+    let fewest = (0..gen.div_ceil(block)).map(|b| (masked(b) as u32, b)).filter(|&(m, _)| m > 0).min();
+    match fewest {
+        Some((m, b)) if steps > m => Err(Error::bad_input(format!(
+            "policy `{policy}` asks for {steps} steps per block, but block {b} has only {m} masked slots \
+             (block_len {block_len}{}); every step commits at least one slot, so it would run {m} steps. \
+             Use at most {m} steps (e.g. `{}`) or a longer block_len",
+            if prior.is_empty() { "" } else { ", fewer where the prior fixes slots" },
+            fewer(m, policy)
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -48,7 +48,7 @@ pub fn score_and_select(
     let scores: Vec<SlotScores> = work
         .par_iter()
         .map(|w| {
-            let kind = w.policy.conf_kind();
+            let (kind, dist) = (w.policy.conf_kind(), w.policy.conf_dist());
             let (tokens, conf): (Vec<u32>, Vec<f32>) = w
                 .eligible
                 .par_iter()
@@ -59,7 +59,7 @@ pub fn score_and_select(
                         *m = MASK_LOGIT;
                     }
                     let key = RngKey { seed: w.seed, seq: w.seq_id, step: w.step, slot: pos };
-                    candidate(&row, &w.sampling, kind, key)
+                    candidate(&row, &w.sampling, kind, key, dist)
                 })
                 .unzip();
             SlotScores { tokens, conf }

@@ -18,10 +18,11 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
 use crate::model::{Capacity, GpuModel, GpuWeights};
-use crate::ops::commit::{commit, parse_commits, parse_commits_into, CommitWs, SeqCommitParams};
+use crate::ops::commit::{commit, parse_commits, parse_commits_into, CommitWs, CountCtx, CountRule, SeqCommitParams};
 use crate::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use crate::weights::HostWeights;
 
+use super::policy::{Policy, StepCtx};
 use super::sampling::RngKey;
 use super::step::{Commit, SeqWork, SlotScores, StepBackend, StepCommits};
 
@@ -160,8 +161,8 @@ impl GpuStepper {
             }
             let kind = w.policy.conf_kind();
             self.host_seqs.push(SeqCommitParams::new(
-                &w.policy,
-                w.ctx,
+                commit_rule(&w.policy),
+                count_ctx(w.ctx),
                 self.host_pos.len(),
                 w.eligible.len(),
                 si,
@@ -174,7 +175,7 @@ impl GpuStepper {
                     slot: pos,
                 };
                 let row = self.model.logits_row(batch, li as usize);
-                self.host_slots.push(SlotParams::new(row, kind, &w.sampling, key));
+                self.host_slots.push(SlotParams::new(row, kind, &w.sampling, key).with_dist(w.policy.conf_dist()));
                 self.host_pos.push(pos);
             }
         }
@@ -186,6 +187,9 @@ impl GpuStepper {
 
     /// forward → confidence → commit, leaving the commit lists in `out` (no host sync).
     fn launch(&mut self, batch: &RowBatch, work: &[SeqWork]) -> Result<()> {
+        // The engine may have moved to another thread since the last step: make the device's
+        // context current here (raw launches below do not bind it themselves).
+        self.model.gpu.bind_to_thread()?;
         // Uploads first, while the stream is idle, so their copies wait on nothing.
         self.stage(batch, work)?;
         self.model.forward(batch)?;
@@ -270,4 +274,21 @@ impl StepBackend for GpuStepper {
     fn config(&self) -> &ModelConfig {
         &self.model.cfg
     }
+}
+
+/// The commit kernel's count rule for `policy` (the kernel knows no policy; ranking is the
+/// same for all of them: by confidence, which `Random` and Dream's algorithms set).
+pub fn commit_rule(policy: &Policy) -> CountRule {
+    match *policy {
+        Policy::Schedule { steps } | Policy::Random { steps } => CountRule::Schedule { steps },
+        Policy::Threshold { tau } => CountRule::Threshold { tau },
+        Policy::Confident { tau, steps } => CountRule::ThresholdOrSchedule { tau, steps },
+        Policy::Factor { f } => CountRule::FactorPrefix { f },
+        Policy::Dream { steps, .. } => CountRule::DreamCount { steps },
+    }
+}
+
+/// The commit kernel's view of a step context.
+pub fn count_ctx(ctx: StepCtx) -> CountCtx {
+    CountCtx { step: ctx.step, block_masked: ctx.block_masked, masked: ctx.masked }
 }

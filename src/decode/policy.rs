@@ -1,16 +1,22 @@
 //! Commit policies (DESIGN.md §4): given the confidences of a block's eligible slots, which
 //! slots take their candidate this step. Pure logic, shared by the CPU backend and, as the
 //! reference, by the GPU commit kernel. Ranking is by confidence, descending; ties go to the
-//! lower position. Every policy commits at least one slot per step.
+//! lower position. Every policy commits at least one slot per step, except Dream's, which
+//! commits exactly its reference's count (0 on some steps).
 use std::fmt;
 use std::str::FromStr;
 
+use super::sampling::ConfDist;
 use crate::error::{Error, Result};
+
+/// Dream's effective default top-k (transformers' generation default, reached through
+/// `DreamGenerationConfig.from_model_config`).
+pub const DREAM_DEFAULT_TOP_K: u32 = 50;
 
 /// What a slot's confidence measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConfKind {
-    /// softmax(l)[candidate] (untempered).
+    /// `softmax(l)[candidate]` (untempered).
     Prob = 0,
     /// p1 − p2 of the untempered softmax.
     Margin = 1,
@@ -37,7 +43,7 @@ pub enum Policy {
     Random { steps: u32 },
     /// `threshold:τ` [Fast-dLLM parallel, Dimple confident decoding].
     Threshold { tau: f32 },
-    /// `confident:τ,S` [Dimple]: threshold, falling back to the schedule count.
+    /// `confident:τ,S` \[Dimple\]: threshold, falling back to the schedule count.
     Confident { tau: f32, steps: u32 },
     /// `factor:f` [Fast-dLLM].
     Factor { f: f32 },
@@ -62,17 +68,32 @@ pub fn schedule_count(m: u32, steps: u32, i: u32) -> u32 {
     m / s + u32::from(i < m % s)
 }
 
-/// Dream: timesteps linspace(1, 1e-3, S+1); step i goes t = ts[i] → s = ts[i+1] and commits
-/// floor(masked · (1 − s/t)), all on the last step.
+/// `torch.linspace(1, 1e-3, n)[j]` in f32 as PyTorch computes it on the CPU: step = (end −
+/// start) / (n − 1); the first half is fma(step, j, start), the second fma(−step, n − 1 − j, end).
+pub fn dream_timestep(n: u32, j: u32) -> f32 {
+    let (start, end) = (1.0f32, 1e-3f32);
+    if n <= 1 {
+        return start;
+    }
+    let step = (end - start) / (n - 1) as f32;
+    if j < n / 2 {
+        step.mul_add(j as f32, start)
+    } else {
+        (-step).mul_add((n - 1 - j) as f32, end)
+    }
+}
+
+/// Dream's `diffusion_generate`: timesteps linspace(1, 1e-3, S+1) in f32; step i goes
+/// `t = ts[i]` → `s = ts[i+1]` and commits int(masked · (1 − s/t)) slots, computed in f32 and
+/// truncated (0 is a valid count), and every masked slot on the last step.
 pub fn dream_count(masked: u32, steps: u32, i: u32) -> u32 {
     let steps = steps.max(1);
     if i + 1 >= steps {
         return masked;
     }
-    let eps = 1e-3f64;
-    let ts = |j: u32| 1.0 + (eps - 1.0) * j as f64 / steps as f64;
-    let (t, s) = (ts(i), ts(i + 1));
-    (masked as f64 * (1.0 - s / t)).floor() as u32
+    let (t, s) = (dream_timestep(steps + 1, i), dream_timestep(steps + 1, i + 1));
+    let x = masked as f32 * (1.0 - s / t);
+    x as u32
 }
 
 impl Policy {
@@ -86,6 +107,33 @@ impl Policy {
         }
     }
 
+    /// Whether a step may commit nothing (Dream's count is 0 on some steps, e.g. step 0 when
+    /// S = gen_len; the step still runs and counts). Every other policy commits at least one.
+    pub fn may_commit_none(&self) -> bool {
+        matches!(self, Policy::Dream { .. })
+    }
+
+    /// Which distribution confidences come from: Dream's policies take them from the tempered,
+    /// top-k / top-p filtered distribution (its `sample_tokens`), every other policy from the
+    /// raw softmax.
+    pub fn conf_dist(&self) -> ConfDist {
+        match self {
+            Policy::Dream { .. } => ConfDist::Filtered,
+            _ => ConfDist::Raw,
+        }
+    }
+
+    /// The top-k a request gets when it does not set one: Dream's `diffusion_generate` builds
+    /// its generation config from the model config, whose transformers defaults carry
+    /// top_k = 50, so Dream filters to the 50 largest logits unless told otherwise. 0 (off)
+    /// for every other policy.
+    pub fn default_top_k(&self) -> u32 {
+        match self {
+            Policy::Dream { .. } => DREAM_DEFAULT_TOP_K,
+            _ => 0,
+        }
+    }
+
     /// Steps a block takes when the policy fixes them (schedule-like policies).
     pub fn steps(&self) -> Option<u32> {
         match *self {
@@ -94,8 +142,9 @@ impl Policy {
         }
     }
 
-    /// Number of slots to commit, given the eligible confidences sorted descending.
-    /// Always in 1..=sorted.len() (0 only when nothing is eligible).
+    /// Number of slots to commit, given the eligible confidences sorted descending: in
+    /// 1..=sorted.len() (0 only when nothing is eligible), except Dream's count, which is
+    /// what its reference computes, 0 included ([`Policy::may_commit_none`]).
     pub fn commit_count(&self, ctx: StepCtx, sorted: &[f32]) -> usize {
         let n = sorted.len();
         if n == 0 {
@@ -125,7 +174,7 @@ impl Policy {
                 .enumerate()
                 .take_while(|&(i, &c)| c >= 1.0 - f / (i as f32 + 2.0))
                 .count(),
-            Policy::Dream { steps, .. } => dream_count(ctx.masked, steps, ctx.step) as usize,
+            Policy::Dream { steps, .. } => return (dream_count(ctx.masked, steps, ctx.step) as usize).min(n),
         };
         k.clamp(1, n)
     }
@@ -300,7 +349,22 @@ mod tests {
         assert_eq!(dream_count(10, 4, 0), 2); // 10 * (1 - 0.75025) = 2.4975
         assert_eq!(dream_count(8, 4, 1), 2); // 8 * (1 - 0.5005/0.75025) = 2.663
         assert_eq!(dream_count(5, 4, 3), 5);
-        assert_eq!(Policy::Dream { alg: DreamAlg::Entropy, steps: 4 }.commit_count(ctx(0, 2, 2), &[-0.1, -0.2]), 1);
+        // 2 masked, S = 4: int(2 * 0.24975) = 0: the step commits nothing (and still counts).
+        assert_eq!(Policy::Dream { alg: DreamAlg::Entropy, steps: 4 }.commit_count(ctx(0, 2, 2), &[-0.1, -0.2]), 0);
+        // S = gen_len: step 0 commits int(32 * (1 - ts[1])) = int(32 * 0.0312...) = 0.
+        assert_eq!(dream_count(32, 32, 0), 0);
+        assert_eq!(dream_count(32, 32, 1), 1);
+    }
+
+    #[test]
+    fn dream_timesteps_are_torch_linspace_f32() {
+        // torch.linspace(1, 1e-3, n) on the CPU (f32), values where a plain `start + step * j`
+        // rounds differently from PyTorch's fused multiply-add.
+        assert_eq!(dream_timestep(9, 3), 0.625375f32);
+        assert_eq!(dream_timestep(9, 5), 0.375625f32);
+        assert_eq!(dream_timestep(11, 7), 0.3007f32);
+        assert_eq!(dream_timestep(9, 0), 1.0);
+        assert_eq!(dream_timestep(9, 8), 1e-3);
     }
 
     #[test]

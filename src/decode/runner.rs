@@ -391,7 +391,7 @@ pub fn step_batch_with<S: AsRef<SeqState> + AsMut<SeqState>>(
         let s = items[i].as_mut();
         let n = s.canvas.steps();
         let list = commits.seq(k);
-        s.canvas.apply(list, vocab).map_err(|e| match e {
+        s.canvas.apply_for(list, vocab, &s.policy).map_err(|e| match e {
             Error::BadInput(m) => Error::bad_input(format!("sequence {ix}: {m}")),
             other => other,
         })?;

@@ -2,8 +2,10 @@
 //! CPU and GPU: argmax at temperature 0 (ties to the lowest id); at T > 0 Gumbel-max,
 //! argmax_v(l_v / T + g_v) with g = −ln(−ln u), u at 53-bit resolution (f64) from Philox4x32-10
 //! keyed by the seed and counted by (vocab pair, slot, step, sequence). Optional top-k / top-p
-//! restrict the candidates first. Confidences use the untempered, unfiltered softmax.
-use super::policy::ConfKind;
+//! restrict the candidates first. Confidences use the untempered, unfiltered softmax, except for
+//! Dream's policies ([`ConfDist::Filtered`]), whose confidences come from the tempered, filtered
+//! distribution as in Dream's `sample_tokens`.
+use super::policy::{ConfKind, Policy};
 
 /// Philox4x32-10 (Salmon et al. 2011), the generator of cuRAND and PyTorch.
 pub fn philox4x32(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
@@ -77,15 +79,33 @@ impl RngKey {
 pub struct Sampling {
     /// 0 = argmax.
     pub temperature: f32,
-    /// Keep the k largest logits (0 = off).
+    /// Keep the k largest logits (0 = off; [`Sampling::POLICY_TOP_K`], the default, = what the
+    /// policy's reference does: 50 for Dream's policies, off for the others).
     pub top_k: u32,
     /// Keep the smallest set of largest-probability tokens whose mass reaches p (1 = off).
     pub top_p: f32,
 }
 
+impl Sampling {
+    /// `top_k` value meaning "the policy's default" ([`Policy::default_top_k`]): Dream's
+    /// `diffusion_generate` filters to the top 50 logits unless its caller passes `top_k=None`.
+    /// Any value ≥ the vocabulary is off, so this one is off wherever it is not resolved.
+    pub const POLICY_TOP_K: u32 = u32::MAX;
+
+    /// The sampling a sequence of `policy` uses: [`Sampling::POLICY_TOP_K`] resolved.
+    pub fn for_policy(self, policy: &Policy) -> Sampling {
+        if self.top_k == Self::POLICY_TOP_K {
+            Sampling { top_k: policy.default_top_k(), ..self }
+        } else {
+            self
+        }
+    }
+}
+
 impl Default for Sampling {
+    /// Greedy (temperature 0), the policy's default top-k, no top-p.
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        Sampling { temperature: 0.0, top_k: Self::POLICY_TOP_K, top_p: 1.0 }
     }
 }
 
@@ -154,36 +174,89 @@ pub fn filter_cutoff(logits: &[f32], s: &Sampling, st: &RowStats) -> f32 {
     cut
 }
 
+/// Which distribution a slot's confidence comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfDist {
+    /// LLaDA, Fast-dLLM, dKV-Cache, Dimple: the untempered, unfiltered softmax of the logits
+    /// (top-k / top-p / temperature shape only the sample).
+    Raw,
+    /// Dream's `sample_tokens`: logits / T (T > 0), then the top-p and top-k filters, then the
+    /// softmax over the survivors; the candidate, its probability, the margin and the entropy
+    /// all come from that renormalised distribution.
+    Filtered,
+}
+
+/// What a filtered-out logit reads as in [`ConfDist::Filtered`] rows (no mass, never a
+/// candidate; finite so entropies stay finite), the same value as the excluded mask token.
+pub const FILTERED_LOGIT: f32 = -1e30;
+
 /// Candidate token and confidence of one eligible slot.
-pub fn candidate(logits: &[f32], s: &Sampling, kind: ConfKind, key: RngKey) -> (u32, f32) {
+pub fn candidate(logits: &[f32], s: &Sampling, kind: ConfKind, key: RngKey, dist: ConfDist) -> (u32, f32) {
+    if dist == ConfDist::Filtered {
+        return candidate_filtered(logits, s, kind, key);
+    }
     let st = row_stats(logits);
     let token = if s.temperature <= 0.0 {
         st.argmax
     } else {
         let cut = filter_cutoff(logits, s, &st);
-        let inv_t = 1.0 / s.temperature as f64;
-        let mut best = f64::NEG_INFINITY;
-        let mut tok = st.argmax;
-        for (v, &l) in logits.iter().enumerate() {
-            if l < cut {
-                continue;
-            }
-            let score = l as f64 * inv_t + key.gumbel(v as u32);
-            if score > best {
-                best = score;
-                tok = v as u32;
-            }
-        }
-        tok
+        gumbel_max(logits, cut, 1.0 / s.temperature as f64, key).unwrap_or(st.argmax)
     };
+    (token, confidence(logits, &st, token, kind, key))
+}
+
+/// Gumbel-max over the logits at or above `cut`: argmax_v(l_v · inv_t + g_v), `None` when no
+/// logit survives.
+fn gumbel_max(logits: &[f32], cut: f32, inv_t: f64, key: RngKey) -> Option<u32> {
+    let mut best = f64::NEG_INFINITY;
+    let mut tok = None;
+    for (v, &l) in logits.iter().enumerate() {
+        if l < cut {
+            continue;
+        }
+        let score = l as f64 * inv_t + key.gumbel(v as u32);
+        if score > best {
+            best = score;
+            tok = Some(v as u32);
+        }
+    }
+    tok
+}
+
+fn confidence(logits: &[f32], st: &RowStats, token: u32, kind: ConfKind, key: RngKey) -> f32 {
     let p = |l: f32| (((l - st.max) as f64).exp() / st.sum_exp) as f32;
-    let conf = match kind {
+    match kind {
         ConfKind::Prob => p(logits[token as usize]),
         ConfKind::Margin => p(st.max) - p(st.second),
         ConfKind::NegEntropy => st.neg_entropy as f32,
         ConfKind::Random => key.random_conf() as f32,
+    }
+}
+
+/// [`ConfDist::Filtered`]: the row is scaled by 1/T in f32 (T > 0), filtered (top-p, top-k over
+/// the scaled row), and everything (argmax, sample, confidence) is taken over the survivors.
+fn candidate_filtered(logits: &[f32], s: &Sampling, kind: ConfKind, key: RngKey) -> (u32, f32) {
+    // The excluded mask token (already FILTERED_LOGIT) keeps its value, as the GPU reads it.
+    let mut row: Vec<f32> = if s.temperature > 0.0 {
+        logits.iter().map(|&l| if l == FILTERED_LOGIT { l } else { l / s.temperature }).collect()
+    } else {
+        logits.to_vec()
     };
-    (token, conf)
+    let cut = filter_cutoff(&row, s, &row_stats(&row));
+    if cut > f32::NEG_INFINITY {
+        for l in &mut row {
+            if *l < cut {
+                *l = FILTERED_LOGIT;
+            }
+        }
+    }
+    let st = row_stats(&row);
+    let token = if s.temperature <= 0.0 {
+        st.argmax
+    } else {
+        gumbel_max(&row, f32::NEG_INFINITY, 1.0, key).unwrap_or(st.argmax)
+    };
+    (token, confidence(&row, &st, token, kind, key))
 }
 
 #[cfg(test)]
@@ -216,11 +289,11 @@ mod tests {
         let st = row_stats(&l);
         assert_eq!(st.argmax, 1);
         assert_eq!(st.second, 3.0);
-        let (tok, conf) = candidate(&l, &Sampling::default(), ConfKind::Prob, RngKey { seed: 1, seq: 0, step: 0, slot: 0 });
+        let (tok, conf) = candidate(&l, &Sampling::default(), ConfKind::Prob, RngKey { seed: 1, seq: 0, step: 0, slot: 0 }, ConfDist::Raw);
         assert_eq!(tok, 1);
         let z: f64 = l.iter().map(|&x| ((x - 3.0) as f64).exp()).sum();
         assert!((conf as f64 - 1.0 / z).abs() < 1e-6);
-        let (_, margin) = candidate(&l, &Sampling::default(), ConfKind::Margin, RngKey { seed: 1, seq: 0, step: 0, slot: 0 });
+        let (_, margin) = candidate(&l, &Sampling::default(), ConfKind::Margin, RngKey { seed: 1, seq: 0, step: 0, slot: 0 }, ConfDist::Raw);
         assert_eq!(margin, 0.0);
         let ent: f64 = l.iter().map(|&x| { let p = ((x - 3.0) as f64).exp() / z; p * p.ln() }).sum();
         assert!((st.neg_entropy - ent).abs() < 1e-9);

@@ -47,11 +47,12 @@ impl AsMut<SeqState> for SeqState {
 
 impl SeqState {
     /// A sequence with the `none` cache scheme (set `cache` before admission for another).
+    /// `sampling`'s [`Sampling::POLICY_TOP_K`] becomes the policy's default top-k.
     pub fn new(canvas: Canvas, policy: Policy, sampling: Sampling, seed: u64, seq_id: u32) -> Self {
         SeqState {
             canvas,
             policy,
-            sampling,
+            sampling: sampling.for_policy(&policy),
             seed,
             seq_id,
             cache: CacheScheme::None,
@@ -71,7 +72,7 @@ impl SeqState {
         self
     }
 
-    /// Whether [`admit`] has given this sequence its plan and cache rows.
+    /// Whether the scheduler's `admit` has given this sequence its plan and cache rows.
     pub fn is_admitted(&self) -> bool {
         self.plan.is_some() && self.cache_base.is_some()
     }

@@ -1,14 +1,10 @@
-//! The engine's request and option types: where it runs (`Device`, `DType`,
-//! `EngineOptions`, KV budgets) and what it is asked and answers (`Prompt`, `Request`,
-//! `Output`). Re-exported from `engine`.
+//! The engine's option and result types: where it runs (`Device`, `DType`,
+//! `EngineOptions`, KV budgets) and what it answers (`Output`). Re-exported from `engine`.
 use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::cache::CacheScheme;
-use crate::decode::prior::Prior;
-use crate::decode::{Policy, Sampling};
 use crate::error::{Error, Result};
 
 /// Where the engine runs.
@@ -71,9 +67,14 @@ impl FromStr for DType {
     }
 }
 
+/// How an engine is built: where it runs and how much it may hold at once. Every field has a
+/// default (`EngineOptions::default()`: auto device, native precision, no limits), so set the
+/// ones that matter: `EngineOptions { device: Device::Cpu, max_batch: 8, ..Default::default() }`.
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
+    /// Where the engine runs (default `Auto`: GPU 0 when it opens, else the CPU backend).
     pub device: Device,
+    /// Compute precision (default `Auto`: the backend's native one).
     pub dtype: DType,
     /// Most sequences per forward (0 = no limit). More requests wait in the queue and join as
     /// others finish; a request's output does not depend on its batch neighbours.
@@ -149,58 +150,6 @@ pub fn kv_cache_rows(
         )));
     }
     Ok(rows)
-}
-
-/// A request's prompt.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Prompt {
-    /// Token ids, used as they are.
-    Ids(Vec<u32>),
-    /// Text, tokenized with the checkpoint's tokenizer; with `chat`, first wrapped in the chat
-    /// template as one user message (with the generation prompt).
-    Text { text: String, chat: bool },
-}
-
-/// One sequence to decode.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub prompt: Prompt,
-    pub gen_len: u32,
-    /// Semi-autoregressive block length; `gen_len` = one block. Must divide `gen_len`.
-    pub block_len: u32,
-    pub policy: Policy,
-    /// Temperature (0 = argmax), top-k (0 = off), top-p (1 = off).
-    pub sampling: Sampling,
-    pub seed: u64,
-    /// The RNG's sequence id (so two requests with one seed can differ); 0 by default.
-    pub seq_id: u32,
-    pub prior: Option<Prior>,
-    /// A finished block containing EOS/EOT ends the sequence (default on).
-    pub stop_at_eos: bool,
-    /// KV-cache scheme (default `none`: exact decoding, every row recomputed every step).
-    pub cache: CacheScheme,
-    /// Test knob (not on the CLI): the cache scheme refreshes every row every step, so every
-    /// scheme must decode exactly like `none`.
-    pub cache_refresh_every_step: bool,
-}
-
-impl Request {
-    /// A greedy request with no prior, seed 0, stop at EOS on.
-    pub fn new(prompt: Prompt, gen_len: u32, block_len: u32, policy: Policy) -> Self {
-        Request {
-            prompt,
-            gen_len,
-            block_len,
-            policy,
-            sampling: Sampling::default(),
-            seed: 0,
-            seq_id: 0,
-            prior: None,
-            stop_at_eos: true,
-            cache: CacheScheme::None,
-            cache_refresh_every_step: false,
-        }
-    }
 }
 
 /// The result of one request.

@@ -174,7 +174,7 @@ impl Blas {
     }
 
     /// `y[0..t] = x[0..t] · wᵀ (+ bias)`. `w` is [n, k] bf16, `x` at least [t, k] bf16,
-    /// `y` at least [t, n] (bf16 or f32 by `T`), `bias` [n] bf16.
+    /// `y` at least `[t, n]` (bf16 or f32 by `T`), `bias` `[n]` bf16.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_raw(
         &self,

@@ -15,7 +15,7 @@ use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaGraph, CudaStream, DeviceRepr};
+use cudarc::driver::{result, sys, CudaContext, CudaGraph, CudaStream, DeviceRepr};
 
 use super::{DTensor, Gpu};
 use crate::error::{Error, Result};
@@ -87,13 +87,44 @@ struct Entry<G> {
 /// Graphs by [`ShapeKey`], with the eager → capture → replay policy. Bounded: at `capacity`
 /// keys the least recently used one is dropped (its graph with it). Generic over the graph type
 /// so the bookkeeping is testable without a device.
-pub struct GraphCache<G = CudaGraph> {
+pub struct GraphCache<G = Graph> {
     entries: HashMap<ShapeKey, Entry<G>>,
     capacity: usize,
     clock: u64,
     binding: Option<u64>,
     stats: GraphStats,
     last_failure: Option<String>,
+}
+
+/// A captured, instantiated CUDA graph owned by one model (derefs to cudarc's [`CudaGraph`]).
+/// Unlike `CudaGraph` it is `Send`, so a model (and the engine over it) can move to another
+/// thread; it is not `Sync`.
+pub struct Graph {
+    graph: CudaGraph,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: `CudaGraph` is `!Send` only because it holds the raw `CUgraph` / `CUgraphExec`
+// handles. CUDA lets any thread use them as long as calls on one graph are serialised (the
+// driver's graph thread-safety rules) and, for launches, the owning context is current:
+// `CudaGraph::launch` binds its stream's context itself, and `Drop` below binds it before the
+// handles are destroyed. `Graph` is not `Sync` and is only reached through `&mut` of its
+// `GraphCache`, so moving it between threads never makes two threads touch one graph.
+unsafe impl Send for Graph {}
+
+impl Deref for Graph {
+    type Target = CudaGraph;
+    fn deref(&self) -> &CudaGraph {
+        &self.graph
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // The graph may be dropped on a thread other than the one that captured it; make its
+        // context current there before `CudaGraph`'s own drop destroys the handles.
+        let _ = self.ctx.bind_to_thread();
+    }
 }
 
 /// Keys (and graphs) a model keeps by default.
@@ -236,7 +267,7 @@ pub fn capture_and_launch(
     stream: &Arc<CudaStream>,
     mode: sys::CUstreamCaptureMode,
     body: impl FnOnce() -> Result<()>,
-) -> std::result::Result<CudaGraph, String> {
+) -> std::result::Result<Graph, String> {
     if let Some(why) = uncapturable_stream(stream) {
         return Err(why.to_string());
     }
@@ -250,7 +281,7 @@ pub fn capture_and_launch(
         (Ok(()), Ok(None)) => Err("the capture recorded no work".to_string()),
         (Ok(()), Ok(Some(g))) => {
             g.launch().map_err(|e| format!("cuGraphLaunch of a new graph: {e:?}"))?;
-            Ok(g)
+            Ok(Graph { graph: g, ctx: stream.context().clone() })
         }
     }
 }

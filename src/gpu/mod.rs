@@ -117,6 +117,14 @@ impl Gpu {
         }))
     }
 
+    /// Makes this device's context current on the calling thread (cheap when it already is).
+    /// A `Gpu` may be driven from a thread other than the one that opened it (one thread at a
+    /// time); raw driver launches (`launch::launch_ex`, cuBLASLt) need the context current, so
+    /// entry points that start device work (a model's forward, a decode step) call this first.
+    pub fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))
+    }
+
     /// The kernel `symbol` of `kernels/<module>.cu` (looked up once, then cached).
     pub fn func(&self, module: &'static str, symbol: &'static str) -> Result<CudaFunction> {
         let mut funcs = self.funcs.lock().unwrap();

@@ -1,12 +1,13 @@
-//! `commit_u32` (kernels/commit.cu): the commit policy of each sequence on the device, the GPU
-//! mirror of `decode::policy::Policy::select`. Per sequence a [`SeqCommitParams`] record (its
-//! range of the slot arrays, policy, StepCtx, canvas row); slot arrays `positions` (uploaded by
+//! `commit_u32` (kernels/commit.cu): rank each sequence's eligible slots, count how many commit
+//! by a [`CountRule`], write them into the device canvas. The kernel knows no decoding policy:
+//! `decode::gpu::commit_rule` translates a `decode::Policy` into a rule (the GPU mirror of
+//! `Policy::select`). Per sequence a [`SeqCommitParams`] record (its range of the slot arrays,
+//! rule, [`CountCtx`], canvas row); slot arrays `positions` (uploaded by
 //! [`CommitWs::set_seqs`]), `tokens` and `conf` (the confidence kernel's outputs). The kernel
 //! writes committed tokens into the canvas (`u32 [canvas_rows, canvas_stride]`) and a compact
 //! commit list into `out` (layout in [`CommitWs::out_len`]; read it with [`parse_commits`]).
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::decode::policy::{Policy, StepCtx};
 use crate::decode::step::{Commit, StepCommits};
 use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
@@ -20,7 +21,7 @@ const THREADS: u32 = 256; // COMMIT_THREADS in the .cu
 pub struct SeqCommitParams {
     pub slot_offset: i32,  // int
     pub slot_count: i32,   // int
-    pub policy: i32,       // int: 0 schedule, 1 random, 2 threshold, 3 confident, 4 factor, 5 dream
+    pub policy: i32,       // int: CountRule: 0 schedule, 2 threshold, 3 threshold-or-schedule, 4 factor, 5 dream
     pub tau: f32,          // float
     pub factor: f32,       // float
     pub steps: u32,        // unsigned
@@ -34,15 +35,41 @@ pub struct SeqCommitParams {
 // SAFETY: plain-old-data mirror of the C struct (i32 / u32 / f32 fields, no padding holes).
 unsafe impl cudarc::driver::DeviceRepr for SeqCommitParams {}
 
+/// How many of a sequence's ranked slots commit (the kernel's `policy` switch).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CountRule {
+    /// LLaDA's even split: `block_masked / steps + (step < block_masked % steps)`, every
+    /// remaining slot on step `steps − 1` (kernel case 0).
+    Schedule { steps: u32 },
+    /// Every slot with confidence ≥ τ (kernel case 2).
+    Threshold { tau: f32 },
+    /// The slots ≥ τ, or the schedule count when none passes (kernel case 3).
+    ThresholdOrSchedule { tau: f32, steps: u32 },
+    /// The longest prefix of the ranking with c_n ≥ 1 − f/(n + 1) (kernel case 4).
+    FactorPrefix { f: f32 },
+    /// Dream's f32 count over linspace(1, 1e-3, steps + 1), 0 allowed (kernel case 5).
+    DreamCount { steps: u32 },
+}
+
+/// Where the sequence's block stands (the counts the rules read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountCtx {
+    /// Steps already taken in this block.
+    pub step: u32,
+    /// Masked slots of the block when it started.
+    pub block_masked: u32,
+    /// Masked slots of the block now.
+    pub masked: u32,
+}
+
 impl SeqCommitParams {
-    pub fn new(policy: &Policy, ctx: StepCtx, slot_offset: usize, slot_count: usize, canvas_row: usize) -> Self {
-        let (kind, tau, factor, steps) = match *policy {
-            Policy::Schedule { steps } => (0, 0.0, 0.0, steps),
-            Policy::Random { steps } => (1, 0.0, 0.0, steps),
-            Policy::Threshold { tau } => (2, tau, 0.0, 0),
-            Policy::Confident { tau, steps } => (3, tau, 0.0, steps),
-            Policy::Factor { f } => (4, 0.0, f, 0),
-            Policy::Dream { steps, .. } => (5, 0.0, 0.0, steps),
+    pub fn new(rule: CountRule, ctx: CountCtx, slot_offset: usize, slot_count: usize, canvas_row: usize) -> Self {
+        let (kind, tau, factor, steps) = match rule {
+            CountRule::Schedule { steps } => (0, 0.0, 0.0, steps),
+            CountRule::Threshold { tau } => (2, tau, 0.0, 0),
+            CountRule::ThresholdOrSchedule { tau, steps } => (3, tau, 0.0, steps),
+            CountRule::FactorPrefix { f } => (4, 0.0, f, 0),
+            CountRule::DreamCount { steps } => (5, 0.0, 0.0, steps),
         };
         SeqCommitParams {
             slot_offset: slot_offset as i32,
@@ -293,16 +320,9 @@ mod tests {
 
     #[test]
     fn parse_commits_reads_counts_then_pairs_at_slot_offsets() {
-        let ctx = StepCtx {
-            step: 0,
-            block_masked: 3,
-            masked: 3,
-        };
-        let p = Policy::Threshold { tau: 0.5 };
-        let seqs = [
-            SeqCommitParams::new(&p, ctx, 0, 3, 0),
-            SeqCommitParams::new(&p, ctx, 3, 2, 1),
-        ];
+        let ctx = CountCtx { step: 0, block_masked: 3, masked: 3 };
+        let p = CountRule::Threshold { tau: 0.5 };
+        let seqs = [SeqCommitParams::new(p, ctx, 0, 3, 0), SeqCommitParams::new(p, ctx, 3, 2, 1)];
         // counts 2, 1; seq 0 ranks (7, 70) (5, 50) (9, 90); seq 1 ranks (4, 40) (6, 60)
         let out = [2, 1, 7, 70, 5, 50, 9, 90, 4, 40, 6, 60];
         let lists = parse_commits(&out, &seqs).unwrap();

@@ -11,7 +11,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::decode::policy::ConfKind;
-use crate::decode::sampling::{RngKey, Sampling};
+use crate::decode::sampling::{ConfDist, RngKey, Sampling};
 use crate::error::{Error, Result};
 use crate::gpu::{drv, DTensor, Gpu};
 
@@ -37,7 +37,8 @@ pub struct SlotParams {
     pub seq: u32,         // unsigned
     pub step: u32,        // unsigned
     pub slot: u32,        // unsigned: canvas position
-    pub pad: [u32; 2],    // unsigned[2]
+    pub dist: u32,        // unsigned: 0 = ConfDist::Raw, 1 = ConfDist::Filtered
+    pub pad: u32,         // unsigned
 }
 
 // SAFETY: plain-old-data mirror of the C struct (i32 / u32 / f32 fields, no padding holes).
@@ -56,15 +57,27 @@ impl SlotParams {
             seq: key.seq,
             step: key.step,
             slot: key.slot,
-            pad: [0; 2],
+            dist: 0,
+            pad: 0,
         }
     }
 
-    /// Whether the slot needs the cut-off kernel (sampled, with top-k or top-p on): the rule
-    /// of `sampling::filter_cutoff`.
+    /// The slot with confidences from `dist` (`ConfDist::Filtered`: Dream's tempered, filtered
+    /// distribution, as `sampling::candidate`).
+    pub fn with_dist(mut self, dist: ConfDist) -> Self {
+        self.dist = match dist {
+            ConfDist::Raw => 0,
+            ConfDist::Filtered => 1,
+        };
+        self
+    }
+
+    /// Whether the slot needs the cut-off kernel: top-k or top-p on, and either sampled or
+    /// with Dream's filtered confidences (which filter at temperature 0 too); the rule of
+    /// `sampling::candidate`.
     pub fn filtered(&self, vocab: usize) -> bool {
         let k_on = self.top_k > 0 && (self.top_k as usize) < vocab;
-        self.temperature > 0.0 && (k_on || self.top_p < 1.0)
+        (self.temperature > 0.0 || self.dist == 1) && (k_on || self.top_p < 1.0)
     }
 }
 

@@ -97,7 +97,7 @@ impl std::fmt::Display for GemmVariant {
 }
 
 /// `y[0..t] = x[0..t] · wᵀ (+ bias)` by `variant`. `w` is [n, k] bf16, `x` at least [t, k],
-/// `y` at least [t, n] (bf16 or f32), `bias` [n]; rows of `y` from t on are not written.
+/// `y` at least `[t, n]` (bf16 or f32), `bias` `[n]`; rows of `y` from t on are not written.
 #[allow(clippy::too_many_arguments)]
 pub fn linear<Y: GemmOut>(
     gpu: &Gpu,

@@ -16,7 +16,7 @@ use demask::decode::policy::{rank, DreamAlg, Policy};
 use demask::decode::runner::{SeqState, StepEvent};
 use demask::decode::step::{Commit, SeqWork};
 use demask::decode::Sampling;
-use demask::engine::{Device, Engine, EngineOptions, Prompt, Request};
+use demask::engine::{Device, Engine, EngineOptions, Request};
 use demask::weights::HostWeights;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -51,12 +51,10 @@ pub fn prompt(rng: &mut StdRng, len: usize) -> Vec<u32> {
     (0..len).map(|_| rng.gen_range(0..500)).collect()
 }
 
-/// A request over prompt ids without stop-at-EOS; every other field is `Request::new`'s
+/// A request over prompt ids without stop-at-EOS; every other setting is `Request`'s
 /// default (greedy, seed 0, cache `none`).
 pub fn ids_request(prompt: &[u32], gen: u32, block: u32, policy: &str) -> Request {
-    let mut r = Request::new(Prompt::Ids(prompt.to_vec()), gen, block, policy.parse().unwrap());
-    r.stop_at_eos = false;
-    r
+    Request::ids(prompt).gen_len(gen).block_len(block).policy(policy.parse().unwrap()).stop_at_eos(false)
 }
 
 /// [`ids_request`] with the cache scheme `cache`.
