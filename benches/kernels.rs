@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal};
 use demask::bench::{gpu::measure_ceilings, Ceilings};
 use demask::config::{ModelConfig, HEAD_DIM};
 use demask::decode::policy::{ConfKind, Policy, StepCtx};
-use demask::decode::sampling::{RngKey, Sampling};
+use demask::decode::sampling::{ConfDist, RngKey, Sampling};
 use demask::gpu::{DTensor, Gpu, Timer};
 use demask::ops::attention::{attention, AttnVariant};
 use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
@@ -334,6 +334,16 @@ fn bench_confidence(c: &mut Criterion, env: &mut Env) -> Result<()> {
         let work = Work::bytes((rows * vocab * 4 + rows * (48 + 8)) as f64);
         let gpu = env.gpu.clone();
         env.bench(&mut grp, &format!("f32/{rows}x{vocab}"), work, || {
+            confidence(&gpu, &logits, rows, &mut ws, &mut tokens, &mut conf)
+        });
+        // Dream's confidences (ConfDist::Filtered) with its default top-k 50: the cut-off
+        // kernel (radix select) runs first, then the main pass over the filtered row.
+        let dream = Sampling { top_k: 50, ..greedy };
+        let slots: Vec<SlotParams> = (0..rows as u32)
+            .map(|r| SlotParams::new(r, ConfKind::Prob, &dream, RngKey { seed: 62, seq: 0, step: 0, slot: r }).with_dist(ConfDist::Filtered))
+            .collect();
+        ws.set_slots(&env.gpu, &slots, vocab)?;
+        env.bench(&mut grp, &format!("f32-dream-top50/{rows}x{vocab}"), work, || {
             confidence(&gpu, &logits, rows, &mut ws, &mut tokens, &mut conf)
         });
     }

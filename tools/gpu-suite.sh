@@ -118,10 +118,19 @@ cat >"$pack/run.sh" <<'RUN'
 # binary, e.g. "--nocapture" or a name filter; tests always run one at a time, since they share
 # one GPU stream and a CUDA-graph capture would record another test's launches), RUN_BENCHES=0 to skip criterion,
 # CRITERION_ARGS (default "--warm-up-time 1 --measurement-time 2"), DEMASK_BENCH_TIMEOUT (600).
+# Sanitizers: DEMASK_SANITIZE="memcheck racecheck synccheck" runs the kernel test binaries
+# (DEMASK_SANITIZE_TESTS, default tests/gpu_*) under compute-sanitizer with each tool, graphs
+# off, DEMASK_SANITIZE_ARGS passed to every binary (a name filter keeps slow tools short),
+# DEMASK_SANITIZE_TIMEOUT s each (600); each run's error summary goes to the summary.
+# DEMASK_SANITIZE_ONLY=1 skips the plain test run, the benches and bench.txt.
+# Several runs may share the pack at once (e.g. one per sanitizer tool): give each its own
+# DEMASK_RUN_NAME (logs in gpu-logs-NAME, $OUT/summary-NAME.txt and all-NAME.log); unpack first
+# with DEMASK_UNPACK_ONLY=1.
 set -uo pipefail
 pack="$(cd "$(dirname "$0")" && pwd)"
 cd "$pack"
-logs="$pack/gpu-logs"
+run_name="${DEMASK_RUN_NAME:-}"
+logs="$pack/gpu-logs${run_name:+-$run_name}"
 rm -rf "$logs"
 mkdir -p "$logs"
 export DEMASK_REQUIRE_GPU=1
@@ -137,6 +146,7 @@ for z in demask.xz tests/*.xz benches/*.xz; do
   fi
   chmod +x "${z%.xz}"
 done
+[[ "${DEMASK_UNPACK_ONLY:-0}" == 1 ]] && exit 0
 [[ -d /usr/local/cuda/lib64 ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64"
 summary="$logs/summary.txt"
 : >"$summary"
@@ -182,10 +192,50 @@ if [[ "${DEMASK_GOLDEN:-0}" == 1 ]]; then
   fi
 fi
 
-for bin in tests/*; do
-  [[ -f "$bin" && -x "$bin" ]] || continue
-  run_tests "$(basename "$bin")" "./$bin"
+# run_sanitizer TOOL NAME BINARY: one test binary under compute-sanitizer; its error count
+# (ERROR SUMMARY, or RACECHECK SUMMARY's errors) appended to the summary.
+run_sanitizer() {
+  local tool="$1" name="$2" bin="$3" log="$logs/sanitize-$1-$2.log" t0=$SECONDS rc
+  local cs
+  cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+  if [[ -z "$cs" ]]; then
+    echo "sanitize $tool: compute-sanitizer not found" | tee -a "$summary"
+    failed=1
+    return
+  fi
+  echo "== $tool $name"
+  # shellcheck disable=SC2086
+  DEMASK_GRAPHS=0 timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
+    --print-limit 20 "$bin" --test-threads=1 ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
+  rc=$?
+  local errs
+  errs=$(sed -n -e 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p' \
+    -e 's/.*RACECHECK SUMMARY: .*(\([0-9][0-9]*\) error.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  local p f
+  p=$(sed -n 's/^test result:.* \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  f=$(sed -n 's/^test result:.* \([0-9]*\) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  local status=ok
+  [[ $rc -eq 0 ]] || status="FAIL(rc=$rc)"
+  [[ $rc -eq 124 ]] && status="TIMEOUT"
+  [[ $rc -eq 0 && $errs -eq 0 ]] || failed=1
+  printf 'sanitize %-9s %-24s %-14s errors %4d  tests passed %3d failed %2d  %5ds\n' "$tool" "$name" "$status" \
+    "$errs" "$p" "$f" $((SECONDS - t0)) | tee -a "$summary"
+  grep -E '^========= (Invalid|Race|Barrier|Error|.*hazard)' "$log" | sort | uniq -c | head -n 10 | tee -a "$summary"
+}
+
+if [[ "${DEMASK_SANITIZE_ONLY:-0}" != 1 ]]; then
+  for bin in tests/*; do
+    [[ -f "$bin" && -x "$bin" ]] || continue
+    run_tests "$(basename "$bin")" "./$bin"
+  done
+fi
+for tool in ${DEMASK_SANITIZE:-}; do
+  for bin in ${DEMASK_SANITIZE_TESTS:-tests/gpu_*}; do
+    [[ -f "$bin" && -x "$bin" ]] || continue
+    run_sanitizer "$tool" "$(basename "$bin")" "./$bin"
+  done
 done
+[[ "${DEMASK_SANITIZE_ONLY:-0}" == 1 ]] && RUN_BENCHES=0
 if [[ -n "$golden_fresh" && -x tests/golden ]]; then
   run_tests golden-fresh ./tests/golden "DEMASK_FIXTURES=$golden_fresh"
 fi
@@ -220,14 +270,14 @@ while IFS= read -r line || [[ -n "$line" ]]; do
   [[ $rc -eq 0 ]] || failed=1
   last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
   printf 'demask %-40s rc %d %5ds | %s\n' "$line" "$rc" $((SECONDS - t0)) "$last" | tee -a "$summary"
-done <bench.txt
+done < <([[ "${DEMASK_SANITIZE_ONLY:-0}" == 1 ]] || cat bench.txt)
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
-  cp "$summary" "$OUT/summary.txt"
-  for f in "$logs"/device.txt "$logs"/golden.log "$logs"/test-*.log "$logs"/criterion-*.log "$logs"/bench-*.log; do
+  cp "$summary" "$OUT/summary${run_name:+-$run_name}.txt"
+  for f in "$logs"/device.txt "$logs"/golden.log "$logs"/test-*.log "$logs"/sanitize-*.log "$logs"/criterion-*.log "$logs"/bench-*.log; do
     [[ -f "$f" ]] && printf '\n######## %s ########\n' "$(basename "$f")" && cat "$f"
-  done >"$OUT/all.log"
+  done >"$OUT/all${run_name:+-$run_name}.log"
   [[ -n "$golden_fresh" ]] && cp "$golden_fresh"/golden-*.safetensors "$OUT/"
   for f in "$logs"/*.json; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done  # bench --json reports
 fi
