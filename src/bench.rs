@@ -337,7 +337,7 @@ mod tests {
     use super::*;
 
     fn h100() -> Ceilings {
-        // BENCH.md's measured H100 ceilings.
+        // docs/bench.md's measured H100 ceilings.
         Ceilings { device: "H100".into(), sm_count: 132, copy_gbps: 3030.0, gemm_tflops: 796.0 }
     }
 
@@ -346,7 +346,7 @@ mod tests {
         let cfg = ModelConfig::preset("llada-8b").unwrap();
         let r = step_roofline(&cfg, 1, 32.0, 512, 32, &h100());
         assert_eq!(r.bound, "memory");
-        // BENCH.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
+        // docs/bench.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
         assert!((5.0..5.5).contains(&r.floor_ms), "{}", r.floor_ms);
     }
 

@@ -326,8 +326,9 @@ struct W4 {
 }
 
 fn print_rows(rows: &[ForwardRow]) {
+    let mw = rows.iter().map(|r| r.model.len()).max().unwrap_or(0).max(12);
     println!(
-        "\n{:<10} {:<12} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "\n{:<10} {:<mw$} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
         "workload", "model", "len", "batch", "median ms", "min ms", "max ms", "floor ms", "% floor", "peak GB"
     );
     for r in rows {
@@ -337,7 +338,7 @@ fn print_rows(rows: &[ForwardRow]) {
         };
         let peak = r.peak_mem_bytes.map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1e9));
         println!(
-            "{:<10} {:<12} {:>6} {:>6} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>8} {:>8}",
+            "{:<10} {:<mw$} {:>6} {:>6} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>8} {:>8}",
             r.workload, r.model, r.len, r.batch, r.stats.median_ms, r.stats.min_ms, r.stats.max_ms, floor, pct, peak
         );
     }

@@ -3,7 +3,6 @@
 use anyhow::{bail, Result};
 
 use demask::bench;
-use demask::config::ModelConfig;
 
 use crate::bench_cli::{BenchArgs, Device, Plan};
 
@@ -118,7 +117,7 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
             let ceil = bench::gpu::measure_ceilings(&gpu)?;
             eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
-            let cfg: ModelConfig = plan.cfg.clone();
+            let cfg = plan.cfg.clone();
             let weights = match &a.model {
                 Some(dir) => GpuWeights::upload(&gpu, &demask::weights::HostWeights::load(dir)?)?,
                 None => GpuWeights::synthesize(&gpu, &cfg, a.seed)?,

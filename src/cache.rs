@@ -1,4 +1,4 @@
-//! KV-cache plans (DESIGN.md §5): which canvas rows a decoding step recomputes ("live") and
+//! KV-cache plans (docs/design.md §5): which canvas rows a decoding step recomputes ("live") and
 //! which it reads from the per-sequence KV cache. Pure host logic, no GPU.
 //!
 //! A sequence's canvas is `[prompt (P rows) | gen (G slots)]`, the gen region cut into blocks of

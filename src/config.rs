@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Which of the two supported architectures (DESIGN.md §3).
+/// Which of the two supported architectures (docs/design.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arch {
     /// LLaDA-8B: MHA, no biases, row i predicts token i.

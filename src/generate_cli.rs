@@ -39,7 +39,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub policy: String,
     /// Sampling temperature (0 = argmax).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the K largest logits (0 = off). Default: the policy's reference behaviour:
     /// 50 for dream:* policies (Dream's `diffusion_generate` filters to the top 50 before its
@@ -48,7 +48,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub top_k: Option<u32>,
     /// Nucleus sampling mass in (0, 1] (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// RNG seed (sampling and random orders; same seed, same tokens).
     #[arg(long, default_value_t = 0)]

@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "cuda")]
 use demask::bench;
 use demask::config::{ModelConfig, PRESETS};
 
@@ -154,15 +155,22 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             .collect::<demask::Result<_>>()?,
         _ => bail!("bad --variants `{}` (expected attention=NAME[,NAME...] or gemm=NAME[,NAME...])", a.variants),
     };
-    let gpu = demask::gpu::Gpu::new(0)?;
-    let ceil = bench::gpu::measure_ceilings(&gpu)?;
-    println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops);
-    let cfg = ModelConfig::preset(&a.preset)?;
-    let weights = GpuWeights::synthesize(&gpu, &cfg, 0)?;
+    // Arguments first: opening the GPU and synthesising 16 GB of weights takes a while.
+    let cfg = ModelConfig::preset(&a.preset).with_context(|| format!("--preset {}", a.preset))?;
+    if a.len == 0 || a.len > cfg.max_seq_len {
+        bail!("--len {} must be in 1..={} ({}'s context)", a.len, cfg.max_seq_len, a.preset);
+    }
     let live = a.live.unwrap_or(a.len);
     if live == 0 || live > a.len {
         bail!("--live must be in 1..=--len ({})", a.len);
     }
+    if a.batch == 0 || a.iters == 0 {
+        bail!("--batch and --iters must be positive");
+    }
+    let gpu = demask::gpu::Gpu::new(0).context("`demask profile` runs on a GPU")?;
+    let ceil = bench::gpu::measure_ceilings(&gpu)?;
+    println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops);
+    let weights = GpuWeights::synthesize(&gpu, &cfg, 0)?;
     let rows = live * a.batch;
     let cap = Capacity { rows, logit_rows: rows, cache_rows: a.len * a.batch, seqs: a.batch };
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;

@@ -109,7 +109,7 @@ impl TensorSpec {
 }
 
 /// Every tensor the engine needs from a checkpoint of `cfg`, in the checkpoint's order
-/// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (DESIGN.md §3).
+/// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (docs/design.md §3).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     use LayerPart::*;
     let (h, f, v, qd, kvd) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim());

@@ -170,17 +170,17 @@ fn factor_commits_the_longest_passing_prefix() {
     assert_eq!(steps[0].iter().map(|c| c.pos - 1).collect::<Vec<_>>(), [1, 4]);
 }
 
-/// Dream's count, computed here independently: timesteps linspace(1, 1e-3, S+1).
+/// Dream's count, computed here independently: timesteps torch.linspace(1, 1e-3, S+1) in f32
+/// (PyTorch's CPU kernel: fma from the start for the first half, from the end for the second),
+/// int(left · (1 − ts[i+1]/ts[i])) in f32 (0 allowed), all the rest on the last step.
 fn dream_expected(m: u32, steps: u32) -> Vec<u32> {
-    let ts: Vec<f64> = (0..=steps).map(|j| 1.0 - (1.0 - 1e-3) * j as f64 / steps as f64).collect();
+    let n = steps + 1;
+    let step = (1e-3f32 - 1.0) / steps as f32;
+    let ts: Vec<f32> = (0..n).map(|j| if j < n / 2 { step.mul_add(j as f32, 1.0) } else { (-step).mul_add((n - 1 - j) as f32, 1e-3) }).collect();
     let mut left = m;
     let mut out = Vec::new();
     for i in 0..steps as usize {
-        if left == 0 {
-            break;
-        }
-        let k = if i + 1 == steps as usize { left } else { ((left as f64) * (1.0 - ts[i + 1] / ts[i])).floor() as u32 };
-        let k = k.clamp(1, left);
+        let k = if i + 1 == steps as usize { left } else { (left as f32 * (1.0 - ts[i + 1] / ts[i])) as u32 };
         out.push(k);
         left -= k;
     }
@@ -195,11 +195,14 @@ fn dream_counts_floor_and_last_step_all() {
         run_one(cfg.clone(), seq(&cfg, &[1, 2], 10, 10, "dream:maskgit_plus,4", None, false), by_offset(2, &C));
     assert_eq!(dream_expected(10, 4), [2, 2, 2, 4]);
     assert_eq!(s.commits_per_step, [2, 2, 2, 4]);
-    // m = 3, S = 8: floor gives 0 at first; at least one per step.
-    let (s, _, _) =
+    // m = 3, S = 8: the count is 0 for six steps; every one of the 8 steps runs and counts
+    // (Dream's reference does the same), the last commits what is left.
+    let (s, _, steps) =
         run_one(cfg.clone(), seq(&cfg, &[1, 2], 3, 3, "dream:topk_margin,8", None, false), by_offset(2, &C));
-    assert_eq!(dream_expected(3, 8), [1, 1, 1]);
-    assert_eq!(s.commits_per_step, [1, 1, 1]);
+    assert_eq!(dream_expected(3, 8), [0, 0, 0, 0, 0, 0, 1, 2]);
+    assert_eq!(s.commits_per_step, [0, 0, 0, 0, 0, 0, 1, 2]);
+    assert_eq!(steps.len(), 8, "zero-commit steps still run a forward");
+    assert!(s.canvas.is_done());
 }
 
 #[test]

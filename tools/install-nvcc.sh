@@ -2,8 +2,10 @@
 # Install the pinned CUDA 13.0 compiler (nvcc + nvvm + crt + cudart headers + cccl) and the
 # header-only NVTX v3 (include/nvtx3, for build.rs's NVTX shim) from PyPI wheels into a
 # project-local folder, for machines without a CUDA toolkit (CI, laptops).
-# Idempotent: a second run with the same pins returns at once.
-# Pins (DESIGN.md §7): newer nvvm emits PTX that the 13.0 ptxas and the 580 driver refuse,
+# Idempotent: a second run with the same pins returns at once. The wheels are unpacked into a
+# staging folder ($prefix/site), merged into one CUDA_HOME-shaped tree, and the staging folder
+# is deleted (about 270 MB), so the install holds only what nvcc needs.
+# Pins (docs/design.md §7): newer nvvm emits PTX that the 13.0 ptxas and the 580 driver refuse,
 # so the five compiler wheels move together. nvidia-nvtx is headers only (plus a small interop
 # library nothing links); it stays on the 13.0 line with them.
 set -euo pipefail
@@ -20,6 +22,8 @@ pins=(
 stamp="$prefix/.pins"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" && -x "$prefix/bin/nvcc" &&
       -f "$prefix/include/nvtx3/nvToolsExt.h" ]]; then
+  # Earlier versions of this script kept the staging folder: drop it.
+  rm -rf "$prefix/site"
   echo "nvcc already installed: $prefix/bin/nvcc"
   exit 0
 fi
@@ -43,5 +47,7 @@ done
 chmod +x "$prefix"/bin/* "$prefix"/nvvm/bin/* 2>/dev/null || true
 "$prefix/bin/nvcc" --version | tail -n 2
 [[ -f "$prefix/include/nvtx3/nvToolsExt.h" ]] || { echo "install-nvcc: nvtx3 headers missing" >&2; exit 1; }
+# Everything nvcc needs was copied out of the wheels: the staging folder can go.
+rm -rf "$site"
 echo "${pins[*]}" > "$stamp"
 echo "nvcc installed: $prefix/bin/nvcc (build.rs finds it; or export NVCC=$prefix/bin/nvcc)"

@@ -10,19 +10,19 @@ one forward over a fixed token sequence and writes
         ids     I64 [L]
         logits  F32 [L, vocab]   raw rows: row i = lm_head(h_i); Dream's shift is NOT applied
         logits_bf16_rope  F32 [L, vocab]   (Dream only) the self-check forward with cos/sin
-                          rounded to bf16, as DESIGN.md prescribes for Dream
+                          rounded to bf16, as docs/design.md prescribes for Dream
         metadata: preset, seed, arch, L, versions, the self-check errors
 
 Two checks guard the judge itself, and the script fails if either does not hold:
   * bidirectional: changing the LAST token must change the logits of row 0 (a causal mask
     would leave row 0 untouched);
-  * self-check: a plain torch forward written from DESIGN.md section 3 (RMSNorm, rotate-half
+  * self-check: a plain torch forward written from docs/design.md section 3 (RMSNorm, rotate-half
     RoPE, unmasked softmax attention with GQA, SwiGLU) must agree with transformers to f32
     accuracy, so a silently ignored rope_theta, a dropped bias or a leftover causal mask in some
     transformers version cannot slip into the fixture.
 
 Numerics: everything is f32 (bf16 weights widened exactly). HF Qwen2 in f32 does not round
-cos/sin to bf16 the way Dream's bf16 run does (DESIGN.md section 3); the fixture follows HF.
+cos/sin to bf16 the way Dream's bf16 run does (docs/design.md section 3); the fixture follows HF.
 The script also reports how far rounding cos/sin to bf16 moves the logits, and for Dream stores
 that variant of the self-check forward as `logits_bf16_rope`.
 
@@ -215,7 +215,7 @@ def hf_forward(model, ids, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain torch forward from DESIGN.md section 3, on the same (renamed) state dict
+# Plain torch forward from docs/design.md section 3, on the same (renamed) state dict
 # ---------------------------------------------------------------------------------------------
 
 def manual_forward(sd, d, head_dim, ids, bf16_cos_sin=False):
@@ -332,7 +332,7 @@ def main():
     if not row0_delta > 1e-4:
         raise SystemExit("attention is NOT bidirectional: row 0 ignores the last token")
 
-    # Check 2: agreement with the plain forward of DESIGN.md.
+    # Check 2: agreement with the plain forward of docs/design.md.
     sd_cpu = {k: v.detach().float().cpu() for k, v in sd.items()}
     ref = manual_forward(sd_cpu, d, head_dim, ids)
     self_err = rel_err(logits, ref)
@@ -340,9 +340,9 @@ def main():
     log(f"self-check vs plain forward: max|d|/max|ref| = {self_err:.3e}, argmax agreement {argmax_agree:.3f}")
     if self_err > 1e-4:
         raise SystemExit(f"transformers and the plain forward disagree ({self_err:.3e}): mapping or mask is wrong")
-    # DESIGN.md: Dream rounds cos/sin to bf16 (LLaDA does not). The plain forward with that
+    # docs/design.md: Dream rounds cos/sin to bf16 (LLaDA does not). The plain forward with that
     # rounding is stored too, as `logits_bf16_rope`, so the test can hold a CPU forward that
-    # follows DESIGN.md to f32 accuracy instead of to the size of the rounding effect.
+    # follows docs/design.md to f32 accuracy instead of to the size of the rounding effect.
     ref_bf16_rope = manual_forward(sd_cpu, d, head_dim, ids, bf16_cos_sin=True)
     bf16_rope_err = rel_err(ref_bf16_rope, logits)
     log(f"info: rounding cos/sin to bf16 moves the logits by {bf16_rope_err:.3e} (relative)")
@@ -370,7 +370,7 @@ def main():
                "logits": np.ascontiguousarray(logits.numpy().astype(np.float32))}
     if arch == "dream":
         tensors["logits_bf16_rope"] = np.ascontiguousarray(ref_bf16_rope.numpy().astype(np.float32))
-        meta["logits_bf16_rope"] = "plain forward of DESIGN.md with cos/sin rounded to bf16 (Dream's numerics)"
+        meta["logits_bf16_rope"] = "plain forward of docs/design.md with cos/sin rounded to bf16 (Dream's numerics)"
     save_file(tensors, out, metadata=meta)
     log(f"wrote {out} ({os.path.getsize(out)} bytes): ids [{len(ids)}], logits [{len(ids)}, {d['vocab']}]")
 
