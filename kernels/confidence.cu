@@ -57,9 +57,6 @@ static_assert(sizeof(ConfidenceParams) == 80, "ConfidenceParams must match src/o
 // What an excluded logit column reads as (src/decode/cpu.rs MASK_LOGIT).
 #define CONF_MASK_LOGIT -1e30f
 
-// Logit `l` of column `v`, or CONF_MASK_LOGIT when `v` is the excluded column.
-__device__ __forceinline__ float excl(float l, int v, int ex) { return v == ex ? CONF_MASK_LOGIT : l; }
-
 // What slot `s` reads for column `v`: excluded column → CONF_MASK_LOGIT; Dream slots scale by
 // 1/T (T > 0) and read values below `cut` as CONF_MASK_LOGIT (cut = -inf: nothing filtered).
 struct ValCtx {

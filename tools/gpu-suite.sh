@@ -121,7 +121,10 @@ cat >"$pack/run.sh" <<'RUN'
 # Sanitizers: DEMASK_SANITIZE="memcheck racecheck synccheck" runs the kernel test binaries
 # (DEMASK_SANITIZE_TESTS, default tests/gpu_*) under compute-sanitizer with each tool, graphs
 # off, DEMASK_SANITIZE_ARGS passed to every binary (a name filter keeps slow tools short),
-# DEMASK_SANITIZE_TIMEOUT s each (600); each run's error summary goes to the summary.
+# DEMASK_SANITIZE_TIMEOUT s each (600), DEMASK_SANITIZE_OPTS extra compute-sanitizer options
+# (e.g. a kernel-name filter); each run's error summary goes to the summary. Run one sanitized
+# binary at a time: several at once exhausted device memory on an H100 (the sanitizer then
+# stops tracking cuBLASLt launches and the tests' own allocations fail).
 # DEMASK_SANITIZE_ONLY=1 skips the plain test run, the benches and bench.txt.
 # Several runs may share the pack at once (e.g. one per sanitizer tool): give each its own
 # DEMASK_RUN_NAME (logs in gpu-logs-NAME, $OUT/summary-NAME.txt and all-NAME.log); unpack first
@@ -206,7 +209,7 @@ run_sanitizer() {
   echo "== $tool $name"
   # shellcheck disable=SC2086
   DEMASK_GRAPHS=0 timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
-    --print-limit 20 "$bin" --test-threads=1 ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
+    --print-limit 20 ${DEMASK_SANITIZE_OPTS:-} "$bin" --test-threads=1 ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
   rc=$?
   local errs
   errs=$(sed -n -e 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p' \
