@@ -57,7 +57,7 @@ pub const DEFAULT_POLICY: Policy = Policy::Threshold { tau: 0.9 };
 /// | [`gen_len`](Request::gen_len) | [`DEFAULT_GEN_LEN`] (128) slots |
 /// | [`block_len`](Request::block_len) | one block (`gen_len`) |
 /// | [`policy`](Request::policy) | [`DEFAULT_POLICY`] (`threshold:0.9`) |
-/// | [`sampling`](Request::sampling) | greedy (temperature 0, no top-k / top-p) |
+/// | [`sampling`](Request::sampling) | greedy (temperature 0), no top-p, the policy's top-k ([`Sampling::POLICY_TOP_K`]: 50 for `dream:` policies, as Dream's `diffusion_generate`; off otherwise) |
 /// | [`seed`](Request::seed), [`seq_id`](Request::seq_id) | 0, 0 |
 /// | [`prior`](Request::prior) | none |
 /// | [`stop_at_eos`](Request::stop_at_eos) | on |
