@@ -300,6 +300,42 @@ mod tests {
     }
 
     #[test]
+    fn policy_top_k_resolves_to_dreams_50_and_an_explicit_value_stays() {
+        let dream: Policy = "dream:entropy,8".parse().unwrap();
+        let llada: Policy = "schedule:8".parse().unwrap();
+        assert_eq!(Sampling::default().for_policy(&dream).top_k, 50);
+        assert_eq!(Sampling::default().for_policy(&llada).top_k, 0);
+        let off = Sampling { top_k: 0, ..Sampling::default() };
+        assert_eq!(off.for_policy(&dream).top_k, 0, "an explicit 0 turns Dream's filter off");
+        let k7 = Sampling { top_k: 7, ..Sampling::default() };
+        assert_eq!(k7.for_policy(&dream).top_k, 7);
+    }
+
+    #[test]
+    fn filtered_confidences_renormalise_over_the_survivors() {
+        // 4 logits; top-2 keeps {3.0, 2.0}: p(3) = e / (e + 1) over the survivors.
+        let l = [0.0f32, 1.0, 2.0, 3.0];
+        let s = Sampling { temperature: 0.0, top_k: 2, top_p: 1.0 };
+        let key = RngKey { seed: 1, seq: 0, step: 0, slot: 0 };
+        let (tok, p) = candidate(&l, &s, ConfKind::Prob, key, ConfDist::Filtered);
+        assert_eq!(tok, 3);
+        let e = std::f64::consts::E;
+        assert!((p as f64 - e / (e + 1.0)).abs() < 1e-6, "{p}");
+        let (_, raw) = candidate(&l, &s, ConfKind::Prob, key, ConfDist::Raw);
+        assert!(raw < p - 0.05, "the raw softmax ignores top-k at T = 0: {raw} vs {p}");
+        // Margin over the survivors: p1 − p2 = (e − 1) / (e + 1); one survivor: margin 1.
+        let (_, m) = candidate(&l, &s, ConfKind::Margin, key, ConfDist::Filtered);
+        assert!((m as f64 - (e - 1.0) / (e + 1.0)).abs() < 1e-6, "{m}");
+        let one = Sampling { top_k: 1, ..s };
+        assert_eq!(candidate(&l, &one, ConfKind::Margin, key, ConfDist::Filtered).1, 1.0);
+        // T > 0 scales before filtering: at T = 0.5 the survivors are {6, 4}.
+        let hot = Sampling { temperature: 0.5, top_k: 2, top_p: 1.0 };
+        let (_, ph) = candidate(&l, &hot, ConfKind::Prob, key, ConfDist::Filtered);
+        let e2 = e * e;
+        assert!((ph as f64 - e2 / (e2 + 1.0)).abs() < 1e-6 || (ph as f64 - 1.0 / (e2 + 1.0)).abs() < 1e-6, "{ph}");
+    }
+
+    #[test]
     fn top_k_and_top_p_cutoffs() {
         let l = [0.0f32, 1.0, 2.0, 3.0];
         let st = row_stats(&l);
