@@ -263,9 +263,9 @@ impl Canvas {
 /// slot (`None` = masked; empty = no prior); blocks a prior fixes entirely take no step and are
 /// not checked. Run after [`check_lengths`] (block_len > 0 and divides gen_len).
 pub fn check_steps(policy: &Policy, gen_len: u32, block_len: u32, prior: &[Option<u32>]) -> Result<()> {
-    let (steps, fewer): (u32, fn(u32, &Policy) -> Policy) = match *policy {
-        Policy::Schedule { steps } => (steps, |m, _| Policy::Schedule { steps: m }),
-        Policy::Random { steps } => (steps, |m, _| Policy::Random { steps: m }),
+    let (steps, fewer): (u32, fn(u32) -> Policy) = match *policy {
+        Policy::Schedule { steps } => (steps, |m| Policy::Schedule { steps: m }),
+        Policy::Random { steps } => (steps, |m| Policy::Random { steps: m }),
         // Dream commits its reference's count, 0 included: every one of its S steps runs.
         _ => return Ok(()),
     };
@@ -278,7 +278,7 @@ pub fn check_steps(policy: &Policy, gen_len: u32, block_len: u32, prior: &[Optio
              (block_len {block_len}{}); every step commits at least one slot, so it would run {m} steps. \
              Use at most {m} steps (e.g. `{}`) or a longer block_len",
             if prior.is_empty() { "" } else { ", fewer where the prior fixes slots" },
-            fewer(m, policy)
+            fewer(m)
         ))),
         _ => Ok(()),
     }

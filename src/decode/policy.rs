@@ -174,9 +174,13 @@ impl Policy {
                 .enumerate()
                 .take_while(|&(i, &c)| c >= 1.0 - f / (i as f32 + 2.0))
                 .count(),
-            Policy::Dream { steps, .. } => return (dream_count(ctx.masked, steps, ctx.step) as usize).min(n),
+            Policy::Dream { steps, .. } => dream_count(ctx.masked, steps, ctx.step) as usize,
         };
-        k.clamp(1, n)
+        if self.may_commit_none() {
+            k.min(n)
+        } else {
+            k.clamp(1, n)
+        }
     }
 
     /// The eligible slots (position, confidence) that commit this step, in rank order.
