@@ -14,12 +14,13 @@ use crate::cpu::forward::{CpuKvCache, CpuModel};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
 
-use super::sampling::{candidate, RngKey};
+use super::sampling::{candidate, RngKey, FILTERED_LOGIT};
 use super::step::{Commit, SeqWork, SlotScores, StepBackend};
 
 /// The logit the mask token gets before candidates are drawn (finite, so entropies stay
-/// finite: exp underflows to exactly 0).
-pub const MASK_LOGIT: f32 = -1e30;
+/// finite: exp underflows to exactly 0): the value every excluded logit reads as, the same one
+/// Dream's filter gives the logits it drops.
+pub const MASK_LOGIT: f32 = FILTERED_LOGIT;
 
 /// Candidates, confidences and commits of every sequence of `work`, given the logits of the
 /// batch's logit rows (`[n_logit_rows, vocab]`, row-major).

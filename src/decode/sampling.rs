@@ -187,7 +187,8 @@ pub enum ConfDist {
 }
 
 /// What a filtered-out logit reads as in [`ConfDist::Filtered`] rows (no mass, never a
-/// candidate; finite so entropies stay finite), the same value as the excluded mask token.
+/// candidate; finite so entropies stay finite). The excluded mask token reads as this value
+/// too (`decode::cpu::MASK_LOGIT` is defined as it, and the GPU's CONF_MASK_LOGIT matches).
 pub const FILTERED_LOGIT: f32 = -1e30;
 
 /// Candidate token and confidence of one eligible slot.
