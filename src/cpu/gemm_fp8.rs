@@ -1,0 +1,73 @@
+//! Reference of the W8A16 GEMM (kernels/gemm_fp8.cu): `y[t, n] = x[t, k] · Wᵀ (+ bias[n])` for
+//! an E4M3 weight ([`Fp8Matrix`]), computed in f32 exactly as the kernel defines it: the MMA
+//! operand and epilogue factor of `Fp8Matrix::mma_operands` (per-channel: codes, then × s[n];
+//! block: `bf16(q · bf16(s))`), f32 accumulation, then the bias.
+use crate::quant::Fp8Matrix;
+
+/// `x` is `[t, k]` (bf16 values as f32), `y` is `[t, n]`, `bias` `[n]`.
+pub fn linear_fp8(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (ops, post) = w.mma_operands();
+    linear_fp8_operands(x, &ops, &post, bias, w.k, y);
+}
+
+/// [`linear_fp8`] from precomputed `mma_operands` (`ops` `[n, k]`, `post` `[n]`), so a test can
+/// reuse them over many row counts.
+pub fn linear_fp8_operands(x: &[f32], ops: &[f32], post: &[f32], bias: Option<&[f32]>, k: usize, y: &mut [f32]) {
+    let n = post.len();
+    assert_eq!(ops.len(), n * k, "cpu::linear_fp8: operands are not [{n}, {k}]");
+    super::gemm::linear(x, ops, None, k, y);
+    for row in y.chunks_mut(n) {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = *v * post[c] + bias.map_or(0.0, |b| b[c]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{e4m3_decode, ScaleLayout};
+
+    #[test]
+    fn matches_the_dequantised_weight() {
+        // 3 rows of x, a 130 × 272 weight (partial blocks in both directions), both layouts:
+        // y equals x · dequantize(W)ᵀ up to f32 summation order (channel), and up to the bf16
+        // rounding of each block-scaled operand, ≤ 2⁻⁸ relative per weight (block).
+        let (t, n, k) = (3, 130, 272);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 3000.0).collect();
+        let x: Vec<f32> = (0..t * k).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 250.0).collect();
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 / 100.0 - 0.6).collect();
+        for layout in [ScaleLayout::Channel, ScaleLayout::Block128] {
+            let m = Fp8Matrix::quantize("w", &w, n, k, layout).unwrap();
+            let mut y = vec![0f32; t * n];
+            linear_fp8(&x, &m, Some(&bias), &mut y);
+            let deq = m.dequantize();
+            let mut want = vec![0f32; t * n];
+            crate::cpu::gemm::linear(&x, &deq, Some(&bias), k, &mut want);
+            let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<_>>();
+            let mut mag = vec![0f32; t * n];
+            crate::cpu::gemm::linear(&abs(&x), &abs(&deq), None, k, &mut mag);
+            let rel = if layout == ScaleLayout::Channel { 1e-5 } else { 2f32.powi(-8) };
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 + rel * mag[i], "{layout:?} {i}: {a} vs {b}");
+            }
+            // And differs from the unquantised product by the quantisation error only.
+            let mut exact = vec![0f32; t * n];
+            crate::cpu::gemm::linear(&x, &w, Some(&bias), k, &mut exact);
+            let err: f32 = y.iter().zip(&exact).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+            let norm: f32 = exact.iter().map(|b| b * b).sum::<f32>().sqrt();
+            assert!(err / norm < 0.05 && err > 0.0, "{layout:?}: relative error {}", err / norm);
+        }
+    }
+
+    #[test]
+    fn hand_case() {
+        // W = [[1, -2], [0.5, 448]] with unit scales: codes exact.
+        let q = [1.0f32, -2.0, 0.5, 448.0].map(crate::quant::e4m3_encode).to_vec();
+        assert_eq!(q.iter().map(|&b| e4m3_decode(b)).collect::<Vec<_>>(), [1.0, -2.0, 0.5, 448.0]);
+        let m = Fp8Matrix::from_parts("h", 2, 2, q, vec![2.0, 0.25], ScaleLayout::Channel).unwrap();
+        let mut y = [0f32; 2];
+        linear_fp8(&[3.0, 1.0], &m, Some(&[1.0, 0.0]), &mut y);
+        assert_eq!(y, [(3.0 - 2.0) * 2.0 + 1.0, (1.5 + 448.0) * 0.25]);
+    }
+}
