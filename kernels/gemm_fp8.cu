@@ -1,0 +1,442 @@
+// W8A16 skinny GEMM: Y[t, n] = X[t, k] · dequant(W[n, k])ᵀ (+ bias[n]) for t ≤ 64, W in E4M3
+// (one byte per weight) with f32 scales, X bf16, f32 accumulation, bf16 or f32 output. The
+// design is kernels/gemm_skinny.cu's (read it first) with half the weight bytes:
+//
+// - A block owns BN = 128 W rows and one k range (split-K over gridDim.y as a thread-block
+//   cluster reducing through distributed shared memory, sm_90). Stages of BK = 128 columns:
+//   a 16 KB W tile (128 rows × 128 bytes, as the bf16 kernel's 64-column tile) and the X tile
+//   (TP rows × 256 bytes) go global → shared with 16-byte cp.async through a STAGES-deep ring.
+// - The MMA is the bf16 m16n8k16. Its A operand (W) is dequantised in registers straight from
+//   the shared E4M3 bytes: 4 codes (one 32-bit word) become two bf16x2 by a byte permute, a
+//   shift and two masks (the E4M3 bits placed in a bf16's exponent/mantissa fields read as
+//   value · 2⁻¹²⁰, subnormals included), then one bf16x2 FMA by `mult` = 2¹²⁰ (channel
+//   scales: exact) or 2¹²⁰ · bf16(s) (block scales: the operand is bf16(q · bf16(s))).
+// - k order inside each 32-column pair of MMA k-steps is permuted the same way for A and B, so
+//   a thread's fragments are contiguous: W row bytes [32p + 8q, +8) (one 8-byte load, both
+//   k-steps) and X row columns [32p + 8q, +8) (one 16-byte load). The sum over k is the same.
+//   Shared rows are XOR-swizzled so those loads are bank-conflict free (W: 16-byte chunk c of
+//   row r at c ^ 2(r & 3); X: chunk c at c ^ 4(r & 1)).
+// - Channel scales multiply the f32 result in the epilogue (after the split-K sum); block
+//   scales (one per 128×128 block: a stage of a block is inside one scale block, n0 and every
+//   k_split being multiples of 128) are folded into `mult` per stage and warp.
+//
+// Entry points gemm_fp8_skinny{8,16,32,64}_bf16 (NT = 1, 2, 4, 8 n-tiles; t ≤ 8·NT) and
+// gemm_fp8_skinny{..}_swiglu_bf16 (gate|up with SwiGLU in the epilogue, as the bf16 kernel's;
+// never split-K), 256 threads, dynamic shared memory Tile8<NT>::SMEM (the wrapper mirrors it).
+// Requirements (checked by src/ops/gemm_fp8.rs): k % 16 == 0, 16-byte aligned x and w,
+// k_split a multiple of 128; block scales with SwiGLU need ffn % 64 == 0.
+#include <cooperative_groups.h>
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace cg = cooperative_groups;
+
+struct Fp8SkinnyParams {
+    const bf16* x;         // [>= t, k]
+    const uint8_t* w;      // [n, k] E4M3
+    const float* scales;   // [n] (channel) or [ceil(n/128), ceil(k/128)] (block)
+    const bf16* bias;      // [n] or nullptr
+    void* y;               // [>= t, n] (swiglu: [>= t, n/2]), bf16 or f32 (out_f32)
+    int t;
+    int n;
+    int k;
+    int k_split;       // k columns per split (multiple of 128)
+    int out_f32;       // 0: y is bf16, 1: y is f32
+    int block_scales;  // 0: channel scales, 1: 128×128 block scales
+};
+
+namespace {
+
+constexpr int BN = 128;  // W rows per block
+constexpr int BK = 128;  // k columns per stage
+constexpr int THREADS = 256;
+constexpr uint32_t TWO_POW_120_X2 = 0x7B807B80u;  // bf16x2 {2^120, 2^120}
+
+// The 8 warps form MG m-groups × KG k-groups as in the bf16 kernel: warp w owns m-tiles
+// [(w % MG)·MTW, +MTW) and, of each stage's 4 k-pairs (32 columns each), [(w / MG)·KPW, +KPW).
+template <int NT>
+struct Tile8 {
+    static constexpr int TP = 8 * NT;
+    static constexpr int STAGES = NT == 8 ? 3 : (NT == 4 ? 4 : 5);
+    static constexpr int W_BYTES = BN * BK;
+    static constexpr int STAGE_BYTES = W_BYTES + TP * BK * 2;
+    static constexpr int SMEM = STAGES * STAGE_BYTES;
+    static constexpr int MG = NT >= 4 ? 4 : 2;
+    static constexpr int KG = 8 / MG;
+    static constexpr int MTW = BN / 16 / MG;
+    static constexpr int KPW = BK / 32 / KG;
+    static_assert(SMEM >= KG * TP * BN * 4, "the k-group reduction tile must fit the ring");
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ int w_off(int r, int c) { return r * BK + ((c ^ ((r & 3) << 1)) << 4); }
+__device__ __forceinline__ int x_off(int r, int c) { return r * BK * 2 + ((c ^ ((r & 1) << 2)) << 4); }
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    return pol;
+}
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(n), "l"(pol));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Codes b0..b3 of `w` (byte 0 first) → bf16x2 {b0, b1} (lo) and {b2, b3} (hi), each value
+// q · mult / 2^120. The bf16 bit pattern sign | (e4m3 & 0x7F) << 4 is q · 2^-120 for every
+// code (normal or subnormal); the FMA with -0 as addend is an exact-or-rounded product.
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+__device__ __forceinline__ void dequant4(uint32_t w, uint32_t mult, uint32_t& lo, uint32_t& hi) {
+    const uint32_t a = __byte_perm(w, 0, 0x1404);  // bytes [0, b0, 0, b1]
+    const uint32_t b = __byte_perm(w, 0, 0x3424);  // bytes [0, b2, 0, b3]
+    lo = bf16x2_mul((a & 0x80008000u) | ((a >> 4) & 0x07F007F0u), mult);
+    hi = bf16x2_mul((b & 0x80008000u) | ((b >> 4) & 0x07F007F0u), mult);
+}
+
+// Global W row of the block's local row `r` (SWIGLU: rows 0..63 are gate rows 64·b + r, rows
+// 64..127 the matching up rows + n/2); `ok` is false past the end.
+template <bool SWIGLU>
+__device__ __forceinline__ int w_row(const Fp8SkinnyParams& p, int n0, int r, bool& ok) {
+    if constexpr (SWIGLU) {
+        const int half = p.n >> 1, g = (n0 >> 1) + (r & 63);
+        ok = g < half;
+        return g + (r >= 64 ? half : 0);
+    } else {
+        ok = n0 + r < p.n;
+        return n0 + r;
+    }
+}
+
+template <bool SWIGLU>
+__device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1, uint64_t pol) {
+    constexpr int CPR = BK / 16;  // 16-byte chunks per W row
+#pragma unroll
+    for (int u = 0; u < BN * CPR / THREADS; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        const int r = i / CPR, c = i % CPR;
+        bool row_ok;
+        const int gr = w_row<SWIGLU>(p, n0, r, row_ok);
+        const int gk = kb + 16 * c;
+        const bool ok = row_ok && gk < k1;
+        const uint8_t* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
+        cp_async16_stream(smem_u32(st + w_off(r, c)), src, ok, pol);
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void load_x(const Fp8SkinnyParams& p, uint8_t* st, int kb, int k1) {
+    using T = Tile8<NT>;
+    constexpr int CPR = BK / 8;  // 16-byte chunks per X row
+    uint8_t* xs = st + T::W_BYTES;
+#pragma unroll
+    for (int u = 0; u < (T::TP * CPR + THREADS - 1) / THREADS; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        if (i < T::TP * CPR) {
+            const int r = i / CPR, c = i % CPR;
+            const int gk = kb + 8 * c;
+            const bool ok = r < p.t && gk < k1;
+            const bf16* src = ok ? p.x + (size_t)r * p.k + gk : p.x;
+            cp_async16(smem_u32(xs + x_off(r, c)), src, ok);
+        }
+    }
+}
+
+// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over its k-pairs.
+// Each W fragment is dequantised once per warp; of the two operand sets, the smaller one is
+// held in registers across the loop over the other (W for NT ≥ 4, X otherwise), which keeps
+// the kernels within 128 registers.
+template <int NT>
+__device__ __forceinline__ void mma_stage(const uint8_t* st, int warp, int lane, uint32_t mult,
+                                          float (&acc)[Tile8<NT>::MTW][NT][4]) {
+    using T = Tile8<NT>;
+    const uint8_t* xs = st + T::W_BYTES;
+    const int mg = warp % T::MG, kg = warp / T::MG;
+    const int g = lane >> 2, q = lane & 3;
+    // The W fragments of m-tile `mt` for both k-steps of k-pair `kp`: a[step][register].
+    auto load_a = [&](int kp, int mt, uint32_t (&a)[2][4]) {
+        const int r0 = 16 * (mg * T::MTW + mt) + g;
+        const int c = 2 * kp + (q >> 1), off = (q & 1) * 8;
+        const uint2 w0 = *reinterpret_cast<const uint2*>(st + w_off(r0, c) + off);
+        const uint2 w1 = *reinterpret_cast<const uint2*>(st + w_off(r0 + 8, c) + off);
+        dequant4(w0.x, mult, a[0][0], a[0][2]);
+        dequant4(w1.x, mult, a[0][1], a[0][3]);
+        dequant4(w0.y, mult, a[1][0], a[1][2]);
+        dequant4(w1.y, mult, a[1][1], a[1][3]);
+    };
+    auto load_x = [&](int kp, int j) {
+        return *reinterpret_cast<const uint4*>(xs + x_off(8 * j + g, 4 * kp + q));
+    };
+#pragma unroll 1
+    for (int kk = 0; kk < T::KPW; ++kk) {
+        const int kp = kg * T::KPW + kk;
+        if constexpr (T::MTW * 8 <= NT * 4) {
+            uint32_t a[T::MTW][2][4];
+#pragma unroll
+            for (int mt = 0; mt < T::MTW; ++mt) load_a(kp, mt, a[mt]);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const uint4 xv = load_x(kp, j);
+#pragma unroll
+                for (int mt = 0; mt < T::MTW; ++mt) {
+                    mma_bf16(acc[mt][j], a[mt][0], xv.x, xv.y);
+                    mma_bf16(acc[mt][j], a[mt][1], xv.z, xv.w);
+                }
+            }
+        } else {
+            uint4 xv[NT];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) xv[j] = load_x(kp, j);
+#pragma unroll
+            for (int mt = 0; mt < T::MTW; ++mt) {
+                uint32_t a[2][4];
+                load_a(kp, mt, a);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    mma_bf16(acc[mt][j], a[0], xv[j].x, xv[j].y);
+                    mma_bf16(acc[mt][j], a[1], xv[j].z, xv[j].w);
+                }
+            }
+        }
+    }
+}
+
+// The dequantisation multiplier of a warp for the stage starting at column kb.
+template <bool SWIGLU>
+__device__ __forceinline__ uint32_t stage_mult(const Fp8SkinnyParams& p, int n0, int warp_row0, int kb) {
+    if (!p.block_scales) return TWO_POW_120_X2;
+    bool ok;
+    const int gr = w_row<SWIGLU>(p, n0, warp_row0, ok);
+    const int kblocks = (p.k + BK - 1) / BK;
+    const float s = ok ? __ldg(p.scales + (size_t)(gr / BN) * kblocks + kb / BK) : 1.f;
+    const __nv_bfloat16 m = __float2bfloat16_rn(s * 0x1p120f);
+    uint16_t bits;
+    memcpy(&bits, &m, 2);
+    return (uint32_t)bits * 0x10001u;
+}
+
+__device__ __forceinline__ float channel_scale(const Fp8SkinnyParams& p, int row) {
+    return p.block_scales ? 1.f : __ldg(p.scales + row);
+}
+
+__device__ __forceinline__ void store_out(const Fp8SkinnyParams& p, int r, int col, float v) {
+    const size_t o = (size_t)r * p.n + col;
+    v *= channel_scale(p, col);
+    if (p.bias) v += __bfloat162float(p.bias[col]);
+    if (p.out_f32) {
+        static_cast<float*>(p.y)[o] = v;
+    } else {
+        static_cast<bf16*>(p.y)[o] = __float2bfloat16(v);
+    }
+}
+
+template <int NT, bool SWIGLU>
+__device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
+    using T = Tile8<NT>;
+    extern __shared__ uint4 smem_raw[];
+    uint8_t* ring = reinterpret_cast<uint8_t*>(smem_raw);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, q = lane & 3;
+    const int n0 = blockIdx.x * BN;
+    const int k0 = blockIdx.y * p.k_split;
+    const int k1 = min(p.k, k0 + p.k_split);
+    const int nst = k1 > k0 ? (k1 - k0 + BK - 1) / BK : 0;
+    const int warp_row0 = 16 * (warp % T::MG) * T::MTW;
+    const uint64_t pol = evict_first_policy();
+
+    float acc[T::MTW][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < T::MTW; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+
+    // Prologue as the bf16 kernel's: W of the first STAGES - 1 stages before the
+    // programmatic-launch wait, X (the previous kernel's output) after it.
+#pragma unroll
+    for (int s = 0; s < T::STAGES - 1; ++s)
+        if (s < nst) load_w<SWIGLU>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1, pol);
+    pdl_wait();
+    pdl_trigger();
+#pragma unroll
+    for (int s = 0; s < T::STAGES - 1; ++s) {
+        if (s < nst) load_x<NT>(p, ring + s * T::STAGE_BYTES, k0 + s * BK, k1);
+        cp_async_commit();
+    }
+    for (int it = 0; it < nst; ++it) {
+        cp_async_wait<T::STAGES - 2>();
+        __syncthreads();
+        const int nx = it + T::STAGES - 1;
+        if (nx < nst) {
+            uint8_t* st = ring + (nx % T::STAGES) * T::STAGE_BYTES;
+            load_w<SWIGLU>(p, st, n0, k0 + nx * BK, k1, pol);
+            load_x<NT>(p, st, k0 + nx * BK, k1);
+        }
+        cp_async_commit();
+        const uint32_t mult = stage_mult<SWIGLU>(p, n0, warp_row0, k0 + it * BK);
+        mma_stage<NT>(ring + (it % T::STAGES) * T::STAGE_BYTES, warp, lane, mult, acc);
+    }
+
+    // k-group partials → red[kg][x row][W row], summed in k-group order (as the bf16 kernel).
+    cp_async_wait<0>();
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem_raw);
+    {
+        const int mg = warp % T::MG, kg = warp / T::MG;
+        float* mine = red + kg * T::TP * BN;
+#pragma unroll
+        for (int mt = 0; mt < T::MTW; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    mine[(8 * j + 2 * q + (e & 1)) * BN + 16 * (mg * T::MTW + mt) + g + 8 * (e >> 1)] = acc[mt][j][e];
+    }
+    __syncthreads();
+    const int rows = min(p.t, T::TP);
+    for (int i = threadIdx.x; i < rows * BN; i += THREADS) {
+        float v = red[i];
+#pragma unroll
+        for (int kg = 1; kg < T::KG; ++kg) v += red[kg * T::TP * BN + i];
+        if (gridDim.y == 1 && !SWIGLU) {
+            const int r = i / BN, col = n0 + (i - r * BN);
+            if (col < p.n) store_out(p, r, col, v);
+        } else {
+            red[i] = v;
+        }
+    }
+    if constexpr (SWIGLU) {
+        // act[r, c] = bf16(bf16(silu(g)) · u), g and u the bf16-rounded scaled GEMM outputs:
+        // exactly the plain kernel's bf16 gate|up output followed by swiglu_bf16.
+        __syncthreads();
+        const int half = p.n >> 1, c0 = n0 >> 1;
+        for (int i = threadIdx.x; i < rows * 64; i += THREADS) {
+            const int r = i >> 6, j = i & 63;
+            if (c0 + j < half) {
+                const float gv = round_bf16(red[r * BN + j] * channel_scale(p, c0 + j));
+                const float uv = round_bf16(red[r * BN + 64 + j] * channel_scale(p, half + c0 + j));
+                static_cast<bf16*>(p.y)[(size_t)r * half + c0 + j] =
+                    __float2bfloat16(round_bf16(gv / (1.f + expf(-gv))) * uv);
+            }
+        }
+        return;
+    }
+    if (gridDim.y == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int S = (int)cluster.num_blocks();
+    const int rank = (int)cluster.block_rank();
+    for (int i = rank * THREADS + threadIdx.x; i < rows * BN; i += S * THREADS) {
+        float v = 0.f;
+        for (int s = 0; s < S; ++s) v += cluster.map_shared_rank(red, s)[i];
+        const int r = i / BN, col = n0 + (i - r * BN);
+        if (col < p.n) store_out(p, r, col, v);
+    }
+    cluster.sync();
+#else
+    __trap();  // split-K needs thread-block clusters (sm_90+); the wrapper never launches it below
+#endif
+}
+
+}  // namespace
+
+#define FP8_ENTRY(name, NT, SWIGLU) \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const Fp8SkinnyParams p) { fp8_body<NT, SWIGLU>(p); }
+FP8_ENTRY(gemm_fp8_skinny8_bf16, 1, false)
+FP8_ENTRY(gemm_fp8_skinny16_bf16, 2, false)
+FP8_ENTRY(gemm_fp8_skinny32_bf16, 4, false)
+FP8_ENTRY(gemm_fp8_skinny64_bf16, 8, false)
+FP8_ENTRY(gemm_fp8_skinny8_swiglu_bf16, 1, true)
+FP8_ENTRY(gemm_fp8_skinny16_swiglu_bf16, 2, true)
+FP8_ENTRY(gemm_fp8_skinny32_swiglu_bf16, 4, true)
+FP8_ENTRY(gemm_fp8_skinny64_swiglu_bf16, 8, true)
+
+// E4M3 quantisation on the device (bf16 in, as the CPU `quant` module): one block of 256
+// threads per row (channel scales: s = max|w[r, :]| / 448, or 1 for a zero row) or per 128×128
+// block (scales rounded up to bf16, see src/quant.rs), codes by __nv_cvt_float_to_fp8 (satfinite).
+// Used to quantise weights synthesised on the GPU and as the device side of the encode parity
+// test. Non-finite inputs are not checked here (the host path refuses them).
+
+struct QuantParams {
+    const bf16* w;   // [n, k]
+    uint8_t* q;      // [n, k]
+    float* scales;   // [n] or [ceil(n/128), ceil(k/128)]
+    int n;
+    int k;
+    int block_scales;
+    int pad;
+};
+
+__device__ __forceinline__ float bf16_ceil(float s) {
+    const uint32_t b = __float_as_uint(s);
+    return (b & 0xFFFFu) ? __uint_as_float((b & 0xFFFF0000u) + 0x10000u) : s;
+}
+
+extern "C" __global__ void __launch_bounds__(256) quantize_fp8_bf16(const QuantParams p) {
+    __shared__ float scratch[32];
+    const bool blk = p.block_scales != 0;
+    const int kblocks = (p.k + BK - 1) / BK;
+    // This block's rows [r0, r1) and columns [c0, c1).
+    const int r0 = blk ? (int)(blockIdx.x / kblocks) * BN : (int)blockIdx.x;
+    const int r1 = blk ? min(p.n, r0 + BN) : r0 + 1;
+    const int c0 = blk ? (int)(blockIdx.x % kblocks) * BK : 0;
+    const int c1 = blk ? min(p.k, c0 + BK) : p.k;
+    const int w = c1 - c0, cnt = (r1 - r0) * w;
+    float m = 0.f;
+    for (int i = threadIdx.x; i < cnt; i += blockDim.x)
+        m = fmaxf(m, fabsf(__bfloat162float(p.w[(size_t)(r0 + i / w) * p.k + c0 + i % w])));
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
+        m = warp_max(m);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 1.f;
+        if (m > 0.f) {
+            s = fmaxf(m / 448.f, 1.0e-30f);
+            if (blk) s = bf16_ceil(s);
+        }
+        scratch[0] = s;
+        p.scales[blockIdx.x] = s;
+    }
+    __syncthreads();
+    const float s = scratch[0];
+    for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+        const size_t o = (size_t)(r0 + i / w) * p.k + c0 + i % w;
+        p.q[o] = (uint8_t)__nv_cvt_float_to_fp8(__bfloat162float(p.w[o]) / s, __NV_SATFINITE, __NV_E4M3);
+    }
+}
+
+// The bare conversion, for the encode parity test: q[i] = e4m3(x[i]) (satfinite).
+extern "C" __global__ void encode_e4m3_f32(const float* x, uint8_t* q, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) q[i] = (uint8_t)__nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, __NV_E4M3);
+}

@@ -1,0 +1,322 @@
+//! FP8 (E4M3) weights on the device and the W8A16 GEMM of kernels/gemm_fp8.cu:
+//! `y[0..t] = x[0..t] · dequant(W)ᵀ (+ bias)`, x bf16, W one byte per weight with f32 scales
+//! (`quant::ScaleLayout`: per output channel, or per 128×128 block), f32 accumulation.
+//!
+//! The kernel is the skinny GEMM's design (`ops::gemm`: 128-row slabs, cluster split-K over
+//! 128-column stages) for t ≤ 64 rows. Larger row counts (a full-canvas refresh step) run it
+//! on successive 64-row chunks, reading W once per chunk: correct, but ⌈t/64⌉ weight reads
+//! where a W8A8 tensor-core GEMM (not built yet) would read it once.
+//! [`Fp8Weight::quantize`] quantises a device bf16 weight in place of the host path (for
+//! weights synthesised on the GPU), with the same scales and codes as `quant::Fp8Matrix`.
+use cudarc::driver::PushKernelArg;
+use half::bf16;
+
+use crate::error::{Error, Result};
+use crate::gpu::gemm::{GemmOut, OutType};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{drv, DTensor, Gpu};
+use crate::ops::gemm::{skinny_plan, SkinnyConfig, SKINNY_ROW_LIMIT};
+use crate::quant::{Fp8Matrix, ScaleLayout, BLOCK};
+
+const OP: &str = "gemm_fp8";
+/// k columns per pipeline stage (`BK`); split boundaries are multiples of it.
+const STAGE_K: usize = 128;
+const THREADS: u32 = 256;
+
+/// A quantised `[n, k]` weight on the device: E4M3 codes and f32 scales (layout in
+/// `quant`'s module doc).
+pub struct Fp8Weight {
+    /// `[n, k]` E4M3 codes.
+    pub q: DTensor<u8>,
+    /// `[n]` (channel) or `[ceil(n/128), ceil(k/128)]` (block).
+    pub scales: DTensor<f32>,
+    pub layout: ScaleLayout,
+}
+
+impl Fp8Weight {
+    pub fn n(&self) -> usize {
+        self.q.dims[0]
+    }
+    pub fn k(&self) -> usize {
+        self.q.dims[1]
+    }
+    /// Device bytes (codes and scales).
+    pub fn bytes(&self) -> usize {
+        self.q.bytes() + self.scales.bytes()
+    }
+
+    /// Uploads a host-quantised matrix.
+    pub fn upload(gpu: &Gpu, m: &Fp8Matrix) -> Result<Self> {
+        let sdims = scale_dims(m.layout, m.n, m.k);
+        Ok(Fp8Weight { q: gpu.upload(&m.q, &[m.n, m.k])?, scales: gpu.upload(&m.scales, &sdims)?, layout: m.layout })
+    }
+
+    /// Downloads codes and scales (synchronising).
+    pub fn to_host(&self, gpu: &Gpu) -> Result<Fp8Matrix> {
+        Fp8Matrix::from_parts("device weight", self.n(), self.k(), self.q.to_host(gpu)?, self.scales.to_host(gpu)?, self.layout)
+    }
+
+    /// Quantises a bf16 device weight `[n, k]` on the device (`quantize_fp8_bf16`): the same
+    /// scales and codes as `Fp8Matrix::quantize_bf16` for finite inputs. Non-finite values are
+    /// not checked here: use the host path for checkpoints.
+    pub fn quantize(gpu: &Gpu, w: &DTensor<bf16>, layout: ScaleLayout) -> Result<Self> {
+        if w.dims.len() != 2 || w.dims[0] == 0 || w.dims[1] == 0 {
+            return Err(Error::shape("quantize_fp8", "w", &[0, 0], &w.dims));
+        }
+        let (n, k) = (w.dims[0], w.dims[1]);
+        if n > i32::MAX as usize || k > i32::MAX as usize {
+            return Err(Error::bad_input(format!("quantize_fp8: tensor `w` {:?} is too large", w.dims)));
+        }
+        let mut out = Fp8Weight { q: gpu.alloc(&[n, k])?, scales: gpu.alloc(&scale_dims(layout, n, k))?, layout };
+        let params = QuantParams {
+            w: w.ptr(gpu),
+            q: out.q.ptr_mut(gpu),
+            scales: out.scales.ptr_mut(gpu),
+            n: n as i32,
+            k: k as i32,
+            block_scales: (layout == ScaleLayout::Block128) as i32,
+            pad: 0,
+        };
+        let blocks = layout.count(n, k) as u32;
+        let f = gpu.func("gemm_fp8", "quantize_fp8_bf16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&params);
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: params mirror QuantParams; w and q are [n, k], scales holds layout.count(n, k)
+        // floats, one block per scale.
+        unsafe { b.launch(cfg) }.map_err(drv("quantize_fp8_bf16"))?;
+        gpu.after_launch("quantize_fp8_bf16")?;
+        Ok(out)
+    }
+}
+
+/// Device dims of the scales of an `[n, k]` weight.
+pub fn scale_dims(layout: ScaleLayout, n: usize, k: usize) -> Vec<usize> {
+    match layout {
+        ScaleLayout::Channel => vec![n],
+        ScaleLayout::Block128 => vec![n.div_ceil(BLOCK), k.div_ceil(BLOCK)],
+    }
+}
+
+/// Encodes `x` to E4M3 on the device with `__nv_cvt_float_to_fp8` (satfinite): the reference
+/// `quant::e4m3_encode` must match it bit for bit (tests/gpu_gemm_fp8.rs).
+pub fn encode_e4m3(gpu: &Gpu, x: &DTensor<f32>, q: &mut DTensor<u8>) -> Result<()> {
+    let n = x.len();
+    if q.len() != n {
+        return Err(Error::shape("encode_e4m3", "q", &x.dims, &q.dims));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = i32::try_from(n).map_err(|_| Error::bad_input("encode_e4m3: too many elements"))?;
+    let (xp, qp) = (x.ptr(gpu), q.ptr_mut(gpu));
+    let f = gpu.func("gemm_fp8", "encode_e4m3_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&xp); // const float*
+    b.arg(&qp); // uint8_t*
+    b.arg(&n_i); // int
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: x and q both hold n elements; the kernel guards i < n.
+    unsafe { b.launch(cfg) }.map_err(drv("encode_e4m3_f32"))?;
+    gpu.after_launch("encode_e4m3_f32")
+}
+
+/// Mirrors `struct QuantParams` in kernels/gemm_fp8.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct QuantParams {
+    w: u64,            // const bf16* [n, k]
+    q: u64,            // uint8_t* [n, k]
+    scales: u64,       // float*
+    n: i32,            // int
+    k: i32,            // int
+    block_scales: i32, // int
+    pad: i32,          // int
+}
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+unsafe impl cudarc::driver::DeviceRepr for QuantParams {}
+
+/// Mirrors `struct Fp8SkinnyParams` in kernels/gemm_fp8.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Fp8SkinnyParams {
+    x: u64,            // const bf16* [>= t, k]
+    w: u64,            // const uint8_t* [n, k]
+    scales: u64,       // const float*
+    bias: u64,         // const bf16* [n] or nullptr
+    y: u64,            // void* [>= t, n] (swiglu: n/2)
+    t: i32,            // int
+    n: i32,            // int
+    k: i32,            // int
+    k_split: i32,      // int
+    out_f32: i32,      // int
+    block_scales: i32, // int
+}
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+unsafe impl cudarc::driver::DeviceRepr for Fp8SkinnyParams {}
+
+/// Entry point and dynamic shared memory for `t ≤ 64` rows (`Tile8<NT>` in the kernel:
+/// STAGES × (128·128 W bytes + 8·NT·128 bf16 X)).
+fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
+    let (nt, stages) = match t {
+        0..=8 => (1, 5),
+        9..=16 => (2, 5),
+        17..=32 => (4, 4),
+        _ => (8, 3),
+    };
+    let sym = match (nt, swiglu) {
+        (1, false) => "gemm_fp8_skinny8_bf16",
+        (2, false) => "gemm_fp8_skinny16_bf16",
+        (4, false) => "gemm_fp8_skinny32_bf16",
+        (_, false) => "gemm_fp8_skinny64_bf16",
+        (1, true) => "gemm_fp8_skinny8_swiglu_bf16",
+        (2, true) => "gemm_fp8_skinny16_swiglu_bf16",
+        (4, true) => "gemm_fp8_skinny32_swiglu_bf16",
+        (_, true) => "gemm_fp8_skinny64_swiglu_bf16",
+    };
+    (sym, (stages * (128 * STAGE_K + 8 * nt * STAGE_K * 2)) as u32)
+}
+
+/// `y[0..t] = x[0..t] · dequant(w)ᵀ (+ bias)`: `x` at least `[t, k]` bf16, `y` at least
+/// `[t, n]` (bf16 or f32), `bias` `[n]`; rows of `y` from t on are not written. Any t (see the
+/// module doc for t > 64).
+pub fn linear_fp8<Y: GemmOut>(
+    gpu: &Gpu,
+    t: usize,
+    x: &DTensor<bf16>,
+    w: &Fp8Weight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    fp8_impl(gpu, &SkinnyConfig::default(), t, x, false, w, bias, y)
+}
+
+/// The gate|up projection with SwiGLU: `act[0..t] = SwiGLU(x[0..t] · dequant(w_gate_up)ᵀ)`,
+/// `w_gate_up` `[2·ffn, k]`, `act` at least `[t, ffn]` bf16; bit-identical to [`linear_fp8`]
+/// into bf16 followed by `ops::swiglu`.
+pub fn linear_fp8_swiglu(gpu: &Gpu, t: usize, x: &DTensor<bf16>, w_gate_up: &Fp8Weight, act: &mut DTensor<bf16>) -> Result<()> {
+    fp8_impl(gpu, &SkinnyConfig::default(), t, x, true, w_gate_up, None, act)
+}
+
+/// [`linear_fp8`] with an explicit split count (`cfg.splits`; `cfg.k128` is ignored: the
+/// stages are always 128 columns), for tests and tuning.
+pub fn skinny_fp8<Y: GemmOut>(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    x: &DTensor<bf16>,
+    w: &Fp8Weight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    fp8_impl(gpu, cfg, t, x, false, w, bias, y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fp8_impl<Y: GemmOut>(
+    gpu: &Gpu,
+    cfg: &SkinnyConfig,
+    t: usize,
+    x: &DTensor<bf16>,
+    swiglu: bool,
+    w: &Fp8Weight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    if w.q.dims.len() != 2 {
+        return Err(Error::shape(OP, "w", &[0, 0], &w.q.dims));
+    }
+    let (n, k) = (w.q.dims[0], w.q.dims[1]);
+    if n == 0 || k == 0 || !k.is_multiple_of(16) || n > i32::MAX as usize || k > i32::MAX as usize {
+        return Err(Error::bad_input(format!(
+            "{OP}: tensor `w` {:?}: needs n > 0 and k a nonzero multiple of 16 (below 2^31)",
+            w.q.dims
+        )));
+    }
+    let sdims = scale_dims(w.layout, n, k);
+    if w.scales.dims != sdims {
+        return Err(Error::shape(OP, "scales", &sdims, &w.scales.dims));
+    }
+    x.check_rows(OP, "x", t, k)?;
+    let y_cols = if swiglu { n / 2 } else { n };
+    if swiglu {
+        let half_ok = n.is_multiple_of(2) && (w.layout == ScaleLayout::Channel || (n / 2).is_multiple_of(64));
+        if !half_ok || bias.is_some() || Y::OUT != OutType::Bf16 {
+            return Err(Error::bad_input(format!(
+                "{OP}: SwiGLU epilogue needs an even row count of `w` {:?} (ffn % 64 == 0 with block scales), \
+                 no bias and bf16 output",
+                w.q.dims
+            )));
+        }
+        y.check_rows(OP, "act", t, y_cols)?;
+    } else {
+        y.check_rows(OP, "y", t, n)?;
+    }
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(Error::shape(OP, "bias", &[n], &b.dims));
+        }
+    }
+    let clusters = crate::ops::attention::split_kv_supported(gpu)?;
+    let cfg = SkinnyConfig { splits: if swiglu { Some(1) } else { cfg.splits }, k128: true };
+    let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
+    debug_assert!(plan.k_split.is_multiple_of(STAGE_K));
+    let (xp, yp) = (x.ptr(gpu), y.ptr_mut(gpu));
+    let y_elem = std::mem::size_of::<Y>() as u64;
+    // Chunks of at most 64 rows (one launch for t ≤ 64).
+    for r0 in (0..t).step_by(SKINNY_ROW_LIMIT) {
+        let rows = (t - r0).min(SKINNY_ROW_LIMIT);
+        let params = Fp8SkinnyParams {
+            x: xp + (r0 * k * 2) as u64,
+            w: w.q.ptr(gpu),
+            scales: w.scales.ptr(gpu),
+            bias: bias.map_or(0, |b| b.ptr(gpu)),
+            y: yp + (r0 * y_cols) as u64 * y_elem,
+            t: rows as i32,
+            n: n as i32,
+            k: k as i32,
+            k_split: plan.k_split as i32,
+            out_f32: (Y::OUT == OutType::F32) as i32,
+            block_scales: (w.layout == ScaleLayout::Block128) as i32,
+        };
+        let (sym, smem) = kernel_for(rows, swiglu);
+        let lc = LaunchEx {
+            grid: (plan.blocks_n as u32, plan.splits as u32, 1),
+            block: (THREADS, 1, 1),
+            smem,
+            cluster: (plan.splits > 1).then_some((1, plan.splits as u32, 1)),
+            pdl: true,
+        };
+        // SAFETY: params mirror Fp8SkinnyParams; x holds >= t rows of k and y >= t rows of
+        // y_cols (checked), so the chunk's rows [r0, r0 + rows) are in bounds; w is [n, k] with
+        // k % 16 == 0 (every 16-byte access of a row in bounds), scales match the layout,
+        // bias is [n]; clusters only where supported.
+        unsafe { launch_ex(gpu, "gemm_fp8", sym, lc, &params)? };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_c_layout() {
+        assert_eq!(std::mem::size_of::<Fp8SkinnyParams>(), 64); // 5 pointers + 6 ints
+        assert_eq!(std::mem::size_of::<QuantParams>(), 40); // 3 pointers + 4 ints
+        assert_eq!(kernel_for(32, false), ("gemm_fp8_skinny32_bf16", 4 * (16384 + 32 * 256)));
+        assert_eq!(kernel_for(1, true), ("gemm_fp8_skinny8_swiglu_bf16", 5 * (16384 + 8 * 256)));
+        for t in [1, 9, 17, 33, 64] {
+            let smem = kernel_for(t, false).1;
+            // Two blocks per SM on an H100 (228 KB of shared memory per SM, 1 KB reserved each).
+            assert!(2 * (smem + 1024) <= 228 << 10, "t={t}: {smem} bytes");
+        }
+    }
+
+    #[test]
+    fn scale_dims_follow_the_layout() {
+        assert_eq!(scale_dims(ScaleLayout::Channel, 300, 400), vec![300]);
+        assert_eq!(scale_dims(ScaleLayout::Block128, 300, 400), vec![3, 4]);
+        assert_eq!(ScaleLayout::Block128.count(300, 400), 12);
+    }
+}
