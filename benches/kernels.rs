@@ -461,6 +461,46 @@ fn bench_linear(c: &mut Criterion, env: &mut Env) -> Result<()> {
     Ok(())
 }
 
+/// The W8A16 skinny GEMM (`ops::gemm_fp8`) at the LLaDA-8B linear shapes, 1 and 32 rows,
+/// both scale layouts: named `linear_fp8/fp8-<layout>/<t>x<n>x<k>`; bytes are the FP8 weight
+/// (one byte per weight, plus its scales) and the activations, so the % of copy compares
+/// directly with `linear/bf16/skinny/...`.
+fn bench_linear_fp8(c: &mut Criterion, env: &mut Env) -> Result<()> {
+    use demask::ops::gemm_fp8::{linear_fp8, Fp8Weight};
+    use demask::quant::ScaleLayout;
+    let cfg = env.cfg.clone();
+    let (h, f) = (cfg.hidden, cfg.ffn);
+    let shapes = [("qkv", cfg.qkv_dim(), h), ("o", h, cfg.q_dim()), ("gate_up", 2 * f, h), ("down", h, f)];
+    let mut grp = env.group(c, "linear_fp8");
+    for (i, &(role, n, k)) in shapes.iter().enumerate() {
+        let seed = 180 + 3 * i as u64;
+        let copies = ROTATE_BYTES.div_ceil(n * k);
+        let x = env.alloc_normal(&[32, k], seed + 1, 0.0, 1.0)?;
+        let mut y = env.gpu.alloc::<bf16>(&[32, n])?;
+        for layout in [ScaleLayout::Channel, ScaleLayout::Block128] {
+            let mut ws = Vec::with_capacity(copies);
+            for j in 0..copies {
+                let w = env.alloc_normal(&[n, k], seed + 100 * j as u64, 0.0, 0.02)?;
+                ws.push(Fp8Weight::quantize(&env.gpu, &w, layout)?);
+            }
+            for t in [1usize, 32] {
+                let work = Work { bytes: (ws[0].bytes() + t * k * 2 + t * n * 2) as f64, flops: 2.0 * (t * n * k) as f64 };
+                let id = format!("fp8-{}/{t}x{n}x{k}", layout.name());
+                eprintln!("  linear_fp8/{id} is the LLaDA-8B {role} projection");
+                let gpu = env.gpu.clone();
+                let mut call = 0usize;
+                env.bench(&mut grp, &id, work, || {
+                    let w = &ws[call % ws.len()];
+                    call += 1;
+                    linear_fp8(&gpu, t, &x, w, None, &mut y)
+                });
+            }
+        }
+    }
+    grp.g.finish();
+    Ok(())
+}
+
 /// Opens device 0 and measures its ceilings; `Err` carries the reason to skip.
 fn setup() -> std::result::Result<Env, String> {
     let gpu = Gpu::new(0).map_err(|e| e.to_string())?;
@@ -491,7 +531,7 @@ fn main() {
             return;
         }
     };
-    let groups: [(&str, BenchFn); 8] = [
+    let groups: [(&str, BenchFn); 9] = [
         ("embed", bench_embed),
         ("add_rmsnorm", bench_add_rmsnorm),
         ("rope_kv_store", bench_rope_kv_store),
@@ -500,6 +540,7 @@ fn main() {
         ("confidence", bench_confidence),
         ("commit", bench_commit),
         ("linear", bench_linear),
+        ("linear_fp8", bench_linear_fp8),
     ];
     for (name, run) in groups {
         if let Err(e) = run(&mut c, &mut env) {
