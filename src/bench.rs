@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::quant::WeightFormat;
 
 /// Measured device ceilings (printed at the start of every bench).
 #[derive(Clone, Debug, Serialize)]
@@ -30,6 +31,11 @@ pub struct Roofline {
 /// row is live and attends to `len` keys, and every row's logits are produced.
 pub fn forward_roofline(cfg: &ModelConfig, len: usize, batch: usize, c: &Ceilings) -> Roofline {
     step_roofline(cfg, batch, len as f64, len, len, c)
+}
+
+/// [`forward_roofline`] with the linear layers' weights in `format`.
+pub fn forward_roofline_as(cfg: &ModelConfig, format: WeightFormat, len: usize, batch: usize, c: &Ceilings) -> Roofline {
+    step_roofline_as(cfg, format, batch, len as f64, len, len, c)
 }
 
 /// Median, min and max of a set of timings.
@@ -231,6 +237,8 @@ pub struct DecodeSpec {
     pub block_len: usize,
     pub policy: String,
     pub cache: String,
+    /// Linear-layer weight format (`quant::WeightFormat` name: bf16, fp8, fp8-block).
+    pub weights: String,
 }
 
 /// One row of the decode table.
@@ -258,6 +266,22 @@ pub struct DecodeRow {
 /// `kv_len`-row canvas and producing `logit_rows` logits, and the floor they imply:
 /// max(FLOPs / measured GEMM rate, bytes / measured copy bandwidth).
 pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, logit_rows: usize, c: &Ceilings) -> Roofline {
+    step_roofline_as(cfg, WeightFormat::Bf16, batch, live, kv_len, logit_rows, c)
+}
+
+/// [`step_roofline`] with the linear layers' weights in `format`: FP8 counts one byte per
+/// linear weight plus its f32 scales (embedding, norms and LM head stay bf16, as
+/// `model::GpuWeights` keeps them). The compute floor stays at the measured bf16 GEMM rate:
+/// the W8A16 kernel multiplies in bf16 (an FP8-rate floor belongs to a W8A8 path).
+pub fn step_roofline_as(
+    cfg: &ModelConfig,
+    format: WeightFormat,
+    batch: usize,
+    live: f64,
+    kv_len: usize,
+    logit_rows: usize,
+    c: &Ceilings,
+) -> Roofline {
     let h = cfg.hidden as f64;
     let rows = live * batch as f64;
     let per_layer_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + 3.0 * h * cfg.ffn as f64;
@@ -266,7 +290,16 @@ pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, 
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
     let flops = dense + attn;
     // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.
-    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0;
+    let linear_params = per_layer_params * cfg.n_layers as f64;
+    let scale_bytes = match format {
+        WeightFormat::Bf16 => 0.0,
+        WeightFormat::Fp8(layout) => {
+            let shapes = [(cfg.qkv_dim(), cfg.hidden), (cfg.hidden, cfg.q_dim()), (2 * cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn)];
+            4.0 * cfg.n_layers as f64 * shapes.iter().map(|&(n, k)| layout.count(n, k) as f64).sum::<f64>()
+        }
+    };
+    let saved = linear_params * (2.0 - format.bytes_per_weight() as f64);
+    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes;
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
     let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
     let bytes = weight_bytes + kv_bytes + logit_bytes;
@@ -312,7 +345,8 @@ pub fn run_decode(
         Some(c) => {
             // Steps differ (a cached block's full first step vs its partial steps), so the floor
             // of the average step (average live rows) is compared with the mean step time.
-            let r = step_roofline(&cfg, spec.batch, live_rows_avg, spec.prompt_len + spec.gen_len, spec.block_len, c);
+            let format: WeightFormat = spec.weights.parse()?;
+            let r = step_roofline_as(&cfg, format, spec.batch, live_rows_avg, spec.prompt_len + spec.gen_len, spec.block_len, c);
             let pct = r.floor_ms / step.mean_ms;
             (Some(r), Some(pct))
         }
@@ -348,6 +382,25 @@ mod tests {
         assert_eq!(r.bound, "memory");
         // docs/bench.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
         assert!((5.0..5.5).contains(&r.floor_ms), "{}", r.floor_ms);
+    }
+
+    #[test]
+    fn fp8_w1_floor_counts_one_byte_per_linear_weight() {
+        use crate::quant::ScaleLayout;
+        let cfg = ModelConfig::preset("llada-8b").unwrap();
+        let bf = step_roofline(&cfg, 1, 32.0, 512, 32, &h100());
+        let f8 = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 1, 32.0, 512, 32, &h100());
+        let fb = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 1, 32.0, 512, 32, &h100());
+        // 32 layers × 218.1 M linear weights save one byte each; per-channel scales add
+        // 4 B × 32 × (12288 + 4096 + 24576 + 4096) rows, block scales far less.
+        let linear = 32.0 * (4096.0 * 12288.0 + 4096.0 * 4096.0 + 3.0 * 4096.0 * 12288.0);
+        let ch_scales = 4.0 * 32.0 * (12288.0 + 4096.0 + 24576.0 + 4096.0);
+        assert!((bf.bytes - f8.bytes - (linear - ch_scales)).abs() < 1.0, "{} {}", bf.bytes, f8.bytes);
+        assert!(fb.bytes < f8.bytes);
+        // docs/bench.md: ≈ 8.0 GB of FP8 weights (LM head bf16), a batch-1 step ≈ 2.6-2.7 ms.
+        assert_eq!(f8.bound, "memory");
+        assert!((2.55..2.8).contains(&f8.floor_ms), "{}", f8.floor_ms);
+        assert_eq!(f8.flops, bf.flops);
     }
 
     #[test]

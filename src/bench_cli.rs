@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Linear-layer weights: bf16, fp8 (E4M3, per-output-channel scales) or fp8-block
+    /// (128×128 block scales); GPU only. The floor then counts the FP8 bytes.
+    #[arg(long, default_value = "bf16")]
+    pub weights: String,
 }
 
 /// Which device `--device` names, after probing.
@@ -273,9 +277,29 @@ fn resolve_lengths(a: &BenchArgs, plan: &mut Plan) -> Result<Vec<usize>> {
     Ok(lengths)
 }
 
+use demask::quant::WeightFormat;
+
+/// `--weights` parsed.
+pub fn weight_format(a: &BenchArgs) -> Result<WeightFormat> {
+    a.weights.parse().map_err(|e| anyhow::anyhow!("--weights: {e}"))
+}
+
+/// The model column of a table row: the preset, with the weight format when not bf16.
+pub fn model_label(name: &str, format: WeightFormat) -> String {
+    if format == WeightFormat::Bf16 {
+        name.to_string()
+    } else {
+        format!("{name}/{format}")
+    }
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let workload = check_args(&a)?;
     let device = pick_device(&a.device)?;
+    let format = weight_format(&a)?;
+    if device.is_cpu() && format != WeightFormat::Bf16 {
+        bail!("--weights {format}: FP8 weights run on the GPU only (drop --weights or run on a GPU)");
+    }
     if device.is_cpu() && !a.variant.is_empty() {
         bail!("--variant selects GPU kernels; the CPU backend has no variants (drop --variant or run on a GPU)");
     }
@@ -399,12 +423,13 @@ fn bench_gpu(
     eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
     let t0 = Instant::now();
     let cfg = plan.cfg.clone();
+    let format = weight_format(a)?;
     let weights = match &a.model {
-        Some(dir) => GpuWeights::upload(&gpu, &demask::weights::HostWeights::load(dir)?)?,
-        None => GpuWeights::synthesize(&gpu, &cfg, a.seed)?,
+        Some(dir) => GpuWeights::upload_as(&gpu, &demask::weights::HostWeights::load(dir)?, format)?,
+        None => GpuWeights::synthesize_as(&gpu, &cfg, a.seed, format)?,
     };
     eprintln!(
-        "weights: {}, {:.2} GB on the device in {:.1} s",
+        "weights: {} ({format}), {:.2} GB on the device in {:.1} s",
         plan.name,
         weights.bytes() as f64 / 1e9,
         t0.elapsed().as_secs_f64()
@@ -422,11 +447,11 @@ fn bench_gpu(
         for &len in &w4.lengths {
             eprintln!("W4 forward len {len} batch {batch}: {} warm-up + {} timed", w4.warmup, w4.iters);
             let stats = bench::gpu::bench_forward(&mut model, len, batch, w4.warmup, w4.iters)?;
-            let roof = bench::forward_roofline(&cfg, len, batch, &ceil);
+            let roof = bench::forward_roofline_as(&cfg, format, len, batch, &ceil);
             let pct = roof.floor_ms / stats.median_ms;
             out.push(ForwardRow {
                 workload: "W4".into(),
-                model: plan.name.clone(),
+                model: model_label(&plan.name, format),
                 len,
                 batch,
                 stats,

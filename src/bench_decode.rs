@@ -65,6 +65,7 @@ fn decode_specs(a: &BenchArgs, w: &str, plan: &Plan) -> Result<Vec<bench::Decode
                     block_len,
                     policy: format!("schedule:{}", block_len / t),
                     cache: c.clone(),
+                    weights: a.weights.clone(),
                 });
             }
         }
@@ -118,10 +119,12 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             let ceil = bench::gpu::measure_ceilings(&gpu)?;
             eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s", ceil.copy_gbps, ceil.gemm_tflops);
             let cfg = plan.cfg.clone();
+            let format = crate::bench_cli::weight_format(a)?;
             let weights = match &a.model {
-                Some(dir) => GpuWeights::upload(&gpu, &demask::weights::HostWeights::load(dir)?)?,
-                None => GpuWeights::synthesize(&gpu, &cfg, a.seed)?,
+                Some(dir) => GpuWeights::upload_as(&gpu, &demask::weights::HostWeights::load(dir)?, format)?,
+                None => GpuWeights::synthesize_as(&gpu, &cfg, a.seed, format)?,
             };
+            eprintln!("weights: {} ({format}), {:.2} GB on the device", plan.name, weights.bytes() as f64 / 1e9);
             let rows = max_batch * max_len;
             let cap = Capacity { rows, logit_rows: max_batch * max_block, cache_rows: rows, seqs: max_batch };
             let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
@@ -141,7 +144,7 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             spec.workload, spec.batch, spec.prompt_len, spec.gen_len, spec.block_len, spec.policy, spec.cache
         );
         let mut r = bench::run_decode(&mut engine, spec, warmup, ceilings.as_ref())?;
-        r.model = plan.name.clone();
+        r.model = crate::bench_cli::model_label(&plan.name, crate::bench_cli::weight_format(a)?);
         #[cfg(feature = "cuda")]
         if let Some(g) = &mem_gpu {
             let (free, total) = g.mem_info()?;

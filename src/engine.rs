@@ -111,7 +111,7 @@ impl Engine {
         if let Some(gpu) = open_gpu(&opts)? {
             let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
             let weights = HostWeights::load(dir)?;
-            let w = crate::model::GpuWeights::upload(&gpu, &weights)?;
+            let w = crate::model::GpuWeights::upload_as(&gpu, &weights, opts.weights)?;
             drop(weights);
             return Self::on_gpu(gpu, cfg, w, tokenizer, &opts);
         }

@@ -73,6 +73,10 @@ pub struct GenerateArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Linear-layer weights on the GPU: bf16, fp8 (E4M3, one scale per output channel,
+    /// quantised at load) or fp8-block (128×128 block scales).
+    #[arg(long, default_value = "bf16")]
+    pub weights: String,
     /// Print the canvas after every step (masks shown as ░) to stderr.
     #[arg(long)]
     pub show_steps: bool,
@@ -203,6 +207,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let policy: Policy = a.policy.parse().context("--policy")?;
     let cache: CacheScheme = a.cache.parse().context("--cache")?;
     let kv_budget = a.kv_budget.as_deref().map(parse_bytes).transpose().context("--kv-budget")?;
+    let weights: demask::quant::WeightFormat = a.weights.parse().context("--weights")?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), None) => Prompt::Text { text: text.clone(), chat: a.chat },
         (None, Some(ids)) => Prompt::Ids(ids.clone()),
@@ -216,7 +221,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     preflight(&a, &policy, &prompt, prior.as_ref())?;
     let t0 = Instant::now();
     eprintln!("loading {} (device {device})", a.model.display());
-    let mut engine = Engine::load(&a.model, EngineOptions { device, kv_budget, ..Default::default() })
+    let mut engine = Engine::load(&a.model, EngineOptions { device, kv_budget, weights, ..Default::default() })
         .with_context(|| format!("loading {}", a.model.display()))?;
     let cfg = engine.config().clone();
     eprintln!(

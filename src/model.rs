@@ -15,33 +15,47 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStats, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
+use crate::ops::gemm_fp8::{linear_any, linear_swiglu_any, LinearWeight};
 use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
+use crate::quant::WeightFormat;
 use crate::weights::HostWeights;
 
+/// One layer's weights. The linear layers are bf16 or FP8 (`--weights`); norms and the bias
+/// stay bf16.
 pub struct GpuLayer {
     pub attn_norm: DTensor<bf16>,
-    pub wqkv: DTensor<bf16>,
+    pub wqkv: LinearWeight,
     pub bqkv: Option<DTensor<bf16>>,
-    pub wo: DTensor<bf16>,
+    pub wo: LinearWeight,
     pub ffn_norm: DTensor<bf16>,
-    pub w_gate_up: DTensor<bf16>,
-    pub w_down: DTensor<bf16>,
+    pub w_gate_up: LinearWeight,
+    pub w_down: LinearWeight,
 }
 
 impl GpuLayer {
-    /// Every tensor of the layer (the bias last, when present).
+    /// The layer's bf16 tensors (norms, then the bias when present).
     fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
-        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm, &self.w_gate_up, &self.w_down]
-            .into_iter()
-            .chain(self.bqkv.as_ref())
+        [&self.attn_norm, &self.ffn_norm].into_iter().chain(self.bqkv.as_ref())
+    }
+    /// The layer's linear weights.
+    fn linears(&self) -> [&LinearWeight; 4] {
+        [&self.wqkv, &self.wo, &self.w_gate_up, &self.w_down]
+    }
+    fn bytes(&self) -> usize {
+        self.tensors().map(DTensor::bytes).sum::<usize>() + self.linears().iter().map(|l| l.bytes()).sum::<usize>()
     }
 }
 
+/// The model's weights on the device. The embedding, norms and LM head are always bf16: the
+/// embedding is only gathered (32 rows a step, no bandwidth to save) and the LM head's logits
+/// feed the confidence/commit decisions directly (kept exact until FP8 is measured for it).
 pub struct GpuWeights {
     pub embed: DTensor<bf16>,
     pub layers: Vec<GpuLayer>,
     pub final_norm: DTensor<bf16>,
     pub lm_head: DTensor<bf16>,
+    /// Format of the layers' linear weights.
+    pub format: WeightFormat,
 }
 
 /// Shapes of every weight tensor of `cfg`, in one place for upload and synthesis.
@@ -62,18 +76,27 @@ impl Shapes {
 impl GpuWeights {
     /// Copies host weights to the device.
     pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
+        Self::upload_as(gpu, w, WeightFormat::Bf16)
+    }
+
+    /// Copies host weights to the device with the linear layers in `format` (FP8: quantised
+    /// on the host; a NaN or ±∞ weight is refused with an error naming the layer's tensor).
+    pub fn upload_as(gpu: &Gpu, w: &HostWeights, format: WeightFormat) -> Result<Self> {
         let s = Shapes::of(&w.cfg);
         let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
+        let lin = |i: usize, name: &str, v: &[bf16], dims: [usize; 2]| {
+            LinearWeight::upload(gpu, &format!("layer {i} {name}"), v, dims, format)
+        };
         let mut layers = Vec::with_capacity(w.layers.len());
-        for l in &w.layers {
+        for (i, l) in w.layers.iter().enumerate() {
             layers.push(GpuLayer {
                 attn_norm: up(&l.attn_norm, &[s.hidden])?,
-                wqkv: up(&l.wqkv, &[s.qkv, s.hidden])?,
+                wqkv: lin(i, "q|k|v projection", &l.wqkv, [s.qkv, s.hidden])?,
                 bqkv: l.bqkv.as_deref().map(|b| up(b, &[s.qkv])).transpose()?,
-                wo: up(&l.wo, &[s.hidden, s.q])?,
+                wo: lin(i, "o projection", &l.wo, [s.hidden, s.q])?,
                 ffn_norm: up(&l.ffn_norm, &[s.hidden])?,
-                w_gate_up: up(&l.w_gate_up, &[2 * s.ffn, s.hidden])?,
-                w_down: up(&l.w_down, &[s.hidden, s.ffn])?,
+                w_gate_up: lin(i, "gate|up projection", &l.w_gate_up, [2 * s.ffn, s.hidden])?,
+                w_down: lin(i, "down projection", &l.w_down, [s.hidden, s.ffn])?,
             });
         }
         Ok(GpuWeights {
@@ -81,6 +104,7 @@ impl GpuWeights {
             layers,
             final_norm: up(&w.final_norm, &[s.hidden])?,
             lm_head: up(&w.lm_head, &[s.vocab, s.hidden])?,
+            format,
         })
     }
 
@@ -88,6 +112,12 @@ impl GpuWeights {
     /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
     /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
     pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        Self::synthesize_as(gpu, cfg, seed, WeightFormat::Bf16)
+    }
+
+    /// [`GpuWeights::synthesize`] with the linear layers in `format` (FP8: each bf16 weight
+    /// quantised on the device as it is made, so the bf16 model is never resident at once).
+    pub fn synthesize_as(gpu: &Gpu, cfg: &ModelConfig, seed: u64, format: WeightFormat) -> Result<Self> {
         let s = Shapes::of(cfg);
         let mut counter = 0u64;
         let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {
@@ -99,28 +129,29 @@ impl GpuWeights {
         let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for _ in 0..cfg.n_layers {
-            layers.push(GpuLayer {
-                attn_norm: gen(&[s.hidden], 1.0, 0.1)?,
-                wqkv: gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?,
-                bqkv: if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None },
-                wo: gen(&[s.hidden, s.q], 0.0, inv(s.q))?,
-                ffn_norm: gen(&[s.hidden], 1.0, 0.1)?,
-                w_gate_up: gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?,
-                w_down: gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?,
-            });
+            // Same generation order as the bf16 model, so both formats quantise the same weights.
+            let attn_norm = gen(&[s.hidden], 1.0, 0.1)?;
+            let wqkv = LinearWeight::from_bf16(gpu, gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?, format)?;
+            let bqkv = if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None };
+            let wo = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.q], 0.0, inv(s.q))?, format)?;
+            let ffn_norm = gen(&[s.hidden], 1.0, 0.1)?;
+            let w_gate_up = LinearWeight::from_bf16(gpu, gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?, format)?;
+            let w_down = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?, format)?;
+            layers.push(GpuLayer { attn_norm, wqkv, bqkv, wo, ffn_norm, w_gate_up, w_down });
         }
         let w = GpuWeights {
             embed: gen(&[s.vocab, s.hidden], 0.0, 1.0)?,
             layers,
             final_norm: gen(&[s.hidden], 1.0, 0.1)?,
             lm_head: gen(&[s.vocab, s.hidden], 0.0, inv(s.hidden))?,
+            format,
         };
         gpu.synchronize()?;
         Ok(w)
     }
 
     pub fn bytes(&self) -> usize {
-        let l: usize = self.layers.iter().flat_map(GpuLayer::tensors).map(DTensor::bytes).sum();
+        let l: usize = self.layers.iter().map(GpuLayer::bytes).sum();
         l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
     }
 }
@@ -402,6 +433,7 @@ impl GpuModel {
             .chain([&w.embed, &w.final_norm, &w.lm_head])
             .chain(self.cache.k.iter())
             .chain(self.cache.v.iter());
+        let linears: Vec<u64> = w.layers.iter().flat_map(|l| l.linears()).flat_map(|l| l.fingerprint(g)).collect();
         let c = &self.cfg;
         let consts = [
             self.cache.rows as u64,
@@ -410,7 +442,7 @@ impl GpuModel {
             (c.rope_theta as f32).to_bits() as u64,
             (c.n_heads as u64) << 32 | c.n_kv_heads as u64,
         ];
-        graph::fingerprint(tensors.flat_map(|x| [x.ptr(g), x.len() as u64]).chain(consts))
+        graph::fingerprint(tensors.flat_map(|x| [x.ptr(g), x.len() as u64]).chain(linears).chain(consts))
     }
 
     /// Launches the forward of a batch of shape `key` whose index arrays are already in
@@ -446,7 +478,7 @@ impl GpuModel {
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            ops::gemm::linear(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
+            linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
             mark!("gemm_qkv");
             ops::rope::rope_kv_store(
                 g,
@@ -478,21 +510,21 @@ impl GpuModel {
                 &mut ws.att,
             )?;
             mark!("attention");
-            ops::gemm::linear(g, gv, t, &ws.att, &l.wo, None, &mut ws.o)?;
+            linear_any(g, gv, t, &ws.att, &l.wo, None, &mut ws.o)?;
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            if gv.resolve(t, cfg.hidden) == GemmVariant::Skinny {
+            if l.w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
                 // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
-                ops::gemm::linear_swiglu(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act)?;
+                linear_swiglu_any(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act)?;
                 mark!("gemm_gate_up+swiglu");
             } else {
-                ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
+                linear_any(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
                 mark!("gemm_gate_up");
                 ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
                 mark!("swiglu");
             }
-            ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+            linear_any(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
             mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;

@@ -23,6 +23,7 @@
 use std::str::FromStr;
 
 use half::bf16;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -187,65 +188,71 @@ pub struct Fp8Matrix {
     pub layout: ScaleLayout,
 }
 
-/// Refuses a NaN or ∞ element of `w` with an error naming the tensor and the element.
-fn check_finite(name: &str, w: &[f32], k: usize) -> Result<()> {
-    match w.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::weights(
-            name,
-            format!("non-finite value {} at [{}, {}]: FP8 quantisation refuses NaN and ±inf", w[i], i / k, i % k),
-        )),
-    }
-}
-
 impl Fp8Matrix {
     /// Quantises an `[n, k]` f32 weight. Errors (naming `name`): a shape that does not match
     /// `w.len()`, or a NaN / ±∞ element.
     pub fn quantize(name: &str, w: &[f32], n: usize, k: usize, layout: ScaleLayout) -> Result<Self> {
-        if n == 0 || k == 0 || w.len() != n * k {
-            return Err(Error::weights(name, format!("{} elements is not a nonzero [{n}, {k}] matrix", w.len())));
-        }
-        check_finite(name, w, k)?;
-        let mut q = vec![0u8; n * k];
-        let scales = match layout {
-            ScaleLayout::Channel => {
-                let mut s = vec![0f32; n];
-                for r in 0..n {
-                    let row = &w[r * k..(r + 1) * k];
-                    s[r] = channel_scale(row.iter().fold(0f32, |m, v| m.max(v.abs())));
-                    for (d, v) in q[r * k..(r + 1) * k].iter_mut().zip(row) {
-                        *d = e4m3_encode(v / s[r]);
-                    }
-                }
-                s
-            }
-            ScaleLayout::Block128 => {
-                let (nb, kb) = (n.div_ceil(BLOCK), k.div_ceil(BLOCK));
-                let mut s = vec![0f32; nb * kb];
-                for bi in 0..nb {
-                    for bj in 0..kb {
-                        let (r0, r1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(n));
-                        let (c0, c1) = (bj * BLOCK, ((bj + 1) * BLOCK).min(k));
-                        let amax = (r0..r1).flat_map(|r| &w[r * k + c0..r * k + c1]).fold(0f32, |m, v| m.max(v.abs()));
-                        let sc = block_scale(amax);
-                        s[bi * kb + bj] = sc;
-                        for r in r0..r1 {
-                            for c in c0..c1 {
-                                q[r * k + c] = e4m3_encode(w[r * k + c] / sc);
-                            }
-                        }
-                    }
-                }
-                s
-            }
-        };
-        Self::from_parts(name, n, k, q, scales, layout)
+        Self::quantize_with(name, w, |v| v, n, k, layout)
     }
 
     /// [`Fp8Matrix::quantize`] of a bf16 weight.
     pub fn quantize_bf16(name: &str, w: &[bf16], n: usize, k: usize, layout: ScaleLayout) -> Result<Self> {
-        let f: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-        Self::quantize(name, &f, n, k, layout)
+        Self::quantize_with(name, w, bf16::to_f32, n, k, layout)
+    }
+
+    /// The quantiser over any element type (rayon over rows, or over 128-row bands of blocks).
+    fn quantize_with<T: Copy + Sync>(
+        name: &str,
+        w: &[T],
+        f: impl Fn(T) -> f32 + Sync,
+        n: usize,
+        k: usize,
+        layout: ScaleLayout,
+    ) -> Result<Self> {
+        if n == 0 || k == 0 || w.len() != n * k {
+            return Err(Error::weights(name, format!("{} elements is not a nonzero [{n}, {k}] matrix", w.len())));
+        }
+        if let Some(i) = w.par_iter().position_first(|&v| !f(v).is_finite()) {
+            return Err(Error::weights(
+                name,
+                format!("non-finite value {} at [{}, {}]: FP8 quantisation refuses NaN and ±inf", f(w[i]), i / k, i % k),
+            ));
+        }
+        let mut q = vec![0u8; n * k];
+        let scales = match layout {
+            ScaleLayout::Channel => {
+                let mut s = vec![0f32; n];
+                q.par_chunks_mut(k).zip(s.par_iter_mut()).zip(w.par_chunks(k)).for_each(|((qr, sr), row)| {
+                    *sr = channel_scale(row.iter().fold(0f32, |m, &v| m.max(f(v).abs())));
+                    for (d, &v) in qr.iter_mut().zip(row) {
+                        *d = e4m3_encode(f(v) / *sr);
+                    }
+                });
+                s
+            }
+            ScaleLayout::Block128 => {
+                let kb = k.div_ceil(BLOCK);
+                let mut s = vec![0f32; n.div_ceil(BLOCK) * kb];
+                // One band of up to 128 rows (and its row of scales) per task.
+                q.par_chunks_mut(BLOCK * k).zip(s.par_chunks_mut(kb)).zip(w.par_chunks(BLOCK * k)).for_each(
+                    |((qb, sb), band)| {
+                        let rows = band.len() / k;
+                        for (bj, sc) in sb.iter_mut().enumerate() {
+                            let (c0, c1) = (bj * BLOCK, ((bj + 1) * BLOCK).min(k));
+                            let amax = (0..rows).flat_map(|r| &band[r * k + c0..r * k + c1]).fold(0f32, |m, &v| m.max(f(v).abs()));
+                            *sc = block_scale(amax);
+                            for r in 0..rows {
+                                for c in c0..c1 {
+                                    qb[r * k + c] = e4m3_encode(f(band[r * k + c]) / *sc);
+                                }
+                            }
+                        }
+                    },
+                );
+                s
+            }
+        };
+        Self::from_parts(name, n, k, q, scales, layout)
     }
 
     /// An already quantised weight (a published FP8 checkpoint). Checks the code and scale

@@ -109,6 +109,9 @@ pub(super) fn pick_backend(cfg: &ModelConfig, opts: &EngineOptions) -> Result<()
     if opts.dtype == DType::Bf16 {
         return Err(Error::bad_input("dtype bf16: the CPU backend computes in f32 (use dtype auto or f32)"));
     }
+    if opts.weights != crate::quant::WeightFormat::Bf16 {
+        return Err(Error::bad_input(format!("weights {}: FP8 weights run on the GPU backend only", opts.weights)));
+    }
     let params = cfg.param_count();
     if params > CPU_MAX_PARAMS {
         return Err(Error::bad_input(format!(

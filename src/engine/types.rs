@@ -85,6 +85,9 @@ pub struct EngineOptions {
     /// Bytes the KV cache may take (every active sequence together). `None`: on the CPU no
     /// limit; on the GPU 90% of the device memory left free after the weights and workspace.
     pub kv_budget: Option<u64>,
+    /// Format of the linear layers' weights on the GPU (default bf16; FP8 quantises a bf16
+    /// checkpoint at load). The CPU backend runs bf16 checkpoints only.
+    pub weights: crate::quant::WeightFormat,
 }
 
 /// Parses a byte count: plain bytes (`1048576`) or a number with a binary suffix K, M, G or T

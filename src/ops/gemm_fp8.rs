@@ -296,6 +296,91 @@ fn fp8_impl<Y: GemmOut>(
     Ok(())
 }
 
+/// A linear layer's weight on the device in either format; [`linear_any`] and
+/// [`linear_swiglu_any`] run the matching GEMM.
+pub enum LinearWeight {
+    Bf16(DTensor<bf16>),
+    Fp8(Fp8Weight),
+}
+
+impl LinearWeight {
+    /// A bf16 device weight as `format` (FP8: quantised on the device, the bf16 copy dropped).
+    pub fn from_bf16(gpu: &Gpu, w: DTensor<bf16>, format: crate::quant::WeightFormat) -> Result<Self> {
+        match format {
+            crate::quant::WeightFormat::Bf16 => Ok(LinearWeight::Bf16(w)),
+            crate::quant::WeightFormat::Fp8(layout) => Ok(LinearWeight::Fp8(Fp8Weight::quantize(gpu, &w, layout)?)),
+        }
+    }
+
+    /// A host bf16 weight `[n, k]` named `name` as `format` (FP8: quantised on the host, so a
+    /// NaN or ±∞ weight is refused with an error naming the tensor).
+    pub fn upload(gpu: &Gpu, name: &str, w: &[bf16], dims: [usize; 2], format: crate::quant::WeightFormat) -> Result<Self> {
+        match format {
+            crate::quant::WeightFormat::Bf16 => Ok(LinearWeight::Bf16(gpu.upload(w, &dims)?)),
+            crate::quant::WeightFormat::Fp8(layout) => {
+                let m = Fp8Matrix::quantize_bf16(name, w, dims[0], dims[1], layout)?;
+                Ok(LinearWeight::Fp8(Fp8Weight::upload(gpu, &m)?))
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Bf16(w) => w.bytes(),
+            LinearWeight::Fp8(w) => w.bytes(),
+        }
+    }
+
+    /// (device address, element count) of each buffer, for graph-binding fingerprints.
+    pub fn fingerprint(&self, gpu: &Gpu) -> [u64; 4] {
+        match self {
+            LinearWeight::Bf16(w) => [w.ptr(gpu), w.len() as u64, 0, 0],
+            LinearWeight::Fp8(w) => [w.q.ptr(gpu), w.q.len() as u64, w.scales.ptr(gpu), w.scales.len() as u64],
+        }
+    }
+
+    /// Whether the gate|up projection of `t` rows runs with SwiGLU fused into its epilogue
+    /// (always for FP8; for bf16 where `variant` resolves to the skinny kernel).
+    pub fn fuses_swiglu(&self, variant: crate::ops::gemm::GemmVariant, t: usize, k: usize) -> bool {
+        match self {
+            LinearWeight::Bf16(_) => variant.resolve(t, k) == crate::ops::gemm::GemmVariant::Skinny,
+            LinearWeight::Fp8(_) => true,
+        }
+    }
+}
+
+/// `ops::gemm::linear` (bf16, by `variant`) or [`linear_fp8`], by the weight's format.
+pub fn linear_any<Y: GemmOut>(
+    gpu: &Gpu,
+    variant: crate::ops::gemm::GemmVariant,
+    t: usize,
+    x: &DTensor<bf16>,
+    w: &LinearWeight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    match w {
+        LinearWeight::Bf16(w) => crate::ops::gemm::linear(gpu, variant, t, x, w, bias, y),
+        LinearWeight::Fp8(w) => linear_fp8(gpu, t, x, w, bias, y),
+    }
+}
+
+/// `ops::gemm::linear_swiglu` (bf16) or [`linear_fp8_swiglu`], by the weight's format.
+pub fn linear_swiglu_any(
+    gpu: &Gpu,
+    variant: crate::ops::gemm::GemmVariant,
+    t: usize,
+    x: &DTensor<bf16>,
+    w_gate_up: &LinearWeight,
+    gu: &mut DTensor<bf16>,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    match w_gate_up {
+        LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
+        LinearWeight::Fp8(w) => linear_fp8_swiglu(gpu, t, x, w, act),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
