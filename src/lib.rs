@@ -45,6 +45,7 @@ pub mod cpu;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod fp8_fidelity;
 pub mod prelude;
 pub mod quant;
 pub mod tokenizer;

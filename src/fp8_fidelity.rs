@@ -1,0 +1,286 @@
+//! Fidelity of FP8 weights, measured the same way on any checkpoint: how far a model's FP8
+//! version is from its bf16 weights, per linear weight (relative Frobenius error) and at the
+//! final logits (relative error, top-1 agreement of the candidates).
+//!
+//! [`fake_quant`] makes the FP8 model as host weights: every linear layer replaced by what
+//! the W8A16 kernel multiplies (`Fp8Matrix::mma_operands` times the per-channel factor,
+//! rounded to bf16: exact for block scales, one extra 2⁻⁹ rounding for channel scales), so
+//! the f32 CPU backend runs the FP8 model and tests/gpu_fp8_model.rs can hold the GPU's FP8
+//! forward to it. [`compare_logits`] is the metric both use. [`commit_agreement`] decodes
+//! with a reference backend and, at every step, asks a second backend (the FP8 model) for its
+//! commits on the same canvas: the per-step commit agreement over whole decodes.
+use half::bf16;
+
+use crate::batch::RowBatch;
+use crate::decode::policy::{Policy, StepCtx};
+use crate::decode::step::{Commit, SeqWork, StepBackend};
+use crate::error::Result;
+use crate::quant::{Fp8Matrix, ScaleLayout};
+use crate::weights::HostWeights;
+
+/// Relative error of one linear weight: ‖W − deq(Q(W))‖ / ‖W‖.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WeightError {
+    pub layer: usize,
+    pub name: &'static str,
+    pub rel_err: f64,
+}
+
+/// `w` with every linear layer quantised to FP8 (`layout`) and dequantised back to bf16, and
+/// the per-weight relative errors. NaN / ±∞ weights are refused, naming the tensor.
+pub fn fake_quant(w: &HostWeights, layout: ScaleLayout) -> Result<(HostWeights, Vec<WeightError>)> {
+    let cfg = &w.cfg;
+    let (h, q, qkv, ffn) = (cfg.hidden, cfg.q_dim(), cfg.qkv_dim(), cfg.ffn);
+    let mut out = w.clone();
+    let mut errs = Vec::new();
+    for (i, l) in out.layers.iter_mut().enumerate() {
+        let parts: [(&'static str, &mut Vec<bf16>, usize, usize); 4] = [
+            ("q|k|v projection", &mut l.wqkv, qkv, h),
+            ("o projection", &mut l.wo, h, q),
+            ("gate|up projection", &mut l.w_gate_up, 2 * ffn, h),
+            ("down projection", &mut l.w_down, h, ffn),
+        ];
+        for (name, t, n, k) in parts {
+            let m = Fp8Matrix::quantize_bf16(&format!("layer {i} {name}"), t, n, k, layout)?;
+            let (ops, post) = m.mma_operands();
+            let (mut num, mut den) = (0f64, 0f64);
+            for (r, (row, orig)) in ops.chunks(k).zip(t.chunks_mut(k)).enumerate() {
+                for (o, &v) in orig.iter_mut().zip(row) {
+                    let deq = v * post[r];
+                    let x = o.to_f32();
+                    num += ((deq - x) as f64).powi(2);
+                    den += (x as f64).powi(2);
+                    *o = bf16::from_f32(deq);
+                }
+            }
+            errs.push(WeightError { layer: i, name, rel_err: (num / den.max(f64::MIN_POSITIVE)).sqrt() });
+        }
+    }
+    Ok((out, errs))
+}
+
+/// Logits of one model (`got`) against another (`want`), `[rows, vocab]` each.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LogitCmp {
+    pub rows: usize,
+    /// ‖got − want‖ / ‖want‖ over all logits.
+    pub rel_l2: f64,
+    /// Largest per-row max|got − want| / max|want|.
+    pub worst_row_rel: f64,
+    /// Rows whose argmax agrees, among rows whose `want` top-2 gap exceeds the tie gap.
+    pub top1_agree: usize,
+    /// Rows compared for top-1 (not near-ties).
+    pub top1_rows: usize,
+    /// Rows whose `want` top-2 gap is at most the tie gap (counted, not compared).
+    pub near_ties: usize,
+}
+
+impl LogitCmp {
+    /// Top-1 agreement as a fraction of the compared rows (1 when none is compared).
+    pub fn agreement(&self) -> f64 {
+        if self.top1_rows == 0 {
+            1.0
+        } else {
+            self.top1_agree as f64 / self.top1_rows as f64
+        }
+    }
+}
+
+/// Index of the largest value (ties to the lowest index) and the second largest value.
+fn top2(v: &[f32]) -> (usize, f32, f32) {
+    let (mut i1, mut v1, mut v2) = (0usize, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in v.iter().enumerate() {
+        if x > v1 {
+            v2 = v1;
+            i1 = i;
+            v1 = x;
+        } else if x > v2 {
+            v2 = x;
+        }
+    }
+    (i1, v1, v2)
+}
+
+/// Compares `got` with `want` row by row (see [`LogitCmp`]); `tie_gap` in logit units.
+pub fn compare_logits(got: &[f32], want: &[f32], vocab: usize, tie_gap: f32) -> LogitCmp {
+    let mut c = LogitCmp { rows: want.len() / vocab.max(1), ..Default::default() };
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut err = 0f32;
+        for (a, b) in g.iter().zip(w) {
+            err = err.max((a - b).abs());
+            num += ((a - b) as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        // A NaN anywhere makes the row's error NaN, which `max` would drop: count it as ∞.
+        let row = if g.iter().all(|v| v.is_finite()) { (err / scale) as f64 } else { f64::INFINITY };
+        c.worst_row_rel = c.worst_row_rel.max(row);
+        let (wi, w1, w2) = top2(w);
+        if w1 - w2 <= tie_gap {
+            c.near_ties += 1;
+        } else {
+            c.top1_rows += 1;
+            c.top1_agree += (top2(g).0 == wi) as usize;
+        }
+    }
+    c.rel_l2 = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+    c
+}
+
+/// A step backend whose canvas can be set from the host (the GPU keeps one on the device).
+pub trait CanvasBackend: StepBackend {
+    /// Makes sequence `seq`'s canvas `tokens` before a step.
+    fn load(&mut self, seq: usize, tokens: &[u32]) -> Result<()>;
+}
+
+impl CanvasBackend for crate::decode::cpu::CpuStepper {
+    fn load(&mut self, _seq: usize, _tokens: &[u32]) -> Result<()> {
+        Ok(()) // the CPU step reads the batch's tokens only
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CanvasBackend for crate::decode::gpu::GpuStepper {
+    fn load(&mut self, seq: usize, tokens: &[u32]) -> Result<()> {
+        self.load_canvas(seq, tokens)
+    }
+}
+
+/// Per-step commit agreement of two backends along the reference's trajectory.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CommitAgreement {
+    /// Steps (forwards) and sequence-steps (one commit decision each).
+    pub steps: usize,
+    pub seq_steps: usize,
+    /// Sequence-steps whose committed (slot, token) sets are identical.
+    pub same_commits: usize,
+    /// Slots committed by both, and of those, with the same token.
+    pub both_committed: usize,
+    pub same_token: usize,
+}
+
+impl CommitAgreement {
+    pub fn fraction(&self) -> f64 {
+        if self.seq_steps == 0 {
+            1.0
+        } else {
+            self.same_commits as f64 / self.seq_steps as f64
+        }
+    }
+}
+
+/// Decodes `prompts` (greedy, `schedule:S` per block of `block` slots, no cache: every step
+/// recomputes every row) with `reference`, and at every step runs `test` on the same canvas
+/// and batch, counting identical commit decisions. The canvas advances by the reference's
+/// commits. `gen` must be a multiple of `block`.
+pub fn commit_agreement(
+    reference: &mut dyn CanvasBackend,
+    test: &mut dyn CanvasBackend,
+    prompts: &[Vec<u32>],
+    gen: usize,
+    block: usize,
+    steps_per_block: u32,
+) -> Result<CommitAgreement> {
+    let cfg = reference.config().clone();
+    if block == 0 || gen % block != 0 || steps_per_block == 0 {
+        return Err(crate::error::Error::bad_input(format!(
+            "commit_agreement: block {block} must divide gen {gen}, steps > 0"
+        )));
+    }
+    let mask = cfg.mask_id;
+    let mut canvases: Vec<Vec<u32>> =
+        prompts.iter().map(|p| p.iter().copied().chain(std::iter::repeat_n(mask, gen)).collect()).collect();
+    let mut out = CommitAgreement::default();
+    let sorted = |v: &[Commit]| {
+        let mut v = v.to_vec();
+        v.sort_by_key(|c| c.pos);
+        v
+    };
+    for b in 0..gen / block {
+        let block_masked: Vec<u32> = vec![block as u32; prompts.len()];
+        for s in 0..steps_per_block {
+            let mut batch = RowBatch::full(&canvases);
+            batch.logit_rows.clear();
+            let mut work = Vec::with_capacity(prompts.len());
+            for (si, c) in canvases.iter().enumerate() {
+                let p = prompts[si].len();
+                let eligible: Vec<u32> = (p + b * block..p + (b + 1) * block).filter(|&i| c[i] == mask).map(|i| i as u32).collect();
+                let start = batch.seqs[si].row_start;
+                let mut logit_index = Vec::with_capacity(eligible.len());
+                for &pos in &eligible {
+                    let row = if cfg.shifted() { pos.max(1) - 1 } else { pos };
+                    logit_index.push(batch.logit_rows.len() as u32);
+                    batch.logit_rows.push(start + row);
+                }
+                let masked = eligible.len() as u32;
+                work.push(SeqWork {
+                    eligible,
+                    logit_index,
+                    policy: Policy::Schedule { steps: steps_per_block },
+                    ctx: StepCtx { step: s, block_masked: block_masked[si], masked },
+                    sampling: Default::default(),
+                    seed: 0,
+                    seq_id: si as u32,
+                    step: b as u32 * steps_per_block + s,
+                });
+            }
+            for (si, c) in canvases.iter().enumerate() {
+                reference.load(si, c)?;
+                test.load(si, c)?;
+            }
+            let want = reference.step(&batch, &work)?;
+            let got = test.step(&batch, &work)?;
+            out.steps += 1;
+            for (si, (w, g)) in want.iter().zip(&got).enumerate() {
+                out.seq_steps += 1;
+                out.same_commits += (sorted(w) == sorted(g)) as usize;
+                for c in w {
+                    if let Some(o) = g.iter().find(|o| o.pos == c.pos) {
+                        out.both_committed += 1;
+                        out.same_token += (o.token == c.token) as usize;
+                    }
+                }
+                for c in w {
+                    canvases[si][c.pos as usize] = c.token;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_counts_agreement_ties_and_errors() {
+        // Row 0: same argmax, small error; row 1: a near-tie; row 2: argmax flipped.
+        let want = [1.0, 3.0, 0.0, 2.0, 2.01, 0.0, 5.0, 1.0, 0.0];
+        let got = [1.1, 3.0, 0.0, 2.5, 2.0, 0.0, 1.0, 5.0, 0.0];
+        let c = compare_logits(&got, &want, 3, 0.05);
+        assert_eq!((c.rows, c.near_ties, c.top1_rows, c.top1_agree), (3, 1, 2, 1));
+        assert!((c.worst_row_rel - 0.8).abs() < 1e-6, "{}", c.worst_row_rel);
+        assert!((c.agreement() - 0.5).abs() < 1e-12);
+        let nan = compare_logits(&[f32::NAN, 0.0, 0.0], &want[..3], 3, 0.05);
+        assert!(nan.worst_row_rel.is_infinite());
+    }
+
+    #[test]
+    fn fake_quant_changes_only_linear_layers() {
+        let cfg = crate::config::ModelConfig::preset("tiny-llada").unwrap();
+        let w = crate::checkpoint::random_weights(&cfg, 4);
+        for layout in [ScaleLayout::Channel, ScaleLayout::Block128] {
+            let (q, errs) = fake_quant(&w, layout).unwrap();
+            assert_eq!(errs.len(), 4 * cfg.n_layers);
+            // E4M3 keeps 3 mantissa bits: about 2-3 % relative error on Gaussian weights.
+            for e in &errs {
+                assert!((0.005..0.05).contains(&e.rel_err), "{layout:?} {e:?}");
+            }
+            assert!(q.embed == w.embed && q.lm_head == w.lm_head && q.final_norm == w.final_norm);
+            assert!(q.layers[0].attn_norm == w.layers[0].attn_norm && q.layers[1].ffn_norm == w.layers[1].ffn_norm);
+            assert!(q.layers[0].wqkv != w.layers[0].wqkv);
+        }
+    }
+}
