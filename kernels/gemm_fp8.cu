@@ -440,3 +440,42 @@ extern "C" __global__ void encode_e4m3_f32(const float* x, uint8_t* q, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) q[i] = (uint8_t)__nv_cvt_float_to_fp8(x[i], __NV_SATFINITE, __NV_E4M3);
 }
+
+// Per-row activation quantisation for the W8A8 path (src/ops/gemm_w8a8.rs): row r of x
+// [t, k] bf16 → q[r, :] = e4m3(x / s[r]) with s[r] = max|x[r, :]| / 448 (1 for a zero row),
+// exactly as `quant::Fp8Matrix::quantize_bf16` with channel scales. One block per row.
+struct RowQuantParams {
+    const bf16* x;  // [>= t, k]
+    uint8_t* q;     // [>= t, k]
+    float* s;       // [>= t]
+    int t;
+    int k;
+};
+
+extern "C" __global__ void __launch_bounds__(256) quantize_rows_fp8_bf16(const RowQuantParams p) {
+    __shared__ float scratch[32];
+    pdl_wait();
+    pdl_trigger();
+    const int r = blockIdx.x;
+    const bf16* xr = p.x + (size_t)r * p.k;
+    float m = 0.f;
+    for (int i = threadIdx.x; i < p.k; i += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(xr[i])));
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
+        m = warp_max(m);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const float s = m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f;
+        scratch[0] = s;
+        p.s[r] = s;
+    }
+    __syncthreads();
+    const float s = scratch[0];
+    uint8_t* qr = p.q + (size_t)r * p.k;
+    for (int i = threadIdx.x; i < p.k; i += blockDim.x)
+        qr[i] = (uint8_t)__nv_cvt_float_to_fp8(__bfloat162float(xr[i]) / s, __NV_SATFINITE, __NV_E4M3);
+}

@@ -184,6 +184,8 @@ struct Workspace {
     act: DTensor<bf16>,
     sel: DTensor<bf16>,
     logits: DTensor<f32>,
+    /// FP8 channel-scaled weights with more than 64 rows of capacity: the W8A8 scratch.
+    w8a8: Option<ops::gemm_w8a8::W8a8>,
 }
 
 /// Per-layer K and V: `[cache_rows, n_kv_heads * head_dim]` bf16, post-RoPE.
@@ -243,6 +245,12 @@ impl GpuModel {
             act: gpu.alloc(&[t, cfg.ffn])?,
             sel: gpu.alloc(&[cap.logit_rows, h])?,
             logits: gpu.alloc(&[cap.logit_rows, cfg.vocab])?,
+            w8a8: match weights.format {
+                WeightFormat::Fp8(crate::quant::ScaleLayout::Channel) if t > ops::gemm::SKINNY_ROW_LIMIT => {
+                    Some(ops::gemm_w8a8::W8a8::new(&gpu, t, cfg.hidden.max(cfg.q_dim()).max(cfg.ffn))?)
+                }
+                _ => None,
+            },
         };
         let kvd = cfg.kv_dim();
         let mut cache = KvCache { k: Vec::new(), v: Vec::new(), rows: cap.cache_rows };
@@ -478,7 +486,7 @@ impl GpuModel {
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv)?;
+            linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
             mark!("gemm_qkv");
             ops::rope::rope_kv_store(
                 g,
@@ -510,21 +518,21 @@ impl GpuModel {
                 &mut ws.att,
             )?;
             mark!("attention");
-            linear_any(g, gv, t, &ws.att, &l.wo, None, &mut ws.o)?;
+            linear_any(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, ws.w8a8.as_mut())?;
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
             if l.w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
                 // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
-                linear_swiglu_any(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act)?;
+                linear_swiglu_any(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut())?;
                 mark!("gemm_gate_up+swiglu");
             } else {
-                linear_any(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
+                linear_any(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu, None)?;
                 mark!("gemm_gate_up");
                 ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
                 mark!("swiglu");
             }
-            linear_any(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
+            linear_any(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
             mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;

@@ -1,7 +1,9 @@
 //! The whole model with FP8 weights on the GPU (`--weights fp8` / `fp8-block`), on the tiny
 //! presets:
-//! - parity: the GPU FP8 forward against the f32 CPU forward of the same FP8 model
-//!   (`fp8_fidelity::fake_quant`), to the bf16-vs-f32 budget of tests/gpu_model.rs;
+//! - parity: the GPU FP8 forward (W8A16 kernel: a forward of ≤ 64 rows) against the f32 CPU
+//!   forward of the same FP8 model (`fp8_fidelity::fake_quant`), to the bf16-vs-f32 budget of
+//!   tests/gpu_model.rs; a 201-row forward (channel scales: the W8A8 path, which quantises the
+//!   activations too) within the fidelity bounds instead;
 //! - fidelity (printed, bounded): GPU FP8 logits against GPU bf16 logits, and per-step commit
 //!   agreement of FP8 with bf16 along bf16 decodes (`fp8_fidelity::commit_agreement`);
 //! - decoding: a batched dual-cache decode (CUDA graphs on) commits every slot and is
@@ -25,8 +27,8 @@ const LAYOUTS: [ScaleLayout; 2] = [ScaleLayout::Channel, ScaleLayout::Block128];
 const REL_TOL: f64 = 3e-2;
 const TIE_GAP: f32 = 0.05;
 
-fn seqs(vocab: usize) -> Vec<Vec<u32>> {
-    [37usize, 1, 99, 64].iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, vocab.min(500), 70 + i as u64)).collect()
+fn seqs(vocab: usize, lens: &[usize]) -> Vec<Vec<u32>> {
+    lens.iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, vocab.min(500), 70 + i as u64)).collect()
 }
 
 fn gpu_logits(gpu: &std::sync::Arc<demask::gpu::Gpu>, cfg: &ModelConfig, w: GpuWeights, s: &[Vec<u32>]) -> Vec<f32> {
@@ -41,36 +43,45 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
     for preset in common::PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let hw = common::sharp_weights(&cfg, 3);
-        let s = seqs(cfg.vocab);
-        let bf = gpu_logits(&gpu, &cfg, GpuWeights::upload(&gpu, &hw).unwrap(), &s);
-        for layout in LAYOUTS {
-            let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(layout)).unwrap();
-            assert!(w.bytes() < GpuWeights::upload(&gpu, &hw).unwrap().bytes());
-            let got = gpu_logits(&gpu, &cfg, w, &s);
-            let (q, _) = fake_quant(&hw, layout).unwrap();
-            let want = CpuModel::new(&q).unwrap().forward_full(&s).unwrap();
-            let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
-            println!(
-                "{preset} {}: GPU FP8 vs CPU f32 FP8 model: worst row error {:.3e}, top-1 {}/{} (near-ties {})",
-                layout.name(),
-                c.worst_row_rel,
-                c.top1_agree,
-                c.top1_rows,
-                c.near_ties
-            );
-            assert!(c.worst_row_rel <= REL_TOL, "{preset} {layout:?}: {c:?}");
-            assert!(c.top1_rows - c.top1_agree <= c.rows / 100, "{preset} {layout:?}: {c:?}");
-            let f = compare_logits(&got, &bf, cfg.vocab, TIE_GAP);
-            println!(
-                "{preset} {}: GPU FP8 vs GPU bf16: logits rel L2 {:.4}, worst row {:.4}, top-1 agreement {:.1} % (near-ties {})",
-                layout.name(),
-                f.rel_l2,
-                f.worst_row_rel,
-                100.0 * f.agreement(),
-                f.near_ties
-            );
-            // tests/fp8_fidelity.rs measures 3.7-3.8 % and 93-97 % on the CPU.
-            assert!(f.rel_l2 < 0.10 && f.agreement() >= 0.85, "{preset} {layout:?}: {f:?}");
+        for (lens, exact) in [(&[37usize, 1, 20][..], true), (&[37, 1, 99, 64][..], false)] {
+            let s = seqs(cfg.vocab, lens);
+            let rows: usize = lens.iter().sum();
+            let bf = gpu_logits(&gpu, &cfg, GpuWeights::upload(&gpu, &hw).unwrap(), &s);
+            for layout in LAYOUTS {
+                let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(layout)).unwrap();
+                assert!(w.bytes() < GpuWeights::upload(&gpu, &hw).unwrap().bytes());
+                let got = gpu_logits(&gpu, &cfg, w, &s);
+                let (q, _) = fake_quant(&hw, layout).unwrap();
+                let want = CpuModel::new(&q).unwrap().forward_full(&s).unwrap();
+                let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
+                println!(
+                    "{preset} {} {rows} rows: GPU FP8 vs CPU f32 FP8 model: rel L2 {:.3e}, worst row {:.3e}, top-1 {}/{} (near-ties {})",
+                    layout.name(),
+                    c.rel_l2,
+                    c.worst_row_rel,
+                    c.top1_agree,
+                    c.top1_rows,
+                    c.near_ties
+                );
+                if exact || layout == ScaleLayout::Block128 {
+                    assert!(c.worst_row_rel <= REL_TOL, "{preset} {layout:?} {rows} rows: {c:?}");
+                    assert!(c.top1_rows - c.top1_agree <= c.rows.div_ceil(100), "{preset} {layout:?}: {c:?}");
+                } else {
+                    // W8A8: E4M3 activations as well (tests/fp8_fidelity.rs bounds).
+                    assert!(c.rel_l2 < 0.10 && c.agreement() >= 0.85, "{preset} {layout:?} {rows} rows: {c:?}");
+                }
+                let f = compare_logits(&got, &bf, cfg.vocab, TIE_GAP);
+                println!(
+                    "{preset} {} {rows} rows: GPU FP8 vs GPU bf16: logits rel L2 {:.4}, worst row {:.4}, top-1 agreement {:.1} % (near-ties {})",
+                    layout.name(),
+                    f.rel_l2,
+                    f.worst_row_rel,
+                    100.0 * f.agreement(),
+                    f.near_ties
+                );
+                // tests/fp8_fidelity.rs measures 3.7-3.8 % and 93-97 % on the CPU.
+                assert!(f.rel_l2 < 0.10 && f.agreement() >= 0.85, "{preset} {layout:?}: {f:?}");
+            }
         }
     }
 }

@@ -23,6 +23,26 @@ pub fn linear_fp8_operands(x: &[f32], ops: &[f32], post: &[f32], bias: Option<&[
     }
 }
 
+/// Reference of the W8A8 path (`ops::gemm_w8a8`): rows of `x` (`[t, k]`, bf16 values)
+/// quantised per row to E4M3 as the weights are per channel, then
+/// `y[r, c] = sx[r] · sw[c] · Σ_k qx[r, k] · qw[c, k] (+ bias[c])` in f32. Channel-scaled
+/// weights only (panics otherwise: a test helper).
+pub fn linear_w8a8(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    assert_eq!(w.layout, crate::quant::ScaleLayout::Channel, "cpu::linear_w8a8: channel scales only");
+    let (n, k) = (w.n, w.k);
+    let t = x.len() / k;
+    let xq = Fp8Matrix::quantize("x", x, t, k, crate::quant::ScaleLayout::Channel).expect("finite activations");
+    let table = crate::quant::e4m3_table();
+    let xd: Vec<f32> = xq.q.iter().map(|&b| table[b as usize]).collect();
+    let wd: Vec<f32> = w.q.iter().map(|&b| table[b as usize]).collect();
+    super::gemm::linear(&xd, &wd, None, k, y);
+    for (r, row) in y.chunks_mut(n).enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = *v * xq.scales[r] * w.scales[c] + bias.map_or(0.0, |b| b[c]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +77,29 @@ mod tests {
             let err: f32 = y.iter().zip(&exact).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
             let norm: f32 = exact.iter().map(|b| b * b).sum::<f32>().sqrt();
             assert!(err / norm < 0.05 && err > 0.0, "{layout:?}: relative error {}", err / norm);
+        }
+    }
+
+    #[test]
+    fn w8a8_is_close_to_the_w8a16_product() {
+        // Quantising the activations too adds E4M3's error on x: a few % of |y|, not more.
+        let (t, n, k) = (4, 64, 256);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 3000.0).collect();
+        let x: Vec<f32> = (0..t * k).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 250.0).collect();
+        let m = Fp8Matrix::quantize("w", &w, n, k, ScaleLayout::Channel).unwrap();
+        let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+        linear_w8a8(&x, &m, None, &mut a);
+        linear_fp8(&x, &m, None, &mut b);
+        let err: f32 = a.iter().zip(&b).map(|(p, q)| (p - q).powi(2)).sum::<f32>().sqrt();
+        let norm: f32 = b.iter().map(|q| q * q).sum::<f32>().sqrt();
+        assert!(err > 0.0 && err / norm < 0.05, "relative difference {}", err / norm);
+        // Activations exactly representable (x = codes · 1, one row's max at 448) change nothing.
+        let xs: Vec<f32> = (0..k).map(|i| if i == 0 { 448.0 } else { e4m3_decode((i % 120) as u8) }).collect();
+        let (mut c, mut d) = (vec![0f32; n], vec![0f32; n]);
+        linear_w8a8(&xs, &m, None, &mut c);
+        linear_fp8(&xs, &m, None, &mut d);
+        for (p, q) in c.iter().zip(&d) {
+            assert!((p - q).abs() <= 1e-3 * q.abs().max(1.0), "{p} vs {q}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! that build.rs embedded, typed device tensors, events. Everything here sits behind the
 //! `cuda` feature; a machine without libcuda gets `Error::NoCuda`, never a panic.
 pub mod gemm;
+pub mod gemm_fp8lt;
 pub mod graph;
 pub mod launch;
 pub mod nvtx;

@@ -4,8 +4,8 @@
 //!
 //! The kernel is the skinny GEMM's design (`ops::gemm`: 128-row slabs, cluster split-K over
 //! 128-column stages) for t ≤ 64 rows. Larger row counts (a full-canvas refresh step) run it
-//! on successive 64-row chunks, reading W once per chunk: correct, but ⌈t/64⌉ weight reads
-//! where a W8A8 tensor-core GEMM (not built yet) would read it once.
+//! on successive 64-row chunks, reading W once per chunk: correct, but ⌈t/64⌉ weight reads;
+//! [`linear_any`] sends them to the W8A8 path (`ops::gemm_w8a8`) where it applies.
 //! [`Fp8Weight::quantize`] quantises a device bf16 weight in place of the host path (for
 //! weights synthesised on the GPU), with the same scales and codes as `quant::Fp8Matrix`.
 use cudarc::driver::PushKernelArg;
@@ -16,6 +16,7 @@ use crate::gpu::gemm::{GemmOut, OutType};
 use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{drv, DTensor, Gpu};
 use crate::ops::gemm::{skinny_plan, SkinnyConfig, SKINNY_ROW_LIMIT};
+use crate::ops::gemm_w8a8::W8a8;
 use crate::quant::{Fp8Matrix, ScaleLayout, BLOCK};
 
 const OP: &str = "gemm_fp8";
@@ -349,7 +350,10 @@ impl LinearWeight {
     }
 }
 
-/// `ops::gemm::linear` (bf16, by `variant`) or [`linear_fp8`], by the weight's format.
+/// `ops::gemm::linear` (bf16, by `variant`), or for FP8 weights the W8A16 kernel up to 64
+/// rows and above that the W8A8 path (`w8a8`, where it takes the shape; else the W8A16 kernel
+/// in 64-row chunks).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_any<Y: GemmOut>(
     gpu: &Gpu,
     variant: crate::ops::gemm::GemmVariant,
@@ -358,14 +362,25 @@ pub fn linear_any<Y: GemmOut>(
     w: &LinearWeight,
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
+    w8a8: Option<&mut W8a8>,
 ) -> Result<()> {
     match w {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear(gpu, variant, t, x, w, bias, y),
-        LinearWeight::Fp8(w) => linear_fp8(gpu, t, x, w, bias, y),
+        LinearWeight::Fp8(w) => {
+            if t > SKINNY_ROW_LIMIT {
+                if let Some(m) = w8a8.filter(|m| m.takes::<Y>(t, w)) {
+                    if m.linear(gpu, t, x, w, bias, y)? {
+                        return Ok(());
+                    }
+                }
+            }
+            linear_fp8(gpu, t, x, w, bias, y)
+        }
     }
 }
 
-/// `ops::gemm::linear_swiglu` (bf16) or [`linear_fp8_swiglu`], by the weight's format.
+/// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or above 64 rows the
+/// W8A8 GEMM into `gu` followed by `ops::swiglu` where `w8a8` takes the shape.
 pub fn linear_swiglu_any(
     gpu: &Gpu,
     variant: crate::ops::gemm::GemmVariant,
@@ -374,10 +389,20 @@ pub fn linear_swiglu_any(
     w_gate_up: &LinearWeight,
     gu: &mut DTensor<bf16>,
     act: &mut DTensor<bf16>,
+    w8a8: Option<&mut W8a8>,
 ) -> Result<()> {
     match w_gate_up {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
-        LinearWeight::Fp8(w) => linear_fp8_swiglu(gpu, t, x, w, act),
+        LinearWeight::Fp8(w) => {
+            if t > SKINNY_ROW_LIMIT {
+                if let Some(m) = w8a8.filter(|m| m.takes::<bf16>(t, w)) {
+                    if m.linear(gpu, t, x, w, None, gu)? {
+                        return crate::ops::swiglu::swiglu(gpu, t, gu, act);
+                    }
+                }
+            }
+            linear_fp8_swiglu(gpu, t, x, w, act)
+        }
     }
 }
 
