@@ -61,7 +61,7 @@ fn check(gpu: &Gpu, m: &mut W8a8, n: usize, k: usize, t: usize, bias: bool, seed
     let bt = normal(gpu, &[n], seed + 2, 0.5);
     let mut y = gpu.upload(&vec![bf16::NAN; (t + 1) * n], &[t + 1, n]).unwrap();
     let ran = m.linear(gpu, t, &x, &w, bias.then_some(&bt), &mut y).unwrap();
-    assert!(ran, "cuBLASLt has no FP8 GEMM with outer-vector (per-row × per-channel) scales here");
+    assert!(ran, "cuBLASLt has no FP8 GEMM with outer-vector (per-row × per-channel) scales here (bias epilogue: {bias})");
     let got: Vec<f32> = y.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect();
     assert!(got[t * n..].iter().all(|v| v.is_nan()), "{n}x{k} t={t}: row t written");
     let wm = w.to_host(gpu).unwrap();
@@ -93,7 +93,7 @@ fn w8a8_matches_the_reference() {
         check(&gpu, &mut m, n, k, t, i % 2 == 0, 40 + i as u64);
         check(&gpu, &mut m, n, k, t.min(97), i % 2 == 1, 90 + i as u64);
     }
-    assert_eq!(m.supported(), Some(true));
+    assert_eq!((m.supported(), m.supported_with_bias()), (Some(true), Some(true)));
 }
 
 #[test]

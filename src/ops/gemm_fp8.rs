@@ -368,7 +368,7 @@ pub fn linear_any<Y: GemmOut>(
         LinearWeight::Bf16(w) => crate::ops::gemm::linear(gpu, variant, t, x, w, bias, y),
         LinearWeight::Fp8(w) => {
             if t > SKINNY_ROW_LIMIT {
-                if let Some(m) = w8a8.filter(|m| m.takes::<Y>(t, w)) {
+                if let Some(m) = w8a8.filter(|m| m.takes::<Y>(t, w, bias.is_some())) {
                     if m.linear(gpu, t, x, w, bias, y)? {
                         return Ok(());
                     }
@@ -395,7 +395,7 @@ pub fn linear_swiglu_any(
         LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
         LinearWeight::Fp8(w) => {
             if t > SKINNY_ROW_LIMIT {
-                if let Some(m) = w8a8.filter(|m| m.takes::<bf16>(t, w)) {
+                if let Some(m) = w8a8.filter(|m| m.takes::<bf16>(t, w, false)) {
                     if m.linear(gpu, t, x, w, None, gu)? {
                         return crate::ops::swiglu::swiglu(gpu, t, gu, act);
                     }

@@ -70,25 +70,30 @@ pub struct W8a8 {
     xq: DTensor<u8>,
     sx: DTensor<f32>,
     k_max: usize,
-    /// `None` until the first GEMM; `Some(false)` when cuBLASLt has no FP8 algorithm with
-    /// outer-vector scales (then every call falls back to the chunked W8A16 kernel).
-    supported: Option<bool>,
+    /// Without and with the bias epilogue: `None` until the first GEMM of that kind;
+    /// `Some(false)` when cuBLASLt has no FP8 algorithm with outer-vector scales for it (then
+    /// those calls fall back to the chunked W8A16 kernel).
+    supported: [Option<bool>; 2],
 }
 
 impl W8a8 {
     pub fn new(gpu: &Gpu, rows: usize, k_max: usize) -> Result<Self> {
-        Ok(W8a8 { lt: Fp8Lt::new(gpu)?, xq: gpu.alloc(&[rows.max(1), k_max])?, sx: gpu.alloc(&[rows.max(1)])?, k_max, supported: None })
+        Ok(W8a8 { lt: Fp8Lt::new(gpu)?, xq: gpu.alloc(&[rows.max(1), k_max])?, sx: gpu.alloc(&[rows.max(1)])?, k_max, supported: [None; 2] })
     }
 
-    /// Whether the cuBLASLt FP8 path runs here (`None`: not tried yet).
+    /// Whether the cuBLASLt FP8 path runs here, without a bias (`None`: not tried yet).
     pub fn supported(&self) -> Option<bool> {
-        self.supported
+        self.supported[0]
+    }
+    /// The same with the bias epilogue (Dream's q|k|v projection).
+    pub fn supported_with_bias(&self) -> Option<bool> {
+        self.supported[1]
     }
 
-    /// Whether [`W8a8::linear`] takes `t` rows of `w` into a `Y` output (else the caller uses
-    /// the W8A16 kernel).
-    pub fn takes<Y: GemmOut>(&self, t: usize, w: &Fp8Weight) -> bool {
-        self.supported != Some(false)
+    /// Whether [`W8a8::linear`] takes `t` rows of `w` into a `Y` output, with a bias or not
+    /// (else the caller uses the W8A16 kernel).
+    pub fn takes<Y: GemmOut>(&self, t: usize, w: &Fp8Weight, bias: bool) -> bool {
+        self.supported[bias as usize] != Some(false)
             && w.layout == ScaleLayout::Channel
             && Y::OUT == OutType::Bf16
             && t <= self.sx.len()
@@ -107,7 +112,8 @@ impl W8a8 {
         y: &mut DTensor<Y>,
     ) -> Result<bool> {
         let (n, k) = (w.n(), w.k());
-        if !self.takes::<Y>(t, w) {
+        let bi = bias.is_some() as usize;
+        if !self.takes::<Y>(t, w, bias.is_some()) {
             return Err(Error::bad_input(format!(
                 "{OP}: {t} rows of a {:?} weight [{n}, {k}] into {:?} output: needs channel scales, bf16 output, \
                  t <= {} and k <= {}",
@@ -145,12 +151,12 @@ impl W8a8 {
         );
         match r {
             Ok(()) => {
-                self.supported = Some(true);
+                self.supported[bi] = Some(true);
                 Ok(true)
             }
             // No algorithm at the first plan: remember, and let the caller fall back.
-            Err(Error::Driver { op, .. }) if op.starts_with("cublasLtMatmulAlgoGetHeuristic") && self.supported.is_none() => {
-                self.supported = Some(false);
+            Err(Error::Driver { op, .. }) if op.starts_with("cublasLtMatmulAlgoGetHeuristic") && self.supported[bi].is_none() => {
+                self.supported[bi] = Some(false);
                 Ok(false)
             }
             Err(e) => Err(e),
