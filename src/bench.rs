@@ -400,6 +400,7 @@ mod tests {
         // docs/bench.md: ≈ 8.0 GB of FP8 weights (LM head bf16), a batch-1 step ≈ 2.6-2.7 ms.
         assert_eq!(f8.bound, "memory");
         assert!((2.55..2.8).contains(&f8.floor_ms), "{}", f8.floor_ms);
+        eprintln!("W1 dual floor: bf16 {:.3} ms ({:.3} GB), fp8 {:.3} ms ({:.3} GB)", bf.floor_ms, bf.bytes / 1e9, f8.floor_ms, f8.bytes / 1e9);
         assert_eq!(f8.flops, bf.flops);
     }
 

@@ -183,7 +183,7 @@ pub fn commit_agreement(
     steps_per_block: u32,
 ) -> Result<CommitAgreement> {
     let cfg = reference.config().clone();
-    if block == 0 || gen % block != 0 || steps_per_block == 0 {
+    if block == 0 || !gen.is_multiple_of(block) || steps_per_block == 0 {
         return Err(crate::error::Error::bad_input(format!(
             "commit_agreement: block {block} must divide gen {gen}, steps > 0"
         )));

@@ -165,7 +165,8 @@ impl Problem {
             for c in 0..n {
                 let want = self.want[r * n + c] + if bias { self.bias_f[c] } else { 0.0 };
                 let g = got[r * n + c];
-                if !((g - want).abs() <= atol + rtol * want.abs()) {
+                let ok = (g - want).abs() <= atol + rtol * want.abs(); // false for NaN
+                if !ok {
                     bad.push((r, c, g, want));
                 }
             }

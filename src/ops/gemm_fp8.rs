@@ -381,6 +381,7 @@ pub fn linear_any<Y: GemmOut>(
 
 /// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or above 64 rows the
 /// W8A8 GEMM into `gu` followed by `ops::swiglu` where `w8a8` takes the shape.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_swiglu_any(
     gpu: &Gpu,
     variant: crate::ops::gemm::GemmVariant,
