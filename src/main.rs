@@ -11,6 +11,7 @@ use demask::config::{ModelConfig, PRESETS};
 
 mod bench_cli;
 mod bench_decode;
+mod fidelity_cli;
 mod generate_cli;
 
 #[derive(Parser)]
@@ -53,6 +54,8 @@ enum Cmd {
     Generate(generate_cli::GenerateArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
+    /// Measure FP8 weights against bf16: weight, logit and per-step commit agreement.
+    Fidelity(fidelity_cli::FidelityArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => generate_cli::run(a),
         Cmd::Profile(a) => profile_cmd(a),
         Cmd::Doctor => doctor(),
+        Cmd::Fidelity(a) => fidelity_cli::run(a),
     }
 }
 

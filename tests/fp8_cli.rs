@@ -45,3 +45,24 @@ fn fp8_generate_on_the_cpu_is_refused() {
     refused(&["generate", "--model", d, "--device", "cpu", "--weights", "int4", "--prompt-ids", "1,2", "--gen-len", "8", "--policy", "threshold:0.9"], &["--weights", "int4"]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn fidelity_command_reports_on_the_cpu() {
+    let json = std::env::temp_dir().join(format!("demask-fp8-fid-{}.json", std::process::id()));
+    let j = json.to_str().unwrap();
+    let out = demask(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--json", j]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("top-1 agreement") && stdout.contains("commits per step"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    assert_eq!(v["format"], "fp8");
+    let rel = v["logits_fp8_vs_bf16"]["rel_l2"].as_f64().unwrap();
+    assert!(rel > 0.0 && rel < 0.1, "{rel}");
+    assert_eq!(v["commits"]["seq_steps"], 3 * 4 * 4); // 3 prompts, gen 32 / block 8, 4 steps each
+    assert_eq!(v["weights"].as_array().unwrap().len(), 4 * 2); // 4 linear weights × 2 layers
+    // Refusals: a bf16 "FP8 format", an 8B model on the CPU, neither --model nor --preset.
+    refused(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--weights", "bf16"], &["--weights bf16", "FP8"]);
+    refused(&["fidelity", "--preset", "llada-8b", "--device", "cpu"], &["too large for the CPU"]);
+    refused(&["fidelity", "--device", "cpu"], &["--model", "--preset"]);
+}

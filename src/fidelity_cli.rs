@@ -1,0 +1,168 @@
+//! `demask fidelity`: how far a model's FP8 version is from its bf16 weights, on a checkpoint
+//! or a preset with random weights — per linear weight, at the final logits (against bf16 and,
+//! for models the CPU can run, against the f32 reference), and per decode step (commit
+//! agreement along the bf16 model's decodes). The measurement is `demask::fp8_fidelity`.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use demask::config::ModelConfig;
+use demask::cpu::forward::CpuModel;
+use demask::decode::cpu::CpuStepper;
+use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant, CommitAgreement, LogitCmp, WeightError};
+use demask::quant::WeightFormat;
+use demask::weights::HostWeights;
+
+/// Models the CPU reference runs (f32 copies of the weights).
+const CPU_MAX_PARAMS: u64 = 2_000_000_000;
+/// Top-2 gap (logit units) under which a row is a near-tie (counted, not compared).
+const TIE_GAP: f32 = 0.05;
+
+#[derive(clap::Args)]
+pub struct FidelityArgs {
+    /// Checkpoint directory (its bf16 weights are the reference).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Or a built-in preset with random weights (tiny-llada, tiny-dream, llada-8b, dream-7b).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Seed of the random weights and prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// FP8 format to measure: fp8 (per-channel scales) or fp8-block (128×128 blocks).
+    #[arg(long, default_value = "fp8")]
+    pub weights: String,
+    /// auto, cpu or cuda[:N]. The CPU runs the FP8 model as f32 (tiny models).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Sequences (random prompts) and their prompt length.
+    #[arg(long, default_value_t = 3)]
+    pub seqs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Decode: generated tokens, block length and schedule steps per block.
+    #[arg(long, default_value_t = 32)]
+    pub gen_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub block_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub steps: u32,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn print_logits(what: &str, c: &LogitCmp) {
+    println!(
+        "{what}: rel L2 {:.4}, worst row {:.4}, top-1 agreement {}/{} ({:.1} %), near-ties {}",
+        c.rel_l2,
+        c.worst_row_rel,
+        c.top1_agree,
+        c.top1_rows,
+        100.0 * c.agreement(),
+        c.near_ties
+    );
+}
+
+fn print_commits(a: &CommitAgreement) {
+    println!(
+        "commits per step (FP8 on the bf16 model's canvas, {} steps): identical sets {}/{} ({:.1} %), same token on {}/{} shared slots",
+        a.steps,
+        a.same_commits,
+        a.seq_steps,
+        100.0 * a.fraction(),
+        a.same_token,
+        a.both_committed
+    );
+}
+
+fn print_weights(errs: &[WeightError]) {
+    let worst = errs.iter().max_by(|a, b| a.rel_err.total_cmp(&b.rel_err));
+    let mean = errs.iter().map(|e| e.rel_err).sum::<f64>() / errs.len().max(1) as f64;
+    if let Some(w) = worst {
+        println!("weights: {} linear weights, relative error mean {mean:.4}, worst {:.4} (layer {} {})", errs.len(), w.rel_err, w.layer, w.name);
+    }
+}
+
+pub fn run(a: FidelityArgs) -> Result<()> {
+    let format: WeightFormat = a.weights.parse().context("--weights")?;
+    let WeightFormat::Fp8(layout) = format else { bail!("--weights {format}: pick an FP8 format (fp8 or fp8-block)") };
+    let (cfg, host): (ModelConfig, Option<HostWeights>) = match (&a.model, &a.preset) {
+        (Some(dir), None) => {
+            let w = HostWeights::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+            (w.cfg.clone(), Some(w))
+        }
+        (None, Some(p)) => (ModelConfig::preset(p)?, None),
+        _ => bail!("give exactly one of --model and --preset"),
+    };
+    if a.block_len == 0 || a.gen_len % a.block_len != 0 || a.steps == 0 || a.seqs == 0 {
+        bail!("--block-len must divide --gen-len, and --steps and --seqs must be positive");
+    }
+    let vocab_hi = cfg.vocab.min(cfg.mask_id as usize);
+    let prompts: Vec<Vec<u32>> =
+        (0..a.seqs).map(|i| demask::bench::synthetic_tokens(a.prompt_len, vocab_hi, a.seed + 100 + i as u64)).collect();
+    let small = cfg.param_count() <= CPU_MAX_PARAMS;
+    // Small presets get host random weights (so the f32 CPU reference sees the same model);
+    // large ones are synthesised on the device.
+    let host = host.or_else(|| small.then(|| demask::checkpoint::random_weights(&cfg, a.seed)));
+    let device = crate::bench_cli::pick_device(&a.device)?;
+    println!("fidelity of {format} ({}) against bf16: {}", layout.name(), a.model.as_ref().map_or_else(|| a.preset.clone().unwrap_or_default(), |d| d.display().to_string()));
+    let mut report = serde_json::json!({ "format": format.name() });
+    match device {
+        crate::bench_cli::Device::Cpu => {
+            if !small {
+                bail!("{} parameters is too large for the CPU backend; run on a GPU", cfg.param_count());
+            }
+            let w = host.expect("small models have host weights");
+            let (q, errs) = fake_quant(&w, layout)?;
+            print_weights(&errs);
+            let want = CpuModel::new(&w)?.forward_full(&prompts)?;
+            let got = CpuModel::new(&q)?.forward_full(&prompts)?;
+            let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
+            print_logits("logits, FP8 vs bf16 (f32 CPU)", &c);
+            let rows = a.seqs * (a.prompt_len + a.gen_len);
+            let ag = commit_agreement(&mut CpuStepper::new(&w, rows)?, &mut CpuStepper::new(&q, rows)?, &prompts, a.gen_len, a.block_len, a.steps)?;
+            print_commits(&ag);
+            report["weights"] = serde_json::to_value(&errs)?;
+            report["logits_fp8_vs_bf16"] = serde_json::to_value(&c)?;
+            report["commits"] = serde_json::to_value(&ag)?;
+        }
+        #[cfg(feature = "cuda")]
+        crate::bench_cli::Device::Cuda(gpu) => {
+            use demask::decode::gpu::GpuStepper;
+            use demask::model::{Capacity, GpuWeights};
+            let (bw, fw) = match &host {
+                Some(h) => {
+                    let (_, errs) = fake_quant(h, layout)?;
+                    print_weights(&errs);
+                    report["weights"] = serde_json::to_value(&errs)?;
+                    (GpuWeights::upload(&gpu, h)?, GpuWeights::upload_as(&gpu, h, format)?)
+                }
+                None => (GpuWeights::synthesize(&gpu, &cfg, a.seed)?, GpuWeights::synthesize_as(&gpu, &cfg, a.seed, format)?),
+            };
+            let rows = a.seqs * (a.prompt_len + a.gen_len);
+            let cap = Capacity { rows, logit_rows: rows, cache_rows: rows, seqs: a.seqs };
+            let mut rb = GpuStepper::with_weights(gpu.clone(), cfg.clone(), bw, cap)?;
+            let mut rf = GpuStepper::with_weights(gpu.clone(), cfg.clone(), fw, cap)?;
+            let canv: Vec<Vec<u32>> =
+                prompts.iter().enumerate().map(|(i, p)| [p.clone(), demask::bench::synthetic_tokens(a.gen_len, vocab_hi, a.seed + 200 + i as u64)].concat()).collect();
+            let lb = rb.model_mut().forward_full(&canv)?;
+            let lf = rf.model_mut().forward_full(&canv)?;
+            let c = compare_logits(&lf, &lb, cfg.vocab, TIE_GAP);
+            print_logits("logits, GPU FP8 vs GPU bf16", &c);
+            report["logits_fp8_vs_bf16"] = serde_json::to_value(&c)?;
+            if let Some(w) = host.as_ref().filter(|_| small) {
+                let want = CpuModel::new(w)?.forward_full(&canv)?;
+                let cb = compare_logits(&lb, &want, cfg.vocab, TIE_GAP);
+                let cf = compare_logits(&lf, &want, cfg.vocab, TIE_GAP);
+                print_logits("logits, GPU bf16 vs f32 CPU reference", &cb);
+                print_logits("logits, GPU FP8 vs f32 CPU reference", &cf);
+                report["logits_bf16_vs_f32"] = serde_json::to_value(&cb)?;
+                report["logits_fp8_vs_f32"] = serde_json::to_value(&cf)?;
+            }
+            let ag = commit_agreement(&mut rb, &mut rf, &prompts, a.gen_len, a.block_len, a.steps)?;
+            print_commits(&ag);
+            report["commits"] = serde_json::to_value(&ag)?;
+        }
+    }
+    crate::bench_cli::write_json(a.json.as_ref(), report)
+}
