@@ -166,3 +166,22 @@ pub fn run(a: FidelityArgs) -> Result<()> {
     }
     crate::bench_cli::write_json(a.json.as_ref(), report)
 }
+
+/// `make-checkpoint --weights`: whether the checkpoint is to be written as FP8 (refuses an
+/// unknown value before anything is written).
+pub fn checkpoint_fp8(weights: &str) -> Result<bool> {
+    match weights {
+        "bf16" => Ok(false),
+        "fp8" | "fp8-block" => Ok(true),
+        other => bail!("--weights {other}: expected bf16 or fp8"),
+    }
+}
+
+/// Rewrites the bf16 checkpoint just written in `out` in the published FP8 layout
+/// (`weights::fp8::convert_to_fp8`).
+pub fn convert_to_fp8(preset: &str, out: &std::path::Path) -> Result<()> {
+    let cfg = ModelConfig::preset(preset)?;
+    demask::weights::fp8::convert_to_fp8(out, &cfg)?;
+    eprintln!("linear weights rewritten as FP8 (E4M3, 128x128 weight_scale_inv block scales)");
+    Ok(())
+}

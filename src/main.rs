@@ -37,6 +37,10 @@ enum Cmd {
         /// Replace a checkpoint already in --out.
         #[arg(long)]
         overwrite: bool,
+        /// bf16, or fp8: linear weights in the published FP8 layout (E4M3 + 128×128
+        /// `weight_scale_inv` block scales).
+        #[arg(long, default_value = "bf16")]
+        weights: String,
     },
     /// Print a checkpoint's architecture, size and any problem found (reads headers and the
     /// tokenizer, not the weights); exits with status 1 when it finds a problem.
@@ -83,7 +87,14 @@ struct ProfileArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::MakeCheckpoint { preset, seed, out, overwrite } => make_checkpoint(&preset, seed, &out, overwrite),
+        Cmd::MakeCheckpoint { preset, seed, out, overwrite, weights } => {
+            let fp8 = fidelity_cli::checkpoint_fp8(&weights)?;
+            make_checkpoint(&preset, seed, &out, overwrite)?;
+            if fp8 {
+                fidelity_cli::convert_to_fp8(&preset, &out)?;
+            }
+            Ok(())
+        }
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Bench(a) => bench_cli::run(a),
         Cmd::Generate(a) => generate_cli::run(a),

@@ -20,6 +20,8 @@ use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
 use crate::quant::WeightFormat;
 use crate::weights::HostWeights;
 
+mod upload;
+
 /// One layer's weights. The linear layers are bf16 or FP8 (`--weights`); norms and the bias
 /// stay bf16.
 pub struct GpuLayer {
@@ -59,7 +61,7 @@ pub struct GpuWeights {
 }
 
 /// Shapes of every weight tensor of `cfg`, in one place for upload and synthesis.
-struct Shapes {
+pub(crate) struct Shapes {
     hidden: usize,
     qkv: usize,
     q: usize,
@@ -68,7 +70,7 @@ struct Shapes {
 }
 
 impl Shapes {
-    fn of(cfg: &ModelConfig) -> Self {
+    pub(crate) fn of(cfg: &ModelConfig) -> Self {
         Shapes { hidden: cfg.hidden, qkv: cfg.qkv_dim(), q: cfg.q_dim(), ffn: cfg.ffn, vocab: cfg.vocab }
     }
 }
@@ -79,75 +81,11 @@ impl GpuWeights {
         Self::upload_as(gpu, w, WeightFormat::Bf16)
     }
 
-    /// Copies host weights to the device with the linear layers in `format` (FP8: quantised
-    /// on the host; a NaN or ±∞ weight is refused with an error naming the layer's tensor).
-    pub fn upload_as(gpu: &Gpu, w: &HostWeights, format: WeightFormat) -> Result<Self> {
-        let s = Shapes::of(&w.cfg);
-        let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
-        let lin = |i: usize, name: &str, v: &[bf16], dims: [usize; 2]| {
-            LinearWeight::upload(gpu, &format!("layer {i} {name}"), v, dims, format)
-        };
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for (i, l) in w.layers.iter().enumerate() {
-            layers.push(GpuLayer {
-                attn_norm: up(&l.attn_norm, &[s.hidden])?,
-                wqkv: lin(i, "q|k|v projection", &l.wqkv, [s.qkv, s.hidden])?,
-                bqkv: l.bqkv.as_deref().map(|b| up(b, &[s.qkv])).transpose()?,
-                wo: lin(i, "o projection", &l.wo, [s.hidden, s.q])?,
-                ffn_norm: up(&l.ffn_norm, &[s.hidden])?,
-                w_gate_up: lin(i, "gate|up projection", &l.w_gate_up, [2 * s.ffn, s.hidden])?,
-                w_down: lin(i, "down projection", &l.w_down, [s.hidden, s.ffn])?,
-            });
-        }
-        Ok(GpuWeights {
-            embed: up(&w.embed, &[s.vocab, s.hidden])?,
-            layers,
-            final_norm: up(&w.final_norm, &[s.hidden])?,
-            lm_head: up(&w.lm_head, &[s.vocab, s.hidden])?,
-            format,
-        })
-    }
-
     /// Random weights of the exact architecture, generated on the device (no host copy), with
     /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
     /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
     pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
         Self::synthesize_as(gpu, cfg, seed, WeightFormat::Bf16)
-    }
-
-    /// [`GpuWeights::synthesize`] with the linear layers in `format` (FP8: each bf16 weight
-    /// quantised on the device as it is made, so the bf16 model is never resident at once).
-    pub fn synthesize_as(gpu: &Gpu, cfg: &ModelConfig, seed: u64, format: WeightFormat) -> Result<Self> {
-        let s = Shapes::of(cfg);
-        let mut counter = 0u64;
-        let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {
-            let mut t = gpu.alloc::<bf16>(dims)?;
-            counter += 1;
-            ops::fill::fill_normal(gpu, &mut t, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ counter, mean, std)?;
-            Ok(t)
-        };
-        let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
-            // Same generation order as the bf16 model, so both formats quantise the same weights.
-            let attn_norm = gen(&[s.hidden], 1.0, 0.1)?;
-            let wqkv = LinearWeight::from_bf16(gpu, gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?, format)?;
-            let bqkv = if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None };
-            let wo = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.q], 0.0, inv(s.q))?, format)?;
-            let ffn_norm = gen(&[s.hidden], 1.0, 0.1)?;
-            let w_gate_up = LinearWeight::from_bf16(gpu, gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?, format)?;
-            let w_down = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?, format)?;
-            layers.push(GpuLayer { attn_norm, wqkv, bqkv, wo, ffn_norm, w_gate_up, w_down });
-        }
-        let w = GpuWeights {
-            embed: gen(&[s.vocab, s.hidden], 0.0, 1.0)?,
-            layers,
-            final_norm: gen(&[s.hidden], 1.0, 0.1)?,
-            lm_head: gen(&[s.vocab, s.hidden], 0.0, inv(s.hidden))?,
-            format,
-        };
-        gpu.synchronize()?;
-        Ok(w)
     }
 
     pub fn bytes(&self) -> usize {

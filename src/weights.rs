@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 
+pub mod fp8;
 mod inspect;
 pub use inspect::{inspect, inspect_checkpoint, Inspection};
 
@@ -48,6 +49,10 @@ pub struct HostWeights {
     pub final_norm: Vec<bf16>,
     /// [vocab, hidden]
     pub lm_head: Vec<bf16>,
+    /// A published FP8 checkpoint's linear weights as stored (codes and block scales, fused
+    /// like `layers`); the bf16 linear weights above are their dequantisation. `None` for bf16
+    /// checkpoints.
+    pub fp8: Option<Vec<fp8::Fp8Linears>>,
 }
 
 /// What a checkpoint tensor is; fixes its initialisation in random checkpoints.
@@ -224,7 +229,7 @@ where
     }
     let results: Vec<Result<()>> = jobs.into_par_iter().map(|(s, d)| fill(s, d)).collect();
     results.into_iter().collect::<Result<Vec<()>>>()?;
-    Ok(HostWeights { cfg: cfg.clone(), embed, layers, final_norm, lm_head })
+    Ok(HostWeights { cfg: cfg.clone(), embed, layers, final_norm, lm_head, fp8: None })
 }
 
 /// File name of the shard index of a sharded checkpoint.
@@ -314,7 +319,8 @@ fn corrupt(path: &Path, e: safetensors::SafeTensorError) -> Error {
 
 /// Checks a stored tensor's dtype and shape against the spec.
 fn check_tensor(spec: &TensorSpec, dtype: Dtype, shape: &[usize]) -> Result<()> {
-    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+    let fp8_linear = dtype == Dtype::F8_E4M3 && spec.role == TensorRole::Linear;
+    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && !fp8_linear {
         return Err(Error::weights(
             &spec.name,
             format!("dtype {dtype:?} is not supported (expected BF16; F16 and F32 are converted)"),
@@ -393,13 +399,54 @@ impl HostWeights {
             check_tensor(s, v.dtype(), v.shape())?;
             Ok(v)
         };
+        // An FP8 linear weight's block scales, wherever the index puts them.
+        let scales = |s: &TensorSpec| -> Result<Vec<f32>> {
+            let sn = fp8::scale_name(&s.name);
+            let sv = layout
+                .shard_of(&sn)
+                .and_then(|f| shards.get(f))
+                .and_then(|st| st.tensor(&sn).ok())
+                .ok_or_else(|| Error::weights(&s.name, format!("is F8_E4M3 but its scales `{sn}` are missing")))?;
+            fp8::read_scales(&s.name, &sv, s.shape[0], s.shape[1])
+        };
+        let mut n_fp8 = 0;
         for s in &specs {
-            view(s)?;
+            if view(s)?.dtype() == Dtype::F8_E4M3 {
+                scales(s)?;
+                n_fp8 += 1;
+            }
         }
-        assemble(&cfg, |s, dst| {
+        let stored: std::sync::Mutex<HashMap<Slot, crate::quant::Fp8Matrix>> = Default::default();
+        let mut w = assemble(&cfg, |s, dst| {
             let v = view(s)?;
+            if v.dtype() == Dtype::F8_E4M3 {
+                let m = fp8::dequant_into(&s.name, v.data(), scales(s)?, s.shape[0], s.shape[1], dst)?;
+                stored.lock().unwrap_or_else(|e| e.into_inner()).insert(s.slot, m);
+                return Ok(());
+            }
             convert_into(&s.name, v.dtype(), v.data(), dst)
-        })
+        })?;
+        let n_linear = specs.iter().filter(|s| fp8::is_layer_linear(s)).count();
+        let n_fp8_layer = stored.lock().unwrap_or_else(|e| e.into_inner()).keys().filter(|k| matches!(k, Slot::Layer(..))).count();
+        if n_fp8 > 0 && n_fp8_layer == n_linear {
+            let mut m = stored.into_inner().unwrap_or_else(|e| e.into_inner());
+            let mut take = |i: usize, p: LayerPart| {
+                m.remove(&Slot::Layer(i, p)).ok_or_else(|| Error::weights(format!("layer {i} {p:?}"), "internal: FP8 part not loaded"))
+            };
+            let mut lin = Vec::with_capacity(cfg.n_layers);
+            for i in 0..cfg.n_layers {
+                let (q, k, v) = (take(i, LayerPart::Q)?, take(i, LayerPart::K)?, take(i, LayerPart::V)?);
+                let (g, u) = (take(i, LayerPart::Gate)?, take(i, LayerPart::Up)?);
+                lin.push(fp8::Fp8Linears {
+                    wqkv: fp8::fuse(&format!("layer {i} q|k|v projection"), &[&q, &k, &v])?,
+                    wo: take(i, LayerPart::Wo)?,
+                    w_gate_up: fp8::fuse(&format!("layer {i} gate|up projection"), &[&g, &u])?,
+                    w_down: take(i, LayerPart::Down)?,
+                });
+            }
+            w.fp8 = Some(lin);
+        }
+        Ok(w)
     }
 
     /// Bytes of all host tensors (bf16).

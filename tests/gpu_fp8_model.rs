@@ -146,3 +146,30 @@ fn fp8_dual_cache_decode_completes_and_is_deterministic() {
         }
     }
 }
+
+#[test]
+fn published_fp8_checkpoint_runs_as_stored() {
+    let Some(gpu) = test_gpu() else { return };
+    for preset in common::PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let dir = std::env::temp_dir().join(format!("demask-gpu-fp8ck-{preset}-{}", std::process::id()));
+        demask::checkpoint::write_checkpoint(&cfg, 5, &dir, true, |_| {}).unwrap();
+        demask::weights::fp8::convert_to_fp8(&dir, &cfg).unwrap();
+        let hw = demask::weights::HostWeights::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        // `fp8` (channel) asked for: the stored block scales are used as they are.
+        let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+        assert_eq!(w.format, WeightFormat::Fp8(ScaleLayout::Block128));
+        let s = seqs(cfg.vocab, &[37, 1, 20]);
+        let got = gpu_logits(&gpu, &cfg, w, &s);
+        // The host weights hold exactly the dequantised operands: the f32 CPU model is the
+        // same model.
+        let want = CpuModel::new(&hw).unwrap().forward_full(&s).unwrap();
+        let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
+        println!("{preset}: published-layout FP8 checkpoint on the GPU vs its f32 CPU forward: worst row {:.3e}", c.worst_row_rel);
+        assert!(c.worst_row_rel <= REL_TOL, "{preset}: {c:?}");
+        // And bf16 asked for: the dequantised weights run on the bf16 path.
+        let b = gpu_logits(&gpu, &cfg, GpuWeights::upload_as(&gpu, &hw, WeightFormat::Bf16).unwrap(), &s);
+        assert!(compare_logits(&b, &want, cfg.vocab, TIE_GAP).worst_row_rel <= REL_TOL);
+    }
+}

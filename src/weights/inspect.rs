@@ -127,6 +127,7 @@ pub fn inspect_checkpoint(dir: &Path) -> Result<Inspection> {
     if let (Some(c), Some(layout)) = (&cfg, &layout) {
         let specs = tensor_specs(c);
         let (mut unchecked, mut known) = (0usize, 0usize);
+        let (mut linear, mut fp8) = (0usize, 0usize);
         for s in &specs {
             let Some(f) = layout.shard_of(&s.name) else {
                 problems.push(Error::weights(&s.name, layout.missing_msg(&s.name)).to_string());
@@ -143,6 +144,19 @@ pub fn inspect_checkpoint(dir: &Path) -> Result<Inspection> {
                     if let Err(e) = check_tensor(s, *dt, shape) {
                         problems.push(e.to_string());
                     }
+                    linear += super::fp8::is_layer_linear(s) as usize;
+                    if *dt == safetensors::Dtype::F8_E4M3 && s.role == super::TensorRole::Linear {
+                        fp8 += super::fp8::is_layer_linear(s) as usize;
+                        let sn = super::fp8::scale_name(&s.name);
+                        let want = [shape[0].div_ceil(crate::quant::BLOCK), shape[1].div_ceil(crate::quant::BLOCK)];
+                        match layout.shard_of(&sn).and_then(|f| headers.get(f)).and_then(|h| h.get(&sn)) {
+                            None => problems.push(Error::weights(&s.name, format!("is F8_E4M3 but its scales `{sn}` are missing")).to_string()),
+                            Some((_, ss)) if ss.as_slice() != want => problems.push(
+                                Error::weights(&sn, format!("shape {ss:?}, expected {want:?} (128×128 blocks)")).to_string(),
+                            ),
+                            Some(_) => {}
+                        }
+                    }
                 }
             }
         }
@@ -156,6 +170,12 @@ pub fn inspect_checkpoint(dir: &Path) -> Result<Inspection> {
         if unchecked > 0 {
             let _ = writeln!(out, "unchecked    {unchecked} tensors placed in unreadable shards");
         }
+        let format = match fp8 {
+            0 => "bf16 (--weights fp8 quantises the linear layers at load)".to_string(),
+            n if n == linear => "fp8: E4M3 linear weights with 128x128 block scales (`_scale_inv`), loaded as stored".to_string(),
+            n => format!("mixed: {n} of {linear} linear weights are F8_E4M3 (dequantised to bf16 at load)"),
+        };
+        let _ = writeln!(out, "format       {format}");
     }
 
     let _ = writeln!(out, "tokenizer    {}", tokenizer_line(dir, &mut problems));
