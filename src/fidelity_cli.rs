@@ -94,7 +94,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
         (None, Some(p)) => (ModelConfig::preset(p)?, None),
         _ => bail!("give exactly one of --model and --preset"),
     };
-    if a.block_len == 0 || a.gen_len % a.block_len != 0 || a.steps == 0 || a.seqs == 0 {
+    if a.block_len == 0 || !a.gen_len.is_multiple_of(a.block_len) || a.steps == 0 || a.seqs == 0 {
         bail!("--block-len must divide --gen-len, and --steps and --seqs must be positive");
     }
     let vocab_hi = cfg.vocab.min(cfg.mask_id as usize);
