@@ -29,6 +29,12 @@ pub struct WeightError {
 /// `w` with every linear layer quantised to FP8 (`layout`) and dequantised back to bf16, and
 /// the per-weight relative errors. NaN / ±∞ weights are refused, naming the tensor.
 pub fn fake_quant(w: &HostWeights, layout: ScaleLayout) -> Result<(HostWeights, Vec<WeightError>)> {
+    fake_quant_with(w, layout, false)
+}
+
+/// [`fake_quant`], optionally with the LM head quantised too (`lm_head`: the measurement
+/// behind keeping it bf16, docs/fp8.md; its error is reported as layer `n_layers`).
+pub fn fake_quant_with(w: &HostWeights, layout: ScaleLayout, lm_head: bool) -> Result<(HostWeights, Vec<WeightError>)> {
     let cfg = &w.cfg;
     let (h, q, qkv, ffn) = (cfg.hidden, cfg.q_dim(), cfg.qkv_dim(), cfg.ffn);
     let mut out = w.clone();
@@ -55,6 +61,21 @@ pub fn fake_quant(w: &HostWeights, layout: ScaleLayout) -> Result<(HostWeights, 
             }
             errs.push(WeightError { layer: i, name, rel_err: (num / den.max(f64::MIN_POSITIVE)).sqrt() });
         }
+    }
+    if lm_head {
+        let (v, h) = (cfg.vocab, cfg.hidden);
+        let m = Fp8Matrix::quantize_bf16("LM head", &out.lm_head, v, h, layout)?;
+        let (ops, post) = m.mma_operands();
+        let (mut num, mut den) = (0f64, 0f64);
+        for (r, (row, orig)) in ops.chunks(h).zip(out.lm_head.chunks_mut(h)).enumerate() {
+            for (o, &x) in orig.iter_mut().zip(row) {
+                let deq = x * post[r];
+                num += ((deq - o.to_f32()) as f64).powi(2);
+                den += (o.to_f32() as f64).powi(2);
+                *o = bf16::from_f32(deq);
+            }
+        }
+        errs.push(WeightError { layer: cfg.n_layers, name: "LM head", rel_err: (num / den.max(f64::MIN_POSITIVE)).sqrt() });
     }
     Ok((out, errs))
 }

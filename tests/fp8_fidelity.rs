@@ -8,7 +8,7 @@ mod common;
 use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::cpu::CpuStepper;
-use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant, LogitCmp};
+use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant, fake_quant_with, LogitCmp};
 use demask::quant::ScaleLayout;
 
 const TIE_GAP: f32 = 0.05;
@@ -89,5 +89,36 @@ fn fp8_commits_agree_with_bf16_per_step() {
         let mut r2 = CpuStepper::new(&w, 256).unwrap();
         let a = commit_agreement(&mut r, &mut r2, &prompts, 32, 8, 4).unwrap();
         assert_eq!((a.same_commits, a.same_token), (a.seq_steps, a.both_committed));
+    }
+}
+
+#[test]
+fn an_fp8_lm_head_costs_more_fidelity() {
+    // The measurement behind keeping the LM head bf16 (docs/fp8.md): the same FP8 model with
+    // the LM head quantised too, against bf16, at the logits and per decode step.
+    for preset in common::PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let w = common::sharp_weights(&cfg, 21);
+        let seqs: Vec<Vec<u32>> =
+            [64usize, 17, 128].iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, 500, 30 + i as u64)).collect();
+        let prompts: Vec<Vec<u32>> = [12usize, 5, 20].iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, 500, 60 + i as u64)).collect();
+        let want = CpuModel::new(&w).unwrap().forward_full(&seqs).unwrap();
+        let mut rows = Vec::new();
+        for head in [false, true] {
+            let (q, errs) = fake_quant_with(&w, ScaleLayout::Channel, head).unwrap();
+            assert_eq!(errs.len(), 4 * cfg.n_layers + head as usize);
+            let c = compare_logits(&CpuModel::new(&q).unwrap().forward_full(&seqs).unwrap(), &want, cfg.vocab, TIE_GAP);
+            let a = commit_agreement(&mut CpuStepper::new(&w, 256).unwrap(), &mut CpuStepper::new(&q, 256).unwrap(), &prompts, 32, 8, 4).unwrap();
+            println!(
+                "{preset} fp8, LM head {}: logits rel L2 {:.4}, top-1 {:.1} %, identical commit sets {:.1} %",
+                if head { "fp8 " } else { "bf16" },
+                c.rel_l2,
+                100.0 * c.agreement(),
+                100.0 * a.fraction()
+            );
+            rows.push(c.rel_l2);
+        }
+        // Quantising one more matrix, the one that makes the logits, adds error there.
+        assert!(rows[1] > rows[0], "{preset}: {rows:?}");
     }
 }
