@@ -15,6 +15,9 @@ pub struct Ceilings {
     pub copy_gbps: f64,
     /// bf16 GEMM 8192³ through cuBLASLt, TFLOP/s.
     pub gemm_tflops: f64,
+    /// FP8 (E4M3 × E4M3, per-row × per-channel scales) GEMM 8192³ through cuBLASLt, TFLOP/s:
+    /// the rate of the W8A8 path; `None` where cuBLASLt has no such algorithm.
+    pub fp8_tflops: Option<f64>,
 }
 
 /// Work one forward must do: FLOPs and the fewest bytes (weights read once).
@@ -133,7 +136,35 @@ pub mod gpu {
         }
         let t = Stats::of(&times).median_ms;
         let gemm_tflops = 2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12;
-        Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops })
+        // Never fatal: a bf16 bench must not fail on the FP8 path.
+        let fp8_tflops = measure_fp8(gpu, &x, &w, &timer).unwrap_or_else(|e| {
+            eprintln!("note: FP8 GEMM ceiling not measured: {e}");
+            None
+        });
+        Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops, fp8_tflops })
+    }
+
+    /// The W8A8 GEMM (`ops::gemm_w8a8`) on the 8192² operands `x` and `w`, quantised once:
+    /// TFLOP/s (median of 10), or `None` where cuBLASLt cannot run it.
+    fn measure_fp8(gpu: &Arc<Gpu>, x: &crate::gpu::DTensor<bf16>, w: &crate::gpu::DTensor<bf16>, timer: &Timer) -> Result<Option<f64>> {
+        use crate::ops::{gemm_fp8::Fp8Weight, gemm_w8a8::W8a8};
+        let m = x.rows();
+        let wq = Fp8Weight::quantize(gpu, w, crate::quant::ScaleLayout::Channel)?;
+        let mut y = gpu.alloc::<bf16>(&[m, m])?;
+        let mut mm = W8a8::new(gpu, m, m)?;
+        if !mm.linear(gpu, m, x, &wq, None, &mut y)? {
+            return Ok(None);
+        }
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            timer.start(gpu)?;
+            mm.linear(gpu, m, x, &wq, None, &mut y)?;
+            times.push(timer.stop_ms(gpu)? as f64);
+        }
+        // Includes the activation quantiser (reads 128 MB, writes 64 MB: ≈ 0.07 ms of ≈ 0.8),
+        // which is part of every W8A8 GEMM.
+        let t = Stats::of(&times).median_ms;
+        Ok(Some(2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12))
     }
 
     /// A decode-shaped batch: `batch` sequences of `len` positions, of which the `live` rows
@@ -271,8 +302,9 @@ pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, 
 
 /// [`step_roofline`] with the linear layers' weights in `format`: FP8 counts one byte per
 /// linear weight plus its f32 scales (embedding, norms and LM head stay bf16, as
-/// `model::GpuWeights` keeps them). The compute floor stays at the measured bf16 GEMM rate:
-/// the W8A16 kernel multiplies in bf16 (an FP8-rate floor belongs to a W8A8 path).
+/// `model::GpuWeights` keeps them). The compute floor takes the linear layers' FLOPs at the
+/// measured FP8 rate where they run W8A8 (channel scales, more than 64 rows,
+/// `Ceilings::fp8_tflops` measured); at ≤ 64 rows the W8A16 kernel multiplies in bf16.
 pub fn step_roofline_as(
     cfg: &ModelConfig,
     format: WeightFormat,
@@ -289,6 +321,13 @@ pub fn step_roofline_as(
         + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
     let flops = dense + attn;
+    // FP8 with channel scales above 64 rows runs the linear layers on the W8A8 path: their
+    // FLOPs at the measured FP8 rate, the rest (LM head, attention) at the bf16 rate.
+    let linear_flops = 2.0 * rows * per_layer_params * cfg.n_layers as f64;
+    let fp8_rate = match (format, c.fp8_tflops) {
+        (WeightFormat::Fp8(crate::quant::ScaleLayout::Channel), Some(r)) if rows > 64.0 => Some(r),
+        _ => None,
+    };
     // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.
     let linear_params = per_layer_params * cfg.n_layers as f64;
     let scale_bytes = match format {
@@ -303,7 +342,10 @@ pub fn step_roofline_as(
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
     let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
     let bytes = weight_bytes + kv_bytes + logit_bytes;
-    let t_flops = flops / (c.gemm_tflops * 1e12) * 1e3;
+    let t_flops = match fp8_rate {
+        Some(r) => (linear_flops / (r * 1e12) + (flops - linear_flops) / (c.gemm_tflops * 1e12)) * 1e3,
+        None => flops / (c.gemm_tflops * 1e12) * 1e3,
+    };
     let t_bytes = bytes / (c.copy_gbps * 1e9) * 1e3;
     let (floor_ms, bound) = if t_flops >= t_bytes { (t_flops, "compute") } else { (t_bytes, "memory") };
     Roofline { flops, bytes, floor_ms, bound }
@@ -372,7 +414,7 @@ mod tests {
 
     fn h100() -> Ceilings {
         // docs/bench.md's measured H100 ceilings.
-        Ceilings { device: "H100".into(), sm_count: 132, copy_gbps: 3030.0, gemm_tflops: 796.0 }
+        Ceilings { device: "H100".into(), sm_count: 132, copy_gbps: 3030.0, gemm_tflops: 796.0, fp8_tflops: Some(1500.0) }
     }
 
     #[test]
@@ -402,6 +444,15 @@ mod tests {
         assert!((2.55..2.8).contains(&f8.floor_ms), "{}", f8.floor_ms);
         eprintln!("W1 dual floor: bf16 {:.3} ms ({:.3} GB), fp8 {:.3} ms ({:.3} GB)", bf.floor_ms, bf.bytes / 1e9, f8.floor_ms, f8.bytes / 1e9);
         assert_eq!(f8.flops, bf.flops);
+        // W4 (512 rows) is compute-bound: the linear layers at the FP8 rate lower the floor;
+        // block scales (no W8A8 path) or no measured FP8 rate keep the bf16 one.
+        let w4 = forward_roofline(&cfg, 512, 1, &h100());
+        let w4f = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 512, 1, &h100());
+        let w4b = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 512, 1, &h100());
+        let no_fp8 = Ceilings { fp8_tflops: None, ..h100() };
+        let w4n = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 512, 1, &no_fp8);
+        assert!(w4f.floor_ms < 0.6 * w4.floor_ms, "{} vs {}", w4f.floor_ms, w4.floor_ms);
+        assert_eq!((w4b.floor_ms, w4n.floor_ms), (w4.floor_ms, w4.floor_ms));
     }
 
     #[test]
