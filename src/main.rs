@@ -82,6 +82,10 @@ struct ProfileArgs {
     /// Variants to time side by side: attention=flash,reference or gemm=auto,cublaslt,skinny.
     #[arg(long, default_value = "attention=flash")]
     variants: String,
+    /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s then count bf16
+    /// bytes: halve them for FP8).
+    #[arg(long, default_value = "bf16")]
+    weights: String,
 }
 
 fn main() -> Result<()> {
@@ -185,7 +189,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     let gpu = demask::gpu::Gpu::new(0).context("`demask profile` runs on a GPU")?;
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
     println!("device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.device, ceil.sm_count, ceil.copy_gbps, ceil.gemm_tflops);
-    let weights = GpuWeights::synthesize(&gpu, &cfg, 0)?;
+    let format: demask::quant::WeightFormat = a.weights.parse().context("--weights")?;
+    let weights = GpuWeights::synthesize_as(&gpu, &cfg, 0, format)?;
     let rows = live * a.batch;
     let cap = Capacity { rows, logit_rows: rows, cache_rows: a.len * a.batch, seqs: a.batch };
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
