@@ -387,3 +387,33 @@ fn fp8_vs_bf16_timing() {
         }
     }
 }
+
+#[test]
+fn fp8_split_sweep() {
+    // Prints µs per k-split count at t = 32 for the LLaDA-8B shapes (W rotated over 3 copies),
+    // marking the count `skinny_plan` picks: data for tuning the FP8 plan (never fails on time).
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if gpu.cc_major < 9 {
+        eprintln!("skipping split sweep: no thread-block clusters on this device");
+        return;
+    }
+    let t = 32;
+    for (name, n, k) in [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate|up", 24576, 4096), ("down", 4096, 12288)] {
+        let ws: Vec<Fp8Weight> = (0..3).map(|i| device_weight(&gpu, n, k, 950 + i, ScaleLayout::Channel).1).collect();
+        let mut x = gpu.alloc::<bf16>(&[t, k]).unwrap();
+        fill_normal(&gpu, &mut x, 9, 0.0, 1.0).unwrap();
+        let mut y = gpu.alloc::<bf16>(&[t, n]).unwrap();
+        let auto = gemm::skinny_plan(&SkinnyConfig { splits: None, k128: true }, gpu.sm_count, true, n, k).splits;
+        let mut line = format!("{name:<8} {n}x{k} t={t}:");
+        for s in 1..=MAX_SPLITS {
+            let cfg = SkinnyConfig { splits: Some(s), k128: true };
+            let us = time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap());
+            line += &format!(" {s}:{us:.1}{}", if s == auto { "*" } else { "" });
+        }
+        println!("{line}  (µs per split count; * = the plan's choice; {:.0} GB/s at the plan's)", {
+            let cfg = SkinnyConfig { splits: Some(auto), k128: true };
+            (n * k) as f64 / time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap()) / 1e3
+        });
+    }
+}
