@@ -173,3 +173,31 @@ fn published_fp8_checkpoint_runs_as_stored() {
         assert!(compare_logits(&b, &want, cfg.vocab, TIE_GAP).worst_row_rel <= REL_TOL);
     }
 }
+
+#[test]
+fn fp8_forwards_allocate_no_device_memory() {
+    // After the first forwards of each shape (eager, capture, replay; cuBLASLt FP8 plans made),
+    // repeated forwards of a 32-row decode step (W8A16) and a 256-row full step (W8A8) leave the
+    // device's free memory unchanged.
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = ModelConfig::preset("tiny-llada").unwrap();
+    let hw = common::sharp_weights(&cfg, 2);
+    let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+    let cap = Capacity { rows: 256, logit_rows: 256, cache_rows: 256, seqs: 1 };
+    let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
+    let step = demask::bench::gpu::decode_batch(&cfg, 256, 32, 224, 1);
+    let full = demask::bench::gpu::decode_batch(&cfg, 256, 256, 0, 1);
+    for _ in 0..3 {
+        m.forward(&full).unwrap();
+        m.forward(&step).unwrap();
+    }
+    gpu.synchronize().unwrap();
+    let (free0, _) = gpu.mem_info().unwrap();
+    for _ in 0..10 {
+        m.forward(&full).unwrap();
+        m.forward(&step).unwrap();
+    }
+    gpu.synchronize().unwrap();
+    let (free1, _) = gpu.mem_info().unwrap();
+    assert_eq!(free0, free1, "device memory changed across FP8 forwards");
+}
