@@ -5,7 +5,7 @@
 //! [`fake_quant`] makes the FP8 model as host weights: every linear layer replaced by what
 //! the W8A16 kernel multiplies (`Fp8Matrix::mma_operands` times the per-channel factor,
 //! rounded to bf16: exact for block scales, one extra 2⁻⁹ rounding for channel scales), so
-//! the f32 CPU backend runs the FP8 model and tests/gpu_fp8_model.rs can hold the GPU's FP8
+//! the f32 CPU backend runs the FP8 model and tests/gpu_fp8/model.rs can hold the GPU's FP8
 //! forward to it. [`compare_logits`] is the metric both use. [`commit_agreement`] decodes
 //! with a reference backend and, at every step, asks a second backend (the FP8 model) for its
 //! commits on the same canvas: the per-step commit agreement over whole decodes.

@@ -100,7 +100,7 @@ pub fn scale_dims(layout: ScaleLayout, n: usize, k: usize) -> Vec<usize> {
 }
 
 /// Encodes `x` to E4M3 on the device with `__nv_cvt_float_to_fp8` (satfinite): the reference
-/// `quant::e4m3_encode` must match it bit for bit (tests/gpu_gemm_fp8.rs).
+/// `quant::e4m3_encode` must match it bit for bit (tests/gpu_fp8/gemm.rs).
 pub fn encode_e4m3(gpu: &Gpu, x: &DTensor<f32>, q: &mut DTensor<u8>) -> Result<()> {
     let n = x.len();
     if q.len() != n {

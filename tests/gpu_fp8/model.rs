@@ -9,10 +9,8 @@
 //! - decoding: a batched dual-cache decode (CUDA graphs on) commits every slot and is
 //!   deterministic (run twice: identical tokens); alone vs batched is reported, not asserted
 //!   (as tests/gpu_batching.rs: the row count picks the kernel tile, hence the reduction order).
-#![cfg(feature = "cuda")]
 
-mod common;
-
+use crate::{common, lock};
 use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::gpu::GpuStepper;
@@ -39,6 +37,7 @@ fn gpu_logits(gpu: &std::sync::Arc<demask::gpu::Gpu>, cfg: &ModelConfig, w: GpuW
 
 #[test]
 fn fp8_forward_matches_the_cpu_fp8_model() {
+    let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     for preset in common::PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
@@ -67,7 +66,7 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
                     assert!(c.worst_row_rel <= REL_TOL, "{preset} {layout:?} {rows} rows: {c:?}");
                     assert!(c.top1_rows - c.top1_agree <= c.rows.div_ceil(100), "{preset} {layout:?}: {c:?}");
                 } else {
-                    // W8A8: E4M3 activations as well (tests/fp8_fidelity.rs bounds).
+                    // W8A8: E4M3 activations as well (tests/fp8/fidelity.rs bounds).
                     assert!(c.rel_l2 < 0.10 && c.agreement() >= 0.85, "{preset} {layout:?} {rows} rows: {c:?}");
                 }
                 let f = compare_logits(&got, &bf, cfg.vocab, TIE_GAP);
@@ -79,7 +78,7 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
                     100.0 * f.agreement(),
                     f.near_ties
                 );
-                // tests/fp8_fidelity.rs measures 3.7-3.8 % and 93-97 % on the CPU.
+                // tests/fp8/fidelity.rs measures 3.7-3.8 % and 93-97 % on the CPU.
                 assert!(f.rel_l2 < 0.10 && f.agreement() >= 0.85, "{preset} {layout:?}: {f:?}");
             }
         }
@@ -88,6 +87,7 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
 
 #[test]
 fn fp8_commits_agree_with_bf16_on_the_gpu() {
+    let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     for preset in common::PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
@@ -117,6 +117,7 @@ fn fp8_commits_agree_with_bf16_on_the_gpu() {
 
 #[test]
 fn fp8_dual_cache_decode_completes_and_is_deterministic() {
+    let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     for preset in common::PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
@@ -149,6 +150,7 @@ fn fp8_dual_cache_decode_completes_and_is_deterministic() {
 
 #[test]
 fn published_fp8_checkpoint_runs_as_stored() {
+    let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     for preset in common::PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
@@ -179,6 +181,7 @@ fn fp8_forwards_allocate_no_device_memory() {
     // After the first forwards of each shape (eager, capture, replay; cuBLASLt FP8 plans made),
     // repeated forwards of a 32-row decode step (W8A16) and a 256-row full step (W8A8) leave the
     // device's free memory unchanged.
+    let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     let cfg = ModelConfig::preset("tiny-llada").unwrap();
     let hw = common::sharp_weights(&cfg, 2);

@@ -3,8 +3,7 @@
 //! random weights (LM head sharpened as a trained model's): relative error of every linear
 //! weight and of the final logits, and top-1 agreement of the candidates (near-ties of the
 //! bf16 model counted, not compared). Both scale layouts; prints which keeps fidelity better.
-mod common;
-
+use crate::common;
 use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::cpu::CpuStepper;

@@ -10,10 +10,8 @@
 //! GPU differs by accumulation order and the bf16 output rounding: |d| ≤ 4e-3 + 8e-3·|ref|
 //! (|y| ~ 1: x ~ N(0, 1), w ~ N(0, 1/k)). cuBLASLt must offer FP8 with outer-vector scales
 //! (cuBLAS ≥ 12.9); where it does not, the tests fail saying so (the engine then falls back
-//! to the W8A16 kernel in 64-row chunks, which tests/gpu_gemm_fp8.rs covers).
-#![cfg(feature = "cuda")]
-use std::sync::Mutex;
-
+//! to the W8A16 kernel in 64-row chunks, which tests/gpu_fp8/gemm.rs covers).
+use crate::lock;
 use demask::cpu::gemm_fp8 as cpu_fp8;
 use demask::gpu::{test_gpu, DTensor, Gpu};
 use demask::ops::fill::fill_normal;
@@ -23,11 +21,7 @@ use demask::ops::gemm_w8a8::{quantize_rows, W8a8};
 use demask::quant::{Fp8Matrix, ScaleLayout};
 use half::bf16;
 
-static GPU_LOCK: Mutex<()> = Mutex::new(());
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn normal(gpu: &Gpu, dims: &[usize], seed: u64, std: f32) -> DTensor<bf16> {
     let mut t = gpu.alloc::<bf16>(dims).unwrap();

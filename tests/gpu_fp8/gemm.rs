@@ -12,9 +12,7 @@
 //! operands (`Fp8Matrix::mma_operands`) in f32, so f32 out differs by accumulation order only,
 //! |d| ≤ 2e-3 + 1e-3·|ref|; bf16 out adds one rounding, |d| ≤ 4e-3 + 8e-3·|ref| (as
 //! tests/gpu_gemm_skinny.rs).
-#![cfg(feature = "cuda")]
-use std::sync::Mutex;
-
+use crate::lock;
 use cudarc::driver::sys::CUevent_flags;
 use demask::cpu::gemm_fp8 as cpu_fp8;
 use demask::gpu::gemm::GemmOut;
@@ -27,14 +25,10 @@ use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-static GPU_LOCK: Mutex<()> = Mutex::new(());
 const TS: [usize; 6] = [1, 7, 19, 32, 33, 64];
 const MAX_T: usize = 100;
 const LAYOUTS: [ScaleLayout; 2] = [ScaleLayout::Channel, ScaleLayout::Block128];
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 #[test]
 fn device_encode_matches_the_reference_bit_for_bit() {

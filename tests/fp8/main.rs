@@ -1,0 +1,9 @@
+//! FP8 weights without a GPU (docs/fp8.md), one test binary: `cli` the `--weights` flags and
+//! `demask fidelity`; `fidelity` the FP8 model against bf16 on the f32 CPU backend (channel vs
+//! block scales, the LM head); `checkpoint` published-layout FP8 checkpoints.
+#[allow(dead_code)]
+#[path = "../common/mod.rs"]
+mod common;
+mod checkpoint;
+mod cli;
+mod fidelity;
