@@ -304,6 +304,23 @@ impl Engine {
         self.sched.cancel(id)
     }
 
+    /// KV-cache rows `(in use, capacity)`; the capacity grows on the CPU backend (rows are
+    /// added at step boundaries as sequences need them) and is fixed on the GPU.
+    pub fn kv_rows(&self) -> (usize, usize) {
+        let r = self.sched.rows();
+        (r.used_rows(), r.capacity())
+    }
+
+    /// Bytes of one KV-cache row (all layers, K and V).
+    pub fn kv_row_bytes(&self) -> u64 {
+        self.backend.cache_row_bytes()
+    }
+
+    /// Device memory `(used, total)` bytes when the engine runs on a GPU (`None` on the CPU).
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        self.backend.device_memory()
+    }
+
     /// Forwards run since the engine was built.
     pub fn batch_steps(&self) -> u32 {
         self.sched.batch_step()

@@ -46,6 +46,7 @@ pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod prelude;
+pub mod serve;
 pub mod tokenizer;
 pub mod weights;
 

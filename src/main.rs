@@ -1,4 +1,4 @@
-//! The `demask` command line: make-checkpoint, inspect, bench, profile, generate, doctor.
+//! The `demask` command line: make-checkpoint, inspect, bench, profile, generate, serve, loadgen, doctor.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use demask::config::{ModelConfig, PRESETS};
 mod bench_cli;
 mod bench_decode;
 mod generate_cli;
+mod serve_cli;
 
 #[derive(Parser)]
 #[command(name = "demask", version, about = "Fast decoding engine for masked diffusion language models (LLaDA, Dream)")]
@@ -51,6 +52,11 @@ enum Cmd {
     Profile(ProfileArgs),
     /// Decode a prompt: masked diffusion generation with a commit policy.
     Generate(generate_cli::GenerateArgs),
+    /// Serve the OpenAI API (/v1/completions, /v1/chat/completions, streaming) with
+    /// continuous batching.
+    Serve(serve_cli::ServeArgs),
+    /// Concurrent clients against a running `demask serve`: throughput, latency percentiles.
+    Loadgen(serve_cli::LoadgenArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
 }
@@ -85,6 +91,8 @@ fn main() -> Result<()> {
         Cmd::Bench(a) => bench_cli::run(a),
         Cmd::Generate(a) => generate_cli::run(a),
         Cmd::Profile(a) => profile_cmd(a),
+        Cmd::Serve(a) => serve_cli::serve(a),
+        Cmd::Loadgen(a) => serve_cli::loadgen(a),
         Cmd::Doctor => doctor(),
     }
 }

@@ -152,6 +152,17 @@ impl Tokenizer {
         )
     }
 
+    /// The prompt for a conversation of `(role, content)` messages (roles as the template
+    /// expects them: system, user, assistant), with the generation prompt.
+    pub fn apply_chat_messages(&self, messages: &[(&str, &str)]) -> Result<String> {
+        render_chat_messages(
+            self.chat_template.as_deref().unwrap_or(builtin_chat_template(self.arch)),
+            messages,
+            &self.bos_token,
+            &self.eos_token,
+        )
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -174,6 +185,17 @@ impl Tokenizer {
 /// Renders a Hugging Face chat template (Jinja, trim_blocks + lstrip_blocks as `transformers`
 /// sets them) for one user message with the generation prompt.
 pub fn render_chat(template: &str, user_msg: &str, bos_token: &str, eos_token: &str) -> Result<String> {
+    render_chat_messages(template, &[("user", user_msg)], bos_token, eos_token)
+}
+
+/// Renders a chat template for a whole conversation of `(role, content)` messages, with the
+/// generation prompt (what an OpenAI chat request becomes).
+pub fn render_chat_messages(
+    template: &str,
+    messages: &[(&str, &str)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -182,7 +204,10 @@ pub fn render_chat(template: &str, user_msg: &str, bos_token: &str, eos_token: &
     });
     let tpl = env.template_from_str(template).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
     tpl.render(minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user_msg }],
+        messages => messages
+            .iter()
+            .map(|&(role, content)| minijinja::context! { role => role, content => content })
+            .collect::<Vec<_>>(),
         add_generation_prompt => true,
         bos_token => bos_token,
         eos_token => eos_token,
