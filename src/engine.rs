@@ -288,6 +288,13 @@ impl Engine {
         Ok(out)
     }
 
+    /// The canvas of every request that is decoding, as the last step left it (every admitted
+    /// request takes part in every step). A server streams finished blocks from these: unlike
+    /// a step callback, reading them costs no download of the step's scores.
+    pub fn active_canvases(&self) -> impl Iterator<Item = (RequestId, &Canvas)> + '_ {
+        self.sched.active_seqs().map(|(id, s)| (id, &s.canvas))
+    }
+
     /// Requests queued, not admitted yet.
     pub fn pending(&self) -> usize {
         self.sched.pending()

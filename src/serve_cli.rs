@@ -38,8 +38,9 @@ pub struct ServeArgs {
     /// the device memory left after the weights and workspace (no limit on the CPU).
     #[arg(long)]
     pub kv_budget: Option<String>,
-    /// Most canvas rows (prompt + gen) one request may have; the GPU workspace is sized for
-    /// max-batch of them. Default: the model's context, capped at 4096.
+    /// Most canvas rows (prompt + gen) one request may have (longer ones get HTTP 400); the
+    /// GPU workspace, logits included, is sized for max-batch of them. Default: 1024, or the
+    /// model's context when shorter.
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Requests must send `Authorization: Bearer KEY` (also read from DEMASK_API_KEY).
@@ -138,8 +139,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 bail!("--model {}: no config.json there (is it a checkpoint directory?)", dir.display());
             }
             let cfg = ModelConfig::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?;
-            let max_rows = a.max_len.map(|l| l * a.max_batch).unwrap_or(0);
-            check_len(a.max_len, &cfg)?;
+            let device = resolve(device);
+            // The GPU's workspace is preallocated for max_rows; the CPU's cache grows as needed.
+            let max_rows = if device == Device::Cpu { 0 } else { max_rows(a.max_len, a.max_batch, &cfg)? };
             eprintln!("loading {} (device {device})", dir.display());
             Engine::load(dir, EngineOptions { device, kv_budget, max_batch: a.max_batch, max_rows, ..Default::default() })
                 .with_context(|| format!("loading {}", dir.display()))?
@@ -174,21 +176,39 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn check_len(max_len: Option<usize>, cfg: &ModelConfig) -> Result<()> {
-    if let Some(l) = max_len {
-        if l == 0 || l > cfg.max_seq_len {
-            bail!("--max-len {l} must lie in 1..={} (the model's context)", cfg.max_seq_len);
-        }
+/// `auto` made concrete: GPU 0 when it opens, else the CPU.
+fn resolve(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if device == Device::Auto {
+        return if demask::gpu::Gpu::new(0).is_ok() { Device::Cuda(0) } else { Device::Cpu };
     }
-    Ok(())
+    if device == Device::Auto {
+        Device::Cpu
+    } else {
+        device
+    }
+}
+
+/// Default `--max-len`.
+const DEFAULT_MAX_LEN: usize = 1024;
+
+/// The rows of the engine's workspace: `--max-len` (checked against the context) per sequence.
+fn max_rows(max_len: Option<usize>, max_batch: usize, cfg: &ModelConfig) -> Result<usize> {
+    let len = match max_len {
+        Some(l) if l == 0 || l > cfg.max_seq_len => {
+            bail!("--max-len {l} must lie in 1..={} (the model's context)", cfg.max_seq_len)
+        }
+        Some(l) => l,
+        None => DEFAULT_MAX_LEN.min(cfg.max_seq_len),
+    };
+    Ok(len * max_batch)
 }
 
 /// An engine over a preset's random weights (synthesised on the GPU, or generated on the host
 /// for the CPU backend).
 fn preset_engine(preset: &str, a: &ServeArgs, device: Device, kv_budget: Option<u64>) -> Result<Engine> {
     let cfg = ModelConfig::preset(preset).with_context(|| format!("--preset {preset}"))?;
-    check_len(a.max_len, &cfg)?;
-    let max_rows = a.max_len.map(|l| l * a.max_batch).unwrap_or(0);
+    let max_rows = max_rows(a.max_len, a.max_batch, &cfg)?;
     #[cfg(feature = "cuda")]
     {
         let gpu = match device {
@@ -208,7 +228,7 @@ fn preset_engine(preset: &str, a: &ServeArgs, device: Device, kv_budget: Option<
     }
     eprintln!("no GPU: {preset} with random weights on the CPU backend");
     let weights = demask::checkpoint::random_weights(&cfg, a.seed);
-    let opts = EngineOptions { device: Device::Cpu, kv_budget, max_batch: a.max_batch, max_rows, ..Default::default() };
+    let opts = EngineOptions { device: Device::Cpu, kv_budget, max_batch: a.max_batch, ..Default::default() };
     Ok(Engine::from_weights(weights, None, opts)?)
 }
 

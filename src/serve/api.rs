@@ -553,3 +553,122 @@ pub fn render_canvas(tokens: &[u32], mask_id: u32, tok: Option<&Tokenizer>) -> S
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> (ModelConfig, Arc<Tokenizer>) {
+        let cfg = ModelConfig::preset("tiny-llada").unwrap();
+        let tok = Arc::new(Tokenizer::tiny(&cfg).unwrap());
+        (cfg, tok)
+    }
+
+    fn ids(t: &Tokenizer, s: &str) -> Vec<u32> {
+        t.encode(s, false).unwrap()
+    }
+
+    #[test]
+    fn stream_holds_back_a_possible_stop_string_and_cuts_at_it() {
+        let (cfg, tok) = tiny();
+        let mut ts = TextStream::new(Some(tok.clone()), &cfg, vec!["END".into()]);
+        // "abcE" may grow into "END": "E" waits.
+        let d = ts.push(&ids(&tok, "abcE"), false);
+        assert_eq!((d.text.as_str(), ts.finish), ("abc", None));
+        // "abcEx": the E was not a stop string after all.
+        let d = ts.push(&ids(&tok, "abcExyEN"), false);
+        assert_eq!((d.text.as_str(), ts.finish), ("Exy", None));
+        let d = ts.push(&ids(&tok, "abcExyENDzzz"), false);
+        assert_eq!((d.text.as_str(), ts.finish), ("", Some("stop")));
+        assert_eq!(ts.text(), "abcExy");
+        // Nothing more once finished.
+        assert!(ts.push(&ids(&tok, "abcExyENDzzzmore"), true).text.is_empty());
+    }
+
+    #[test]
+    fn stream_ends_at_eos_and_reports_length_otherwise() {
+        let (cfg, tok) = tiny();
+        let mut with_eos = ids(&tok, "hi there");
+        with_eos.push(cfg.eos_id);
+        with_eos.extend(ids(&tok, "junk"));
+        let mut ts = TextStream::new(Some(tok.clone()), &cfg, vec![]);
+        let d = ts.push(&with_eos, false);
+        assert_eq!((d.text.as_str(), ts.finish, d.ids.len()), ("hi there", Some("stop"), 8));
+        let mut ts = TextStream::new(Some(tok.clone()), &cfg, vec![]);
+        assert_eq!(ts.push(&ids(&tok, "ab"), false).text, "ab");
+        assert_eq!(ts.push(&ids(&tok, "abcd"), true).text, "cd");
+        assert_eq!(ts.finish, Some("length"));
+    }
+
+    #[test]
+    fn stream_waits_for_the_rest_of_a_utf8_character() {
+        let (cfg, tok) = tiny();
+        let bytes = ids(&tok, "é!"); // é is two bytes
+        assert_eq!(bytes.len(), 3);
+        let mut ts = TextStream::new(Some(tok), &cfg, vec![]);
+        assert_eq!(ts.push(&bytes[..1], false).text, "");
+        assert_eq!(ts.push(&bytes, true).text, "é!");
+    }
+
+    #[test]
+    fn tokenizer_less_streams_ids_up_to_eos() {
+        let (cfg, _) = tiny();
+        let mut ts = TextStream::new(None, &cfg, vec![]);
+        assert_eq!(ts.push(&[5, 6], false).ids, vec![5, 6]);
+        let d = ts.push(&[5, 6, 7, cfg.eos_id, 9], false);
+        assert_eq!((d.ids, ts.finish), (vec![7], Some("stop")));
+    }
+
+    fn ctx() -> Ctx {
+        let (cfg, tok) = tiny();
+        Ctx {
+            model_name: "m".into(),
+            cfg,
+            tok: Some(tok),
+            default_policy: Policy::Threshold { tau: 0.9 },
+            default_cache: CacheScheme::None,
+            default_block_len: 32,
+        }
+    }
+
+    fn common(v: Value) -> Common {
+        fields(&v).unwrap()
+    }
+
+    #[test]
+    fn max_tokens_rounds_up_to_the_block_and_says_so() {
+        let c = ctx();
+        let p = build(&common(json!({"max_tokens": 50})), vec![1, 2], Some(50), "max_tokens", false, &c).unwrap();
+        assert_eq!((p.gen_len, p.block_len), (64, 32));
+        assert!(p.note.unwrap().contains("rounded up to gen_len 64"));
+        let p = build(&common(json!({"block_len": 8, "steps": 12, "n": 3})), vec![1], Some(24), "max_tokens", false, &c).unwrap();
+        assert_eq!(p.policy, Policy::Schedule { steps: 4 });
+        assert_eq!(p.reqs.iter().map(|r| r.seq_id).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(p.note.is_none());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let c = ctx();
+        let param = |v: Value, max: Option<i64>| {
+            build(&common(v), vec![1, 2], max, "max_tokens", false, &c).unwrap_err().param.unwrap()
+        };
+        assert_eq!(param(json!({}), Some(0)), "max_tokens");
+        assert_eq!(param(json!({"temperature": -1.0}), None), "temperature");
+        assert_eq!(param(json!({"top_p": 0.0}), None), "top_p");
+        assert_eq!(param(json!({"n": 17}), None), "n");
+        assert_eq!(param(json!({"stop": ["a", "b", "c", "d", "e"]}), None), "stop");
+        assert_eq!(param(json!({"policy": "bogus:1"}), None), "policy");
+        assert_eq!(param(json!({"cache": "sometimes"}), None), "cache");
+        assert_eq!(param(json!({"steps": 3, "block_len": 8}), Some(16)), "steps");
+        assert_eq!(param(json!({"model": "other"}), None), "model");
+        assert_eq!(param(json!({"logprobs": 2}), None), "logprobs");
+        assert_eq!(param(json!({"top_k": -1}), None), "top_k");
+        // The context: 1024 tokens for tiny-llada.
+        assert_eq!(param(json!({}), Some(1024)), "max_tokens");
+        let e = fields::<Common>(&json!({"temperature": "hot"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let e = fields::<CompletionBody>(&json!({"max_tokens": 3})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
+}

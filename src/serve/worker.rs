@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{Metrics, Outcome};
-use crate::engine::{Engine, Output, Request, RequestId, StepEvent};
+use crate::engine::{Engine, Output, Request, RequestId};
 use crate::error::Error;
 
 /// What the engine thread tells a request's HTTP task.
@@ -90,7 +90,9 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
             }
             engine.cancel(RequestId(id));
             m.count(Outcome::Cancelled);
-            if !l.started {
+            if l.started {
+                m.active.fetch_sub(1, Relaxed);
+            } else {
                 m.queue_depth.fetch_sub(1, Relaxed);
             }
             false
@@ -99,26 +101,28 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
             continue;
         }
         let t0 = Instant::now();
-        let mut stepped = 0usize;
-        let result = engine.step_with(&mut |e: &StepEvent| {
+        // A plain step (a step callback would download every slot's scores); the canvases are
+        // read afterwards.
+        let result = engine.step();
+        let finished = result.as_ref().map_or(0, Vec::len);
+        let mut stepped = finished;
+        for (id, c) in engine.active_canvases() {
             stepped += 1;
-            let Some(l) = live.get_mut(&(e.index as u64)) else { return };
+            let Some(l) = live.get_mut(&id.0) else { continue };
             if !l.started {
                 l.started = true;
                 m.queue_depth.fetch_sub(1, Relaxed);
                 m.active.fetch_add(1, Relaxed);
             }
-            let c = e.canvas;
             if l.canvas {
-                let _ = l.tx.send(Event::Canvas { step: e.step, tokens: c.gen().to_vec() });
+                let _ = l.tx.send(Event::Canvas { step: c.steps().saturating_sub(1), tokens: c.gen().to_vec() });
             }
-            let done_blocks = if c.is_done() { c.n_blocks() } else { c.block() };
-            if l.stream && done_blocks > l.blocks_sent {
-                l.blocks_sent = done_blocks;
-                let end = (done_blocks * c.spec().block_len).min(c.spec().gen_len) as usize;
+            if l.stream && c.block() > l.blocks_sent {
+                l.blocks_sent = c.block();
+                let end = (c.block() * c.spec().block_len).min(c.spec().gen_len) as usize;
                 let _ = l.tx.send(Event::Blocks { tokens: c.gen()[..end].to_vec() });
             }
-        });
+        }
         m.observe_step(t0.elapsed().as_secs_f64() * 1e3, stepped);
         match result {
             Ok(done) => {
@@ -128,6 +132,10 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
                         m.queue_depth.fetch_sub(1, Relaxed);
                     } else {
                         m.active.fetch_sub(1, Relaxed);
+                    }
+                    if l.canvas {
+                        // The finishing step's canvas (it left the active set with it).
+                        let _ = l.tx.send(Event::Canvas { step: out.steps.saturating_sub(1), tokens: out.tokens.clone() });
                     }
                     m.generated_tokens.fetch_add(out.generated_tokens as u64, Relaxed);
                     m.count(Outcome::Ok);
