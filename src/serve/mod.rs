@@ -12,7 +12,7 @@
 //! - Every refusal is an OpenAI-style error body naming the field; with an API key, `/v1/*`
 //!   needs `Authorization: Bearer KEY`.
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,11 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -37,9 +35,12 @@ pub mod api;
 pub mod client;
 pub mod loadgen;
 pub mod metrics;
+mod sse;
+pub mod text;
 pub mod worker;
 
-use api::{ApiError, Ctx, Parsed, TextStream};
+use api::{ApiError, Ctx, Parsed};
+use text::TextStream;
 use metrics::{Metrics, Outcome};
 use worker::{Event, Job};
 
@@ -83,14 +84,16 @@ impl Default for ServeOptions {
     }
 }
 
-struct AppState {
+pub(crate) struct AppState {
     jobs: Mutex<SyncSender<Job>>,
+    /// False once the engine thread has ended (returned or panicked).
+    engine_alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     ctx: Ctx,
     opts: ServeOptions,
 }
 
-type Shared = Arc<AppState>;
+pub(crate) type Shared = Arc<AppState>;
 
 /// A running server: its address, its metrics, and how to stop it.
 pub struct ServerHandle {
@@ -195,11 +198,23 @@ fn app(engine: Engine, opts: ServeOptions) -> Result<(Router, Arc<Metrics>, std:
     // The channel is bounded by the queue limit; admission below keeps it from filling.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(opts.max_queue.max(1) + api::MAX_N as usize);
     let m = metrics.clone();
+    let engine_alive = Arc::new(AtomicBool::new(true));
+    /// Marks the engine thread gone however it ends.
+    struct Alive(Arc<AtomicBool>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.store(false, Relaxed);
+        }
+    }
+    let alive = Alive(engine_alive.clone());
     let engine_thread = std::thread::Builder::new()
         .name("demask-engine".into())
-        .spawn(move || worker::run(engine, rx, m))
+        .spawn(move || {
+            let _alive = alive;
+            worker::run(engine, rx, m)
+        })
         .map_err(|e| Error::bad_input(format!("cannot start the engine thread: {e}")))?;
-    let state = Arc::new(AppState { jobs: Mutex::new(tx), metrics: metrics.clone(), ctx, opts });
+    let state = Arc::new(AppState { jobs: Mutex::new(tx), engine_alive, metrics: metrics.clone(), ctx, opts });
     let v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -242,8 +257,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 }
 
 async fn health(State(s): State<Shared>) -> Response {
-    let alive = s.jobs.lock().map(|_| true).unwrap_or(false);
-    if alive {
+    if s.engine_alive.load(Relaxed) {
         Json(json!({ "status": "ok", "model": s.ctx.model_name })).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "engine down" }))).into_response()
@@ -263,11 +277,11 @@ async fn models(State(s): State<Shared>) -> Json<Value> {
     }))
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn request_id(prefix: &str) -> String {
+pub(crate) fn request_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Relaxed);
@@ -300,7 +314,7 @@ async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiErr
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Completion,
     Chat,
 }
@@ -380,21 +394,21 @@ async fn respond(s: Shared, parsed: Result<Parsed, ApiError>, kind: Kind) -> Res
     }
     s.metrics.prompt_tokens.fetch_add((p.prompt_tokens * n) as u64, Relaxed);
     if p.stream {
-        stream_response(s, p, rxs, kind).into_response()
+        sse::stream_response(s, p, rxs, kind).into_response()
     } else {
         whole_response(s, p, rxs, kind).await
     }
 }
 
 /// The response's `demask` object: what the request decoded with.
-fn demask_info(p: &Parsed) -> Value {
+pub(crate) fn demask_info(p: &Parsed) -> Value {
     json!({
         "gen_len": p.gen_len, "block_len": p.block_len, "policy": p.policy.to_string(),
         "cache": p.cache.to_string(), "note": p.note,
     })
 }
 
-fn object_name(kind: Kind, chunk: bool) -> &'static str {
+pub(crate) fn object_name(kind: Kind, chunk: bool) -> &'static str {
     match (kind, chunk) {
         (Kind::Completion, _) => "text_completion",
         (Kind::Chat, false) => "chat.completion",
@@ -439,170 +453,4 @@ async fn whole_response(s: Shared, p: Parsed, mut rxs: Vec<UnboundedReceiver<Eve
         "demask": demask_info(&p),
     }))
     .into_response()
-}
-
-/// One choice's stream state.
-struct ChoiceStream {
-    text: TextStream,
-    role_sent: bool,
-    done: bool,
-    completion_tokens: usize,
-}
-
-type Merged = stream::SelectAll<stream::BoxStream<'static, (usize, Event)>>;
-
-/// The event stream of one streaming request: chunks as its choices' blocks finish, then the
-/// usage chunk (when asked for) and `[DONE]`. It ends as soon as every choice has ended, which
-/// drops the receivers; a choice still decoding (stopped early by a stop string) is then
-/// cancelled by the engine thread.
-struct SseState {
-    s: Shared,
-    kind: Kind,
-    id: String,
-    created: u64,
-    merged: Merged,
-    choices: Vec<ChoiceStream>,
-    queue: std::collections::VecDeque<SseEvent>,
-    finished: bool,
-    include_usage: bool,
-    prompt_tokens: usize,
-    info: Value,
-}
-
-impl SseState {
-    async fn next_event(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Some(e) = self.queue.pop_front() {
-                return Some(e);
-            }
-            if self.finished {
-                return None;
-            }
-            match self.merged.next().await {
-                Some((i, ev)) => self.on_event(i, ev),
-                None => {
-                    // Every sender is gone without a final event (the engine thread stopped).
-                    for c in self.choices.iter_mut().filter(|c| !c.done) {
-                        c.done = true;
-                        let err = ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", "the engine dropped the request");
-                        self.queue.push_back(SseEvent::default().data(err.body().to_string()));
-                    }
-                    self.finish();
-                }
-            }
-        }
-    }
-
-    fn chunk(&self, choice: Value) -> SseEvent {
-        let body = json!({ "id": self.id, "object": object_name(self.kind, true), "created": self.created,
-                           "model": self.s.ctx.model_name, "choices": [choice] });
-        SseEvent::default().data(body.to_string())
-    }
-
-    /// A choice's delta chunk (`text` new text, `ids` new token ids, `extra` the `demask` object).
-    fn delta(&mut self, i: usize, text: String, ids: Vec<u32>, finish: Option<&str>, mut extra: Value) -> SseEvent {
-        extra["tokens"] = json!(ids);
-        let v = match self.kind {
-            Kind::Completion => json!({ "index": i, "text": text, "logprobs": null, "finish_reason": finish, "demask": extra }),
-            Kind::Chat => {
-                let mut d = json!({ "content": text });
-                if !self.choices[i].role_sent {
-                    d["role"] = json!("assistant");
-                    self.choices[i].role_sent = true;
-                }
-                json!({ "index": i, "delta": d, "logprobs": null, "finish_reason": finish, "demask": extra })
-            }
-        };
-        self.chunk(v)
-    }
-
-    fn on_event(&mut self, i: usize, ev: Event) {
-        if self.choices[i].done {
-            return;
-        }
-        match ev {
-            Event::Queued => {}
-            Event::Canvas { step, tokens } => {
-                let canvas = api::render_canvas(&tokens, self.s.ctx.cfg.mask_id, self.s.ctx.tok.as_deref());
-                let e = self.delta(i, String::new(), Vec::new(), None, json!({ "step": step, "canvas": canvas, "canvas_ids": tokens }));
-                self.queue.push_back(e);
-            }
-            Event::Blocks { tokens } => {
-                let d = self.choices[i].text.push(&tokens, false);
-                let finish = self.choices[i].text.finish;
-                if !d.text.is_empty() || !d.ids.is_empty() || finish.is_some() {
-                    let e = self.delta(i, d.text, d.ids, finish, json!({}));
-                    self.queue.push_back(e);
-                }
-                // EOS or a stop string ended the text: the rest of the decode is not needed.
-                self.choices[i].done = finish.is_some();
-            }
-            Event::Done(o) => {
-                let d = self.choices[i].text.push(&o.tokens, true);
-                self.choices[i].completion_tokens = o.generated_tokens;
-                let finish = self.choices[i].text.finish.or(Some("length"));
-                let e = self.delta(i, d.text, d.ids, finish, json!({ "steps": o.steps, "decode_ms": o.total_ms }));
-                self.queue.push_back(e);
-                self.choices[i].done = true;
-            }
-            Event::Failed(e) => {
-                self.queue.push_back(SseEvent::default().data(ApiError::from_engine(&e).body().to_string()));
-                self.choices[i].done = true;
-            }
-        }
-        if self.choices.iter().all(|c| c.done) {
-            self.finish();
-        }
-    }
-
-    fn finish(&mut self) {
-        if self.include_usage {
-            let n = self.choices.len();
-            let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
-            let body = json!({ "id": self.id, "object": object_name(self.kind, true), "created": self.created,
-                               "model": self.s.ctx.model_name, "choices": [],
-                               "usage": { "prompt_tokens": self.prompt_tokens * n, "completion_tokens": completion,
-                                          "total_tokens": self.prompt_tokens * n + completion },
-                               "demask": self.info });
-            self.queue.push_back(SseEvent::default().data(body.to_string()));
-        }
-        self.queue.push_back(SseEvent::default().data("[DONE]"));
-        self.finished = true;
-    }
-}
-
-fn stream_response(
-    s: Shared,
-    p: Parsed,
-    rxs: Vec<UnboundedReceiver<Event>>,
-    kind: Kind,
-) -> Sse<impl Stream<Item = std::result::Result<SseEvent, std::convert::Infallible>>> {
-    let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
-        stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }).boxed()
-    }));
-    let choices = p
-        .reqs
-        .iter()
-        .map(|_| ChoiceStream {
-            text: TextStream::new(s.ctx.tok.clone(), &s.ctx.cfg, p.stop.clone()),
-            role_sent: false,
-            done: false,
-            completion_tokens: 0,
-        })
-        .collect();
-    let state = SseState {
-        id: request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
-        created: now_secs(),
-        kind,
-        merged,
-        choices,
-        queue: Default::default(),
-        finished: false,
-        include_usage: p.include_usage,
-        prompt_tokens: p.prompt_tokens,
-        info: demask_info(&p),
-        s,
-    };
-    let events = stream::unfold(state, |mut st| async move { st.next_event().await.map(|e| (Ok(e), st)) });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

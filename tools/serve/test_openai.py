@@ -8,8 +8,11 @@ temperature 0 with the same settings; demask's own fields go through `extra_body
 chunk, n, stop strings, `models.list()`, and how errors map to the client's exceptions
 (BadRequestError naming the parameter, AuthenticationError for a wrong key when the server has
 one, NotFoundError for an unknown route). Prints one line per check and a summary line
-`test_openai: P passed, F failed`; exits non-zero on any failure. tests/serve.rs
-(`serve_openai_client`) runs it against the real binary; .ci/run makes that mandatory.
+`test_openai: P passed, F failed`; exits non-zero on any failure (2 when `openai` is not
+installed). The server needs a checkpoint with a tokenizer (text prompts and chat), e.g.
+`demask make-checkpoint --preset tiny-llada --out DIR` then `demask serve --model DIR`.
+tests/serve.rs (`serve_openai_client`) runs it against the real binary; .ci/run makes that
+mandatory (DEMASK_REQUIRE_OPENAI=1 with the venv's python in DEMASK_PYTHON).
 """
 import argparse
 import sys
@@ -55,7 +58,7 @@ class Suite:
 
     def models(self):
         listed = [m.id for m in self.client.models.list()]
-        check(len(listed) >= 1, f"models.list() is empty")
+        check(len(listed) >= 1, "models.list() is empty")
         if self.model is None:
             self.model = listed[0]
         check(self.model in listed, f"{self.model!r} not in {listed}")
