@@ -366,6 +366,17 @@ pub fn build(c: &Common, prompt: Vec<u32>, max_tokens: Option<i64>, max_field: &
             format!("the prompt has {} tokens; the model's context is {ctx_len}", prompt.len()),
         ));
     }
+    let room = ctx_len - prompt.len();
+    if room < block_len as usize {
+        return Err(ApiError::field(
+            "block_len",
+            format!(
+                "the prompt ({} tokens) leaves {room} of the model's {ctx_len} context tokens, less than one block of {block_len}; \
+                 lower `block_len` or shorten the prompt",
+                prompt.len()
+            ),
+        ));
+    }
     if prompt.len() + gen_len as usize > ctx_len {
         return Err(ApiError::field(
             max_field,

@@ -12,7 +12,7 @@
 //! - Every refusal is an OpenAI-style error body naming the field; with an API key, `/v1/*`
 //!   needs `Authorization: Bearer KEY`.
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -225,6 +225,7 @@ fn app(engine: Engine, opts: ServeOptions) -> Result<(Router, Arc<Metrics>, std:
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     Ok((router, metrics, engine_thread))
 }
@@ -237,8 +238,10 @@ impl IntoResponse for ApiError {
 
 async fn auth(State(s): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     if let Some(key) = &s.opts.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim) != Some(key.as_str()) {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+        // "Bearer" is case-insensitive (RFC 7235); the key is compared in constant time.
+        let token = given.get(..7).filter(|p| p.eq_ignore_ascii_case("bearer ")).map(|_| given[7..].trim());
+        if !token.is_some_and(|t| same_secret(t.as_bytes(), key.as_bytes())) {
             s.metrics.count(Outcome::Invalid);
             return ApiError::status(
                 StatusCode::UNAUTHORIZED,
@@ -249,6 +252,16 @@ async fn auth(State(s): State<Shared>, req: axum::extract::Request, next: axum::
         }
     }
     next.run(req).await
+}
+
+/// Byte strings equal, in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::status(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {}", uri.path()))
+        .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
@@ -294,7 +307,7 @@ async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiErr
         Err(_) => Err(ApiError::status(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
-            format!("the request body did not arrive within {} s", s.opts.body_timeout.as_secs()),
+            format!("the request body did not arrive within {:.1} s", s.opts.body_timeout.as_secs_f64()),
         )),
         Ok(Err(e)) => {
             let too_big = std::error::Error::source(&e).is_some_and(|c| c.to_string().contains("length limit"))
@@ -372,17 +385,21 @@ async fn respond(s: Shared, parsed: Result<Parsed, ApiError>, kind: Kind) -> Res
         .into_response();
     }
     let mut rxs = Vec::with_capacity(n);
-    for req in p.reqs.iter().cloned() {
+    let mut ended = Vec::with_capacity(n);
+    for (i, req) in p.reqs.iter().cloned().enumerate() {
         let (tx, rx) = unbounded_channel();
-        let job = Job { req, stream: p.stream, canvas: p.canvas, tx };
+        let flag = Arc::new(AtomicU64::new(worker::NOT_ENDED));
+        let job = Job { req, stream: p.stream, canvas: p.canvas, tx, ended: flag.clone() };
         let sent = s.jobs.lock().map_err(|_| ()).and_then(|j| j.send(job).map_err(|_| ()));
         if sent.is_err() {
-            s.metrics.queue_depth.fetch_sub(1, Relaxed);
+            // This choice and the ones after it never reached the engine thread.
+            s.metrics.queue_depth.fetch_sub((n - i) as u64, Relaxed);
             s.metrics.count(Outcome::Failed);
             return ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "engine_down", "the engine thread has stopped")
                 .into_response();
         }
         rxs.push(rx);
+        ended.push(flag);
     }
     // The engine's own checks answer first (Queued or Failed) for every choice.
     for rx in rxs.iter_mut() {
@@ -394,7 +411,7 @@ async fn respond(s: Shared, parsed: Result<Parsed, ApiError>, kind: Kind) -> Res
     }
     s.metrics.prompt_tokens.fetch_add((p.prompt_tokens * n) as u64, Relaxed);
     if p.stream {
-        sse::stream_response(s, p, rxs, kind).into_response()
+        sse::stream_response(s, p, rxs, ended, kind).into_response()
     } else {
         whole_response(s, p, rxs, kind).await
     }

@@ -1,5 +1,7 @@
 //! The event stream of a `stream: true` request (server-sent events): one chunk per finished
 //! block per choice, the usage chunk when asked for, then `[DONE]`.
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -33,6 +35,8 @@ struct SseState {
     id: String,
     created: u64,
     merged: Merged,
+    /// Each choice's `Job::ended`.
+    ended: Vec<Arc<AtomicU64>>,
     choices: Vec<ChoiceStream>,
     queue: std::collections::VecDeque<SseEvent>,
     finished: bool,
@@ -106,8 +110,16 @@ impl SseState {
                     let e = self.delta(i, d.text, d.ids, finish, json!({}));
                     self.queue.push_back(e);
                 }
-                // EOS or a stop string ended the text: the rest of the decode is not needed.
-                self.choices[i].done = finish.is_some();
+                // EOS or a stop string ended the text: the rest of the decode is not needed
+                // (the engine thread cancels it when this stream drops its receivers, and counts
+                // it as finished through `ended`).
+                if finish.is_some() {
+                    let eos = [self.s.ctx.cfg.eos_id, self.s.ctx.cfg.eot_id];
+                    let n = tokens.iter().take_while(|t| !eos.contains(t)).count();
+                    self.choices[i].completion_tokens = n;
+                    self.ended[i].store(n as u64, Relaxed);
+                    self.choices[i].done = true;
+                }
             }
             Event::Done(o) => {
                 let d = self.choices[i].text.push(&o.tokens, true);
@@ -147,6 +159,7 @@ pub(super) fn stream_response(
     s: Shared,
     p: Parsed,
     rxs: Vec<UnboundedReceiver<Event>>,
+    ended: Vec<Arc<AtomicU64>>,
     kind: Kind,
 ) -> Sse<impl Stream<Item = std::result::Result<SseEvent, std::convert::Infallible>>> {
     let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
@@ -167,6 +180,7 @@ pub(super) fn stream_response(
         created: now_secs(),
         kind,
         merged,
+        ended,
         choices,
         queue: Default::default(),
         finished: false,

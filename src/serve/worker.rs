@@ -6,7 +6,7 @@
 //! away (client disconnected, stop string reached) drops its receiver, and the next boundary
 //! cancels the request, which frees its cache rows. Nothing here blocks on a client.
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,10 +41,18 @@ pub struct Job {
     /// Send a `Canvas` event after every step.
     pub canvas: bool,
     pub tx: UnboundedSender<Event>,
+    /// Set by the HTTP side when it ended the choice itself (EOS or a stop string in a
+    /// finished block) to the completion tokens it reported; `NOT_ENDED` otherwise. A closed
+    /// channel then counts as a finished request, not a cancelled one.
+    pub ended: Arc<AtomicU64>,
 }
+
+/// `Job::ended` while the HTTP side has not ended the choice.
+pub const NOT_ENDED: u64 = u64::MAX;
 
 struct Live {
     tx: UnboundedSender<Event>,
+    ended: Arc<AtomicU64>,
     stream: bool,
     canvas: bool,
     /// Blocks already sent.
@@ -89,7 +97,13 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
                 return true;
             }
             engine.cancel(RequestId(id));
-            m.count(Outcome::Cancelled);
+            match l.ended.load(Relaxed) {
+                NOT_ENDED => m.count(Outcome::Cancelled),
+                tokens => {
+                    m.count(Outcome::Ok);
+                    m.generated_tokens.fetch_add(tokens, Relaxed);
+                }
+            }
             if l.started {
                 m.active.fetch_sub(1, Relaxed);
             } else {
@@ -97,6 +111,7 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
             }
             false
         });
+        publish_rows(&engine, &m);
         if engine.pending() + engine.active() == 0 {
             continue;
         }
@@ -158,14 +173,19 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
                 }
             }
         }
-        let (used, cap) = engine.kv_rows();
-        m.kv_rows_used.store(used as u64, Relaxed);
-        m.kv_rows_capacity.store(cap as u64, Relaxed);
+        publish_rows(&engine, &m);
         if last_mem.elapsed().as_secs_f64() >= 1.0 {
             sample_memory(&engine, &m);
             last_mem = Instant::now();
         }
     }
+}
+
+/// The KV-row gauges (after every step, and after cancellations, which free rows too).
+fn publish_rows(engine: &Engine, m: &Metrics) {
+    let (used, cap) = engine.kv_rows();
+    m.kv_rows_used.store(used as u64, Relaxed);
+    m.kv_rows_capacity.store(cap as u64, Relaxed);
 }
 
 fn sample_memory(engine: &Engine, m: &Metrics) {
@@ -184,7 +204,10 @@ fn admit(engine: &mut Engine, live: &mut HashMap<u64, Live>, m: &Metrics, j: Job
     match engine.submit(j.req) {
         Ok(id) => {
             let _ = j.tx.send(Event::Queued);
-            live.insert(id.0, Live { tx: j.tx, stream: j.stream, canvas: j.canvas, blocks_sent: 0, started: false });
+            live.insert(
+                id.0,
+                Live { tx: j.tx, ended: j.ended, stream: j.stream, canvas: j.canvas, blocks_sent: 0, started: false },
+            );
         }
         Err(e) => {
             m.queue_depth.fetch_sub(1, Relaxed);
