@@ -8,7 +8,7 @@
 //!   and leave the batch at step boundaries; admission is by the engine's KV budget, and a
 //!   queue limit answers 429 beyond it. A client that disconnects cancels its request.
 //! - A request's tokens do not depend on its neighbours, so a served result equals
-//!   `demask generate` with the same settings (tests/serve.rs checks it).
+//!   `demask generate` with the same settings (tests/serve_load.rs checks it).
 //! - Every refusal is an OpenAI-style error body naming the field; with an API key, `/v1/*`
 //!   needs `Authorization: Bearer KEY`.
 use std::net::SocketAddr;

@@ -11,7 +11,7 @@ one, NotFoundError for an unknown route). Prints one line per check and a summar
 `test_openai: P passed, F failed`; exits non-zero on any failure (2 when `openai` is not
 installed). The server needs a checkpoint with a tokenizer (text prompts and chat), e.g.
 `demask make-checkpoint --preset tiny-llada --out DIR` then `demask serve --model DIR`.
-tests/serve.rs (`serve_openai_client`) runs it against the real binary; .ci/run makes that
+tests/serve_load.rs (`serve_openai_client`) runs it against the real binary; .ci/run makes that
 mandatory (DEMASK_REQUIRE_OPENAI=1 with the venv's python in DEMASK_PYTHON).
 """
 import argparse
