@@ -172,13 +172,14 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(usize, usize)) -> Result<Lo
     let finished = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::with_capacity(spec.requests)));
     let stop = Arc::new(AtomicBool::new(false));
-    // Device memory and batch size, sampled each second.
+    // Device memory (GPU servers only) and batch size, sampled each second.
+    let on_device = metric(&spec.addr, "demask_device_memory_total_bytes").is_some_and(|t| t > 0.0);
     let sampler = {
         let (addr, stop) = (spec.addr.clone(), stop.clone());
         std::thread::spawn(move || {
             let (mut mem, mut batch) = (Vec::new(), Vec::new());
             while !stop.load(Relaxed) {
-                if let Some(m) = metric(&addr, "demask_device_memory_used_bytes") {
+                if let Some(m) = metric(&addr, "demask_device_memory_used_bytes").filter(|_| on_device) {
                     mem.push(m as u64);
                 }
                 if let Some(b) = metric(&addr, "demask_batch_size") {
