@@ -236,7 +236,7 @@ pub fn loadgen(a: LoadgenArgs) -> Result<()> {
     if a.clients == 0 || a.requests == 0 || a.gen_len == 0 || a.block_len == 0 {
         bail!("--clients, --requests, --gen-len and --block-len must be positive");
     }
-    if a.gen_len % a.block_len != 0 {
+    if !a.gen_len.is_multiple_of(a.block_len) {
         bail!("--block-len {} must divide --gen-len {}", a.block_len, a.gen_len);
     }
     a.policy.parse::<Policy>().context("--policy")?;

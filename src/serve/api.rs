@@ -359,7 +359,7 @@ pub fn build(c: &Common, prompt: Vec<u32>, max_tokens: Option<i64>, max_field: &
     let note = (gen_len != max_tokens).then(|| {
         format!("max_tokens {max_tokens} rounded up to gen_len {gen_len}, a multiple of the block length {block_len}")
     });
-    let ctx_len = cfg.max_seq_len as usize;
+    let ctx_len = cfg.max_seq_len;
     if prompt.len() >= ctx_len {
         return Err(ApiError::field(
             if chat { "messages" } else { "prompt" },
