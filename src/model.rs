@@ -585,3 +585,19 @@ impl GpuModel {
         self.logits_to_host()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moe_configs_are_refused_by_the_gpu_path() {
+        for name in ["tiny-llada-moe", "llada-moe-7b"] {
+            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("LLaDA-MoE runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
+        }
+        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
+            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
+        }
+    }
+}
