@@ -90,7 +90,7 @@ pub(super) fn from_llada_moe_json(v: serde_json::Value) -> Result<ModelConfig> {
         serde_json::from_value(v).map_err(|e| Error::bad_input(format!("LLaDA-MoE config.json: {e}")))?;
     let unsupported = |field: &str, what: String| Err(Error::config(field, format!("{what} is not supported (LLaDA-MoE-7B-A1B does not use it)")));
     match j.partial_rotary_factor {
-        Some(f) if f == 1.0 => {}
+        Some(1.0) => {}
         Some(f) => return unsupported("partial_rotary_factor", format!("{f} (partial RoPE)")),
         None => {
             return Err(Error::config(

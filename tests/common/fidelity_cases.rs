@@ -53,10 +53,13 @@ pub fn load_cases(path: &Path) -> (Value, Vec<Case>) {
 }
 
 /// The six most confident eligible slots of a step, (position, candidate, confidence).
+/// The commits (position, token) of every step.
+pub type Commits = Vec<BTreeSet<(u32, u32)>>;
+
 pub type Top = Vec<(u32, u32, f32)>;
 
 /// Runs one case on the CPU backend: (commits of each step, each step's top slots, final canvas).
-pub fn run(engine: &mut Engine, c: &Case) -> (Vec<BTreeSet<(u32, u32)>>, Vec<Top>, Vec<u32>) {
+pub fn run(engine: &mut Engine, c: &Case) -> (Commits, Vec<Top>, Vec<u32>) {
     let req = Request::ids(c.prompt.clone())
         .gen_len(c.gen_len)
         .block_len(c.block_len)
