@@ -109,6 +109,7 @@ impl Engine {
         let cfg = ModelConfig::from_dir(dir)?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = open_gpu(&opts)? {
+            crate::model::check_gpu_support(&cfg)?;
             let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
             let weights = HostWeights::load(dir)?;
             let w = crate::model::GpuWeights::upload(&gpu, &weights)?;

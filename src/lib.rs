@@ -57,5 +57,5 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod ops;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, MoeConfig};
 pub use error::{Error, Result};

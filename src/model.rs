@@ -59,9 +59,21 @@ impl Shapes {
     }
 }
 
+/// Refuses architectures the GPU forward cannot run yet (LLaDA-MoE: no expert or q/k-norm
+/// kernels in this build), so such a model is never run through the dense path wrong.
+pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
+    if cfg.moe.is_some() || cfg.qk_norm {
+        return Err(Error::bad_input(
+            "LLaDA-MoE runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
+        ));
+    }
+    Ok(())
+}
+
 impl GpuWeights {
     /// Copies host weights to the device.
     pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
+        check_gpu_support(&w.cfg)?;
         let s = Shapes::of(&w.cfg);
         let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
         let mut layers = Vec::with_capacity(w.layers.len());
@@ -88,6 +100,7 @@ impl GpuWeights {
     /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
     /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
     pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        check_gpu_support(cfg)?;
         let s = Shapes::of(cfg);
         let mut counter = 0u64;
         let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {
@@ -570,5 +583,21 @@ impl GpuModel {
         let b = RowBatch::full(seqs);
         self.forward(&b)?;
         self.logits_to_host()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moe_configs_are_refused_by_the_gpu_path() {
+        for name in ["tiny-llada-moe", "llada-moe-7b"] {
+            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("LLaDA-MoE runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
+        }
+        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
+            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
+        }
     }
 }

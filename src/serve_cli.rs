@@ -18,7 +18,7 @@ pub struct ServeArgs {
     #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// Serve a built-in architecture with random weights instead (no tokenizer: prompts are
-    /// token ids): llada-8b, dream-7b on a GPU; tiny-llada, tiny-dream anywhere.
+    /// token ids): llada-8b, dream-7b on a GPU; tiny-llada, tiny-dream, tiny-llada-moe anywhere.
     #[arg(long)]
     pub preset: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]

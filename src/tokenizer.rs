@@ -16,14 +16,14 @@ pub const DREAM_CHAT_TEMPLATE: &str = r#"{%- if messages[0]['role'] == 'system' 
 /// The built-in chat template of an architecture (used when the checkpoint has none).
 pub fn builtin_chat_template(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada => LLADA_CHAT_TEMPLATE,
+        Arch::Llada | Arch::LladaMoe => LLADA_CHAT_TEMPLATE,
         Arch::Dream => DREAM_CHAT_TEMPLATE,
     }
 }
 
 fn default_bos(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada => "<|startoftext|>",
+        Arch::Llada | Arch::LladaMoe => "<|startoftext|>",
         Arch::Dream => "",
     }
 }
@@ -224,7 +224,7 @@ pub fn tiny_tokenizer_fits(cfg: &ModelConfig) -> bool {
 /// `<|reserved_N|>` specials so that every id below 512 decodes to something.
 pub fn tiny_special_tokens(arch: Arch) -> Vec<(u32, String)> {
     let eot = match arch {
-        Arch::Llada => "<|eot_id|>",
+        Arch::Llada | Arch::LladaMoe => "<|eot_id|>",
         Arch::Dream => "<|im_end|>",
     };
     let mut out: Vec<(u32, String)> = (256..505).map(|i| (i, format!("<|reserved_{i}|>"))).collect();
@@ -356,7 +356,7 @@ pub fn tiny_tokenizer_config_json(cfg: &ModelConfig) -> String {
     let specials = tiny_special_tokens(cfg.arch);
     let name = |id: u32| specials.iter().find(|(i, _)| *i == id).map(|(_, s)| s.clone());
     let bos = match cfg.arch {
-        Arch::Llada => serde_json::Value::from("<|startoftext|>"),
+        Arch::Llada | Arch::LladaMoe => serde_json::Value::from("<|startoftext|>"),
         Arch::Dream => serde_json::Value::Null,
     };
     let j = serde_json::json!({

@@ -17,6 +17,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 
 mod inspect;
+mod moe;
 pub use inspect::{inspect, inspect_checkpoint, Inspection};
 
 /// One transformer block.
@@ -32,9 +33,25 @@ pub struct HostLayer {
     pub wo: Vec<bf16>,
     /// `[hidden]`
     pub ffn_norm: Vec<bf16>,
-    /// [2 * ffn, hidden]: rows gate | up.
+    /// [2 * ffn, hidden]: rows gate | up (empty for MoE layers).
     pub w_gate_up: Vec<bf16>,
-    /// [hidden, ffn]
+    /// [hidden, ffn] (empty for MoE layers)
+    pub w_down: Vec<bf16>,
+    /// `[head_dim]` per-head RMSNorm weights of q and k (when `cfg.qk_norm`).
+    pub q_norm: Option<Vec<bf16>>,
+    pub k_norm: Option<Vec<bf16>>,
+    /// The mixture-of-experts FFN (when `cfg.moe`); then `w_gate_up` and `w_down` are empty.
+    pub moe: Option<HostMoe>,
+}
+
+/// One layer's experts, stacked at load (docs/design.md §8).
+#[derive(Clone)]
+pub struct HostMoe {
+    /// Router `[n_experts, hidden]`.
+    pub router: Vec<bf16>,
+    /// `[n_experts, 2 * ffn, hidden]`: per expert, rows gate | up.
+    pub w_gate_up: Vec<bf16>,
+    /// `[n_experts, hidden, ffn]`.
     pub w_down: Vec<bf16>,
 }
 
@@ -78,6 +95,15 @@ pub enum LayerPart {
     Gate,
     Up,
     Down,
+    /// Per-head q / k RMSNorm weight `[head_dim]` (LLaDA-MoE).
+    QNorm,
+    KNorm,
+    /// MoE router `[n_experts, hidden]`.
+    Router,
+    /// Expert `e`'s gate / up `[ffn, hidden]` and down `[hidden, ffn]` projections.
+    ExpertGate(usize),
+    ExpertUp(usize),
+    ExpertDown(usize),
 }
 
 /// Where a checkpoint tensor lands in [`HostWeights`].
@@ -112,6 +138,9 @@ impl TensorSpec {
 /// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (docs/design.md §3).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     use LayerPart::*;
+    if cfg.arch == Arch::LladaMoe {
+        return moe::llada_moe_specs(cfg);
+    }
     let (h, f, v, qd, kvd) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim());
     let spec = |name: String, shape: Vec<usize>, role, slot| TensorSpec { name, shape, role, slot };
     let (embed, final_norm, head, prefix) = match cfg.arch {
@@ -121,7 +150,7 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
             "model.transformer.ff_out.weight",
             "model.transformer.blocks",
         ),
-        Arch::Dream => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
+        Arch::Dream | Arch::LladaMoe => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
     };
     // (part, LLaDA name, Dream name, shape, role)
     let mut parts: Vec<(LayerPart, &str, &str, Vec<usize>, TensorRole)> = vec![
@@ -173,6 +202,7 @@ where
     let mut embed = zeros(v * h);
     let mut final_norm = zeros(h);
     let mut lm_head = zeros(v * h);
+    let dense_f = if cfg.moe.is_some() { 0 } else { f };
     let mut layers: Vec<HostLayer> = (0..cfg.n_layers)
         .map(|_| HostLayer {
             attn_norm: zeros(h),
@@ -180,8 +210,15 @@ where
             bqkv: cfg.qkv_bias.then(|| zeros(qkv)),
             wo: zeros(h * qd),
             ffn_norm: zeros(h),
-            w_gate_up: zeros(2 * f * h),
-            w_down: zeros(h * f),
+            w_gate_up: zeros(2 * dense_f * h),
+            w_down: zeros(h * dense_f),
+            q_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
+            k_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
+            moe: cfg.moe.as_ref().map(|m| HostMoe {
+                router: zeros(m.n_experts * h),
+                w_gate_up: zeros(m.n_experts * 2 * f * h),
+                w_down: zeros(m.n_experts * h * f),
+            }),
         })
         .collect();
 
@@ -192,8 +229,25 @@ where
     for (i, l) in layers.iter_mut().enumerate() {
         let (q, kv) = l.wqkv.split_at_mut(qd * h);
         let (k, vv) = kv.split_at_mut(kvd * h);
-        let (g, u) = l.w_gate_up.split_at_mut(f * h);
+        let (g, u) = l.w_gate_up.split_at_mut(dense_f * h);
         let at = |p: LayerPart| Slot::Layer(i, p);
+        if let Some(n) = l.q_norm.as_mut() {
+            dst.insert(at(LayerPart::QNorm), n);
+        }
+        if let Some(n) = l.k_norm.as_mut() {
+            dst.insert(at(LayerPart::KNorm), n);
+        }
+        if let Some(m) = l.moe.as_mut() {
+            dst.insert(at(LayerPart::Router), &mut m.router);
+            for (e, gu) in m.w_gate_up.chunks_mut(2 * f * h).enumerate() {
+                let (eg, eu) = gu.split_at_mut(f * h);
+                dst.insert(at(LayerPart::ExpertGate(e)), eg);
+                dst.insert(at(LayerPart::ExpertUp(e)), eu);
+            }
+            for (e, d) in m.w_down.chunks_mut(h * f).enumerate() {
+                dst.insert(at(LayerPart::ExpertDown(e)), d);
+            }
+        }
         dst.insert(at(LayerPart::AttnNorm), &mut l.attn_norm);
         dst.insert(at(LayerPart::Q), q);
         dst.insert(at(LayerPart::K), k);
@@ -207,9 +261,11 @@ where
         }
         dst.insert(at(LayerPart::Wo), &mut l.wo);
         dst.insert(at(LayerPart::FfnNorm), &mut l.ffn_norm);
-        dst.insert(at(LayerPart::Gate), g);
-        dst.insert(at(LayerPart::Up), u);
-        dst.insert(at(LayerPart::Down), &mut l.w_down);
+        if cfg.moe.is_none() {
+            dst.insert(at(LayerPart::Gate), g);
+            dst.insert(at(LayerPart::Up), u);
+            dst.insert(at(LayerPart::Down), &mut l.w_down);
+        }
     }
     let mut jobs = Vec::with_capacity(specs.len());
     for s in &specs {
@@ -407,7 +463,8 @@ impl HostWeights {
         2 * self.param_count()
     }
 
-    /// Number of parameters held (embedding, layers with biases, final norm, LM head).
+    /// Number of parameters held (embedding, layers with biases, q/k norms, routers and
+    /// experts, final norm, LM head).
     pub fn param_count(&self) -> u64 {
         let layer = |l: &HostLayer| {
             l.attn_norm.len()
@@ -417,6 +474,9 @@ impl HostWeights {
                 + l.ffn_norm.len()
                 + l.w_gate_up.len()
                 + l.w_down.len()
+                + l.q_norm.as_ref().map_or(0, Vec::len)
+                + l.k_norm.as_ref().map_or(0, Vec::len)
+                + l.moe.as_ref().map_or(0, |m| m.router.len() + m.w_gate_up.len() + m.w_down.len())
         };
         let n = self.embed.len()
             + self.final_norm.len()

@@ -211,6 +211,25 @@ fn inspect_reports_a_corrupt_shard_with_its_real_size_and_fails() {
 }
 
 #[test]
+fn llada_moe_make_checkpoint_inspect_and_generate_on_the_cpu() {
+    let s = Scratch::new("llada-moe");
+    let ck = tiny_checkpoint(&s, "tiny-llada-moe");
+    let o = demask(&["inspect", "--model", ck.to_str().unwrap()]);
+    succeeded(&o);
+    let out = stdout(&o);
+    for part in ["LladaMoe", "experts      8 per layer (width 128), top-2", "active", "OK"] {
+        assert!(out.contains(part), "inspect should show `{part}`:\n{out}");
+    }
+    let o = demask(&[
+        "generate", "--model", ck.to_str().unwrap(), "--device", "cpu", "--prompt", "Hi", "--gen-len", "16",
+        "--block-len", "8", "--policy", "threshold:0.9", "--cache", "dual", "--json",
+    ]);
+    succeeded(&o);
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    assert_eq!(j["tokens"].as_array().map(Vec::len), Some(16), "{j}");
+}
+
+#[test]
 fn inspect_loads_the_tokenizer_as_generate_does() {
     let s = Scratch::new("inspect-tok");
     let ck = tiny_checkpoint(&s, "tiny-llada");

@@ -4,6 +4,7 @@
 //! `[cache_base, cache_base + kv_len)` of their sequence.
 use crate::batch::RowBatch;
 use crate::config::ModelConfig;
+use crate::cpu::moe::{self, CpuMoe};
 use crate::cpu::{attention, embed, gemm, norm, rope, swiglu};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
@@ -20,6 +21,11 @@ struct CpuLayer {
     ffn_norm: Vec<f32>,
     w_gate_up: Vec<f32>,
     w_down: Vec<f32>,
+    /// Per-head q/k RMSNorm weights (LLaDA-MoE), applied before RoPE.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// The experts replacing the dense FFN (LLaDA-MoE).
+    moe: Option<CpuMoe>,
 }
 
 /// f32 weights of a whole model.
@@ -68,6 +74,13 @@ impl CpuModel {
                     ffn_norm: f32s(&l.ffn_norm),
                     w_gate_up: f32s(&l.w_gate_up),
                     w_down: f32s(&l.w_down),
+                    q_norm: l.q_norm.as_deref().map(f32s),
+                    k_norm: l.k_norm.as_deref().map(f32s),
+                    moe: l.moe.as_ref().map(|m| CpuMoe {
+                        router: f32s(&m.router),
+                        w_gate_up: f32s(&m.w_gate_up),
+                        w_down: f32s(&m.w_down),
+                    }),
                 })
                 .collect(),
             final_norm: f32s(&w.final_norm),
@@ -107,11 +120,18 @@ impl CpuModel {
         let mut qkv = vec![0f32; t * qkv_dim];
         let mut att = vec![0f32; t * qd];
         let mut o = vec![0f32; t * h];
-        let mut gu = vec![0f32; t * 2 * cfg.ffn];
-        let mut act = vec![0f32; t * cfg.ffn];
+        let dense_ffn = if cfg.moe.is_some() { 0 } else { cfg.ffn };
+        let mut gu = vec![0f32; t * 2 * dense_ffn];
+        let mut act = vec![0f32; t * dense_ffn];
         for (li, l) in self.layers.iter().enumerate() {
             norm::rms_norm(&x, &l.attn_norm, eps, &mut xn);
             gemm::linear(&xn, &l.wqkv, l.bqkv.as_deref(), h, &mut qkv);
+            if let Some(w) = &l.q_norm {
+                moe::head_rms_norm_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, w, eps);
+            }
+            if let Some(w) = &l.k_norm {
+                moe::head_rms_norm_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, w, eps);
+            }
             rope::rope_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, &b.positions, cfg.rope_theta, mode);
             rope::rope_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, &b.positions, cfg.rope_theta, mode);
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
@@ -125,9 +145,13 @@ impl CpuModel {
             gemm::linear(&att, &l.wo, None, qd, &mut o);
             norm::add_inplace(&mut x, &o);
             norm::rms_norm(&x, &l.ffn_norm, eps, &mut xn);
-            gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
-            swiglu::swiglu(&gu, cfg.ffn, &mut act);
-            gemm::linear(&act, &l.w_down, None, cfg.ffn, &mut o);
+            if let (Some(m), Some(mc)) = (&l.moe, &cfg.moe) {
+                moe::moe_ffn(&xn, m, h, cfg.ffn, mc.top_k, mc.norm_topk_prob, &mut o)?;
+            } else {
+                gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
+                swiglu::swiglu(&gu, cfg.ffn, &mut act);
+                gemm::linear(&act, &l.w_down, None, cfg.ffn, &mut o);
+            }
             norm::add_inplace(&mut x, &o);
         }
         norm::rms_norm(&x, &self.final_norm, eps, &mut xn);

@@ -70,7 +70,21 @@ pub fn inspect_checkpoint(dir: &Path) -> Result<Inspection> {
             "special ids  mask {}, eos {}, eot {}; max seq len {}",
             c.mask_id, c.eos_id, c.eot_id, c.max_seq_len
         );
+        if let Some(m) = &c.moe {
+            let _ = writeln!(
+                out,
+                "experts      {} per layer (width {}), top-{} routing (softmax, {}), q/k norm {}",
+                m.n_experts,
+                c.ffn,
+                m.top_k,
+                if m.norm_topk_prob { "renormalised" } else { "not renormalised" },
+                c.qk_norm
+            );
+        }
         let _ = writeln!(out, "parameters   {} ({} bytes as bf16)", c.param_count(), 2 * c.param_count());
+        if c.moe.is_some() {
+            let _ = writeln!(out, "active       {} parameters per token", c.active_param_count());
+        }
     }
 
     let layout = match ShardLayout::read(dir) {
