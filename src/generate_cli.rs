@@ -177,7 +177,7 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
     if total > cfg.max_seq_len {
         let field = match cfg.arch {
             demask::Arch::Llada => "max_sequence_length",
-            demask::Arch::Dream | demask::Arch::LladaMoe => "max_position_embeddings",
+            demask::Arch::Dream | demask::Arch::LladaMoe | demask::Arch::Llada2 => "max_position_embeddings",
         };
         bail!(
             "{what} ({} tokens) + --gen-len {} = {total} exceeds the model's context of {} tokens ({field} in config.json)",
