@@ -309,7 +309,7 @@ pub fn write_checkpoint_with(
         dir: out.to_path_buf(),
         shards: plan.iter().map(|s| (s.file.clone(), s.bytes)).collect(),
         n_tensors: plan.iter().map(|s| s.tensors.len()).sum(),
-        params: tensor_bytes / 2,
+        params: plan.iter().flat_map(|s| &s.tensors).map(|t| t.numel() as u64).sum(),
         tensor_bytes,
         tokenizer: with_tokenizer,
     })

@@ -328,3 +328,85 @@ pub(super) fn validate_llada2(cfg: &ModelConfig) -> Result<()> {
 pub fn llada2_dense_layer(cfg: &ModelConfig, i: usize) -> bool {
     cfg.llada2.as_ref().is_some_and(|l| i < l.first_k_dense)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> serde_json::Value {
+        ModelConfig::preset("tiny-llada2").unwrap().to_hf_json()
+    }
+
+    fn refused(field: &str, value: serde_json::Value, named: &str) {
+        let mut j = tiny();
+        j[field] = value.clone();
+        let e = match ModelConfig::from_json(&j.to_string()) {
+            Ok(c) => panic!("{field} = {value} was accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&format!("`{named}`")), "{field} = {value}: {e}");
+    }
+
+    #[test]
+    fn released_shape_and_counts() {
+        let c = ModelConfig::preset("llada2-mini").unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.qkv_dim(), c.q_dim(), c.kv_dim()), (24 * 128, 2048, 512));
+        // Embedding + LM head; per layer attention (packed QKV 24 heads, dense, q/k norms, two
+        // norms); layer 0 dense 3·2048·5120; layers 1-19: 256 experts of 3·2048·512, router
+        // and bias 256·2049, shared expert 3·2048·512.
+        let attn = 2048u64 * 24 * 128 + 2048 * 2048 + 256 + 2 * 2048;
+        let moe = |k: u64| k * 3 * 2048 * 512 + 256 * 2049 + 3 * 2048 * 512;
+        let common = 2 * 157184 * 2048 + 20 * attn + 3 * 2048 * 5120 + 2048;
+        assert_eq!(c.param_count(), common + 19 * moe(256));
+        assert_eq!(c.active_param_count(), common + 19 * moe(8));
+        assert_eq!((c.param_count(), c.active_param_count()), (16_255_643_392, 1_432_973_056)); // "16B", 1.4B active
+    }
+
+    #[test]
+    fn config_json_round_trips_and_reads_the_released_fields() {
+        let c = ModelConfig::from_json(&tiny().to_string()).unwrap();
+        assert_eq!(c, ModelConfig::preset("tiny-llada2").unwrap());
+        assert_eq!(c.arch, Arch::Llada2);
+        let l = c.llada2.unwrap();
+        assert_eq!((l.first_k_dense, l.dense_ffn, l.shared_ffn, l.n_group, l.topk_group), (1, 256, 64, 4, 2));
+        assert_eq!((l.rotary_dim, l.block, l.routed_scaling), (64, 32, 2.5));
+        // dFactory's training variant of the model_type reads the same way; absent ids take
+        // the released values.
+        let mut j = ModelConfig::preset("llada2-mini").unwrap().to_hf_json();
+        j["model_type"] = serde_json::json!("llada2_moe_veomni");
+        for k in ["mask_token_id", "eos_token_id", "eot_token_id", "block_length"] {
+            j.as_object_mut().unwrap().remove(k);
+        }
+        let c = ModelConfig::from_json(&j.to_string()).unwrap();
+        assert_eq!(c, ModelConfig::preset("llada2-mini").unwrap());
+        assert_eq!((c.mask_id, c.eos_id), (LLADA2_MASK, LLADA2_EOS));
+    }
+
+    #[test]
+    fn unsupported_and_bad_values_are_refused_by_name() {
+        refused("use_qkv_bias", serde_json::json!(true), "use_qkv_bias");
+        refused("use_bias", serde_json::json!(true), "use_bias");
+        refused("norm_head", serde_json::json!(true), "norm_head");
+        refused("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "rope_scaling");
+        refused("hidden_act", serde_json::json!("gelu"), "hidden_act");
+        refused("tie_word_embeddings", serde_json::json!(true), "tie_word_embeddings");
+        refused("use_sliding_window", serde_json::json!(true), "use_sliding_window");
+        refused("score_function", serde_json::json!("softmax"), "score_function");
+        refused("head_dim", serde_json::json!(64), "head_dim");
+        refused("partial_rotary_factor", serde_json::json!(0.3), "partial_rotary_factor");
+        refused("partial_rotary_factor", serde_json::json!(0.0), "partial_rotary_factor");
+        refused("n_group", serde_json::json!(3), "n_group");
+        refused("n_group", serde_json::json!(16), "n_group");
+        refused("topk_group", serde_json::json!(0), "topk_group");
+        refused("topk_group", serde_json::json!(5), "topk_group");
+        refused("num_experts_per_tok", serde_json::json!(9), "topk_group");
+        refused("first_k_dense_replace", serde_json::json!(4), "first_k_dense_replace");
+        refused("intermediate_size", serde_json::json!(100), "intermediate_size");
+        refused("routed_scaling_factor", serde_json::json!(0.0), "routed_scaling_factor");
+        refused("block_length", serde_json::json!(0), "block_length");
+        refused("num_experts", serde_json::json!(0), "num_experts");
+        refused("moe_intermediate_size", serde_json::json!(0), "moe_intermediate_size");
+        refused("mask_token_id", serde_json::json!(512), "mask_token_id");
+    }
+}
