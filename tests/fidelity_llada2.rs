@@ -2,10 +2,12 @@
 //! tools/fidelity/make_llada2_fixtures.py from inclusionAI/dFactory's LLaDA2 modeling file in
 //! f32 on the CPU with SDPA and the official `generate`'s block-causal mask): demask's f32 CPU
 //! forward must give the official logits within 1e-4 relative over two full blocks and a
-//! partial third. The test has teeth: zeroing the f32 expert bias (routing changes), full
+//! partial third, and a block step against cached earlier blocks (DESIGN.md §8: their K/V are
+//! exact under block-causal attention) must give the same logits. The test has teeth: zeroing the f32 expert bias (routing changes), full
 //! RoPE instead of partial, or bidirectional attention are far outside the tolerance.
 use std::path::{Path, PathBuf};
 
+use demask::batch::{RowBatch, SeqSpan};
 use demask::cpu::forward::CpuModel;
 use demask::weights::HostWeights;
 use demask::Arch;
@@ -95,4 +97,28 @@ fn golden_test_has_teeth() {
         eprintln!("{what}: worst relative error {e:e}");
         assert!(e > 1e-2, "{what}: {e} is within reach of the tolerance");
     }
+}
+
+/// Blocks 0-1 in one forward that fills the cache, then block 2's rows alone against it: the
+/// official logits of block 2, because no earlier row can see a later block.
+#[test]
+fn block_step_over_cached_blocks_matches_official_logits() {
+    let (ids, want) = golden();
+    let model = CpuModel::new(&load()).unwrap();
+    let vocab = model.cfg.vocab;
+    let mut cache = model.new_cache(ids.len());
+    let prefix = model.forward(&RowBatch::full(&[ids[..64].to_vec()]), &mut cache).unwrap();
+    let (err, _) = worst(&prefix, &want[..64 * vocab]);
+    assert!(err <= 1e-4, "prefix blocks: {err}");
+    let n = ids.len() - 64;
+    let step = RowBatch {
+        tokens: ids[64..].to_vec(),
+        positions: (64..ids.len() as u32).collect(),
+        seqs: vec![SeqSpan { row_start: 0, row_count: n as u32, cache_base: 0, kv_len: ids.len() as u32 }],
+        logit_rows: (0..n as u32).collect(),
+    };
+    let got = model.forward(&step, &mut cache).unwrap();
+    let (err, at) = worst(&got, &want[64 * vocab..]);
+    eprintln!("cached block step: worst relative error {err:e}");
+    assert!(err <= 1e-4, "row {} token {}: {} vs {}", 64 + at / vocab, at % vocab, got[at], want[64 * vocab + at]);
 }
