@@ -3,15 +3,22 @@
 //! f32 on the CPU with SDPA and the official `generate`'s block-causal mask): demask's f32 CPU
 //! forward must give the official logits within 1e-4 relative over two full blocks and a
 //! partial third, and a block step against cached earlier blocks (DESIGN.md §8: their K/V are
-//! exact under block-causal attention) must give the same logits. The test has teeth: zeroing the f32 expert bias (routing changes), full
+//! exact under block-causal attention) must give the same logits; the CPU backend with
+//! `llada2:τ,S` and blocks of 32 must reproduce the official LLaDA2 `generate` (argmax, EOS
+//! stop off, prompts a multiple of 32 long) token for token and step for step. The test has teeth: zeroing the f32 expert bias (routing changes), full
 //! RoPE instead of partial, or bidirectional attention are far outside the tolerance.
 use std::path::{Path, PathBuf};
 
 use demask::batch::{RowBatch, SeqSpan};
 use demask::cpu::forward::CpuModel;
+use demask::engine::{Device, Engine, EngineOptions};
 use demask::weights::HostWeights;
 use demask::Arch;
 use safetensors::{Dtype, SafeTensors};
+
+#[path = "common/fidelity_cases.rs"]
+mod cases;
+use cases::{first_difference, load_cases, run};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fidelity/llada2")
@@ -121,4 +128,29 @@ fn block_step_over_cached_blocks_matches_official_logits() {
     let (err, at) = worst(&got, &want[64 * vocab..]);
     eprintln!("cached block step: worst relative error {err:e}");
     assert!(err <= 1e-4, "row {} token {}: {} vs {}", 64 + at / vocab, at % vocab, got[at], want[64 * vocab + at]);
+}
+
+#[test]
+fn official_llada2_generate_trajectories_reproduced() {
+    let (meta, cases) = load_cases(&fixture().join("trajectories.json"));
+    assert!(cases.len() >= 6, "expected the LLaDA2 fixture set, found {}", cases.len());
+    let opts = EngineOptions { device: Device::Cpu, ..EngineOptions::default() };
+    let mut engine = Engine::load(fixture(), opts).expect("LLaDA2 fixture checkpoint");
+    let mut failures = Vec::new();
+    for c in &cases {
+        assert_eq!((c.model.as_str(), c.block_len, c.prompt.len() % 32), ("llada2", 32, 0), "{}", c.name);
+        let (steps, tops, canvas) = run(&mut engine, c);
+        match first_difference(c, &steps, &tops, &canvas) {
+            None => eprintln!("{}: {} steps identical", c.name, steps.len()),
+            Some(d) => failures.push(format!("{}: {d}", c.name)),
+        }
+    }
+    eprintln!("meta: {meta}");
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Both halves of the rule are exercised: steps committing more than the schedule's n
+    // (threshold) and steps committing exactly n below the threshold.
+    assert!(cases.iter().any(|c| c.steps.iter().any(|s| s.len() > 1)));
+    assert!(cases.iter().any(|c| c.steps.len() >= 8), "a case with many small steps");
+    // A case where nothing passes τ: the even split of 32 over S, remainder first (7,7,6,6,6).
+    assert!(cases.iter().any(|c| c.steps.iter().map(|s| s.len()).collect::<Vec<_>>() == [7, 7, 6, 6, 6]));
 }

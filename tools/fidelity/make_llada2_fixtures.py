@@ -12,6 +12,10 @@ Writes, under --out (default tests/fixtures/fidelity/llada2):
   golden.safetensors                `input_ids` [1, T] (i64) and `logits` [T, vocab] (f32) of one
                                     full forward with the block-causal mask of the official
                                     `generate` (block 32, additive 0/-inf, cast to f32)
+  trajectories.json                 commits of every forward of the official LLaDA2 `generate`
+                                    (the schema of ../trajectories.json), prompts a multiple of
+                                    32 long, argmax instead of dFactory's temperature-0 sample
+                                    (as the HF file and dInfer), EOS stop off (eos_id = mask id)
 
 The official code is imported from a checkout given on the command line, never copied:
   --dfactory DIR    inclusionAI/dFactory  models/llada2_moe/{configuration,modeling}_llada2_moe.py.
@@ -27,6 +31,7 @@ Needs torch and transformers 4.51-4.57 (the committed fixtures: see golden.safet
 """
 import argparse
 import importlib
+import json
 import os
 import sys
 import types
@@ -205,6 +210,47 @@ def main():
     save_file({"input_ids": ids.contiguous(), "logits": logits}, os.path.join(args.out, "golden.safetensors"),
               metadata={"format": "pt", **meta})
     print(f"golden: {T} rows -> {args.out}; meta {meta}")
+
+    # Trajectories of the official generate. dFactory's copy draws torch.multinomial from the
+    # softmax even at temperature 0; the HF file and dInfer take the argmax: patch to that.
+    def argmax_sample(self, logits, temperature=0.0, top_k=None, top_p=None):
+        assert temperature == 0.0 and not top_k and (top_p is None or top_p >= 1.0)
+        probs = torch.softmax(logits, dim=-1)
+        p, tok = probs.max(dim=-1)
+        return tok, p
+
+    modeling.LLaDA2MoeModelLM._sample_with_temperature_topk_topp = argmax_sample
+
+    # generate builds its 0/-inf mask in bf16, which SDPA refuses next to f32 queries: cast it
+    # to the model dtype (f32), as DESIGN.md §8 says for an f32 run.
+    def f32_mask(_module, args, kwargs):
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = kwargs["attention_mask"].to(torch.float32)
+        return args, kwargs
+
+    # (generate calls `self.forward` directly, so the hooks go on the inner LLaDA2MoeModel)
+    model.model.register_forward_pre_hook(f32_mask, with_kwargs=True)
+    g = torch.Generator().manual_seed(9)
+    cases = []
+    for P, G, S, thr in [(32, 64, 32, 0.95), (64, 32, 8, 0.7), (32, 32, 4, 0.9), (64, 64, 16, 0.5),
+                         (32, 64, 8, 0.9999), (64, 32, 5, 0.999)]:
+        prompt = torch.randint(0, eos_id - 2, (P,), generator=g).tolist()
+        c = {"name": f"llada2-generate-p{P}-g{G}-s{S}-t{thr}", "model": "llada2",
+             "decoder": "LLaDA2 generate (argmax)", "prompt": prompt, "gen_len": G, "block_len": 32,
+             "policy": f"llada2:{thr},{S}", "cache": "none", "mask_id": mask_id, "steps_arg": S}
+
+        def call(m, prompt=prompt, G=G, S=S, thr=thr):
+            out = m.generate(torch.tensor([prompt]), temperature=0.0, block_length=32, steps=S,
+                             gen_length=G, threshold=thr, eos_id=mask_id, mask_id=mask_id)
+            return prompt + out[0].tolist()
+
+        with torch.no_grad():
+            cases.append(mf.run_case(c, model.model, ["generate"], lambda _inner, call=call: call(model)))
+        print(f"{c['name']}: {c['forwards']} forwards", flush=True)
+    meta["sampling"] = "argmax (patched _sample_with_temperature_topk_topp)"
+    with open(os.path.join(args.out, "trajectories.json"), "w") as f:
+        json.dump({"meta": meta, "cases": cases}, f, separators=(",", ":"))
+        f.write("\n")
 
 
 if __name__ == "__main__":
