@@ -35,7 +35,8 @@ pub struct GenerateArgs {
     /// Semi-autoregressive block length (must divide --gen-len; default: one block).
     #[arg(long)]
     pub block_len: Option<u32>,
-    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, factor:F, dream:ALG,S.
+    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S (CPU only), factor:F,
+    /// dream:ALG,S.
     #[arg(long)]
     pub policy: String,
     /// Sampling temperature (0 = argmax).
