@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod llada2;
 mod moe;
 mod presets;
+pub use llada2::{llada2_dense_layer, Llada2Config, LLADA2_EOS, LLADA2_MASK};
 pub use presets::{PRESETS, TINY_EOS, TINY_EOT, TINY_MASK};
 
 /// Which of the supported architectures (docs/design.md §3, §8).
@@ -22,6 +24,10 @@ pub enum Arch {
     /// LLaDA-MoE-7B-A1B (`LLaDAMoEModelLM`, OLMoE-derived): every FFN a mixture of experts,
     /// per-head q/k RMSNorm, no biases, row i predicts token i. CPU backend only in this build.
     LladaMoe,
+    /// LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`): packed QKV with GQA, q/k norm,
+    /// partial RoPE, dense first layers then sigmoid group-limited MoE with a shared expert,
+    /// block-causal attention, row i predicts token i. CPU backend only in this build.
+    Llada2,
 }
 
 /// The mixture-of-experts FFN of every layer (LLaDA-MoE). `ModelConfig::ffn` is then the
@@ -65,6 +71,9 @@ pub struct ModelConfig {
     /// Mixture-of-experts FFN in every layer (LLaDA-MoE); `None` for dense models.
     #[serde(default)]
     pub moe: Option<MoeConfig>,
+    /// LLaDA2's dense prefix, shared expert, group routing, partial RoPE and attention block.
+    #[serde(default)]
+    pub llada2: Option<Llada2Config>,
 }
 
 /// The only head dimension the attention kernels are built for.
@@ -188,6 +197,7 @@ impl ModelConfig {
             serde_json::from_str(text).map_err(|e| Error::bad_input(format!("config.json is not valid JSON: {e}")))?;
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let cfg = match model_type.to_ascii_lowercase().as_str() {
+            t if llada2::is_llada2(t) => llada2::from_llada2_json(v)?,
             // LLaDA-MoE's config.json says model_type "llada" too: told apart by its class.
             "llada" | "lladamoe" | "llada_moe" if moe::is_llada_moe(&v) => moe::from_llada_moe_json(v)?,
             "llada" => {
@@ -204,7 +214,7 @@ impl ModelConfig {
             other => {
                 return Err(Error::config(
                     "model_type",
-                    format!("`{other}` is not supported (expected \"llada\" (LLaDA, LLaDA-MoE) or \"Dream\")"),
+                    format!("`{other}` is not supported (expected \"llada\" (LLaDA, LLaDA-MoE), \"llada2_moe\" or \"Dream\")"),
                 ))
             }
         };
@@ -232,6 +242,7 @@ impl ModelConfig {
             max_seq_len: j.max_sequence_length.unwrap_or(4096),
             qk_norm: false,
             moe: None,
+            llada2: None,
         }
     }
 
@@ -254,6 +265,7 @@ impl ModelConfig {
             max_seq_len: j.max_position_embeddings.unwrap_or(131072),
             qk_norm: false,
             moe: None,
+            llada2: None,
         }
     }
 
@@ -309,6 +321,7 @@ impl ModelConfig {
                 "torch_dtype": "bfloat16"
             }),
             Arch::LladaMoe => moe::to_llada_moe_json(self),
+            Arch::Llada2 => llada2::to_llada2_json(self),
         }
     }
 
@@ -333,12 +346,12 @@ impl ModelConfig {
                 "vocab_size",
                 "max_position_embeddings",
             ),
-            Arch::LladaMoe => (
+            Arch::LladaMoe | Arch::Llada2 => (
                 "hidden_size",
                 "num_hidden_layers",
                 "num_attention_heads",
                 "num_key_value_heads",
-                "expert_intermediate_size",
+                if self.arch == Arch::Llada2 { "moe_intermediate_size" } else { "expert_intermediate_size" },
                 "vocab_size",
                 "max_position_embeddings",
             ),
@@ -401,6 +414,7 @@ impl ModelConfig {
             }
         }
         moe::validate_moe(self)?;
+        llada2::validate_llada2(self)?;
         // The mask token must differ from the stop tokens: a committed EOS would read as a mask.
         for (field, id) in [("eos_token_id", self.eos_id), ("eot_token_id", self.eot_id)] {
             if id == self.mask_id {
@@ -440,8 +454,18 @@ impl ModelConfig {
         self.params_with_experts(self.moe.as_ref().map_or(1, |m| m.top_k))
     }
 
-    /// Parameter count with `experts` FFNs of width `ffn` per layer.
+    /// Parameter count with `experts` FFNs of width `ffn` per layer (LLaDA2: per MoE layer,
+    /// plus its dense layers, shared experts and expert biases).
     fn params_with_experts(&self, experts: usize) -> u64 {
+        if let Some(l) = &self.llada2 {
+            let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
+            let n_experts = self.moe.as_ref().map_or(0, |m| m.n_experts as u64);
+            let attn = h * self.qkv_dim() as u64 + self.q_dim() as u64 * h + 2 * self.head_dim as u64 + 2 * h;
+            let dense = l.first_k_dense as u64;
+            let moe_layers = self.n_layers as u64 - dense;
+            let moe = n_experts * (h + 1) + experts as u64 * 3 * h * f + 3 * h * l.shared_ffn as u64;
+            return 2 * v * h + self.n_layers as u64 * attn + dense * 3 * h * l.dense_ffn as u64 + moe_layers * moe + h;
+        }
         let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
         let qkv = self.qkv_dim() as u64;
         let router = self.moe.as_ref().map_or(0, |m| m.n_experts as u64 * h);

@@ -502,11 +502,11 @@ impl Engine {
 /// Refuses policy parameters the parser would refuse (for policies built in code).
 fn check_policy(p: &Policy) -> Result<()> {
     let bad = |what: &str| Err(Error::bad_input(format!("policy `{p}`: {what}")));
-    if p.steps() == Some(0) || matches!(p, Policy::Confident { steps: 0, .. }) {
+    if p.steps() == Some(0) || matches!(p, Policy::Confident { steps: 0, .. } | Policy::Llada2 { steps: 0, .. }) {
         return bad("steps must be >= 1");
     }
     match *p {
-        Policy::Threshold { tau } | Policy::Confident { tau, .. } if !(0.0..=1.0).contains(&tau) => {
+        Policy::Threshold { tau } | Policy::Confident { tau, .. } | Policy::Llada2 { tau, .. } if !(0.0..=1.0).contains(&tau) => {
             bad("tau must lie in [0, 1]")
         }
         Policy::Factor { f } if !(f.is_finite() && f > 0.0) => bad("factor must be a finite number > 0"),

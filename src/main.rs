@@ -25,7 +25,8 @@ struct Cli {
 enum Cmd {
     /// Write a random-weight checkpoint in the exact Hugging Face layout.
     MakeCheckpoint {
-        /// Architecture: tiny-llada, tiny-dream, tiny-llada-moe, llada-8b, dream-7b, llada-moe-7b.
+        /// Architecture: tiny-llada, tiny-dream, tiny-llada-moe, tiny-llada2, llada-8b, dream-7b,
+        /// llada-moe-7b, llada2-mini.
         #[arg(long)]
         preset: String,
         /// Seed of the weights (same seed, same bits).

@@ -13,17 +13,18 @@ pub const LLADA_CHAT_TEMPLATE: &str = r#"{% set loop_messages = messages %}{% fo
 /// Dream-7B-Instruct's (Qwen2.5) chat template, without the tool-calling branches.
 pub const DREAM_CHAT_TEMPLATE: &str = r#"{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
 
-/// The built-in chat template of an architecture (used when the checkpoint has none).
+/// The built-in chat template of an architecture (used when the checkpoint has none; LLaDA2
+/// checkpoints ship their own, so LLaDA2 falls back to LLaDA's, which the tiny tokenizer has).
 pub fn builtin_chat_template(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada | Arch::LladaMoe => LLADA_CHAT_TEMPLATE,
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => LLADA_CHAT_TEMPLATE,
         Arch::Dream => DREAM_CHAT_TEMPLATE,
     }
 }
 
 fn default_bos(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada | Arch::LladaMoe => "<|startoftext|>",
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => "<|startoftext|>",
         Arch::Dream => "",
     }
 }
@@ -224,7 +225,7 @@ pub fn tiny_tokenizer_fits(cfg: &ModelConfig) -> bool {
 /// `<|reserved_N|>` specials so that every id below 512 decodes to something.
 pub fn tiny_special_tokens(arch: Arch) -> Vec<(u32, String)> {
     let eot = match arch {
-        Arch::Llada | Arch::LladaMoe => "<|eot_id|>",
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => "<|eot_id|>",
         Arch::Dream => "<|im_end|>",
     };
     let mut out: Vec<(u32, String)> = (256..505).map(|i| (i, format!("<|reserved_{i}|>"))).collect();
@@ -356,7 +357,7 @@ pub fn tiny_tokenizer_config_json(cfg: &ModelConfig) -> String {
     let specials = tiny_special_tokens(cfg.arch);
     let name = |id: u32| specials.iter().find(|(i, _)| *i == id).map(|(_, s)| s.clone());
     let bos = match cfg.arch {
-        Arch::Llada | Arch::LladaMoe => serde_json::Value::from("<|startoftext|>"),
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => serde_json::Value::from("<|startoftext|>"),
         Arch::Dream => serde_json::Value::Null,
     };
     let j = serde_json::json!({

@@ -17,6 +17,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 
 mod inspect;
+mod llada2;
 mod moe;
 pub use inspect::{inspect, inspect_checkpoint, Inspection};
 
@@ -49,6 +50,12 @@ pub struct HostLayer {
 pub struct HostMoe {
     /// Router `[n_experts, hidden]`.
     pub router: Vec<bf16>,
+    /// LLaDA2's selection bias `[n_experts]`, kept in f32 as stored (empty for LLaDA-MoE).
+    pub expert_bias: Vec<f32>,
+    /// LLaDA2's shared expert: `[2 * shared_ffn, hidden]` (gate | up) and
+    /// `[hidden, shared_ffn]` (empty when there is none).
+    pub shared_gate_up: Vec<bf16>,
+    pub shared_down: Vec<bf16>,
     /// `[n_experts, 2 * ffn, hidden]`: per expert, rows gate | up.
     pub w_gate_up: Vec<bf16>,
     /// `[n_experts, hidden, ffn]`.
@@ -78,6 +85,8 @@ pub enum TensorRole {
     Linear,
     /// Linear bias `[out]` (Dream q/k/v).
     Bias,
+    /// LLaDA2's router selection bias `[n_experts]`, stored and held as f32.
+    ExpertBias,
 }
 
 /// One tensor of a transformer block, as stored in the checkpoint (before fusion).
@@ -104,6 +113,14 @@ pub enum LayerPart {
     ExpertGate(usize),
     ExpertUp(usize),
     ExpertDown(usize),
+    /// LLaDA2's packed Q|K|V `[(n_heads + 2 n_kv_heads) * head_dim, hidden]`.
+    Qkv,
+    /// LLaDA2's router bias `[n_experts]` (f32).
+    ExpertBias,
+    /// LLaDA2's shared expert projections.
+    SharedGate,
+    SharedUp,
+    SharedDown,
 }
 
 /// Where a checkpoint tensor lands in [`HostWeights`].
@@ -128,9 +145,13 @@ impl TensorSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Bytes as bf16.
+    /// Whether the checkpoint stores (and the host holds) it as f32 (LLaDA2's expert bias).
+    pub fn is_f32(&self) -> bool {
+        self.role == TensorRole::ExpertBias
+    }
+    /// Bytes as stored: bf16, or f32 for [`is_f32`](Self::is_f32) tensors.
     pub fn bytes(&self) -> u64 {
-        2 * self.numel() as u64
+        (if self.is_f32() { 4 } else { 2 }) * self.numel() as u64
     }
 }
 
@@ -138,8 +159,10 @@ impl TensorSpec {
 /// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (docs/design.md §3).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     use LayerPart::*;
-    if cfg.arch == Arch::LladaMoe {
-        return moe::llada_moe_specs(cfg);
+    match cfg.arch {
+        Arch::LladaMoe => return moe::llada_moe_specs(cfg),
+        Arch::Llada2 => return llada2::llada2_specs(cfg),
+        Arch::Llada | Arch::Dream => {}
     }
     let (h, f, v, qd, kvd) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim());
     let spec = |name: String, shape: Vec<usize>, role, slot| TensorSpec { name, shape, role, slot };
@@ -150,7 +173,7 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
             "model.transformer.ff_out.weight",
             "model.transformer.blocks",
         ),
-        Arch::Dream | Arch::LladaMoe => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
+        Arch::Dream | Arch::LladaMoe | Arch::Llada2 => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
     };
     // (part, LLaDA name, Dream name, shape, role)
     let mut parts: Vec<(LayerPart, &str, &str, Vec<usize>, TensorRole)> = vec![
@@ -191,20 +214,29 @@ fn zeros(n: usize) -> Vec<bf16> {
 }
 
 /// Allocates the fused layout of `cfg` and fills every checkpoint tensor's destination with
-/// `fill(spec, dst)` in parallel (rayon over tensors). Q|K|V, their biases and gate|up land in
-/// their rows of the fused buffers. The first error in checkpoint order is returned.
-pub(crate) fn assemble<F>(cfg: &ModelConfig, fill: F) -> Result<HostWeights>
+/// `fill(spec, dst)` in parallel (rayon over tensors), the f32 ones ([`TensorSpec::is_f32`])
+/// with `fill_f32`. Q|K|V, their biases and gate|up land in their rows of the fused buffers.
+/// The first error in checkpoint order is returned.
+pub(crate) fn assemble<F, G>(cfg: &ModelConfig, fill: F, fill_f32: G) -> Result<HostWeights>
 where
     F: Fn(&TensorSpec, &mut [bf16]) -> Result<()> + Sync,
+    G: Fn(&TensorSpec, &mut [f32]) -> Result<()>,
 {
     let specs = tensor_specs(cfg);
     let (h, f, v, qd, kvd, qkv) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim(), cfg.qkv_dim());
     let mut embed = zeros(v * h);
     let mut final_norm = zeros(h);
     let mut lm_head = zeros(v * h);
-    let dense_f = if cfg.moe.is_some() { 0 } else { f };
+    let shared_f = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
+    // Dense FFN width of layer i (LLaDA2's first layers are dense; LLaDA-MoE has none).
+    let dense_of = |i: usize| match (&cfg.llada2, &cfg.moe) {
+        (Some(l), _) if crate::config::llada2_dense_layer(cfg, i) => l.dense_ffn,
+        (_, Some(_)) => 0,
+        _ => f,
+    };
     let mut layers: Vec<HostLayer> = (0..cfg.n_layers)
-        .map(|_| HostLayer {
+        .map(|i| (i, dense_of(i)))
+        .map(|(i, dense_f)| HostLayer {
             attn_norm: zeros(h),
             wqkv: zeros(qkv * h),
             bqkv: cfg.qkv_bias.then(|| zeros(qkv)),
@@ -214,8 +246,11 @@ where
             w_down: zeros(h * dense_f),
             q_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
             k_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
-            moe: cfg.moe.as_ref().map(|m| HostMoe {
+            moe: cfg.moe.as_ref().filter(|_| !crate::config::llada2_dense_layer(cfg, i)).map(|m| HostMoe {
                 router: zeros(m.n_experts * h),
+                expert_bias: if cfg.llada2.is_some() { vec![0.0; m.n_experts] } else { Vec::new() },
+                shared_gate_up: zeros(2 * shared_f * h),
+                shared_down: zeros(h * shared_f),
                 w_gate_up: zeros(m.n_experts * 2 * f * h),
                 w_down: zeros(m.n_experts * h * f),
             }),
@@ -223,14 +258,22 @@ where
         .collect();
 
     let mut dst: HashMap<Slot, &mut [bf16]> = HashMap::new();
+    let mut dst_f32: HashMap<Slot, &mut [f32]> = HashMap::new();
     dst.insert(Slot::Embed, &mut embed);
     dst.insert(Slot::FinalNorm, &mut final_norm);
     dst.insert(Slot::LmHead, &mut lm_head);
+    let packed_qkv = cfg.arch == Arch::Llada2;
     for (i, l) in layers.iter_mut().enumerate() {
-        let (q, kv) = l.wqkv.split_at_mut(qd * h);
-        let (k, vv) = kv.split_at_mut(kvd * h);
-        let (g, u) = l.w_gate_up.split_at_mut(dense_f * h);
+        let dense_f = l.w_down.len() / h;
         let at = |p: LayerPart| Slot::Layer(i, p);
+        let (q, kv) = if packed_qkv {
+            dst.insert(at(LayerPart::Qkv), &mut l.wqkv);
+            (&mut [][..], &mut [][..])
+        } else {
+            l.wqkv.split_at_mut(qd * h)
+        };
+        let (k, vv) = kv.split_at_mut(if packed_qkv { 0 } else { kvd * h });
+        let (g, u) = l.w_gate_up.split_at_mut(dense_f * h);
         if let Some(n) = l.q_norm.as_mut() {
             dst.insert(at(LayerPart::QNorm), n);
         }
@@ -247,11 +290,22 @@ where
             for (e, d) in m.w_down.chunks_mut(h * f).enumerate() {
                 dst.insert(at(LayerPart::ExpertDown(e)), d);
             }
+            if cfg.llada2.is_some() {
+                dst_f32.insert(at(LayerPart::ExpertBias), &mut m.expert_bias);
+            }
+            if shared_f > 0 {
+                let (sg, su) = m.shared_gate_up.split_at_mut(shared_f * h);
+                dst.insert(at(LayerPart::SharedGate), sg);
+                dst.insert(at(LayerPart::SharedUp), su);
+                dst.insert(at(LayerPart::SharedDown), &mut m.shared_down);
+            }
         }
         dst.insert(at(LayerPart::AttnNorm), &mut l.attn_norm);
-        dst.insert(at(LayerPart::Q), q);
-        dst.insert(at(LayerPart::K), k);
-        dst.insert(at(LayerPart::V), vv);
+        if !packed_qkv {
+            dst.insert(at(LayerPart::Q), q);
+            dst.insert(at(LayerPart::K), k);
+            dst.insert(at(LayerPart::V), vv);
+        }
         if let Some(b) = l.bqkv.as_mut() {
             let (bq, bkv) = b.split_at_mut(qd);
             let (bk, bv) = bkv.split_at_mut(kvd);
@@ -261,14 +315,21 @@ where
         }
         dst.insert(at(LayerPart::Wo), &mut l.wo);
         dst.insert(at(LayerPart::FfnNorm), &mut l.ffn_norm);
-        if cfg.moe.is_none() {
+        if dense_f > 0 {
             dst.insert(at(LayerPart::Gate), g);
             dst.insert(at(LayerPart::Up), u);
             dst.insert(at(LayerPart::Down), &mut l.w_down);
         }
     }
     let mut jobs = Vec::with_capacity(specs.len());
-    for s in &specs {
+    for s in specs.iter().filter(|s| s.is_f32()) {
+        let d = dst_f32.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no f32 destination buffer"))?;
+        if d.len() != s.numel() {
+            return Err(Error::weights(&s.name, format!("internal: destination holds {} values, not {}", d.len(), s.numel())));
+        }
+        fill_f32(s, d)?;
+    }
+    for s in specs.iter().filter(|s| !s.is_f32()) {
         let d = dst.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no destination buffer"))?;
         if d.len() != s.numel() {
             return Err(Error::weights(
@@ -410,6 +471,26 @@ fn convert_into(name: &str, dtype: Dtype, src: &[u8], dst: &mut [bf16]) -> Resul
     Ok(())
 }
 
+/// Converts little-endian F32 / BF16 / F16 data to f32 (exact) for the f32-held tensors.
+fn convert_into_f32(name: &str, dtype: Dtype, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let size = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => return Err(Error::weights(name, format!("dtype {other:?} is not supported"))),
+    };
+    if src.len() != dst.len() * size {
+        return Err(Error::weights(name, format!("{} bytes of data, expected {}", src.len(), dst.len() * size)));
+    }
+    for (x, b) in dst.iter_mut().zip(src.chunks_exact(size)) {
+        *x = match dtype {
+            Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        };
+    }
+    Ok(())
+}
+
 impl HostWeights {
     /// Loads a Hugging Face checkpoint directory: `config.json`, then the safetensors
     /// (`model.safetensors.index.json` + shards, or one `model.safetensors`), memory-mapped.
@@ -452,10 +533,17 @@ impl HostWeights {
         for s in &specs {
             view(s)?;
         }
-        assemble(&cfg, |s, dst| {
-            let v = view(s)?;
-            convert_into(&s.name, v.dtype(), v.data(), dst)
-        })
+        assemble(
+            &cfg,
+            |s, dst| {
+                let v = view(s)?;
+                convert_into(&s.name, v.dtype(), v.data(), dst)
+            },
+            |s, dst| {
+                let v = view(s)?;
+                convert_into_f32(&s.name, v.dtype(), v.data(), dst)
+            },
+        )
     }
 
     /// Bytes of all host tensors (bf16).
@@ -476,7 +564,14 @@ impl HostWeights {
                 + l.w_down.len()
                 + l.q_norm.as_ref().map_or(0, Vec::len)
                 + l.k_norm.as_ref().map_or(0, Vec::len)
-                + l.moe.as_ref().map_or(0, |m| m.router.len() + m.w_gate_up.len() + m.w_down.len())
+                + l.moe.as_ref().map_or(0, |m| {
+                    m.router.len()
+                        + m.expert_bias.len()
+                        + m.w_gate_up.len()
+                        + m.w_down.len()
+                        + m.shared_gate_up.len()
+                        + m.shared_down.len()
+                })
         };
         let n = self.embed.len()
             + self.final_norm.len()

@@ -160,6 +160,7 @@ pub(super) fn from_llada_moe_json(v: serde_json::Value) -> Result<ModelConfig> {
         max_seq_len: j.max_position_embeddings.unwrap_or(4096),
         qk_norm: j.qk_layernorm.unwrap_or(false),
         moe: Some(MoeConfig { n_experts: j.num_experts, top_k: j.num_experts_per_tok, norm_topk_prob: false }),
+        llada2: None,
     })
 }
 
@@ -231,6 +232,7 @@ pub(super) fn llada_moe_7b() -> ModelConfig {
         max_seq_len: 8192,
         qk_norm: true,
         moe: Some(MoeConfig { n_experts: 64, top_k: 8, norm_topk_prob: false }),
+        llada2: None,
     }
 }
 
@@ -240,10 +242,11 @@ pub(super) fn validate_moe(cfg: &ModelConfig) -> Result<()> {
     match (cfg.arch, &cfg.moe) {
         (Arch::LladaMoe, None) => Err(Error::config("num_experts", "missing: LLaDA-MoE needs its expert count")),
         (Arch::Llada | Arch::Dream, Some(_)) => {
-            Err(Error::config("num_experts", "set on a dense architecture (only LLaDA-MoE has experts)"))
+            Err(Error::config("num_experts", "set on a dense architecture (only LLaDA-MoE and LLaDA2 have experts)"))
         }
         (Arch::Llada | Arch::Dream, None) => Ok(()),
-        (Arch::LladaMoe, Some(m)) => {
+        (Arch::Llada2, None) => Err(Error::config("num_experts", "missing: LLaDA2 needs its expert count")),
+        (Arch::LladaMoe | Arch::Llada2, Some(m)) => {
             if m.n_experts == 0 || m.n_experts > MAX_EXPERTS {
                 return Err(Error::config("num_experts", format!("{} is out of range (1..={MAX_EXPERTS})", m.n_experts)));
             }

@@ -1,12 +1,12 @@
 //! The built-in architectures (`--preset`): the released models' shapes (llada-8b, dream-7b,
-//! llada-moe-7b) and the tiny test models, whose 512-token vocabulary ends in the special ids of
+//! llada-moe-7b, llada2-mini) and the tiny test models, whose 512-token vocabulary ends in the special ids of
 //! the tiny tokenizer.
-use super::{moe, Arch, ModelConfig, MoeConfig};
+use super::{llada2, moe, Arch, Llada2Config, ModelConfig, MoeConfig};
 use crate::error::{Error, Result};
 
 impl ModelConfig {
-    /// A built-in architecture by name: tiny-llada, tiny-dream, tiny-llada-moe, llada-8b,
-    /// dream-7b, llada-moe-7b.
+    /// A built-in architecture by name: tiny-llada, tiny-dream, tiny-llada-moe, tiny-llada2,
+    /// llada-8b, dream-7b, llada-moe-7b, llada2-mini.
     pub fn preset(name: &str) -> Result<Self> {
         let llada8b = ModelConfig {
             arch: Arch::Llada,
@@ -26,6 +26,7 @@ impl ModelConfig {
             max_seq_len: 4096,
             qk_norm: false,
             moe: None,
+            llada2: None,
         };
         let dream7b = ModelConfig {
             arch: Arch::Dream,
@@ -45,6 +46,7 @@ impl ModelConfig {
             max_seq_len: 131072,
             qk_norm: false,
             moe: None,
+            llada2: None,
         };
         let llada_moe7b = moe::llada_moe_7b();
         let cfg = match name {
@@ -95,6 +97,33 @@ impl ModelConfig {
                 moe: Some(MoeConfig { n_experts: 8, top_k: 2, norm_topk_prob: false }),
                 ..llada_moe7b
             },
+            "llada2-mini" => llada2::llada2_mini(),
+            // LLaDA2's structure at test scale: 4 / 2 heads of 128 (GQA), a dense layer 0 then
+            // two MoE layers of 16 experts in 4 groups (keep 2), top-4, one shared expert.
+            "tiny-llada2" => {
+                let mini = llada2::llada2_mini();
+                ModelConfig {
+                    n_layers: 3,
+                    hidden: 512,
+                    ffn: 64,
+                    n_heads: 4,
+                    n_kv_heads: 2,
+                    vocab: 512,
+                    mask_id: TINY_MASK,
+                    eos_id: TINY_EOS,
+                    eot_id: TINY_EOT,
+                    max_seq_len: 1024,
+                    moe: Some(MoeConfig { n_experts: 16, top_k: 4, norm_topk_prob: true }),
+                    llada2: Some(Llada2Config {
+                        dense_ffn: 256,
+                        shared_ffn: 64,
+                        n_group: 4,
+                        topk_group: 2,
+                        ..mini.llada2.clone().expect("llada2-mini has LLaDA2 parameters")
+                    }),
+                    ..mini
+                }
+            }
             other => {
                 return Err(Error::bad_input(format!(
                     "unknown preset `{other}` (expected one of: {})",
@@ -107,7 +136,8 @@ impl ModelConfig {
 }
 
 /// Names accepted by [`ModelConfig::preset`].
-pub const PRESETS: &[&str] = &["tiny-llada", "tiny-dream", "tiny-llada-moe", "llada-8b", "dream-7b", "llada-moe-7b"];
+pub const PRESETS: &[&str] =
+    &["tiny-llada", "tiny-dream", "tiny-llada-moe", "tiny-llada2", "llada-8b", "dream-7b", "llada-moe-7b", "llada2-mini"];
 
 /// Special token ids of the tiny presets' tokenizer (bytes take ids 0..256).
 pub const TINY_MASK: u32 = 511;

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod embed;
 pub mod forward;
 pub mod gemm;
+pub mod llada2;
 pub mod moe;
 pub mod norm;
 pub mod rope;

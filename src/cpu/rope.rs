@@ -24,7 +24,7 @@ impl RopeMode {
         match arch {
             Arch::Llada => RopeMode::Llada,
             // LLaDA-MoE's (OLMoE) rotary embedding returns cos/sin cast to the activation dtype.
-            Arch::Dream | Arch::LladaMoe => RopeMode::Dream,
+            Arch::Dream | Arch::LladaMoe | Arch::Llada2 => RopeMode::Dream,
         }
     }
 }

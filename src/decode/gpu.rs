@@ -159,6 +159,12 @@ impl GpuStepper {
                     w.sampling
                 )));
             }
+            if matches!(w.policy, Policy::Llada2 { .. }) {
+                return Err(Error::bad_input(format!(
+                    "step: sequence {si}: policy `{}` runs on the CPU backend only in this build (no GPU count rule)",
+                    w.policy
+                )));
+            }
             let kind = w.policy.conf_kind();
             self.host_seqs.push(SeqCommitParams::new(
                 commit_rule(&w.policy),
@@ -283,6 +289,8 @@ pub fn commit_rule(policy: &Policy) -> CountRule {
         Policy::Schedule { steps } | Policy::Random { steps } => CountRule::Schedule { steps },
         Policy::Threshold { tau } => CountRule::Threshold { tau },
         Policy::Confident { tau, steps } => CountRule::ThresholdOrSchedule { tau, steps },
+        // Refused before any launch (`GpuStepper::step`): the kernel has no max(threshold, n) rule.
+        Policy::Llada2 { .. } => unreachable!("the GPU stepper refuses llada2:τ,S before building commit rules"),
         Policy::Factor { f } => CountRule::FactorPrefix { f },
         Policy::Dream { steps, .. } => CountRule::DreamCount { steps },
     }
