@@ -3,35 +3,17 @@
 //! expert bias, shared expert), the loader stacks the experts and keeps the bias in f32
 //! bit-exactly, `inspect` reports the routing, a missing bias or a misshapen packed QKV is an
 //! error naming the tensor, and the CPU engine decodes text with the tiny tokenizer.
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use demask::checkpoint::{random_weights, write_checkpoint_with};
 use demask::engine::{Device, Engine, EngineOptions, Request};
 use demask::weights::{inspect, HostWeights};
 use demask::ModelConfig;
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("demask-loader-llada2-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::scratch::{load_err, rewrite, shards, TempDir};
 
 const SEED: u64 = 91;
 
@@ -42,39 +24,6 @@ fn tiny(shard_bytes: u64) -> (TempDir, ModelConfig) {
     assert!(sum.tokenizer);
     assert_eq!(sum.params, cfg.param_count());
     (dir, cfg)
-}
-
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".safetensors"))
-        .collect();
-    v.sort();
-    v
-}
-
-/// Rewrites every shard through `edit(name, shape, data)` (None drops the tensor).
-fn rewrite(dir: &Path, edit: impl Fn(&str, &[usize], &[u8]) -> Option<(Vec<usize>, Vec<u8>)>) {
-    for path in shards(dir) {
-        let bytes = std::fs::read(&path).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .filter_map(|(n, v)| edit(&n, v.shape(), v.data()).map(|(s, b)| (n, v.dtype(), s, b)))
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> =
-            kept.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-    }
-}
-
-fn load_err(dir: &Path) -> String {
-    match HostWeights::load(dir) {
-        Ok(_) => panic!("loading {} should fail", dir.display()),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]
@@ -140,14 +89,14 @@ fn hf_names_and_dtypes_round_trip() {
 fn missing_bias_and_misshapen_qkv_are_named() {
     let (dir, _) = tiny(u64::MAX);
     let gone = "model.layers.1.mlp.gate.expert_bias";
-    rewrite(&dir.0, |n, s, b| (n != gone).then(|| (s.to_vec(), b.to_vec())));
+    rewrite(&dir.0, |n, _, s, b| (n != gone).then(|| (s.to_vec(), b.to_vec())));
     let e = load_err(&dir.0);
     assert!(e.contains(gone) && e.contains("missing"), "{e}");
 
     let (dir, _) = tiny(u64::MAX);
     let qkv = "model.layers.2.attention.query_key_value.weight";
     // Q|K|V with 4 KV heads' rows where the config says 2.
-    rewrite(&dir.0, |n, s, b| match n {
+    rewrite(&dir.0, |n, _, s, b| match n {
         n if n == qkv => Some((vec![12 * 128, s[1]], [b, &b[..4 * 128 * s[1] * 2]].concat())),
         _ => Some((s.to_vec(), b.to_vec())),
     });

@@ -3,35 +3,17 @@
 //! experts bit-exactly, `inspect` reports experts, top-k and active parameters, a missing expert
 //! tensor or a wrong expert / router shape is an error naming the tensor, and the CPU engine
 //! decodes text with the tiny tokenizer.
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use demask::checkpoint::{random_weights, write_checkpoint_with};
 use demask::engine::{Device, Engine, EngineOptions, Request};
 use demask::weights::{inspect, HostWeights};
 use demask::ModelConfig;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("demask-loader-moe-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::scratch::{load_err, rewrite, shards, TempDir};
 
 const SEED: u64 = 77;
 
@@ -42,39 +24,6 @@ fn tiny_moe(shard_bytes: u64) -> (TempDir, ModelConfig) {
     assert!(sum.tokenizer);
     assert_eq!(sum.params, cfg.param_count());
     (dir, cfg)
-}
-
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".safetensors"))
-        .collect();
-    v.sort();
-    v
-}
-
-/// Rewrites every shard through `edit(name, dtype, shape, data)` (None drops the tensor).
-fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, &[usize], &[u8]) -> Option<(Vec<usize>, Vec<u8>)>) {
-    for path in shards(dir) {
-        let bytes = std::fs::read(&path).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .filter_map(|(n, v)| edit(&n, v.dtype(), v.shape(), v.data()).map(|(s, b)| (n, v.dtype(), s, b)))
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> =
-            kept.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-    }
-}
-
-fn load_err(dir: &Path) -> String {
-    match HostWeights::load(dir) {
-        Ok(_) => panic!("loading {} should fail", dir.display()),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]

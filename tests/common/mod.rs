@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod elementwise;
+pub mod scratch;
 
 use std::collections::HashMap;
 
