@@ -10,40 +10,18 @@ use std::path::{Path, PathBuf};
 use demask::cpu::forward::CpuModel;
 use demask::engine::{Device, Engine, EngineOptions, Request};
 use demask::weights::HostWeights;
-use safetensors::{Dtype, SafeTensors};
 
 #[path = "common/fidelity_cases.rs"]
 mod cases;
-use cases::{first_difference, load_cases, run};
+use cases::{first_difference, load_cases, run, worst};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fidelity/llada_moe")
 }
 
-/// The golden forward: (input ids, official logits `[T, vocab]`).
+/// The golden forward: (input ids, official logits `[T, 384]`).
 fn golden() -> (Vec<u32>, Vec<f32>) {
-    let path = fixture().join("golden.safetensors");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).expect("golden.safetensors parses");
-    let ids = st.tensor("input_ids").expect("input_ids");
-    assert_eq!(ids.dtype(), Dtype::I64);
-    let ids: Vec<u32> =
-        ids.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
-    let logits = st.tensor("logits").expect("logits");
-    assert_eq!(logits.dtype(), Dtype::F32);
-    assert_eq!(logits.shape(), &[ids.len(), 384]);
-    let logits = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-    (ids, logits)
-}
-
-/// Largest |got − want| relative to max(|want|, 1), and where.
-fn worst(got: &[f32], want: &[f32]) -> (f32, usize) {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
-        .enumerate()
-        .fold((0.0, 0), |(m, at), (i, e)| if e > m { (e, i) } else { (m, at) })
+    cases::golden(&fixture(), 384)
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Shared by tests/fidelity.rs and tests/fidelity_moe.rs: the official trajectories of
-//! `trajectories.json` (tools/fidelity), a replay on an engine, and the first difference.
+//! Shared by tests/fidelity.rs, tests/fidelity_moe.rs and tests/fidelity_llada2.rs: the
+//! official trajectories of `trajectories.json` (tools/fidelity), a replay on an engine, the
+//! first difference, and the golden forward of `golden.safetensors` with its error measure.
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -98,4 +99,32 @@ pub fn first_difference(c: &Case, steps: &[BTreeSet<(u32, u32)>], tops: &[Top], 
         return Some(format!("final canvas differs: official {:?}, demask {:?}", c.output, canvas));
     }
     None
+}
+
+/// The golden forward of a fixture directory: (input ids, official logits `[T, vocab]`).
+#[allow(dead_code)]
+pub fn golden(dir: &Path, vocab: usize) -> (Vec<u32>, Vec<f32>) {
+    let path = dir.join("golden.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden.safetensors parses");
+    let ids = st.tensor("input_ids").expect("input_ids");
+    assert_eq!(ids.dtype(), safetensors::Dtype::I64);
+    let ids: Vec<u32> =
+        ids.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let logits = st.tensor("logits").expect("logits");
+    assert_eq!(logits.dtype(), safetensors::Dtype::F32);
+    assert_eq!(logits.shape(), &[ids.len(), vocab]);
+    let logits = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (ids, logits)
+}
+
+/// Largest |got − want| relative to max(|want|, 1), and where.
+#[allow(dead_code)]
+pub fn worst(got: &[f32], want: &[f32]) -> (f32, usize) {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .enumerate()
+        .fold((0.0, 0), |(m, at), (i, e)| if e > m { (e, i) } else { (m, at) })
 }
