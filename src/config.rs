@@ -481,6 +481,19 @@ impl ModelConfig {
     }
 }
 
+/// Test helper: `field = value` in `preset`'s config.json is refused by an error naming
+/// `named` (in backquotes).
+#[cfg(test)]
+pub(crate) fn assert_refused(preset: &str, field: &str, value: serde_json::Value, named: &str) {
+    let mut j = ModelConfig::preset(preset).unwrap().to_hf_json();
+    j[field] = value.clone();
+    let e = match ModelConfig::from_json(&j.to_string()) {
+        Ok(c) => panic!("{preset}: {field} = {value} was accepted: {c:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&format!("`{named}`")), "{preset}: {field} = {value}: {e}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

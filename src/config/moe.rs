@@ -273,13 +273,7 @@ mod tests {
     }
 
     fn refused(field: &str, value: serde_json::Value, named: &str) {
-        let mut j = tiny();
-        j[field] = value.clone();
-        let e = match ModelConfig::from_json(&j.to_string()) {
-            Ok(c) => panic!("{field} = {value} was accepted: {c:?}"),
-            Err(e) => e.to_string(),
-        };
-        assert!(e.contains(&format!("`{named}`")), "{field} = {value}: {e}");
+        crate::config::assert_refused("tiny-llada-moe", field, value, named);
     }
 
     #[test]
