@@ -124,13 +124,19 @@ impl Drop for ServerHandle {
     }
 }
 
+/// A non-blocking listener on `addr` (port 0: any free port) and the address it got.
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr)> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| Error::bad_input(format!("cannot listen on {addr}: {e}")))?;
+    listener.set_nonblocking(true).map_err(|e| Error::bad_input(format!("listener: {e}")))?;
+    let bound = listener.local_addr().map_err(|e| Error::bad_input(format!("listener: {e}")))?;
+    Ok((listener, bound))
+}
+
 /// Binds `opts.addr` (port 0: any free port) and serves on background threads; returns once
 /// the socket listens.
 pub fn spawn(engine: Engine, opts: ServeOptions) -> Result<ServerHandle> {
-    let listener = std::net::TcpListener::bind(opts.addr)
-        .map_err(|e| Error::bad_input(format!("cannot listen on {}: {e}", opts.addr)))?;
-    listener.set_nonblocking(true).map_err(|e| Error::bad_input(format!("listener: {e}")))?;
-    let addr = listener.local_addr().map_err(|e| Error::bad_input(format!("listener: {e}")))?;
+    let (listener, addr) = bind(opts.addr)?;
     let (app, metrics, engine_thread) = app(engine, opts)?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -158,10 +164,7 @@ pub fn spawn(engine: Engine, opts: ServeOptions) -> Result<ServerHandle> {
 
 /// Serves until Ctrl-C (then finishes open requests and returns).
 pub fn serve_forever(engine: Engine, opts: ServeOptions) -> Result<()> {
-    let listener = std::net::TcpListener::bind(opts.addr)
-        .map_err(|e| Error::bad_input(format!("cannot listen on {}: {e}", opts.addr)))?;
-    listener.set_nonblocking(true).map_err(|e| Error::bad_input(format!("listener: {e}")))?;
-    let addr = listener.local_addr().map_err(|e| Error::bad_input(format!("listener: {e}")))?;
+    let (listener, addr) = bind(opts.addr)?;
     let name = opts.model_name.clone();
     let (app, _metrics, engine_thread) = app(engine, opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
