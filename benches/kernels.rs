@@ -378,7 +378,7 @@ fn bench_commit(c: &mut Criterion, env: &mut Env) -> Result<()> {
             masked: slots as u32,
         };
         let seqs: Vec<SeqCommitParams> = (0..n_seqs)
-            .map(|s| SeqCommitParams::new(commit_rule(&policy), count_ctx(ctx), s * slots, slots, s))
+            .map(|s| SeqCommitParams::new(commit_rule(&policy).expect("a GPU policy"), count_ctx(ctx), s * slots, slots, s))
             .collect();
         let positions: Vec<u32> = (0..n_seqs)
             .flat_map(|_| (prompt..prompt + slots).map(|p| p as u32))

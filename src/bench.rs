@@ -316,7 +316,11 @@ pub fn step_roofline_as(
 ) -> Roofline {
     let h = cfg.hidden as f64;
     let rows = live * batch as f64;
-    let per_layer_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + 3.0 * h * cfg.ffn as f64;
+    // MoE: each row runs its top_k experts and the router; the weight bytes below count every
+    // expert (a step of a few rows per sequence already touches nearly all of them).
+    let (experts_per_row, router) = cfg.moe.as_ref().map_or((1.0, 0.0), |m| (m.top_k as f64, (m.n_experts as f64) * h));
+    let per_layer_params =
+        h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + experts_per_row * 3.0 * h * cfg.ffn as f64 + router;
     let dense = 2.0 * rows * per_layer_params * cfg.n_layers as f64
         + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;

@@ -49,7 +49,8 @@ pub struct BenchArgs {
     /// 1 for w4, the workload's sizes for the decode workloads.
     #[arg(long = "batch", alias = "batches", value_delimiter = ',')]
     pub batch: Vec<usize>,
-    /// Built-in architecture with random weights (llada-8b, dream-7b, tiny-llada, tiny-dream).
+    /// Built-in architecture with random weights (llada-8b, dream-7b, tiny-llada, tiny-dream,
+    /// tiny-llada-moe; LLaDA-MoE runs on the CPU backend only in this build).
     /// Default: llada-8b (dream-7b for w3). The CPU backend runs the tiny presets only.
     #[arg(long, conflicts_with = "model")]
     pub preset: Option<String>,

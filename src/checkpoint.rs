@@ -132,7 +132,7 @@ fn init_of(spec: &TensorSpec) -> (f32, f32) {
         TensorRole::Linear => (0.0, 1.0 / (spec.shape[1] as f32).sqrt()),
         TensorRole::Embedding => (0.0, 1.0),
         TensorRole::Norm => (1.0, 0.1),
-        TensorRole::Bias => (0.0, 0.1),
+        TensorRole::Bias | TensorRole::ExpertBias => (0.0, 0.1),
     }
 }
 
@@ -156,12 +156,40 @@ pub fn random_tensor(seed: u64, spec: &TensorSpec) -> Vec<bf16> {
     v
 }
 
+/// The random values of one f32-stored tensor ([`TensorSpec::is_f32`]), not rounded.
+pub fn random_tensor_f32(seed: u64, spec: &TensorSpec) -> Vec<f32> {
+    let (mean, std) = init_of(spec);
+    let mut rng = Xoshiro256::new(tensor_seed(seed, &spec.name));
+    (0..spec.numel())
+        .map(|_| {
+            let z: f32 = rng.sample(StandardNormal);
+            mean + std * z
+        })
+        .collect()
+}
+
+/// A tensor's stored bytes (little-endian bf16, or f32 for [`TensorSpec::is_f32`]).
+fn random_bytes(seed: u64, spec: &TensorSpec) -> Vec<u8> {
+    if spec.is_f32() {
+        random_tensor_f32(seed, spec).iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        bytemuck::cast_slice::<bf16, u8>(&random_tensor(seed, spec)).to_vec()
+    }
+}
+
 /// The weights of the checkpoint `write_checkpoint(cfg, seed, ..)` writes, fused, in memory.
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> HostWeights {
-    assemble(cfg, |spec, dst| {
-        fill_random(seed, spec, dst);
-        Ok(())
-    })
+    assemble(
+        cfg,
+        |spec, dst| {
+            fill_random(seed, spec, dst);
+            Ok(())
+        },
+        |spec, dst| {
+            dst.copy_from_slice(&random_tensor_f32(seed, spec));
+            Ok(())
+        },
+    )
     .expect("tensor_specs and assemble describe the same tensors")
 }
 
@@ -281,7 +309,7 @@ pub fn write_checkpoint_with(
         dir: out.to_path_buf(),
         shards: plan.iter().map(|s| (s.file.clone(), s.bytes)).collect(),
         n_tensors: plan.iter().map(|s| s.tensors.len()).sum(),
-        params: tensor_bytes / 2,
+        params: plan.iter().flat_map(|s| &s.tensors).map(|t| t.numel() as u64).sum(),
         tensor_bytes,
         tokenizer: with_tokenizer,
     })
@@ -297,7 +325,7 @@ fn shard_header(shard: &ShardPlan) -> Vec<u8> {
         let end = off + t.bytes();
         map.insert(
             t.name.clone(),
-            serde_json::json!({ "dtype": "BF16", "shape": t.shape, "data_offsets": [off, end] }),
+            serde_json::json!({ "dtype": if t.is_f32() { "F32" } else { "BF16" }, "shape": t.shape, "data_offsets": [off, end] }),
         );
         off = end;
     }
@@ -315,16 +343,16 @@ fn write_shard(path: &Path, shard: &ShardPlan, seed: u64) -> Result<()> {
     w.write_all(&shard_header(shard)).map_err(io)?;
     // Generate the next tensor while this one is written (at most two in flight).
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<bf16>>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
         scope.spawn(move || {
             for t in &shard.tensors {
-                if tx.send(random_tensor(seed, t)).is_err() {
+                if tx.send(random_bytes(seed, t)).is_err() {
                     break; // the writer failed and hung up
                 }
             }
         });
         for v in rx {
-            w.write_all(bytemuck::cast_slice::<bf16, u8>(&v)).map_err(io)?;
+            w.write_all(&v).map_err(io)?;
         }
         Ok(())
     })?;

@@ -1,19 +1,47 @@
 //! `ModelConfig`: the architecture of a checkpoint, read from Hugging Face `config.json` in
-//! either dialect (LLaDA's OLMo-style names, Dream's Qwen2 names), plus the built-in presets.
-//! `validate()` refuses anything the kernels cannot run, naming the field.
+//! its dialect (LLaDA's OLMo-style names, Dream's Qwen2 names, LLaDA-MoE's OLMoE names; the
+//! last is in `config/moe.rs`), plus the built-in presets. `validate()` refuses anything the
+//! engine cannot run, naming the field.
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Which of the two supported architectures (docs/design.md §3).
+mod llada2;
+mod moe;
+mod presets;
+pub use llada2::{llada2_dense_layer, Llada2Config, LLADA2_EOS, LLADA2_MASK};
+pub use presets::{PRESETS, TINY_EOS, TINY_EOT, TINY_MASK};
+
+/// Which of the supported architectures (docs/design.md §3, §8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arch {
     /// LLaDA-8B: MHA, no biases, row i predicts token i.
     Llada,
     /// Dream-7B / Dimple-7B: GQA, q/k/v bias, shifted logits (row i-1 predicts token i).
     Dream,
+    /// LLaDA-MoE-7B-A1B (`LLaDAMoEModelLM`, OLMoE-derived): every FFN a mixture of experts,
+    /// per-head q/k RMSNorm, no biases, row i predicts token i. CPU backend only in this build.
+    LladaMoe,
+    /// LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`): packed QKV with GQA, q/k norm,
+    /// partial RoPE, dense first layers then sigmoid group-limited MoE with a shared expert,
+    /// block-causal attention, row i predicts token i. CPU backend only in this build.
+    Llada2,
+}
+
+/// The mixture-of-experts FFN of every layer (LLaDA-MoE). `ModelConfig::ffn` is then the
+/// width of one expert (`expert_intermediate_size`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Routed experts per layer (`num_experts`).
+    pub n_experts: usize,
+    /// Experts each row uses (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Renormalise the top-k routing weights to sum to 1. The official LLaDA-MoE block never
+    /// does (it hard-codes False), so configs that ask for it are refused there; kept for
+    /// the router's other users.
+    pub norm_topk_prob: bool,
 }
 
 /// The architecture as the engine uses it. All sizes in elements.
@@ -37,6 +65,15 @@ pub struct ModelConfig {
     pub eot_id: u32,
     /// Longest canvas (prompt + gen) the model accepts.
     pub max_seq_len: usize,
+    /// Per-head RMSNorm (weight `[head_dim]`) of q and k before RoPE (LLaDA-MoE).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Mixture-of-experts FFN in every layer (LLaDA-MoE); `None` for dense models.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
+    /// LLaDA2's dense prefix, shared expert, group routing, partial RoPE and attention block.
+    #[serde(default)]
+    pub llada2: Option<Llada2Config>,
 }
 
 /// The only head dimension the attention kernels are built for.
@@ -47,6 +84,7 @@ pub const MAX_LAYERS: usize = 1024;
 pub const MAX_HIDDEN: usize = 1 << 16;
 pub const MAX_FFN: usize = 1 << 20;
 pub const MAX_SEQ_LEN: usize = 1 << 24;
+pub const MAX_EXPERTS: usize = 4096;
 
 /// LLaDA `config.json` (model_type "llada"), the fields demask reads.
 #[derive(Debug, Deserialize, Serialize)]
@@ -159,6 +197,9 @@ impl ModelConfig {
             serde_json::from_str(text).map_err(|e| Error::bad_input(format!("config.json is not valid JSON: {e}")))?;
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let cfg = match model_type.to_ascii_lowercase().as_str() {
+            t if llada2::is_llada2(t) => llada2::from_llada2_json(v)?,
+            // LLaDA-MoE's config.json says model_type "llada" too: told apart by its class.
+            "llada" | "lladamoe" | "llada_moe" if moe::is_llada_moe(&v) => moe::from_llada_moe_json(v)?,
             "llada" => {
                 let j: LladaJson = serde_json::from_value(v)
                     .map_err(|e| Error::bad_input(format!("LLaDA config.json: {e}")))?;
@@ -173,7 +214,7 @@ impl ModelConfig {
             other => {
                 return Err(Error::config(
                     "model_type",
-                    format!("`{other}` is not supported (expected \"llada\" or \"Dream\")"),
+                    format!("`{other}` is not supported (expected \"llada\" (LLaDA, LLaDA-MoE), \"llada2_moe\" or \"Dream\")"),
                 ))
             }
         };
@@ -199,6 +240,9 @@ impl ModelConfig {
             eos_id: j.eos_token_id.unwrap_or(126081),
             eot_id: j.eot_token_id.unwrap_or(if vocab > 126348 { 126348 } else { j.eos_token_id.unwrap_or(126081) }),
             max_seq_len: j.max_sequence_length.unwrap_or(4096),
+            qk_norm: false,
+            moe: None,
+            llada2: None,
         }
     }
 
@@ -219,6 +263,9 @@ impl ModelConfig {
             eos_id: j.eos_token_id.unwrap_or(151643),
             eot_id: j.eot_token_id.unwrap_or(if j.vocab_size > 151645 { 151645 } else { j.eos_token_id.unwrap_or(151643) }),
             max_seq_len: j.max_position_embeddings.unwrap_or(131072),
+            qk_norm: false,
+            moe: None,
+            llada2: None,
         }
     }
 
@@ -273,6 +320,8 @@ impl ModelConfig {
                 "hidden_act": "silu",
                 "torch_dtype": "bfloat16"
             }),
+            Arch::LladaMoe => moe::to_llada_moe_json(self),
+            Arch::Llada2 => llada2::to_llada2_json(self),
         }
     }
 
@@ -294,6 +343,15 @@ impl ModelConfig {
                 "num_attention_heads",
                 "num_key_value_heads",
                 "intermediate_size",
+                "vocab_size",
+                "max_position_embeddings",
+            ),
+            Arch::LladaMoe | Arch::Llada2 => (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                if self.arch == Arch::Llada2 { "moe_intermediate_size" } else { "expert_intermediate_size" },
                 "vocab_size",
                 "max_position_embeddings",
             ),
@@ -355,6 +413,8 @@ impl ModelConfig {
                 return Err(Error::config(field, format!("{id} is not below {f_vocab} = {}", self.vocab)));
             }
         }
+        moe::validate_moe(self)?;
+        llada2::validate_llada2(self)?;
         // The mask token must differ from the stop tokens: a committed EOS would read as a mask.
         for (field, id) in [("eos_token_id", self.eos_id), ("eot_token_id", self.eot_id)] {
             if id == self.mask_id {
@@ -382,100 +442,57 @@ impl ModelConfig {
         self.arch == Arch::Dream
     }
 
-    /// Parameter count (embedding + layers + final norm + LM head, biases included).
+    /// Parameter count (embedding + layers + final norm + LM head, biases, q/k norms, routers
+    /// and every expert included).
     pub fn param_count(&self) -> u64 {
-        let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
-        let qkv = self.qkv_dim() as u64;
-        let per_layer =
-            h * qkv + if self.qkv_bias { qkv } else { 0 } + self.q_dim() as u64 * h + 3 * h * f + 2 * h;
-        2 * v * h + self.n_layers as u64 * per_layer + h
+        self.params_with_experts(self.moe.as_ref().map_or(1, |m| m.n_experts))
     }
 
-    /// A built-in architecture by name: tiny-llada, tiny-dream, llada-8b, dream-7b.
-    pub fn preset(name: &str) -> Result<Self> {
-        let llada8b = ModelConfig {
-            arch: Arch::Llada,
-            n_layers: 32,
-            hidden: 4096,
-            ffn: 12288,
-            n_heads: 32,
-            n_kv_heads: 32,
-            head_dim: 128,
-            vocab: 126464,
-            rope_theta: 500000.0,
-            norm_eps: 1e-5,
-            qkv_bias: false,
-            mask_id: 126336,
-            eos_id: 126081,
-            eot_id: 126348,
-            max_seq_len: 4096,
-        };
-        let dream7b = ModelConfig {
-            arch: Arch::Dream,
-            n_layers: 28,
-            hidden: 3584,
-            ffn: 18944,
-            n_heads: 28,
-            n_kv_heads: 4,
-            head_dim: 128,
-            vocab: 152064,
-            rope_theta: 1e6,
-            norm_eps: 1e-6,
-            qkv_bias: true,
-            mask_id: 151666,
-            eos_id: 151643,
-            eot_id: 151645,
-            max_seq_len: 131072,
-        };
-        let cfg = match name {
-            "llada-8b" => llada8b,
-            "dream-7b" => dream7b,
-            // Tiny presets keep head_dim 128 (the kernels' only size) and a 512-token vocab
-            // whose top ids are the special tokens of the tiny tokenizer (see checkpoint.rs).
-            "tiny-llada" => ModelConfig {
-                n_layers: 2,
-                hidden: 256,
-                ffn: 512,
-                n_heads: 2,
-                n_kv_heads: 2,
-                vocab: 512,
-                mask_id: TINY_MASK,
-                eos_id: TINY_EOS,
-                eot_id: TINY_EOT,
-                max_seq_len: 1024,
-                ..llada8b
-            },
-            "tiny-dream" => ModelConfig {
-                n_layers: 2,
-                hidden: 512,
-                ffn: 1024,
-                n_heads: 4,
-                n_kv_heads: 2,
-                vocab: 512,
-                mask_id: TINY_MASK,
-                eos_id: TINY_EOS,
-                eot_id: TINY_EOT,
-                max_seq_len: 1024,
-                ..dream7b
-            },
-            other => {
-                return Err(Error::bad_input(format!(
-                    "unknown preset `{other}` (expected one of: {})",
-                    PRESETS.join(", ")
-                )))
-            }
-        };
-        Ok(cfg)
+    /// Parameters one row's forward uses: as [`param_count`](Self::param_count) but with
+    /// only `top_k` experts per layer (the router counted whole). Equal to it for dense models.
+    pub fn active_param_count(&self) -> u64 {
+        self.params_with_experts(self.moe.as_ref().map_or(1, |m| m.top_k))
+    }
+
+    /// Parameter count with `experts` FFNs of width `ffn` per layer (LLaDA2: per MoE layer,
+    /// plus its dense layers, shared experts and expert biases).
+    fn params_with_experts(&self, experts: usize) -> u64 {
+        if let Some(l) = &self.llada2 {
+            let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
+            let n_experts = self.moe.as_ref().map_or(0, |m| m.n_experts as u64);
+            let attn = h * self.qkv_dim() as u64 + self.q_dim() as u64 * h + 2 * self.head_dim as u64 + 2 * h;
+            let dense = l.first_k_dense as u64;
+            let moe_layers = self.n_layers as u64 - dense;
+            let moe = n_experts * (h + 1) + experts as u64 * 3 * h * f + 3 * h * l.shared_ffn as u64;
+            return 2 * v * h + self.n_layers as u64 * attn + dense * 3 * h * l.dense_ffn as u64 + moe_layers * moe + h;
+        }
+        let (h, f, v) = (self.hidden as u64, self.ffn as u64, self.vocab as u64);
+        let qkv = self.qkv_dim() as u64;
+        let router = self.moe.as_ref().map_or(0, |m| m.n_experts as u64 * h);
+        let qk_norm = if self.qk_norm { 2 * self.head_dim as u64 } else { 0 };
+        let per_layer = h * qkv
+            + if self.qkv_bias { qkv } else { 0 }
+            + self.q_dim() as u64 * h
+            + experts as u64 * 3 * h * f
+            + router
+            + qk_norm
+            + 2 * h;
+        2 * v * h + self.n_layers as u64 * per_layer + h
     }
 }
 
-/// Names accepted by [`ModelConfig::preset`].
-pub const PRESETS: &[&str] = &["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"];
-
-/// Special token ids of the tiny presets' tokenizer (bytes take ids 0..256).
-pub const TINY_MASK: u32 = 511;
-pub const TINY_EOS: u32 = 510;
-pub const TINY_EOT: u32 = 509;
+/// Test helper: `field = value` in `preset`'s config.json is refused by an error naming
+/// `named` (in backquotes).
+#[cfg(test)]
+pub(crate) fn assert_refused(preset: &str, field: &str, value: serde_json::Value, named: &str) {
+    let mut j = ModelConfig::preset(preset).unwrap().to_hf_json();
+    j[field] = value.clone();
+    let e = match ModelConfig::from_json(&j.to_string()) {
+        Ok(c) => panic!("{preset}: {field} = {value} was accepted: {c:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&format!("`{named}`")), "{preset}: {field} = {value}: {e}");
+}
 
 #[cfg(test)]
 mod tests {

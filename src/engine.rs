@@ -109,6 +109,7 @@ impl Engine {
         let cfg = ModelConfig::from_dir(dir)?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = open_gpu(&opts)? {
+            crate::model::check_gpu_support(&cfg)?;
             let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
             let weights = HostWeights::load(dir)?;
             let w = crate::model::GpuWeights::upload_as(&gpu, &weights, opts.weights)?;
@@ -288,6 +289,13 @@ impl Engine {
         Ok(out)
     }
 
+    /// The canvas of every request that is decoding, as the last step left it (every admitted
+    /// request takes part in every step). A server streams finished blocks from these: unlike
+    /// a step callback, reading them costs no download of the step's scores.
+    pub fn active_canvases(&self) -> impl Iterator<Item = (RequestId, &Canvas)> + '_ {
+        self.sched.active_seqs().map(|(id, s)| (id, &s.canvas))
+    }
+
     /// Requests queued, not admitted yet.
     pub fn pending(&self) -> usize {
         self.sched.pending()
@@ -302,6 +310,23 @@ impl Engine {
     /// does not hold it (unknown id, or already finished).
     pub fn cancel(&mut self, id: RequestId) -> bool {
         self.sched.cancel(id)
+    }
+
+    /// KV-cache rows `(in use, capacity)`; the capacity grows on the CPU backend (rows are
+    /// added at step boundaries as sequences need them) and is fixed on the GPU.
+    pub fn kv_rows(&self) -> (usize, usize) {
+        let r = self.sched.rows();
+        (r.used_rows(), r.capacity())
+    }
+
+    /// Bytes of one KV-cache row (all layers, K and V).
+    pub fn kv_row_bytes(&self) -> u64 {
+        self.backend.cache_row_bytes()
+    }
+
+    /// Device memory `(used, total)` bytes when the engine runs on a GPU (`None` on the CPU).
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        self.backend.device_memory()
     }
 
     /// Forwards run since the engine was built.
@@ -477,11 +502,11 @@ impl Engine {
 /// Refuses policy parameters the parser would refuse (for policies built in code).
 fn check_policy(p: &Policy) -> Result<()> {
     let bad = |what: &str| Err(Error::bad_input(format!("policy `{p}`: {what}")));
-    if p.steps() == Some(0) || matches!(p, Policy::Confident { steps: 0, .. }) {
+    if p.steps() == Some(0) || matches!(p, Policy::Confident { steps: 0, .. } | Policy::Llada2 { steps: 0, .. }) {
         return bad("steps must be >= 1");
     }
     match *p {
-        Policy::Threshold { tau } | Policy::Confident { tau, .. } if !(0.0..=1.0).contains(&tau) => {
+        Policy::Threshold { tau } | Policy::Confident { tau, .. } | Policy::Llada2 { tau, .. } if !(0.0..=1.0).contains(&tau) => {
             bad("tau must lie in [0, 1]")
         }
         Policy::Factor { f } if !(f.is_finite() && f > 0.0) => bad("factor must be a finite number > 0"),

@@ -35,7 +35,8 @@ pub struct GenerateArgs {
     /// Semi-autoregressive block length (must divide --gen-len; default: one block).
     #[arg(long)]
     pub block_len: Option<u32>,
-    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, factor:F, dream:ALG,S.
+    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S (CPU only), factor:F,
+    /// dream:ALG,S.
     #[arg(long)]
     pub policy: String,
     /// Sampling temperature (0 = argmax).
@@ -181,7 +182,7 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
     if total > cfg.max_seq_len {
         let field = match cfg.arch {
             demask::Arch::Llada => "max_sequence_length",
-            demask::Arch::Dream => "max_position_embeddings",
+            demask::Arch::Dream | demask::Arch::LladaMoe | demask::Arch::Llada2 => "max_position_embeddings",
         };
         bail!(
             "{what} ({} tokens) + --gen-len {} = {total} exceeds the model's context of {} tokens ({field} in config.json)",

@@ -48,6 +48,7 @@ pub mod error;
 pub mod fp8_fidelity;
 pub mod prelude;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod weights;
 
@@ -58,5 +59,5 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod ops;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, MoeConfig};
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! The `demask` command line: make-checkpoint, inspect, bench, profile, generate, doctor.
+//! The `demask` command line: make-checkpoint, inspect, bench, profile, generate, serve, loadgen, doctor.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,6 +13,7 @@ mod bench_cli;
 mod bench_decode;
 mod fidelity_cli;
 mod generate_cli;
+mod serve_cli;
 
 #[derive(Parser)]
 #[command(name = "demask", version, about = "Fast decoding engine for masked diffusion language models (LLaDA, Dream)")]
@@ -25,7 +26,8 @@ struct Cli {
 enum Cmd {
     /// Write a random-weight checkpoint in the exact Hugging Face layout.
     MakeCheckpoint {
-        /// Architecture: tiny-llada, tiny-dream, llada-8b, dream-7b.
+        /// Architecture: tiny-llada, tiny-dream, tiny-llada-moe, tiny-llada2, llada-8b, dream-7b,
+        /// llada-moe-7b, llada2-mini.
         #[arg(long)]
         preset: String,
         /// Seed of the weights (same seed, same bits).
@@ -56,6 +58,11 @@ enum Cmd {
     Profile(ProfileArgs),
     /// Decode a prompt: masked diffusion generation with a commit policy.
     Generate(generate_cli::GenerateArgs),
+    /// Serve the OpenAI API (/v1/completions, /v1/chat/completions, streaming) with
+    /// continuous batching.
+    Serve(serve_cli::ServeArgs),
+    /// Concurrent clients against a running `demask serve`: throughput, latency percentiles.
+    Loadgen(serve_cli::LoadgenArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
     /// Measure FP8 weights against bf16: weight, logit and per-step commit agreement.
@@ -103,6 +110,8 @@ fn main() -> Result<()> {
         Cmd::Bench(a) => bench_cli::run(a),
         Cmd::Generate(a) => generate_cli::run(a),
         Cmd::Profile(a) => profile_cmd(a),
+        Cmd::Serve(a) => serve_cli::serve(a),
+        Cmd::Loadgen(a) => serve_cli::loadgen(a),
         Cmd::Doctor => doctor(),
         Cmd::Fidelity(a) => fidelity_cli::run(a),
     }

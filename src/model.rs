@@ -75,6 +75,23 @@ impl Shapes {
     }
 }
 
+/// Refuses architectures the GPU forward cannot run yet (LLaDA-MoE, LLaDA2: no expert,
+/// q/k-norm, partial-RoPE or block-causal kernels in this build), so such a model is never run
+/// through the dense path wrong.
+pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
+    if cfg.llada2.is_some() {
+        return Err(Error::bad_input(
+            "LLaDA2 runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
+        ));
+    }
+    if cfg.moe.is_some() || cfg.qk_norm {
+        return Err(Error::bad_input(
+            "LLaDA-MoE runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
+        ));
+    }
+    Ok(())
+}
+
 impl GpuWeights {
     /// Copies host weights to the device.
     pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
@@ -548,5 +565,21 @@ impl GpuModel {
         let b = RowBatch::full(seqs);
         self.forward(&b)?;
         self.logits_to_host()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moe_configs_are_refused_by_the_gpu_path() {
+        for name in ["tiny-llada-moe", "llada-moe-7b", "tiny-llada2", "llada2-mini"] {
+            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
+        }
+        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
+            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
+        }
     }
 }

@@ -13,17 +13,18 @@ pub const LLADA_CHAT_TEMPLATE: &str = r#"{% set loop_messages = messages %}{% fo
 /// Dream-7B-Instruct's (Qwen2.5) chat template, without the tool-calling branches.
 pub const DREAM_CHAT_TEMPLATE: &str = r#"{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
 
-/// The built-in chat template of an architecture (used when the checkpoint has none).
+/// The built-in chat template of an architecture (used when the checkpoint has none; LLaDA2
+/// checkpoints ship their own, so LLaDA2 falls back to LLaDA's, which the tiny tokenizer has).
 pub fn builtin_chat_template(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada => LLADA_CHAT_TEMPLATE,
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => LLADA_CHAT_TEMPLATE,
         Arch::Dream => DREAM_CHAT_TEMPLATE,
     }
 }
 
 fn default_bos(arch: Arch) -> &'static str {
     match arch {
-        Arch::Llada => "<|startoftext|>",
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => "<|startoftext|>",
         Arch::Dream => "",
     }
 }
@@ -152,6 +153,17 @@ impl Tokenizer {
         )
     }
 
+    /// The prompt for a conversation of `(role, content)` messages (roles as the template
+    /// expects them: system, user, assistant), with the generation prompt.
+    pub fn apply_chat_messages(&self, messages: &[(&str, &str)]) -> Result<String> {
+        render_chat_messages(
+            self.chat_template.as_deref().unwrap_or(builtin_chat_template(self.arch)),
+            messages,
+            &self.bos_token,
+            &self.eos_token,
+        )
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -174,6 +186,17 @@ impl Tokenizer {
 /// Renders a Hugging Face chat template (Jinja, trim_blocks + lstrip_blocks as `transformers`
 /// sets them) for one user message with the generation prompt.
 pub fn render_chat(template: &str, user_msg: &str, bos_token: &str, eos_token: &str) -> Result<String> {
+    render_chat_messages(template, &[("user", user_msg)], bos_token, eos_token)
+}
+
+/// Renders a chat template for a whole conversation of `(role, content)` messages, with the
+/// generation prompt (what an OpenAI chat request becomes).
+pub fn render_chat_messages(
+    template: &str,
+    messages: &[(&str, &str)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -182,7 +205,10 @@ pub fn render_chat(template: &str, user_msg: &str, bos_token: &str, eos_token: &
     });
     let tpl = env.template_from_str(template).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
     tpl.render(minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user_msg }],
+        messages => messages
+            .iter()
+            .map(|&(role, content)| minijinja::context! { role => role, content => content })
+            .collect::<Vec<_>>(),
         add_generation_prompt => true,
         bos_token => bos_token,
         eos_token => eos_token,
@@ -199,7 +225,7 @@ pub fn tiny_tokenizer_fits(cfg: &ModelConfig) -> bool {
 /// `<|reserved_N|>` specials so that every id below 512 decodes to something.
 pub fn tiny_special_tokens(arch: Arch) -> Vec<(u32, String)> {
     let eot = match arch {
-        Arch::Llada => "<|eot_id|>",
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => "<|eot_id|>",
         Arch::Dream => "<|im_end|>",
     };
     let mut out: Vec<(u32, String)> = (256..505).map(|i| (i, format!("<|reserved_{i}|>"))).collect();
@@ -331,7 +357,7 @@ pub fn tiny_tokenizer_config_json(cfg: &ModelConfig) -> String {
     let specials = tiny_special_tokens(cfg.arch);
     let name = |id: u32| specials.iter().find(|(i, _)| *i == id).map(|(_, s)| s.clone());
     let bos = match cfg.arch {
-        Arch::Llada => serde_json::Value::from("<|startoftext|>"),
+        Arch::Llada | Arch::LladaMoe | Arch::Llada2 => serde_json::Value::from("<|startoftext|>"),
         Arch::Dream => serde_json::Value::Null,
     };
     let j = serde_json::json!({

@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 
 pub mod fp8;
 mod inspect;
+mod llada2;
+mod moe;
 pub use inspect::{inspect, inspect_checkpoint, Inspection};
 
 /// One transformer block.
@@ -33,9 +35,31 @@ pub struct HostLayer {
     pub wo: Vec<bf16>,
     /// `[hidden]`
     pub ffn_norm: Vec<bf16>,
-    /// [2 * ffn, hidden]: rows gate | up.
+    /// [2 * ffn, hidden]: rows gate | up (empty for MoE layers).
     pub w_gate_up: Vec<bf16>,
-    /// [hidden, ffn]
+    /// [hidden, ffn] (empty for MoE layers)
+    pub w_down: Vec<bf16>,
+    /// `[head_dim]` per-head RMSNorm weights of q and k (when `cfg.qk_norm`).
+    pub q_norm: Option<Vec<bf16>>,
+    pub k_norm: Option<Vec<bf16>>,
+    /// The mixture-of-experts FFN (when `cfg.moe`); then `w_gate_up` and `w_down` are empty.
+    pub moe: Option<HostMoe>,
+}
+
+/// One layer's experts, stacked at load (docs/design.md §8).
+#[derive(Clone)]
+pub struct HostMoe {
+    /// Router `[n_experts, hidden]`.
+    pub router: Vec<bf16>,
+    /// LLaDA2's selection bias `[n_experts]`, kept in f32 as stored (empty for LLaDA-MoE).
+    pub expert_bias: Vec<f32>,
+    /// LLaDA2's shared expert: `[2 * shared_ffn, hidden]` (gate | up) and
+    /// `[hidden, shared_ffn]` (empty when there is none).
+    pub shared_gate_up: Vec<bf16>,
+    pub shared_down: Vec<bf16>,
+    /// `[n_experts, 2 * ffn, hidden]`: per expert, rows gate | up.
+    pub w_gate_up: Vec<bf16>,
+    /// `[n_experts, hidden, ffn]`.
     pub w_down: Vec<bf16>,
 }
 
@@ -66,6 +90,8 @@ pub enum TensorRole {
     Linear,
     /// Linear bias `[out]` (Dream q/k/v).
     Bias,
+    /// LLaDA2's router selection bias `[n_experts]`, stored and held as f32.
+    ExpertBias,
 }
 
 /// One tensor of a transformer block, as stored in the checkpoint (before fusion).
@@ -83,6 +109,23 @@ pub enum LayerPart {
     Gate,
     Up,
     Down,
+    /// Per-head q / k RMSNorm weight `[head_dim]` (LLaDA-MoE).
+    QNorm,
+    KNorm,
+    /// MoE router `[n_experts, hidden]`.
+    Router,
+    /// Expert `e`'s gate / up `[ffn, hidden]` and down `[hidden, ffn]` projections.
+    ExpertGate(usize),
+    ExpertUp(usize),
+    ExpertDown(usize),
+    /// LLaDA2's packed Q|K|V `[(n_heads + 2 n_kv_heads) * head_dim, hidden]`.
+    Qkv,
+    /// LLaDA2's router bias `[n_experts]` (f32).
+    ExpertBias,
+    /// LLaDA2's shared expert projections.
+    SharedGate,
+    SharedUp,
+    SharedDown,
 }
 
 /// Where a checkpoint tensor lands in [`HostWeights`].
@@ -107,9 +150,13 @@ impl TensorSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Bytes as bf16.
+    /// Whether the checkpoint stores (and the host holds) it as f32 (LLaDA2's expert bias).
+    pub fn is_f32(&self) -> bool {
+        self.role == TensorRole::ExpertBias
+    }
+    /// Bytes as stored: bf16, or f32 for [`is_f32`](Self::is_f32) tensors.
     pub fn bytes(&self) -> u64 {
-        2 * self.numel() as u64
+        (if self.is_f32() { 4 } else { 2 }) * self.numel() as u64
     }
 }
 
@@ -117,6 +164,11 @@ impl TensorSpec {
 /// (embedding, blocks 0.., final norm, LM head), with its per-architecture name (docs/design.md §3).
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     use LayerPart::*;
+    match cfg.arch {
+        Arch::LladaMoe => return moe::llada_moe_specs(cfg),
+        Arch::Llada2 => return llada2::llada2_specs(cfg),
+        Arch::Llada | Arch::Dream => {}
+    }
     let (h, f, v, qd, kvd) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim());
     let spec = |name: String, shape: Vec<usize>, role, slot| TensorSpec { name, shape, role, slot };
     let (embed, final_norm, head, prefix) = match cfg.arch {
@@ -126,7 +178,7 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
             "model.transformer.ff_out.weight",
             "model.transformer.blocks",
         ),
-        Arch::Dream => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
+        Arch::Dream | Arch::LladaMoe | Arch::Llada2 => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers"),
     };
     // (part, LLaDA name, Dream name, shape, role)
     let mut parts: Vec<(LayerPart, &str, &str, Vec<usize>, TensorRole)> = vec![
@@ -167,42 +219,98 @@ fn zeros(n: usize) -> Vec<bf16> {
 }
 
 /// Allocates the fused layout of `cfg` and fills every checkpoint tensor's destination with
-/// `fill(spec, dst)` in parallel (rayon over tensors). Q|K|V, their biases and gate|up land in
-/// their rows of the fused buffers. The first error in checkpoint order is returned.
-pub(crate) fn assemble<F>(cfg: &ModelConfig, fill: F) -> Result<HostWeights>
+/// `fill(spec, dst)` in parallel (rayon over tensors), the f32 ones ([`TensorSpec::is_f32`])
+/// with `fill_f32`. Q|K|V, their biases and gate|up land in their rows of the fused buffers.
+/// The first error in checkpoint order is returned.
+pub(crate) fn assemble<F, G>(cfg: &ModelConfig, fill: F, fill_f32: G) -> Result<HostWeights>
 where
     F: Fn(&TensorSpec, &mut [bf16]) -> Result<()> + Sync,
+    G: Fn(&TensorSpec, &mut [f32]) -> Result<()>,
 {
     let specs = tensor_specs(cfg);
     let (h, f, v, qd, kvd, qkv) = (cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_dim(), cfg.kv_dim(), cfg.qkv_dim());
     let mut embed = zeros(v * h);
     let mut final_norm = zeros(h);
     let mut lm_head = zeros(v * h);
+    let shared_f = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
+    // Dense FFN width of layer i (LLaDA2's first layers are dense; LLaDA-MoE has none).
+    let dense_of = |i: usize| match (&cfg.llada2, &cfg.moe) {
+        (Some(l), _) if crate::config::llada2_dense_layer(cfg, i) => l.dense_ffn,
+        (_, Some(_)) => 0,
+        _ => f,
+    };
     let mut layers: Vec<HostLayer> = (0..cfg.n_layers)
-        .map(|_| HostLayer {
+        .map(|i| (i, dense_of(i)))
+        .map(|(i, dense_f)| HostLayer {
             attn_norm: zeros(h),
             wqkv: zeros(qkv * h),
             bqkv: cfg.qkv_bias.then(|| zeros(qkv)),
             wo: zeros(h * qd),
             ffn_norm: zeros(h),
-            w_gate_up: zeros(2 * f * h),
-            w_down: zeros(h * f),
+            w_gate_up: zeros(2 * dense_f * h),
+            w_down: zeros(h * dense_f),
+            q_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
+            k_norm: cfg.qk_norm.then(|| zeros(cfg.head_dim)),
+            moe: cfg.moe.as_ref().filter(|_| !crate::config::llada2_dense_layer(cfg, i)).map(|m| HostMoe {
+                router: zeros(m.n_experts * h),
+                expert_bias: if cfg.llada2.is_some() { vec![0.0; m.n_experts] } else { Vec::new() },
+                shared_gate_up: zeros(2 * shared_f * h),
+                shared_down: zeros(h * shared_f),
+                w_gate_up: zeros(m.n_experts * 2 * f * h),
+                w_down: zeros(m.n_experts * h * f),
+            }),
         })
         .collect();
 
     let mut dst: HashMap<Slot, &mut [bf16]> = HashMap::new();
+    let mut dst_f32: HashMap<Slot, &mut [f32]> = HashMap::new();
     dst.insert(Slot::Embed, &mut embed);
     dst.insert(Slot::FinalNorm, &mut final_norm);
     dst.insert(Slot::LmHead, &mut lm_head);
+    let packed_qkv = cfg.arch == Arch::Llada2;
     for (i, l) in layers.iter_mut().enumerate() {
-        let (q, kv) = l.wqkv.split_at_mut(qd * h);
-        let (k, vv) = kv.split_at_mut(kvd * h);
-        let (g, u) = l.w_gate_up.split_at_mut(f * h);
+        let dense_f = l.w_down.len() / h;
         let at = |p: LayerPart| Slot::Layer(i, p);
+        let (q, kv) = if packed_qkv {
+            dst.insert(at(LayerPart::Qkv), &mut l.wqkv);
+            (&mut [][..], &mut [][..])
+        } else {
+            l.wqkv.split_at_mut(qd * h)
+        };
+        let (k, vv) = kv.split_at_mut(if packed_qkv { 0 } else { kvd * h });
+        let (g, u) = l.w_gate_up.split_at_mut(dense_f * h);
+        if let Some(n) = l.q_norm.as_mut() {
+            dst.insert(at(LayerPart::QNorm), n);
+        }
+        if let Some(n) = l.k_norm.as_mut() {
+            dst.insert(at(LayerPart::KNorm), n);
+        }
+        if let Some(m) = l.moe.as_mut() {
+            dst.insert(at(LayerPart::Router), &mut m.router);
+            for (e, gu) in m.w_gate_up.chunks_mut(2 * f * h).enumerate() {
+                let (eg, eu) = gu.split_at_mut(f * h);
+                dst.insert(at(LayerPart::ExpertGate(e)), eg);
+                dst.insert(at(LayerPart::ExpertUp(e)), eu);
+            }
+            for (e, d) in m.w_down.chunks_mut(h * f).enumerate() {
+                dst.insert(at(LayerPart::ExpertDown(e)), d);
+            }
+            if cfg.llada2.is_some() {
+                dst_f32.insert(at(LayerPart::ExpertBias), &mut m.expert_bias);
+            }
+            if shared_f > 0 {
+                let (sg, su) = m.shared_gate_up.split_at_mut(shared_f * h);
+                dst.insert(at(LayerPart::SharedGate), sg);
+                dst.insert(at(LayerPart::SharedUp), su);
+                dst.insert(at(LayerPart::SharedDown), &mut m.shared_down);
+            }
+        }
         dst.insert(at(LayerPart::AttnNorm), &mut l.attn_norm);
-        dst.insert(at(LayerPart::Q), q);
-        dst.insert(at(LayerPart::K), k);
-        dst.insert(at(LayerPart::V), vv);
+        if !packed_qkv {
+            dst.insert(at(LayerPart::Q), q);
+            dst.insert(at(LayerPart::K), k);
+            dst.insert(at(LayerPart::V), vv);
+        }
         if let Some(b) = l.bqkv.as_mut() {
             let (bq, bkv) = b.split_at_mut(qd);
             let (bk, bv) = bkv.split_at_mut(kvd);
@@ -212,12 +320,21 @@ where
         }
         dst.insert(at(LayerPart::Wo), &mut l.wo);
         dst.insert(at(LayerPart::FfnNorm), &mut l.ffn_norm);
-        dst.insert(at(LayerPart::Gate), g);
-        dst.insert(at(LayerPart::Up), u);
-        dst.insert(at(LayerPart::Down), &mut l.w_down);
+        if dense_f > 0 {
+            dst.insert(at(LayerPart::Gate), g);
+            dst.insert(at(LayerPart::Up), u);
+            dst.insert(at(LayerPart::Down), &mut l.w_down);
+        }
     }
     let mut jobs = Vec::with_capacity(specs.len());
-    for s in &specs {
+    for s in specs.iter().filter(|s| s.is_f32()) {
+        let d = dst_f32.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no f32 destination buffer"))?;
+        if d.len() != s.numel() {
+            return Err(Error::weights(&s.name, format!("internal: destination holds {} values, not {}", d.len(), s.numel())));
+        }
+        fill_f32(s, d)?;
+    }
+    for s in specs.iter().filter(|s| !s.is_f32()) {
         let d = dst.remove(&s.slot).ok_or_else(|| Error::weights(&s.name, "internal: no destination buffer"))?;
         if d.len() != s.numel() {
             return Err(Error::weights(
@@ -360,6 +477,26 @@ fn convert_into(name: &str, dtype: Dtype, src: &[u8], dst: &mut [bf16]) -> Resul
     Ok(())
 }
 
+/// Converts little-endian F32 / BF16 / F16 data to f32 (exact) for the f32-held tensors.
+fn convert_into_f32(name: &str, dtype: Dtype, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let size = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => return Err(Error::weights(name, format!("dtype {other:?} is not supported"))),
+    };
+    if src.len() != dst.len() * size {
+        return Err(Error::weights(name, format!("{} bytes of data, expected {}", src.len(), dst.len() * size)));
+    }
+    for (x, b) in dst.iter_mut().zip(src.chunks_exact(size)) {
+        *x = match dtype {
+            Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        };
+    }
+    Ok(())
+}
+
 impl HostWeights {
     /// Loads a Hugging Face checkpoint directory: `config.json`, then the safetensors
     /// (`model.safetensors.index.json` + shards, or one `model.safetensors`), memory-mapped.
@@ -416,16 +553,29 @@ impl HostWeights {
                 n_fp8 += 1;
             }
         }
+        if n_fp8 > 0 && (cfg.moe.is_some() || cfg.llada2.is_some()) {
+            return Err(Error::weights(
+                dir.display().to_string(),
+                format!("holds {n_fp8} F8_E4M3 tensors; FP8 checkpoints load for the dense architectures only (LLaDA, Dream), not {:?}", cfg.arch),
+            ));
+        }
         let stored: std::sync::Mutex<HashMap<Slot, crate::quant::Fp8Matrix>> = Default::default();
-        let mut w = assemble(&cfg, |s, dst| {
-            let v = view(s)?;
-            if v.dtype() == Dtype::F8_E4M3 {
-                let m = fp8::dequant_into(&s.name, v.data(), scales(s)?, s.shape[0], s.shape[1], dst)?;
-                stored.lock().unwrap_or_else(|e| e.into_inner()).insert(s.slot, m);
-                return Ok(());
-            }
-            convert_into(&s.name, v.dtype(), v.data(), dst)
-        })?;
+        let mut w = assemble(
+            &cfg,
+            |s, dst| {
+                let v = view(s)?;
+                if v.dtype() == Dtype::F8_E4M3 {
+                    let m = fp8::dequant_into(&s.name, v.data(), scales(s)?, s.shape[0], s.shape[1], dst)?;
+                    stored.lock().unwrap_or_else(|e| e.into_inner()).insert(s.slot, m);
+                    return Ok(());
+                }
+                convert_into(&s.name, v.dtype(), v.data(), dst)
+            },
+            |s, dst| {
+                let v = view(s)?;
+                convert_into_f32(&s.name, v.dtype(), v.data(), dst)
+            },
+        )?;
         let n_linear = specs.iter().filter(|s| fp8::is_layer_linear(s)).count();
         let n_fp8_layer = stored.lock().unwrap_or_else(|e| e.into_inner()).keys().filter(|k| matches!(k, Slot::Layer(..))).count();
         if n_fp8 > 0 && n_fp8_layer == n_linear {
@@ -454,7 +604,8 @@ impl HostWeights {
         2 * self.param_count()
     }
 
-    /// Number of parameters held (embedding, layers with biases, final norm, LM head).
+    /// Number of parameters held (embedding, layers with biases, q/k norms, routers and
+    /// experts, final norm, LM head).
     pub fn param_count(&self) -> u64 {
         let layer = |l: &HostLayer| {
             l.attn_norm.len()
@@ -464,6 +615,16 @@ impl HostWeights {
                 + l.ffn_norm.len()
                 + l.w_gate_up.len()
                 + l.w_down.len()
+                + l.q_norm.as_ref().map_or(0, Vec::len)
+                + l.k_norm.as_ref().map_or(0, Vec::len)
+                + l.moe.as_ref().map_or(0, |m| {
+                    m.router.len()
+                        + m.expert_bias.len()
+                        + m.w_gate_up.len()
+                        + m.w_down.len()
+                        + m.shared_gate_up.len()
+                        + m.shared_down.len()
+                })
         };
         let n = self.embed.len()
             + self.final_norm.len()

@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{cpu_engine, kv_row_bytes, mixed_requests, prompt, req, Trace, PRESETS};
+use common::{cpu_engine, kv_row_bytes, mixed_requests, prompt, req, Trace, CPU_PRESETS};
 use demask::config::ModelConfig;
 use demask::decode::runner::StepEvent;
 use demask::decode::scheduler::RowAllocator;
@@ -35,7 +35,7 @@ fn same_decode(a: &Output, b: &Output, what: &str) {
 /// decodes, exactly (CPU f32 computes every row independently of its neighbours).
 #[test]
 fn batch_invariance_alone_vs_together_vs_joining_mid_flight() {
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let reqs = mixed_requests(11);
         let canvas = |r: &Request| match &r.prompt {
             Prompt::Ids(p) => p.len() + r.gen_len as usize,

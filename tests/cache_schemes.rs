@@ -5,7 +5,7 @@
 //! with several policies; alone vs in a batch; bad scheme strings; the KV budget.
 mod common;
 
-use common::{cpu_engine, kv_row_bytes, prompt, req, seq_state, spec, PRESETS};
+use common::{cpu_engine, kv_row_bytes, prompt, req, seq_state, spec, CPU_PRESETS};
 use demask::batch::RowBatch;
 use demask::cache::CacheScheme;
 use demask::checkpoint::random_weights;
@@ -34,7 +34,7 @@ fn check_complete(o: &Output, what: &str) {
 #[test]
 fn refresh_every_step_equals_none() {
     let mut rng = StdRng::seed_from_u64(1);
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let mut e = cpu_engine(preset, EngineOptions::default());
         for (pi, policy) in POLICIES.iter().enumerate() {
             let p = prompt(&mut rng, 3 + 4 * pi);
@@ -56,7 +56,7 @@ fn refresh_every_step_equals_none() {
 #[test]
 fn every_scheme_runs_to_completion() {
     let mut rng = StdRng::seed_from_u64(2);
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let mut e = cpu_engine(preset, EngineOptions::default());
         for scheme in SCHEMES {
             for (pi, policy) in POLICIES.iter().enumerate() {
@@ -122,7 +122,7 @@ fn live_rows_per_step_follow_the_scheme() {
     let mut rng = StdRng::seed_from_u64(3);
     let (p_len, gen, bl) = (5u32, 24u32, 8u32);
     let len = p_len + gen;
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let shifted = preset == "tiny-dream";
         let mut e = cpu_engine(preset, EngineOptions::default());
         let p = prompt(&mut rng, p_len as usize);
@@ -170,7 +170,7 @@ fn live_rows_per_step_follow_the_scheme() {
 #[test]
 fn alone_equals_in_a_batch_of_three_for_every_scheme() {
     let mut rng = StdRng::seed_from_u64(4);
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let mut e = cpu_engine(preset, EngineOptions::default());
         for scheme in SCHEMES {
             let a = req(&prompt(&mut rng, 7), 16, 8, "schedule:4", "dual");
@@ -266,7 +266,7 @@ fn stale_prompt_k(preset: &str, scheme: &str) -> f32 {
 
 #[test]
 fn cached_prompt_rows_go_stale_with_prompt_and_dual() {
-    for preset in PRESETS {
+    for preset in CPU_PRESETS {
         let none = stale_prompt_k(preset, "none");
         assert_eq!(none, 0.0, "{preset} none: the cache must equal a fresh recomputation");
         for scheme in ["prompt", "dual"] {

@@ -2,35 +2,12 @@
 //! honoured or refused with a non-zero exit and a message naming the argument, checks run
 //! before anything slow, and reports do not say OK about something a later command rejects.
 //! Every test runs without a GPU (GPU-only paths are asked for with `--device cpu` or refused).
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "demask-cli-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::scratch::{shards, TempDir as Scratch};
 
 /// Runs `demask args...` (no backtraces, so messages are what a user sees).
 fn demask<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
@@ -71,16 +48,6 @@ fn tiny_checkpoint(s: &Scratch, preset: &str) -> PathBuf {
     let out = s.path(preset);
     succeeded(&demask(&["make-checkpoint", "--preset", preset, "--seed", "3", "--out", out.to_str().unwrap()]));
     out
-}
-
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    v.sort();
-    v
 }
 
 // ---- bench (defects 1 and 5) ----
@@ -208,6 +175,25 @@ fn inspect_reports_a_corrupt_shard_with_its_real_size_and_fails() {
     assert!(!out.contains(" 0 bytes on disk"), "{out}");
     let name = files[0].file_name().unwrap().to_str().unwrap();
     assert!(out.lines().any(|l| l.starts_with("problem:") && l.contains(name) && l.contains("not a valid safetensors")), "{out}");
+}
+
+#[test]
+fn llada_moe_make_checkpoint_inspect_and_generate_on_the_cpu() {
+    let s = Scratch::new("llada-moe");
+    let ck = tiny_checkpoint(&s, "tiny-llada-moe");
+    let o = demask(&["inspect", "--model", ck.to_str().unwrap()]);
+    succeeded(&o);
+    let out = stdout(&o);
+    for part in ["LladaMoe", "experts      8 per layer (width 128), top-2", "active", "OK"] {
+        assert!(out.contains(part), "inspect should show `{part}`:\n{out}");
+    }
+    let o = demask(&[
+        "generate", "--model", ck.to_str().unwrap(), "--device", "cpu", "--prompt", "Hi", "--gen-len", "16",
+        "--block-len", "8", "--policy", "threshold:0.9", "--cache", "dual", "--json",
+    ]);
+    succeeded(&o);
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    assert_eq!(j["tokens"].as_array().map(Vec::len), Some(16), "{j}");
 }
 
 #[test]

@@ -464,7 +464,7 @@ fn commit_matches_policy_select() {
             let mut ranked = eligible.clone();
             rank(&mut ranked);
             ranked_want.push(ranked.iter().map(|&(p, _)| (p, tok_of(p))).collect::<Vec<_>>());
-            seqs.push(SeqCommitParams::new(commit_rule(&policy), count_ctx(ctx), positions.len(), n, n_seqs - 1 - si));
+            seqs.push(SeqCommitParams::new(commit_rule(&policy).unwrap(), count_ctx(ctx), positions.len(), n, n_seqs - 1 - si));
             positions.extend_from_slice(&pos);
             tokens.extend_from_slice(&toks);
             conf.extend_from_slice(&c);
@@ -530,7 +530,7 @@ fn commit_and_confidence_reject_bad_input() {
         block_masked: 2,
         masked: 2,
     };
-    let seqs = [SeqCommitParams::new(commit_rule(&p), count_ctx(ctx), 0, 2, 0)];
+    let seqs = [SeqCommitParams::new(commit_rule(&p).unwrap(), count_ctx(ctx), 0, 2, 0)];
     assert!(ws.set_seqs(&gpu, &seqs, &[5, 5], 16).is_err(), "duplicate positions");
     assert!(
         ws.set_seqs(&gpu, &seqs, &[3, 16], 16).is_err(),

@@ -1,8 +1,9 @@
 //! Checkpoints end to end on the CPU: random checkpoint writer → loader round trip (sharded and
 //! single-file), every kind of bad input as a clear error naming the item, inspect, the tiny
 //! tokenizer and chat templates, and the llada-8b shard plan.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use demask::checkpoint::{plan_shards, random_weights, write_checkpoint, write_checkpoint_with, SHARD_BYTES};
 use demask::config::{TINY_EOS, TINY_EOT, TINY_MASK};
@@ -11,26 +12,7 @@ use demask::weights::{inspect, HostWeights};
 use demask::{Error, ModelConfig};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("demask-loader-{}-{n}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::scratch::TempDir;
 
 const SEED: u64 = 1234;
 

@@ -125,6 +125,8 @@ cat >"$pack/run.sh" <<'RUN'
 # (e.g. a kernel-name filter); each run's error summary goes to the summary. Run one sanitized
 # binary at a time: several at once exhausted device memory on an H100 (the sanitizer then
 # stops tracking cuBLASLt launches and the tests' own allocations fail).
+# DEMASK_SANITIZE_SPLIT=1 runs each test as its own sanitized process, DEMASK_SANITIZE_JOBS (4)
+# at once, each with its own timeout; DEMASK_SANITIZE_SKIP is a grep -E pattern of tests to leave out.
 # DEMASK_SANITIZE_ONLY=1 skips the plain test run, the benches and bench.txt.
 # Several runs may share the pack at once (e.g. one per sanitizer tool): give each its own
 # DEMASK_RUN_NAME (logs in gpu-logs-NAME, $OUT/summary-NAME.txt and all-NAME.log); unpack first
@@ -195,10 +197,13 @@ if [[ "${DEMASK_GOLDEN:-0}" == 1 ]]; then
   fi
 fi
 
-# run_sanitizer TOOL NAME BINARY: one test binary under compute-sanitizer; its error count
-# (ERROR SUMMARY, or RACECHECK SUMMARY's errors) appended to the summary.
+# run_sanitizer TOOL NAME BINARY [TEST]: one test binary (or, with TEST, that one test of it,
+# run with --exact) under compute-sanitizer; its error count (ERROR SUMMARY, or RACECHECK
+# SUMMARY's errors) appended to the summary. A failure also touches $logs/.sanitize-failed, since
+# split runs happen in background jobs whose variables do not reach this shell.
 run_sanitizer() {
-  local tool="$1" name="$2" bin="$3" log="$logs/sanitize-$1-$2.log" t0=$SECONDS rc
+  local tool="$1" name="$2" bin="$3" test="${4:-}" t0=$SECONDS rc
+  local log="$logs/sanitize-$1-$2${test:+--$test}.log"
   local cs
   cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
   if [[ -z "$cs" ]]; then
@@ -208,8 +213,10 @@ run_sanitizer() {
   fi
   echo "== $tool $name"
   # shellcheck disable=SC2086
+  local args=(--test-threads=1)
+  [[ -n "$test" ]] && args+=(--exact "$test")
   DEMASK_GRAPHS=0 timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
-    --print-limit 20 ${DEMASK_SANITIZE_OPTS:-} "$bin" --test-threads=1 ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
+    --print-limit 20 ${DEMASK_SANITIZE_OPTS:-} "$bin" "${args[@]}" ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
   rc=$?
   local errs
   errs=$(sed -n -e 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p' \
@@ -220,9 +227,9 @@ run_sanitizer() {
   local status=ok
   [[ $rc -eq 0 ]] || status="FAIL(rc=$rc)"
   [[ $rc -eq 124 ]] && status="TIMEOUT"
-  [[ $rc -eq 0 && $errs -eq 0 ]] || failed=1
-  printf 'sanitize %-9s %-24s %-14s errors %4d  tests passed %3d failed %2d  %5ds\n' "$tool" "$name" "$status" \
-    "$errs" "$p" "$f" $((SECONDS - t0)) | tee -a "$summary"
+  [[ $rc -eq 0 && $errs -eq 0 ]] || { failed=1; touch "$logs/.sanitize-failed"; }
+  printf 'sanitize %-9s %-24s %-14s errors %4d  tests passed %3d failed %2d  %5ds%s\n' "$tool" "$name" "$status" \
+    "$errs" "$p" "$f" $((SECONDS - t0)) "${test:+  $test}" | tee -a "$summary"
   grep -E '^========= (Invalid|Race|Barrier|Error|.*hazard)' "$log" | sort | uniq -c | head -n 10 | tee -a "$summary"
 }
 
@@ -232,12 +239,30 @@ if [[ "${DEMASK_SANITIZE_ONLY:-0}" != 1 ]]; then
     run_tests "$(basename "$bin")" "./$bin"
   done
 fi
+# DEMASK_SANITIZE_SPLIT=1: every test of a binary is its own sanitized process, and
+# DEMASK_SANITIZE_JOBS (4) of them run at once; a slow test then costs its own timeout only.
+# DEMASK_SANITIZE_SKIP: a grep -E pattern of test names to leave out (say so in any report).
+sanitize_jobs=0
 for tool in ${DEMASK_SANITIZE:-}; do
   for bin in ${DEMASK_SANITIZE_TESTS:-tests/gpu_*}; do
     [[ -f "$bin" && -x "$bin" ]] || continue
-    run_sanitizer "$tool" "$(basename "$bin")" "./$bin"
+    if [[ "${DEMASK_SANITIZE_SPLIT:-0}" != 1 ]]; then
+      run_sanitizer "$tool" "$(basename "$bin")" "./$bin"
+      continue
+    fi
+    while read -r t; do
+      [[ -n "${DEMASK_SANITIZE_SKIP:-}" ]] && grep -Eq "${DEMASK_SANITIZE_SKIP}" <<<"$t" && {
+        echo "sanitize $tool $(basename "$bin") skipped: $t" | tee -a "$summary"
+        continue
+      }
+      while (($(jobs -rp | wc -l) >= ${DEMASK_SANITIZE_JOBS:-4})); do wait -n; done
+      run_sanitizer "$tool" "$(basename "$bin")" "./$bin" "$t" &
+      sanitize_jobs=$((sanitize_jobs + 1))
+    done < <("./$bin" --list --format terse 2>/dev/null | sed -n 's/: test$//p')
   done
 done
+wait
+[[ -e "$logs/.sanitize-failed" ]] && failed=1
 [[ "${DEMASK_SANITIZE_ONLY:-0}" == 1 ]] && RUN_BENCHES=0
 if [[ -n "$golden_fresh" && -x tests/golden ]]; then
   run_tests golden-fresh ./tests/golden "DEMASK_FIXTURES=$golden_fresh"

@@ -1,5 +1,6 @@
 //! f32 reference for bidirectional varlen attention over the KV cache (no mask, GQA,
-//! head_dim 128): the oracle for `kernels/attention.cu`.
+//! head_dim 128): the oracle for `kernels/attention.cu`; and its block-causal form (LLaDA2:
+//! each row sees a prefix of its sequence's keys, [`attention_capped`]).
 use rayon::prelude::*;
 
 use crate::batch::SeqSpan;
@@ -22,6 +23,24 @@ pub fn attention(
     seqs: &[SeqSpan],
     n_heads: usize,
     n_kv_heads: usize,
+    out: &mut [f32],
+) {
+    attention_capped(q, q_stride, k_cache, v_cache, seqs, n_heads, n_kv_heads, None, out)
+}
+
+/// As [`attention`], but packed row `r` attends only to its sequence's first
+/// `min(kv_len, caps[r])` keys when `caps` is given (block-causal attention: a row in block b
+/// of size B has cap `(b + 1) · B`). A cap of 0 leaves the row's output at zero.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_capped(
+    q: &[f32],
+    q_stride: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+    caps: Option<&[usize]>,
     out: &mut [f32],
 ) {
     assert!(
@@ -47,7 +66,11 @@ pub fn attention(
                 return;
             };
             let base = s.cache_base as usize;
-            let n = s.kv_len as usize;
+            let n = caps.map_or(s.kv_len as usize, |c| c[r].min(s.kv_len as usize));
+            if n == 0 {
+                orow.fill(0.0);
+                return;
+            }
             let mut scores = vec![0f64; n];
             let mut acc = vec![0f64; d];
             for h in 0..n_heads {

@@ -4,6 +4,8 @@
 //! `[cache_base, cache_base + kv_len)` of their sequence.
 use crate::batch::RowBatch;
 use crate::config::ModelConfig;
+use crate::cpu::llada2::{self, CpuLlada2Moe};
+use crate::cpu::moe::{self, CpuMoe};
 use crate::cpu::{attention, embed, gemm, norm, rope, swiglu};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
@@ -20,6 +22,13 @@ struct CpuLayer {
     ffn_norm: Vec<f32>,
     w_gate_up: Vec<f32>,
     w_down: Vec<f32>,
+    /// Per-head q/k RMSNorm weights (LLaDA-MoE), applied before RoPE.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// The experts replacing the dense FFN (LLaDA-MoE).
+    moe: Option<CpuMoe>,
+    /// LLaDA2's experts, router bias and shared expert (its MoE layers).
+    moe2: Option<CpuLlada2Moe>,
 }
 
 /// f32 weights of a whole model.
@@ -68,6 +77,21 @@ impl CpuModel {
                     ffn_norm: f32s(&l.ffn_norm),
                     w_gate_up: f32s(&l.w_gate_up),
                     w_down: f32s(&l.w_down),
+                    q_norm: l.q_norm.as_deref().map(f32s),
+                    k_norm: l.k_norm.as_deref().map(f32s),
+                    moe: l.moe.as_ref().filter(|_| w.cfg.llada2.is_none()).map(|m| CpuMoe {
+                        router: f32s(&m.router),
+                        w_gate_up: f32s(&m.w_gate_up),
+                        w_down: f32s(&m.w_down),
+                    }),
+                    moe2: l.moe.as_ref().filter(|_| w.cfg.llada2.is_some()).map(|m| CpuLlada2Moe {
+                        router: f32s(&m.router),
+                        expert_bias: m.expert_bias.clone(),
+                        w_gate_up: f32s(&m.w_gate_up),
+                        w_down: f32s(&m.w_down),
+                        shared_gate_up: f32s(&m.shared_gate_up),
+                        shared_down: f32s(&m.shared_down),
+                    }),
                 })
                 .collect(),
             final_norm: f32s(&w.final_norm),
@@ -107,13 +131,28 @@ impl CpuModel {
         let mut qkv = vec![0f32; t * qkv_dim];
         let mut att = vec![0f32; t * qd];
         let mut o = vec![0f32; t * h];
-        let mut gu = vec![0f32; t * 2 * cfg.ffn];
-        let mut act = vec![0f32; t * cfg.ffn];
+        // LLaDA2: block-causal attention (each row sees the keys of its block and earlier).
+        let caps = cfg.llada2.as_ref().map(|l2| llada2::block_caps(&b.positions, l2.block));
+        let mut gu = Vec::new();
+        let mut act = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
+            let dense_ffn = l.w_down.len() / h;
             norm::rms_norm(&x, &l.attn_norm, eps, &mut xn);
             gemm::linear(&xn, &l.wqkv, l.bqkv.as_deref(), h, &mut qkv);
-            rope::rope_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, &b.positions, cfg.rope_theta, mode);
-            rope::rope_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, &b.positions, cfg.rope_theta, mode);
+            if let Some(w) = &l.q_norm {
+                moe::head_rms_norm_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, w, eps);
+            }
+            if let Some(w) = &l.k_norm {
+                moe::head_rms_norm_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, w, eps);
+            }
+            if let Some(l2) = &cfg.llada2 {
+                let (hd, rot, pos, theta) = (cfg.head_dim, l2.rotary_dim, &b.positions, cfg.rope_theta);
+                llada2::partial_rope_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, hd, rot, pos, theta);
+                llada2::partial_rope_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, hd, rot, pos, theta);
+            } else {
+                rope::rope_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, &b.positions, cfg.rope_theta, mode);
+                rope::rope_inplace(&mut qkv, qkv_dim, qd, cfg.n_kv_heads, &b.positions, cfg.rope_theta, mode);
+            }
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             for (r, &cr) in cache_rows.iter().enumerate() {
                 let src = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
@@ -121,13 +160,22 @@ impl CpuModel {
                 kc[cr * kvd..(cr + 1) * kvd].copy_from_slice(&src[qd..qd + kvd]);
                 vc[cr * kvd..(cr + 1) * kvd].copy_from_slice(&src[qd + kvd..qd + 2 * kvd]);
             }
-            attention::attention(&qkv, qkv_dim, kc, vc, &b.seqs, cfg.n_heads, cfg.n_kv_heads, &mut att);
+            let caps = caps.as_deref();
+            attention::attention_capped(&qkv, qkv_dim, kc, vc, &b.seqs, cfg.n_heads, cfg.n_kv_heads, caps, &mut att);
             gemm::linear(&att, &l.wo, None, qd, &mut o);
             norm::add_inplace(&mut x, &o);
             norm::rms_norm(&x, &l.ffn_norm, eps, &mut xn);
-            gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
-            swiglu::swiglu(&gu, cfg.ffn, &mut act);
-            gemm::linear(&act, &l.w_down, None, cfg.ffn, &mut o);
+            if let (Some(m), Some(mc), Some(l2)) = (&l.moe2, &cfg.moe, &cfg.llada2) {
+                llada2::moe_ffn(&xn, m, l2, h, cfg.ffn, mc.top_k, &mut o)?;
+            } else if let (Some(m), Some(mc)) = (&l.moe, &cfg.moe) {
+                moe::moe_ffn(&xn, m, h, cfg.ffn, mc.top_k, mc.norm_topk_prob, &mut o)?;
+            } else {
+                gu.resize(t * 2 * dense_ffn, 0.0);
+                act.resize(t * dense_ffn, 0.0);
+                gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
+                swiglu::swiglu(&gu, dense_ffn, &mut act);
+                gemm::linear(&act, &l.w_down, None, dense_ffn, &mut o);
+            }
             norm::add_inplace(&mut x, &o);
         }
         norm::rms_norm(&x, &self.final_norm, eps, &mut xn);

@@ -5,6 +5,8 @@ pub mod embed;
 pub mod forward;
 pub mod gemm;
 pub mod gemm_fp8;
+pub mod llada2;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

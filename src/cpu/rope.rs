@@ -23,7 +23,8 @@ impl RopeMode {
     pub fn for_arch(arch: Arch) -> Self {
         match arch {
             Arch::Llada => RopeMode::Llada,
-            Arch::Dream => RopeMode::Dream,
+            // LLaDA-MoE's (OLMoE) rotary embedding returns cos/sin cast to the activation dtype.
+            Arch::Dream | Arch::LladaMoe | Arch::Llada2 => RopeMode::Dream,
         }
     }
 }

@@ -159,9 +159,13 @@ impl GpuStepper {
                     w.sampling
                 )));
             }
+            let rule = commit_rule(&w.policy).map_err(|e| match e {
+                Error::BadInput(m) => Error::bad_input(format!("step: sequence {si}: {m}")),
+                other => other,
+            })?;
             let kind = w.policy.conf_kind();
             self.host_seqs.push(SeqCommitParams::new(
-                commit_rule(&w.policy),
+                rule,
                 count_ctx(w.ctx),
                 self.host_pos.len(),
                 w.eligible.len(),
@@ -277,18 +281,37 @@ impl StepBackend for GpuStepper {
 }
 
 /// The commit kernel's count rule for `policy` (the kernel knows no policy; ranking is the
-/// same for all of them: by confidence, which `Random` and Dream's algorithms set).
-pub fn commit_rule(policy: &Policy) -> CountRule {
-    match *policy {
+/// same for all of them: by confidence, which `Random` and Dream's algorithms set). An error
+/// for a policy the kernel has no rule for (`llada2:τ,S`: max(threshold count, n)).
+pub fn commit_rule(policy: &Policy) -> Result<CountRule> {
+    Ok(match *policy {
         Policy::Schedule { steps } | Policy::Random { steps } => CountRule::Schedule { steps },
         Policy::Threshold { tau } => CountRule::Threshold { tau },
         Policy::Confident { tau, steps } => CountRule::ThresholdOrSchedule { tau, steps },
         Policy::Factor { f } => CountRule::FactorPrefix { f },
         Policy::Dream { steps, .. } => CountRule::DreamCount { steps },
-    }
+        Policy::Llada2 { .. } => {
+            return Err(Error::bad_input(format!(
+                "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel has no max(threshold, n) rule)"
+            )))
+        }
+    })
 }
 
 /// The commit kernel's view of a step context.
 pub fn count_ctx(ctx: StepCtx) -> CountCtx {
     CountCtx { step: ctx.step, block_masked: ctx.block_masked, masked: ctx.masked }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_rule_refuses_policies_the_kernel_cannot_count() {
+        let e = commit_rule(&Policy::Llada2 { tau: 0.9, steps: 8 }).unwrap_err().to_string();
+        assert!(e.contains("llada2:") && e.contains("CPU backend only"), "{e}");
+        assert!(matches!(commit_rule(&Policy::Threshold { tau: 0.5 }), Ok(CountRule::Threshold { tau }) if tau == 0.5));
+        assert!(matches!(commit_rule(&Policy::Schedule { steps: 4 }), Ok(CountRule::Schedule { steps: 4 })));
+    }
 }

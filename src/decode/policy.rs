@@ -45,6 +45,11 @@ pub enum Policy {
     Threshold { tau: f32 },
     /// `confident:τ,S` \[Dimple\]: threshold, falling back to the schedule count.
     Confident { tau: f32, steps: u32 },
+    /// `llada2:τ,S` [the official LLaDA2 `generate`]: the `max(#{p > τ}, n)` most confident
+    /// slots, n the even split of the block's masked slots over S steps (remainder first). The
+    /// official split is of `block_length`: the same when blocks start fully masked, as
+    /// blocks of the official size aligned to absolute multiples of it do.
+    Llada2 { tau: f32, steps: u32 },
     /// `factor:f` [Fast-dLLM].
     Factor { f: f32 },
     /// `dream:ALG,S` [Dream diffusion_generate].
@@ -169,6 +174,11 @@ impl Policy {
                     schedule_count(ctx.block_masked, steps, ctx.step) as usize
                 }
             }
+            Policy::Llada2 { tau, steps } => {
+                let passing = sorted.iter().take_while(|&&c| c > tau).count();
+                let sched = if ctx.step + 1 >= steps { n } else { schedule_count(ctx.block_masked, steps, ctx.step) as usize };
+                passing.max(sched.min(n))
+            }
             Policy::Factor { f } => sorted
                 .iter()
                 .enumerate()
@@ -255,6 +265,10 @@ impl FromStr for Policy {
                 want(2, "confident:TAU,STEPS")?;
                 Policy::Confident { tau: unit(parse_f32(args[0], "tau", full)?, "tau")?, steps: parse_steps(args[1], full)? }
             }
+            "llada2" => {
+                want(2, "llada2:TAU,STEPS")?;
+                Policy::Llada2 { tau: unit(parse_f32(args[0], "tau", full)?, "tau")?, steps: parse_steps(args[1], full)? }
+            }
             "factor" => {
                 want(1, "factor:F")?;
                 let f = parse_f32(args[0], "factor", full)?;
@@ -280,7 +294,7 @@ impl FromStr for Policy {
             }
             _ => {
                 return Err(Error::bad_input(format!(
-                    "unknown policy `{full}` (schedule:S, random:S, threshold:T, confident:T,S, factor:F, dream:ALG,S)"
+                    "unknown policy `{full}` (schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, factor:F, dream:ALG,S)"
                 )))
             }
         };
@@ -295,6 +309,7 @@ impl fmt::Display for Policy {
             Policy::Random { steps } => write!(f, "random:{steps}"),
             Policy::Threshold { tau } => write!(f, "threshold:{tau}"),
             Policy::Confident { tau, steps } => write!(f, "confident:{tau},{steps}"),
+            Policy::Llada2 { tau, steps } => write!(f, "llada2:{tau},{steps}"),
             Policy::Factor { f: x } => write!(f, "factor:{x}"),
             Policy::Dream { alg, steps } => {
                 let a = match alg {
@@ -369,6 +384,24 @@ mod tests {
         assert_eq!(dream_timestep(11, 7), 0.3007f32);
         assert_eq!(dream_timestep(9, 0), 1.0);
         assert_eq!(dream_timestep(9, 8), 1e-3);
+    }
+
+    #[test]
+    fn llada2_commits_max_of_passing_and_schedule() {
+        // 32 masked, S = 8: n = 4 per step.
+        let p = Policy::Llada2 { tau: 0.9, steps: 8 };
+        let c = ctx(0, 32, 32);
+        // 6 pass (strictly above τ): all 6.
+        assert_eq!(p.commit_count(c, &[0.99, 0.98, 0.97, 0.96, 0.95, 0.91, 0.5, 0.4]), 6);
+        // 2 pass: the schedule's 4; one at exactly τ does not pass.
+        assert_eq!(p.commit_count(c, &[0.99, 0.95, 0.9, 0.2, 0.1]), 4);
+        // Fewer eligible than n: all of them.
+        assert_eq!(p.commit_count(ctx(3, 32, 3), &[0.3, 0.2, 0.1]), 3);
+        // Last step: everything left.
+        assert_eq!(p.commit_count(ctx(7, 32, 6), &[0.3, 0.2, 0.1, 0.1, 0.1, 0.1]), 6);
+        assert_eq!("llada2:0.95,32".parse::<Policy>().unwrap(), Policy::Llada2 { tau: 0.95, steps: 32 });
+        assert_eq!(Policy::Llada2 { tau: 0.95, steps: 32 }.to_string(), "llada2:0.95,32");
+        assert!("llada2:0.95".parse::<Policy>().is_err() && "llada2:1.5,4".parse::<Policy>().is_err());
     }
 
     #[test]

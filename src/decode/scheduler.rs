@@ -240,6 +240,11 @@ impl Scheduler {
         self.active.len()
     }
 
+    /// The admitted, unfinished sequences with their ids, in admission order.
+    pub fn active_seqs(&self) -> impl Iterator<Item = (RequestId, &SeqState)> + '_ {
+        self.active.iter().map(|e| (e.id, &e.seq))
+    }
+
     /// Batch steps run so far (the next step's `batch_step`).
     pub fn batch_step(&self) -> u32 {
         self.batch_step

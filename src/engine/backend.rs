@@ -22,6 +22,10 @@ pub trait EngineBackend: StepBackend + Send {
     /// Makes sure `rows` cache rows are ready (may allocate, and may drop what the cache held;
     /// an error when it cannot).
     fn reserve_cache(&mut self, rows: usize) -> Result<()>;
+    /// Device memory `(used, total)` bytes, for backends on a device (monitoring).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 impl EngineBackend for CpuStepper {
@@ -54,6 +58,10 @@ impl EngineBackend for crate::decode::gpu::GpuStepper {
             )));
         }
         Ok(())
+    }
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        let (free, total) = self.model().gpu.mem_info().ok()?;
+        Some(((total - free) as u64, total as u64))
     }
 }
 

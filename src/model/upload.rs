@@ -17,6 +17,7 @@ impl GpuWeights {
     /// published FP8 checkpoint (`HostWeights::fp8`) with an FP8 `format` is uploaded as
     /// stored, with its own 128×128 block scales, whichever FP8 layout was asked for.
     pub fn upload_as(gpu: &Gpu, w: &HostWeights, format: WeightFormat) -> Result<Self> {
+        super::check_gpu_support(&w.cfg)?;
         let s = Shapes::of(&w.cfg);
         let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
         let stored = w.fp8.as_ref().filter(|_| format != WeightFormat::Bf16);
@@ -50,6 +51,7 @@ impl GpuWeights {
     /// [`GpuWeights::synthesize`] with the linear layers in `format` (FP8: each bf16 weight
     /// quantised on the device as it is made, so the bf16 model is never resident at once).
     pub fn synthesize_as(gpu: &Gpu, cfg: &ModelConfig, seed: u64, format: WeightFormat) -> Result<Self> {
+        super::check_gpu_support(cfg)?;
         let s = Shapes::of(cfg);
         let mut counter = 0u64;
         let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {

@@ -70,7 +70,33 @@ pub fn inspect_checkpoint(dir: &Path) -> Result<Inspection> {
             "special ids  mask {}, eos {}, eot {}; max seq len {}",
             c.mask_id, c.eos_id, c.eot_id, c.max_seq_len
         );
+        if let (Some(m), Some(l)) = (&c.moe, &c.llada2) {
+            let _ = writeln!(
+                out,
+                "experts      {} per layer (width {}) in {} groups (keep {}), top-{} routing (sigmoid + f32 expert bias, \
+                 renormalised, x{}), shared expert width {}; layers 0..{} dense (width {})",
+                m.n_experts, c.ffn, l.n_group, l.topk_group, m.top_k, l.routed_scaling, l.shared_ffn, l.first_k_dense, l.dense_ffn
+            );
+            let _ = writeln!(
+                out,
+                "attention    block-causal (block {}), q/k norm, partial RoPE over {} of {} dims",
+                l.block, l.rotary_dim, c.head_dim
+            );
+        } else if let Some(m) = &c.moe {
+            let _ = writeln!(
+                out,
+                "experts      {} per layer (width {}), top-{} routing (softmax, {}), q/k norm {}",
+                m.n_experts,
+                c.ffn,
+                m.top_k,
+                if m.norm_topk_prob { "renormalised" } else { "not renormalised" },
+                c.qk_norm
+            );
+        }
         let _ = writeln!(out, "parameters   {} ({} bytes as bf16)", c.param_count(), 2 * c.param_count());
+        if c.moe.is_some() {
+            let _ = writeln!(out, "active       {} parameters per token", c.active_param_count());
+        }
     }
 
     let layout = match ShardLayout::read(dir) {

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod elementwise;
+pub mod scratch;
 
 use std::collections::HashMap;
 
@@ -22,6 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub const PRESETS: [&str; 2] = ["tiny-llada", "tiny-dream"];
+/// The presets the CPU backend runs: [`PRESETS`] and LLaDA-MoE (CPU only in this build).
+pub const CPU_PRESETS: [&str; 3] = ["tiny-llada", "tiny-dream", "tiny-llada-moe"];
 
 /// A CPU engine over `random_weights(preset, 5)`, no tokenizer, `opts` otherwise.
 pub fn cpu_engine(preset: &str, opts: EngineOptions) -> Engine {

@@ -1,0 +1,134 @@
+//! LLaDA2.0 against the official code (tests/fixtures/fidelity/llada2, made by
+//! tools/fidelity/make_llada2_fixtures.py from inclusionAI/dFactory's LLaDA2 modeling file in
+//! f32 on the CPU with SDPA and the official `generate`'s block-causal mask): demask's f32 CPU
+//! forward must give the official logits within 1e-4 relative over two full blocks and a
+//! partial third, and a block step against cached earlier blocks (DESIGN.md §8: their K/V are
+//! exact under block-causal attention) must give the same logits; the CPU backend with
+//! `llada2:τ,S` and blocks of 32 must reproduce the official LLaDA2 `generate` (argmax, EOS
+//! stop off, prompts a multiple of 32 long) token for token and step for step. The test has teeth: zeroing the f32 expert bias (routing changes), full
+//! RoPE instead of partial, or bidirectional attention are far outside the tolerance.
+use std::path::{Path, PathBuf};
+
+use demask::batch::{RowBatch, SeqSpan};
+use demask::cpu::forward::CpuModel;
+use demask::engine::{Device, Engine, EngineOptions};
+use demask::weights::HostWeights;
+use demask::Arch;
+
+#[path = "common/fidelity_cases.rs"]
+mod cases;
+use cases::{first_difference, load_cases, run, worst};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fidelity/llada2")
+}
+
+/// The golden forward: (input ids, official logits `[T, 384]`).
+fn golden() -> (Vec<u32>, Vec<f32>) {
+    cases::golden(&fixture(), 384)
+}
+
+fn load() -> HostWeights {
+    let w = HostWeights::load(&fixture()).expect("LLaDA2 fixture checkpoint");
+    let l2 = w.cfg.llada2.clone().expect("the fixture is LLaDA2");
+    assert_eq!(w.cfg.arch, Arch::Llada2);
+    assert_eq!((l2.first_k_dense, l2.n_group, l2.topk_group, l2.rotary_dim, l2.block), (1, 4, 2, 64, 32));
+    assert_eq!((w.cfg.n_heads, w.cfg.n_kv_heads), (2, 1), "GQA in the packed QKV");
+    assert!(w.layers[0].moe.is_none() && w.layers[1].moe.is_some());
+    w
+}
+
+#[test]
+fn cpu_forward_matches_official_logits() {
+    let (ids, want) = golden();
+    let w = load();
+    let bias = &w.layers[1].moe.as_ref().unwrap().expert_bias;
+    assert!(bias.iter().any(|&b| half::bf16::from_f32(b).to_f32() != b), "the fixture's bias is not bf16-exact");
+    let model = CpuModel::new(&w).unwrap();
+    let got = model.forward_full(std::slice::from_ref(&ids)).unwrap();
+    let (err, at) = worst(&got, &want);
+    let vocab = w.cfg.vocab;
+    eprintln!("golden logits: worst relative error {err:e} at row {}, token {}", at / vocab, at % vocab);
+    assert!(err <= 1e-4, "row {} token {}: demask {} official {}", at / vocab, at % vocab, got[at], want[at]);
+    let argmax = |l: &[f32]| l.iter().enumerate().fold(0, |b, (i, &v)| if v > l[b] { i } else { b });
+    for r in 0..ids.len() {
+        assert_eq!(argmax(&got[r * vocab..(r + 1) * vocab]), argmax(&want[r * vocab..(r + 1) * vocab]), "row {r}");
+    }
+}
+
+/// Each piece of LLaDA2's semantics moves the logits far outside the tolerance when removed.
+#[test]
+fn golden_test_has_teeth() {
+    let (ids, want) = golden();
+    let base = load();
+    let err_of = |w: &HostWeights| {
+        let got = CpuModel::new(w).unwrap().forward_full(std::slice::from_ref(&ids)).unwrap();
+        worst(&got, &want).0
+    };
+    let mut no_bias = base.clone();
+    for l in no_bias.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        l.expert_bias.iter_mut().for_each(|b| *b = 0.0);
+    }
+    let mut full_rope = base.clone();
+    full_rope.cfg.llada2.as_mut().unwrap().rotary_dim = 128;
+    let mut bidirectional = base.clone();
+    bidirectional.cfg.llada2.as_mut().unwrap().block = 1024;
+    let mut no_shared = base.clone();
+    for l in no_shared.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        l.shared_down.iter_mut().for_each(|x| *x = half::bf16::ZERO);
+    }
+    for (what, w) in [("no expert bias", no_bias), ("full RoPE", full_rope), ("bidirectional", bidirectional), ("no shared expert", no_shared)] {
+        let e = err_of(&w);
+        eprintln!("{what}: worst relative error {e:e}");
+        assert!(e > 1e-2, "{what}: {e} is within reach of the tolerance");
+    }
+}
+
+/// Blocks 0-1 in one forward that fills the cache, then block 2's rows alone against it: the
+/// official logits of block 2, because no earlier row can see a later block.
+#[test]
+fn block_step_over_cached_blocks_matches_official_logits() {
+    let (ids, want) = golden();
+    let model = CpuModel::new(&load()).unwrap();
+    let vocab = model.cfg.vocab;
+    let mut cache = model.new_cache(ids.len());
+    let prefix = model.forward(&RowBatch::full(&[ids[..64].to_vec()]), &mut cache).unwrap();
+    let (err, _) = worst(&prefix, &want[..64 * vocab]);
+    assert!(err <= 1e-4, "prefix blocks: {err}");
+    let n = ids.len() - 64;
+    let step = RowBatch {
+        tokens: ids[64..].to_vec(),
+        positions: (64..ids.len() as u32).collect(),
+        seqs: vec![SeqSpan { row_start: 0, row_count: n as u32, cache_base: 0, kv_len: ids.len() as u32 }],
+        logit_rows: (0..n as u32).collect(),
+    };
+    let got = model.forward(&step, &mut cache).unwrap();
+    let (err, at) = worst(&got, &want[64 * vocab..]);
+    eprintln!("cached block step: worst relative error {err:e}");
+    assert!(err <= 1e-4, "row {} token {}: {} vs {}", 64 + at / vocab, at % vocab, got[at], want[64 * vocab + at]);
+}
+
+#[test]
+fn official_llada2_generate_trajectories_reproduced() {
+    let (meta, cases) = load_cases(&fixture().join("trajectories.json"));
+    assert!(cases.len() >= 6, "expected the LLaDA2 fixture set, found {}", cases.len());
+    let opts = EngineOptions { device: Device::Cpu, ..EngineOptions::default() };
+    let mut engine = Engine::load(fixture(), opts).expect("LLaDA2 fixture checkpoint");
+    let mut failures = Vec::new();
+    for c in &cases {
+        assert_eq!((c.model.as_str(), c.block_len, c.prompt.len() % 32), ("llada2", 32, 0), "{}", c.name);
+        let (steps, tops, canvas) = run(&mut engine, c);
+        match first_difference(c, &steps, &tops, &canvas) {
+            None => eprintln!("{}: {} steps identical", c.name, steps.len()),
+            Some(d) => failures.push(format!("{}: {d}", c.name)),
+        }
+    }
+    eprintln!("meta: {meta}");
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Both halves of the rule are exercised: steps committing more than the schedule's n
+    // (threshold) and steps committing exactly n below the threshold.
+    assert!(cases.iter().any(|c| c.steps.iter().any(|s| s.len() > 1)));
+    assert!(cases.iter().any(|c| c.steps.len() >= 8), "a case with many small steps");
+    // A case where nothing passes τ: the even split of 32 over S, remainder first (7,7,6,6,6).
+    assert!(cases.iter().any(|c| c.steps.iter().map(|s| s.len()).collect::<Vec<_>>() == [7, 7, 6, 6, 6]));
+}
