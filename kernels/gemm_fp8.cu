@@ -75,15 +75,13 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ int w_off(int r, int c) { return r * BK + ((c ^ ((r & 3) << 1)) << 4); }
 __device__ __forceinline__ int x_off(int r, int c) { return r * BK * 2 + ((c ^ ((r & 1) << 2)) << 4); }
 
-__device__ __forceinline__ uint64_t evict_first_policy() {
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
-    return pol;
-}
-__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+// W streams with a 256-byte L2 prefetch and no L2 cache-policy hint: with the bf16 kernel's
+// `L2::cache_hint` (an evict_first policy) ptxas 13.0 encoded this kernel's main-loop W copies
+// as `LDGSTS [R+UR0], desc[UR1]`, which the H100 rejects as an illegal instruction
+// (compute-sanitizer: CUDA_ERROR_ILLEGAL_INSTRUCTION in load_w; found 2026-12-06).
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-                 "r"(n), "l"(pol));
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
@@ -131,7 +129,7 @@ __device__ __forceinline__ int w_row(const Fp8SkinnyParams& p, int n0, int r, bo
 }
 
 template <bool SWIGLU>
-__device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1, uint64_t pol) {
+__device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1) {
     constexpr int CPR = BK / 16;  // 16-byte chunks per W row
 #pragma unroll
     for (int u = 0; u < BN * CPR / THREADS; ++u) {
@@ -142,7 +140,7 @@ __device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, in
         const int gk = kb + 16 * c;
         const bool ok = row_ok && gk < k1;
         const uint8_t* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
-        cp_async16_stream(smem_u32(st + w_off(r, c)), src, ok, pol);
+        cp_async16_stream(smem_u32(st + w_off(r, c)), src, ok);
     }
 }
 
@@ -265,7 +263,6 @@ __device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
     const int k1 = min(p.k, k0 + p.k_split);
     const int nst = k1 > k0 ? (k1 - k0 + BK - 1) / BK : 0;
     const int warp_row0 = 16 * (warp % T::MG) * T::MTW;
-    const uint64_t pol = evict_first_policy();
 
     float acc[T::MTW][NT][4];
 #pragma unroll
@@ -279,7 +276,7 @@ __device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
     // programmatic-launch wait, X (the previous kernel's output) after it.
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s)
-        if (s < nst) load_w<SWIGLU>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1, pol);
+        if (s < nst) load_w<SWIGLU>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1);
     pdl_wait();
     pdl_trigger();
 #pragma unroll
@@ -293,7 +290,7 @@ __device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
         const int nx = it + T::STAGES - 1;
         if (nx < nst) {
             uint8_t* st = ring + (nx % T::STAGES) * T::STAGE_BYTES;
-            load_w<SWIGLU>(p, st, n0, k0 + nx * BK, k1, pol);
+            load_w<SWIGLU>(p, st, n0, k0 + nx * BK, k1);
             load_x<NT>(p, st, k0 + nx * BK, k1);
         }
         cp_async_commit();
