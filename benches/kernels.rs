@@ -23,7 +23,7 @@ use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
 use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use demask::ops::gemm::{linear, GemmVariant};
-use demask::ops::rope::{rope_kv_store, RopeMode};
+use demask::ops::rope::{rope_kv_store, RopeExtras, RopeMode};
 use demask::ops::{embed, fill, norm, swiglu};
 use demask::Result;
 
@@ -225,6 +225,7 @@ fn bench_rope_kv_store(c: &mut Criterion, env: &mut Env) -> Result<()> {
                 cfg.n_kv_heads,
                 cfg.rope_theta as f32,
                 RopeMode::Llada,
+                &RopeExtras::none(),
             )
         });
     }
