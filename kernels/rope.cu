@@ -1,4 +1,5 @@
-// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store:
+// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store (rope_kv_store_bf16; with the
+// per-head q/k RMSNorm and partial RoPE of LLaDA-MoE / LLaDA2: rope_qknorm_kv_store_bf16, below):
 //   q heads are rotated in place in qkv; rotated k goes to k_cache[cache_rows[r]];
 //   v is copied unchanged to v_cache[cache_rows[r]].
 // qkv row = [q: n_heads*128 | k: n_kv_heads*128 | v: n_kv_heads*128].
