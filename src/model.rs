@@ -479,6 +479,7 @@ impl GpuModel {
                 cfg.n_kv_heads,
                 cfg.rope_theta as f32,
                 mode,
+                &ops::rope::RopeExtras::none(),
             )?;
             mark!("rope_kv_store");
             ops::attention::attention(
