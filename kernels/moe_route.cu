@@ -93,7 +93,8 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
     return v;
 }
 
-// Takes the `count` largest keys of keys[0, len) in order into out[], marking each taken (0).
+// Takes the `count` largest keys of keys[0, len) in order, marking each taken (0); their
+// indices go to out[] (which holds count entries) unless out is nullptr.
 __device__ void select_top(u64* keys, int len, int count, int* out, u64* scratch) {
     for (int r = 0; r < count; ++r) {
         u64 best = 0;
@@ -101,7 +102,7 @@ __device__ void select_top(u64* keys, int len, int count, int* out, u64* scratch
         best = block_max_u64(best, scratch);
         const int i = key_index(best);
         if (threadIdx.x == 0) {
-            out[r] = i;
+            if (out) out[r] = i;
             keys[i] = 0;
         }
         __syncthreads();
@@ -176,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(RT_THREADS) moe_route_f32(const Moe
             gkey[g] = rank_key((score[ia] + p.bias[ia]) + (score[ib] + p.bias[ib]), g);
         }
         __syncthreads();
-        select_top(gkey, p.n_group, p.topk_group, sel, scratch);  // kept groups now have key 0
+        select_top(gkey, p.n_group, p.topk_group, nullptr, scratch);  // kept groups now have key 0
         for (int i = threadIdx.x; i < E; i += blockDim.x)
             if (gkey[i / gs] != 0) key[i] = 0;
         __syncthreads();

@@ -60,7 +60,8 @@ fn check_routes(what: &str, k: usize, ids: &[i32], weights: &[f32], want: &[Rout
         assert_eq!(route.len(), k, "{what}: CPU route length");
         for (s, &(e, w)) in route.iter().enumerate() {
             let (gi, gw) = (ids[r * k + s], weights[r * k + s]);
-            if gi != e as i32 || !((gw - w).abs() <= 1e-6 * w.abs()) {
+            let close = (gw - w).abs() <= 1e-6 * w.abs(); // false for NaN
+            if gi != e as i32 || !close {
                 bad.push((r, s, gi, e, gw, w));
             }
         }
@@ -225,7 +226,8 @@ fn check_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32, max_
     let mut inexact = 0usize;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         inexact += (g.to_bits() != w.to_bits()) as usize;
-        if !((g - w).abs() <= atol + rtol * w.abs()) {
+        let close = (g - w).abs() <= atol + rtol * w.abs(); // false for NaN
+        if !close {
             bad.push((i, g, w));
         }
     }

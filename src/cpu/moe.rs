@@ -121,7 +121,7 @@ pub fn expert_ffn_bf16(x: &[f32], routes: &[Route], w_gate_up: &[f32], w_down: &
     const OP: &str = "expert_ffn_bf16";
     let t = routes.len();
     let k = routes.first().map_or(0, |r| r.len());
-    let n_experts = if hidden * ffn == 0 { 0 } else { w_down.len() / (hidden * ffn) };
+    let n_experts = w_down.len().checked_div(hidden * ffn).unwrap_or(0);
     if n_experts == 0 || w_down.len() != n_experts * hidden * ffn || w_gate_up.len() != n_experts * 2 * ffn * hidden {
         return Err(Error::shape(OP, "experts", &[n_experts, 2 * ffn, hidden], &[w_gate_up.len(), w_down.len()]));
     }
