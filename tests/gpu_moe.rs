@@ -8,8 +8,8 @@
 //! Inputs: x ~ N(0, 1), w_gate_up ~ N(0, 1/hidden), w_down ~ N(0, 1/ffn) (bf16), logits
 //! ~ N(0, σ²) f32, so g, u, y are O(1). Tolerances against the emulation (which differs only
 //! by f32 summation order, so a bf16 rounding of g, u or silu may land on the other side):
-//! act: at most 2 % of elements not bit-identical, each within 2 % of its value + 1 % of the
-//! RMS; y (f32): |d| ≤ 5e-3·RMS + 1e-3·|ref|; out (bf16): |d| ≤ 5e-3·RMS + 8e-3·|ref| (two
+//! act: at most 5 % of elements not bit-identical, each within 3 % of its value + 1 % of the
+//! RMS (a flipped rounding of g moves silu by up to about two bf16 ulps); y (f32): |d| ≤ 5e-3·RMS + 1e-3·|ref|; out (bf16): |d| ≤ 5e-3·RMS + 8e-3·|ref| (two
 //! bf16 ulps).
 #![cfg(feature = "cuda")]
 use std::sync::Mutex;
@@ -252,7 +252,7 @@ fn check_ffn(gpu: &Gpu, name: &str, p: &Ffn, t: usize, logits: &[f32], seed: u64
         let cpu_ids: Vec<i32> = routes.iter().flat_map(|r| r.iter().map(|&(e, _)| e as i32)).collect();
         assert_eq!(got.ids, cpu_ids, "{what}: routing");
         let act: Vec<f32> = got.act_bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
-        check_close(&format!("{what} act"), &act, &want.act, 0.01 * act_rms, 0.02, 0.02);
+        check_close(&format!("{what} act"), &act, &want.act, 0.01 * act_rms, 0.03, 0.05);
         check_close(&format!("{what} y"), &got.y, &want.y, 5e-3 * y_rms, 1e-3, 1.0);
         check_close(&format!("{what} out"), &got.out, &want.out, 5e-3 * out_rms, 8e-3, 1.0);
     }
