@@ -3,6 +3,7 @@ pub mod attention;
 pub mod embed;
 pub mod fill;
 pub mod gemm;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
