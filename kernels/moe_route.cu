@@ -273,3 +273,28 @@ extern "C" __global__ void __launch_bounds__(PM_THREADS) moe_permute_i32(const M
         }
     }
 }
+
+// Expert-traffic statistics (bench, profile): tally[0] += number of experts with at least one
+// row this forward layer, tally[1] += 1. One block; counts[E] as written by moe_permute_i32.
+struct MoeTallyParams {
+    const int* counts;    // [E]
+    unsigned int* tally;  // [2]
+    int n_experts;
+    int pad;
+};
+
+extern "C" __global__ void __launch_bounds__(256) moe_tally_touched(const MoeTallyParams p) {
+    __shared__ unsigned int sum;
+    pdl_wait();
+    pdl_trigger();
+    if (threadIdx.x == 0) sum = 0;
+    __syncthreads();
+    unsigned int mine = 0;
+    for (int e = threadIdx.x; e < p.n_experts; e += blockDim.x) mine += p.counts[e] > 0 ? 1u : 0u;
+    atomicAdd(&sum, mine);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        p.tally[0] += sum;
+        p.tally[1] += 1;
+    }
+}

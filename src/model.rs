@@ -15,134 +15,12 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStats, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
-use crate::weights::HostWeights;
+use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant, moe::MoeGemmVariant};
 
-pub struct GpuLayer {
-    pub attn_norm: DTensor<bf16>,
-    pub wqkv: DTensor<bf16>,
-    pub bqkv: Option<DTensor<bf16>>,
-    pub wo: DTensor<bf16>,
-    pub ffn_norm: DTensor<bf16>,
-    pub w_gate_up: DTensor<bf16>,
-    pub w_down: DTensor<bf16>,
-}
-
-impl GpuLayer {
-    /// Every tensor of the layer (the bias last, when present).
-    fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
-        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm, &self.w_gate_up, &self.w_down]
-            .into_iter()
-            .chain(self.bqkv.as_ref())
-    }
-}
-
-pub struct GpuWeights {
-    pub embed: DTensor<bf16>,
-    pub layers: Vec<GpuLayer>,
-    pub final_norm: DTensor<bf16>,
-    pub lm_head: DTensor<bf16>,
-}
-
-/// Shapes of every weight tensor of `cfg`, in one place for upload and synthesis.
-struct Shapes {
-    hidden: usize,
-    qkv: usize,
-    q: usize,
-    ffn: usize,
-    vocab: usize,
-}
-
-impl Shapes {
-    fn of(cfg: &ModelConfig) -> Self {
-        Shapes { hidden: cfg.hidden, qkv: cfg.qkv_dim(), q: cfg.q_dim(), ffn: cfg.ffn, vocab: cfg.vocab }
-    }
-}
-
-/// Refuses architectures the GPU forward cannot run yet (LLaDA-MoE, LLaDA2: no expert,
-/// q/k-norm, partial-RoPE or block-causal kernels in this build), so such a model is never run
-/// through the dense path wrong.
-pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
-    if cfg.llada2.is_some() {
-        return Err(Error::bad_input(
-            "LLaDA2 runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
-        ));
-    }
-    if cfg.moe.is_some() || cfg.qk_norm {
-        return Err(Error::bad_input(
-            "LLaDA-MoE runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
-        ));
-    }
-    Ok(())
-}
-
-impl GpuWeights {
-    /// Copies host weights to the device.
-    pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
-        check_gpu_support(&w.cfg)?;
-        let s = Shapes::of(&w.cfg);
-        let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for l in &w.layers {
-            layers.push(GpuLayer {
-                attn_norm: up(&l.attn_norm, &[s.hidden])?,
-                wqkv: up(&l.wqkv, &[s.qkv, s.hidden])?,
-                bqkv: l.bqkv.as_deref().map(|b| up(b, &[s.qkv])).transpose()?,
-                wo: up(&l.wo, &[s.hidden, s.q])?,
-                ffn_norm: up(&l.ffn_norm, &[s.hidden])?,
-                w_gate_up: up(&l.w_gate_up, &[2 * s.ffn, s.hidden])?,
-                w_down: up(&l.w_down, &[s.hidden, s.ffn])?,
-            });
-        }
-        Ok(GpuWeights {
-            embed: up(&w.embed, &[s.vocab, s.hidden])?,
-            layers,
-            final_norm: up(&w.final_norm, &[s.hidden])?,
-            lm_head: up(&w.lm_head, &[s.vocab, s.hidden])?,
-        })
-    }
-
-    /// Random weights of the exact architecture, generated on the device (no host copy), with
-    /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
-    /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
-    pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        check_gpu_support(cfg)?;
-        let s = Shapes::of(cfg);
-        let mut counter = 0u64;
-        let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {
-            let mut t = gpu.alloc::<bf16>(dims)?;
-            counter += 1;
-            ops::fill::fill_normal(gpu, &mut t, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ counter, mean, std)?;
-            Ok(t)
-        };
-        let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
-            layers.push(GpuLayer {
-                attn_norm: gen(&[s.hidden], 1.0, 0.1)?,
-                wqkv: gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?,
-                bqkv: if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None },
-                wo: gen(&[s.hidden, s.q], 0.0, inv(s.q))?,
-                ffn_norm: gen(&[s.hidden], 1.0, 0.1)?,
-                w_gate_up: gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?,
-                w_down: gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?,
-            });
-        }
-        let w = GpuWeights {
-            embed: gen(&[s.vocab, s.hidden], 0.0, 1.0)?,
-            layers,
-            final_norm: gen(&[s.hidden], 1.0, 0.1)?,
-            lm_head: gen(&[s.vocab, s.hidden], 0.0, inv(s.hidden))?,
-        };
-        gpu.synchronize()?;
-        Ok(w)
-    }
-
-    pub fn bytes(&self) -> usize {
-        let l: usize = self.layers.iter().flat_map(GpuLayer::tensors).map(DTensor::bytes).sum();
-        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
-    }
-}
+mod moe;
+mod weights;
+pub use moe::{GpuMoe, MoeState};
+pub use weights::{check_gpu_support, GpuFfn, GpuLayer, GpuWeights};
 
 /// Most live rows for which `set_full_logits` computes the LM head on every row: the skinny
 /// range, where a GEMM costs its weight bytes whatever the row count.
@@ -172,6 +50,8 @@ struct Workspace {
     act: DTensor<bf16>,
     sel: DTensor<bf16>,
     logits: DTensor<f32>,
+    /// Routing state of the MoE layers (`None` for a dense model).
+    moe: Option<MoeState>,
 }
 
 /// Per-layer K and V: `[cache_rows, n_kv_heads * head_dim]` bf16, post-RoPE.
@@ -190,6 +70,8 @@ pub struct GpuModel {
     pub attn_variant: AttnVariant,
     /// Which GEMM runs the linear layers (`auto`: the skinny kernel for ≤ 32 rows).
     pub gemm_variant: GemmVariant,
+    /// Which kernels run the MoE layers' expert GEMMs (grouped by default).
+    pub moe_variant: MoeGemmVariant,
     ws: Workspace,
     /// The per-forward index arrays, packed (`graph::IndexLayout`), written by one copy.
     index: DTensor<u32>,
@@ -231,6 +113,7 @@ impl GpuModel {
             act: gpu.alloc(&[t, cfg.ffn])?,
             sel: gpu.alloc(&[cap.logit_rows, h])?,
             logits: gpu.alloc(&[cap.logit_rows, cfg.vocab])?,
+            moe: MoeState::new(&gpu, &cfg, t)?,
         };
         let kvd = cfg.kv_dim();
         let mut cache = KvCache { k: Vec::new(), v: Vec::new(), rows: cap.cache_rows };
@@ -250,6 +133,7 @@ impl GpuModel {
             cap,
             attn_variant: AttnVariant::Flash,
             gemm_variant: GemmVariant::Auto,
+            moe_variant: MoeGemmVariant::Grouped,
             ws,
             index,
             staging,
@@ -268,7 +152,7 @@ impl GpuModel {
         let logits = cap.logit_rows * (cfg.vocab * 4 + cfg.hidden * 2);
         let idx = IndexLayout::new(cap.rows, cap.seqs, cap.logit_rows).len * 4;
         let kv = 2 * cfg.n_layers * cap.cache_rows * cfg.kv_dim() * 2;
-        act + logits + idx + kv
+        act + logits + idx + kv + MoeState::bytes_for(cfg, cap.rows)
     }
 
     fn check_capacity(&self, b: &RowBatch) -> Result<()> {
@@ -327,6 +211,7 @@ impl GpuModel {
             identity,
             gemm: self.gemm_variant,
             attn: self.attn_variant,
+            moe: self.moe_variant,
         }
     }
 
@@ -479,7 +364,12 @@ impl GpuModel {
                 cfg.n_kv_heads,
                 cfg.rope_theta as f32,
                 mode,
-                &ops::rope::RopeExtras::none(),
+                &ops::rope::RopeExtras {
+                    q_norm: l.q_norm.as_ref(),
+                    k_norm: l.k_norm.as_ref(),
+                    eps,
+                    rotary_dim: cfg.head_dim,
+                },
             )?;
             mark!("rope_kv_store");
             ops::attention::attention(
@@ -502,18 +392,36 @@ impl GpuModel {
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            if gv.resolve(t, cfg.hidden) == GemmVariant::Skinny {
-                // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
-                ops::gemm::linear_swiglu(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act)?;
-                mark!("gemm_gate_up+swiglu");
-            } else {
-                ops::gemm::linear(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu)?;
-                mark!("gemm_gate_up");
-                ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
-                mark!("swiglu");
+            match &l.ffn {
+                GpuFfn::Dense { w_gate_up, w_down } => {
+                    if gv.resolve(t, cfg.hidden) == GemmVariant::Skinny {
+                        // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
+                        ops::gemm::linear_swiglu(g, gv, t, &ws.h, w_gate_up, &mut ws.gu, &mut ws.act)?;
+                        mark!("gemm_gate_up+swiglu");
+                    } else {
+                        ops::gemm::linear(g, gv, t, &ws.h, w_gate_up, None, &mut ws.gu)?;
+                        mark!("gemm_gate_up");
+                        ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+                        mark!("swiglu");
+                    }
+                    ops::gemm::linear(g, gv, t, &ws.act, w_down, None, &mut ws.o)?;
+                    mark!("gemm_down");
+                }
+                GpuFfn::Moe(m) => {
+                    let st = ws.moe.as_mut().ok_or_else(|| Error::bad_input("MoE layer in a model built without MoE state"))?;
+                    ops::gemm::linear(g, gv, t, &ws.h, &m.router, None, &mut st.logits)?;
+                    mark!("gemm_router");
+                    ops::moe::moe_route(g, t, &st.logits, &st.scoring(), &mut st.ws)?;
+                    if st.tally_on {
+                        ops::moe::moe_tally_touched(g, &st.ws, &mut st.tally)?;
+                    }
+                    mark!("moe_route");
+                    ops::moe::moe_gate_up_swiglu(g, key.moe, &mut st.ws, t, &ws.h, &m.w_gate_up)?;
+                    mark!("moe_gate_up+swiglu");
+                    ops::moe::moe_down_combine(g, key.moe, &mut st.ws, t, &m.w_down, &mut ws.o)?;
+                    mark!("moe_down+combine");
+                }
             }
-            ops::gemm::linear(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o)?;
-            mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
         mark!("add_rmsnorm");
@@ -529,6 +437,26 @@ impl GpuModel {
             p.end()?;
         }
         Ok(())
+    }
+
+    /// Counts, from now on, the experts each MoE layer's routing touches (for the floor of
+    /// `demask bench`: a block of mask rows routes alike, so a decode step reads far fewer
+    /// experts than random rows would). Resets the tally and drops captured graphs (the tally
+    /// launch is part of the forward). An error for a dense model.
+    pub fn set_expert_stats(&mut self, on: bool) -> Result<()> {
+        let st = self.ws.moe.as_mut().ok_or_else(|| Error::bad_input("expert statistics need an MoE model"))?;
+        st.tally.write(&self.gpu, &[0, 0])?;
+        st.tally_on = on;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// `(experts touched, layer forwards)` summed since `set_expert_stats(true)` (one host
+    /// sync); `None` for a dense model.
+    pub fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        let Some(st) = &self.ws.moe else { return Ok(None) };
+        let v = st.tally.to_host(&self.gpu)?;
+        Ok(Some((v[0] as u64, v[1] as u64)))
     }
 
     /// Turns CUDA graph replay of repeated batch shapes on or off (default on; the environment
@@ -590,21 +518,5 @@ impl GpuModel {
         let b = RowBatch::full(seqs);
         self.forward(&b)?;
         self.logits_to_host()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn moe_configs_are_refused_by_the_gpu_path() {
-        for name in ["tiny-llada-moe", "llada-moe-7b", "tiny-llada2", "llada2-mini"] {
-            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
-            assert!(e.contains("runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
-        }
-        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
-            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
-        }
     }
 }

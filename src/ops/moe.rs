@@ -405,6 +405,37 @@ fn grouped_kernel(t: usize, swiglu: bool) -> (&'static str, u32) {
     (sym, (stages * (BLOCK_ROWS + 8 * nt) * STAGE_K * 2) as u32)
 }
 
+/// Expert-traffic statistics: adds to `tally` (`[2]` u32) the number of experts the last
+/// [`moe_route`] gave at least one row (`tally[0]`) and one layer-forward (`tally[1]`). On the
+/// device, so it can sit in a captured forward; the caller reads `tally` when it wants.
+pub fn moe_tally_touched(gpu: &Gpu, ws: &MoeWorkspace, tally: &mut DTensor<u32>) -> Result<()> {
+    const OP: &str = "moe_tally_touched";
+    if tally.dims != [2] {
+        return Err(Error::shape(OP, "tally", &[2], &tally.dims));
+    }
+    if ws.routed_rows.is_none() {
+        return Err(Error::bad_input(format!("{OP}: the workspace holds no routing (call moe_route first)")));
+    }
+    let params = TallyParams { counts: ws.counts.ptr(gpu), tally: tally.ptr_mut(gpu), n_experts: ws.n_experts as i32, pad: 0 };
+    let lc = LaunchEx { grid: (1, 1, 1), block: (256, 1, 1), smem: 0, cluster: None, pdl: true };
+    // SAFETY: params mirror MoeTallyParams; counts holds n_experts i32 (the workspace's), tally
+    // is [2] u32 (checked); one block reads counts[0..E) and one thread updates tally[0..2).
+    unsafe { launch_ex(gpu, "moe_route", "moe_tally_touched", lc, &params) }
+}
+
+/// Mirrors `MoeTallyParams` in kernels/moe_route.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TallyParams {
+    counts: u64,    // const int*
+    tally: u64,     // unsigned int*
+    n_experts: i32, // int
+    pad: i32,       // int
+}
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+unsafe impl cudarc::driver::DeviceRepr for TallyParams {}
+const _: () = assert!(std::mem::size_of::<TallyParams>() == 24);
+
 fn check_weight(op: &str, name: &str, w: &DTensor<bf16>, want: [usize; 3]) -> Result<()> {
     if w.dims != want {
         return Err(Error::shape(op, name, &want, &w.dims));
