@@ -71,7 +71,7 @@ pub struct BenchArgs {
     /// auto (the GPU if usable, else the CPU backend on a tiny preset), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// GPU kernel variants, e.g. attention=reference or gemm=cublaslt (repeatable).
+    /// GPU kernel variants, e.g. attention=reference, gemm=cublaslt or moe=reference (repeatable).
     #[arg(long)]
     pub variant: Vec<String>,
     /// Also write the results as one JSON document.
@@ -226,7 +226,7 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
         if device.is_cpu() && cfg.param_count() > CPU_MAX_PARAMS {
             bail!(
                 "--preset {p}: {} parameters is too large for the CPU backend, which runs the tiny presets only{no_gpu}; \
-                 pass --device cpu --preset tiny-llada (or tiny-dream) to benchmark the CPU backend, or run on a GPU",
+                 pass --device cpu --preset tiny-llada (or tiny-dream, tiny-llada-moe) to benchmark the CPU backend, or run on a GPU",
                 cfg.param_count()
             );
         }
@@ -236,7 +236,11 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
     if !device.is_cpu() {
         return Ok(Plan { name: default.to_string(), cfg: ModelConfig::preset(default)?, notes: Vec::new() });
     }
-    let tiny = if default == "dream-7b" { "tiny-dream" } else { "tiny-llada" };
+    let tiny = match default {
+        "dream-7b" => "tiny-dream",
+        "llada-moe-7b" => "tiny-llada-moe",
+        _ => "tiny-llada",
+    };
     let mut plan = Plan { name: tiny.to_string(), cfg: ModelConfig::preset(tiny)?, notes: Vec::new() };
     plan.note(format!(
         "benchmarking {tiny} on the CPU backend instead of the default preset {default}{}: \

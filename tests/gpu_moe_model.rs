@@ -104,6 +104,28 @@ fn gpu_logits_match_the_cpu_row_by_row() {
 }
 
 #[test]
+fn expert_tally_counts_the_experts_each_layer_touched() {
+    let Some((mut m, _, cfg)) = model("tiny-llada-moe", 23, 1200, 4) else { return };
+    let moe = cfg.moe.clone().unwrap();
+    let layers = cfg.n_layers as u64;
+    assert_eq!(m.expert_stats().unwrap(), Some((0, 0)), "nothing counted before it is turned on");
+    m.set_expert_stats(true).unwrap();
+    // One row selects exactly top_k experts in every layer.
+    m.forward_full(&seqs(cfg.vocab, &[1], 4)).unwrap();
+    assert_eq!(m.expert_stats().unwrap(), Some((moe.top_k as u64 * layers, layers)));
+    // 1200 random rows reach every expert of every layer; the tally adds up.
+    m.forward_full(&seqs(cfg.vocab, &[300, 300, 300, 300], 5)).unwrap();
+    let want = (moe.top_k as u64 * layers + moe.n_experts as u64 * layers, 2 * layers);
+    assert_eq!(m.expert_stats().unwrap(), Some(want));
+    // Turning it on again resets; off stops counting.
+    m.set_expert_stats(true).unwrap();
+    assert_eq!(m.expert_stats().unwrap(), Some((0, 0)));
+    m.set_expert_stats(false).unwrap();
+    m.forward_full(&seqs(cfg.vocab, &[7], 6)).unwrap();
+    assert_eq!(m.expert_stats().unwrap(), Some((0, 0)));
+}
+
+#[test]
 fn llada_moe_7b_synthetic_weights_run() {
     let Some(gpu) = test_gpu() else { return };
     let cfg = ModelConfig::preset("llada-moe-7b").unwrap();
