@@ -33,15 +33,15 @@ pub struct GpuLayer {
 }
 
 impl GpuLayer {
-    /// Every tensor of the layer.
+    /// Every tensor of the layer (no allocation: the graph binding walks this each forward).
     pub(crate) fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
-        let ffn: Vec<&DTensor<bf16>> = match &self.ffn {
-            GpuFfn::Dense { w_gate_up, w_down } => vec![w_gate_up, w_down],
-            GpuFfn::Moe(m) => m.tensors().to_vec(),
+        let (a, b, c) = match &self.ffn {
+            GpuFfn::Dense { w_gate_up, w_down } => (w_gate_up, w_down, None),
+            GpuFfn::Moe(m) => (&m.w_gate_up, &m.w_down, Some(&m.router)),
         };
-        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm]
+        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm, a, b]
             .into_iter()
-            .chain(ffn)
+            .chain(c)
             .chain(self.bqkv.as_ref())
             .chain(self.q_norm.as_ref())
             .chain(self.k_norm.as_ref())
