@@ -23,7 +23,7 @@ use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
 use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
 use demask::ops::gemm::{linear, GemmVariant};
-use demask::ops::rope::{rope_kv_store, RopeMode};
+use demask::ops::rope::{rope_kv_store, RopeExtras, RopeMode};
 use demask::ops::{embed, fill, norm, swiglu};
 use demask::Result;
 
@@ -194,7 +194,33 @@ fn bench_add_rmsnorm(c: &mut Criterion, env: &mut Env) -> Result<()> {
 
 fn bench_rope_kv_store(c: &mut Criterion, env: &mut Env) -> Result<()> {
     let cfg = env.cfg.clone();
-    let (qkv_dim, q_dim, kv_dim) = (cfg.qkv_dim(), cfg.q_dim(), cfg.kv_dim());
+    let theta = cfg.rope_theta as f32;
+    let mut grp = env.group(c, "rope_kv_store");
+    // LLaDA-8B (the plain kernel), then LLaDA-MoE (16/16 heads: qk norm, full RoPE) and
+    // LLaDA2-mini (16/4: qk norm, RoPE over 64 dims), each fused variant next to the plain
+    // kernel at the same shape (Dream numerics, as those models use).
+    rope_shape(env, &mut grp, cfg.n_heads, cfg.n_kv_heads, theta, RopeMode::Llada, None)?;
+    rope_shape(env, &mut grp, 16, 16, 50000.0, RopeMode::Dream, None)?;
+    rope_shape(env, &mut grp, 16, 16, 50000.0, RopeMode::Dream, Some(("qknorm", 1e-5, HEAD_DIM)))?;
+    rope_shape(env, &mut grp, 16, 4, 600000.0, RopeMode::Dream, None)?;
+    rope_shape(env, &mut grp, 16, 4, 600000.0, RopeMode::Dream, Some(("qknorm_rot64", 1e-6, 64)))?;
+    grp.g.finish();
+    Ok(())
+}
+
+/// `rope_kv_store/bf16/{t}x({n_heads}+{2·n_kv})x128[/{variant}]` for each row count; `fused`:
+/// (variant name, eps, rotary_dim) of a q/k-normed call, None for the plain kernel.
+fn rope_shape(
+    env: &mut Env,
+    grp: &mut Group<'_>,
+    n_heads: usize,
+    n_kv: usize,
+    theta: f32,
+    mode: RopeMode,
+    fused: Option<(&str, f32, usize)>,
+) -> Result<()> {
+    let (q_dim, kv_dim) = (n_heads * HEAD_DIM, n_kv * HEAD_DIM);
+    let qkv_dim = q_dim + 2 * kv_dim;
     let t_max = ROWS[ROWS.len() - 1];
     let mut qkv = env.alloc_normal(&[t_max, qkv_dim], 31, 0.0, 1.0)?;
     let rows_host: Vec<u32> = (0..t_max as u32).collect();
@@ -202,17 +228,23 @@ fn bench_rope_kv_store(c: &mut Criterion, env: &mut Env) -> Result<()> {
     let cache_rows = env.gpu.upload(&rows_host, &[t_max])?;
     let mut k_cache = env.gpu.alloc::<bf16>(&[t_max, kv_dim])?;
     let mut v_cache = env.gpu.alloc::<bf16>(&[t_max, kv_dim])?;
-    let mut grp = env.group(c, "rope_kv_store");
+    let q_norm = env.alloc_normal(&[HEAD_DIM], 32, 1.0, 0.2)?;
+    let k_norm = env.alloc_normal(&[HEAD_DIM], 33, 1.0, 0.2)?;
+    let (suffix, ex) = match fused {
+        None => (String::new(), RopeExtras::none()),
+        Some((name, eps, rotary_dim)) => {
+            let ex = RopeExtras { q_norm: Some(&q_norm), k_norm: Some(&k_norm), eps, rotary_dim };
+            (format!("/{name}"), ex)
+        }
+    };
+    let weights = if ex.is_none() { 0 } else { 2 * HEAD_DIM * 2 };
     for t in ROWS {
         // read q, k, v; write rotated q in place and k, v into the cache rows; 8 B of indices
-        let work = Work::bytes((t * (qkv_dim * 2 + q_dim * 2 + 2 * kv_dim * 2) + 8 * t) as f64);
-        let id = format!(
-            "bf16/{t}x({}+{})x{HEAD_DIM}",
-            cfg.n_heads,
-            2 * cfg.n_kv_heads
-        );
+        // (and the two norm weights)
+        let work = Work::bytes((t * (qkv_dim * 2 + q_dim * 2 + 2 * kv_dim * 2) + 8 * t + weights) as f64);
+        let id = format!("bf16/{t}x({n_heads}+{})x{HEAD_DIM}{suffix}", 2 * n_kv);
         let gpu = env.gpu.clone();
-        env.bench(&mut grp, &id, work, || {
+        env.bench(grp, &id, work, || {
             rope_kv_store(
                 &gpu,
                 t,
@@ -221,14 +253,14 @@ fn bench_rope_kv_store(c: &mut Criterion, env: &mut Env) -> Result<()> {
                 &cache_rows,
                 &mut k_cache,
                 &mut v_cache,
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                cfg.rope_theta as f32,
-                RopeMode::Llada,
+                n_heads,
+                n_kv,
+                theta,
+                mode,
+                &ex,
             )
         });
     }
-    grp.g.finish();
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store:
+// Rotate-half RoPE (head_dim 128) of q and k plus the kv_store (rope_kv_store_bf16; with the
+// per-head q/k RMSNorm and partial RoPE of LLaDA-MoE / LLaDA2: rope_qknorm_kv_store_bf16, below):
 //   q heads are rotated in place in qkv; rotated k goes to k_cache[cache_rows[r]];
 //   v is copied unchanged to v_cache[cache_rows[r]].
 // qkv row = [q: n_heads*128 | k: n_kv_heads*128 | v: n_kv_heads*128].
@@ -160,6 +161,190 @@ extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf1
             }
             if (p.mode == 1) rotate_dream(a, b, c, s, y1, y2);
             else rotate_llada(a, b, c, s, y1, y2);
+            reinterpret_cast<uint4*>(dst + i0)[0] = pack8(y1);
+            reinterpret_cast<uint4*>(dst + ROPE_HALF + i0)[0] = pack8(y2);
+        } else if (w < n_items) {
+            reinterpret_cast<uint4*>(p.v_cache + (int64_t)crow * kv_dim)[w - n_rot] = ra[k];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope_qknorm_kv_store_bf16: the same op with the options of LLaDA-MoE / LLaDA2 (the wrapper
+// launches it only when one is on, so rope_kv_store_bf16 above stays the plain path):
+// - per-head RMSNorm of q (q_norm) and / or k (k_norm) before the rotation, the official bf16
+//   module's rounding points: x = bf16( w * bf16( x * inv ) ), inv = 1 / sqrt(ss/128 + eps)
+//   (__fsqrt_rn, __fdiv_rn: correctly rounded, so the CPU reproduces it), ss summed in a fixed
+//   order: each of the head's 8 lanes takes the squares of its 16 values with an fma chain
+//   (dims [8j, 8j+8) then [64+8j, 64+8j+8)), then a butterfly over the 8 lanes (xor 1, 2, 4);
+// - partial RoPE: rotate-half over the first rotary_dim dims (pairs (i, i + rotary_dim/2),
+//   inv_freq[i] = 1 / theta^(2i / rotary_dim)), the other dims pass through (normed).
+// Rotation: mode 1 (Dream) exactly as rope_kv_store_bf16; mode 0 (LLaDA) as
+//   y1 = bf16(a*c - b*s), y2 = bf16(b*c + a*s), every product and sum rounded to f32 (no fma:
+//   the plain kernel's pinned fma pattern above may differ from this by one bf16 ulp).
+// Work items and grid as rope_kv_store_bf16: the 8 items of one head sit in 8 consecutive lanes
+// (w & 7 == lane & 7), which is what the butterfly and the partial rotation rely on. A partial
+// rotation needs values of other lanes of the head: each group of 8 lanes stages its head's
+// normed values in shared memory (hx), fenced by __syncwarp over the group.
+#define ROPE_SLOTS (ROPE_MAX_THREADS / 8)  // heads a block holds at once (8 lanes each)
+
+struct RopeExtParams {
+    bf16* qkv;                   // [rows, (n_heads + 2*n_kv_heads)*128]
+    bf16* k_cache;               // [cache_cap, n_kv_heads*128], this layer
+    bf16* v_cache;               // [cache_cap, n_kv_heads*128], this layer
+    const uint32_t* positions;   // [rows]
+    const uint32_t* cache_rows;  // [rows], destination cache row of each live row
+    const bf16* q_norm;          // [128] or null (no q norm)
+    const bf16* k_norm;          // [128] or null (no k norm)
+    int rows;
+    int n_heads;
+    int n_kv_heads;
+    float theta;
+    int mode;
+    int cache_cap;   // rows of k_cache / v_cache; a cache row >= cache_cap traps
+    float eps;       // the norms' epsilon
+    int rotary_dim;  // even, 2..=128
+};
+
+// y[i] = a*c - b*s (a = x[i], b = x[i + half]) and y[i + half] = b*c + a*s, in f32 before the
+// final bf16 rounding (see the numerics above).
+__device__ __forceinline__ float rot_first(float a, float b, float c, float s, int mode) {
+    return mode == 1 ? __fadd_rn(round_bf16(__fmul_rn(a, c)), round_bf16(__fmul_rn(-b, s)))
+                     : __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+__device__ __forceinline__ float rot_second(float b, float a, float c, float s, int mode) {
+    return mode == 1 ? __fadd_rn(round_bf16(__fmul_rn(b, c)), round_bf16(__fmul_rn(a, s)))
+                     : __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_qknorm_kv_store_bf16(const RopeExtParams p) {
+    __shared__ float cs[ROPE_HALF], sn[ROPE_HALF];
+    __shared__ float wn[2][ROPE_HEAD_DIM];           // q_norm, k_norm weights
+    __shared__ float hx[ROPE_SLOTS][ROPE_HEAD_DIM];  // one head per 8 lanes (partial rotation)
+    const int row = blockIdx.x;
+    const int qkv_dim = (p.n_heads + 2 * p.n_kv_heads) * ROPE_HEAD_DIM;
+    const int kv_dim = p.n_kv_heads * ROPE_HEAD_DIM;
+    const int n_rot = (p.n_heads + p.n_kv_heads) * 8;
+    const int n_items = n_rot + p.n_kv_heads * (ROPE_HEAD_DIM / 8);
+    const int w_first = blockIdx.y * blockDim.x * ROPE_IPT;
+    const int half = p.rotary_dim >> 1;
+    bf16* src_row = p.qkv + (int64_t)row * qkv_dim;
+    const uint4* v_src = reinterpret_cast<const uint4*>(src_row + (p.n_heads + p.n_kv_heads) * ROPE_HEAD_DIM);
+    const bool has_rot = w_first < n_rot;
+
+    // 0. inv_freq before waiting for the previous kernel (PDL).
+    float inv = 0.f;
+    if (has_rot && threadIdx.x < half)
+        inv = (float)(1.0 / pow((double)p.theta, (double)(2 * threadIdx.x) / p.rotary_dim));
+    pdl_wait();
+    pdl_trigger();
+
+    // 1. Every load of the block in flight together: position, cache row, data, norm weights
+    //    (threads [0, 16) the q weight, [16, 32) the k weight, 8 values each).
+    const uint32_t pos = p.positions[row];
+    const uint32_t crow = p.cache_rows[row];
+    uint4 ra[ROPE_IPT], rb[ROPE_IPT];
+#pragma unroll
+    for (int k = 0; k < ROPE_IPT; ++k) {
+        const int w = w_first + threadIdx.x + k * blockDim.x;
+        if (w < n_rot) {
+            const uint4* src = reinterpret_cast<const uint4*>(src_row + (w >> 3) * ROPE_HEAD_DIM + (w & 7) * 8);
+            ra[k] = src[0];
+            rb[k] = src[ROPE_HALF / 8];
+        } else if (w < n_items) {
+            ra[k] = v_src[w - n_rot];
+        }
+    }
+    const bf16* wsrc = threadIdx.x < 16 ? p.q_norm : p.k_norm;
+    if (has_rot && threadIdx.x < 32 && wsrc) {
+        float f[8];
+        load8(wsrc + (threadIdx.x & 15) * 8, f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) wn[threadIdx.x >> 4][(threadIdx.x & 15) * 8 + i] = f[i];
+    }
+
+    // 2. The cos/sin table while the loads are in flight.
+    if (has_rot) {
+        if (threadIdx.x < half) {
+            float s, c;
+            sincosf((float)pos * inv, &s, &c);
+            if (p.mode == 1) {
+                c = round_bf16(c);
+                s = round_bf16(s);
+            }
+            cs[threadIdx.x] = c;
+            sn[threadIdx.x] = s;
+        }
+        __syncthreads();
+    }
+    if (crow >= (uint32_t)p.cache_cap) __trap();  // the host validates cache rows: this is a bug
+
+    // 3. Norm, rotate, store.
+    const int lane = threadIdx.x & 31;
+    const unsigned group = 0xffu << (lane & 24);  // this lane's 8-lane head group
+#pragma unroll
+    for (int k = 0; k < ROPE_IPT; ++k) {
+        const int w = w_first + threadIdx.x + k * blockDim.x;
+        const int h = w >> 3;
+        const int i0 = (w & 7) * 8;
+        const bool is_q = h < p.n_heads;
+        const bool norm = w < n_rot && (is_q ? p.q_norm : p.k_norm) != nullptr;
+        float a[8], b[8];
+        float ss = 0.f;
+        if (w < n_rot) {
+            unpack8(ra[k], a);
+            unpack8(rb[k], b);
+            if (norm) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) ss = fmaf(a[i], a[i], ss);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) ss = fmaf(b[i], b[i], ss);
+            }
+        }
+        // Every lane of the warp takes part (lanes without a normed head add zeros that no
+        // normed head reads: a head's 8 lanes are all normed or none is).
+        ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, 1));
+        ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, 2));
+        ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, 4));
+        if (w < n_rot) {
+            if (norm) {
+                const float r = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, 1.f / ROPE_HEAD_DIM), p.eps)));
+                const float* wv = wn[is_q ? 0 : 1];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    a[i] = round_bf16(__fmul_rn(wv[i0 + i], round_bf16(__fmul_rn(a[i], r))));
+                    b[i] = round_bf16(__fmul_rn(wv[ROPE_HALF + i0 + i], round_bf16(__fmul_rn(b[i], r))));
+                }
+            }
+            bf16* dst = is_q ? src_row + h * ROPE_HEAD_DIM
+                             : p.k_cache + (int64_t)crow * kv_dim + (h - p.n_heads) * ROPE_HEAD_DIM;
+            float y1[8], y2[8];
+            if (p.rotary_dim == ROPE_HEAD_DIM) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    y1[i] = rot_first(a[i], b[i], cs[i0 + i], sn[i0 + i], p.mode);
+                    y2[i] = rot_second(b[i], a[i], cs[i0 + i], sn[i0 + i], p.mode);
+                }
+            } else {
+                float* hv = hx[threadIdx.x >> 3];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    hv[i0 + i] = a[i];
+                    hv[ROPE_HALF + i0 + i] = b[i];
+                }
+                __syncwarp(group);
+#pragma unroll
+                for (int e = 0; e < 16; ++e) {
+                    const int d = (e < 8 ? 0 : ROPE_HALF) + i0 + (e & 7);
+                    const float x = e < 8 ? a[e] : b[e - 8];
+                    float y = x;
+                    if (d < half) y = rot_first(x, hv[d + half], cs[d], sn[d], p.mode);
+                    else if (d < p.rotary_dim) y = rot_second(x, hv[d - half], cs[d - half], sn[d - half], p.mode);
+                    if (e < 8) y1[e] = y;
+                    else y2[e - 8] = y;
+                }
+                __syncwarp(group);  // the next item overwrites hv
+            }
             reinterpret_cast<uint4*>(dst + i0)[0] = pack8(y1);
             reinterpret_cast<uint4*>(dst + ROPE_HALF + i0)[0] = pack8(y2);
         } else if (w < n_items) {

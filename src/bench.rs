@@ -33,12 +33,12 @@ pub struct Roofline {
 /// FLOPs and bytes of one full-canvas forward of `batch` sequences of `len` rows, where every
 /// row is live and attends to `len` keys, and every row's logits are produced.
 pub fn forward_roofline(cfg: &ModelConfig, len: usize, batch: usize, c: &Ceilings) -> Roofline {
-    step_roofline(cfg, batch, len as f64, len, len, c)
+    step_roofline(cfg, batch, len as f64, len, len, None, c)
 }
 
 /// [`forward_roofline`] with the linear layers' weights in `format`.
 pub fn forward_roofline_as(cfg: &ModelConfig, format: WeightFormat, len: usize, batch: usize, c: &Ceilings) -> Roofline {
-    step_roofline_as(cfg, format, batch, len as f64, len, len, c)
+    step_roofline_as(cfg, format, batch, len as f64, len, len, None, c)
 }
 
 /// Median, min and max of a set of timings.
@@ -252,6 +252,26 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize)
     .into_iter()
     .map(|(n, (fl, by))| (n, fl, by))
     .collect::<Vec<_>>();
+    if let Some(m) = &cfg.moe {
+        // Expert GEMMs: each row runs top_k experts; the weight bytes are those of the experts
+        // the forward touches (expected under uniform routing, as `step_roofline`).
+        let (e, k) = (m.n_experts as f64, m.top_k as f64);
+        let touched = e * (1.0 - (1.0 - k / e).powf(t));
+        v_.retain(|r| !matches!(r.0, "gemm_gate_up" | "gemm_down" | "swiglu"));
+        let (rf, rb) = per_layer(gemm(e, h, 4.0));
+        v_.push(("gemm_router", rf, rb));
+        v_.push(("moe_route", 0.0, l * t * (e * 4.0 + k * 16.0)));
+        v_.push((
+            "moe_gate_up+swiglu",
+            l * 2.0 * t * k * 2.0 * f * h,
+            l * (touched * 2.0 * f * h * 2.0 + t * k * (h * 2.0 + f * 2.0)),
+        ));
+        v_.push((
+            "moe_down+combine",
+            l * 2.0 * t * k * h * f,
+            l * (touched * h * f * 2.0 + t * k * (f * 2.0 + h * 8.0) + t * h * 2.0),
+        ));
+    }
     v_.sort_by(|a, b| a.0.cmp(b.0));
     v_
 }
@@ -291,13 +311,26 @@ pub struct DecodeRow {
     /// Device memory in use after the run (weights, KV cache, workspace: everything is
     /// allocated up front, so this is the peak); `None` on the CPU.
     pub peak_mem_bytes: Option<usize>,
+    /// MoE on the GPU: the fraction of (layer, expert) weights a forward read, averaged over
+    /// every forward of the run (the floor's expert bytes).
+    pub experts_touched: Option<f64>,
 }
 
 /// FLOPs and bytes of one step of `batch` sequences, each recomputing `live` rows of a
 /// `kv_len`-row canvas and producing `logit_rows` logits, and the floor they imply:
 /// max(FLOPs / measured GEMM rate, bytes / measured copy bandwidth).
-pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, logit_rows: usize, c: &Ceilings) -> Roofline {
-    step_roofline_as(cfg, WeightFormat::Bf16, batch, live, kv_len, logit_rows, c)
+/// MoE: `touched` is the fraction of the expert weights one forward reads, as measured
+/// (`Engine::expert_stats`); `None` takes the expectation under uniform routing.
+pub fn step_roofline(
+    cfg: &ModelConfig,
+    batch: usize,
+    live: f64,
+    kv_len: usize,
+    logit_rows: usize,
+    touched: Option<f64>,
+    c: &Ceilings,
+) -> Roofline {
+    step_roofline_as(cfg, WeightFormat::Bf16, batch, live, kv_len, logit_rows, touched, c)
 }
 
 /// [`step_roofline`] with the linear layers' weights in `format`: FP8 counts one byte per
@@ -305,6 +338,7 @@ pub fn step_roofline(cfg: &ModelConfig, batch: usize, live: f64, kv_len: usize, 
 /// `model::GpuWeights` keeps them). The compute floor takes the linear layers' FLOPs at the
 /// measured FP8 rate where they run W8A8 (channel scales, more than 64 rows,
 /// `Ceilings::fp8_tflops` measured); at ≤ 64 rows the W8A16 kernel multiplies in bf16.
+#[allow(clippy::too_many_arguments)]
 pub fn step_roofline_as(
     cfg: &ModelConfig,
     format: WeightFormat,
@@ -312,12 +346,13 @@ pub fn step_roofline_as(
     live: f64,
     kv_len: usize,
     logit_rows: usize,
+    touched: Option<f64>,
     c: &Ceilings,
 ) -> Roofline {
     let h = cfg.hidden as f64;
     let rows = live * batch as f64;
-    // MoE: each row runs its top_k experts and the router; the weight bytes below count every
-    // expert (a step of a few rows per sequence already touches nearly all of them).
+    // MoE: each row runs its top_k experts and the router; the weight bytes below count the
+    // experts a step touches.
     let (experts_per_row, router) = cfg.moe.as_ref().map_or((1.0, 0.0), |m| (m.top_k as f64, (m.n_experts as f64) * h));
     let per_layer_params =
         h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + experts_per_row * 3.0 * h * cfg.ffn as f64 + router;
@@ -342,7 +377,17 @@ pub fn step_roofline_as(
         }
     };
     let saved = linear_params * (2.0 - format.bytes_per_weight() as f64);
-    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes;
+    // MoE: only the experts the step's rows select are read: the measured fraction, or under
+    // uniform routing the expectation 1 − (1 − k/E)^rows (32 random rows of LLaDA-MoE:
+    // 98.6 %; a decode block of mask rows routes alike and touches far fewer).
+    let untouched_expert_bytes = cfg.moe.as_ref().map_or(0.0, |m| {
+        let moe_layers = cfg.n_layers - cfg.llada2.as_ref().map_or(0, |l| l.first_k_dense);
+        let all = moe_layers as f64 * m.n_experts as f64 * 3.0 * h * cfg.ffn as f64 * 2.0;
+        let touched = touched.unwrap_or_else(|| 1.0 - (1.0 - m.top_k as f64 / m.n_experts as f64).powf(rows));
+        all * (1.0 - touched.clamp(0.0, 1.0))
+    });
+    let weight_bytes =
+        cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes - untouched_expert_bytes;
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
     let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
     let bytes = weight_bytes + kv_bytes + logit_bytes;
@@ -378,9 +423,20 @@ pub fn run_decode(
             r
         })
         .collect();
+    // MoE on the GPU: count the experts each layer's routing touches (the floor's bytes).
+    let counting = cfg.moe.is_some() && engine.set_expert_stats(true)?;
     let t0 = std::time::Instant::now();
     let outs = engine.generate(&reqs)?;
     let wall = t0.elapsed().as_secs_f64();
+    let experts_touched = match (counting, engine.expert_stats()?, &cfg.moe) {
+        (true, Some((touched, forwards)), Some(m)) if forwards > 0 => {
+            Some(touched as f64 / (forwards as f64 * m.n_experts as f64))
+        }
+        _ => None,
+    };
+    if counting {
+        engine.set_expert_stats(false)?;
+    }
     let o = &outs[0];
     let skip = warmup_steps.min(o.step_ms.len().saturating_sub(1));
     let step = Stats::of(&o.step_ms[skip..]);
@@ -392,7 +448,16 @@ pub fn run_decode(
             // Steps differ (a cached block's full first step vs its partial steps), so the floor
             // of the average step (average live rows) is compared with the mean step time.
             let format: WeightFormat = spec.weights.parse()?;
-            let r = step_roofline_as(&cfg, format, spec.batch, live_rows_avg, spec.prompt_len + spec.gen_len, spec.block_len, c);
+            let r = step_roofline_as(
+                &cfg,
+                format,
+                spec.batch,
+                live_rows_avg,
+                spec.prompt_len + spec.gen_len,
+                spec.block_len,
+                experts_touched,
+                c,
+            );
             let pct = r.floor_ms / step.mean_ms;
             (Some(r), Some(pct))
         }
@@ -409,6 +474,7 @@ pub fn run_decode(
         roofline,
         pct_of_floor: pct,
         peak_mem_bytes: None,
+        experts_touched,
     })
 }
 
@@ -424,7 +490,7 @@ mod tests {
     #[test]
     fn w1_dual_step_floor_is_the_weight_read() {
         let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let r = step_roofline(&cfg, 1, 32.0, 512, 32, &h100());
+        let r = step_roofline(&cfg, 1, 32.0, 512, 32, None, &h100());
         assert_eq!(r.bound, "memory");
         // docs/bench.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
         assert!((5.0..5.5).contains(&r.floor_ms), "{}", r.floor_ms);
@@ -434,9 +500,9 @@ mod tests {
     fn fp8_w1_floor_counts_one_byte_per_linear_weight() {
         use crate::quant::ScaleLayout;
         let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let bf = step_roofline(&cfg, 1, 32.0, 512, 32, &h100());
-        let f8 = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 1, 32.0, 512, 32, &h100());
-        let fb = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 1, 32.0, 512, 32, &h100());
+        let bf = step_roofline(&cfg, 1, 32.0, 512, 32, None, &h100());
+        let f8 = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 1, 32.0, 512, 32, None, &h100());
+        let fb = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 1, 32.0, 512, 32, None, &h100());
         // 32 layers × 218.1 M linear weights save one byte each; per-channel scales add
         // 4 B × 32 × (12288 + 4096 + 24576 + 4096) rows, block scales far less.
         let linear = 32.0 * (4096.0 * 12288.0 + 4096.0 * 4096.0 + 3.0 * 4096.0 * 12288.0);
@@ -467,6 +533,30 @@ mod tests {
         // 2·512·(6.98e9 layer + 0.52e9 LM head params) + attention 0.14 TFLOP ≈ 7.8 TFLOP.
         assert!((7.6e12..8.0e12).contains(&r.flops), "{}", r.flops);
         assert!((9.5..10.2).contains(&r.floor_ms), "{}", r.floor_ms);
+    }
+
+    #[test]
+    fn moe_floor_counts_the_experts_a_step_touches() {
+        let cfg = ModelConfig::preset("llada-moe-7b").unwrap();
+        let m = cfg.moe.as_ref().unwrap();
+        let h = cfg.hidden as f64;
+        let all_experts = cfg.n_layers as f64 * m.n_experts as f64 * 3.0 * h * cfg.ffn as f64 * 2.0;
+        let rest = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - all_experts;
+        let c = h100();
+        // Batch 1, 32 rows: each expert is missed with probability (56/64)^32 ≈ 1.4 %.
+        let r1 = step_roofline(&cfg, 1, 32.0, 512, 32, None, &c);
+        let kv_logits = r1.bytes - rest - all_experts * (1.0 - (56.0f64 / 64.0).powi(32));
+        assert!(kv_logits.abs() < 0.05 * r1.bytes, "{} of {}", kv_logits, r1.bytes);
+        assert!(r1.bytes < rest + all_experts + 0.2e9, "{}", r1.bytes);
+        // One row touches 8 of 64 experts: the floor is far below the all-experts read.
+        let r0 = step_roofline(&cfg, 1, 1.0, 512, 1, None, &c);
+        assert!(r0.bytes < rest + 0.2 * all_experts, "{} vs {}", r0.bytes, rest + all_experts);
+        // Batch 32: every expert is touched.
+        let r32 = step_roofline(&cfg, 32, 32.0, 512, 32, None, &c);
+        assert!(r32.bytes > rest + 0.999 * all_experts, "{}", r32.bytes);
+        // A measured fraction replaces the estimate.
+        let rm = step_roofline(&cfg, 1, 32.0, 512, 32, Some(0.25), &c);
+        assert!((rm.bytes - (r1.bytes - all_experts * (0.986 - 0.25))).abs() < 0.01 * rm.bytes, "{}", rm.bytes);
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub struct BenchArgs {
     /// w4: one full-canvas forward per length and batch (default). w1: decode steps (batch 1,
     /// prompt 256, gen 256, block 32, schedule at --tokens-per-step 1 and 4, caches none, prefix,
     /// dual, dkv:4); w2: w1 at batch 8, 32, 64 with dual; w3: w1 on dream-7b (batch 1, 32; none,
-    /// dual); w5: prompt 3840, dual. The decode flags below override a workload's values.
+    /// dual); w5: prompt 3840, dual; w6: w1 on llada-moe-7b (batch 1, 32; dual). The decode
+    /// flags below override a workload's values.
     #[arg(long, default_value = "w4")]
     pub workload: String,
     /// Decode workloads: prompt tokens per sequence.
@@ -49,9 +50,9 @@ pub struct BenchArgs {
     /// 1 for w4, the workload's sizes for the decode workloads.
     #[arg(long = "batch", alias = "batches", value_delimiter = ',')]
     pub batch: Vec<usize>,
-    /// Built-in architecture with random weights (llada-8b, dream-7b, tiny-llada, tiny-dream,
-    /// tiny-llada-moe; LLaDA-MoE runs on the CPU backend only in this build).
-    /// Default: llada-8b (dream-7b for w3). The CPU backend runs the tiny presets only.
+    /// Built-in architecture with random weights (llada-8b, dream-7b, llada-moe-7b, tiny-llada,
+    /// tiny-dream, tiny-llada-moe; LLaDA2 presets run on the CPU backend only in this build).
+    /// Default: llada-8b (dream-7b for w3, llada-moe-7b for w6). The CPU backend runs the tiny presets only.
     #[arg(long, conflicts_with = "model")]
     pub preset: Option<String>,
     /// A checkpoint directory instead of a preset.
@@ -70,7 +71,7 @@ pub struct BenchArgs {
     /// auto (the GPU if usable, else the CPU backend on a tiny preset), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// GPU kernel variants, e.g. attention=reference or gemm=cublaslt (repeatable).
+    /// GPU kernel variants, e.g. attention=reference, gemm=cublaslt or moe=reference (repeatable).
     #[arg(long)]
     pub variant: Vec<String>,
     /// Also write the results as one JSON document.
@@ -146,18 +147,18 @@ impl Plan {
 }
 
 fn workload_preset(workload: &str) -> &'static str {
-    if workload == "w3" {
-        "dream-7b"
-    } else {
-        "llada-8b"
+    match workload {
+        "w3" => "dream-7b",
+        "w6" => "llada-moe-7b",
+        _ => "llada-8b",
     }
 }
 
 /// Argument checks that need neither the device nor the model.
 fn check_args(a: &BenchArgs) -> Result<String> {
     let w = a.workload.to_ascii_lowercase();
-    if !matches!(w.as_str(), "w1" | "w2" | "w3" | "w4" | "w5") {
-        bail!("unknown --workload `{}` (expected w1, w2, w3, w4 or w5)", a.workload);
+    if !matches!(w.as_str(), "w1" | "w2" | "w3" | "w4" | "w5" | "w6") {
+        bail!("unknown --workload `{}` (expected w1, w2, w3, w4, w5 or w6)", a.workload);
     }
     if let Some(p) = &a.preset {
         ModelConfig::preset(p).with_context(|| format!("--preset {p}"))?;
@@ -185,7 +186,7 @@ fn check_args(a: &BenchArgs) -> Result<String> {
     ];
     if w == "w4" {
         if let Some((flag, _)) = decode_flags.iter().find(|f| f.1) {
-            bail!("{flag} applies to the decode workloads (--workload w1, w2, w3 or w5), not to w4 (full-canvas forwards)");
+            bail!("{flag} applies to the decode workloads (--workload w1, w2, w3, w5 or w6), not to w4 (full-canvas forwards)");
         }
     } else {
         if !a.lengths.is_empty() {
@@ -229,7 +230,7 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
         if device.is_cpu() && cfg.param_count() > CPU_MAX_PARAMS {
             bail!(
                 "--preset {p}: {} parameters is too large for the CPU backend, which runs the tiny presets only{no_gpu}; \
-                 pass --device cpu --preset tiny-llada (or tiny-dream) to benchmark the CPU backend, or run on a GPU",
+                 pass --device cpu --preset tiny-llada (or tiny-dream, tiny-llada-moe) to benchmark the CPU backend, or run on a GPU",
                 cfg.param_count()
             );
         }
@@ -239,7 +240,11 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
     if !device.is_cpu() {
         return Ok(Plan { name: default.to_string(), cfg: ModelConfig::preset(default)?, notes: Vec::new() });
     }
-    let tiny = if default == "dream-7b" { "tiny-dream" } else { "tiny-llada" };
+    let tiny = match default {
+        "dream-7b" => "tiny-dream",
+        "llada-moe-7b" => "tiny-llada-moe",
+        _ => "tiny-llada",
+    };
     let mut plan = Plan { name: tiny.to_string(), cfg: ModelConfig::preset(tiny)?, notes: Vec::new() };
     plan.note(format!(
         "benchmarking {tiny} on the CPU backend instead of the default preset {default}{}: \
@@ -417,7 +422,7 @@ fn bench_gpu(
 ) -> Result<(Vec<ForwardRow>, bench::Ceilings)> {
     use demask::model::{Capacity, GpuModel, GpuWeights};
 
-    let (attn, gemm) = parse_variants(&a.variant)?;
+    let variants = parse_variants(&a.variant)?;
     eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
     eprintln!("measuring ceilings...");
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
@@ -440,8 +445,7 @@ fn bench_gpu(
     let rows_cap = max_len * max_batch;
     let cap = Capacity { rows: rows_cap, logit_rows: rows_cap, cache_rows: rows_cap, seqs: max_batch };
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
-    model.attn_variant = attn;
-    model.gemm_variant = gemm;
+    variants.apply(&mut model);
     let (free, total) = gpu.mem_info()?;
     let mut out = Vec::new();
     for &batch in &w4.batches {
@@ -463,30 +467,56 @@ fn bench_gpu(
         }
     }
     println!(
-        "device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s; variants attention={} gemm={}",
+        "device: {} ({} SMs); copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s; variants {}",
         ceil.device,
         ceil.sm_count,
         ceil.copy_gbps,
         ceil.gemm_tflops,
-        attn.name(),
-        gemm.name()
+        variants.describe()
     );
     Ok((out, ceil))
 }
 
-/// `--variant op=name` flags: (attention, gemm), defaults flash and auto.
+/// The kernel variants `--variant op=name` picks (defaults: flash, auto, grouped).
 #[cfg(feature = "cuda")]
-pub fn parse_variants(
-    flags: &[String],
-) -> Result<(demask::ops::attention::AttnVariant, demask::ops::gemm::GemmVariant)> {
-    let mut attn = demask::ops::attention::AttnVariant::Flash;
-    let mut gemm = demask::ops::gemm::GemmVariant::Auto;
-    for v in flags {
-        match v.split_once('=') {
-            Some(("attention", name)) => attn = name.parse().with_context(|| format!("--variant {v}"))?,
-            Some(("gemm", name)) => gemm = name.parse().with_context(|| format!("--variant {v}"))?,
-            _ => bail!("bad --variant `{v}` (expected attention=flash|reference or gemm=auto|cublaslt|skinny)"),
+#[derive(Clone, Copy, Debug)]
+pub struct Variants {
+    pub attn: demask::ops::attention::AttnVariant,
+    pub gemm: demask::ops::gemm::GemmVariant,
+    pub moe: demask::ops::moe::MoeGemmVariant,
+}
+
+#[cfg(feature = "cuda")]
+impl Variants {
+    /// Sets them on `model` (a change of variant is a new CUDA-graph shape key).
+    pub fn apply(&self, model: &mut demask::model::GpuModel) {
+        model.attn_variant = self.attn;
+        model.gemm_variant = self.gemm;
+        model.moe_variant = self.moe;
+    }
+
+    pub fn describe(&self) -> String {
+        format!("attention={} gemm={} moe={}", self.attn.name(), self.gemm.name(), self.moe.name())
+    }
+}
+
+/// `--variant op=name` flags.
+#[cfg(feature = "cuda")]
+pub fn parse_variants(flags: &[String]) -> Result<Variants> {
+    let mut v = Variants {
+        attn: demask::ops::attention::AttnVariant::Flash,
+        gemm: demask::ops::gemm::GemmVariant::Auto,
+        moe: demask::ops::moe::MoeGemmVariant::Grouped,
+    };
+    for f in flags {
+        match f.split_once('=') {
+            Some(("attention", name)) => v.attn = name.parse().with_context(|| format!("--variant {f}"))?,
+            Some(("gemm", name)) => v.gemm = name.parse().with_context(|| format!("--variant {f}"))?,
+            Some(("moe", name)) => v.moe = name.parse().with_context(|| format!("--variant {f}"))?,
+            _ => bail!(
+                "bad --variant `{f}` (expected attention=flash|reference, gemm=auto|cublaslt|skinny or moe=grouped|reference)"
+            ),
         }
     }
-    Ok((attn, gemm))
+    Ok(v)
 }

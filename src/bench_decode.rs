@@ -1,4 +1,4 @@
-//! `demask bench --workload w1|w2|w3|w5`: decode steps through the engine, one row per
+//! `demask bench --workload w1|w2|w3|w5|w6`: decode steps through the engine, one row per
 //! (batch, tokens per step, cache scheme), on the GPU or the CPU backend.
 use anyhow::{bail, Result};
 
@@ -19,7 +19,8 @@ fn workload(w: &str) -> Result<Workload> {
         "w2" => (vec![8, 32, 64], 256, vec!["dual"]),
         "w3" => (vec![1, 32], 256, vec!["none", "dual"]),
         "w5" => (vec![1], 3840, vec!["dual"]),
-        other => bail!("unknown --workload `{other}` (w1, w2, w3, w4, w5)"),
+        "w6" => (vec![1, 32], 256, vec!["dual"]),
+        other => bail!("unknown --workload `{other}` (w1, w2, w3, w4, w5, w6)"),
     };
     Ok(Workload { batches, prompt_len, caches })
 }
@@ -88,6 +89,17 @@ fn print_decode_rows(rows: &[bench::DecodeRow]) {
             r.step.median_ms, r.step.mean_ms, r.step.max_ms, r.tokens_per_s, r.live_rows_avg, pct, peak
         );
     }
+    for r in rows.iter().filter(|r| r.experts_touched.is_some()) {
+        let s = &r.spec;
+        println!(
+            "  {} batch {} {} {}: a forward read {:.1} % of the expert weights (measured; the floor counts those bytes)",
+            s.workload,
+            s.batch,
+            s.policy,
+            s.cache,
+            100.0 * r.experts_touched.unwrap_or(0.0)
+        );
+    }
 }
 
 pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
@@ -128,10 +140,9 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             let rows = max_batch * max_len;
             let cap = Capacity { rows, logit_rows: max_batch * max_block, cache_rows: rows, seqs: max_batch };
             let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
-            let (attn, gemm) = crate::bench_cli::parse_variants(&a.variant)?;
-            stepper.model_mut().attn_variant = attn;
-            stepper.model_mut().gemm_variant = gemm;
-            eprintln!("variants: attention={} gemm={}", attn.name(), gemm.name());
+            let variants = crate::bench_cli::parse_variants(&a.variant)?;
+            variants.apply(stepper.model_mut());
+            eprintln!("variants: {}", variants.describe());
             let opts = EngineOptions { max_batch, max_rows: rows, ..Default::default() };
             let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
             (Engine::with_backend(Box::new(stepper), None, dev, &opts), Some(ceil))

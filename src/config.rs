@@ -22,7 +22,7 @@ pub enum Arch {
     /// Dream-7B / Dimple-7B: GQA, q/k/v bias, shifted logits (row i-1 predicts token i).
     Dream,
     /// LLaDA-MoE-7B-A1B (`LLaDAMoEModelLM`, OLMoE-derived): every FFN a mixture of experts,
-    /// per-head q/k RMSNorm, no biases, row i predicts token i. CPU backend only in this build.
+    /// per-head q/k RMSNorm, no biases, row i predicts token i. CPU and GPU backends.
     LladaMoe,
     /// LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`): packed QKV with GQA, q/k norm,
     /// partial RoPE, dense first layers then sigmoid group-limited MoE with a shared expert,

@@ -329,6 +329,17 @@ impl Engine {
         self.backend.device_memory()
     }
 
+    /// Starts (and resets) or stops counting the experts each MoE layer's routing touches, for
+    /// bandwidth accounting; `false` where not counted (CPU backend, dense models).
+    pub fn set_expert_stats(&mut self, on: bool) -> Result<bool> {
+        self.backend.set_expert_stats(on)
+    }
+
+    /// `(experts touched, layer forwards)` since `set_expert_stats(true)`, where counted.
+    pub fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        self.backend.expert_stats()
+    }
+
     /// Forwards run since the engine was built.
     pub fn batch_steps(&self) -> u32 {
         self.sched.batch_step()

@@ -86,7 +86,8 @@ struct ProfileArgs {
     /// Profiled forwards (after 3 warm-up forwards).
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    /// Variants to time side by side: attention=flash,reference or gemm=auto,cublaslt,skinny.
+    /// Variants to time side by side: attention=flash,reference, gemm=auto,cublaslt,skinny or
+    /// moe=grouped,reference (MoE presets).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
     /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s then count bf16
@@ -171,17 +172,18 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     use demask::model::{Capacity, GpuModel, GpuWeights};
     use demask::ops::attention::AttnVariant;
     use demask::ops::gemm::GemmVariant;
-    // (attention, gemm) pairs to time: one op's variants side by side, the other at its default.
-    let variants: Vec<(AttnVariant, GemmVariant)> = match a.variants.split_once('=') {
-        Some(("attention", list)) => list
-            .split(',')
-            .map(|v| Ok((v.parse()?, GemmVariant::Auto)))
-            .collect::<demask::Result<_>>()?,
-        Some(("gemm", list)) => list
-            .split(',')
-            .map(|v| Ok((AttnVariant::Flash, v.parse()?)))
-            .collect::<demask::Result<_>>()?,
-        _ => bail!("bad --variants `{}` (expected attention=NAME[,NAME...] or gemm=NAME[,NAME...])", a.variants),
+    use demask::ops::moe::MoeGemmVariant;
+    // (attention, gemm, moe) triples to time: one op's variants side by side, the others at
+    // their defaults.
+    let (fa, fg, fm) = (AttnVariant::Flash, GemmVariant::Auto, MoeGemmVariant::Grouped);
+    let variants: Vec<(AttnVariant, GemmVariant, MoeGemmVariant)> = match a.variants.split_once('=') {
+        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm))).collect::<demask::Result<_>>()?,
+        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm))).collect::<demask::Result<_>>()?,
+        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?))).collect::<demask::Result<_>>()?,
+        _ => bail!(
+            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...] or moe=NAME[,NAME...])",
+            a.variants
+        ),
     };
     // Arguments first: opening the GPU and synthesising 16 GB of weights takes a while.
     let cfg = ModelConfig::preset(&a.preset).with_context(|| format!("--preset {}", a.preset))?;
@@ -206,9 +208,10 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work(&cfg, a.len, a.batch, live);
-    for (v, gv) in variants {
+    for (v, gv, mv) in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;
+        model.moe_variant = mv;
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
         model.enable_profiling(true)?;
@@ -216,8 +219,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         let p = model.profiler.as_ref().unwrap().per_forward();
         let total: f64 = p.iter().map(|x| x.1).sum();
         println!(
-            "\n{} len {} live {} batch {}, attention={} gemm={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
-            a.preset, a.len, live, a.batch, v.name(), gv.name(), plain.median_ms, total
+            "\n{} len {} live {} batch {}, attention={} gemm={} moe={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
+            a.preset, a.len, live, a.batch, v.name(), gv.name(), mv.name(), plain.median_ms, total
         );
         println!("{:<18} {:>9} {:>7} {:>9} {:>10} {:>9}", "op", "ms", "share", "launches", "TFLOP/s", "GB/s");
         for (name, ms, n) in p {

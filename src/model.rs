@@ -15,101 +15,14 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStats, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::gemm_fp8::{linear_any, linear_swiglu_any, LinearWeight};
-use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant};
+use crate::ops::gemm_fp8::{linear_any, linear_swiglu_any};
+use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant, moe::MoeGemmVariant};
 use crate::quant::WeightFormat;
-use crate::weights::HostWeights;
 
-mod upload;
-
-/// One layer's weights. The linear layers are bf16 or FP8 (`--weights`); norms and the bias
-/// stay bf16.
-pub struct GpuLayer {
-    pub attn_norm: DTensor<bf16>,
-    pub wqkv: LinearWeight,
-    pub bqkv: Option<DTensor<bf16>>,
-    pub wo: LinearWeight,
-    pub ffn_norm: DTensor<bf16>,
-    pub w_gate_up: LinearWeight,
-    pub w_down: LinearWeight,
-}
-
-impl GpuLayer {
-    /// The layer's bf16 tensors (norms, then the bias when present).
-    fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
-        [&self.attn_norm, &self.ffn_norm].into_iter().chain(self.bqkv.as_ref())
-    }
-    /// The layer's linear weights.
-    fn linears(&self) -> [&LinearWeight; 4] {
-        [&self.wqkv, &self.wo, &self.w_gate_up, &self.w_down]
-    }
-    fn bytes(&self) -> usize {
-        self.tensors().map(DTensor::bytes).sum::<usize>() + self.linears().iter().map(|l| l.bytes()).sum::<usize>()
-    }
-}
-
-/// The model's weights on the device. The embedding, norms and LM head are always bf16: the
-/// embedding is only gathered (32 rows a step, no bandwidth to save) and the LM head's logits
-/// feed the confidence/commit decisions directly (kept exact until FP8 is measured for it).
-pub struct GpuWeights {
-    pub embed: DTensor<bf16>,
-    pub layers: Vec<GpuLayer>,
-    pub final_norm: DTensor<bf16>,
-    pub lm_head: DTensor<bf16>,
-    /// Format of the layers' linear weights.
-    pub format: WeightFormat,
-}
-
-/// Shapes of every weight tensor of `cfg`, in one place for upload and synthesis.
-pub(crate) struct Shapes {
-    hidden: usize,
-    qkv: usize,
-    q: usize,
-    ffn: usize,
-    vocab: usize,
-}
-
-impl Shapes {
-    pub(crate) fn of(cfg: &ModelConfig) -> Self {
-        Shapes { hidden: cfg.hidden, qkv: cfg.qkv_dim(), q: cfg.q_dim(), ffn: cfg.ffn, vocab: cfg.vocab }
-    }
-}
-
-/// Refuses architectures the GPU forward cannot run yet (LLaDA-MoE, LLaDA2: no expert,
-/// q/k-norm, partial-RoPE or block-causal kernels in this build), so such a model is never run
-/// through the dense path wrong.
-pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
-    if cfg.llada2.is_some() {
-        return Err(Error::bad_input(
-            "LLaDA2 runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
-        ));
-    }
-    if cfg.moe.is_some() || cfg.qk_norm {
-        return Err(Error::bad_input(
-            "LLaDA-MoE runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
-        ));
-    }
-    Ok(())
-}
-
-impl GpuWeights {
-    /// Copies host weights to the device.
-    pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
-        Self::upload_as(gpu, w, WeightFormat::Bf16)
-    }
-
-    /// Random weights of the exact architecture, generated on the device (no host copy), with
-    /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
-    /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
-    pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        Self::synthesize_as(gpu, cfg, seed, WeightFormat::Bf16)
-    }
-
-    pub fn bytes(&self) -> usize {
-        let l: usize = self.layers.iter().map(GpuLayer::bytes).sum();
-        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
-    }
-}
+mod moe;
+mod weights;
+pub use moe::{GpuMoe, MoeState};
+pub use weights::{check_gpu_support, GpuFfn, GpuLayer, GpuWeights};
 
 /// Most live rows for which `set_full_logits` computes the LM head on every row: the skinny
 /// range, where a GEMM costs its weight bytes whatever the row count.
@@ -141,6 +54,8 @@ struct Workspace {
     logits: DTensor<f32>,
     /// FP8 channel-scaled weights with more than 64 rows of capacity: the W8A8 scratch.
     w8a8: Option<ops::gemm_w8a8::W8a8>,
+    /// Routing state of the MoE layers (`None` for a dense model).
+    moe: Option<MoeState>,
 }
 
 /// Per-layer K and V: `[cache_rows, n_kv_heads * head_dim]` bf16, post-RoPE.
@@ -159,6 +74,8 @@ pub struct GpuModel {
     pub attn_variant: AttnVariant,
     /// Which GEMM runs the linear layers (`auto`: the skinny kernel for ≤ 32 rows).
     pub gemm_variant: GemmVariant,
+    /// Which kernels run the MoE layers' expert GEMMs (grouped by default).
+    pub moe_variant: MoeGemmVariant,
     ws: Workspace,
     /// The per-forward index arrays, packed (`graph::IndexLayout`), written by one copy.
     index: DTensor<u32>,
@@ -206,6 +123,7 @@ impl GpuModel {
                 }
                 _ => None,
             },
+            moe: MoeState::new(&gpu, &cfg, t)?,
         };
         let kvd = cfg.kv_dim();
         let mut cache = KvCache { k: Vec::new(), v: Vec::new(), rows: cap.cache_rows };
@@ -225,6 +143,7 @@ impl GpuModel {
             cap,
             attn_variant: AttnVariant::Flash,
             gemm_variant: GemmVariant::Auto,
+            moe_variant: MoeGemmVariant::Grouped,
             ws,
             index,
             staging,
@@ -243,7 +162,7 @@ impl GpuModel {
         let logits = cap.logit_rows * (cfg.vocab * 4 + cfg.hidden * 2);
         let idx = IndexLayout::new(cap.rows, cap.seqs, cap.logit_rows).len * 4;
         let kv = 2 * cfg.n_layers * cap.cache_rows * cfg.kv_dim() * 2;
-        act + logits + idx + kv
+        act + logits + idx + kv + MoeState::bytes_for(cfg, cap.rows)
     }
 
     fn check_capacity(&self, b: &RowBatch) -> Result<()> {
@@ -302,6 +221,7 @@ impl GpuModel {
             identity,
             gemm: self.gemm_variant,
             attn: self.attn_variant,
+            moe: self.moe_variant,
         }
     }
 
@@ -455,6 +375,12 @@ impl GpuModel {
                 cfg.n_kv_heads,
                 cfg.rope_theta as f32,
                 mode,
+                &ops::rope::RopeExtras {
+                    q_norm: l.q_norm.as_ref(),
+                    k_norm: l.k_norm.as_ref(),
+                    eps,
+                    rotary_dim: cfg.head_dim,
+                },
             )?;
             mark!("rope_kv_store");
             ops::attention::attention(
@@ -477,18 +403,36 @@ impl GpuModel {
             mark!("gemm_o");
             ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
-            if l.w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
-                // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
-                linear_swiglu_any(g, gv, t, &ws.h, &l.w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut())?;
-                mark!("gemm_gate_up+swiglu");
-            } else {
-                linear_any(g, gv, t, &ws.h, &l.w_gate_up, None, &mut ws.gu, None)?;
-                mark!("gemm_gate_up");
-                ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
-                mark!("swiglu");
+            match &l.ffn {
+                GpuFfn::Dense { w_gate_up, w_down } => {
+                    if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
+                        // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
+                        linear_swiglu_any(g, gv, t, &ws.h, w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut())?;
+                        mark!("gemm_gate_up+swiglu");
+                    } else {
+                        linear_any(g, gv, t, &ws.h, w_gate_up, None, &mut ws.gu, None)?;
+                        mark!("gemm_gate_up");
+                        ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
+                        mark!("swiglu");
+                    }
+                    linear_any(g, gv, t, &ws.act, w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
+                    mark!("gemm_down");
+                }
+                GpuFfn::Moe(m) => {
+                    let st = ws.moe.as_mut().ok_or_else(|| Error::bad_input("MoE layer in a model built without MoE state"))?;
+                    ops::gemm::linear(g, gv, t, &ws.h, &m.router, None, &mut st.logits)?;
+                    mark!("gemm_router");
+                    ops::moe::moe_route(g, t, &st.logits, &st.scoring(), &mut st.ws)?;
+                    if st.tally_on {
+                        ops::moe::moe_tally_touched(g, &st.ws, &mut st.tally)?;
+                    }
+                    mark!("moe_route");
+                    ops::moe::moe_gate_up_swiglu(g, key.moe, &mut st.ws, t, &ws.h, &m.w_gate_up)?;
+                    mark!("moe_gate_up+swiglu");
+                    ops::moe::moe_down_combine(g, key.moe, &mut st.ws, t, &m.w_down, &mut ws.o)?;
+                    mark!("moe_down+combine");
+                }
             }
-            linear_any(g, gv, t, &ws.act, &l.w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
-            mark!("gemm_down");
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
         mark!("add_rmsnorm");
@@ -504,6 +448,26 @@ impl GpuModel {
             p.end()?;
         }
         Ok(())
+    }
+
+    /// Counts, from now on, the experts each MoE layer's routing touches (for the floor of
+    /// `demask bench`: a block of mask rows routes alike, so a decode step reads far fewer
+    /// experts than random rows would). Resets the tally and drops captured graphs (the tally
+    /// launch is part of the forward). An error for a dense model.
+    pub fn set_expert_stats(&mut self, on: bool) -> Result<()> {
+        let st = self.ws.moe.as_mut().ok_or_else(|| Error::bad_input("expert statistics need an MoE model"))?;
+        st.tally.write(&self.gpu, &[0, 0])?;
+        st.tally_on = on;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// `(experts touched, layer forwards)` summed since `set_expert_stats(true)` (one host
+    /// sync); `None` for a dense model.
+    pub fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        let Some(st) = &self.ws.moe else { return Ok(None) };
+        let v = st.tally.to_host(&self.gpu)?;
+        Ok(Some((v[0] as u64, v[1] as u64)))
     }
 
     /// Turns CUDA graph replay of repeated batch shapes on or off (default on; the environment
@@ -565,21 +529,5 @@ impl GpuModel {
         let b = RowBatch::full(seqs);
         self.forward(&b)?;
         self.logits_to_host()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn moe_configs_are_refused_by_the_gpu_path() {
-        for name in ["tiny-llada-moe", "llada-moe-7b", "tiny-llada2", "llada2-mini"] {
-            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
-            assert!(e.contains("runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
-        }
-        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
-            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
-        }
     }
 }

@@ -14,7 +14,7 @@ mod common;
 
 use common::{
     by_pos, conf_tol, gpu_engine, kv_row_bytes, prompt, seq_state, sets_differ_only_at_cut, sharp_weights, spec,
-    PRESETS,
+    DENSE_PRESETS, PRESETS,
 };
 use demask::batch::RowBatch;
 use demask::config::ModelConfig;
@@ -135,7 +135,7 @@ fn seq(cfg: &ModelConfig, prompt: &[u32], gen: u32, block: u32, policy: &str, sc
 fn cached_decode_step_parity_gpu_vs_cpu() {
     let Some(gpu) = test_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(21);
-    for preset in PRESETS {
+    for preset in DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let w = sharp_weights(&cfg, 8);
         let shapes = [(1usize, 32u32, 8u32, "schedule:4"), (19, 24, 8, "factor:1"), (7, 16, 16, "dream:entropy,8")];

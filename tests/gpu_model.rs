@@ -1,6 +1,7 @@
 //! Whole-model logits: the GPU forward (bf16, f32 accumulate) vs the CPU reference (f32) on the
-//! tiny presets, full canvases of several sequences in one varlen batch, and a forward whose
-//! live rows are a subset (the rest read from the KV cache written by an earlier forward).
+//! dense tiny presets (LLaDA, Dream; LLaDA-MoE: tests/gpu_moe_model.rs), full canvases of several
+//! sequences in one varlen batch, and a forward whose live rows are a subset (the rest read from
+//! the KV cache written by an earlier forward).
 #![cfg(feature = "cuda")]
 use demask::batch::{RowBatch, SeqSpan};
 use demask::checkpoint::random_weights;

@@ -337,6 +337,7 @@ fn wrappers_reject_bad_shapes() {
         1,
         1e4,
         RopeMode::Llada,
+        &ops::rope::RopeExtras::none(),
     )
     .unwrap_err();
     assert!(
@@ -356,6 +357,7 @@ fn wrappers_reject_bad_shapes() {
         1,
         1e4,
         RopeMode::Llada,
+        &ops::rope::RopeExtras::none(),
     )
     .unwrap_err();
     assert!(
@@ -440,7 +442,18 @@ fn elementwise_bandwidth() {
         for mode in [RopeMode::Llada, RopeMode::Dream] {
             let ms = time(&mut || {
                 ops::rope::rope_kv_store(
-                    &gpu, rows, &mut qkv, &pos, &pos, &mut k, &mut v, nh, nkv, 1e6, mode,
+                    &gpu,
+                    rows,
+                    &mut qkv,
+                    &pos,
+                    &pos,
+                    &mut k,
+                    &mut v,
+                    nh,
+                    nkv,
+                    1e6,
+                    mode,
+                    &ops::rope::RopeExtras::none(),
                 )
                 .unwrap()
             });

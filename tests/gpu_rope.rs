@@ -59,6 +59,7 @@ fn rope_case(
         n_kv,
         theta,
         mode,
+        &ops::rope::RopeExtras::none(),
     )
     .unwrap();
     let got_qkv = qkv.to_host(gpu).unwrap();
@@ -181,7 +182,18 @@ fn rope_position_zero_copies_q_and_k() {
     let mut v = poisoned(&gpu, &[rows, nkv * HEAD_DIM]);
     for mode in [RopeMode::Llada, RopeMode::Dream] {
         ops::rope::rope_kv_store(
-            &gpu, rows, &mut qkv, &pos, &cr_d, &mut k, &mut v, nh, nkv, 1e6, mode,
+            &gpu,
+            rows,
+            &mut qkv,
+            &pos,
+            &cr_d,
+            &mut k,
+            &mut v,
+            nh,
+            nkv,
+            1e6,
+            mode,
+            &ops::rope::RopeExtras::none(),
         )
         .unwrap();
         // cos 0 = 1, sin 0 = 0 exactly: q and k come out bit-identical.

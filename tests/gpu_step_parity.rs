@@ -123,6 +123,7 @@ fn near_tie(w: &SeqWork, cpu: &[Commit], gpu: &[Commit], sc: &[(u32, f32)], logi
 fn step_parity_gpu_vs_cpu() {
     let Some(gpu) = test_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(16);
+    // Dense presets only: see tests/common DENSE_PRESETS (LLaDA-MoE: tests/gpu_moe_model.rs).
     for preset in ["tiny-llada", "tiny-dream"] {
         let cfg = ModelConfig::preset(preset).unwrap();
         // Random init gives near-uniform softmaxes over 512 tokens (confidences ~0.02 that sit

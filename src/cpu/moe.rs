@@ -1,6 +1,7 @@
-//! LLaDA-MoE's layer pieces in f32 (the reference for a future GPU path): the router (softmax
-//! over all experts, top-k with ties to the lower expert id, renormalised only when asked),
-//! the expert FFN (SwiGLU per selected expert, weighted sum), and the per-head q/k RMSNorm.
+//! LLaDA-MoE's layer pieces in f32 (the reference of the GPU path, `ops::moe`): the router
+//! (softmax over all experts, top-k with ties to the lower expert id, renormalised only when
+//! asked), the expert FFN (SwiGLU per selected expert, weighted sum), the per-head q/k RMSNorm,
+//! and [`expert_ffn_bf16`], the expert FFN with the GPU kernels' bf16 roundings.
 //! Semantics of the official `LLaDAMoESparseMoeBlock` / `LLaDAMoEAttention` (dInfer
 //! `tools/modeling_fused_lladamoe.py`): router logits `x · Wgᵀ`, `softmax(dim=-1, f32)`,
 //! `topk`, each selected expert's `down(silu(gate(x)) · up(x))` times its weight, summed in
@@ -94,6 +95,73 @@ pub fn moe_ffn(xn: &[f32], m: &CpuMoe, hidden: usize, ffn: usize, top_k: usize, 
         }
     });
     Ok(())
+}
+
+/// Rounds an f32 to bf16 (nearest, ties to even) and back.
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The expert FFN with the GPU path's roundings (`ops::moe`): see [`expert_ffn_bf16`].
+pub struct ExpertFfnBf16 {
+    /// `[t · k, ffn]` by pair (`row · k + slot`): `bf16(bf16(silu(bf16 g)) · bf16 u)`.
+    pub act: Vec<f32>,
+    /// `[t · k, hidden]` by pair: `act · w_downᵀ` in f32.
+    pub y: Vec<f32>,
+    /// `[t, hidden]`: `bf16(Σ weight · y)`, the slots summed in f32 in ascending expert id.
+    pub out: Vec<f32>,
+}
+
+/// The bf16 numerics of the GPU expert FFN on given routes (`routes[r]`: `k` (expert, weight)
+/// pairs in any order): `x` `[t, hidden]`, `w_gate_up` `[E, 2·ffn, hidden]` and `w_down`
+/// `[E, hidden, ffn]` hold bf16 values; dot products in f32; g, u, silu(g) and the activation
+/// rounded to bf16 (the skinny GEMM's SwiGLU epilogue); expert outputs kept in f32; the
+/// weighted sum (multiply, then add; first slot onto 0) rounded to bf16 once.
+pub fn expert_ffn_bf16(x: &[f32], routes: &[Route], w_gate_up: &[f32], w_down: &[f32], hidden: usize, ffn: usize) -> Result<ExpertFfnBf16> {
+    const OP: &str = "expert_ffn_bf16";
+    let t = routes.len();
+    let k = routes.first().map_or(0, |r| r.len());
+    let n_experts = w_down.len().checked_div(hidden * ffn).unwrap_or(0);
+    if n_experts == 0 || w_down.len() != n_experts * hidden * ffn || w_gate_up.len() != n_experts * 2 * ffn * hidden {
+        return Err(Error::shape(OP, "experts", &[n_experts, 2 * ffn, hidden], &[w_gate_up.len(), w_down.len()]));
+    }
+    if x.len() != t * hidden {
+        return Err(Error::shape(OP, "x", &[t, hidden], &[x.len()]));
+    }
+    for (r, route) in routes.iter().enumerate() {
+        if route.len() != k || route.iter().any(|&(e, _)| e >= n_experts) {
+            return Err(Error::bad_input(format!("{OP}: route of row {r} {route:?}: expected {k} experts < {n_experts}")));
+        }
+    }
+    let mut act = vec![0f32; t * k * ffn];
+    let mut y = vec![0f32; t * k * hidden];
+    act.par_chunks_mut(ffn).zip(y.par_chunks_mut(hidden)).enumerate().for_each(|(pair, (a, yp))| {
+        let (r, e) = (pair / k, routes[pair / k][pair % k].0);
+        let xr = &x[r * hidden..(r + 1) * hidden];
+        let gu = &w_gate_up[e * 2 * ffn * hidden..(e + 1) * 2 * ffn * hidden];
+        for (j, aj) in a.iter_mut().enumerate() {
+            let g = round_bf16(gemm::dot(xr, &gu[j * hidden..(j + 1) * hidden]));
+            let u = round_bf16(gemm::dot(xr, &gu[(ffn + j) * hidden..(ffn + j + 1) * hidden]));
+            *aj = round_bf16(round_bf16(g / (1.0 + (-g).exp())) * u);
+        }
+        let down = &w_down[e * hidden * ffn..(e + 1) * hidden * ffn];
+        for (n, yn) in yp.iter_mut().enumerate() {
+            *yn = gemm::dot(a, &down[n * ffn..(n + 1) * ffn]);
+        }
+    });
+    let mut out = vec![0f32; t * hidden];
+    out.par_chunks_mut(hidden).enumerate().for_each(|(r, o)| {
+        let mut slots: Vec<(usize, usize, f32)> = routes[r].iter().enumerate().map(|(s, &(e, w))| (e, s, w)).collect();
+        slots.sort_by_key(|&(e, s, _)| (e, s));
+        for (n, on) in o.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for &(_, s, w) in &slots {
+                acc += w * y[(r * k + s) * hidden + n];
+            }
+            *on = round_bf16(acc);
+        }
+    });
+    Ok(ExpertFfnBf16 { act, y, out })
 }
 
 /// Per-head RMSNorm in place: for every row of `qkv` (`row_len` values), the `n_heads` heads of
@@ -209,6 +277,60 @@ mod tests {
         assert!(e.contains("top_k 5 of 4"), "{e}");
         let e = moe_ffn(&x, &m, 8, 3, 2, false, &mut out).unwrap_err().to_string();
         assert!(e.contains("experts"), "{e}");
+    }
+
+    /// The bf16 emulation: activations are bf16 values, a hand-checked row, and the output
+    /// within bf16 rounding of the f32 reference on bf16-valued inputs.
+    #[test]
+    fn expert_ffn_bf16_follows_the_f32_reference_within_bf16_rounding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (t, hidden, ffn, experts, k) = (7usize, 32usize, 24usize, 5usize, 3usize);
+        let bf = |v: Vec<f32>| v.into_iter().map(round_bf16).collect::<Vec<_>>();
+        let x = bf(randn(&mut rng, t * hidden, 1.0));
+        let m = CpuMoe {
+            router: bf(randn(&mut rng, experts * hidden, 1.0)),
+            w_gate_up: bf(randn(&mut rng, experts * 2 * ffn * hidden, 0.3)),
+            w_down: bf(randn(&mut rng, experts * hidden * ffn, 0.3)),
+        };
+        let routes = route(&x, &m.router, hidden, k, false);
+        let got = expert_ffn_bf16(&x, &routes, &m.w_gate_up, &m.w_down, hidden, ffn).unwrap();
+        assert!(got.act.iter().chain(&got.out).all(|&v| v == round_bf16(v)), "act and out are bf16 values");
+        let mut want = vec![0f32; t * hidden];
+        moe_ffn(&x, &m, hidden, ffn, k, false, &mut want).unwrap();
+        let scale = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+        for (i, (&g, &w)) in got.out.iter().zip(&want).enumerate() {
+            // A few bf16 roundings of g, u, silu, act (2^-9 relative each) and of the output.
+            assert!((g - w).abs() <= 0.02 * scale + 8e-3 * w.abs(), "element {i}: {g} vs {w}");
+        }
+        // Row 0 by hand: slots summed in ascending expert id, each y a plain f32 dot.
+        let r0 = &routes[0];
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by_key(|&s| r0[s].0);
+        for n in [0usize, 5, hidden - 1] {
+            let mut acc = 0f32;
+            for &s in &order {
+                let e = r0[s].0;
+                let y = gemm::dot(&got.act[s * ffn..(s + 1) * ffn], &m.w_down[(e * hidden + n) * ffn..(e * hidden + n + 1) * ffn]);
+                assert_eq!(y, got.y[s * hidden + n]);
+                acc += r0[s].1 * y;
+            }
+            assert_eq!(got.out[n], round_bf16(acc), "column {n}");
+        }
+    }
+
+    #[test]
+    fn expert_ffn_bf16_refuses_bad_shapes_and_routes() {
+        let (gu, down) = (vec![0.1f32; 3 * 2 * 8 * 16], vec![0.1f32; 3 * 16 * 8]);
+        let x = vec![0.5f32; 2 * 16];
+        let ok: Vec<Route> = vec![vec![(0, 0.5), (2, 0.5)], vec![(1, 0.25), (0, 0.75)]];
+        assert!(expert_ffn_bf16(&x, &ok, &gu, &down, 16, 8).is_ok());
+        let e = expert_ffn_bf16(&x, &ok, &gu[1..], &down, 16, 8).err().unwrap().to_string();
+        assert!(e.contains("experts"), "{e}");
+        let e = expert_ffn_bf16(&x[1..], &ok, &gu, &down, 16, 8).err().unwrap().to_string();
+        assert!(e.contains("`x`"), "{e}");
+        let bad: Vec<Route> = vec![vec![(0, 0.5), (3, 0.5)], vec![(1, 0.25), (0, 0.75)]];
+        let e = expert_ffn_bf16(&x, &bad, &gu, &down, 16, 8).err().unwrap().to_string();
+        assert!(e.contains("row 0"), "{e}");
     }
 
     #[test]

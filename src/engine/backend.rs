@@ -26,6 +26,15 @@ pub trait EngineBackend: StepBackend + Send {
     fn device_memory(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Starts (resets) or stops counting the experts each MoE layer touches; `Ok(false)` where
+    /// the backend does not count (the CPU, dense models).
+    fn set_expert_stats(&mut self, _on: bool) -> Result<bool> {
+        Ok(false)
+    }
+    /// `(experts touched, layer forwards)` since `set_expert_stats(true)`, where counted.
+    fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 }
 
 impl EngineBackend for CpuStepper {
@@ -62,6 +71,16 @@ impl EngineBackend for crate::decode::gpu::GpuStepper {
     fn device_memory(&self) -> Option<(u64, u64)> {
         let (free, total) = self.model().gpu.mem_info().ok()?;
         Some(((total - free) as u64, total as u64))
+    }
+    fn set_expert_stats(&mut self, on: bool) -> Result<bool> {
+        if self.model().cfg.moe.is_none() {
+            return Ok(false);
+        }
+        self.model_mut().set_expert_stats(on)?;
+        Ok(true)
+    }
+    fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        self.model().expert_stats()
     }
 }
 

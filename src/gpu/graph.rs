@@ -19,7 +19,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaGraph, CudaStream, DeviceRepr
 
 use super::{DTensor, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::{attention::AttnVariant, gemm::GemmVariant};
+use crate::ops::{attention::AttnVariant, gemm::GemmVariant, moe::MoeGemmVariant};
 
 /// Every host scalar the forward's launches take from the batch (grid sizes, row counts,
 /// branch choices). Everything else a launch uses is a fixed device address or a model
@@ -40,12 +40,14 @@ pub struct ShapeKey {
     pub identity: bool,
     pub gemm: GemmVariant,
     pub attn: AttnVariant,
+    /// The expert-GEMM variant (MoE models; ignored by dense ones).
+    pub moe: MoeGemmVariant,
 }
 
 impl Hash for ShapeKey {
     fn hash<H: Hasher>(&self, h: &mut H) {
         (self.rows, self.seqs, self.max_rows, self.logit_rows, self.identity).hash(h);
-        (self.gemm.name(), self.attn.name()).hash(h);
+        (self.gemm.name(), self.attn.name(), self.moe.name()).hash(h);
     }
 }
 
@@ -425,6 +427,7 @@ mod tests {
             identity: true,
             gemm: GemmVariant::Auto,
             attn: AttnVariant::Flash,
+            moe: MoeGemmVariant::Grouped,
         }
     }
 
@@ -448,12 +451,13 @@ mod tests {
             ShapeKey { identity: false, ..k },
             ShapeKey { gemm: GemmVariant::Skinny, ..k },
             ShapeKey { attn: AttnVariant::Reference, ..k },
+            ShapeKey { moe: MoeGemmVariant::Reference, ..k },
         ];
         for o in others {
             assert_eq!(c.plan(o), GraphStep::Eager, "{o:?}");
             assert!(c.graph(&o).is_none());
         }
-        assert_eq!(c.stats(), GraphStats { captures: 1, replays: 3, eager: 8, failures: 0 });
+        assert_eq!(c.stats(), GraphStats { captures: 1, replays: 3, eager: 9, failures: 0 });
     }
 
     #[test]

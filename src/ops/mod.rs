@@ -5,6 +5,7 @@ pub mod fill;
 pub mod gemm;
 pub mod gemm_fp8;
 pub mod gemm_w8a8;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

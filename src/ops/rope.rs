@@ -1,6 +1,9 @@
 //! `rope_kv_store_bf16` (kernels/rope.cu): rotate-half RoPE of q (in place in the fused qkv
 //! activations) and k, with the kv_store: rotated k and unchanged v of live row r go to row
 //! `cache_rows[r]` of this layer's K and V caches. Numerics per [`RopeMode`] (see cpu::rope).
+//! With a [`RopeExtras`] option on (per-head q/k RMSNorm before the rotation, partial RoPE:
+//! LLaDA-MoE, LLaDA2) the op runs `rope_qknorm_kv_store_bf16` instead (same grid; reference
+//! `cpu::rope::rope_qk_bf16`); with none on it launches exactly what it did before.
 use half::bf16;
 
 pub use crate::cpu::rope::RopeMode;
@@ -9,6 +12,11 @@ use crate::config::HEAD_DIM;
 use crate::error::{Error, Result};
 use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{DTensor, Gpu};
+
+/// The op's options beyond a full rotation, with the norm weights (`[128]` bf16 each) on the
+/// device; `RopeExtras::none()` (or `Default`) is the plain op. Fields: see
+/// [`crate::cpu::rope::RopeExtras`].
+pub type RopeExtras<'a> = crate::cpu::rope::RopeExtras<&'a DTensor<bf16>>;
 
 const OP: &str = "rope_kv_store";
 /// Work items per thread (`ROPE_IPT` in the kernel).
@@ -36,11 +44,38 @@ struct RopeParams {
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32/f32 scalars).
 unsafe impl cudarc::driver::DeviceRepr for RopeParams {}
 
+/// Mirrors `RopeExtParams` in kernels/rope.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeExtParams {
+    qkv: u64,        // bf16*
+    k_cache: u64,    // bf16*
+    v_cache: u64,    // bf16*
+    positions: u64,  // const uint32_t*
+    cache_rows: u64, // const uint32_t*
+    q_norm: u64,     // const bf16* (0: no q norm)
+    k_norm: u64,     // const bf16* (0: no k norm)
+    rows: i32,       // int
+    n_heads: i32,    // int
+    n_kv_heads: i32, // int
+    theta: f32,      // float
+    mode: i32,       // int (0 LLaDA, 1 Dream)
+    cache_cap: i32,  // int (rows of k_cache / v_cache)
+    eps: f32,        // float
+    rotary_dim: i32, // int (even, 2..=128)
+}
+
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32/f32 scalars).
+unsafe impl cudarc::driver::DeviceRepr for RopeExtParams {}
+
 /// For live rows `r < rows` of `qkv` (`[>= rows, (n_heads + 2*n_kv_heads)*128]`, q | k | v):
 /// rotates q in place, writes rotated k to `k_cache[cache_rows[r]]` and v to
-/// `v_cache[cache_rows[r]]` (caches `[cache_cap, n_kv_heads*128]`). `positions` and
-/// `cache_rows` hold >= rows entries; cache rows must be < cache_cap (validated by the caller
-/// on the host; the kernel traps otherwise) and distinct within one call.
+/// `v_cache[cache_rows[r]]` (caches `[cache_cap, n_kv_heads*128]`); k and v in `qkv` are left
+/// as they were. `positions` and `cache_rows` hold >= rows entries; cache rows must be <
+/// cache_cap (validated by the caller on the host; the kernel traps otherwise) and distinct
+/// within one call. `extras`: with `q_norm` / `k_norm` each q / k head is first RMS-normalised
+/// (`bf16(w · bf16(x / sqrt(mean x² + eps)))`, q normed in place too); `rotary_dim` < 128
+/// rotates only the first `rotary_dim` dims of each head (see [`RopeExtras`]).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_store(
     gpu: &Gpu,
@@ -54,6 +89,7 @@ pub fn rope_kv_store(
     n_kv_heads: usize,
     theta: f32,
     mode: RopeMode,
+    extras: &RopeExtras<'_>,
 ) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
         return Err(Error::bad_input(format!(
@@ -64,6 +100,14 @@ pub fn rope_kv_store(
         return Err(Error::bad_input(format!(
             "{OP}: theta {theta} must be finite and > 1"
         )));
+    }
+    extras.check_scalars(OP)?;
+    for (name, w) in [("q_norm", extras.q_norm), ("k_norm", extras.k_norm)] {
+        if let Some(w) = w {
+            if w.dims != [HEAD_DIM] {
+                return Err(Error::shape(OP, name, &[HEAD_DIM], &w.dims));
+            }
+        }
     }
     let qkv_dim = (n_heads + 2 * n_kv_heads) * HEAD_DIM;
     let kv_dim = n_kv_heads * HEAD_DIM;
@@ -96,24 +140,8 @@ pub fn rope_kv_store(
     } else {
         THREADS / 2
     };
-    let (symbol, chunks) = ("rope_kv_store_bf16", items.div_ceil(threads * IPT));
-    let params = RopeParams {
-        qkv: qkv.ptr_mut(gpu),
-        k_cache: k_cache.ptr_mut(gpu),
-        v_cache: v_cache.ptr_mut(gpu),
-        positions: positions.ptr(gpu),
-        cache_rows: cache_rows.ptr(gpu),
-        rows: rows as i32,
-        n_heads: n_heads as i32,
-        n_kv_heads: n_kv_heads as i32,
-        theta,
-        mode: match mode {
-            RopeMode::Llada => 0,
-            RopeMode::Dream => 1,
-        },
-        cache_cap: cache_cap as i32,
-    };
-    // The kernel waits for its predecessor (pdl_wait) before touching memory, so it may be
+    let chunks = items.div_ceil(threads * IPT);
+    // The kernels wait for their predecessor (pdl_wait) before touching memory, so they may be
     // launched early (PDL).
     let lc = LaunchEx {
         grid: (rows as u32, chunks as u32, 1),
@@ -122,9 +150,50 @@ pub fn rope_kv_store(
         cluster: None,
         pdl: true,
     };
-    // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
-    // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above); block
-    // (r, c) touches row r < rows only and items < items (the kernel checks); chunks <= 512
-    // (heads <= 4096) fits grid y; the kernel traps on a cache row >= cache_cap.
-    unsafe { launch_ex(gpu, "rope", symbol, lc, &params) }
+    let mode = match mode {
+        RopeMode::Llada => 0,
+        RopeMode::Dream => 1,
+    };
+    if extras.is_none() {
+        let params = RopeParams {
+            qkv: qkv.ptr_mut(gpu),
+            k_cache: k_cache.ptr_mut(gpu),
+            v_cache: v_cache.ptr_mut(gpu),
+            positions: positions.ptr(gpu),
+            cache_rows: cache_rows.ptr(gpu),
+            rows: rows as i32,
+            n_heads: n_heads as i32,
+            n_kv_heads: n_kv_heads as i32,
+            theta,
+            mode,
+            cache_cap: cache_cap as i32,
+        };
+        // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
+        // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above);
+        // block (r, c) touches row r < rows only and items < items (the kernel checks);
+        // chunks <= 512 (heads <= 4096) fits grid y; the kernel traps on a cache row >=
+        // cache_cap.
+        return unsafe { launch_ex(gpu, "rope", "rope_kv_store_bf16", lc, &params) };
+    }
+    let params = RopeExtParams {
+        qkv: qkv.ptr_mut(gpu),
+        k_cache: k_cache.ptr_mut(gpu),
+        v_cache: v_cache.ptr_mut(gpu),
+        positions: positions.ptr(gpu),
+        cache_rows: cache_rows.ptr(gpu),
+        q_norm: extras.q_norm.map_or(0, |w| w.ptr(gpu)),
+        k_norm: extras.k_norm.map_or(0, |w| w.ptr(gpu)),
+        rows: rows as i32,
+        n_heads: n_heads as i32,
+        n_kv_heads: n_kv_heads as i32,
+        theta,
+        mode,
+        cache_cap: cache_cap as i32,
+        eps: extras.eps,
+        rotary_dim: extras.rotary_dim as i32,
+    };
+    // SAFETY: as above, and the norm weights (when given) are [128] bf16 (checked above; a
+    // device allocation is 16-byte aligned for the kernel's vector loads), rotary_dim is even
+    // in 2..=128 (checked), eps finite and > 0 with a norm (checked).
+    unsafe { launch_ex(gpu, "rope", "rope_qknorm_kv_store_bf16", lc, &params) }
 }

@@ -26,7 +26,7 @@ fn measure(preset: &str, layout: ScaleLayout) -> (f64, LogitCmp) {
 
 #[test]
 fn fp8_models_stay_close_to_bf16() {
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let mut l2 = Vec::new();
         for layout in [ScaleLayout::Channel, ScaleLayout::Block128] {
             let (worst_w, c) = measure(preset, layout);
@@ -57,7 +57,7 @@ fn fp8_models_stay_close_to_bf16() {
 fn fp8_commits_agree_with_bf16_per_step() {
     // Greedy schedule decodes (gen 32, blocks of 8, 4 steps each) of 3 prompts: at every step
     // the FP8 model's commits on the bf16 model's canvas.
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let w = common::sharp_weights(&cfg, 21);
         let prompts: Vec<Vec<u32>> = [12usize, 5, 20].iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, 500, 60 + i as u64)).collect();
@@ -95,7 +95,7 @@ fn fp8_commits_agree_with_bf16_per_step() {
 fn an_fp8_lm_head_costs_more_fidelity() {
     // The measurement behind keeping the LM head bf16 (docs/fp8.md): the same FP8 model with
     // the LM head quantised too, against bf16, at the logits and per decode step.
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let w = common::sharp_weights(&cfg, 21);
         let seqs: Vec<Vec<u32>> =

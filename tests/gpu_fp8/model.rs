@@ -39,7 +39,7 @@ fn gpu_logits(gpu: &std::sync::Arc<demask::gpu::Gpu>, cfg: &ModelConfig, w: GpuW
 fn fp8_forward_matches_the_cpu_fp8_model() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let hw = common::sharp_weights(&cfg, 3);
         for (lens, exact) in [(&[37usize, 1, 20][..], true), (&[37, 1, 99, 64][..], false)] {
@@ -89,7 +89,7 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
 fn fp8_commits_agree_with_bf16_on_the_gpu() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let hw = common::sharp_weights(&cfg, 21);
         let prompts: Vec<Vec<u32>> =
@@ -119,7 +119,7 @@ fn fp8_commits_agree_with_bf16_on_the_gpu() {
 fn fp8_dual_cache_decode_completes_and_is_deterministic() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let hw = common::sharp_weights(&cfg, 9);
         for layout in LAYOUTS {
@@ -152,7 +152,7 @@ fn fp8_dual_cache_decode_completes_and_is_deterministic() {
 fn published_fp8_checkpoint_runs_as_stored() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
-    for preset in common::PRESETS {
+    for preset in common::DENSE_PRESETS {
         let cfg = ModelConfig::preset(preset).unwrap();
         let dir = std::env::temp_dir().join(format!("demask-gpu-fp8ck-{preset}-{}", std::process::id()));
         demask::checkpoint::write_checkpoint(&cfg, 5, &dir, true, |_| {}).unwrap();

@@ -1,0 +1,286 @@
+//! The model's weights on the device: upload of host weights and synthesis of random weights of
+//! the exact architecture on the device, dense (LLaDA, Dream) and LLaDA-MoE, with the linear
+//! layers of the dense models in a chosen format (`--weights`: bf16, or FP8 quantised on the
+//! host or device; a published FP8 checkpoint is uploaded as stored).
+use half::bf16;
+
+use super::moe::GpuMoe;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gpu::{DTensor, Gpu};
+use crate::ops::{self, gemm_fp8::LinearWeight};
+use crate::quant::WeightFormat;
+use crate::weights::HostWeights;
+
+/// A layer's FFN: dense SwiGLU, or routed experts.
+pub enum GpuFfn {
+    Dense {
+        /// `[2 * ffn, hidden]`: rows gate | up.
+        w_gate_up: LinearWeight,
+        /// `[hidden, ffn]`
+        w_down: LinearWeight,
+    },
+    Moe(GpuMoe),
+}
+
+/// One layer's weights. The dense linear layers are bf16 or FP8 (`--weights`); norms, the bias
+/// and the experts stay bf16.
+pub struct GpuLayer {
+    pub attn_norm: DTensor<bf16>,
+    pub wqkv: LinearWeight,
+    pub bqkv: Option<DTensor<bf16>>,
+    pub wo: LinearWeight,
+    pub ffn_norm: DTensor<bf16>,
+    /// Per-head q / k RMSNorm weights `[head_dim]` (`cfg.qk_norm`: LLaDA-MoE).
+    pub q_norm: Option<DTensor<bf16>>,
+    pub k_norm: Option<DTensor<bf16>>,
+    pub ffn: GpuFfn,
+}
+
+impl GpuLayer {
+    /// The layer's bf16 tensors: norms, bias, experts (no allocation: the graph binding walks
+    /// this every forward).
+    pub(crate) fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
+        let moe = match &self.ffn {
+            GpuFfn::Dense { .. } => None,
+            GpuFfn::Moe(m) => Some(m.tensors()),
+        };
+        [&self.attn_norm, &self.ffn_norm]
+            .into_iter()
+            .chain(moe.into_iter().flatten())
+            .chain(self.bqkv.as_ref())
+            .chain(self.q_norm.as_ref())
+            .chain(self.k_norm.as_ref())
+    }
+
+    /// The layer's linear weights in the weight format (the dense FFN's included).
+    pub(crate) fn linears(&self) -> impl Iterator<Item = &LinearWeight> {
+        let ffn = match &self.ffn {
+            GpuFfn::Dense { w_gate_up, w_down } => Some([w_gate_up, w_down]),
+            GpuFfn::Moe(_) => None,
+        };
+        [&self.wqkv, &self.wo].into_iter().chain(ffn.into_iter().flatten())
+    }
+
+    fn bytes(&self) -> usize {
+        self.tensors().map(DTensor::bytes).sum::<usize>() + self.linears().map(LinearWeight::bytes).sum::<usize>()
+    }
+}
+
+/// The model's weights on the device. The embedding, norms and LM head are always bf16: the
+/// embedding is only gathered (32 rows a step, no bandwidth to save) and the LM head's logits
+/// feed the confidence/commit decisions directly (kept exact until FP8 is measured for it).
+pub struct GpuWeights {
+    pub embed: DTensor<bf16>,
+    pub layers: Vec<GpuLayer>,
+    pub final_norm: DTensor<bf16>,
+    pub lm_head: DTensor<bf16>,
+    /// Format of the layers' linear weights.
+    pub format: WeightFormat,
+}
+
+/// Shapes of every weight tensor of `cfg`, in one place for upload and synthesis.
+struct Shapes {
+    hidden: usize,
+    qkv: usize,
+    q: usize,
+    ffn: usize,
+    vocab: usize,
+    head_dim: usize,
+}
+
+impl Shapes {
+    fn of(cfg: &ModelConfig) -> Self {
+        Shapes {
+            hidden: cfg.hidden,
+            qkv: cfg.qkv_dim(),
+            q: cfg.q_dim(),
+            ffn: cfg.ffn,
+            vocab: cfg.vocab,
+            head_dim: cfg.head_dim,
+        }
+    }
+}
+
+/// Refuses architectures the GPU forward cannot run yet (LLaDA2: no block-causal attention,
+/// shared-expert or sigmoid-group routing path in the GPU forward of this build), and MoE
+/// shapes beyond the expert kernels' limits, so such a model is never run wrong.
+pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
+    if cfg.llada2.is_some() {
+        return Err(Error::bad_input(
+            "LLaDA2 runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
+        ));
+    }
+    if let Some(m) = &cfg.moe {
+        if m.n_experts > ops::moe::MAX_EXPERTS || m.top_k > ops::moe::MAX_TOP_K {
+            return Err(Error::bad_input(format!(
+                "{} experts, top {}: the GPU expert kernels take at most {} experts and top {} \
+                 (pass --device cpu)",
+                m.n_experts,
+                m.top_k,
+                ops::moe::MAX_EXPERTS,
+                ops::moe::MAX_TOP_K
+            )));
+        }
+        for (name, v) in [("hidden_size", cfg.hidden), ("expert_intermediate_size", cfg.ffn)] {
+            if !v.is_multiple_of(8) {
+                return Err(Error::config(name, format!("{v}: the GPU expert kernels need a multiple of 8 (pass --device cpu)")));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl GpuWeights {
+    /// Copies host weights to the device.
+    pub fn upload(gpu: &Gpu, w: &HostWeights) -> Result<Self> {
+        Self::upload_as(gpu, w, WeightFormat::Bf16)
+    }
+
+    /// Copies host weights to the device with the dense linear layers in `format` (FP8:
+    /// quantised on the host; a NaN or ±∞ weight is refused with an error naming the layer's
+    /// tensor). A published FP8 checkpoint (`HostWeights::fp8`) with an FP8 `format` is uploaded
+    /// as stored, with its own 128×128 block scales, whichever FP8 layout was asked for. MoE
+    /// models run in bf16 only (no FP8 expert kernels yet).
+    pub fn upload_as(gpu: &Gpu, w: &HostWeights, format: WeightFormat) -> Result<Self> {
+        check_gpu_support(&w.cfg)?;
+        check_format(&w.cfg, format)?;
+        let s = Shapes::of(&w.cfg);
+        let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
+        let stored = w.fp8.as_ref().filter(|_| format != WeightFormat::Bf16);
+        let format = if stored.is_some() { WeightFormat::Fp8(crate::quant::ScaleLayout::Block128) } else { format };
+        let pick = |i: usize, f: fn(&crate::weights::fp8::Fp8Linears) -> &crate::quant::Fp8Matrix| stored.map(|l| f(&l[i]));
+        let lin = |i: usize, name: &str, v: &[bf16], dims: [usize; 2], m: Option<&crate::quant::Fp8Matrix>| match m {
+            Some(m) => Ok(LinearWeight::Fp8(ops::gemm_fp8::Fp8Weight::upload(gpu, m)?)),
+            None => LinearWeight::upload(gpu, &format!("layer {i} {name}"), v, dims, format),
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for (i, l) in w.layers.iter().enumerate() {
+            let ffn = match &l.moe {
+                Some(m) => GpuFfn::Moe(GpuMoe::upload(gpu, &w.cfg, i, m)?),
+                None => GpuFfn::Dense {
+                    w_gate_up: lin(i, "gate|up projection", &l.w_gate_up, [2 * s.ffn, s.hidden], pick(i, |l| &l.w_gate_up))?,
+                    w_down: lin(i, "down projection", &l.w_down, [s.hidden, s.ffn], pick(i, |l| &l.w_down))?,
+                },
+            };
+            let norm = |v: &Option<Vec<bf16>>, name: &str| -> Result<Option<DTensor<bf16>>> {
+                match (v, w.cfg.qk_norm) {
+                    (Some(v), true) => Ok(Some(up(v, &[s.head_dim])?)),
+                    (None, true) => Err(Error::weights(format!("layer {i} {name}"), "missing (the config sets qk_norm)")),
+                    (_, false) => Ok(None),
+                }
+            };
+            layers.push(GpuLayer {
+                attn_norm: up(&l.attn_norm, &[s.hidden])?,
+                wqkv: lin(i, "q|k|v projection", &l.wqkv, [s.qkv, s.hidden], pick(i, |l| &l.wqkv))?,
+                bqkv: l.bqkv.as_deref().map(|b| up(b, &[s.qkv])).transpose()?,
+                wo: lin(i, "o projection", &l.wo, [s.hidden, s.q], pick(i, |l| &l.wo))?,
+                ffn_norm: up(&l.ffn_norm, &[s.hidden])?,
+                q_norm: norm(&l.q_norm, "q_norm")?,
+                k_norm: norm(&l.k_norm, "k_norm")?,
+                ffn,
+            });
+        }
+        Ok(GpuWeights {
+            embed: up(&w.embed, &[s.vocab, s.hidden])?,
+            layers,
+            final_norm: up(&w.final_norm, &[s.hidden])?,
+            lm_head: up(&w.lm_head, &[s.vocab, s.hidden])?,
+            format,
+        })
+    }
+
+    /// Random weights of the exact architecture, generated on the device (no host copy), with
+    /// the scales of `checkpoint::random_weights` (linear N(0, 1/√fan_in), embedding N(0, 1),
+    /// norms 1 + 0.1·N, biases 0.1·N). Not bit-identical to the host generator.
+    pub fn synthesize(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        Self::synthesize_as(gpu, cfg, seed, WeightFormat::Bf16)
+    }
+
+    /// [`GpuWeights::synthesize`] with the dense linear layers in `format` (FP8: each bf16
+    /// weight quantised on the device as it is made, so the bf16 model is never resident at
+    /// once). The generation order is the bf16 model's, so both formats quantise the same weights.
+    pub fn synthesize_as(gpu: &Gpu, cfg: &ModelConfig, seed: u64, format: WeightFormat) -> Result<Self> {
+        check_gpu_support(cfg)?;
+        check_format(cfg, format)?;
+        let s = Shapes::of(cfg);
+        let mut counter = 0u64;
+        let mut gen = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<bf16>> {
+            let mut t = gpu.alloc::<bf16>(dims)?;
+            counter += 1;
+            ops::fill::fill_normal(gpu, &mut t, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ counter, mean, std)?;
+            Ok(t)
+        };
+        let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            let attn_norm = gen(&[s.hidden], 1.0, 0.1)?;
+            let wqkv = LinearWeight::from_bf16(gpu, gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?, format)?;
+            let bqkv = if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None };
+            let wo = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.q], 0.0, inv(s.q))?, format)?;
+            let ffn_norm = gen(&[s.hidden], 1.0, 0.1)?;
+            let ffn = if cfg.moe.is_some() {
+                GpuFfn::Moe(GpuMoe::synthesize(cfg, &mut gen)?)
+            } else {
+                GpuFfn::Dense {
+                    w_gate_up: LinearWeight::from_bf16(gpu, gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?, format)?,
+                    w_down: LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?, format)?,
+                }
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (Some(gen(&[s.head_dim], 1.0, 0.1)?), Some(gen(&[s.head_dim], 1.0, 0.1)?))
+            } else {
+                (None, None)
+            };
+            layers.push(GpuLayer { attn_norm, wqkv, bqkv, wo, ffn_norm, q_norm, k_norm, ffn });
+        }
+        let w = GpuWeights {
+            embed: gen(&[s.vocab, s.hidden], 0.0, 1.0)?,
+            layers,
+            final_norm: gen(&[s.hidden], 1.0, 0.1)?,
+            lm_head: gen(&[s.vocab, s.hidden], 0.0, inv(s.hidden))?,
+            format,
+        };
+        gpu.synchronize()?;
+        Ok(w)
+    }
+
+    pub fn bytes(&self) -> usize {
+        let l: usize = self.layers.iter().map(GpuLayer::bytes).sum();
+        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
+    }
+}
+
+/// MoE models run their linear layers in bf16 only in this build.
+fn check_format(cfg: &ModelConfig, format: WeightFormat) -> Result<()> {
+    if cfg.moe.is_some() && format != WeightFormat::Bf16 {
+        return Err(Error::bad_input(
+            "--weights fp8 runs the dense models only in this build (LLaDA-MoE has no FP8 expert kernels yet)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_llada2_is_refused_by_the_gpu_path() {
+        for name in ["tiny-llada2", "llada2-mini"] {
+            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
+        }
+        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b", "tiny-llada-moe", "llada-moe-7b"] {
+            check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
+        }
+        let mut cfg = ModelConfig::preset("tiny-llada-moe").unwrap();
+        cfg.moe.as_mut().unwrap().n_experts = ops::moe::MAX_EXPERTS + 1;
+        let e = check_gpu_support(&cfg).unwrap_err().to_string();
+        assert!(e.contains("experts") && e.contains("--device cpu"), "{e}");
+        let mut cfg = ModelConfig::preset("tiny-llada-moe").unwrap();
+        cfg.ffn = 100;
+        let e = check_gpu_support(&cfg).unwrap_err().to_string();
+        assert!(e.contains("expert_intermediate_size"), "{e}");
+    }
+}
