@@ -16,8 +16,12 @@ pub struct Ceilings {
     /// bf16 GEMM 8192³ through cuBLASLt, TFLOP/s.
     pub gemm_tflops: f64,
     /// FP8 (E4M3 × E4M3, per-row × per-channel scales) GEMM 8192³ through cuBLASLt, TFLOP/s:
-    /// the rate of the W8A8 path; `None` where cuBLASLt has no such algorithm.
+    /// the rate of the W8A8 path (activation quantiser and epilogue included); `None` where
+    /// cuBLASLt has no FP8 algorithm.
     pub fp8_tflops: Option<f64>,
+    /// The W8A8 path that rate was measured on (`outer-vec` or `split-scale`,
+    /// `ops::gemm_w8a8::W8a8Path`).
+    pub fp8_path: Option<&'static str>,
 }
 
 /// Work one forward must do: FLOPs and the fewest bytes (weights read once).
@@ -137,24 +141,34 @@ pub mod gpu {
         let t = Stats::of(&times).median_ms;
         let gemm_tflops = 2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12;
         // Never fatal: a bf16 bench must not fail on the FP8 path.
-        let fp8_tflops = measure_fp8(gpu, &x, &w, &timer).unwrap_or_else(|e| {
-            eprintln!("note: FP8 GEMM ceiling not measured: {e}");
-            None
-        });
-        Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops, fp8_tflops })
+        let (fp8_tflops, fp8_path) = match measure_fp8(gpu, &x, &w, &timer) {
+            Ok(Some((r, p))) => (Some(r), Some(p.name())),
+            Ok(None) => (None, None),
+            Err(e) => {
+                eprintln!("note: FP8 GEMM ceiling not measured: {e}");
+                (None, None)
+            }
+        };
+        Ok(Ceilings { device: gpu.name.clone(), sm_count: gpu.sm_count, copy_gbps, gemm_tflops, fp8_tflops, fp8_path })
     }
 
-    /// The W8A8 GEMM (`ops::gemm_w8a8`) on the 8192² operands `x` and `w`, quantised once:
-    /// TFLOP/s (median of 10), or `None` where cuBLASLt cannot run it.
-    fn measure_fp8(gpu: &Arc<Gpu>, x: &crate::gpu::DTensor<bf16>, w: &crate::gpu::DTensor<bf16>, timer: &Timer) -> Result<Option<f64>> {
+    /// The W8A8 GEMM (`ops::gemm_w8a8`, the path `DEMASK_W8A8` allows, default the first
+    /// that runs) on the 8192² operands `x` and `w`, quantised once: TFLOP/s (median of 10)
+    /// and the path, or `None` where cuBLASLt cannot run it.
+    fn measure_fp8(
+        gpu: &Arc<Gpu>,
+        x: &crate::gpu::DTensor<bf16>,
+        w: &crate::gpu::DTensor<bf16>,
+        timer: &Timer,
+    ) -> Result<Option<(f64, crate::ops::gemm_w8a8::W8a8Path)>> {
         use crate::ops::{gemm_fp8::Fp8Weight, gemm_w8a8::W8a8};
         let m = x.rows();
         let wq = Fp8Weight::quantize(gpu, w, crate::quant::ScaleLayout::Channel)?;
         let mut y = gpu.alloc::<bf16>(&[m, m])?;
         let mut mm = W8a8::new(gpu, m, m)?;
-        if !mm.linear(gpu, m, x, &wq, None, &mut y)? {
+        let Some(path) = mm.linear(gpu, m, x, &wq, None, &mut y)? else {
             return Ok(None);
-        }
+        };
         let mut times = Vec::new();
         for _ in 0..10 {
             timer.start(gpu)?;
@@ -162,9 +176,10 @@ pub mod gpu {
             times.push(timer.stop_ms(gpu)? as f64);
         }
         // Includes the activation quantiser (reads 128 MB, writes 64 MB: ≈ 0.07 ms of ≈ 0.8),
-        // which is part of every W8A8 GEMM.
+        // which is part of every W8A8 GEMM, and on `split-scale` the scale epilogue (reads and
+        // writes 128 MB: ≈ 0.08 ms).
         let t = Stats::of(&times).median_ms;
-        Ok(Some(2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12))
+        Ok(Some((2.0 * (m * m * m) as f64 / (t * 1e-3) / 1e12, path)))
     }
 
     /// A decode-shaped batch: `batch` sequences of `len` positions, of which the `live` rows
@@ -484,7 +499,14 @@ mod tests {
 
     fn h100() -> Ceilings {
         // docs/bench.md's measured H100 ceilings.
-        Ceilings { device: "H100".into(), sm_count: 132, copy_gbps: 3030.0, gemm_tflops: 796.0, fp8_tflops: Some(1500.0) }
+        Ceilings {
+            device: "H100".into(),
+            sm_count: 132,
+            copy_gbps: 3030.0,
+            gemm_tflops: 796.0,
+            fp8_tflops: Some(1500.0),
+            fp8_path: Some("split-scale"),
+        }
     }
 
     #[test]

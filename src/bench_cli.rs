@@ -81,7 +81,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Linear-layer weights: bf16, fp8 (E4M3, per-output-channel scales) or fp8-block
-    /// (128×128 block scales); GPU only. The floor then counts the FP8 bytes.
+    /// (128×128 block scales); GPU only. The floor then counts the FP8 bytes. Decode workloads
+    /// take a list, e.g. bf16,fp8: every row for each format in turn, in one process and table.
     #[arg(long, default_value = "bf16")]
     pub weights: String,
 }
@@ -285,9 +286,25 @@ fn resolve_lengths(a: &BenchArgs, plan: &mut Plan) -> Result<Vec<usize>> {
 
 use demask::quant::WeightFormat;
 
-/// `--weights` parsed.
+/// `--weights` parsed: one format or a comma-separated list (each once).
+pub fn weight_formats(a: &BenchArgs) -> Result<Vec<WeightFormat>> {
+    let mut v: Vec<WeightFormat> = Vec::new();
+    for s in a.weights.split(',').map(str::trim) {
+        let f: WeightFormat = s.parse().map_err(|e| anyhow::anyhow!("--weights: {e}"))?;
+        if v.contains(&f) {
+            bail!("--weights {}: {f} is listed twice", a.weights);
+        }
+        v.push(f);
+    }
+    Ok(v)
+}
+
+/// `--weights` as one format (W4 forwards take one).
 pub fn weight_format(a: &BenchArgs) -> Result<WeightFormat> {
-    a.weights.parse().map_err(|e| anyhow::anyhow!("--weights: {e}"))
+    match weight_formats(a)?[..] {
+        [f] => Ok(f),
+        _ => bail!("--weights {}: a list of formats applies to the decode workloads; W4 takes one", a.weights),
+    }
 }
 
 /// The model column of a table row: the preset, with the weight format when not bf16.
@@ -302,8 +319,8 @@ pub fn model_label(name: &str, format: WeightFormat) -> String {
 pub fn run(a: BenchArgs) -> Result<()> {
     let workload = check_args(&a)?;
     let device = pick_device(&a.device)?;
-    let format = weight_format(&a)?;
-    if device.is_cpu() && format != WeightFormat::Bf16 {
+    let formats = weight_formats(&a)?;
+    if let Some(format) = formats.iter().find(|&&f| f != WeightFormat::Bf16).filter(|_| device.is_cpu()) {
         bail!("--weights {format}: FP8 weights run on the GPU only (drop --weights or run on a GPU)");
     }
     if device.is_cpu() && !a.variant.is_empty() {
@@ -313,6 +330,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if workload != "w4" {
         return crate::bench_decode::run(&a, &workload, device, plan);
     }
+    weight_format(&a)?;
     let lengths = resolve_lengths(&a, &mut plan)?;
     let batches = if a.batch.is_empty() { vec![1] } else { a.batch.clone() };
     // The CPU backend is ~1000x slower than a GPU: fewer forwards by default, said so.
@@ -426,7 +444,7 @@ fn bench_gpu(
     eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
     eprintln!("measuring ceilings...");
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
-    eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s")));
+    eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s ({})", ceil.fp8_path.unwrap_or("?"))));
     let t0 = Instant::now();
     let cfg = plan.cfg.clone();
     let format = weight_format(a)?;

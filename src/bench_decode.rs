@@ -106,19 +106,39 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
     use demask::engine::{Engine, EngineOptions};
     let specs = decode_specs(a, w, &plan)?;
     let warmup = a.warmup.unwrap_or(3);
-    // The device whose memory use the table reports (None on the CPU).
-    #[cfg(feature = "cuda")]
-    let mem_gpu = match &device {
-        Device::Cuda(g) => Some(g.clone()),
-        Device::Cpu => None,
+    // `--weights bf16,fp8`: every spec for each format in turn, one engine at a time.
+    let formats = crate::bench_cli::weight_formats(a)?;
+    let mut rows = Vec::new();
+    // Runs every spec on `engine` into `rows` (device memory in use from `mem`, on the GPU).
+    let mut run_specs = |engine: &mut Engine,
+                         ceil: Option<&bench::Ceilings>,
+                         format: demask::quant::WeightFormat,
+                         mem: Option<&dyn Fn() -> Result<usize>>|
+     -> Result<()> {
+        for spec in &specs {
+            eprintln!(
+                "{} batch {} prompt {} gen {} block {} {} cache {} weights {format}...",
+                spec.workload, spec.batch, spec.prompt_len, spec.gen_len, spec.block_len, spec.policy, spec.cache
+            );
+            let mut r = bench::run_decode(engine, spec, warmup, ceil)?;
+            r.model = crate::bench_cli::model_label(&plan.name, format);
+            if let Some(m) = mem {
+                r.peak_mem_bytes = Some(m()?);
+            }
+            rows.push(r);
+        }
+        Ok(())
     };
-    let (mut engine, ceilings) = match device {
+    let ceilings = match device {
         Device::Cpu => {
             let weights = match &a.model {
                 Some(dir) => demask::weights::HostWeights::load(dir)?,
                 None => demask::checkpoint::random_weights(&plan.cfg, a.seed),
             };
-            (Engine::from_weights(weights, None, EngineOptions::default())?, None)
+            let mut engine = Engine::from_weights(weights, None, EngineOptions::default())?;
+            // bf16 only (bench_cli refuses FP8 on the CPU).
+            run_specs(&mut engine, None, formats[0], None)?;
+            None
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(gpu) => {
@@ -129,40 +149,35 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             let max_block = specs.iter().map(|s| s.block_len).max().unwrap_or(1);
             eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
             let ceil = bench::gpu::measure_ceilings(&gpu)?;
-            eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s")));
-            let cfg = plan.cfg.clone();
-            let format = crate::bench_cli::weight_format(a)?;
-            let weights = match &a.model {
-                Some(dir) => GpuWeights::upload_as(&gpu, &demask::weights::HostWeights::load(dir)?, format)?,
-                None => GpuWeights::synthesize_as(&gpu, &cfg, a.seed, format)?,
-            };
-            eprintln!("weights: {} ({format}), {:.2} GB on the device", plan.name, weights.bytes() as f64 / 1e9);
-            let rows = max_batch * max_len;
-            let cap = Capacity { rows, logit_rows: max_batch * max_block, cache_rows: rows, seqs: max_batch };
-            let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+            eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s ({})", ceil.fp8_path.unwrap_or("?"))));
             let variants = crate::bench_cli::parse_variants(&a.variant)?;
-            variants.apply(stepper.model_mut());
-            eprintln!("variants: {}", variants.describe());
-            let opts = EngineOptions { max_batch, max_rows: rows, ..Default::default() };
-            let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
-            (Engine::with_backend(Box::new(stepper), None, dev, &opts), Some(ceil))
+            let mem = || -> Result<usize> {
+                let (free, total) = gpu.mem_info()?;
+                Ok(total - free)
+            };
+            for &format in &formats {
+                let cfg = plan.cfg.clone();
+                let weights = match &a.model {
+                    Some(dir) => GpuWeights::upload_as(&gpu, &demask::weights::HostWeights::load(dir)?, format)?,
+                    None => GpuWeights::synthesize_as(&gpu, &cfg, a.seed, format)?,
+                };
+                eprintln!("weights: {} ({format}), {:.2} GB on the device", plan.name, weights.bytes() as f64 / 1e9);
+                let rows_cap = max_batch * max_len;
+                let cap = Capacity { rows: rows_cap, logit_rows: max_batch * max_block, cache_rows: rows_cap, seqs: max_batch };
+                let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
+                variants.apply(stepper.model_mut());
+                eprintln!("variants: {}", variants.describe());
+                let opts = EngineOptions { max_batch, max_rows: rows_cap, ..Default::default() };
+                let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
+                let mut engine = Engine::with_backend(Box::new(stepper), None, dev, &opts);
+                run_specs(&mut engine, Some(&ceil), format, Some(&mem))?;
+                // The engine (weights, KV cache, workspace) is freed before the next format's.
+                drop(engine);
+                gpu.synchronize()?;
+            }
+            Some(ceil)
         }
     };
-    let mut rows = Vec::new();
-    for spec in &specs {
-        eprintln!(
-            "{} batch {} prompt {} gen {} block {} {} cache {}...",
-            spec.workload, spec.batch, spec.prompt_len, spec.gen_len, spec.block_len, spec.policy, spec.cache
-        );
-        let mut r = bench::run_decode(&mut engine, spec, warmup, ceilings.as_ref())?;
-        r.model = crate::bench_cli::model_label(&plan.name, crate::bench_cli::weight_format(a)?);
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &mem_gpu {
-            let (free, total) = g.mem_info()?;
-            r.peak_mem_bytes = Some(total - free);
-        }
-        rows.push(r);
-    }
     if let Some(c) = &ceilings {
         println!("device: {}; copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", c.device, c.copy_gbps, c.gemm_tflops);
     }

@@ -2,6 +2,8 @@
 //! an E4M3 weight ([`Fp8Matrix`]), computed in f32 exactly as the kernel defines it: the MMA
 //! operand and epilogue factor of `Fp8Matrix::mma_operands` (per-channel: codes, then × s[n];
 //! block: `bf16(q · bf16(s))`), f32 accumulation, then the bias.
+use half::bf16;
+
 use crate::quant::Fp8Matrix;
 
 /// `x` is `[t, k]` (bf16 values as f32), `y` is `[t, n]`, `bias` `[n]`.
@@ -41,6 +43,45 @@ pub fn linear_w8a8(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]
             *v = *v * xq.scales[r] * w.scales[c] + bias.map_or(0.0, |b| b[c]);
         }
     }
+}
+
+/// Reference of the `split-scale` epilogue (`w8a8_scale_bf16` in kernels/gemm_w8a8.cu), bit
+/// for bit: `y[r, c] = bf16(fma(sx[r]·sw[c], d[r, c], bias[c]))`, or `bf16((sx[r]·sw[c])·d[r, c])`
+/// without a bias (`sx[r]·sw[c]` rounded to f32 first). `d` and `y` are `[t, n]`, values as f32.
+pub fn w8a8_scale(d: &[f32], sx: &[f32], sw: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    let n = sw.len();
+    assert_eq!(d.len(), y.len(), "cpu::w8a8_scale: d and y differ in size");
+    assert_eq!(d.len(), sx.len() * n, "cpu::w8a8_scale: d is not [{}, {n}]", sx.len());
+    for (r, (yr, dr)) in y.chunks_mut(n).zip(d.chunks(n)).enumerate() {
+        for (c, (o, &v)) in yr.iter_mut().zip(dr).enumerate() {
+            let s = sx[r] * sw[c];
+            let v = match bias {
+                Some(b) => s.mul_add(v, b[c]),
+                None => s * v,
+            };
+            *o = bf16::from_f32(v).to_f32();
+        }
+    }
+}
+
+/// Reference of the W8A8 `split-scale` path as a whole: the rows of `x` quantised as in
+/// [`linear_w8a8`], the f32 product of the codes rounded to bf16 (cuBLASLt's unscaled bf16
+/// output), then [`w8a8_scale`]. It differs from [`linear_w8a8`] by two bf16 roundings: at most
+/// 2⁻⁸ of |Σ·sx·sw| and 2⁻⁸ of |y| (plus f32 noise).
+pub fn linear_w8a8_split(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    assert_eq!(w.layout, crate::quant::ScaleLayout::Channel, "cpu::linear_w8a8_split: channel scales only");
+    let k = w.k;
+    let t = x.len() / k;
+    let xq = Fp8Matrix::quantize("x", x, t, k, crate::quant::ScaleLayout::Channel).expect("finite activations");
+    let table = crate::quant::e4m3_table();
+    let xd: Vec<f32> = xq.q.iter().map(|&b| table[b as usize]).collect();
+    let wd: Vec<f32> = w.q.iter().map(|&b| table[b as usize]).collect();
+    let mut d = vec![0f32; y.len()];
+    super::gemm::linear(&xd, &wd, None, k, &mut d);
+    for v in d.iter_mut() {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+    w8a8_scale(&d, &xq.scales, &w.scales, bias, y);
 }
 
 #[cfg(test)]
@@ -101,6 +142,49 @@ mod tests {
         for (p, q) in c.iter().zip(&d) {
             assert!((p - q).abs() <= 1e-3 * q.abs().max(1.0), "{p} vs {q}");
         }
+    }
+
+    #[test]
+    fn split_scale_is_within_two_bf16_roundings_of_the_w8a8_product() {
+        // Random operands (never zeros), a bias large enough to cancel some products: the split
+        // path's result differs from the single-rounding reference by at most 2⁻⁸·|p| (the
+        // bf16 product) + 2⁻⁸·|y| (the output), p the product before the bias; and it is not
+        // identical (the extra rounding is really there).
+        use rand::{rngs::StdRng, SeedableRng};
+        use rand_distr::{Distribution, Normal};
+        let (t, n, k) = (5, 48, 272);
+        let mut rng = StdRng::seed_from_u64(17);
+        let nd = Normal::new(0.0f32, 1.0).unwrap();
+        let w: Vec<f32> = (0..n * k).map(|_| nd.sample(&mut rng) / (k as f32).sqrt()).collect();
+        let x: Vec<f32> = (0..t * k).map(|_| bf16::from_f32(nd.sample(&mut rng)).to_f32()).collect();
+        let bias: Vec<f32> = (0..n).map(|_| bf16::from_f32(0.5 * nd.sample(&mut rng)).to_f32()).collect();
+        let m = Fp8Matrix::quantize("w", &w, n, k, ScaleLayout::Channel).unwrap();
+        for b in [None, Some(&bias[..])] {
+            let (mut one, mut two) = (vec![0f32; t * n], vec![0f32; t * n]);
+            linear_w8a8(&x, &m, b, &mut one);
+            linear_w8a8_split(&x, &m, b, &mut two);
+            let mut same = 0;
+            for (i, (&y, &g)) in one.iter().zip(&two).enumerate() {
+                let p = y - b.map_or(0.0, |b| b[i % n]);
+                let tol = 2f32.powi(-8) * (p.abs() + y.abs()) + 1e-5;
+                assert!((g - y).abs() <= tol, "bias {} [{}, {}]: {g} vs {y}", b.is_some(), i / n, i % n);
+                same += (g == y) as usize;
+            }
+            assert!(same < t * n, "bias {}: no rounding happened", b.is_some());
+        }
+    }
+
+    #[test]
+    fn scale_epilogue_hand_case() {
+        // s = sx·sw rounded to f32, one fma with the bias, one bf16 rounding.
+        let d = [3.0f32, -1.5, 0.25, 1000.0];
+        let (sx, sw) = ([0.5f32, 2.0], [0.1f32, 3.0]);
+        let mut y = [0f32; 4];
+        w8a8_scale(&d, &sx, &sw, Some(&[1.0, -1.0]), &mut y);
+        let r = |v: f32| bf16::from_f32(v).to_f32();
+        assert_eq!(y, [r((0.5f32 * 0.1).mul_add(3.0, 1.0)), r(-1.5 * 1.5 - 1.0), r((2.0f32 * 0.1).mul_add(0.25, 1.0)), r(6000.0 - 1.0)]);
+        w8a8_scale(&d, &sx, &sw, None, &mut y);
+        assert_eq!(y, [r(0.5f32 * 0.1 * 3.0), -2.25, r(2.0f32 * 0.1 * 0.25), 6016.0]); // 6000 ties to even
     }
 
     #[test]

@@ -46,10 +46,10 @@ struct Plan {
 }
 
 /// Most heuristic candidates timed at a shape's first call.
-const MAX_TUNE_CANDIDATES: usize = 64;
+pub(crate) const MAX_TUNE_CANDIDATES: usize = 64;
 
 /// Candidates to time: `DEMASK_GEMM_TUNE=<n>` (0 or 1: keep the heuristic's first), default 16.
-fn tune_candidates() -> usize {
+pub(crate) fn tune_candidates() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
         std::env::var("DEMASK_GEMM_TUNE")

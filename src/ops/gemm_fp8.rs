@@ -5,7 +5,7 @@
 //! The kernel is the skinny GEMM's design (`ops::gemm`: 128-row slabs, cluster split-K over
 //! 128-column stages) for t ≤ 64 rows. Larger row counts (a full-canvas refresh step) run it
 //! on successive 64-row chunks, reading W once per chunk: correct, but ⌈t/64⌉ weight reads;
-//! [`linear_any`] sends them to the W8A8 path (`ops::gemm_w8a8`) where it applies.
+//! [`linear_any`] sends them to the W8A8 paths (`ops::gemm_w8a8`) where one applies.
 //! [`Fp8Weight::quantize`] quantises a device bf16 weight in place of the host path (for
 //! weights synthesised on the GPU), with the same scales and codes as `quant::Fp8Matrix`.
 use cudarc::driver::PushKernelArg;
@@ -351,8 +351,8 @@ impl LinearWeight {
 }
 
 /// `ops::gemm::linear` (bf16, by `variant`), or for FP8 weights the W8A16 kernel up to 64
-/// rows and above that the W8A8 path (`w8a8`, where it takes the shape; else the W8A16 kernel
-/// in 64-row chunks).
+/// rows and above that the W8A8 path (`w8a8`, where it takes the shape: `outer-vec` or
+/// `split-scale`, see `ops::gemm_w8a8`; else the W8A16 kernel in 64-row chunks).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_any<Y: GemmOut>(
     gpu: &Gpu,
@@ -369,7 +369,7 @@ pub fn linear_any<Y: GemmOut>(
         LinearWeight::Fp8(w) => {
             if t > SKINNY_ROW_LIMIT {
                 if let Some(m) = w8a8.filter(|m| m.takes::<Y>(t, w, bias.is_some())) {
-                    if m.linear(gpu, t, x, w, bias, y)? {
+                    if m.linear(gpu, t, x, w, bias, y)?.is_some() {
                         return Ok(());
                     }
                 }
@@ -379,8 +379,9 @@ pub fn linear_any<Y: GemmOut>(
     }
 }
 
-/// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or above 64 rows the
-/// W8A8 GEMM into `gu` followed by `ops::swiglu` where `w8a8` takes the shape.
+/// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or above 64 rows
+/// `W8a8::linear_swiglu` where `w8a8` takes the shape (the GEMM into `gu`, then `ops::swiglu`
+/// or, on the `split-scale` path, the fused scale + SwiGLU epilogue into `act`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_swiglu_any(
     gpu: &Gpu,
@@ -396,9 +397,9 @@ pub fn linear_swiglu_any(
         LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
         LinearWeight::Fp8(w) => {
             if t > SKINNY_ROW_LIMIT {
-                if let Some(m) = w8a8.filter(|m| m.takes::<bf16>(t, w, false)) {
-                    if m.linear(gpu, t, x, w, None, gu)? {
-                        return crate::ops::swiglu::swiglu(gpu, t, gu, act);
+                if let Some(m) = w8a8.filter(|m| m.takes_swiglu(t, w)) {
+                    if m.linear_swiglu(gpu, t, x, w, gu, act)?.is_some() {
+                        return Ok(());
                     }
                 }
             }

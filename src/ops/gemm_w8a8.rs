@@ -1,24 +1,144 @@
 //! W8A8 for large row counts (a full-canvas step, batched decoding): the activations are
 //! quantised per row to E4M3 (`quantize_rows_fp8_bf16` in kernels/gemm_fp8.cu, scale
-//! `max|x[r, :]| / 448`, as the host quantiser) and multiplied with the FP8 weight by
-//! cuBLASLt's FP8 tensor-core GEMM with per-row × per-channel outer-vector scales
-//! (`gpu::gemm_fp8lt`). [`W8a8`] owns the quantised-activation scratch (allocated once, for
-//! the model's row capacity) and the cuBLASLt plans.
+//! `sx[r] = max|x[r, :]| / 448`, as the host quantiser) and multiplied with the channel-scaled
+//! FP8 weight on cuBLASLt's FP8 tensor cores. Since the row scale and the channel scale factor
+//! out of the dot product, `y[r, c] = sx[r] · sw[c] · Σ_k qx[r, k] · qw[c, k] (+ bias[c])`, and
+//! [`W8a8`] runs it by the first of these paths ([`W8a8Path`]) that this cuBLASLt offers:
 //!
-//! Channel-scaled weights and bf16 output only. Block-scaled weights, f32 output, or a
-//! cuBLASLt without outer-vector FP8 scaling (found at the first call: [`W8a8::supported`])
-//! take the W8A16 kernel in 64-row chunks instead (`ops::gemm_fp8`).
+//! 1. `outer-vec`: one cuBLASLt call with sx and sw as outer-vector scales and the bias in its
+//!    epilogue (`gpu::gemm_fp8lt::Fp8Lt::matmul_raw`; cuBLAS ≥ 12.9, and not on every GPU: the
+//!    H100 with the CUDA 13.0 cuBLASLt has no algorithm for it).
+//! 2. `split-scale`: cuBLASLt's plain FP8 GEMM (no scales, no bias) writes
+//!    `D = bf16(qx · qwᵀ)` into the output buffer itself, then `w8a8_scale_bf16`
+//!    (kernels/gemm_w8a8.cu) rewrites it in place as `bf16(sx[r]·sw[c]·D + bias[c])`; for the
+//!    gate|up projection `w8a8_scale_swiglu_bf16` applies the scales and SwiGLU in one pass
+//!    into `act` (bit-identical to the scale kernel followed by `ops::swiglu`).
+//! 3. Neither (block-scaled weights, an f32 output, k or n not as cuBLASLt's FP8 kernels need,
+//!    or no algorithm): [`W8a8::linear`] launches nothing and the caller runs the W8A16 kernel
+//!    in 64-row chunks (`ops::gemm_fp8`), reading W ⌈t/64⌉ times.
+//!
+//! Each path's support is probed at its first call (a cuBLASLt heuristic query) and
+//! remembered; [`W8a8Select`] (`DEMASK_W8A8=auto|outer-vec|split-scale|w8a16`, or
+//! [`W8a8::select`]) restricts the choice to one path, for tests and side-by-side timing.
+//!
+//! Why D is bf16 in the output buffer rather than f32 in a scratch buffer (LLaDA-8B, W2 batch
+//! 64: 64 × 32 = 2048 live rows; per layer the GEMMs write 25.2 M (QKV) + 8.4 M (O) + 50.3 M
+//! (gate|up) + 8.4 M (down) = 92.3 M values):
+//! - f32 D: the GEMM writes 4 B per value, the epilogue reads 4 and writes 2 (gate|up: reads 4
+//!   per value, writes `act`, half as many values, at 2): 503 MB of epilogue traffic per layer,
+//!   16.1 GB per step, ≈ 5.3 ms at 3.03 TB/s; plus a scratch of t × 24576 × 4 B (201 MB at
+//!   2048 rows, 3.2 GB for the 32768-row full-canvas steps of the same workload).
+//! - bf16 D: 2 B written by the GEMM (what the fused outer-vec path writes too), the epilogue
+//!   reads 2 and writes 2 in place (gate|up: the same bytes as the `ops::swiglu` pass that the
+//!   bf16 path runs anyway): 319 MB per layer, 10.2 GB per step, ≈ 3.4 ms, no scratch at all.
+//!   Against the bf16 model's own SwiGLU pass that is ≈ 1.8 ms more per 2048-row step, and
+//!   ≈ 3.7 ms for f32, on FP8 GEMMs of ≈ 19–20 ms (28.6 TFLOP at about twice the measured
+//!   735 TFLOP/s of bf16).
+//! - Precision: bf16 D rounds twice (the product, then the scaled value; ≤ 2⁻⁸ relative each)
+//!   where f32 D (and a fused outer-vector epilogue) rounds once. Both are far below the E4M3
+//!   rounding of the activations (≤ 2⁻⁴ relative per element) that W8A8 already accepts.
+//!
+//! So bf16 (≈ 2 ms per step and all the scratch memory saved, for one extra bf16 rounding).
+//! [`W8a8`] owns the quantised-activation scratch (allocated once, for the model's row
+//! capacity) and the cuBLASLt handle, workspace and plans; a call allocates nothing and is
+//! CUDA-graph capturable once its shape has run eagerly (plans made and timed).
+use std::str::FromStr;
+
 use cudarc::driver::PushKernelArg;
 use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::gpu::gemm::{GemmOut, OutType};
-use crate::gpu::gemm_fp8lt::Fp8Lt;
+use crate::gpu::gemm_fp8lt::{no_algorithm, Fp8Lt};
+use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{drv, DTensor, Gpu};
 use crate::ops::gemm_fp8::Fp8Weight;
 use crate::quant::ScaleLayout;
 
 const OP: &str = "gemm_w8a8";
+/// Block size of the epilogue kernels (`W8_THREADS`), halved when the grid is small.
+const THREADS: u32 = 256;
+/// 16-byte vectors per thread (`W8_VPT`).
+const VPT: usize = 2;
+
+/// How [`W8a8`] ran a GEMM (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W8a8Path {
+    /// cuBLASLt FP8 with outer-vector scales (and bias) in its epilogue.
+    OuterVec,
+    /// cuBLASLt's plain FP8 GEMM into the output, then `w8a8_scale_bf16` /
+    /// `w8a8_scale_swiglu_bf16`.
+    SplitScale,
+}
+
+impl W8a8Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            W8a8Path::OuterVec => "outer-vec",
+            W8a8Path::SplitScale => "split-scale",
+        }
+    }
+}
+
+/// Which paths a [`W8a8`] may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W8a8Select {
+    /// `outer-vec` where cuBLASLt offers it, else `split-scale`, else the W8A16 fallback.
+    Auto,
+    /// Only `outer-vec` (else the fallback).
+    OuterVec,
+    /// Only `split-scale` (else the fallback).
+    SplitScale,
+    /// Neither: every call falls back to the chunked W8A16 kernel.
+    W8a16,
+}
+
+impl W8a8Select {
+    pub const ALL: [W8a8Select; 4] = [W8a8Select::Auto, W8a8Select::OuterVec, W8a8Select::SplitScale, W8a8Select::W8a16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            W8a8Select::Auto => "auto",
+            W8a8Select::OuterVec => "outer-vec",
+            W8a8Select::SplitScale => "split-scale",
+            W8a8Select::W8a16 => "w8a16",
+        }
+    }
+
+    /// The paths it allows, in the order they are tried.
+    fn paths(self) -> &'static [W8a8Path] {
+        match self {
+            W8a8Select::Auto => &[W8a8Path::OuterVec, W8a8Path::SplitScale],
+            W8a8Select::OuterVec => &[W8a8Path::OuterVec],
+            W8a8Select::SplitScale => &[W8a8Path::SplitScale],
+            W8a8Select::W8a16 => &[],
+        }
+    }
+
+    /// `DEMASK_W8A8` (unset: `auto`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("DEMASK_W8A8") {
+            Ok(v) => v.parse().map_err(|e: Error| Error::bad_input(format!("DEMASK_W8A8: {e}"))),
+            Err(_) => Ok(W8a8Select::Auto),
+        }
+    }
+}
+
+impl FromStr for W8a8Select {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        W8a8Select::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| Error::bad_input(format!("unknown W8A8 path `{s}` (expected auto, outer-vec, split-scale or w8a16)")))
+    }
+}
+
+impl std::fmt::Display for W8a8Select {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Mirrors `struct RowQuantParams` in kernels/gemm_fp8.cu.
 #[repr(C)]
@@ -32,6 +152,34 @@ struct RowQuantParams {
 }
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for RowQuantParams {}
+
+/// Mirrors `struct W8a8ScaleParams` in kernels/gemm_w8a8.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ScaleParams {
+    y: u64,    // bf16* [>= t, n]
+    sx: u64,   // const float* [>= t]
+    sw: u64,   // const float* [n]
+    bias: u64, // const bf16* [n] or nullptr
+    t: i32,    // int
+    n: i32,    // int
+}
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+unsafe impl cudarc::driver::DeviceRepr for ScaleParams {}
+
+/// Mirrors `struct W8a8SwigluParams` in kernels/gemm_w8a8.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SwigluParams {
+    gu: u64,  // const bf16* [>= t, 2·ffn]
+    act: u64, // bf16* [>= t, ffn]
+    sx: u64,  // const float* [>= t]
+    sw: u64,  // const float* [2·ffn]
+    t: i32,   // int
+    ffn: i32, // int
+}
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 
 /// Quantises rows `0..t` of `x` (`[>= t, k]` bf16) into `q` (at least `t · k` codes, row
 /// stride k) and `s` (at least `t` scales).
@@ -64,67 +212,253 @@ pub fn quantize_rows(gpu: &Gpu, t: usize, x: &DTensor<bf16>, q: &mut DTensor<u8>
     gpu.after_launch("quantize_rows_fp8_bf16")
 }
 
+/// Grid and block of an epilogue over `t` rows of `vpr` 16-byte vectors (as `ops::swiglu`).
+fn epilogue_launch(gpu: &Gpu, sym: &str, t: usize, vpr: usize) -> Result<LaunchEx> {
+    let threads = if t * vpr.div_ceil(THREADS as usize * VPT) >= 2 * gpu.sm_count { THREADS } else { THREADS / 2 };
+    let chunks = vpr.div_ceil(threads as usize * VPT);
+    if t > i32::MAX as usize || 16 * vpr > i32::MAX as usize || chunks > 65535 {
+        return Err(Error::bad_input(format!("{sym}: {t} rows of {} values is too large", 8 * vpr)));
+    }
+    Ok(LaunchEx { grid: (t as u32, chunks as u32, 1), block: (threads, 1, 1), smem: 0, cluster: None, pdl: true })
+}
+
+/// `y[r, c] = bf16(sx[r]·sw[c]·y[r, c] (+ bias[c]))` in place for rows `0..t` (addresses:
+/// y `[>= t, n]` bf16, sx `[>= t]`, sw `[n]` f32, bias `[n]` bf16). The caller checks shapes,
+/// `n % 8 == 0` and 16-byte alignment.
+fn scale_raw(gpu: &Gpu, t: usize, n: usize, y: u64, sx: u64, sw: u64, bias: Option<u64>) -> Result<()> {
+    if t == 0 {
+        return Ok(());
+    }
+    let sym = "w8a8_scale_bf16";
+    let lc = epilogue_launch(gpu, sym, t, n / 8)?;
+    let params = ScaleParams { y, sx, sw, bias: bias.unwrap_or(0), t: t as i32, n: n as i32 };
+    // SAFETY: params mirror W8a8ScaleParams; the caller checked y >= t rows of n (n % 8 == 0,
+    // 16-byte aligned), sx >= t, sw and bias n; block (r, c) touches row r < t and vectors
+    // < n / 8 only (the kernel checks).
+    unsafe { launch_ex(gpu, "gemm_w8a8", sym, lc, &params) }
+}
+
+/// `act[r, j] = bf16(bf16(silu(g))·u)` with `g = bf16(sx[r]·sw[j]·gu[r, j])`,
+/// `u = bf16(sx[r]·sw[ffn + j]·gu[r, ffn + j])` for rows `0..t` (addresses: gu `[>= t, 2·ffn]`,
+/// act `[>= t, ffn]` bf16, sx `[>= t]`, sw `[2·ffn]`). The caller checks shapes,
+/// `ffn % 8 == 0` and alignment.
+fn scale_swiglu_raw(gpu: &Gpu, t: usize, ffn: usize, gu: u64, act: u64, sx: u64, sw: u64) -> Result<()> {
+    if t == 0 {
+        return Ok(());
+    }
+    let sym = "w8a8_scale_swiglu_bf16";
+    let lc = epilogue_launch(gpu, sym, t, ffn / 8)?;
+    let params = SwigluParams { gu, act, sx, sw, t: t as i32, ffn: ffn as i32 };
+    // SAFETY: params mirror W8a8SwigluParams; the caller checked gu >= t rows of 2·ffn, act
+    // >= t rows of ffn (ffn % 8 == 0, 16-byte aligned), sx >= t, sw 2·ffn; block (r, c)
+    // touches row r < t and vectors < ffn / 8 only.
+    unsafe { launch_ex(gpu, "gemm_w8a8", sym, lc, &params) }
+}
+
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+fn check_scales(op: &str, t: usize, n: usize, sx: &DTensor<f32>, sw: &DTensor<f32>) -> Result<()> {
+    if sx.len() < t {
+        return Err(Error::shape(op, "sx", &[t], &sx.dims));
+    }
+    if sw.len() != n {
+        return Err(Error::shape(op, "sw", &[n], &sw.dims));
+    }
+    Ok(())
+}
+
+/// The `split-scale` epilogue on its own (tests): `y[0..t] = bf16(sx[r]·sw[c]·y + bias[c])` in
+/// place; y `[>= t, n]` with n % 8 == 0, sx `[>= t]`, sw `[n]`, bias `[n]`.
+pub fn scale_rows_cols(
+    gpu: &Gpu,
+    t: usize,
+    y: &mut DTensor<bf16>,
+    sx: &DTensor<f32>,
+    sw: &DTensor<f32>,
+    bias: Option<&DTensor<bf16>>,
+) -> Result<()> {
+    const SOP: &str = "w8a8_scale";
+    let n = y.row_len();
+    if n == 0 || !n.is_multiple_of(8) {
+        return Err(Error::bad_input(format!("{SOP}: tensor `y` {:?}: rows must be a nonzero multiple of 8", y.dims)));
+    }
+    y.check_rows(SOP, "y", t, n)?;
+    check_scales(SOP, t, n, sx, sw)?;
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(Error::shape(SOP, "bias", &[n], &b.dims));
+        }
+    }
+    let (yp, sxp, swp, bp) = (y.ptr_mut(gpu), sx.ptr(gpu), sw.ptr(gpu), bias.map(|b| b.ptr(gpu)));
+    if !aligned16(&[yp, swp, bp.unwrap_or(0)]) {
+        return Err(Error::bad_input(format!("{SOP}: y, sw and bias must be 16-byte aligned")));
+    }
+    scale_raw(gpu, t, n, yp, sxp, swp, bp)
+}
+
+/// The fused `split-scale` SwiGLU epilogue on its own (tests): `act[0..t]` from the unscaled
+/// gate|up product `gu` `[>= t, 2·ffn]`, sx `[>= t]`, sw `[2·ffn]`; ffn % 8 == 0.
+pub fn scale_swiglu(
+    gpu: &Gpu,
+    t: usize,
+    gu: &DTensor<bf16>,
+    sx: &DTensor<f32>,
+    sw: &DTensor<f32>,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    const SOP: &str = "w8a8_scale_swiglu";
+    let ffn = act.row_len();
+    if ffn == 0 || !ffn.is_multiple_of(8) {
+        return Err(Error::bad_input(format!("{SOP}: tensor `act` {:?}: ffn must be a nonzero multiple of 8", act.dims)));
+    }
+    act.check_rows(SOP, "act", t, ffn)?;
+    gu.check_rows(SOP, "gu", t, 2 * ffn)?;
+    check_scales(SOP, t, 2 * ffn, sx, sw)?;
+    let (gp, ap, sxp, swp) = (gu.ptr(gpu), act.ptr_mut(gpu), sx.ptr(gpu), sw.ptr(gpu));
+    if !aligned16(&[gp, ap, swp]) {
+        return Err(Error::bad_input(format!("{SOP}: gu, act and sw must be 16-byte aligned")));
+    }
+    scale_swiglu_raw(gpu, t, ffn, gp, ap, sxp, swp)
+}
+
 /// Scratch and cuBLASLt state of the W8A8 path for up to `rows` rows of up to `k_max` columns.
 pub struct W8a8 {
     lt: Fp8Lt,
     xq: DTensor<u8>,
     sx: DTensor<f32>,
     k_max: usize,
-    /// Without and with the bias epilogue: `None` until the first GEMM of that kind;
-    /// `Some(false)` when cuBLASLt has no FP8 algorithm with outer-vector scales for it (then
-    /// those calls fall back to the chunked W8A16 kernel).
-    supported: [Option<bool>; 2],
+    select: W8a8Select,
+    /// `outer-vec` without and with the bias epilogue, then `split-scale`: `None` until the
+    /// path's first GEMM; `Some(false)` when cuBLASLt had no algorithm for that first GEMM.
+    supported: [Option<bool>; 3],
+    /// The path of the last call (`None`: it fell back).
+    last: Option<W8a8Path>,
+    /// Why the last path refused the last call that fell back through it (cuBLASLt's message).
+    refused: Option<String>,
 }
 
 impl W8a8 {
+    /// Scratch for `rows` rows of up to `k_max` columns; paths from `DEMASK_W8A8` (default
+    /// `auto`).
     pub fn new(gpu: &Gpu, rows: usize, k_max: usize) -> Result<Self> {
-        Ok(W8a8 { lt: Fp8Lt::new(gpu)?, xq: gpu.alloc(&[rows.max(1), k_max])?, sx: gpu.alloc(&[rows.max(1)])?, k_max, supported: [None; 2] })
+        Ok(W8a8 {
+            lt: Fp8Lt::new(gpu)?,
+            xq: gpu.alloc(&[rows.max(1), k_max])?,
+            sx: gpu.alloc(&[rows.max(1)])?,
+            k_max,
+            select: W8a8Select::from_env()?,
+            supported: [None; 3],
+            last: None,
+            refused: None,
+        })
     }
 
-    /// Whether the cuBLASLt FP8 path runs here, without a bias (`None`: not tried yet).
-    pub fn supported(&self) -> Option<bool> {
-        self.supported[0]
+    /// Restricts the paths (see [`W8a8Select`]).
+    pub fn select(&mut self, s: W8a8Select) {
+        self.select = s;
     }
-    /// The same with the bias epilogue (Dream's q|k|v projection).
-    pub fn supported_with_bias(&self) -> Option<bool> {
-        self.supported[1]
+    pub fn selected(&self) -> W8a8Select {
+        self.select
+    }
+
+    fn probe_index(path: W8a8Path, bias: bool) -> usize {
+        match path {
+            W8a8Path::OuterVec => bias as usize,
+            W8a8Path::SplitScale => 2,
+        }
+    }
+
+    /// Whether `path` runs here (`None`: not tried yet); `bias` asks about the outer-vec
+    /// path's bias epilogue (the split path adds the bias itself).
+    pub fn supported(&self, path: W8a8Path, bias: bool) -> Option<bool> {
+        self.supported[Self::probe_index(path, bias)]
+    }
+
+    /// The path of the last [`W8a8::linear`] / [`W8a8::linear_swiglu`] (`None`: it fell back).
+    pub fn last_path(&self) -> Option<W8a8Path> {
+        self.last
+    }
+
+    /// cuBLASLt's reason for the last refusal of a path (no algorithm), if any.
+    pub fn refusal_reason(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// The paths that may run an `[n, k]` GEMM (shape rules of `split-scale`: n % 16 == 0;
+    /// both need k % 16 == 0, checked in [`W8a8::refusal`]).
+    fn candidates(&self, n: usize, bias: bool) -> impl Iterator<Item = W8a8Path> + '_ {
+        self.select.paths().iter().copied().filter(move |&p| {
+            self.supported(p, bias) != Some(false) && (p != W8a8Path::SplitScale || n.is_multiple_of(16))
+        })
+    }
+
+    /// Why [`W8a8::linear`] would not take `t` rows of `w` into a `Y` output with a bias or not
+    /// (`None`: it takes them, though cuBLASLt may still turn out to have no algorithm).
+    pub fn refusal<Y: GemmOut>(&self, t: usize, w: &Fp8Weight, bias: bool) -> Option<String> {
+        let (n, k) = (w.n(), w.k());
+        let why = if w.layout != ScaleLayout::Channel {
+            format!("needs channel scales (the weight has {} scales)", w.layout.name())
+        } else if Y::OUT != OutType::Bf16 {
+            "needs a bf16 output".to_string()
+        } else if t > self.sx.len() || k > self.k_max {
+            format!("needs t <= {} and k <= {} (its scratch)", self.sx.len(), self.k_max)
+        } else if !k.is_multiple_of(16) {
+            "cuBLASLt's FP8 GEMM needs k to be a multiple of 16".to_string()
+        } else if self.candidates(n, bias).next().is_none() {
+            let open: Vec<String> = self
+                .select
+                .paths()
+                .iter()
+                .map(|&p| match (p, self.supported(p, bias)) {
+                    (_, Some(false)) => format!("{}: cuBLASLt has no algorithm here", p.name()),
+                    (W8a8Path::SplitScale, _) => format!("{}: needs n to be a multiple of 16", p.name()),
+                    _ => format!("{}: refused", p.name()),
+                })
+                .collect();
+            if open.is_empty() {
+                format!("path selection `{}` runs the W8A16 kernel", self.select)
+            } else {
+                format!("no W8A8 path takes it ({})", open.join("; "))
+            }
+        } else {
+            return None;
+        };
+        Some(format!("{OP}: {t} rows of a {} weight [{n}, {k}] into a {:?} output: {why}", w.layout.name(), Y::OUT))
     }
 
     /// Whether [`W8a8::linear`] takes `t` rows of `w` into a `Y` output, with a bias or not
     /// (else the caller uses the W8A16 kernel).
     pub fn takes<Y: GemmOut>(&self, t: usize, w: &Fp8Weight, bias: bool) -> bool {
-        self.supported[bias as usize] != Some(false)
-            && w.layout == ScaleLayout::Channel
-            && Y::OUT == OutType::Bf16
-            && t <= self.sx.len()
-            && w.k() <= self.k_max
+        self.refusal::<Y>(t, w, bias).is_none()
     }
 
-    /// `y[0..t] = x[0..t] · dequant(w)ᵀ (+ bias)` with x quantised per row. Returns
-    /// `Ok(false)` (nothing launched) when cuBLASLt turns out to have no algorithm for it.
-    pub fn linear<Y: GemmOut>(
+    /// Whether [`W8a8::linear_swiglu`] takes `t` rows of the gate|up weight `w`.
+    pub fn takes_swiglu(&self, t: usize, w: &Fp8Weight) -> bool {
+        w.n().is_multiple_of(16) && self.takes::<bf16>(t, w, false)
+    }
+
+    /// Checks the operands, quantises `x[0..t]` and runs the GEMM by the first path that
+    /// cuBLASLt takes: `Some(OuterVec)` wrote the finished `y`, `Some(SplitScale)` the unscaled
+    /// product (`y` then needs its epilogue), `None` nothing (every path refused).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<Y: GemmOut>(
         &mut self,
         gpu: &Gpu,
         t: usize,
         x: &DTensor<bf16>,
         w: &Fp8Weight,
         bias: Option<&DTensor<bf16>>,
+        y_name: &str,
         y: &mut DTensor<Y>,
-    ) -> Result<bool> {
+    ) -> Result<Option<W8a8Path>> {
         let (n, k) = (w.n(), w.k());
-        let bi = bias.is_some() as usize;
-        if !self.takes::<Y>(t, w, bias.is_some()) {
-            return Err(Error::bad_input(format!(
-                "{OP}: {t} rows of a {:?} weight [{n}, {k}] into {:?} output: needs channel scales, bf16 output, \
-                 t <= {} and k <= {}",
-                w.layout,
-                Y::OUT,
-                self.sx.len(),
-                self.k_max
-            )));
+        if let Some(why) = self.refusal::<Y>(t, w, bias.is_some()) {
+            return Err(Error::bad_input(why));
         }
         x.check_rows(OP, "x", t, k)?;
-        y.check_rows(OP, "y", t, n)?;
+        y.check_rows(OP, y_name, t, n)?;
         if w.scales.dims != [n] {
             return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
         }
@@ -133,33 +467,119 @@ impl W8a8 {
                 return Err(Error::shape(OP, "bias", &[n], &b.dims));
             }
         }
-        if !k.is_multiple_of(16) {
-            return Err(Error::bad_input(format!("{OP}: k = {k} must be a multiple of 16")));
+        let (wq, sw, bp, yp) = (w.q.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)), y.ptr_mut(gpu));
+        if !aligned16(&[wq, sw, bp.unwrap_or(0), yp]) {
+            return Err(Error::bad_input(format!("{OP}: w, its scales, the bias and `{y_name}` must be 16-byte aligned")));
         }
         quantize_rows(gpu, t, x, &mut self.xq, &mut self.sx)?;
-        let r = self.lt.matmul_raw(
-            gpu,
-            t,
-            n,
-            k,
-            self.xq.ptr(gpu),
-            w.q.ptr(gpu),
-            self.sx.ptr(gpu),
-            w.scales.ptr(gpu),
-            bias.map(|b| b.ptr(gpu)),
-            y.ptr_mut(gpu),
-        );
-        match r {
-            Ok(()) => {
-                self.supported[bi] = Some(true);
-                Ok(true)
+        let (xq, sx) = (self.xq.ptr(gpu), self.sx.ptr(gpu));
+        let paths: [Option<W8a8Path>; 2] = {
+            let mut c = self.candidates(n, bias.is_some());
+            [c.next(), c.next()]
+        };
+        for path in paths.into_iter().flatten() {
+            let r = match path {
+                W8a8Path::OuterVec => self.lt.matmul_raw(gpu, t, n, k, xq, wq, sx, sw, bp, yp),
+                W8a8Path::SplitScale => self.lt.matmul_unscaled_raw(gpu, t, n, k, xq, wq, yp),
+            };
+            let probe = Self::probe_index(path, bias.is_some());
+            match r {
+                Ok(()) => {
+                    self.supported[probe] = Some(true);
+                    self.last = Some(path);
+                    return Ok(Some(path));
+                }
+                // No algorithm: never for this path if it is its first plan, and the next path
+                // (or the caller's fallback) for this call.
+                Err(e) if no_algorithm(&e) => {
+                    self.supported[probe].get_or_insert(false);
+                    self.refused = Some(e.to_string());
+                }
+                Err(e) => return Err(e),
             }
-            // No algorithm at the first plan: remember, and let the caller fall back.
-            Err(Error::Driver { op, .. }) if op.starts_with("cublasLtMatmulAlgoGetHeuristic") && self.supported[bi].is_none() => {
-                self.supported[bi] = Some(false);
-                Ok(false)
-            }
-            Err(e) => Err(e),
         }
+        self.last = None;
+        Ok(None)
+    }
+
+    /// `y[0..t] = x[0..t] · dequant(w)ᵀ (+ bias)` with x quantised per row. Returns the path
+    /// that ran, or `None` (nothing launched beyond the quantiser) when cuBLASLt turns out to
+    /// have no algorithm on any allowed path: the caller then runs the W8A16 kernel. Errors
+    /// when [`W8a8::refusal`] refuses the call or a shape is wrong.
+    pub fn linear<Y: GemmOut>(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        x: &DTensor<bf16>,
+        w: &Fp8Weight,
+        bias: Option<&DTensor<bf16>>,
+        y: &mut DTensor<Y>,
+    ) -> Result<Option<W8a8Path>> {
+        let path = self.gemm(gpu, t, x, w, bias, "y", y)?;
+        if path == Some(W8a8Path::SplitScale) {
+            scale_raw(gpu, t, w.n(), y.ptr_mut(gpu), self.sx.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)))?;
+        }
+        Ok(path)
+    }
+
+    /// The gate|up projection with SwiGLU: `act[0..t] = SwiGLU(x[0..t] · dequant(w_gate_up)ᵀ)`,
+    /// `gu` `[>= t, 2·ffn]` the GEMM's output (scratch), `act` `[>= t, ffn]`. `outer-vec` runs
+    /// `ops::swiglu` after the GEMM; `split-scale` applies scales and SwiGLU in one pass.
+    /// Returns as [`W8a8::linear`].
+    pub fn linear_swiglu(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        x: &DTensor<bf16>,
+        w_gate_up: &Fp8Weight,
+        gu: &mut DTensor<bf16>,
+        act: &mut DTensor<bf16>,
+    ) -> Result<Option<W8a8Path>> {
+        let n = w_gate_up.n();
+        let ffn = n / 2;
+        if !n.is_multiple_of(16) {
+            return Err(Error::bad_input(format!(
+                "{OP}: SwiGLU needs the gate|up weight's row count to be a multiple of 16, got {:?}",
+                w_gate_up.q.dims
+            )));
+        }
+        act.check_rows(OP, "act", t, ffn)?;
+        let path = self.gemm(gpu, t, x, w_gate_up, None, "gu", gu)?;
+        match path {
+            Some(W8a8Path::OuterVec) => crate::ops::swiglu::swiglu(gpu, t, gu, act)?,
+            Some(W8a8Path::SplitScale) => {
+                let (ap, sw) = (act.ptr_mut(gpu), w_gate_up.scales.ptr(gpu));
+                if !aligned16(&[ap]) {
+                    return Err(Error::bad_input(format!("{OP}: `act` must be 16-byte aligned")));
+                }
+                scale_swiglu_raw(gpu, t, ffn, gu.ptr(gpu), ap, self.sx.ptr(gpu), sw)?
+            }
+            None => {}
+        }
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_c_layout() {
+        assert_eq!(std::mem::size_of::<RowQuantParams>(), 32); // 3 pointers + 2 ints
+        assert_eq!(std::mem::size_of::<ScaleParams>(), 40); // 4 pointers + 2 ints
+        assert_eq!(std::mem::size_of::<SwigluParams>(), 40); // 4 pointers + 2 ints
+    }
+
+    #[test]
+    fn selections_parse_by_name() {
+        for s in W8a8Select::ALL {
+            assert_eq!(s.name().parse::<W8a8Select>().unwrap(), s);
+        }
+        let e = "cublaslt".parse::<W8a8Select>().unwrap_err().to_string();
+        assert!(e.contains("split-scale"), "{e}");
+        assert_eq!(W8a8Select::Auto.paths(), &[W8a8Path::OuterVec, W8a8Path::SplitScale]);
+        assert!(W8a8Select::W8a16.paths().is_empty());
+        assert_eq!(W8a8Path::SplitScale.name(), "split-scale");
     }
 }

@@ -1,6 +1,7 @@
 //! FP8 weights on the GPU (docs/fp8.md), one test binary (the GPU pack has a size budget):
 //! `gemm` the E4M3 encoder, device quantiser and W8A16 kernel against the CPU reference;
-//! `w8a8` the activation quantiser and cuBLASLt FP8 GEMM; `model` the whole model with FP8
+//! `w8a8` the activation quantiser, the cuBLASLt FP8 GEMM paths (`outer-vec`, `split-scale`) and
+//! the split path's epilogue kernels; `model` the whole model with FP8
 //! weights. Tests take one lock, so they run one at a time (timing tables, device-memory
 //! accounting). Each skips without a GPU and fails with `DEMASK_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]

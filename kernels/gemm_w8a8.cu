@@ -1,0 +1,122 @@
+// Epilogues of the W8A8 `split-scale` path (src/ops/gemm_w8a8.rs). cuBLASLt's plain FP8 GEMM
+// (no scales: the per-row × per-channel outer-vector scaling is not offered everywhere) writes
+// D[r, c] = bf16(Σ_k qx[r, k] · qw[c, k]) into the layer's output buffer; since the row scale
+// and the channel scale factor out of the dot product, these kernels finish the layer:
+//
+//   w8a8_scale_bf16         y[r, c] = bf16(s · D[r, c] + bias[c])   (in place; s · D without a bias)
+//   w8a8_scale_swiglu_bf16  act[r, j] = bf16(bf16(silu(g)) · u), g = bf16(s_g · D[r, j]),
+//                           u = bf16(s_u · D[r, ffn + j])            (gate | up → act)
+//
+// with s = sx[r] · sw[c] rounded to f32 first (`__fmul_rn`), the bias added by one fma
+// (`__fmaf_rn`), so `cpu::gemm_fp8::w8a8_scale` mirrors the first bit for bit. The second is
+// exactly the first (no bias) followed by swiglu_bf16 (the same silu expression), one pass
+// over gate|up instead of two. Layout as kernels/swiglu.cu: grid (rows, chunks), thread t of
+// block (r, c) takes the 16-byte vectors t + k·blockDim.x (k < W8_VPT) of chunk c of row r;
+// every access is 16 bytes. Requirements (checked by the wrapper): n % 8 == 0 (ffn % 8 == 0),
+// 16-byte aligned y, gu, act, bias and sw.
+#include "common.cuh"
+
+#define W8_THREADS 256  // largest block (THREADS in the wrapper)
+#define W8_VPT 2        // 16-byte vectors per thread (VPT in the wrapper)
+
+struct W8a8ScaleParams {
+    bf16* y;           // [>= t, n]: in the unscaled product D, out the layer output
+    const float* sx;   // [>= t] per-row activation scales
+    const float* sw;   // [n] per-channel weight scales
+    const bf16* bias;  // [n] or nullptr
+    int t;
+    int n;
+};
+
+struct W8a8SwigluParams {
+    const bf16* gu;    // [>= t, 2·ffn]: the unscaled product of gate | up
+    bf16* act;         // [>= t, ffn]
+    const float* sx;   // [>= t]
+    const float* sw;   // [2·ffn]: gate channel scales, then up
+    int t;
+    int ffn;
+};
+
+// sw[c .. c + 8) as floats (c a multiple of 8: two 16-byte loads).
+__device__ __forceinline__ void load_scales8(const float* s, float* f) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(s));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(s) + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
+    f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_bf16(const W8a8ScaleParams p) {
+    pdl_wait();
+    pdl_trigger();
+    const int vpr = p.n >> 3;
+    const int64_t r = blockIdx.x;
+    uint4* y4 = reinterpret_cast<uint4*>(p.y + r * p.n);
+    const float sx = p.sx[r];
+    const int c0 = blockIdx.y * (blockDim.x * W8_VPT) + threadIdx.x;
+    uint4 dr[W8_VPT];
+#pragma unroll
+    for (int k = 0; k < W8_VPT; ++k) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) dr[k] = y4[c];
+    }
+#pragma unroll
+    for (int k = 0; k < W8_VPT; ++k) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
+            float d[8], s[8], b[8];
+            load8(reinterpret_cast<const bf16*>(&dr[k]), d);
+            load_scales8(p.sw + 8 * c, s);
+            if (p.bias) load8(p.bias + 8 * c, b);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float sc = __fmul_rn(sx, s[i]);
+                d[i] = p.bias ? __fmaf_rn(sc, d[i], b[i]) : __fmul_rn(sc, d[i]);
+            }
+            uint4 o;
+            store8(reinterpret_cast<bf16*>(&o), d);  // packs in registers
+            y4[c] = o;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_swiglu_bf16(const W8a8SwigluParams p) {
+    pdl_wait();
+    pdl_trigger();
+    const int vpr = p.ffn >> 3;
+    const int64_t r = blockIdx.x;
+    const uint4* g4 = reinterpret_cast<const uint4*>(p.gu + r * 2 * p.ffn);
+    const uint4* u4 = g4 + vpr;
+    uint4* o4 = reinterpret_cast<uint4*>(p.act + r * p.ffn);
+    const float sx = p.sx[r];
+    const int c0 = blockIdx.y * (blockDim.x * W8_VPT) + threadIdx.x;
+    uint4 gr[W8_VPT], ur[W8_VPT];
+#pragma unroll
+    for (int k = 0; k < W8_VPT; ++k) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
+            gr[k] = __ldcs(g4 + c);  // dead after this kernel: streaming (evict-first)
+            ur[k] = __ldcs(u4 + c);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < W8_VPT; ++k) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
+            float g[8], u[8], sg[8], su[8], y[8];
+            load8(reinterpret_cast<const bf16*>(&gr[k]), g);
+            load8(reinterpret_cast<const bf16*>(&ur[k]), u);
+            load_scales8(p.sw + 8 * c, sg);
+            load_scales8(p.sw + p.ffn + 8 * c, su);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float gv = round_bf16(__fmul_rn(__fmul_rn(sx, sg[i]), g[i]));
+                const float uv = round_bf16(__fmul_rn(__fmul_rn(sx, su[i]), u[i]));
+                const float s = round_bf16(gv / (1.f + expf(-gv)));
+                y[i] = s * uv;
+            }
+            uint4 o;
+            store8(reinterpret_cast<bf16*>(&o), y);
+            o4[c] = o;
+        }
+    }
+}
