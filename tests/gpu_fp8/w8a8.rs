@@ -26,6 +26,7 @@ use demask::ops::gemm_w8a8::{quantize_rows, scale_rows_cols, scale_swiglu, W8a8,
 use demask::quant::{Fp8Matrix, ScaleLayout};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
 
 fn normal(gpu: &Gpu, dims: &[usize], seed: u64, std: f32) -> DTensor<bf16> {
     let mut t = gpu.alloc::<bf16>(dims).unwrap();
@@ -274,18 +275,29 @@ fn scale_epilogue_matches_the_cpu_bit_for_bit() {
     assert!(scale_rows_cols(&gpu, 4, &mut y16, &s4, &s12, None).unwrap_err().to_string().contains("`sw`"));
 }
 
+/// Inputs of the scale + SwiGLU epilogue, `t` rows of `ffn` gate|up pairs: scales as the
+/// quantisers make them, and unscaled products drawn as the scaled gate and up values they
+/// stand for (N(0, 2²)) divided by their two scales, as a GEMM of quantised operands makes
+/// them. Drawn independently of the scales instead, one small row scale could leave a 1-row
+/// shape with no output above 0.5.
+fn swiglu_inputs(rng: &mut StdRng, t: usize, ffn: usize) -> (Vec<bf16>, Vec<f32>, Vec<f32>) {
+    let sx: Vec<f32> = (0..t).map(|_| rng.gen_range(0.5f32..2.0) / 448.0).collect();
+    let sw: Vec<f32> = (0..2 * ffn).map(|_| rng.gen_range(0.5f32..2.0) * 448.0 / 2e4 / 1.6).collect();
+    let z = Normal::new(0.0f32, 2.0).unwrap();
+    let gu = (0..t * 2 * ffn).map(|i| bf16::from_f32(z.sample(rng) / (sx[i / (2 * ffn)] * sw[i % (2 * ffn)]))).collect();
+    (gu, sx, sw)
+}
+
 #[test]
 fn scale_swiglu_epilogue_equals_scale_then_swiglu() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(13);
     for &(t, ffn) in &[(1, 8), (70, 1032), (257, 12288)] {
-        // Unscaled products ~ N(0, 4e4) and scales making the gate/up inputs ~ N(0, 2.5).
-        let gu = normal(&gpu, &[t, 2 * ffn], 21 + t as u64, 2e4);
-        let sx: Vec<f32> = (0..t).map(|_| rng.gen_range(0.5f32..2.0) / 448.0).collect();
-        let sw: Vec<f32> = (0..2 * ffn).map(|_| rng.gen_range(0.5f32..2.0) * 448.0 / 2e4 / 1.6).collect();
+        let (host, sx, sw) = swiglu_inputs(&mut rng, t, ffn);
+        let gu = gpu.upload(&host, &[t, 2 * ffn]).unwrap();
         let (sxd, swd) = (gpu.upload(&sx, &[t]).unwrap(), gpu.upload(&sw, &[2 * ffn]).unwrap());
-        let mut scaled = gpu.upload(&gu.to_host(&gpu).unwrap(), &[t, 2 * ffn]).unwrap();
+        let mut scaled = gpu.upload(&host, &[t, 2 * ffn]).unwrap();
         scale_rows_cols(&gpu, t, &mut scaled, &sxd, &swd, None).unwrap();
         let mut two = gpu.alloc::<bf16>(&[t, ffn]).unwrap();
         demask::ops::swiglu::swiglu(&gpu, t, &scaled, &mut two).unwrap();
