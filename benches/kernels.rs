@@ -18,7 +18,7 @@ use demask::config::{ModelConfig, HEAD_DIM};
 use demask::decode::policy::{ConfKind, Policy, StepCtx};
 use demask::decode::sampling::{ConfDist, RngKey, Sampling};
 use demask::gpu::{DTensor, Gpu, Timer};
-use demask::ops::attention::{attention, AttnVariant};
+use demask::ops::attention::{attention, AttnMask, AttnVariant};
 use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
 use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
@@ -316,7 +316,7 @@ fn bench_attention(c: &mut Criterion, env: &mut Env) -> Result<()> {
             env.bench(&mut grp, &id, work, || {
                 attention(
                     &gpu, variant, q, &qkv, q_stride, &seqs, 1, q, &k_cache, &v_cache, h, kvh,
-                    &mut out,
+                    AttnMask::Bidirectional, &mut out,
                 )
             });
         }
