@@ -371,7 +371,7 @@ fn block_cache_needs_block_causal_attention() {
     for preset in CPU_PRESETS {
         let mut e = cpu_engine(preset, EngineOptions::default());
         let r = req(&prompt(&mut rng, 32), 32, 32, "schedule:4", "block");
-        let err = e.generate(&[r.clone()]).unwrap_err().to_string();
+        let err = e.generate(std::slice::from_ref(&r)).unwrap_err().to_string();
         assert!(err.contains("`block`") && err.contains("block-causal") && err.contains("`dual`"), "{preset}: {err}");
         let err = e.submit(r).unwrap_err().to_string();
         assert!(err.contains("request") && err.contains("block-causal"), "{preset} submit: {err}");

@@ -72,7 +72,7 @@ fn make_seq(rng: &mut StdRng, si: usize, stride: usize) -> Seq {
         5 => 0.5,
         _ => rng.gen_range(0.05f32..0.95),
     };
-    if si % 7 == 0 && n > 3 {
+    if si.is_multiple_of(7) && n > 3 {
         // More slots exactly at τ and just above / below it.
         conf[1] = tau;
         conf[2] = next_up(tau);
