@@ -27,6 +27,7 @@ fn gpu_block_diffusion_decodes_every_scheme() {
     let mut c = Engine::from_weights(w.clone(), None, EngineOptions { device: Device::Cpu, ..Default::default() }).unwrap();
     let prompt: Vec<u32> = (0..64).map(|i| 3 + (i * 7) % 400).collect();
     let (gen, block) = (96u32, 32u32);
+    let mut schedule_tokens: Vec<(String, Vec<u32>)> = Vec::new();
     for (policy, cache) in [
         ("schedule:8", "block"),
         ("schedule:8", "dual"),
@@ -55,9 +56,16 @@ fn gpu_block_diffusion_decodes_every_scheme() {
                 _ => vec![64 + 96; 24],
             };
             assert_eq!(go.rows_per_step, want, "{what}: live rows");
+            schedule_tokens.push((cache.to_string(), go.tokens.clone()));
         }
         // A broken cache or mask gives noise (about 1/512 agreement); bf16 vs f32 drifts.
         assert!(agree * 2 >= gen as usize, "{what}: only {agree}/{gen} tokens agree with the CPU");
+    }
+    // The block cache is exact: on the GPU a block step over cached blocks gives the logits of
+    // the full forward bit for bit (tests/gpu_llada2_model.rs), so `block`, `dual` and `none`
+    // commit the same tokens.
+    for (cache, tokens) in &schedule_tokens[1..] {
+        assert_eq!(tokens, &schedule_tokens[0].1, "schedule:8: `{cache}` and `{}` commit different tokens", schedule_tokens[0].0);
     }
 }
 
