@@ -26,7 +26,7 @@ pub enum Arch {
     LladaMoe,
     /// LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`): packed QKV with GQA, q/k norm,
     /// partial RoPE, dense first layers then sigmoid group-limited MoE with a shared expert,
-    /// block-causal attention, row i predicts token i. CPU backend only in this build.
+    /// block-causal attention, row i predicts token i. CPU and GPU backends.
     Llada2,
 }
 

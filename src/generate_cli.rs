@@ -35,7 +35,7 @@ pub struct GenerateArgs {
     /// Semi-autoregressive block length (must divide --gen-len; default: one block).
     #[arg(long)]
     pub block_len: Option<u32>,
-    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S (CPU only), factor:F,
+    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, factor:F,
     /// dream:ALG,S.
     #[arg(long)]
     pub policy: String,
