@@ -1,8 +1,7 @@
-// Tensor-core and async-copy helpers for the streaming GEMMs (kernels/moe_gemm.cu): 16-byte
-// cp.async global → shared copies (with an L2 evict-first policy for weights), the XOR swizzle
-// of 64-column shared tiles, ldmatrix fragment loads and mma.sync m16n8k16 (bf16 in, f32
-// accumulate). The same primitives as kernels/gemm_skinny.cu (which keeps its own copies).
-// Nothing here is a kernel.
+// Tensor-core and async-copy helpers for the streaming GEMMs (kernels/gemm_skinny.cu,
+// kernels/moe_gemm.cu): 16-byte cp.async global → shared copies (with an L2 evict-first
+// policy for weights), the XOR swizzle of 64-column shared tiles, ldmatrix fragment loads and
+// mma.sync m16n8k16 (bf16 in, f32 accumulate). Nothing here is a kernel.
 #pragma once
 #include "common.cuh"
 

@@ -37,9 +37,10 @@ pub fn fake_quant(w: &HostWeights, layout: ScaleLayout) -> Result<(HostWeights, 
 pub fn fake_quant_with(w: &HostWeights, layout: ScaleLayout, lm_head: bool) -> Result<(HostWeights, Vec<WeightError>)> {
     let cfg = &w.cfg;
     if cfg.moe.is_some() {
-        return Err(crate::error::Error::bad_input(
-            "FP8 fidelity covers the dense models only (LLaDA-MoE has no FP8 expert path yet)",
-        ));
+        let arch = if cfg.llada2.is_some() { "LLaDA2" } else { "LLaDA-MoE" };
+        return Err(crate::error::Error::bad_input(format!(
+            "FP8 fidelity covers the dense models only ({arch} has no FP8 expert path yet)"
+        )));
     }
     let (h, q, qkv, ffn) = (cfg.hidden, cfg.q_dim(), cfg.qkv_dim(), cfg.ffn);
     let mut out = w.clone();

@@ -35,7 +35,7 @@ pub struct GenerateArgs {
     /// Semi-autoregressive block length (must divide --gen-len; default: one block).
     #[arg(long)]
     pub block_len: Option<u32>,
-    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S (CPU only), factor:F,
+    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, factor:F,
     /// dream:ALG,S.
     #[arg(long)]
     pub policy: String,
@@ -64,7 +64,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// KV-cache scheme: none (exact), prompt, prefix, dual, dkv:R (refresh every R steps),
-    /// dkv-greedy[:W] (window W, default 2).
+    /// dkv-greedy[:W] (window W, default 2), block (exact block cache of block-causal models:
+    /// LLaDA2 only, with block_len and prompt length multiples of 32).
     #[arg(long, default_value = "none")]
     pub cache: String,
     /// Most bytes the KV cache may take: bytes or K/M/G/T (binary), e.g. 8G. Default: no limit
