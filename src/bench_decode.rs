@@ -27,9 +27,11 @@ fn workload(w: &str) -> Result<Workload> {
     Ok(Workload { batches, prompt_len, caches })
 }
 
-/// The decode workload `w` with the flags applied, as a list of specs; refuses a canvas longer
-/// than the model's context.
+/// The decode workload `w` with the flags applied, as a list of specs: every (batch, tokens per
+/// step, cache) once per `--weights` format, in the order listed, each spec naming its one
+/// format. Refuses a canvas longer than the model's context.
 fn decode_specs(a: &BenchArgs, w: &str, plan: &Plan) -> Result<Vec<bench::DecodeSpec>> {
+    let formats = crate::bench_cli::weight_formats(a)?;
     let wl = workload(w)?;
     let batches = if a.batch.is_empty() { wl.batches } else { a.batch.clone() };
     let caches: Vec<String> =
@@ -53,23 +55,25 @@ fn decode_specs(a: &BenchArgs, w: &str, plan: &Plan) -> Result<Vec<bench::Decode
         );
     }
     let tps = if a.tokens_per_step.is_empty() { vec![1, 4] } else { a.tokens_per_step.clone() };
+    if let Some(t) = tps.iter().find(|&&t| t == 0 || block_len % t != 0) {
+        bail!("--tokens-per-step {t} must divide --block-len {block_len}");
+    }
     let mut specs = Vec::new();
-    for &batch in &batches {
-        for &t in &tps {
-            if t == 0 || block_len % t != 0 {
-                bail!("--tokens-per-step {t} must divide --block-len {block_len}");
-            }
-            for c in &caches {
-                specs.push(bench::DecodeSpec {
-                    workload: w.to_uppercase(),
-                    batch,
-                    prompt_len,
-                    gen_len,
-                    block_len,
-                    policy: format!("schedule:{}", block_len / t),
-                    cache: c.clone(),
-                    weights: a.weights.clone(),
-                });
+    for format in &formats {
+        for &batch in &batches {
+            for &t in &tps {
+                for c in &caches {
+                    specs.push(bench::DecodeSpec {
+                        workload: w.to_uppercase(),
+                        batch,
+                        prompt_len,
+                        gen_len,
+                        block_len,
+                        policy: format!("schedule:{}", block_len / t),
+                        cache: c.clone(),
+                        weights: format.to_string(),
+                    });
+                }
             }
         }
     }
@@ -108,16 +112,18 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
     use demask::engine::{Engine, EngineOptions};
     let specs = decode_specs(a, w, &plan)?;
     let warmup = a.warmup.unwrap_or(3);
-    // `--weights bf16,fp8`: every spec for each format in turn, one engine at a time.
+    // `--weights bf16,fp8`: each format's specs in turn, one engine at a time.
     let formats = crate::bench_cli::weight_formats(a)?;
     let mut rows = Vec::new();
-    // Runs every spec on `engine` into `rows` (device memory in use from `mem`, on the GPU).
+    // Runs the specs of `format` on `engine` into `rows` (device memory in use from `mem`, on
+    // the GPU).
     let mut run_specs = |engine: &mut Engine,
                          ceil: Option<&bench::Ceilings>,
                          format: demask::quant::WeightFormat,
                          mem: Option<&dyn Fn() -> Result<usize>>|
      -> Result<()> {
-        for spec in &specs {
+        let name = format.to_string();
+        for spec in specs.iter().filter(|s| s.weights == name) {
             eprintln!(
                 "{} batch {} prompt {} gen {} block {} {} cache {} weights {format}...",
                 spec.workload, spec.batch, spec.prompt_len, spec.gen_len, spec.block_len, spec.policy, spec.cache
@@ -188,4 +194,50 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
         a.json.as_ref(),
         serde_json::json!({ "ceilings": ceilings, "notes": plan.notes, "rows": rows }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use demask::config::ModelConfig;
+    use demask::quant::{ScaleLayout, WeightFormat};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn specs(flags: &[&str], preset: &str) -> Vec<bench::DecodeSpec> {
+        let a = Cli::parse_from(std::iter::once("bench").chain(flags.iter().copied())).bench;
+        let plan = Plan { name: preset.into(), cfg: ModelConfig::preset(preset).unwrap(), notes: Vec::new() };
+        decode_specs(&a, &a.workload.clone(), &plan).unwrap()
+    }
+
+    /// (batch, prompt, gen, block, policy, cache): a spec without its weight format.
+    fn shape(s: &bench::DecodeSpec) -> (usize, usize, usize, usize, String, String) {
+        (s.batch, s.prompt_len, s.gen_len, s.block_len, s.policy.clone(), s.cache.clone())
+    }
+
+    #[test]
+    fn a_list_of_weight_formats_gives_each_spec_one_format() {
+        // The GPU run parses each spec's format for its floor (`bench::run_decode`): the
+        // H100 run of `--weights bf16,fp8` stopped after its first row on "bf16,fp8".
+        let s = specs(&["--workload", "w2", "--batch", "64", "--tokens-per-step", "4", "--weights", "bf16,fp8"], "llada-8b");
+        let formats: Vec<WeightFormat> =
+            s.iter().map(|s| s.weights.parse().unwrap_or_else(|e| panic!("spec weights `{}`: {e}", s.weights))).collect();
+        assert_eq!(formats, [WeightFormat::Bf16, WeightFormat::Fp8(ScaleLayout::Channel)]);
+        assert_eq!(shape(&s[0]), shape(&s[1]));
+        // Every (batch, tokens per step, cache) once per format, in the order listed.
+        let s = specs(&["--workload", "w1", "--weights", "fp8-block,bf16"], "llada-8b");
+        assert_eq!(s.len(), 2 * 2 * 4, "w1: 2 tokens-per-step × 4 caches, per format");
+        let (a, b) = s.split_at(8);
+        assert!(a.iter().all(|s| s.weights == "fp8-block") && b.iter().all(|s| s.weights == "bf16"));
+        assert_eq!(a.iter().map(shape).collect::<Vec<_>>(), b.iter().map(shape).collect::<Vec<_>>());
+        // One format: the specs as before, each naming it.
+        let s = specs(&["--workload", "w7", "--batch", "1"], "tiny-llada2");
+        assert_eq!((s.len(), s[0].cache.as_str()), (2, "block"));
+        assert!(s.iter().all(|s| s.weights == "bf16"));
+    }
 }
