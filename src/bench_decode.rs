@@ -42,7 +42,7 @@ fn decode_specs(a: &BenchArgs, w: &str, plan: &Plan) -> Result<Vec<bench::Decode
     let prompt_len = a.prompt_len.unwrap_or(wl.prompt_len);
     let gen_len = a.gen_len.unwrap_or(256);
     let block_len = a.block_len.unwrap_or(32);
-    if gen_len % block_len != 0 {
+    if !gen_len.is_multiple_of(block_len) {
         bail!("--block-len {block_len} must divide --gen-len {gen_len}");
     }
     let ctx = plan.cfg.max_seq_len;
@@ -55,7 +55,7 @@ fn decode_specs(a: &BenchArgs, w: &str, plan: &Plan) -> Result<Vec<bench::Decode
         );
     }
     let tps = if a.tokens_per_step.is_empty() { vec![1, 4] } else { a.tokens_per_step.clone() };
-    if let Some(t) = tps.iter().find(|&&t| t == 0 || block_len % t != 0) {
+    if let Some(t) = tps.iter().find(|&&t| t == 0 || !block_len.is_multiple_of(t)) {
         bail!("--tokens-per-step {t} must divide --block-len {block_len}");
     }
     let mut specs = Vec::new();
