@@ -295,6 +295,11 @@ pub fn commit_rule(policy: &Policy) -> Result<CountRule> {
                 "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel has no max(threshold, n) rule)"
             )))
         }
+        Policy::Edit { .. } => {
+            return Err(Error::bad_input(format!(
+                "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel cannot re-write committed slots)"
+            )))
+        }
     })
 }
 
@@ -311,6 +316,8 @@ mod tests {
     fn commit_rule_refuses_policies_the_kernel_cannot_count() {
         let e = commit_rule(&Policy::Llada2 { tau: 0.9, steps: 8 }).unwrap_err().to_string();
         assert!(e.contains("llada2:") && e.contains("CPU backend only"), "{e}");
+        let e = commit_rule(&Policy::Edit { tau_m: 0.7, tau_e: 0.5, post: 16 }).unwrap_err().to_string();
+        assert!(e.contains("edit:0.7,0.5,16") && e.contains("CPU backend only"), "{e}");
         assert!(matches!(commit_rule(&Policy::Threshold { tau: 0.5 }), Ok(CountRule::Threshold { tau }) if tau == 0.5));
         assert!(matches!(commit_rule(&Policy::Schedule { steps: 4 }), Ok(CountRule::Schedule { steps: 4 })));
     }
