@@ -64,6 +64,7 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     pub prior_ids: Option<Vec<String>>,
     /// End the sequence when a finished block contains EOS/EOT (default on; --stop-at-eos=false).
+    /// LLaDA2: EOS only, and the output is cut after the first EOS (its official rule).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// KV-cache scheme: none (exact), prompt, prefix, dual, dkv:R (refresh every R steps),

@@ -13,9 +13,15 @@ Writes, under --out (default tests/fixtures/fidelity/llada2):
                                     full forward with the block-causal mask of the official
                                     `generate` (block 32, additive 0/-inf, cast to f32)
   trajectories.json                 commits of every forward of the official LLaDA2 `generate`
-                                    (the schema of ../trajectories.json), prompts a multiple of
-                                    32 long, argmax instead of dFactory's temperature-0 sample
-                                    (as the HF file and dInfer), EOS stop off (eos_id = mask id)
+                                    (the schema of ../trajectories.json, plus `stop_at_eos` and
+                                    `eos_id`), argmax instead of dFactory's temperature-0 sample
+                                    (as the HF file and dInfer): six cases with prompts a
+                                    multiple of 32 long and the EOS stop off (as first made),
+                                    then prompts of any length (the first decoded block holds
+                                    the prompt's tail, the canvas is padded to whole blocks)
+                                    with the EOS stop off and on; with --sglang, LLaDA2.1 token
+                                    editing (`edit_generate`: SGLang's JointThreshold step in
+                                    the LLaDA2.1 `generate`'s block loop)
 
 The official code is imported from a checkout given on the command line, never copied:
   --dfactory DIR    inclusionAI/dFactory  models/llada2_moe/{configuration,modeling}_llada2_moe.py.
@@ -27,6 +33,12 @@ The official code is imported from a checkout given on the command line, never c
                                           mlp.experts.{e}, the HF checkpoint names). VeOmni is
                                           replaced by stubs: its loss and fused-MoE kernels are
                                           never called, liger kernels are off.
+  --sglang DIR      a folder holding sglang/srt/dllm/algorithm/joint_threshold.py (the unpacked
+                                          sglang wheel, or a checkout's python/): SGLang's
+                                          official LLaDA2.1 JointThreshold, imported with its
+                                          runtime imports stubbed (none is used by its per-row
+                                          step). The HF LLaDA2.1 file (which needs transformers
+                                          >= 5) was out of reach; see docs/fidelity.md.
 Needs torch and transformers 4.51-4.57 (the committed fixtures: see golden.safetensors metadata).
 """
 import argparse
