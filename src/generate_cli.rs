@@ -160,7 +160,7 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
     let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
     // LLaDA2 pads its canvas to whole blocks: no divisibility (the engine checks its block).
     match a.block_len {
-        Some(b) if cfg.arch != demask::Arch::Llada2 && a.gen_len % b != 0 => {
+        Some(b) if cfg.arch != demask::Arch::Llada2 && !a.gen_len.is_multiple_of(b) => {
             bail!("--block-len {b} must divide --gen-len {}", a.gen_len)
         }
         _ => {}
