@@ -18,7 +18,7 @@ use demask::config::{ModelConfig, HEAD_DIM};
 use demask::decode::policy::{ConfKind, Policy, StepCtx};
 use demask::decode::sampling::{ConfDist, RngKey, Sampling};
 use demask::gpu::{DTensor, Gpu, Timer};
-use demask::ops::attention::{attention, AttnVariant};
+use demask::ops::attention::{attention, AttnMask, AttnVariant};
 use demask::ops::commit::{commit, CommitWs, SeqCommitParams};
 use demask::decode::gpu::{commit_rule, count_ctx};
 use demask::ops::confidence::{confidence, ConfidenceWs, SlotParams};
@@ -316,10 +316,32 @@ fn bench_attention(c: &mut Criterion, env: &mut Env) -> Result<()> {
             env.bench(&mut grp, &id, work, || {
                 attention(
                     &gpu, variant, q, &qkv, q_stride, &seqs, 1, q, &k_cache, &v_cache, h, kvh,
-                    &mut out,
+                    AttnMask::Bidirectional, &mut out,
                 )
             });
         }
+    }
+    // Block-causal (LLaDA2, blocks of 32): a 512-row prefill (row p sees (p/32 + 1)·32 keys)
+    // and a decode step of block 8 (rows 256..288) with 512 cache rows, of which it reads 288.
+    let mut positions = env.gpu.alloc::<u32>(&[q_max])?;
+    for (q, kv, first) in [(512usize, 512usize, 0usize), (32, 512, 256)] {
+        seqs.write(&env.gpu, &[0, q as u32, 0, kv as u32])?;
+        positions.write(&env.gpu, &(first as u32..(first + q) as u32).chain(0..(q_max - q) as u32).collect::<Vec<_>>())?;
+        let keys: usize = (first..first + q).map(|p| ((p / 32 + 1) * 32).min(kv)).sum();
+        let read = ((first + q).div_ceil(32) * 32).min(kv);
+        let work = Work {
+            bytes: (2 * q * q_dim * 2 + 2 * read * kv_dim * 2 + 16 + q * 4) as f64,
+            flops: 4.0 * (keys * HEAD_DIM * h) as f64,
+        };
+        let gpu = env.gpu.clone();
+        let pos = &positions;
+        let id = format!("bf16/flash-block32/{q}x{kv}x{h}h");
+        env.bench(&mut grp, &id, work, || {
+            attention(
+                &gpu, AttnVariant::Flash, q, &qkv, q_stride, &seqs, 1, q, &k_cache, &v_cache, h, kvh,
+                AttnMask::BlockCausal { positions: pos, block: 32 }, &mut out,
+            )
+        });
     }
     grp.g.finish();
     Ok(())

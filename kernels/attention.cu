@@ -1,8 +1,13 @@
-// Bidirectional varlen attention over the KV cache (no mask), head_dim 128, GQA.
+// Varlen attention over the KV cache, head_dim 128, GQA: bidirectional (no mask), or
+// block-causal (LLaDA2).
 //
 // Queries are the packed live rows of several sequences; a query of sequence s attends to the
 // cache rows [cache_base, cache_base + kv_len) of s. Query head h reads kv head
 // h / (n_heads / n_kv_heads). bf16 in, f32 accumulation and online softmax, bf16 out.
+// Block-causal (causal_block B > 0): packed row r at canvas position positions[r] attends only
+// to the first min(kv_len, (positions[r] / B + 1) * B) of those keys (its block and the ones
+// before). Keys past the largest such bound of a tile are never read, so cache rows that no
+// query may see (a later block not yet written) need not hold finite values.
 //
 // Entry points (same params struct):
 //   attention_ref_bf16  reference: one warp per (row, head), keys one at a time, f32.
@@ -32,7 +37,16 @@ struct AttnParams {
     int n_heads;
     int n_kv_heads;
     float scale;
+    const uint32_t* positions;  // [rows] canvas positions; read only when causal_block > 0
+    int causal_block;           // 0: bidirectional; B > 0: block-causal with blocks of B
 };
+
+// How many of its sequence's kv_len keys packed row `row` may see.
+__device__ __forceinline__ int key_bound(const AttnParams& p, int row, int kv_len) {
+    if (p.causal_block <= 0) return kv_len;
+    const long long cap = ((long long)p.positions[row] / p.causal_block + 1) * p.causal_block;
+    return cap < kv_len ? (int)cap : kv_len;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reference: block = 4 warps = 4 heads of one row; grid (max_rows, n_seqs, ceil(n_heads/4)).
@@ -40,11 +54,12 @@ extern "C" __global__ void __launch_bounds__(128) attention_ref_bf16(const AttnP
     pdl_wait();
     pdl_trigger();
     const uint32_t* s = p.seqs + 4 * blockIdx.y;
-    const int row_start = s[0], row_count = s[1], cache_base = s[2], kv_len = s[3];
+    const int row_start = s[0], row_count = s[1], cache_base = s[2];
     const int r = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.z * 4 + (threadIdx.x >> 5);
     if (r >= row_count || h >= p.n_heads) return;
+    const int kv_len = key_bound(p, row_start + r, (int)s[3]);
     const int kvh = h / (p.n_heads / p.n_kv_heads);
     const size_t kv_stride = (size_t)p.n_kv_heads * HEAD_DIM;
 
@@ -137,7 +152,7 @@ __device__ __forceinline__ void load_kv_tile(bf16* dst, const bf16* cache, size_
 template <int NJ>
 __device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, const uint32_t (&qf)[8][4],
                                           float (&o)[16][4], float* row_m, float* row_l, int key_off,
-                                          int key_base, int kv_len, float sl2, int lane) {
+                                          int key_base, const int (&cap)[2], float sl2, int lane) {
     float sc[NJ][4];
 #pragma unroll
     for (int j = 0; j < NJ; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
@@ -153,13 +168,16 @@ __device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, cons
             mma16816(sc[j + 1], qf[kk], b2, b3);
         }
     }
-    // Mask keys past kv_len (only the last tile has any).
-    if (key_base + key_off + NJ * 8 > kv_len) {
+    // Mask keys past each row's bound (kv_len, or its block's end when block-causal; only
+    // tiles at or past the smaller bound have any).
+    if (key_base + key_off + NJ * 8 > min(cap[0], cap[1])) {
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
             const int c = key_base + key_off + j * 8 + (lane & 3) * 2;
-            if (c >= kv_len) sc[j][0] = sc[j][2] = -INFINITY;
-            if (c + 1 >= kv_len) sc[j][1] = sc[j][3] = -INFINITY;
+            if (c >= cap[0]) sc[j][0] = -INFINITY;
+            if (c + 1 >= cap[0]) sc[j][1] = -INFINITY;
+            if (c >= cap[1]) sc[j][2] = -INFINITY;
+            if (c + 1 >= cap[1]) sc[j][3] = -INFINITY;
         }
     }
     float mx[2] = {row_m[0], row_m[1]};
@@ -173,7 +191,7 @@ __device__ __forceinline__ void tile_step(const bf16* k_t, const bf16* v_t, cons
     for (int i = 0; i < 2; ++i) {
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        // A warp's share of a tile can lie wholly past kv_len: m stays -inf, and exp2 of
+        // A warp's share of a tile can lie wholly past a row's bound: m stays -inf, and exp2 of
         // (-inf) - 0 gives 0 where (-inf) - (-inf) would give NaN.
         mb[i] = mx[i] == -INFINITY ? 0.f : mx[i];
     }
@@ -341,14 +359,27 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
     bf16* sV = sK + STAGES * TILE_ELEMS;  // STAGES tiles
 
     const uint32_t* s = p.seqs + 4 * blockIdx.y;
-    const int row_start = s[0], row_count = s[1], cache_base = s[2], kv_len = s[3];
+    const int row_start = s[0], row_count = s[1], cache_base = s[2], seq_kv_len = s[3];
     const int group = p.n_heads / p.n_kv_heads;
     const int m_count = row_count * group;
     const int m0 = m_tile * FA_M;
-    if (m0 >= m_count || kv_len <= 0) return;  // uniform across a cluster (same M-tile)
+    if (m0 >= m_count || seq_kv_len <= 0) return;  // uniform across a cluster (same M-tile)
     const int kvh = blockIdx.z;
     const size_t kv_stride = (size_t)p.n_kv_heads * HEAD_DIM;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // Keys this tile reads: [0, kv_len), the largest bound of its rows (every block of a
+    // cluster computes the same value).
+    int kv_len = seq_kv_len;
+    if (p.causal_block > 0) {
+        __shared__ int s_bound;
+        if (tid == 0) s_bound = 0;
+        __syncthreads();
+        const int r_lo = m0 / group, r_hi = (min(m0 + FA_M, m_count) - 1) / group;
+        for (int r = r_lo + tid; r <= r_hi; r += NW * 32) atomicMax(&s_bound, key_bound(p, row_start + r, seq_kv_len));
+        __syncthreads();
+        kv_len = s_bound;
+    }
 
     // Q tile: 64 M-rows x 16 chunks.
     constexpr int NT = NW * 32;
@@ -384,6 +415,15 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
     const int key_off = way * (FA_N / ways);
     const bool warp_active = m0 + slice * 16 < m_count;
     const float sl2 = p.scale * 1.4426950408889634f;  // scores in log2 units
+    // Key bounds of this thread's two rows (M-rows slice*16 + lane/4 and + 8 of the tile).
+    int cap[2] = {kv_len, kv_len};
+    if (p.causal_block > 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int m = m0 + slice * 16 + (lane >> 2) + i * 8;
+            if (m < m_count) cap[i] = key_bound(p, row_start + m / group, kv_len);
+        }
+    }
     uint32_t qf[8][4];
     float o[16][4];
 #pragma unroll
@@ -415,11 +455,11 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
             const bf16* k_t = sK + st * TILE_ELEMS;
             const bf16* v_t = sV + st * TILE_ELEMS;
             if (ways == 1) {
-                tile_step<8>(k_t, v_t, qf, o, row_m, row_l, 0, t * FA_N, kv_len, sl2, lane);
+                tile_step<8>(k_t, v_t, qf, o, row_m, row_l, 0, t * FA_N, cap, sl2, lane);
             } else if (ways == 2) {
-                tile_step<4>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, kv_len, sl2, lane);
+                tile_step<4>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, cap, sl2, lane);
             } else {
-                tile_step<2>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, kv_len, sl2, lane);
+                tile_step<2>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, cap, sl2, lane);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite the stage just read

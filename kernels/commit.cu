@@ -1,6 +1,7 @@
 // Commit policy per sequence (DESIGN.md §4), mirroring src/decode/policy.rs: rank the eligible
-// slots by confidence descending (ties → lower position; NaN ranks as −inf), count k exactly as
-// Policy::commit_count (at least 1, except Dream's count, which may be 0), write the k committed
+// slots by confidence descending (ties → lower position; NaN ranks as −inf), count k by the
+// sequence's count rule exactly as Policy::commit_count (at least 1, except Dream's count, which
+// may be 0; the rule numbers are ops::commit::CountRule's), write the k committed
 // tokens into the device canvas, and leave a compact
 // commit list (rank order) for the host.
 //
@@ -17,10 +18,11 @@
 struct CommitSeq {
     int slot_offset;        // first slot of this sequence in the slot arrays
     int slot_count;         // its eligible slots
-    int policy;             // 0 schedule, 1 random, 2 threshold, 3 confident, 4 factor, 5 dream
-    float tau;              // threshold / confident
-    float factor;           // factor
-    unsigned steps;         // schedule / random / confident / dream
+    int policy;             // count rule: 0 schedule, 2 threshold (>= τ), 3 threshold or schedule,
+                            // 4 factor prefix, 5 dream count, 6 max(#{> τ}, schedule)
+    float tau;              // rules 2, 3, 6
+    float factor;           // rule 4
+    unsigned steps;         // rules 0, 3, 5, 6
     unsigned ctx_step;      // StepCtx.step
     unsigned block_masked;  // StepCtx.block_masked
     unsigned masked;        // StepCtx.masked
@@ -122,9 +124,10 @@ extern "C" __global__ void __launch_bounds__(COMMIT_THREADS) commit_u32(const Co
 
     // 2. How many commit (Policy::commit_count), then clamp to [1, n] ([0, n] for Dream).
     int k = 0;
-    if (q.policy == 2 || q.policy == 3) {  // threshold / confident: how many pass τ
+    if (q.policy == 2 || q.policy == 3 || q.policy == 6) {  // how many pass τ (rule 6: strictly)
+        const bool strict = q.policy == 6;
         int c = 0;
-        for (int i = tid; i < n; i += COMMIT_THREADS) c += conf[i] >= q.tau ? 1 : 0;
+        for (int i = tid; i < n; i += COMMIT_THREADS) c += (strict ? conf[i] > q.tau : conf[i] >= q.tau) ? 1 : 0;
         for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
         if ((tid & 31) == 0) red[tid >> 5] = c;
         __syncthreads();
@@ -163,6 +166,10 @@ extern "C" __global__ void __launch_bounds__(COMMIT_THREADS) commit_u32(const Co
                 if (k_shared > 0) k = k_shared;
                 else if (q.ctx_step + 1u >= q.steps) k = n;
                 else k = (int)min(schedule_count(q.block_masked, q.steps, q.ctx_step), (unsigned)n);
+                break;
+            case 6:  // max(#{c > τ}, the schedule count capped at n; every slot on the last step)
+                k = q.ctx_step + 1u >= q.steps ? n : (int)min(schedule_count(q.block_masked, q.steps, q.ctx_step), (unsigned)n);
+                k = max(k, k_shared);
                 break;
             default:  // dream
                 k = (int)min(dream_count(q.masked, q.steps, q.ctx_step), (unsigned)n);

@@ -21,7 +21,8 @@
 // sequential f32 dot products (same roundings as the grouped kernels, different summation
 // order), for parity tests and profiling.
 // moe_combine_bf16: out[r] = bf16(Σ_s w[r, s]·y[pos[r·k + s]]) in f32, the k slots taken in
-//   ascending expert id (separate multiply and add, no FMA contraction), shared by both variants.
+//   ascending expert id (separate multiply and add, no FMA contraction), shared by both variants;
+//   with add_out the sum then adds out[r]'s old value (LLaDA2's shared expert) before rounding.
 #include "mma.cuh"
 
 struct MoeGemmParams {
@@ -47,7 +48,7 @@ struct MoeCombineParams {
     int t;
     int hidden;  // % 8 == 0
     int top_k;   // <= MOE_MAX_TOP_K
-    int pad;
+    int add_out; // 1: out[r] = bf16(Σ + out[r]) (LLaDA2: out holds the shared expert's output)
 };
 
 #define MOE_MAX_TOP_K 64  // MAX_TOP_K in src/ops/moe.rs
@@ -350,5 +351,12 @@ extern "C" __global__ void __launch_bounds__(CB_THREADS) moe_combine_bf16(const 
 #pragma unroll
         for (int v = 0; v < 8; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(wv, f[v]));
     }
-    store8(p.out + (size_t)r * p.hidden + c, acc);
+    bf16* dst = p.out + (size_t)r * p.hidden + c;
+    if (p.add_out) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(dst);  // 8 bf16, 16-byte aligned
+        const bf16* prev = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+        for (int v = 0; v < 8; ++v) acc[v] = __fadd_rn(acc[v], __bfloat162float(prev[v]));
+    }
+    store8(dst, acc);
 }

@@ -200,29 +200,40 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize)
     let (qkv, q, kv, f, v) = (cfg.qkv_dim() as f64, cfg.q_dim() as f64, cfg.kv_dim() as f64, cfg.ffn as f64, cfg.vocab as f64);
     let gemm = |n: f64, k: f64, out_bytes: f64| (2.0 * t * n * k, 2.0 * n * k + 2.0 * t * k + out_bytes * t * n);
     let per_layer = |(fl, by): (f64, f64)| (fl * l, by * l);
+    // Layers with a dense FFN (LLaDA2: below first_k_dense_replace, width intermediate_size)
+    // and with experts.
+    let (dense_l, moe_l) = match (&cfg.moe, &cfg.llada2) {
+        (Some(_), Some(l2)) => (l2.first_k_dense as f64, l - l2.first_k_dense as f64),
+        (Some(_), None) => (0.0, l),
+        (None, _) => (l, 0.0),
+    };
+    let df = cfg.dense_ffn() as f64;
     let mut v_ = vec![
         ("gemm_qkv", per_layer(gemm(qkv, h, 2.0))),
         ("gemm_o", per_layer(gemm(h, q, 2.0))),
-        ("gemm_gate_up", per_layer(gemm(2.0 * f, h, 2.0))),
-        ("gemm_down", per_layer(gemm(h, f, 2.0))),
         ("gemm_lm_head", gemm(v, h, 4.0)),
         ("attention", (4.0 * t * len as f64 * q * l, (2.0 * 2.0 * t * q + 2.0 * 2.0 * (len * batch) as f64 * kv) * l)),
         ("add_rmsnorm", (0.0, (2.0 * l + 1.0) * t * h * 2.0 * 3.0)),
         ("rope_kv_store", (0.0, l * t * (qkv * 2.0 + q * 2.0 + 2.0 * kv * 2.0))),
-        ("swiglu", (0.0, l * t * 3.0 * f * 2.0)),
         ("embed", (0.0, 2.0 * t * h * 2.0)),
     ]
     .into_iter()
     .map(|(n, (fl, by))| (n, fl, by))
     .collect::<Vec<_>>();
+    if dense_l > 0.0 {
+        let (gf, gb) = gemm(2.0 * df, h, 2.0);
+        let (dfl, dby) = gemm(h, df, 2.0);
+        v_.push(("gemm_gate_up", gf * dense_l, gb * dense_l));
+        v_.push(("gemm_down", dfl * dense_l, dby * dense_l));
+        v_.push(("swiglu", 0.0, dense_l * t * 3.0 * df * 2.0));
+    }
     if let Some(m) = &cfg.moe {
         // Expert GEMMs: each row runs top_k experts; the weight bytes are those of the experts
         // the forward touches (expected under uniform routing, as `step_roofline`).
-        let (e, k) = (m.n_experts as f64, m.top_k as f64);
+        let (e, k, l) = (m.n_experts as f64, m.top_k as f64, moe_l);
         let touched = e * (1.0 - (1.0 - k / e).powf(t));
-        v_.retain(|r| !matches!(r.0, "gemm_gate_up" | "gemm_down" | "swiglu"));
-        let (rf, rb) = per_layer(gemm(e, h, 4.0));
-        v_.push(("gemm_router", rf, rb));
+        let (rf, rb) = gemm(e, h, 4.0);
+        v_.push(("gemm_router", rf * l, rb * l));
         v_.push(("moe_route", 0.0, l * t * (e * 4.0 + k * 16.0)));
         v_.push((
             "moe_gate_up+swiglu",
@@ -234,6 +245,13 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize)
             l * 2.0 * t * k * h * f,
             l * (touched * h * f * 2.0 + t * k * (f * 2.0 + h * 8.0) + t * h * 2.0),
         ));
+        // LLaDA2's shared expert: a dense SwiGLU every row runs in every MoE layer.
+        if let Some(sf) = cfg.llada2.as_ref().map(|l2| l2.shared_ffn as f64).filter(|&sf| sf > 0.0) {
+            let (gf, gb) = gemm(2.0 * sf, h, 2.0);
+            let (dfl, dby) = gemm(h, sf, 2.0);
+            v_.push(("gemm_shared_gate_up+swiglu", gf * l, gb * l));
+            v_.push(("gemm_shared_down", dfl * l, dby * l));
+        }
     }
     v_.sort_by(|a, b| a.0.cmp(b.0));
     v_
@@ -294,13 +312,23 @@ pub fn step_roofline(
 ) -> Roofline {
     let h = cfg.hidden as f64;
     let rows = live * batch as f64;
-    // MoE: each row runs its top_k experts and the router; the weight bytes below count the
-    // experts a step touches.
-    let (experts_per_row, router) = cfg.moe.as_ref().map_or((1.0, 0.0), |m| (m.top_k as f64, (m.n_experts as f64) * h));
-    let per_layer_params =
-        h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h + experts_per_row * 3.0 * h * cfg.ffn as f64 + router;
-    let dense = 2.0 * rows * per_layer_params * cfg.n_layers as f64
-        + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
+    // MoE: each row runs its top_k experts and the router (LLaDA2: plus the shared expert, and
+    // its first layers are dense); the weight bytes below count the experts a step touches.
+    let attn_params = h * cfg.qkv_dim() as f64 + cfg.q_dim() as f64 * h;
+    let row_params: f64 = (0..cfg.n_layers)
+        .map(|i| {
+            let ffn = match (&cfg.moe, &cfg.llada2) {
+                (Some(m), Some(l)) if i >= l.first_k_dense => {
+                    m.top_k as f64 * 3.0 * h * cfg.ffn as f64 + m.n_experts as f64 * h + 3.0 * h * l.shared_ffn as f64
+                }
+                (_, Some(l)) => 3.0 * h * l.dense_ffn as f64,
+                (Some(m), None) => m.top_k as f64 * 3.0 * h * cfg.ffn as f64 + m.n_experts as f64 * h,
+                (None, None) => 3.0 * h * cfg.ffn as f64,
+            };
+            attn_params + ffn
+        })
+        .sum();
+    let dense = 2.0 * rows * row_params + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
     let flops = dense + attn;
     // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.

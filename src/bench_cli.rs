@@ -27,8 +27,9 @@ pub struct BenchArgs {
     /// w4: one full-canvas forward per length and batch (default). w1: decode steps (batch 1,
     /// prompt 256, gen 256, block 32, schedule at --tokens-per-step 1 and 4, caches none, prefix,
     /// dual, dkv:4); w2: w1 at batch 8, 32, 64 with dual; w3: w1 on dream-7b (batch 1, 32; none,
-    /// dual); w5: prompt 3840, dual; w6: w1 on llada-moe-7b (batch 1, 32; dual). The decode
-    /// flags below override a workload's values.
+    /// dual); w5: prompt 3840, dual; w6: w1 on llada-moe-7b (batch 1, 32; dual); w7: w1 on
+    /// llada2-mini (batch 1, 32; block diffusion with the exact block cache). The decode flags
+    /// below override a workload's values.
     #[arg(long, default_value = "w4")]
     pub workload: String,
     /// Decode workloads: prompt tokens per sequence.
@@ -43,16 +44,17 @@ pub struct BenchArgs {
     /// Decode workloads: tokens committed per step, e.g. 1,4 (policy schedule:block_len/N).
     #[arg(long, value_delimiter = ',')]
     pub tokens_per_step: Vec<usize>,
-    /// Decode workloads: cache schemes to time (none, prompt, prefix, dual, dkv:R, dkv-greedy:W).
+    /// Decode workloads: cache schemes to time (none, prompt, prefix, dual, dkv:R, dkv-greedy:W,
+    /// block for LLaDA2).
     #[arg(long, value_delimiter = ',')]
     pub cache: Vec<String>,
     /// Sequences per forward or decode batch sizes, e.g. 1 or 8,32,64 (each is timed). Default:
     /// 1 for w4, the workload's sizes for the decode workloads.
     #[arg(long = "batch", alias = "batches", value_delimiter = ',')]
     pub batch: Vec<usize>,
-    /// Built-in architecture with random weights (llada-8b, dream-7b, llada-moe-7b, tiny-llada,
-    /// tiny-dream, tiny-llada-moe; LLaDA2 presets run on the CPU backend only in this build).
-    /// Default: llada-8b (dream-7b for w3, llada-moe-7b for w6). The CPU backend runs the tiny presets only.
+    /// Built-in architecture with random weights (llada-8b, dream-7b, llada-moe-7b, llada2-mini,
+    /// tiny-llada, tiny-dream, tiny-llada-moe, tiny-llada2). Default: llada-8b (dream-7b for w3,
+    /// llada-moe-7b for w6, llada2-mini for w7). The CPU backend runs the tiny presets only.
     #[arg(long, conflicts_with = "model")]
     pub preset: Option<String>,
     /// A checkpoint directory instead of a preset.
@@ -146,6 +148,7 @@ fn workload_preset(workload: &str) -> &'static str {
     match workload {
         "w3" => "dream-7b",
         "w6" => "llada-moe-7b",
+        "w7" => "llada2-mini",
         _ => "llada-8b",
     }
 }
@@ -153,8 +156,8 @@ fn workload_preset(workload: &str) -> &'static str {
 /// Argument checks that need neither the device nor the model.
 fn check_args(a: &BenchArgs) -> Result<String> {
     let w = a.workload.to_ascii_lowercase();
-    if !matches!(w.as_str(), "w1" | "w2" | "w3" | "w4" | "w5" | "w6") {
-        bail!("unknown --workload `{}` (expected w1, w2, w3, w4, w5 or w6)", a.workload);
+    if !matches!(w.as_str(), "w1" | "w2" | "w3" | "w4" | "w5" | "w6" | "w7") {
+        bail!("unknown --workload `{}` (expected w1, w2, w3, w4, w5, w6 or w7)", a.workload);
     }
     if let Some(p) = &a.preset {
         ModelConfig::preset(p).with_context(|| format!("--preset {p}"))?;
@@ -182,7 +185,7 @@ fn check_args(a: &BenchArgs) -> Result<String> {
     ];
     if w == "w4" {
         if let Some((flag, _)) = decode_flags.iter().find(|f| f.1) {
-            bail!("{flag} applies to the decode workloads (--workload w1, w2, w3, w5 or w6), not to w4 (full-canvas forwards)");
+            bail!("{flag} applies to the decode workloads (--workload w1, w2, w3, w5, w6 or w7), not to w4 (full-canvas forwards)");
         }
     } else {
         if !a.lengths.is_empty() {
@@ -226,7 +229,7 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
         if device.is_cpu() && cfg.param_count() > CPU_MAX_PARAMS {
             bail!(
                 "--preset {p}: {} parameters is too large for the CPU backend, which runs the tiny presets only{no_gpu}; \
-                 pass --device cpu --preset tiny-llada (or tiny-dream, tiny-llada-moe) to benchmark the CPU backend, or run on a GPU",
+                 pass --device cpu --preset tiny-llada (or tiny-dream, tiny-llada-moe, tiny-llada2) to benchmark the CPU backend, or run on a GPU",
                 cfg.param_count()
             );
         }
@@ -239,6 +242,7 @@ fn resolve_model(a: &BenchArgs, workload: &str, device: &Device, auto: bool) -> 
     let tiny = match default {
         "dream-7b" => "tiny-dream",
         "llada-moe-7b" => "tiny-llada-moe",
+        "llada2-mini" => "tiny-llada2",
         _ => "tiny-llada",
     };
     let mut plan = Plan { name: tiny.to_string(), cfg: ModelConfig::preset(tiny)?, notes: Vec::new() };

@@ -1,4 +1,4 @@
-//! `demask bench --workload w1|w2|w3|w5|w6`: decode steps through the engine, one row per
+//! `demask bench --workload w1|w2|w3|w5|w6|w7`: decode steps through the engine, one row per
 //! (batch, tokens per step, cache scheme), on the GPU or the CPU backend.
 use anyhow::{bail, Result};
 
@@ -20,7 +20,9 @@ fn workload(w: &str) -> Result<Workload> {
         "w3" => (vec![1, 32], 256, vec!["none", "dual"]),
         "w5" => (vec![1], 3840, vec!["dual"]),
         "w6" => (vec![1, 32], 256, vec!["dual"]),
-        other => bail!("unknown --workload `{other}` (w1, w2, w3, w4, w5, w6)"),
+        // LLaDA2: block diffusion with the exact block cache.
+        "w7" => (vec![1, 32], 256, vec!["block"]),
+        other => bail!("unknown --workload `{other}` (w1, w2, w3, w4, w5, w6, w7)"),
     };
     Ok(Workload { batches, prompt_len, caches })
 }

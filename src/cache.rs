@@ -15,6 +15,7 @@
 //! | `prompt` | Dimple prefilling | global step 0 | `[P, P+G)` (shifted: also `P−1`) |
 //! | `dkv:R` | dKV-Cache-Decode | `i == 0`, `i == 1`, `i % R == 0` | still-masked rows (all blocks) ∪ rows committed at step `n−1` |
 //! | `dkv-greedy[:W]` | dKV-Cache-Greedy | as `dkv:4` | still-masked rows of the current block, each with `W` neighbours per side (default `W = 2`) |
+//! | `block` | block diffusion (LLaDA2; SGLang, dInfer) | none by rule | `n == 0`: `[0, block_end)`; `i == 0`: `[previous block start, block_end)`; else `[block_start, block_end)` |
 //!
 //! `n` is the sequence's global step (0-based), `i` the step's index within its block.
 //! - `dkv:R` caches a row one step after its token was committed: a row committed at step `c`
@@ -23,6 +24,16 @@
 //! - `dkv-greedy[:W]` caches a row from the step after the one that committed it, with no extra
 //!   recompute, so its cached K/V saw the mask as input. Its refresh period is fixed at 4 (full
 //!   steps at `i == 0`, `i == 1` and `i % 4 == 0`, like `dkv:4`); `W` only sets the window.
+//! - `block` is exact for block-causal attention (a query sees the keys of its own attention
+//!   block and earlier ones; the engine refuses it for any other model, and for decode blocks
+//!   that are not whole attention blocks): no row after the current block is ever computed or
+//!   read. The sequence's first step prefills every row before the block together with it; the
+//!   first step of each later block also recomputes the previous decoded block (from its start,
+//!   and any fully fixed block skipped since) with its final tokens, which writes its final K/V
+//!   in the same forward instead of one more forward of its own; cached rows are then final.
+//!   The previous block's start is found from the rows committed at step `n−1` (they lie in it)
+//!   on the grid of the block bounds the plan is given, `block_start − k·block_len`, so the plan
+//!   holds for any block alignment; without that record, `block_start − block_len` (≥ 0).
 //! - Shifted models (Dream: row `p−1` gives the logits of slot `p`): every live set also holds
 //!   the row before each eligible slot (none for `p == 0`), including `P−1` across the
 //!   prompt/gen boundary.
@@ -41,7 +52,7 @@ pub const DKV_GREEDY_REFRESH: u32 = 4;
 pub const DKV_GREEDY_DEFAULT_WINDOW: u32 = 2;
 
 /// Which rows a step recomputes; CLI names `none`, `prompt`, `prefix`, `dual`, `dkv:R`,
-/// `dkv-greedy[:W]` (see the module table).
+/// `dkv-greedy[:W]`, `block` (see the module table).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CacheScheme {
     /// Every step recomputes every row (exact).
@@ -57,6 +68,9 @@ pub enum CacheScheme {
     Dkv { refresh: u32 },
     /// dKV-Cache-Greedy: the current block's masked rows ± `window` neighbours.
     DkvGreedy { window: u32 },
+    /// The exact cache of block-causal attention (LLaDA2): the current block's rows, plus the
+    /// rows before it on the sequence's first step and the previous block's on a block's first.
+    Block,
 }
 
 impl CacheScheme {
@@ -68,6 +82,13 @@ impl CacheScheme {
     /// True for the scheme that recomputes every row every step (exact decoding).
     pub fn is_exact(&self) -> bool {
         matches!(self, CacheScheme::None)
+    }
+
+    /// True for a scheme that is only valid under block-causal attention (`block`: with
+    /// bidirectional attention its live rows would read the never-written rows after the
+    /// block). The engine refuses it for every other model.
+    pub fn needs_block_causal(&self) -> bool {
+        matches!(self, CacheScheme::Block)
     }
 }
 
@@ -94,6 +115,7 @@ impl FromStr for CacheScheme {
             "prompt" => no_arg(CacheScheme::Prompt),
             "prefix" => no_arg(CacheScheme::Prefix),
             "dual" => no_arg(CacheScheme::Dual),
+            "block" => no_arg(CacheScheme::Block),
             "dkv" => {
                 let a = arg.ok_or_else(|| {
                     Error::bad_input(format!("cache scheme `{full}`: expected dkv:R (refresh period R >= 1)"))
@@ -114,7 +136,7 @@ impl FromStr for CacheScheme {
                 Ok(CacheScheme::DkvGreedy { window })
             }
             _ => Err(Error::bad_input(format!(
-                "unknown cache scheme `{full}` (none, prompt, prefix, dual, dkv:R, dkv-greedy[:W])"
+                "unknown cache scheme `{full}` (none, prompt, prefix, dual, dkv:R, dkv-greedy[:W], block)"
             ))),
         }
     }
@@ -129,6 +151,7 @@ impl fmt::Display for CacheScheme {
             CacheScheme::Dual => write!(f, "dual"),
             CacheScheme::Dkv { refresh } => write!(f, "dkv:{refresh}"),
             CacheScheme::DkvGreedy { window } => write!(f, "dkv-greedy:{window}"),
+            CacheScheme::Block => write!(f, "block"),
         }
     }
 }
@@ -218,6 +241,8 @@ impl CachePlan {
                 CacheScheme::Prefix | CacheScheme::Dual => i == 0,
                 CacheScheme::Dkv { refresh } => dkv(refresh),
                 CacheScheme::DkvGreedy { .. } => dkv(DKV_GREEDY_REFRESH),
+                // Its first step covers the canvas only when the first block is the last.
+                CacheScheme::Block => false,
             }
     }
 
@@ -279,6 +304,16 @@ impl CachePlan {
                     mark(p.saturating_sub(window), p.saturating_add(window).saturating_add(1));
                 }
             }
+            CacheScheme::Block => {
+                let lo = if n == 0 {
+                    0
+                } else if i == 0 {
+                    self.previous_block_start(n, block)
+                } else {
+                    block.0
+                };
+                mark(lo, block.1);
+            }
         }
         if self.shifted {
             for &p in eligible {
@@ -301,6 +336,23 @@ impl CachePlan {
         }
         out.truncate(k);
         k == total as usize
+    }
+
+    /// `block`'s first step of a block at step `n`: the start of the block step `n−1` ran in
+    /// (the block finished there), on the grid `block.0 − k·block_len` of the current block's
+    /// bounds; it lies before any fully fixed block skipped since. From the rows committed at
+    /// step `n−1` (the step that finished a block commits at least one of its slots); without
+    /// that record, the block just before, `block.0 − block_len` clamped to 0.
+    fn previous_block_start(&self, n: u32, block: (u32, u32)) -> u32 {
+        let bl = self.block_len;
+        let first = match self.last_step {
+            Some(c) if n >= 1 && c == n - 1 => self.last_rows.iter().copied().min(),
+            _ => None,
+        };
+        match first {
+            Some(q) if q < block.0 => block.0 - ((block.0 - q - 1) / bl + 1).saturating_mul(bl).min(block.0),
+            _ => block.0.saturating_sub(bl),
+        }
     }
 
     /// Tell the plan which positions were committed at step `n` (after the step ran). Several
@@ -349,7 +401,7 @@ mod tests {
 
     #[test]
     fn parse_round_trip() {
-        for s in ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:4", "dkv-greedy:0", "dkv-greedy:3"] {
+        for s in ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:4", "dkv-greedy:0", "dkv-greedy:3", "block"] {
             let c: CacheScheme = s.parse().unwrap();
             assert_eq!(c.name(), s);
         }

@@ -180,6 +180,18 @@ fn default_dream_eps() -> f64 {
 }
 
 impl ModelConfig {
+    /// Width of the dense FFN layers: LLaDA2's `intermediate_size` (its `ffn` is the expert
+    /// width), else `ffn`.
+    pub fn dense_ffn(&self) -> usize {
+        self.llada2.as_ref().map_or(self.ffn, |l| l.dense_ffn)
+    }
+
+    /// Whether layer `i` routes to experts (every layer of LLaDA-MoE; LLaDA2's from
+    /// `first_k_dense_replace` on).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.is_some() && self.llada2.as_ref().is_none_or(|l| i >= l.first_k_dense)
+    }
+
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");

@@ -23,7 +23,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::decode::canvas::{Canvas, CanvasSpec, Layout};
 use crate::decode::cpu::CpuStepper;
 use crate::decode::runner::SeqState;
@@ -391,6 +391,7 @@ impl Engine {
         };
         let mut seq = SeqState::new(canvas, policy, r.sampling, r.seed, r.seq_id)
             .with_cache(r.cache, r.refresh_every_step);
+        check_cache(&seq, cfg)?;
         seq.make_plan(cfg.shifted())?;
         Ok(seq)
     }
@@ -531,6 +532,41 @@ fn block_len_for(r: &Request, cfg: &ModelConfig) -> Result<u32> {
              (config.json `block_length`), at absolute positions; leave block_len unset or pass {block}"
         ))),
     }
+}
+
+/// Refuses a cache scheme the model cannot run exactly: `block` needs block-causal attention
+/// (LLaDA2; with bidirectional attention its live rows would read the never-written rows after
+/// the current block) and decode blocks made of whole attention blocks (each block starting
+/// at a multiple of the attention block: otherwise a cached row would have seen masked rows of
+/// the block being decoded, and a live row unwritten ones after it).
+fn check_cache(seq: &SeqState, cfg: &ModelConfig) -> Result<()> {
+    let scheme = seq.cache;
+    if !scheme.needs_block_causal() {
+        return Ok(());
+    }
+    let attn_block = match (cfg.arch, &cfg.llada2) {
+        (Arch::Llada2, Some(l2)) => l2.block as u32,
+        _ => {
+            return Err(Error::bad_input(format!(
+                "cache scheme `{scheme}` needs block-causal attention (LLaDA2), and this {:?} model attends \
+                 bidirectionally: its live rows would read the never-written cache rows after the block. \
+                 Use `dual` or `prefix` instead",
+                cfg.arch
+            )))
+        }
+    };
+    let block_len = seq.canvas.spec().block_len;
+    let (start, _) = seq.block_range();
+    if attn_block == 0 || !block_len.is_multiple_of(attn_block) || !start.is_multiple_of(attn_block) {
+        return Err(Error::bad_input(format!(
+            "cache scheme `{scheme}` is exact only when every decode block is made of whole attention \
+             blocks of {attn_block} (block_len and block starts multiples of {attn_block}); this request has \
+             block_len {block_len} and a block starting at position {start} (a prompt of {} tokens). Use a \
+             block_len and a prompt length that are multiples of {attn_block}, or `dual`",
+            seq.canvas.prompt_len()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses policy parameters the parser would refuse (for policies built in code).

@@ -68,7 +68,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// KV-cache scheme: none (exact), prompt, prefix, dual, dkv:R (refresh every R steps),
-    /// dkv-greedy[:W] (window W, default 2).
+    /// dkv-greedy[:W] (window W, default 2), block (exact block cache of block-causal models:
+    /// LLaDA2 only; its blocks sit at multiples of 32 whatever the prompt length).
     #[arg(long, default_value = "none")]
     pub cache: String,
     /// Most bytes the KV cache may take: bytes or K/M/G/T (binary), e.g. 8G. Default: no limit

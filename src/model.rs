@@ -15,11 +15,11 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStats, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::{self, attention::AttnVariant, gemm::GemmVariant, moe::MoeGemmVariant};
+use crate::ops::{self, attention::{AttnMask, AttnVariant}, gemm::GemmVariant, moe::MoeGemmVariant};
 
 mod moe;
 mod weights;
-pub use moe::{GpuMoe, MoeState};
+pub use moe::{GpuMoe, MoeState, SharedExpert};
 pub use weights::{check_gpu_support, GpuFfn, GpuLayer, GpuWeights};
 
 /// Most live rows for which `set_full_logits` computes the LM head on every row: the skinny
@@ -109,8 +109,8 @@ impl GpuModel {
             qkv: gpu.alloc(&[t, cfg.qkv_dim()])?,
             att: gpu.alloc(&[t, cfg.q_dim()])?,
             o: gpu.alloc(&[t, h])?,
-            gu: gpu.alloc(&[t, 2 * cfg.ffn])?,
-            act: gpu.alloc(&[t, cfg.ffn])?,
+            gu: gpu.alloc(&[t, 2 * cfg.dense_ffn()])?,
+            act: gpu.alloc(&[t, cfg.dense_ffn()])?,
             sel: gpu.alloc(&[cap.logit_rows, h])?,
             logits: gpu.alloc(&[cap.logit_rows, cfg.vocab])?,
             moe: MoeState::new(&gpu, &cfg, t)?,
@@ -148,7 +148,7 @@ impl GpuModel {
 
     /// Device bytes of the workspace, logits and KV cache for `cap`.
     pub fn workspace_bytes(cfg: &ModelConfig, cap: Capacity) -> usize {
-        let act = cap.rows * (4 * cfg.hidden + cfg.qkv_dim() + cfg.q_dim() + 3 * cfg.ffn) * 2;
+        let act = cap.rows * (4 * cfg.hidden + cfg.qkv_dim() + cfg.q_dim() + 3 * cfg.dense_ffn()) * 2;
         let logits = cap.logit_rows * (cfg.vocab * 4 + cfg.hidden * 2);
         let idx = IndexLayout::new(cap.rows, cap.seqs, cap.logit_rows).len * 4;
         let kv = 2 * cfg.n_layers * cap.cache_rows * cfg.kv_dim() * 2;
@@ -305,7 +305,9 @@ impl GpuModel {
             .flat_map(GpuLayer::tensors)
             .chain([&w.embed, &w.final_norm, &w.lm_head])
             .chain(self.cache.k.iter())
-            .chain(self.cache.v.iter());
+            .chain(self.cache.v.iter())
+            .map(|x| [x.ptr(g), x.len() as u64])
+            .chain(w.layers.iter().flat_map(GpuLayer::f32_tensors).map(|x| [x.ptr(g), x.len() as u64]));
         let c = &self.cfg;
         let consts = [
             self.cache.rows as u64,
@@ -314,7 +316,7 @@ impl GpuModel {
             (c.rope_theta as f32).to_bits() as u64,
             (c.n_heads as u64) << 32 | c.n_kv_heads as u64,
         ];
-        graph::fingerprint(tensors.flat_map(|x| [x.ptr(g), x.len() as u64]).chain(consts))
+        graph::fingerprint(tensors.flatten().chain(consts))
     }
 
     /// Launches the forward of a batch of shape `key` whose index arrays are already in
@@ -368,10 +370,14 @@ impl GpuModel {
                     q_norm: l.q_norm.as_ref(),
                     k_norm: l.k_norm.as_ref(),
                     eps,
-                    rotary_dim: cfg.head_dim,
+                    rotary_dim: cfg.llada2.as_ref().map_or(cfg.head_dim, |l2| l2.rotary_dim),
                 },
             )?;
             mark!("rope_kv_store");
+            let mask = match &cfg.llada2 {
+                Some(l2) => AttnMask::BlockCausal { positions: &idx.positions, block: l2.block },
+                None => AttnMask::Bidirectional,
+            };
             ops::attention::attention(
                 g,
                 key.attn,
@@ -385,6 +391,7 @@ impl GpuModel {
                 &self.cache.v[li],
                 cfg.n_heads,
                 cfg.n_kv_heads,
+                mask,
                 &mut ws.att,
             )?;
             mark!("attention");
@@ -409,16 +416,28 @@ impl GpuModel {
                 }
                 GpuFfn::Moe(m) => {
                     let st = ws.moe.as_mut().ok_or_else(|| Error::bad_input("MoE layer in a model built without MoE state"))?;
+                    // LLaDA2's shared expert first, into `o`; the combine adds the routed sum.
+                    let combine = match (&m.shared, st.shared_gu.as_mut(), st.shared_act.as_mut()) {
+                        (Some(se), Some(sgu), Some(sact)) => {
+                            ops::gemm::linear_swiglu(g, gv, t, &ws.h, &se.w_gate_up, sgu, sact)?;
+                            mark!("gemm_shared_gate_up+swiglu");
+                            ops::gemm::linear(g, gv, t, sact, &se.w_down, None, &mut ws.o)?;
+                            mark!("gemm_shared_down");
+                            ops::moe::Combine::Add
+                        }
+                        (None, ..) => ops::moe::Combine::Write,
+                        _ => return Err(Error::bad_input("shared expert without its workspace")),
+                    };
                     ops::gemm::linear(g, gv, t, &ws.h, &m.router, None, &mut st.logits)?;
                     mark!("gemm_router");
-                    ops::moe::moe_route(g, t, &st.logits, &st.scoring(), &mut st.ws)?;
+                    ops::moe::moe_route(g, t, &st.logits, &m.scoring(cfg, st.norm_topk)?, &mut st.ws)?;
                     if st.tally_on {
                         ops::moe::moe_tally_touched(g, &st.ws, &mut st.tally)?;
                     }
                     mark!("moe_route");
                     ops::moe::moe_gate_up_swiglu(g, key.moe, &mut st.ws, t, &ws.h, &m.w_gate_up)?;
                     mark!("moe_gate_up+swiglu");
-                    ops::moe::moe_down_combine(g, key.moe, &mut st.ws, t, &m.w_down, &mut ws.o)?;
+                    ops::moe::moe_down_combine_as(g, key.moe, &mut st.ws, t, &m.w_down, combine, &mut ws.o)?;
                     mark!("moe_down+combine");
                 }
             }

@@ -172,6 +172,72 @@ fn canvas_a_dkv_greedy() {
     }
 }
 
+#[test]
+fn canvas_a_block() {
+    // First step: prefill [0, 4) with block 0; block 1's first step recomputes block 0 with its
+    // final tokens (its final K/V) together with block 1; other steps run the block alone.
+    const B0: &[u32] = &[4, 5, 6, 7];
+    const B1: &[u32] = &[8, 9, 10, 11];
+    const B01: &[u32] = &[4, 5, 6, 7, 8, 9, 10, 11];
+    a("block", false, &[L(&[0, 1, 2, 3, 4, 5, 6, 7]), L(B0), L(B0), L(B0), L(B01), L(B1), L(B1), L(B1)]);
+    // Shifted: the row before each eligible slot as well (3 while slot 4 is eligible, 7 while 8 is).
+    a(
+        "block",
+        true,
+        &[L(&[0, 1, 2, 3, 4, 5, 6, 7]), L(&[3, 4, 5, 6, 7]), L(B0), L(B0), L(B01), L(&[7, 8, 9, 10, 11]), L(&[7, 8, 9, 10, 11]), L(B1)],
+    );
+}
+
+/// `block` on aligned blocks of 32 as LLaDA2 decodes them (P = 32, G = 96: blocks [32, 64),
+/// [64, 96), [96, 128)), counts per step; a single block is one full step, then the block.
+#[test]
+fn block_scheme_on_blocks_of_32() {
+    let mut plan = CachePlan::new(CacheScheme::Block, 32, 96, 32, false).unwrap();
+    let mut rng = StdRng::seed_from_u64(32);
+    let steps = decode(&mut plan, 32, 96, 32, |_, e| {
+        let k = rng.gen_range(1..=e.len().min(9));
+        e.choose_multiple(&mut rng, k).copied().collect()
+    });
+    for s in &steps {
+        let (lo, hi) = if s.n == 0 { (0, 64) } else if s.i == 0 { (s.block.0 - 32, s.block.1) } else { s.block };
+        assert_eq!(s.rows.live, (lo..hi).collect::<Vec<_>>(), "n={} i={} block={:?}", s.n, s.i, s.block);
+        assert!(!s.rows.full);
+    }
+    assert!(steps.iter().filter(|s| s.i == 0).count() == 3 && steps.len() > 6);
+    let mut one = CachePlan::new(CacheScheme::Block, 32, 32, 32, false).unwrap();
+    let steps = decode(&mut one, 32, 32, 32, |_, e| e[..e.len().min(5)].to_vec());
+    assert!(steps[0].rows.full);
+    assert!(steps[1..].iter().all(|s| !s.rows.full && s.rows.live == (32..64).collect::<Vec<_>>()));
+}
+
+/// `block` after a block a prior fixed entirely (skipped, never a step of its own): the first
+/// step of the next block recomputes from the start of the block the previous step ran in, so
+/// the skipped block's rows get computed with final inputs too; without a record of the
+/// previous step, from one block back. Blocks given as the plan sees them.
+#[test]
+fn block_scheme_after_a_skipped_block() {
+    // P = 32, G = 128, blocks of 32: [32, 64) decoded, [64, 96) fixed by a prior, [96, 128).
+    let mut plan = CachePlan::new(CacheScheme::Block, 32, 128, 32, false).unwrap();
+    let masked0: Vec<u32> = (32..64).chain(96..160).collect();
+    let r = plan.live_rows(0, 0, (32, 64), &masked0, &masked0[..32]);
+    assert_eq!(r.live, (0..64).collect::<Vec<_>>());
+    plan.committed(0, &(33..64).collect::<Vec<_>>());
+    let masked1: Vec<u32> = std::iter::once(32).chain(96..160).collect();
+    assert_eq!(plan.live_rows(1, 1, (32, 64), &masked1, &[32]).live, (32..64).collect::<Vec<_>>());
+    plan.committed(1, &[32]);
+    let masked2: Vec<u32> = (96..160).collect();
+    let r = plan.live_rows(2, 0, (96, 128), &masked2, &masked2[..32]);
+    assert_eq!(r.live, (32..128).collect::<Vec<_>>(), "from the finished block's start, over the skipped one");
+    plan.committed(2, &[96]);
+    assert_eq!(plan.live_rows(3, 1, (96, 128), &masked2[1..], &masked2[1..32]).live, (96..128).collect::<Vec<_>>());
+    // No record of step n−1 (a fresh plan): the block just before.
+    let fresh = CachePlan::new(CacheScheme::Block, 32, 128, 32, false).unwrap();
+    assert_eq!(fresh.live_rows(5, 0, (128, 160), &[130], &[130]).live, (96..160).collect::<Vec<_>>());
+    // The last block, with the previous one: rows to the canvas end, not full (the prompt is cached).
+    let r = fresh.live_rows(5, 0, (128, 160), &[130], &[130]);
+    assert!(!r.full && r.live.len() == 64);
+}
+
 // Canvas B: P = 4, G = 8, one block [4, 12); two slots per step: {6,9}, {4,11}, {5,10}, {7,8}.
 // Steps (n = i, eligible): 0 {4..11}  1 {4,5,7,8,10,11}  2 {5,7,8,10}  3 {7,8}.
 const B_SCRIPT: &[&[u32]] = &[&[9, 6], &[4, 11], &[5, 10], &[7, 8]];
@@ -188,6 +254,8 @@ fn canvas_b_two_commits_per_step() {
         b("prefix", shifted, &[F, s1, L(GEN), L(GEN)]);
         b("dual", shifted, &[F, s1, L(GEN), L(GEN)]);
         b("none", shifted, &[F; 4]);
+        // One block that ends the canvas: the first step is every row, then the block.
+        b("block", shifted, &[F, s1, L(GEN), L(GEN)]);
     }
     b("dkv:5", false, &[F, F, L(&[4, 5, 7, 8, 10, 11]), L(&[5, 7, 8, 10])]);
     b("dkv:5", true, &[F, F, L(&[4, 5, 6, 7, 8, 9, 10, 11]), L(&[5, 6, 7, 8, 10])]);
@@ -211,12 +279,14 @@ fn canvas_c_no_prompt() {
     c("prefix", true, &[F, F, F, L(&[1, 2, 3])]);
     c("dual", false, &[F, L(&[0, 1]), F, L(&[2, 3])]);
     c("dual", true, &[F, L(&[0, 1]), F, L(&[1, 2, 3])]);
+    c("block", false, &[L(&[0, 1]), L(&[0, 1]), F, L(&[2, 3])]);
+    c("block", true, &[L(&[0, 1]), L(&[0, 1]), F, L(&[1, 2, 3])]);
 }
 
 #[test]
 fn refresh_every_step_is_none() {
     let mut rng = StdRng::seed_from_u64(7);
-    for scheme in ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv:9", "dkv-greedy", "dkv-greedy:0"] {
+    for scheme in ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv:9", "dkv-greedy", "dkv-greedy:0", "block"] {
         for shifted in [false, true] {
             let mut plan = CachePlan::new(scheme.parse().unwrap(), 19, 32, 8, shifted).unwrap();
             plan.set_refresh_every_step(true);
@@ -243,6 +313,7 @@ fn parse_and_display() {
         ("dkv-greedy", CacheScheme::DkvGreedy { window: 2 }),
         ("dkv-greedy:0", CacheScheme::DkvGreedy { window: 0 }),
         ("dkv-greedy:5", CacheScheme::DkvGreedy { window: 5 }),
+        ("block", CacheScheme::Block),
     ];
     for (s, want) in cases {
         let got: CacheScheme = s.parse().unwrap_or_else(|e| panic!("`{s}`: {e}"));
@@ -258,6 +329,7 @@ fn parse_and_display() {
         ("dkv:-1", "`-1`"),
         ("dkv", "dkv:R"),
         ("dual:3", ":3"),
+        ("block:32", ":32"),
         ("none:1", ":1"),
         ("dkv-greedy:w", "`w`"),
         ("foo", "`foo`"),
@@ -278,7 +350,10 @@ fn bad_plan_shapes() {
 
 /// Random canvases, schemes and commit orders: every live set is ascending and in range, holds
 /// every eligible slot (shifted: and its predecessor), `full` means every row; `none` is always
-/// full; under `dkv:R` every cached row is committed and was last computed from its real token.
+/// full; under `dkv:R` every cached row is committed and was last computed from its real token;
+/// under `block` (unshifted), with attention blocks = the decode blocks (the prompt one more
+/// block), no row after the current block is ever live and every cached row before it was
+/// last computed when every row its attention reaches held its final token (exactness).
 #[test]
 fn invariants_random_orders() {
     let mut rng = StdRng::seed_from_u64(0x5eed_cace);
@@ -287,7 +362,8 @@ fn invariants_random_orders() {
         let g = rng.gen_range(1..=24u32);
         let bl = rng.gen_range(1..=g);
         let shifted = rng.gen_bool(0.5);
-        let scheme = match rng.gen_range(0..6) {
+        let scheme = match rng.gen_range(0..7) {
+            6 => CacheScheme::Block,
             0 => CacheScheme::None,
             1 => CacheScheme::Prompt,
             2 => CacheScheme::Prefix,
@@ -300,6 +376,10 @@ fn invariants_random_orders() {
         // Input each row had at the last step it was live: true = its real token (not the mask).
         let mut saw_real = vec![false; total as usize];
         let mut real: Vec<bool> = (0..total).map(|r| r < p).collect();
+        // `block`: whether every row up to the end of a row's attention block was final the
+        // last time the row was live.
+        let mut saw_final = vec![false; total as usize];
+        let attn_end = |r: u32| if r < p { p } else { (p + ((r - p) / bl + 1) * bl).min(total) };
         let steps = {
             let rng2 = &mut StdRng::seed_from_u64(trial);
             decode(&mut plan, p, g, bl, |_, e| {
@@ -336,8 +416,17 @@ fn invariants_random_orders() {
                     }
                 }
             }
+            if scheme == CacheScheme::Block && !shifted {
+                assert!(live.iter().all(|&r| r < s.block.1), "{ctx}: a row after the block is live: {live:?}");
+                for r in 0..s.block.0 {
+                    if live.binary_search(&r).is_err() {
+                        assert!(saw_final[r as usize], "{ctx}: cached row {r} last computed before its attention's rows were final");
+                    }
+                }
+            }
             for &r in live {
                 saw_real[r as usize] = real[r as usize];
+                saw_final[r as usize] = (0..attn_end(r)).all(|q| real[q as usize]);
             }
         }
     }

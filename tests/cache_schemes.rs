@@ -360,3 +360,37 @@ fn kv_cache_rows_from_budget_and_free_memory() {
     let e = kv_cache_rows(None, gb, 2 * gb, mb, usize::MAX).unwrap_err().to_string();
     assert!(e.contains("holds no cache row"), "workspace larger than free memory: {e}");
 }
+
+/// `block` needs block-causal attention: refused by name for every bidirectional model (its
+/// live rows would read never-written rows) and, on LLaDA2, for decode blocks that are not whole
+/// attention blocks of 32; on aligned LLaDA2 blocks it runs the scheme's rows and decodes
+/// exactly as `none` (CPU against CPU).
+#[test]
+fn block_cache_needs_block_causal_attention() {
+    let mut rng = StdRng::seed_from_u64(10);
+    for preset in CPU_PRESETS {
+        let mut e = cpu_engine(preset, EngineOptions::default());
+        let r = req(&prompt(&mut rng, 32), 32, 32, "schedule:4", "block");
+        let err = e.generate(std::slice::from_ref(&r)).unwrap_err().to_string();
+        assert!(err.contains("`block`") && err.contains("block-causal") && err.contains("`dual`"), "{preset}: {err}");
+        let err = e.submit(r).unwrap_err().to_string();
+        assert!(err.contains("request") && err.contains("block-causal"), "{preset} submit: {err}");
+        assert_eq!(e.pending(), 0, "{preset}: a refused request was queued");
+    }
+    let mut e = cpu_engine("tiny-llada2", EngineOptions::default());
+    for (p, bl) in [(31usize, 32u32), (32, 16), (5, 64), (0, 16)] {
+        let r = req(&prompt(&mut rng, p), 64, bl, "llada2:0.9,4", "block");
+        let err = e.generate(&[r]).unwrap_err().to_string();
+        assert!(err.contains("attention blocks of 32") && err.contains(&format!("block_len {bl}")), "P {p} bl {bl}: {err}");
+    }
+    let p = prompt(&mut rng, 32);
+    let base = e.generate(&[req(&p, 64, 32, "llada2:0.9,4", "none")]).unwrap().remove(0);
+    let o = e.generate(&[req(&p, 64, 32, "llada2:0.9,4", "block")]).unwrap().remove(0);
+    assert_eq!(o.tokens, base.tokens, "block must decode exactly like none on block-causal attention");
+    assert_eq!(o.commits_per_step, base.commits_per_step);
+    // 4 steps per block: [0, 64), then block 0 alone, then blocks 0 and 1, then block 1 alone.
+    assert_eq!(o.rows_per_step, [64, 32, 32, 32, 64, 32, 32, 32]);
+    // With no prompt the first block starts at 0.
+    let o = e.generate(&[req(&[], 64, 32, "llada2:0.9,4", "block")]).unwrap().remove(0);
+    assert_eq!(o.rows_per_step, [32, 32, 32, 32, 64, 32, 32, 32]);
+}

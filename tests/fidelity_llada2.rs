@@ -200,3 +200,90 @@ fn official_llada2_1_edit_trajectories_reproduced() {
     assert!(cases.iter().any(|c| edit(c).2 == 0) && cases.iter().any(|c| edit(c).2 == 4), "budgets 0 and 4");
     assert!(cases.iter().any(|c| c.prompt.len() % 32 != 0 && c.stop_at_eos && c.output.len() < c.prompt.len() + c.gen_len as usize));
 }
+
+/// The official trajectories again with the KV caches that are exact under block-causal
+/// attention (DESIGN.md §8): `block` (the current block's rows; the first step prefills the
+/// prompt with the first block, a block's first step also rewrites the finished block with its
+/// final tokens), `dual` and `prefix` (a full step at each block start): token for token and
+/// step for step the fixtures, with each step's live rows exactly the scheme's (so a scheme that
+/// silently recomputed everything fails), and `block` running far fewer rows than `none`.
+#[test]
+fn official_llada2_trajectories_with_exact_caches() {
+    let (_, cases) = load_cases(&fixture().join("trajectories.json"));
+    let mut failures = Vec::new();
+    let (mut block_rows, mut all_rows) = (0u64, 0u64);
+    for c in &cases {
+        // The official canvas: blocks of 32 at absolute positions, padded to whole blocks.
+        let p = c.prompt.len() as u32;
+        let len = (p + c.gen_len).div_ceil(32) * 32;
+        assert_eq!(c.block_len, 32, "{}", c.name);
+        // (block, step within it) of each official step, from the positions it commits (an
+        // `edit:` step that changes nothing ends the block the step before it ran in).
+        let mut at: Vec<(u32, u32)> = Vec::new();
+        for (n, s) in c.steps.iter().enumerate() {
+            let b = match s.iter().next() {
+                Some(&(q, _)) => q / 32,
+                None => at.last().expect("a first step commits").0,
+            };
+            assert!(s.iter().all(|&(q, _)| q / 32 == b), "{}: step {n} spans blocks", c.name);
+            let i = match at.last() {
+                Some(&(pb, pi)) if pb == b => pi + 1,
+                _ => 0,
+            };
+            at.push((b, i));
+        }
+        let mut engine = engine_with_eos(c.eos_id);
+        for cache in ["block", "dual", "prefix"] {
+            let req = demask::engine::Request::ids(c.prompt.clone())
+                .gen_len(c.gen_len)
+                .block_len(c.block_len)
+                .policy(c.policy.parse().unwrap())
+                .cache(cache.parse().unwrap())
+                .stop_at_eos(c.stop_at_eos);
+            let (mut steps, mut tops, mut live) = (Vec::new(), Vec::new(), Vec::new());
+            let out = engine
+                .generate_with(&[req], &mut |e| {
+                    steps.push(e.commits.iter().map(|m| (m.pos, m.token)).collect());
+                    let mut top: Vec<(u32, u32, f32)> =
+                        (0..e.eligible.len()).map(|i| (e.eligible[i], e.scores.tokens[i], e.scores.conf[i])).collect();
+                    top.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+                    top.truncate(6);
+                    tops.push(top);
+                    live.push(e.live_rows);
+                })
+                .unwrap_or_else(|e| panic!("{} --cache {cache}: {e}", c.name));
+            let mut canvas = c.prompt.clone();
+            canvas.extend_from_slice(&out[0].tokens);
+            if let Some(d) = first_difference(c, &steps, &tops, &canvas) {
+                failures.push(format!("{} --cache {cache}: {d}", c.name));
+                continue;
+            }
+            let want: Vec<u32> = at
+                .iter()
+                .enumerate()
+                .map(|(n, &(b, i))| {
+                    let (start, end) = (32 * b, 32 * (b + 1));
+                    match (cache, n, i) {
+                        ("block", 0, _) => end,
+                        ("block", _, 0) => end - (start - 32),
+                        ("block", _, _) => 32,
+                        (_, _, 0) => len,
+                        ("dual", _, _) => 32,
+                        _ => len - start,
+                    }
+                })
+                .collect();
+            assert_eq!(live, want, "{} --cache {cache}: live rows per step", c.name);
+            assert_eq!(out[0].rows_per_step, want, "{} --cache {cache}: Output::rows_per_step", c.name);
+            if cache == "block" {
+                block_rows += live.iter().map(|&r| r as u64).sum::<u64>();
+                all_rows += (len as u64) * live.len() as u64;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    eprintln!("block cache: {block_rows} rows computed where `none` computes {all_rows}");
+    assert!(block_rows * 2 < all_rows, "block: {block_rows} rows of {all_rows}");
+    // The cases cross block boundaries: `block`'s block-start steps with the previous block ran.
+    assert!(cases.iter().any(|c| c.gen_len > 32 && c.steps.len() > 2));
+}

@@ -5,10 +5,12 @@
 //! every element, and the flash variant's largest error is at most 2× the reference variant's
 //! (plus 2e-3 for the bf16 rounding of P, which the f32 reference kernel does not do).
 //! Outputs are poisoned with NaN before each launch; rows outside every sequence must stay NaN.
+//! Block-causal cases (LLaDA2) check against `cpu::attention::attention_capped` and fill the
+//! cache rows no query may see with NaN: a kernel that reads them fails.
 use demask::batch::SeqSpan;
 use demask::gpu::{test_gpu, DTensor, Gpu, Timer};
 use demask::ops::attention::{
-    attention, attention_forced, split_kv_supported, AttnVariant, FlashPath,
+    attention, attention_forced, split_kv_supported, AttnMask, AttnVariant, FlashPath,
 };
 use half::bf16;
 use rand::rngs::StdRng;
@@ -53,6 +55,8 @@ struct Built {
     qkv: (Vec<bf16>, Vec<f32>),
     k: (Vec<bf16>, Vec<f32>),
     v: (Vec<bf16>, Vec<f32>),
+    /// Canvas position of each packed live row.
+    positions: Vec<u32>,
 }
 
 /// Packs the sequences' live rows from row 0; cache rows are laid out with a gap before each
@@ -82,11 +86,13 @@ fn build(c: &Case) -> Built {
     let qkv = rounded(&mut rng, rows * q_stride, c.std);
     let mut k = rounded(&mut rng, cache_rows * kv_w, c.std);
     let mut v = rounded(&mut rng, cache_rows * kv_w, 1.0);
+    let mut positions = vec![0u32; rows];
     for sp in &spans {
         let mut pos: Vec<usize> = (0..sp.kv_len as usize).collect();
         pos.shuffle(&mut rng);
         for (i, &p) in pos[..sp.row_count as usize].iter().enumerate() {
             let r = sp.row_start as usize + i;
+            positions[r] = p as u32;
             let dst = (sp.cache_base as usize + p) * kv_w;
             let ks = r * q_stride + c.n_heads * D;
             let vs = ks + kv_w;
@@ -105,6 +111,33 @@ fn build(c: &Case) -> Built {
         qkv,
         k,
         v,
+        positions,
+    }
+}
+
+/// Block-causal key bound of each packed row: `min(kv_len, (pos / block + 1) · block)`.
+fn caps(b: &Built, block: usize) -> Vec<usize> {
+    let mut caps = vec![0; b.rows];
+    for sp in &b.spans {
+        for r in sp.row_start as usize..(sp.row_start + sp.row_count) as usize {
+            caps[r] = ((b.positions[r] as usize / block + 1) * block).min(sp.kv_len as usize);
+        }
+    }
+    caps
+}
+
+/// NaN in every cache row of a sequence at or past the largest bound of its rows: no query may
+/// read them (a block not yet written holds whatever the memory held).
+fn poison_unseen_keys(b: &mut Built, block: usize, kv_w: usize) {
+    let caps = caps(b, block);
+    for sp in &b.spans {
+        let (lo, hi) = (sp.row_start as usize, (sp.row_start + sp.row_count) as usize);
+        let seen = caps[lo..hi].iter().copied().max().unwrap_or(0);
+        let (from, to) = ((sp.cache_base as usize + seen) * kv_w, (sp.cache_base + sp.kv_len) as usize * kv_w);
+        for t in [&mut b.k, &mut b.v] {
+            t.0[from..to].fill(bf16::NAN);
+            t.1[from..to].fill(f32::NAN);
+        }
     }
 }
 
@@ -121,6 +154,7 @@ struct Dev {
     v: DTensor<bf16>,
     seqs: DTensor<u32>,
     out: DTensor<bf16>,
+    positions: DTensor<u32>,
 }
 
 /// Output rows allocated past `rows`, which no sequence covers: they must stay poisoned.
@@ -136,6 +170,7 @@ fn upload(gpu: &Gpu, b: &Built, c: &Case) -> Dev {
             .upload(&spans_flat(&b.spans), &[b.spans.len(), 4])
             .unwrap(),
         out: gpu.alloc(&[b.rows + EXTRA_ROWS, c.n_heads * D]).unwrap(),
+        positions: gpu.upload(&b.positions, &[b.rows]).unwrap(),
     }
 }
 
@@ -146,14 +181,19 @@ fn run(
     path: FlashPath,
     b: &Built,
     c: &Case,
+    block: Option<usize>,
     d: &mut Dev,
 ) -> Vec<f32> {
     let poison = vec![bf16::NAN; d.out.len()];
     d.out.write(gpu, &poison).unwrap();
     let (rows, n_seqs) = (b.rows, b.spans.len());
+    let mask = match block {
+        Some(block) => AttnMask::BlockCausal { positions: &d.positions, block },
+        None => AttnMask::Bidirectional,
+    };
     attention_forced(
         gpu, variant, path, rows, &d.q, b.q_stride, &d.seqs, n_seqs, b.max_rows, &d.k, &d.v,
-        c.n_heads, c.n_kv, &mut d.out,
+        c.n_heads, c.n_kv, mask, &mut d.out,
     )
     .unwrap_or_else(|e| panic!("{}: {variant} ({path:?}) launch: {e}", c.name));
     gpu.synchronize()
@@ -203,15 +243,25 @@ fn check(case: &str, variant: &str, got: &[f32], want: &[f32], width: usize) -> 
 }
 
 fn run_case(c: &Case) {
+    run_case_with(c, None)
+}
+
+/// `block`: block-causal with that block length (else bidirectional).
+fn run_case_with(c: &Case, block: Option<usize>) {
     let Some(gpu) = test_gpu() else { return };
-    let b = build(c);
+    let mut b = build(c);
     let width = c.n_heads * D;
     let mut want = vec![0f32; b.rows * width];
-    demask::cpu::attention::attention(
-        &b.qkv.1, b.q_stride, &b.k.1, &b.v.1, &b.spans, c.n_heads, c.n_kv, &mut want,
+    let caps = block.map(|bl| {
+        poison_unseen_keys(&mut b, bl, c.n_kv * D);
+        caps(&b, bl)
+    });
+    demask::cpu::attention::attention_capped(
+        &b.qkv.1, b.q_stride, &b.k.1, &b.v.1, &b.spans, c.n_heads, c.n_kv, caps.as_deref(), &mut want,
     );
+    assert!(want.iter().all(|x| x.is_finite()), "{}: the reference read a poisoned key", c.name);
     let mut d = upload(&gpu, &b, c);
-    let got_ref = run(&gpu, AttnVariant::Reference, FlashPath::Auto, &b, c, &mut d);
+    let got_ref = run(&gpu, AttnVariant::Reference, FlashPath::Auto, &b, c, block, &mut d);
     let err_ref = check(c.name, "reference", &got_ref, &want, width);
     let mut paths = vec![FlashPath::Whole];
     if split_kv_supported(&gpu).unwrap() {
@@ -222,7 +272,7 @@ fn run_case(c: &Case) {
     for path in paths {
         let label = format!("flash {path:?}");
         let label = label.as_str();
-        let got_fa = run(&gpu, AttnVariant::Flash, path, &b, c, &mut d);
+        let got_fa = run(&gpu, AttnVariant::Flash, path, &b, c, block, &mut d);
         let err_fa = check(c.name, label, &got_fa, &want, width);
         eprintln!(
             "{}: max |err| reference {err_ref:.2e}, {label} {err_fa:.2e}",
@@ -368,6 +418,74 @@ fn production_full_canvas_2048() {
     });
 }
 
+/// Block-causal (LLaDA2, blocks of 32 and odd ones): live rows at random positions, so an
+/// M-tile mixes rows of different blocks; cache rows past every row's block are NaN.
+#[test]
+fn block_causal_random_positions() {
+    run_case_with(
+        &Case {
+            name: "block-causal 16/4",
+            seqs: vec![seq(1, 1, 0), seq(19, 300, 5), seq(64, 64, 0), seq(100, 513, 2)],
+            n_heads: 16,
+            n_kv: 4,
+            std: 1.0,
+            seed: 21,
+        },
+        Some(32),
+    );
+    run_case_with(
+        &Case {
+            name: "block-causal 4/2 block 7",
+            seqs: vec![seq(33, 77, 1), seq(7, 200, 0)],
+            n_heads: 4,
+            n_kv: 2,
+            std: 3.0,
+            seed: 22,
+        },
+        Some(7),
+    );
+}
+
+/// The shapes block diffusion runs: a prefill of whole blocks (512 rows over 512 keys) and a
+/// decode step (32 rows of one block over 512 keys, the later ones NaN), LLaDA2-mini heads.
+#[test]
+fn block_causal_llada2_shapes() {
+    run_case_with(
+        &Case { name: "llada2 prefill 512", seqs: vec![seq(512, 512, 0)], n_heads: 16, n_kv: 4, std: 1.0, seed: 23 },
+        Some(32),
+    );
+    run_case_with(
+        &Case {
+            name: "llada2 step 32 of 512",
+            seqs: vec![seq(32, 512, 0), seq(64, 300, 3)],
+            n_heads: 16,
+            n_kv: 4,
+            std: 1.0,
+            seed: 24,
+        },
+        Some(32),
+    );
+}
+
+/// A bad block length or too few positions is refused by name.
+#[test]
+fn block_causal_refusals() {
+    let Some(gpu) = test_gpu() else { return };
+    let c = Case { name: "refuse", seqs: vec![seq(8, 40, 0)], n_heads: 4, n_kv: 2, std: 1.0, seed: 25 };
+    let b = build(&c);
+    let mut d = upload(&gpu, &b, &c);
+    let short: DTensor<u32> = gpu.upload(&[0u32; 4], &[4]).unwrap();
+    for (mask, want) in [
+        (AttnMask::BlockCausal { positions: &d.positions, block: 0 }, "block length 0"),
+        (AttnMask::BlockCausal { positions: &short, block: 32 }, "`positions`"),
+    ] {
+        let e = attention(&gpu, AttnVariant::Flash, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, 4, 2, mask, &mut d.out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
 /// Times the flash kernel on the target shapes (H100 targets: 512² ≤ 30 µs, 2048² ≤ 300 µs,
 /// 32×512 decode ≤ 10 µs, all at 32 heads). Prints; does not fail on time.
 #[test]
@@ -410,11 +528,11 @@ fn flash_timing() {
                 match path {
                     FlashPath::Auto => attention(
                         &gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
-                        &d.v, h, kvh, &mut d.out,
+                        &d.v, h, kvh, AttnMask::Bidirectional, &mut d.out,
                     ),
                     p => attention_forced(
                         &gpu, variant, p, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
-                        &d.v, h, kvh, &mut d.out,
+                        &d.v, h, kvh, AttnMask::Bidirectional, &mut d.out,
                     ),
                 }
                 .unwrap()

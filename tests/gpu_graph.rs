@@ -18,6 +18,9 @@ mod common;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::{prompt, seq_state, spec, PRESETS};
+
+/// The shared presets plus LLaDA2 (block-causal attention, dense + MoE layers, shared expert).
+const GRAPH_PRESETS: [&str; 4] = [PRESETS[0], PRESETS[1], PRESETS[2], "tiny-llada2"];
 use demask::batch::{RowBatch, SeqSpan};
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
@@ -216,7 +219,7 @@ fn assert_same(what: &str, graph: &[Out], eager: &[Out], vocab: usize) {
 fn graph_replay_equals_eager_bitwise() {
     let Some(gpu) = graph_gpu() else { return };
     let _serial = serial();
-    for (pi, preset) in PRESETS.into_iter().enumerate() {
+    for (pi, preset) in GRAPH_PRESETS.into_iter().enumerate() {
         let (cfg, mut m) = new_model(&gpu, preset, 40 + pi as u64);
         let sh = shape(&[(0, 8), (1, 8)], Logits::Some(6));
         let mut rng = StdRng::seed_from_u64(7);
@@ -266,7 +269,7 @@ fn shape_changes_never_replay_a_wrong_graph() {
         Shape { gemm: GemmVariant::Cublaslt, ..base },
         Shape { attn: AttnVariant::Reference, ..base },
     ];
-    for (pi, preset) in PRESETS.into_iter().enumerate() {
+    for (pi, preset) in GRAPH_PRESETS.into_iter().enumerate() {
         let (cfg, mut m) = new_model(&gpu, preset, 50 + pi as u64);
         let mut rng = StdRng::seed_from_u64(8);
         let mut inputs = Vec::new();

@@ -6,8 +6,9 @@
 //!   calls is counted (the CPU forward allocates; it is not the runner's);
 //! - [`Scheduler::step`] over the scripted backend, a whole step boundary at a time.
 //!
-//! Steady state starts after the first step (it sizes the runner's reusable buffers: every
-//! scheme's first step is full, so it is the largest). The runner calls each sequence's
+//! Steady state starts after the first step (it sizes the runner's reusable buffers, from
+//! bounds: the canvas lengths, not the first step's rows, which for `block` are fewer than a
+//! later block-start step's). The runner calls each sequence's
 //! `CachePlan` once per step; the tests replay exactly those plan calls on a mirror of every
 //! sequence, count their allocations, and require both the runner's own bookkeeping and the
 //! plan to allocate nothing.
@@ -268,7 +269,7 @@ fn seq(cfg: &ModelConfig, rng: &mut StdRng, id: u32, prompt_len: usize, gen: u32
 /// A batch with every cache scheme, awkward prompt lengths (1, 19) and mixed block lengths.
 fn mixed_batch(cfg: &ModelConfig, seed: u64) -> Vec<SeqState> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let shapes: [(usize, u32, u32, &str); 7] = [
+    let shapes: [(usize, u32, u32, &str); 8] = [
         (19, 32, 8, "dual"),
         (1, 24, 8, "prefix"),
         (7, 32, 16, "dkv:2"),
@@ -276,6 +277,7 @@ fn mixed_batch(cfg: &ModelConfig, seed: u64) -> Vec<SeqState> {
         (5, 16, 16, "prompt"),
         (3, 8, 4, "none"),
         (11, 40, 8, "dual"),
+        (3, 32, 8, "block"),
     ];
     shapes.iter().enumerate().map(|(i, &(p, g, b, c))| seq(cfg, &mut rng, i as u32, p, g, b, c)).collect()
 }

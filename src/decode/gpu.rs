@@ -281,8 +281,8 @@ impl StepBackend for GpuStepper {
 }
 
 /// The commit kernel's count rule for `policy` (the kernel knows no policy; ranking is the
-/// same for all of them: by confidence, which `Random` and Dream's algorithms set). An error
-/// for a policy the kernel has no rule for (`llada2:τ,S`: max(threshold count, n)).
+/// same for all of them: by confidence, which `Random` and Dream's algorithms set). Every
+/// policy has a rule; the `Result` is for a policy a future kernel cannot count.
 pub fn commit_rule(policy: &Policy) -> Result<CountRule> {
     Ok(match *policy {
         Policy::Schedule { steps } | Policy::Random { steps } => CountRule::Schedule { steps },
@@ -290,11 +290,7 @@ pub fn commit_rule(policy: &Policy) -> Result<CountRule> {
         Policy::Confident { tau, steps } => CountRule::ThresholdOrSchedule { tau, steps },
         Policy::Factor { f } => CountRule::FactorPrefix { f },
         Policy::Dream { steps, .. } => CountRule::DreamCount { steps },
-        Policy::Llada2 { .. } => {
-            return Err(Error::bad_input(format!(
-                "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel has no max(threshold, n) rule)"
-            )))
-        }
+        Policy::Llada2 { tau, steps } => CountRule::MaxAboveSchedule { tau, steps },
         Policy::Edit { .. } => {
             return Err(Error::bad_input(format!(
                 "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel cannot re-write committed slots)"
@@ -312,13 +308,28 @@ pub fn count_ctx(ctx: StepCtx) -> CountCtx {
 mod tests {
     use super::*;
 
+    use crate::decode::policy::DreamAlg;
+
     #[test]
-    fn commit_rule_refuses_policies_the_kernel_cannot_count() {
-        let e = commit_rule(&Policy::Llada2 { tau: 0.9, steps: 8 }).unwrap_err().to_string();
-        assert!(e.contains("llada2:") && e.contains("CPU backend only"), "{e}");
+    fn commit_rule_translates_every_policy() {
+        let rule = |p: &str| commit_rule(&p.parse::<Policy>().unwrap()).unwrap();
+        assert_eq!(rule("llada2:0.95,8"), CountRule::MaxAboveSchedule { tau: 0.95, steps: 8 });
+        assert_eq!(rule("llada2:0,32"), CountRule::MaxAboveSchedule { tau: 0.0, steps: 32 });
+        assert_eq!(rule("threshold:0.5"), CountRule::Threshold { tau: 0.5 });
+        assert_eq!(rule("schedule:4"), CountRule::Schedule { steps: 4 });
+        assert_eq!(rule("random:3"), CountRule::Schedule { steps: 3 });
+        assert_eq!(rule("confident:0.9,6"), CountRule::ThresholdOrSchedule { tau: 0.9, steps: 6 });
+        assert_eq!(rule("factor:0.4"), CountRule::FactorPrefix { f: 0.4 });
+        assert_eq!(rule("dream:entropy,5"), CountRule::DreamCount { steps: 5 });
+        // The record the kernel reads: rule 6 with τ and S, the step context as given.
+        let ctx = StepCtx { step: 2, block_masked: 32, masked: 20, block_len: 32 };
+        let rec = SeqCommitParams::new(rule("llada2:0.9,8"), count_ctx(ctx), 3, 20, 1);
+        assert_eq!((rec.policy, rec.tau, rec.steps), (6, 0.9, 8));
+        assert_eq!((rec.ctx_step, rec.block_masked, rec.masked), (2, 32, 20));
+        assert_eq!((rec.slot_offset, rec.slot_count, rec.canvas_row), (3, 20, 1));
+        let dream = Policy::Dream { alg: DreamAlg::Origin, steps: 4 };
+        assert_eq!(SeqCommitParams::new(commit_rule(&dream).unwrap(), count_ctx(ctx), 0, 1, 0).policy, 5);
         let e = commit_rule(&Policy::Edit { tau_m: 0.7, tau_e: 0.5, post: 16 }).unwrap_err().to_string();
         assert!(e.contains("edit:0.7,0.5,16") && e.contains("CPU backend only"), "{e}");
-        assert!(matches!(commit_rule(&Policy::Threshold { tau: 0.5 }), Ok(CountRule::Threshold { tau }) if tau == 0.5));
-        assert!(matches!(commit_rule(&Policy::Schedule { steps: 4 }), Ok(CountRule::Schedule { steps: 4 })));
     }
 }

@@ -1,10 +1,11 @@
-//! LLaDA-MoE on the GPU: a layer's experts on the device ([`GpuMoe`]), the preallocated
-//! routing state ([`MoeState`]); `GpuModel::run` runs the FFN of a layer: router GEMM (f32
-//! logits) → `ops::moe::moe_route` (softmax, top-k, grouping by expert) → grouped gate|up with
-//! SwiGLU → grouped down with the weighted combine into `out`. Every step stays on the device
-//! (no host sync, no allocation), so a forward with MoE layers is captured in a CUDA graph like
-//! a dense one. LLaDA2 (sigmoid group routing, shared expert, block-causal attention) is not
-//! run here: `model::check_gpu_support` refuses it.
+//! MoE layers on the GPU (LLaDA-MoE, LLaDA2): a layer's experts on the device ([`GpuMoe`]),
+//! the preallocated routing state ([`MoeState`]); `GpuModel::run` runs the FFN of a layer:
+//! router GEMM (f32 logits) → `ops::moe::moe_route` (LLaDA-MoE: softmax top-k; LLaDA2: sigmoid
+//! + `expert_bias` group-limited top-k, scaled) → grouped gate|up with SwiGLU → grouped down
+//! with the weighted combine into `out`. LLaDA2's shared expert runs first as a dense SwiGLU
+//! into `out`, and the combine adds the routed sum to it. Every step stays on the device (no
+//! host sync, no allocation), so a forward with MoE layers is captured in a CUDA graph like a
+//! dense one.
 use half::bf16;
 
 use crate::config::ModelConfig;
@@ -21,50 +22,103 @@ pub struct GpuMoe {
     pub w_gate_up: DTensor<bf16>,
     /// `[n_experts, hidden, ffn]`
     pub w_down: DTensor<bf16>,
+    /// LLaDA2's selection bias `[n_experts]` in f32 (`None` for LLaDA-MoE).
+    pub expert_bias: Option<DTensor<f32>>,
+    /// LLaDA2's shared expert (`None` when the config has none).
+    pub shared: Option<SharedExpert>,
+}
+
+/// A dense SwiGLU expert every row goes through (LLaDA2's `shared_experts`).
+pub struct SharedExpert {
+    /// `[2 * shared_ffn, hidden]`: rows gate | up.
+    pub w_gate_up: DTensor<bf16>,
+    /// `[hidden, shared_ffn]`
+    pub w_down: DTensor<bf16>,
 }
 
 impl GpuMoe {
-    pub fn tensors(&self) -> [&DTensor<bf16>; 3] {
+    /// The bf16 tensors (the f32 bias is [`GpuMoe::expert_bias`]).
+    pub fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
         [&self.router, &self.w_gate_up, &self.w_down]
+            .into_iter()
+            .chain(self.shared.iter().flat_map(|s| [&s.w_gate_up, &s.w_down]))
     }
 
     /// Copies a host layer's experts (`layer` names it in errors).
     pub fn upload(gpu: &Gpu, cfg: &ModelConfig, layer: usize, m: &HostMoe) -> Result<Self> {
         let (e, h, f) = dims(cfg)?;
-        if !m.expert_bias.is_empty() || !m.shared_gate_up.is_empty() || !m.shared_down.is_empty() {
-            return Err(Error::bad_input(format!(
-                "layer {layer}: expert bias / shared expert present; the GPU MoE path runs LLaDA-MoE only"
-            )));
-        }
+        let shared_ffn = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
+        let want_bias = if cfg.llada2.is_some() { e } else { 0 };
         for (name, got, want) in [
             ("router", m.router.len(), e * h),
             ("experts gate|up", m.w_gate_up.len(), e * 2 * f * h),
             ("experts down", m.w_down.len(), e * h * f),
+            ("expert_bias", m.expert_bias.len(), want_bias),
+            ("shared expert gate|up", m.shared_gate_up.len(), 2 * shared_ffn * h),
+            ("shared expert down", m.shared_down.len(), h * shared_ffn),
         ] {
             if got != want {
                 return Err(Error::weights(format!("layer {layer} {name}"), format!("{got} values, expected {want}")));
             }
         }
+        if let Some(i) = m.expert_bias.iter().position(|b| !b.is_finite()) {
+            return Err(Error::weights(format!("layer {layer} expert_bias"), format!("value {i} is {}", m.expert_bias[i])));
+        }
         Ok(GpuMoe {
             router: gpu.upload(&m.router, &[e, h])?,
             w_gate_up: gpu.upload(&m.w_gate_up, &[e, 2 * f, h])?,
             w_down: gpu.upload(&m.w_down, &[e, h, f])?,
+            expert_bias: (want_bias > 0).then(|| gpu.upload(&m.expert_bias, &[e])).transpose()?,
+            shared: (shared_ffn > 0)
+                .then(|| -> Result<SharedExpert> {
+                    Ok(SharedExpert {
+                        w_gate_up: gpu.upload(&m.shared_gate_up, &[2 * shared_ffn, h])?,
+                        w_down: gpu.upload(&m.shared_down, &[h, shared_ffn])?,
+                    })
+                })
+                .transpose()?,
         })
     }
 
     /// Random experts made on the device by `gen(dims, mean, std)` (the synthetic-weights
-    /// scales: router and gate|up N(0, 1/√hidden), down N(0, 1/√ffn)).
+    /// scales: router and gate|up N(0, 1/√hidden), down N(0, 1/√ffn)); LLaDA2's expert bias
+    /// N(0, 0.01²) in f32 (made by `gen_f32`) and its shared expert at the same scales.
     pub fn synthesize(
         cfg: &ModelConfig,
         gen: &mut impl FnMut(&[usize], f32, f32) -> Result<DTensor<bf16>>,
+        gen_f32: &mut impl FnMut(&[usize], f32, f32) -> Result<DTensor<f32>>,
     ) -> Result<Self> {
         let (e, h, f) = dims(cfg)?;
         let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        let shared_ffn = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
         Ok(GpuMoe {
             router: gen(&[e, h], 0.0, inv(h))?,
             w_gate_up: gen(&[e, 2 * f, h], 0.0, inv(h))?,
             w_down: gen(&[e, h, f], 0.0, inv(f))?,
+            expert_bias: cfg.llada2.is_some().then(|| gen_f32(&[e], 0.0, 0.01)).transpose()?,
+            shared: (shared_ffn > 0)
+                .then(|| -> Result<SharedExpert> {
+                    Ok(SharedExpert {
+                        w_gate_up: gen(&[2 * shared_ffn, h], 0.0, inv(h))?,
+                        w_down: gen(&[h, shared_ffn], 0.0, inv(shared_ffn))?,
+                    })
+                })
+                .transpose()?,
         })
+    }
+
+    /// How this layer's router scores (LLaDA2: sigmoid + its bias, groups from `cfg`).
+    pub fn scoring<'a>(&'a self, cfg: &ModelConfig, norm_topk: bool) -> Result<RouteScoring<'a>> {
+        match (&cfg.llada2, &self.expert_bias) {
+            (None, _) => Ok(RouteScoring::Softmax { norm_topk }),
+            (Some(l), Some(bias)) => Ok(RouteScoring::SigmoidGroup {
+                bias,
+                n_group: l.n_group,
+                topk_group: l.topk_group,
+                routed_scaling: l.routed_scaling,
+            }),
+            (Some(_), None) => Err(Error::bad_input("LLaDA2 MoE layer without its expert_bias on the device")),
+        }
     }
 }
 
@@ -83,26 +137,27 @@ pub struct MoeState {
     /// routing while `tally_on` (`GpuModel::set_expert_stats`).
     pub tally: DTensor<u32>,
     pub tally_on: bool,
-    norm_topk: bool,
+    /// LLaDA2's shared expert: gate|up output `[max_rows, 2 * shared_ffn]` and activation
+    /// `[max_rows, shared_ffn]` (`None` without a shared expert).
+    pub shared_gu: Option<DTensor<bf16>>,
+    pub shared_act: Option<DTensor<bf16>>,
+    pub norm_topk: bool,
 }
 
 impl MoeState {
     /// `None` for a dense model.
     pub fn new(gpu: &Gpu, cfg: &ModelConfig, max_rows: usize) -> Result<Option<Self>> {
         let Some(m) = &cfg.moe else { return Ok(None) };
+        let shared = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
         Ok(Some(MoeState {
             logits: gpu.alloc(&[max_rows, m.n_experts])?,
             ws: MoeWorkspace::new(gpu, max_rows, m.n_experts, m.top_k, cfg.hidden, cfg.ffn)?,
             tally: gpu.upload(&[0u32, 0], &[2])?,
             tally_on: false,
+            shared_gu: (shared > 0).then(|| gpu.alloc(&[max_rows, 2 * shared])).transpose()?,
+            shared_act: (shared > 0).then(|| gpu.alloc(&[max_rows, shared])).transpose()?,
             norm_topk: m.norm_topk_prob,
         }))
-    }
-
-    /// LLaDA-MoE's routing: softmax over all experts, top-k (renormalised only if the config
-    /// asks, which the official model never does).
-    pub fn scoring(&self) -> RouteScoring<'static> {
-        RouteScoring::Softmax { norm_topk: self.norm_topk }
     }
 
     /// Device bytes [`MoeState::new`] allocates for `max_rows` (0 for a dense model).
@@ -114,6 +169,7 @@ impl MoeState {
             + (2 * m.n_experts + 1) * 4       // counts, offsets
             + pairs * 8                       // perm, pos
             + pairs * (cfg.ffn * 2 + cfg.hidden * 4) // act (bf16), y (f32)
+            + max_rows * 3 * cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn) * 2 // shared gu, act
             + 8 // tally
     }
 }

@@ -1,6 +1,10 @@
 //! The model's weights on the device: upload of host weights and synthesis of random weights of
-//! the exact architecture on the device, dense (LLaDA, Dream) and LLaDA-MoE.
+//! the exact architecture on the device, dense (LLaDA, Dream), LLaDA-MoE and LLaDA2 (dense
+//! layers below `first_k_dense_replace`, then routed experts with an f32 selection bias and a
+//! shared expert).
 use half::bf16;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
 
 use super::moe::GpuMoe;
 use crate::config::ModelConfig;
@@ -26,7 +30,7 @@ pub struct GpuLayer {
     pub bqkv: Option<DTensor<bf16>>,
     pub wo: DTensor<bf16>,
     pub ffn_norm: DTensor<bf16>,
-    /// Per-head q / k RMSNorm weights `[head_dim]` (`cfg.qk_norm`: LLaDA-MoE).
+    /// Per-head q / k RMSNorm weights `[head_dim]` (`cfg.qk_norm`: LLaDA-MoE, LLaDA2).
     pub q_norm: Option<DTensor<bf16>>,
     pub k_norm: Option<DTensor<bf16>>,
     pub ffn: GpuFfn,
@@ -35,16 +39,26 @@ pub struct GpuLayer {
 impl GpuLayer {
     /// Every tensor of the layer (no allocation: the graph binding walks this each forward).
     pub(crate) fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
-        let (a, b, c) = match &self.ffn {
-            GpuFfn::Dense { w_gate_up, w_down } => (w_gate_up, w_down, None),
-            GpuFfn::Moe(m) => (&m.w_gate_up, &m.w_down, Some(&m.router)),
+        let (dense, moe) = match &self.ffn {
+            GpuFfn::Dense { w_gate_up, w_down } => (Some([w_gate_up, w_down]), None),
+            GpuFfn::Moe(m) => (None, Some(m)),
         };
-        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm, a, b]
+        [&self.attn_norm, &self.wqkv, &self.wo, &self.ffn_norm]
             .into_iter()
-            .chain(c)
+            .chain(dense.into_iter().flatten())
+            .chain(moe.into_iter().flat_map(GpuMoe::tensors))
             .chain(self.bqkv.as_ref())
             .chain(self.q_norm.as_ref())
             .chain(self.k_norm.as_ref())
+    }
+
+    /// The layer's f32 tensors (LLaDA2's expert bias).
+    pub(crate) fn f32_tensors(&self) -> impl Iterator<Item = &DTensor<f32>> {
+        match &self.ffn {
+            GpuFfn::Moe(m) => m.expert_bias.as_ref(),
+            GpuFfn::Dense { .. } => None,
+        }
+        .into_iter()
     }
 }
 
@@ -60,7 +74,8 @@ struct Shapes {
     hidden: usize,
     qkv: usize,
     q: usize,
-    ffn: usize,
+    /// Width of the dense FFN layers (LLaDA2: `intermediate_size`; else `cfg.ffn`).
+    dense_ffn: usize,
     vocab: usize,
     head_dim: usize,
 }
@@ -71,21 +86,25 @@ impl Shapes {
             hidden: cfg.hidden,
             qkv: cfg.qkv_dim(),
             q: cfg.q_dim(),
-            ffn: cfg.ffn,
+            dense_ffn: cfg.dense_ffn(),
             vocab: cfg.vocab,
             head_dim: cfg.head_dim,
         }
     }
 }
 
-/// Refuses architectures the GPU forward cannot run yet (LLaDA2: no block-causal attention,
-/// shared-expert or sigmoid-group routing path in the GPU forward of this build), and MoE
-/// shapes beyond the expert kernels' limits, so such a model is never run wrong.
+/// Refuses MoE shapes beyond the expert kernels' limits and widths the GPU kernels cannot
+/// take, so such a model is never run wrong.
 pub fn check_gpu_support(cfg: &ModelConfig) -> Result<()> {
-    if cfg.llada2.is_some() {
-        return Err(Error::bad_input(
-            "LLaDA2 runs on the CPU backend only in this build (pass --device cpu, or Device::Cpu)",
-        ));
+    if let Some(l) = &cfg.llada2 {
+        for (name, v) in [("intermediate_size", l.dense_ffn), ("moe_intermediate_size · num_shared_experts", l.shared_ffn)] {
+            if !v.is_multiple_of(8) {
+                return Err(Error::config(name, format!("{v}: the GPU kernels need a multiple of 8 (pass --device cpu)")));
+            }
+        }
+        if l.block == 0 || l.block > i32::MAX as usize {
+            return Err(Error::config("block_length", format!("{}: must be in 1..2^31 on the GPU", l.block)));
+        }
     }
     if let Some(m) = &cfg.moe {
         if m.n_experts > ops::moe::MAX_EXPERTS || m.top_k > ops::moe::MAX_TOP_K {
@@ -115,12 +134,18 @@ impl GpuWeights {
         let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
-            let ffn = match &l.moe {
-                Some(m) => GpuFfn::Moe(GpuMoe::upload(gpu, &w.cfg, i, m)?),
-                None => GpuFfn::Dense {
-                    w_gate_up: up(&l.w_gate_up, &[2 * s.ffn, s.hidden])?,
-                    w_down: up(&l.w_down, &[s.hidden, s.ffn])?,
+            let ffn = match (&l.moe, w.cfg.is_moe_layer(i)) {
+                (Some(m), true) => GpuFfn::Moe(GpuMoe::upload(gpu, &w.cfg, i, m)?),
+                (None, false) => GpuFfn::Dense {
+                    w_gate_up: up(&l.w_gate_up, &[2 * s.dense_ffn, s.hidden])?,
+                    w_down: up(&l.w_down, &[s.hidden, s.dense_ffn])?,
                 },
+                (m, _) => {
+                    return Err(Error::weights(
+                        format!("layer {i} mlp"),
+                        format!("{} where the config expects {}", if m.is_some() { "experts" } else { "a dense FFN" }, if m.is_some() { "a dense FFN" } else { "experts" }),
+                    ))
+                }
             };
             let norm = |v: &Option<Vec<bf16>>, name: &str| -> Result<Option<DTensor<bf16>>> {
                 match (v, w.cfg.qk_norm) {
@@ -162,21 +187,29 @@ impl GpuWeights {
             ops::fill::fill_normal(gpu, &mut t, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ counter, mean, std)?;
             Ok(t)
         };
+        // f32 tensors (LLaDA2's expert bias): few values, drawn on the host and copied.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xB1A5);
+        let mut gen_f32 = |dims: &[usize], mean: f32, std: f32| -> Result<DTensor<f32>> {
+            let n: usize = dims.iter().product();
+            let normal = Normal::new(mean, std).map_err(|e| Error::bad_input(format!("synthetic weights: {e}")))?;
+            let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+            gpu.upload(&v, dims)
+        };
         let inv = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
+        for i in 0..cfg.n_layers {
             // Generation order of the dense model kept (its synthetic weights do not change).
             let attn_norm = gen(&[s.hidden], 1.0, 0.1)?;
             let wqkv = gen(&[s.qkv, s.hidden], 0.0, inv(s.hidden))?;
             let bqkv = if cfg.qkv_bias { Some(gen(&[s.qkv], 0.0, 0.1)?) } else { None };
             let wo = gen(&[s.hidden, s.q], 0.0, inv(s.q))?;
             let ffn_norm = gen(&[s.hidden], 1.0, 0.1)?;
-            let ffn = if cfg.moe.is_some() {
-                GpuFfn::Moe(GpuMoe::synthesize(cfg, &mut gen)?)
+            let ffn = if cfg.is_moe_layer(i) {
+                GpuFfn::Moe(GpuMoe::synthesize(cfg, &mut gen, &mut gen_f32)?)
             } else {
                 GpuFfn::Dense {
-                    w_gate_up: gen(&[2 * s.ffn, s.hidden], 0.0, inv(s.hidden))?,
-                    w_down: gen(&[s.hidden, s.ffn], 0.0, inv(s.ffn))?,
+                    w_gate_up: gen(&[2 * s.dense_ffn, s.hidden], 0.0, inv(s.hidden))?,
+                    w_down: gen(&[s.hidden, s.dense_ffn], 0.0, inv(s.dense_ffn))?,
                 }
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
@@ -198,7 +231,8 @@ impl GpuWeights {
 
     pub fn bytes(&self) -> usize {
         let l: usize = self.layers.iter().flat_map(GpuLayer::tensors).map(DTensor::bytes).sum();
-        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
+        let b: usize = self.layers.iter().flat_map(GpuLayer::f32_tensors).map(DTensor::bytes).sum();
+        l + b + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
     }
 }
 
@@ -207,14 +241,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_llada2_is_refused_by_the_gpu_path() {
-        for name in ["tiny-llada2", "llada2-mini"] {
-            let e = check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap_err().to_string();
-            assert!(e.contains("runs on the CPU backend only") && e.contains("--device cpu"), "{name}: {e}");
-        }
-        for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b", "tiny-llada-moe", "llada-moe-7b"] {
+    fn every_preset_runs_on_the_gpu_path_and_bad_widths_are_refused() {
+        for name in crate::config::PRESETS {
             check_gpu_support(&ModelConfig::preset(name).unwrap()).unwrap();
         }
+        let mut cfg = ModelConfig::preset("tiny-llada2").unwrap();
+        cfg.llada2.as_mut().unwrap().shared_ffn = 60;
+        let e = check_gpu_support(&cfg).unwrap_err().to_string();
+        assert!(e.contains("num_shared_experts") && e.contains("60") && e.contains("--device cpu"), "{e}");
+        let mut cfg = ModelConfig::preset("tiny-llada2").unwrap();
+        cfg.llada2.as_mut().unwrap().dense_ffn = 250;
+        let e = check_gpu_support(&cfg).unwrap_err().to_string();
+        assert!(e.contains("intermediate_size") && e.contains("250"), "{e}");
+        let l2 = ModelConfig::preset("tiny-llada2").unwrap();
+        assert!(!l2.is_moe_layer(0) && l2.is_moe_layer(1) && l2.is_moe_layer(2));
+        assert_eq!(l2.dense_ffn(), 256);
+        let moe = ModelConfig::preset("tiny-llada-moe").unwrap();
+        assert!(moe.is_moe_layer(0) && !ModelConfig::preset("tiny-llada").unwrap().is_moe_layer(0));
         let mut cfg = ModelConfig::preset("tiny-llada-moe").unwrap();
         cfg.moe.as_mut().unwrap().n_experts = ops::moe::MAX_EXPERTS + 1;
         let e = check_gpu_support(&cfg).unwrap_err().to_string();

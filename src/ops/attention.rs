@@ -1,6 +1,7 @@
-//! Bidirectional varlen attention over the KV cache (`kernels/attention.cu`): live queries of
-//! several sequences × each sequence's cache rows `[cache_base, cache_base + kv_len)`, GQA,
-//! head_dim 128, bf16 in/out with f32 accumulation. Two variants selectable by name.
+//! Varlen attention over the KV cache (`kernels/attention.cu`): live queries of several
+//! sequences × each sequence's cache rows `[cache_base, cache_base + kv_len)`, GQA, head_dim
+//! 128, bf16 in/out with f32 accumulation; bidirectional or block-causal ([`AttnMask`]). Two
+//! variants selectable by name.
 use std::str::FromStr;
 
 
@@ -84,6 +85,22 @@ struct AttnParams {
     n_kv_heads: i32,
     /// float scale
     scale: f32,
+    /// const uint32_t* positions: [rows] canvas positions, read only when causal_block > 0
+    positions: u64,
+    /// int causal_block: 0 bidirectional, B > 0 block-causal
+    causal_block: i32,
+}
+
+/// Which keys a query may see.
+#[derive(Clone, Copy, Default)]
+pub enum AttnMask<'a> {
+    /// Every key of its sequence (LLaDA, Dream, LLaDA-MoE).
+    #[default]
+    Bidirectional,
+    /// Block-causal (LLaDA2): the live row at canvas position `positions[r]` sees only the
+    /// first `min(kv_len, (positions[r] / block + 1) · block)` keys of its sequence — its own
+    /// block and the ones before. Keys past a tile's largest bound are never read.
+    BlockCausal { positions: &'a DTensor<u32>, block: usize },
 }
 
 // SAFETY: plain-old-data with the C layout of `AttnParams`.
@@ -141,6 +158,7 @@ pub fn attention(
     v_cache: &DTensor<bf16>,
     n_heads: usize,
     n_kv_heads: usize,
+    mask: AttnMask<'_>,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     attention_forced(
@@ -157,6 +175,7 @@ pub fn attention(
         v_cache,
         n_heads,
         n_kv_heads,
+        mask,
         out,
     )
 }
@@ -178,9 +197,22 @@ pub fn attention_forced(
     v_cache: &DTensor<bf16>,
     n_heads: usize,
     n_kv_heads: usize,
+    mask: AttnMask<'_>,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention";
+    let (positions, causal_block) = match mask {
+        AttnMask::Bidirectional => (0, 0),
+        AttnMask::BlockCausal { positions, block } => {
+            if block == 0 || block > i32::MAX as usize {
+                return Err(Error::bad_input(format!("{OP}: block-causal block length {block} must be in 1..2^31")));
+            }
+            if positions.len() < rows {
+                return Err(Error::shape(OP, "positions", &[rows], &positions.dims));
+            }
+            (positions.ptr(gpu), block as i32)
+        }
+    };
     if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(Error::bad_input(format!(
             "{OP}: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}"
@@ -237,6 +269,8 @@ pub fn attention_forced(
         n_heads: n_heads as i32,
         n_kv_heads: n_kv_heads as i32,
         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+        positions,
+        causal_block,
     };
     let group = n_heads / n_kv_heads;
     let m_tiles = (max_rows * group).div_ceil(FA_M);

@@ -21,7 +21,7 @@ const THREADS: u32 = 256; // COMMIT_THREADS in the .cu
 pub struct SeqCommitParams {
     pub slot_offset: i32,  // int
     pub slot_count: i32,   // int
-    pub policy: i32,       // int: CountRule: 0 schedule, 2 threshold, 3 threshold-or-schedule, 4 factor, 5 dream
+    pub policy: i32,       // int: CountRule: 0 schedule, 2 threshold, 3 threshold-or-schedule, 4 factor, 5 dream, 6 max-above-schedule
     pub tau: f32,          // float
     pub factor: f32,       // float
     pub steps: u32,        // unsigned
@@ -49,6 +49,9 @@ pub enum CountRule {
     FactorPrefix { f: f32 },
     /// Dream's f32 count over linspace(1, 1e-3, steps + 1), 0 allowed (kernel case 5).
     DreamCount { steps: u32 },
+    /// `max(#{c > τ}, n)`: every slot strictly above τ, or the schedule count n (capped at the
+    /// slots; every remaining slot on step `steps − 1`) when fewer pass (kernel case 6).
+    MaxAboveSchedule { tau: f32, steps: u32 },
 }
 
 /// Where the sequence's block stands (the counts the rules read).
@@ -70,6 +73,7 @@ impl SeqCommitParams {
             CountRule::ThresholdOrSchedule { tau, steps } => (3, tau, 0.0, steps),
             CountRule::FactorPrefix { f } => (4, 0.0, f, 0),
             CountRule::DreamCount { steps } => (5, 0.0, 0.0, steps),
+            CountRule::MaxAboveSchedule { tau, steps } => (6, tau, 0.0, steps),
         };
         SeqCommitParams {
             slot_offset: slot_offset as i32,
@@ -186,7 +190,7 @@ impl CommitWs {
                     positions.len()
                 )));
             }
-            if !(0..=5).contains(&q.policy) || q.canvas_row < 0 {
+            if !(0..=6).contains(&q.policy) || q.canvas_row < 0 {
                 return Err(Error::bad_input(format!("{OP}: sequence {si} has a bad record {q:?}")));
             }
             let ps = &positions[q.slot_offset as usize..next];

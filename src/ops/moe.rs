@@ -376,7 +376,7 @@ struct CombineParams {
     t: i32,       // int
     hidden: i32,  // int
     top_k: i32,   // int
-    pad: i32,     // int (struct tail)
+    add_out: i32, // int: 1 adds the old out (Combine::Add)
 }
 
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
@@ -505,6 +505,29 @@ pub fn moe_down_combine(
     w_down: &DTensor<bf16>,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
+    moe_down_combine_as(gpu, variant, ws, t, w_down, Combine::Write, out)
+}
+
+/// What [`moe_down_combine_as`] does with `out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    /// `out[r] = bf16(Σ weight·y)`.
+    Write,
+    /// `out[r] = bf16(Σ weight·y + out[r])`: the routed sum first, then the value `out` held
+    /// (LLaDA2: the shared expert's output), one rounding.
+    Add,
+}
+
+/// [`moe_down_combine`], writing or adding into `out` as `mode` says.
+pub fn moe_down_combine_as(
+    gpu: &Gpu,
+    variant: MoeGemmVariant,
+    ws: &mut MoeWorkspace,
+    t: usize,
+    w_down: &DTensor<bf16>,
+    mode: Combine,
+    out: &mut DTensor<bf16>,
+) -> Result<()> {
     const OP: &str = "moe_down_combine";
     let (e, h, f, k) = (ws.n_experts, ws.hidden, ws.ffn, ws.top_k);
     ws.check_routed(OP, t)?;
@@ -551,7 +574,7 @@ pub fn moe_down_combine(
         t: t as i32,
         hidden: h as i32,
         top_k: k as i32,
-        pad: 0,
+        add_out: (mode == Combine::Add) as i32,
     };
     let grid = (t as u32, h.div_ceil(8 * COMBINE_THREADS as usize) as u32, 1);
     let lc = LaunchEx { grid, block: (COMBINE_THREADS, 1, 1), smem: 0, cluster: None, pdl: true };
