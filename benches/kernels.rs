@@ -430,6 +430,7 @@ fn bench_commit(c: &mut Criterion, env: &mut Env) -> Result<()> {
             step: 0,
             block_masked: slots as u32,
             masked: slots as u32,
+            block_len: slots as u32,
         };
         let seqs: Vec<SeqCommitParams> = (0..n_seqs)
             .map(|s| SeqCommitParams::new(commit_rule(&policy).expect("a GPU policy"), count_ctx(ctx), s * slots, slots, s))

@@ -19,7 +19,7 @@ struct CommitSeq {
     int slot_offset;        // first slot of this sequence in the slot arrays
     int slot_count;         // its eligible slots
     int policy;             // count rule: 0 schedule, 2 threshold (>= τ), 3 threshold or schedule,
-                            // 4 factor prefix, 5 dream count, 6 max(#{> τ}, schedule)
+                            // 4 factor prefix, 5 dream count, 6 max(#{> τ}, schedule of block_len)
     float tau;              // rules 2, 3, 6
     float factor;           // rule 4
     unsigned steps;         // rules 0, 3, 5, 6
@@ -27,7 +27,8 @@ struct CommitSeq {
     unsigned block_masked;  // StepCtx.block_masked
     unsigned masked;        // StepCtx.masked
     int canvas_row;         // canvas row this sequence writes
-    int pad0, pad1;
+    unsigned block_len;     // StepCtx.block_len: the slots of the block (rule 6 splits it)
+    int pad1;
 };
 
 // Mirrors CommitParams in src/ops/commit.rs.
@@ -168,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(COMMIT_THREADS) commit_u32(const Co
                 else k = (int)min(schedule_count(q.block_masked, q.steps, q.ctx_step), (unsigned)n);
                 break;
             case 6:  // max(#{c > τ}, the schedule count capped at n; every slot on the last step)
-                k = q.ctx_step + 1u >= q.steps ? n : (int)min(schedule_count(q.block_masked, q.steps, q.ctx_step), (unsigned)n);
+                k = q.ctx_step + 1u >= q.steps ? n : (int)min(schedule_count(q.block_len, q.steps, q.ctx_step), (unsigned)n);
                 k = max(k, k_shared);
                 break;
             default:  // dream

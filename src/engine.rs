@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{Arch, ModelConfig};
-use crate::decode::canvas::{Canvas, CanvasSpec};
+use crate::decode::canvas::{Canvas, CanvasSpec, Layout};
 use crate::decode::cpu::CpuStepper;
 use crate::decode::runner::SeqState;
 use crate::decode::scheduler::{Finished, Limits, Misfit, Scheduler};
@@ -374,16 +374,22 @@ impl Engine {
         }
         check_policy(&r.policy)?;
         let prompt = self.prompt_ids(&r.prompt)?;
-        let block_len = r.effective_block_len();
-        crate::decode::canvas::check_lengths(prompt.len(), r.gen_len, block_len, cfg)?;
+        let layout = Layout::for_model(cfg);
+        let block_len = block_len_for(r, cfg)?;
+        crate::decode::canvas::check_layout_lengths(prompt.len(), r.gen_len, block_len, layout, cfg)?;
         let prior = match &r.prior {
             Some(pr) => pr.resolve(r.gen_len, cfg, self.tokenizer.as_deref())?,
             None => Vec::new(),
         };
-        crate::decode::canvas::check_steps(&r.policy, r.gen_len, block_len, &prior)?;
         let spec = CanvasSpec { gen_len: r.gen_len, block_len, stop_at_eos: r.stop_at_eos };
-        let canvas = Canvas::new(&prompt, &prior, spec, cfg)?;
-        let mut seq = SeqState::new(canvas, r.policy, r.sampling, r.seed, r.seq_id)
+        let canvas = Canvas::with_layout(&prompt, &prior, spec, layout, cfg)?;
+        canvas.check_steps(&r.policy)?;
+        // The official LLaDA2 `generate` runs `steps = min(steps, gen_length)`.
+        let policy = match r.policy {
+            Policy::Llada2 { tau, steps } => Policy::Llada2 { tau, steps: steps.min(r.gen_len) },
+            p => p,
+        };
+        let mut seq = SeqState::new(canvas, policy, r.sampling, r.seed, r.seq_id)
             .with_cache(r.cache, r.refresh_every_step);
         check_cache(&seq, cfg)?;
         seq.make_plan(cfg.shifted())?;
@@ -483,7 +489,8 @@ impl Engine {
         let s = &f.seq;
         let cfg = self.backend.config();
         let c = &s.canvas;
-        let gen = c.gen().to_vec();
+        // LLaDA2: cut after the first EOS (with stop-at-EOS), as its official `generate`.
+        let gen = c.output().to_vec();
         let is_stop = |t: u32| t == cfg.eos_id || t == cfg.eot_id;
         let generated_tokens = gen.iter().enumerate().filter(|&(i, &t)| !c.is_fixed_gen(i) && !is_stop(t)).count();
         let text = match &self.tokenizer {
@@ -508,6 +515,22 @@ impl Engine {
             tokens_per_s,
             stopped_at_eos: c.stopped_at_eos(),
         })
+    }
+}
+
+/// The request's block length: its own (or one block of gen_len); for LLaDA2 the model's
+/// attention block (config.json `block_length`, 32), which blocks must match to decode as the
+/// official `generate` does (the default when the request sets none).
+fn block_len_for(r: &Request, cfg: &ModelConfig) -> Result<u32> {
+    let Some(l2) = cfg.llada2.as_ref() else { return Ok(r.effective_block_len()) };
+    let block = l2.block as u32;
+    match r.block_len {
+        None => Ok(block),
+        Some(b) if b == block => Ok(b),
+        Some(b) => Err(Error::bad_input(format!(
+            "block_len {b}: LLaDA2 decodes in blocks of its block-causal attention block, {block} \
+             (config.json `block_length`), at absolute positions; leave block_len unset or pass {block}"
+        ))),
     }
 }
 
@@ -556,6 +579,8 @@ fn check_policy(p: &Policy) -> Result<()> {
         Policy::Threshold { tau } | Policy::Confident { tau, .. } | Policy::Llada2 { tau, .. } if !(0.0..=1.0).contains(&tau) => {
             bad("tau must lie in [0, 1]")
         }
+        Policy::Edit { tau_m, .. } if !(0.0..=1.0).contains(&tau_m) => bad("mask threshold must lie in [0, 1]"),
+        Policy::Edit { tau_e, .. } if !(0.0..=1.0).contains(&tau_e) => bad("edit threshold must lie in [0, 1]"),
         Policy::Factor { f } if !(f.is_finite() && f > 0.0) => bad("factor must be a finite number > 0"),
         _ => Ok(()),
     }

@@ -242,10 +242,11 @@ pub fn commit_agreement(
                 }
                 let masked = eligible.len() as u32;
                 work.push(SeqWork {
+                    current: vec![mask; eligible.len()],
                     eligible,
                     logit_index,
                     policy: Policy::Schedule { steps: steps_per_block },
-                    ctx: StepCtx { step: s, block_masked: block_masked[si], masked },
+                    ctx: StepCtx { step: s, block_masked: block_masked[si], masked, block_len: block as u32 },
                     sampling: Default::default(),
                     seed: 0,
                     seq_id: si as u32,

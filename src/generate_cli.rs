@@ -32,11 +32,14 @@ pub struct GenerateArgs {
     /// Slots to generate.
     #[arg(long)]
     pub gen_len: u32,
-    /// Semi-autoregressive block length (must divide --gen-len; default: one block).
+    /// Semi-autoregressive block length (must divide --gen-len; default: one block). LLaDA2:
+    /// its attention block (32, the default), blocks at absolute positions, canvas padded.
     #[arg(long)]
     pub block_len: Option<u32>,
-    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, factor:F,
-    /// dream:ALG,S.
+    /// Commit policy: schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S,
+    /// edit:TM,TE,P (LLaDA2.1 token editing: commit masked slots with p > TM, re-write committed
+    /// slots whose argmax differs with p > TE, up to P edit-only steps per block; CPU only),
+    /// factor:F, dream:ALG,S.
     #[arg(long)]
     pub policy: String,
     /// Sampling temperature (0 = argmax).
@@ -61,11 +64,12 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     pub prior_ids: Option<Vec<String>>,
     /// End the sequence when a finished block contains EOS/EOT (default on; --stop-at-eos=false).
+    /// LLaDA2: EOS only, and the output is cut after the first EOS (its official rule).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stop_at_eos: bool,
     /// KV-cache scheme: none (exact), prompt, prefix, dual, dkv:R (refresh every R steps),
     /// dkv-greedy[:W] (window W, default 2), block (exact block cache of block-causal models:
-    /// LLaDA2 only, with block_len and prompt length multiples of 32).
+    /// LLaDA2 only; its blocks sit at multiples of 32 whatever the prompt length).
     #[arg(long, default_value = "none")]
     pub cache: String,
     /// Most bytes the KV cache may take: bytes or K/M/G/T (binary), e.g. 8G. Default: no limit
@@ -146,10 +150,8 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
     if a.gen_len == 0 {
         bail!("--gen-len must be > 0");
     }
-    match a.block_len {
-        Some(0) => bail!("--block-len must be > 0"),
-        Some(b) if a.gen_len % b != 0 => bail!("--block-len {b} must divide --gen-len {}", a.gen_len),
-        _ => {}
+    if a.block_len == Some(0) {
+        bail!("--block-len must be > 0");
     }
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         bail!("--temperature {} must be a finite number >= 0", a.temperature);
@@ -161,6 +163,13 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
         bail!("--chat wraps a text --prompt in the chat template; --prompt-ids are used as they are (drop --chat or pass --prompt)");
     }
     let cfg = ModelConfig::from_dir(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    // LLaDA2 pads its canvas to whole blocks: no divisibility (the engine checks its block).
+    match a.block_len {
+        Some(b) if cfg.arch != demask::Arch::Llada2 && !a.gen_len.is_multiple_of(b) => {
+            bail!("--block-len {b} must divide --gen-len {}", a.gen_len)
+        }
+        _ => {}
+    }
     let tok = preflight_tokenizer(a)?;
     let (ids, what) = match prompt {
         Prompt::Ids(ids) => (ids.clone(), "--prompt-ids"),
@@ -199,8 +208,11 @@ fn preflight(a: &GenerateArgs, policy: &Policy, prompt: &Prompt, prior: Option<&
         }
         None => Vec::new(),
     };
-    check_steps(policy, a.gen_len, a.block_len.unwrap_or(a.gen_len), &slots)
-        .with_context(|| format!("--policy {policy}"))?;
+    // LLaDA2's blocks sit at absolute positions: the engine checks them on its canvas.
+    if cfg.arch != demask::Arch::Llada2 {
+        check_steps(policy, a.gen_len, a.block_len.unwrap_or(a.gen_len), &slots)
+            .with_context(|| format!("--policy {policy}"))?;
+    }
     Ok(())
 }
 
@@ -255,7 +267,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 err,
                 "step {:>3} block {:>2} +{:<3} rows {:>5} {:>8.2} ms | {}",
                 e.step,
-                e.eligible.first().map_or(0, |&p| (p - e.canvas.prompt_len()) / e.canvas.spec().block_len),
+                e.eligible.first().map_or(0, |&p| e.canvas.block_of(p)),
                 e.commits.len(),
                 e.live_rows,
                 e.ms,

@@ -362,9 +362,9 @@ fn kv_cache_rows_from_budget_and_free_memory() {
 }
 
 /// `block` needs block-causal attention: refused by name for every bidirectional model (its
-/// live rows would read never-written rows) and, on LLaDA2, for decode blocks that are not whole
-/// attention blocks of 32; on aligned LLaDA2 blocks it runs the scheme's rows and decodes
-/// exactly as `none` (CPU against CPU).
+/// live rows would read never-written rows); on LLaDA2 (whose decode blocks are whole attention
+/// blocks of 32 at absolute positions) it runs the scheme's rows and decodes exactly as `none`
+/// (CPU against CPU), whatever the prompt's length.
 #[test]
 fn block_cache_needs_block_causal_attention() {
     let mut rng = StdRng::seed_from_u64(10);
@@ -378,11 +378,21 @@ fn block_cache_needs_block_causal_attention() {
         assert_eq!(e.pending(), 0, "{preset}: a refused request was queued");
     }
     let mut e = cpu_engine("tiny-llada2", EngineOptions::default());
-    for (p, bl) in [(31usize, 32u32), (32, 16), (5, 64), (0, 16)] {
+    // LLaDA2's decode blocks are its attention blocks (another block_len is refused before any
+    // cache scheme is looked at) ...
+    for (p, bl) in [(32usize, 16u32), (5, 64), (0, 16)] {
         let r = req(&prompt(&mut rng, p), 64, bl, "llada2:0.9,4", "block");
         let err = e.generate(&[r]).unwrap_err().to_string();
-        assert!(err.contains("attention blocks of 32") && err.contains(&format!("block_len {bl}")), "P {p} bl {bl}: {err}");
+        assert!(err.contains("block-causal attention block, 32") && err.contains(&format!("block_len {bl}")), "P {p} bl {bl}: {err}");
     }
+    // ... at absolute multiples of 32 whatever the prompt's length (the official canvas), so
+    // `block` serves a 31-token prompt too, exactly: [0, 32) first (31 prompt rows and one
+    // slot), then blocks 0 and 1 (block 0's final K/V with block 1's first step).
+    let p31 = prompt(&mut rng, 31);
+    let base = e.generate(&[req(&p31, 64, 32, "llada2:0.9,4", "none")]).unwrap().remove(0);
+    let o = e.generate(&[req(&p31, 64, 32, "llada2:0.9,4", "block")]).unwrap().remove(0);
+    assert_eq!((&o.tokens, &o.commits_per_step), (&base.tokens, &base.commits_per_step), "P 31: block == none");
+    assert_eq!(o.rows_per_step[..3], [32, 64, 32], "P 31: {:?}", o.rows_per_step);
     let p = prompt(&mut rng, 32);
     let base = e.generate(&[req(&p, 64, 32, "llada2:0.9,4", "none")]).unwrap().remove(0);
     let o = e.generate(&[req(&p, 64, 32, "llada2:0.9,4", "block")]).unwrap().remove(0);

@@ -3,21 +3,26 @@
 //! f32 on the CPU with SDPA and the official `generate`'s block-causal mask): demask's f32 CPU
 //! forward must give the official logits within 1e-4 relative over two full blocks and a
 //! partial third, and a block step against cached earlier blocks (DESIGN.md §8: their K/V are
-//! exact under block-causal attention) must give the same logits; the CPU backend with
-//! `llada2:τ,S` and blocks of 32 must reproduce the official LLaDA2 `generate` (argmax, EOS
-//! stop off, prompts a multiple of 32 long) token for token and step for step. The test has teeth: zeroing the f32 expert bias (routing changes), full
-//! RoPE instead of partial, or bidirectional attention are far outside the tolerance.
+//! exact under block-causal attention) must give the same logits. The CPU backend must
+//! reproduce, token for token and step for step, every official trajectory: LLaDA2.0's
+//! `generate` with `llada2:τ,S` (argmax; prompts of 1, 17, 45, 64, 70 and 32 tokens, so the
+//! first decoded block holds the prompt's tail and the canvas is padded to whole blocks; the
+//! EOS stop off and on, the output cut after the first EOS), and LLaDA2.1's token editing with
+//! `edit:τm,τe,P` (SGLang's JointThreshold step in the official block loop). The golden test
+//! has teeth: zeroing the f32 expert bias (routing changes), full RoPE instead of partial, or
+//! bidirectional attention are far outside the tolerance.
 use std::path::{Path, PathBuf};
 
 use demask::batch::{RowBatch, SeqSpan};
 use demask::cpu::forward::CpuModel;
 use demask::engine::{Device, Engine, EngineOptions};
 use demask::weights::HostWeights;
+use demask::decode::Policy;
 use demask::Arch;
 
 #[path = "common/fidelity_cases.rs"]
 mod cases;
-use cases::{first_difference, load_cases, run, worst};
+use cases::{first_difference, load_cases, run, worst, Case};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fidelity/llada2")
@@ -108,21 +113,38 @@ fn block_step_over_cached_blocks_matches_official_logits() {
     assert!(err <= 1e-4, "row {} token {}: {} vs {}", 64 + at / vocab, at % vocab, got[at], want[64 * vocab + at]);
 }
 
-#[test]
-fn official_llada2_generate_trajectories_reproduced() {
-    let (meta, cases) = load_cases(&fixture().join("trajectories.json"));
-    assert!(cases.len() >= 6, "expected the LLaDA2 fixture set, found {}", cases.len());
-    let opts = EngineOptions { device: Device::Cpu, ..EngineOptions::default() };
-    let mut engine = Engine::load(fixture(), opts).expect("LLaDA2 fixture checkpoint");
+/// An engine on the fixture checkpoint whose EOS id is `eos` (the fixtures make EOS likely by
+/// naming a token the decode produces as the EOS of a case; the end-of-turn id follows it).
+fn engine_with_eos(eos: Option<u32>) -> Engine {
+    let mut w = HostWeights::load(&fixture()).expect("LLaDA2 fixture checkpoint");
+    if let Some(e) = eos {
+        w.cfg.eos_id = e;
+        w.cfg.eot_id = e;
+    }
+    Engine::from_weights(w, None, EngineOptions { device: Device::Cpu, ..EngineOptions::default() }).unwrap()
+}
+
+/// Replays every case of `cases` and returns the failures (none expected).
+fn replay(cases: &[Case]) -> Vec<String> {
     let mut failures = Vec::new();
-    for c in &cases {
-        assert_eq!((c.model.as_str(), c.block_len, c.prompt.len() % 32), ("llada2", 32, 0), "{}", c.name);
+    for c in cases {
+        assert_eq!((c.model.as_str(), c.block_len), ("llada2", 32), "{}", c.name);
+        let mut engine = engine_with_eos(c.eos_id);
         let (steps, tops, canvas) = run(&mut engine, c);
         match first_difference(c, &steps, &tops, &canvas) {
             None => eprintln!("{}: {} steps identical", c.name, steps.len()),
             Some(d) => failures.push(format!("{}: {d}", c.name)),
         }
     }
+    failures
+}
+
+#[test]
+fn official_llada2_generate_trajectories_reproduced() {
+    let (meta, cases) = load_cases(&fixture().join("trajectories.json"));
+    let cases: Vec<Case> = cases.into_iter().filter(|c| c.policy.starts_with("llada2:")).collect();
+    assert!(cases.len() >= 16, "expected the LLaDA2.0 fixture set, found {}", cases.len());
+    let failures = replay(&cases);
     eprintln!("meta: {meta}");
     assert!(failures.is_empty(), "{failures:#?}");
     // Both halves of the rule are exercised: steps committing more than the schedule's n
@@ -131,6 +153,52 @@ fn official_llada2_generate_trajectories_reproduced() {
     assert!(cases.iter().any(|c| c.steps.len() >= 8), "a case with many small steps");
     // A case where nothing passes τ: the even split of 32 over S, remainder first (7,7,6,6,6).
     assert!(cases.iter().any(|c| c.steps.iter().map(|s| s.len()).collect::<Vec<_>>() == [7, 7, 6, 6, 6]));
+    // The layout: prompts that are not a multiple of 32 (the first block holds their tail),
+    // canvases padded past P + G (commits beyond it), steps capped at gen_len (P 45, G 20, S 32).
+    let odd: Vec<usize> = cases.iter().map(|c| c.prompt.len()).filter(|p| p % 32 != 0).collect();
+    for p in [1, 17, 45, 70] {
+        assert!(odd.contains(&p), "a prompt of {p} tokens");
+    }
+    assert!(cases.iter().any(|c| c.steps.iter().flatten().any(|&(pos, _)| pos as usize >= c.prompt.len() + c.gen_len as usize)));
+    assert!(cases.iter().any(|c| c.gen_len < 32 && c.policy.ends_with(",32") && c.steps.len() > c.gen_len as usize / 2));
+    // The EOS stop: cases that stop early and cut their output after an EOS, and one with the
+    // stop on whose EOS never comes (the full output).
+    let stopped = |c: &Case| c.stop_at_eos && c.output.len() < c.prompt.len() + c.gen_len as usize;
+    assert!(cases.iter().filter(|c| stopped(c)).count() >= 3, "cases stopped by EOS");
+    assert!(cases.iter().any(|c| c.stop_at_eos && !stopped(c)));
+}
+
+/// The positions of `c`'s commits that re-write a slot an earlier step committed (edits).
+fn edits(c: &Case) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut n = 0;
+    for s in &c.steps {
+        n += s.iter().filter(|&&(p, _)| seen.contains(&p)).count();
+        seen.extend(s.iter().map(|&(p, _)| p));
+    }
+    n
+}
+
+#[test]
+fn official_llada2_1_edit_trajectories_reproduced() {
+    let (meta, cases) = load_cases(&fixture().join("trajectories.json"));
+    let cases: Vec<Case> = cases.into_iter().filter(|c| c.policy.starts_with("edit:")).collect();
+    assert!(cases.len() >= 8, "expected the LLaDA2.1 edit fixture set, found {}", cases.len());
+    assert!(meta["sglang"].is_string(), "the edit rule's source is recorded: {meta}");
+    let failures = replay(&cases);
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Every part of the rule is exercised: edits (also with τe = 0), blocks that end on a
+    // step that changes nothing (an empty step), budgets of 0 (no post-mask step) and of 4,
+    // odd prompts and the EOS stop.
+    let edit = |c: &Case| match c.policy.parse() {
+        Ok(Policy::Edit { tau_m, tau_e, post }) => (tau_m, tau_e, post),
+        other => panic!("{}: {other:?}", c.name),
+    };
+    assert!(cases.iter().filter(|c| edits(c) > 0).count() >= 6, "cases with edits");
+    assert!(cases.iter().any(|c| edit(c).1 == 0.0 && edits(c) > 0), "τe = 0 edits");
+    assert!(cases.iter().any(|c| c.steps.iter().any(|s| s.is_empty())), "a quiet step ending a block");
+    assert!(cases.iter().any(|c| edit(c).2 == 0) && cases.iter().any(|c| edit(c).2 == 4), "budgets 0 and 4");
+    assert!(cases.iter().any(|c| c.prompt.len() % 32 != 0 && c.stop_at_eos && c.output.len() < c.prompt.len() + c.gen_len as usize));
 }
 
 /// The official trajectories again with the KV caches that are exact under block-causal
@@ -142,31 +210,36 @@ fn official_llada2_generate_trajectories_reproduced() {
 #[test]
 fn official_llada2_trajectories_with_exact_caches() {
     let (_, cases) = load_cases(&fixture().join("trajectories.json"));
-    let opts = EngineOptions { device: Device::Cpu, ..EngineOptions::default() };
-    let mut engine = Engine::load(fixture(), opts).expect("LLaDA2 fixture checkpoint");
     let mut failures = Vec::new();
     let (mut block_rows, mut all_rows) = (0u64, 0u64);
     for c in &cases {
-        let (p, len) = (c.prompt.len() as u32, c.prompt.len() as u32 + c.gen_len);
-        assert_eq!((c.block_len, p % 32), (32, 0), "{}", c.name);
-        // (block, step within it) of each official step, from the positions it commits.
-        let mut at = Vec::new();
+        // The official canvas: blocks of 32 at absolute positions, padded to whole blocks.
+        let p = c.prompt.len() as u32;
+        let len = (p + c.gen_len).div_ceil(32) * 32;
+        assert_eq!(c.block_len, 32, "{}", c.name);
+        // (block, step within it) of each official step, from the positions it commits (an
+        // `edit:` step that changes nothing ends the block the step before it ran in).
+        let mut at: Vec<(u32, u32)> = Vec::new();
         for (n, s) in c.steps.iter().enumerate() {
-            let b = (s.iter().next().expect("every step commits").0 - p) / 32;
-            assert!(s.iter().all(|&(q, _)| (q - p) / 32 == b), "{}: step {n} spans blocks", c.name);
+            let b = match s.iter().next() {
+                Some(&(q, _)) => q / 32,
+                None => at.last().expect("a first step commits").0,
+            };
+            assert!(s.iter().all(|&(q, _)| q / 32 == b), "{}: step {n} spans blocks", c.name);
             let i = match at.last() {
                 Some(&(pb, pi)) if pb == b => pi + 1,
                 _ => 0,
             };
             at.push((b, i));
         }
+        let mut engine = engine_with_eos(c.eos_id);
         for cache in ["block", "dual", "prefix"] {
             let req = demask::engine::Request::ids(c.prompt.clone())
                 .gen_len(c.gen_len)
                 .block_len(c.block_len)
                 .policy(c.policy.parse().unwrap())
                 .cache(cache.parse().unwrap())
-                .stop_at_eos(false);
+                .stop_at_eos(c.stop_at_eos);
             let (mut steps, mut tops, mut live) = (Vec::new(), Vec::new(), Vec::new());
             let out = engine
                 .generate_with(&[req], &mut |e| {
@@ -189,7 +262,7 @@ fn official_llada2_trajectories_with_exact_caches() {
                 .iter()
                 .enumerate()
                 .map(|(n, &(b, i))| {
-                    let (start, end) = (p + 32 * b, p + 32 * (b + 1));
+                    let (start, end) = (32 * b, 32 * (b + 1));
                     match (cache, n, i) {
                         ("block", 0, _) => end,
                         ("block", _, 0) => end - (start - 32),

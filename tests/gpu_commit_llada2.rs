@@ -91,7 +91,11 @@ fn make_seq(rng: &mut StdRng, si: usize, stride: usize) -> Seq {
         _ => n as u32 + rng.gen_range(0..4),
     };
     let step = if si % 5 == 4 { steps - 1 + (si as u32 % 2) } else { rng.gen_range(0..steps) };
-    let ctx = StepCtx { step, block_masked, masked: n as u32 };
+    // The rule splits the block's length, not its masked count: the first block of an
+    // unaligned prompt starts partly filled (its prompt tail), so half the sequences get a
+    // block longer than its masked slots.
+    let block_len = if si % 2 == 1 { block_masked + rng.gen_range(1..9) } else { block_masked };
+    let ctx = StepCtx { step, block_masked, masked: n as u32, block_len };
     let tokens = (0..n).map(|_| rng.gen_range(0..157184)).collect();
     Seq { policy: Policy::Llada2 { tau, steps }, ctx, pos, tokens, conf }
 }
@@ -100,7 +104,7 @@ fn branch(s: &Seq) -> Branch {
     let Policy::Llada2 { tau, steps } = s.policy else { unreachable!() };
     let n = s.conf.len();
     let passing = s.conf.iter().filter(|&&c| c > tau).count();
-    let sched = schedule_count(s.ctx.block_masked, steps, s.ctx.step) as usize;
+    let sched = schedule_count(s.ctx.block_len, steps, s.ctx.step) as usize;
     if s.ctx.step + 1 >= steps {
         Branch::LastStep
     } else if passing == 0 {
@@ -198,9 +202,9 @@ fn llada2_commit_rule_matches_the_cpu_policy() {
 #[test]
 fn llada2_rule_record_and_bad_rule_refused() {
     let Some(gpu) = test_gpu() else { return };
-    let ctx = StepCtx { step: 1, block_masked: 32, masked: 20 };
+    let ctx = StepCtx { step: 1, block_masked: 30, masked: 20, block_len: 32 };
     let rec = SeqCommitParams::new(commit_rule(&Policy::Llada2 { tau: 0.9, steps: 8 }).unwrap(), count_ctx(ctx), 0, 2, 0);
-    assert_eq!((rec.policy, rec.tau, rec.steps, rec.ctx_step, rec.block_masked), (6, 0.9, 8, 1, 32));
+    assert_eq!((rec.policy, rec.tau, rec.steps, rec.ctx_step, rec.block_masked, rec.block_len), (6, 0.9, 8, 1, 30, 32));
     let mut ws = CommitWs::new(&gpu, 1, 2).unwrap();
     ws.set_seqs(&gpu, &[rec], &[3, 5], 16).unwrap();
     let bad = SeqCommitParams { policy: 7, ..rec };

@@ -455,6 +455,7 @@ fn commit_matches_policy_select() {
                 step,
                 block_masked: n as u32 + rng.gen_range(0..20),
                 masked: n as u32,
+                block_len: n as u32 + 20,
             };
             let eligible: Vec<(u32, f32)> = pos.iter().cloned().zip(c.iter().cloned()).collect();
             let toks: Vec<u32> = (0..n).map(|_| rng.gen_range(0..152064)).collect();
@@ -529,6 +530,7 @@ fn commit_and_confidence_reject_bad_input() {
         step: 0,
         block_masked: 2,
         masked: 2,
+        block_len: 2,
     };
     let seqs = [SeqCommitParams::new(commit_rule(&p).unwrap(), count_ctx(ctx), 0, 2, 0)];
     assert!(ws.set_seqs(&gpu, &seqs, &[5, 5], 16).is_err(), "duplicate positions");

@@ -51,9 +51,10 @@ fn work_for(cfg: &ModelConfig, canvas: &[u32], p: usize, block: usize, policy: P
     }
     let w = SeqWork {
         eligible,
+        current: Vec::new(),
         logit_index,
         policy,
-        ctx: StepCtx { step: block_step, block_masked, masked },
+        ctx: StepCtx { step: block_step, block_masked, masked, block_len: block as u32 },
         sampling: Sampling::default().for_policy(&policy),
         seed: 0,
         seq_id: 0,

@@ -56,10 +56,12 @@ fn random_case(rng: &mut StdRng, cfg: &ModelConfig, policy_of: &dyn Fn(usize) ->
             step: rng.gen_range(0..steps),
             block_masked: masked + rng.gen_range(0..=(block as u32 - masked)),
             masked,
+            block_len: block as u32,
         };
         let sampling = Sampling::default();
         work.push(SeqWork {
             eligible,
+            current: Vec::new(),
             logit_index: Vec::new(),
             policy,
             ctx,

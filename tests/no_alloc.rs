@@ -21,7 +21,7 @@ use demask::batch::RowBatch;
 use demask::cache::CacheScheme;
 use demask::checkpoint::random_weights;
 use demask::config::ModelConfig;
-use demask::decode::canvas::{Canvas, CanvasSpec};
+use demask::decode::canvas::{self, Canvas, CanvasSpec};
 use demask::decode::cpu::CpuStepper;
 use demask::decode::runner::{self, SeqState};
 use demask::decode::scheduler::{Limits, Scheduler};
@@ -242,13 +242,15 @@ fn replay(mirror: &mut [SeqState], calls: &[Call], vocab: usize) -> Vec<PlanAllo
                 let s = &mut mirror[*id as usize];
                 let masked = s.masked_positions();
                 let eligible = s.canvas.eligible();
-                let (n, i, block) = (s.canvas.steps(), s.canvas.ctx().step, s.block_range());
-                let plan = s.plan.as_mut().expect("admitted");
                 let mut live = Vec::with_capacity(s.canvas.len());
-                a.before += counted(|| plan.live_rows_into(n, i, block, &masked, &eligible, &mut live)).1;
+                // `SeqState::live_rows_into` is the plan's call plus, for `edit:`, the block's
+                // rows merged in place (counted too: it must not allocate either).
+                a.before += counted(|| s.live_rows_into(&masked, &eligible, &mut live)).1;
+                let n = s.canvas.steps();
+                let plan = s.plan.as_mut().expect("admitted");
                 let pos: Vec<u32> = commits.iter().map(|c| c.pos).collect();
                 a.after += counted(|| plan.committed(n, &pos)).1;
-                s.canvas.apply(commits, vocab).expect("recorded commits apply");
+                s.canvas.apply_for(commits, vocab, &s.policy).expect("recorded commits apply");
             }
             a
         })
@@ -344,6 +346,33 @@ fn cpu_dual_decode_bookkeeping_allocates_nothing_beyond_the_cache_plan() {
     let stepper = CpuStepper::new(&random_weights(&cfg, 11), runner::cache_rows_for(&seqs)).unwrap();
     let mut probe = Probe { inner: stepper, calls: Vec::new() };
     check_run("tiny-llada CPU dual", &mut probe, &mut seqs, false);
+}
+
+/// LLaDA2's aligned layout (prompts of 19 and 45 tokens: the first block holds their tail;
+/// gen 40: a padded canvas) with `edit:` (committed slots re-scored, the block's rows live under
+/// every scheme) on a real CPU decode: the bookkeeping between forwards allocates nothing.
+#[test]
+fn cpu_llada2_edit_decode_bookkeeping_allocates_nothing_beyond_the_cache_plan() {
+    let cfg = ModelConfig::preset("tiny-llada2").unwrap();
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut seqs: Vec<SeqState> = [(19, "dual", "edit:0.9,0,2"), (45, "dkv:2", "edit:0.5,0.1,1"), (3, "prompt", "llada2:0.9,8")]
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, cache, policy))| {
+            let prompt: Vec<u32> = (0..p).map(|_| rng.gen_range(1..400)).collect();
+            let spec = CanvasSpec { gen_len: 40, block_len: 32, stop_at_eos: false };
+            let canvas = Canvas::with_layout(&prompt, &[], spec, canvas::Layout::Aligned, &cfg).unwrap();
+            SeqState::new(canvas, policy.parse().unwrap(), Sampling::default(), 7, i as u32).with_cache(cache.parse().unwrap(), false)
+        })
+        .collect();
+    let stepper = CpuStepper::new(&random_weights(&cfg, 12), runner::cache_rows_for(&seqs)).unwrap();
+    let mut probe = Probe { inner: stepper, calls: Vec::new() };
+    check_run("tiny-llada2 CPU edit", &mut probe, &mut seqs, false);
+    // The run did re-write committed slots (else this would not test `edit:`'s path).
+    let mut seen = std::collections::HashSet::new();
+    let edits = probe.calls.iter().flat_map(|c| &c.commits).flat_map(|(id, cs)| cs.iter().map(move |c| (*id, c.pos)));
+    let edits = edits.filter(|&k| !seen.insert(k)).count();
+    assert!(edits > 0, "no edit in the run");
 }
 
 /// `Scheduler::step` at steady state (nothing admitted, nothing finishing): the whole step

@@ -14,6 +14,7 @@ use crate::cpu::forward::{CpuKvCache, CpuModel};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
 
+use super::policy::{select_edits, Policy};
 use super::sampling::{candidate, RngKey, FILTERED_LOGIT};
 use super::step::{Commit, SeqWork, SlotScores, StepBackend};
 
@@ -45,6 +46,14 @@ pub fn score_and_select(
         if let Some(&r) = w.logit_index.iter().find(|&&r| r as usize >= n_rows) {
             return Err(Error::bad_input(format!("sequence {si}: logit index {r} is not below {n_rows} logit rows")));
         }
+        if w.policy.edit_budget().is_some() && w.current.len() != w.eligible.len() {
+            return Err(Error::bad_input(format!(
+                "sequence {si}: policy `{}` needs the current token of each of its {} scored slots, got {}",
+                w.policy,
+                w.eligible.len(),
+                w.current.len()
+            )));
+        }
     }
     let scores: Vec<SlotScores> = work
         .par_iter()
@@ -70,15 +79,23 @@ pub fn score_and_select(
         .iter()
         .zip(&scores)
         .map(|(w, s)| {
-            let pairs: Vec<(u32, f32)> = w.eligible.iter().copied().zip(s.conf.iter().copied()).collect();
-            w.policy
+            // `edit:` scores committed slots too: only the masked ones go to the count rule.
+            let masked = |i: &usize| w.policy.edit_budget().is_none() || w.current[*i] == mask_id;
+            let pairs: Vec<(u32, f32)> = (0..w.eligible.len()).filter(masked).map(|i| (w.eligible[i], s.conf[i])).collect();
+            let mut commits: Vec<Commit> = w
+                .policy
                 .select(w.ctx, &pairs)
                 .into_iter()
                 .map(|pos| {
                     let i = w.eligible.binary_search(&pos).expect("select returns eligible positions");
                     Commit { pos, token: s.tokens[i] }
                 })
-                .collect()
+                .collect();
+            if let Policy::Edit { tau_e, .. } = w.policy {
+                let edits = select_edits(tau_e, mask_id, &w.eligible, &w.current, &s.tokens, &s.conf);
+                commits.extend(edits.map(|(pos, token)| Commit { pos, token }));
+            }
+            commits
         })
         .collect();
     Ok((commits, scores))
@@ -162,7 +179,7 @@ impl StepBackend for CpuStepper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::policy::{Policy, StepCtx};
+    use crate::decode::policy::StepCtx;
     use crate::decode::sampling::Sampling;
 
     #[test]
@@ -171,9 +188,10 @@ mod tests {
         let logits = [0.0f32, 1.0, 0.5, 9.0];
         let w = SeqWork {
             eligible: vec![7],
+            current: vec![3],
             logit_index: vec![0],
             policy: Policy::Threshold { tau: 0.5 },
-            ctx: StepCtx { step: 0, block_masked: 1, masked: 1 },
+            ctx: StepCtx { step: 0, block_masked: 1, masked: 1, block_len: 1 },
             sampling: Sampling::default(),
             seed: 1,
             seq_id: 0,
@@ -184,5 +202,32 @@ mod tests {
         // p(1) over the three non-mask tokens.
         let z = 1.0 + (-1.0f64).exp() + (-0.5f64).exp();
         assert!((s[0].conf[0] as f64 - 1.0 / z).abs() < 1e-6, "{:?}", s[0].conf);
+    }
+
+    #[test]
+    fn edit_commits_masked_slots_and_rewrites_committed_ones() {
+        // vocab 4, mask 3. Slot 10 masked (argmax 1, p ≈ 0.79), slot 11 holds 2 but its argmax
+        // is 0 (p ≈ 0.79: an edit), slot 12 holds 1 and agrees (no edit).
+        let logits = [0.0f32, 2.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0];
+        let mut w = SeqWork {
+            eligible: vec![10, 11, 12],
+            current: vec![3, 2, 1],
+            logit_index: vec![0, 1, 2],
+            policy: Policy::Edit { tau_m: 0.95, tau_e: 0.5, post: 4 },
+            ctx: StepCtx { step: 1, block_masked: 3, masked: 1, block_len: 3 },
+            sampling: Sampling::default(),
+            seed: 1,
+            seq_id: 0,
+            step: 0,
+        };
+        let (c, _) = score_and_select(&logits, 4, 3, std::slice::from_ref(&w)).unwrap();
+        // 10 is below τm but the only masked slot: committed anyway; then the edit of 11.
+        assert_eq!(c, [vec![Commit { pos: 10, token: 1 }, Commit { pos: 11, token: 0 }]]);
+        w.policy = Policy::Edit { tau_m: 0.95, tau_e: 0.9, post: 4 };
+        let (c, _) = score_and_select(&logits, 4, 3, std::slice::from_ref(&w)).unwrap();
+        assert_eq!(c, [vec![Commit { pos: 10, token: 1 }]], "p ≈ 0.79 is below τe = 0.9");
+        w.current.pop();
+        let e = score_and_select(&logits, 4, 3, &[w]).unwrap_err().to_string();
+        assert!(e.contains("current token of each of its 3 scored slots, got 2"), "{e}");
     }
 }

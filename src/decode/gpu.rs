@@ -291,12 +291,17 @@ pub fn commit_rule(policy: &Policy) -> Result<CountRule> {
         Policy::Factor { f } => CountRule::FactorPrefix { f },
         Policy::Dream { steps, .. } => CountRule::DreamCount { steps },
         Policy::Llada2 { tau, steps } => CountRule::MaxAboveSchedule { tau, steps },
+        Policy::Edit { .. } => {
+            return Err(Error::bad_input(format!(
+                "policy `{policy}` runs on the CPU backend only in this build (the GPU commit kernel cannot re-write committed slots)"
+            )))
+        }
     })
 }
 
 /// The commit kernel's view of a step context.
 pub fn count_ctx(ctx: StepCtx) -> CountCtx {
-    CountCtx { step: ctx.step, block_masked: ctx.block_masked, masked: ctx.masked }
+    CountCtx { step: ctx.step, block_masked: ctx.block_masked, masked: ctx.masked, block_len: ctx.block_len }
 }
 
 #[cfg(test)]
@@ -317,12 +322,14 @@ mod tests {
         assert_eq!(rule("factor:0.4"), CountRule::FactorPrefix { f: 0.4 });
         assert_eq!(rule("dream:entropy,5"), CountRule::DreamCount { steps: 5 });
         // The record the kernel reads: rule 6 with τ and S, the step context as given.
-        let ctx = StepCtx { step: 2, block_masked: 32, masked: 20 };
+        let ctx = StepCtx { step: 2, block_masked: 29, masked: 20, block_len: 32 };
         let rec = SeqCommitParams::new(rule("llada2:0.9,8"), count_ctx(ctx), 3, 20, 1);
         assert_eq!((rec.policy, rec.tau, rec.steps), (6, 0.9, 8));
-        assert_eq!((rec.ctx_step, rec.block_masked, rec.masked), (2, 32, 20));
+        assert_eq!((rec.ctx_step, rec.block_masked, rec.masked, rec.block_len), (2, 29, 20, 32));
         assert_eq!((rec.slot_offset, rec.slot_count, rec.canvas_row), (3, 20, 1));
         let dream = Policy::Dream { alg: DreamAlg::Origin, steps: 4 };
         assert_eq!(SeqCommitParams::new(commit_rule(&dream).unwrap(), count_ctx(ctx), 0, 1, 0).policy, 5);
+        let e = commit_rule(&Policy::Edit { tau_m: 0.7, tau_e: 0.5, post: 16 }).unwrap_err().to_string();
+        assert!(e.contains("edit:0.7,0.5,16") && e.contains("CPU backend only"), "{e}");
     }
 }

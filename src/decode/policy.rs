@@ -2,7 +2,8 @@
 //! slots take their candidate this step. Pure logic, shared by the CPU backend and, as the
 //! reference, by the GPU commit kernel. Ranking is by confidence, descending; ties go to the
 //! lower position. Every policy commits at least one slot per step, except Dream's, which
-//! commits exactly its reference's count (0 on some steps).
+//! commits exactly its reference's count (0 on some steps), and `edit:`'s steps after a
+//! block's last mask (they only re-write committed slots, and the last one changes nothing).
 use std::fmt;
 use std::str::FromStr;
 
@@ -45,11 +46,18 @@ pub enum Policy {
     Threshold { tau: f32 },
     /// `confident:τ,S` \[Dimple\]: threshold, falling back to the schedule count.
     Confident { tau: f32, steps: u32 },
-    /// `llada2:τ,S` [the official LLaDA2 `generate`]: the `max(#{p > τ}, n)` most confident
-    /// slots, n the even split of the block's masked slots over S steps (remainder first). The
-    /// official split is of `block_length`: the same when blocks start fully masked, as
-    /// blocks of the official size aligned to absolute multiples of it do.
+    /// `llada2:τ,S` [the official LLaDA2 `generate`]: the `max(#{p > τ}, min(n, masked))`
+    /// most confident slots, n the even split of the block length (not of its masked slots:
+    /// the first block of an unaligned prompt starts partly filled) over S steps, remainder
+    /// first. The engine caps S at gen_len, as the official `steps = min(steps, gen_length)`.
     Llada2 { tau: f32, steps: u32 },
+    /// `edit:τm,τe,P` [LLaDA2.1 `generate`, SGLang JointThreshold]: masked slots with
+    /// p > τm commit (the most confident one when none passes); in the same step every
+    /// committed, non-fixed slot of the block whose argmax differs from its token with p > τe
+    /// is re-written (τe = 0: any differing argmax). Once no mask is left, up to P more steps
+    /// that only edit; the block ends after a step that changes nothing. Slots are scored with
+    /// [`select_edits`]; CPU backend only.
+    Edit { tau_m: f32, tau_e: f32, post: u32 },
     /// `factor:f` [Fast-dLLM].
     Factor { f: f32 },
     /// `dream:ALG,S` [Dream diffusion_generate].
@@ -65,6 +73,8 @@ pub struct StepCtx {
     pub block_masked: u32,
     /// Masked slots of the block now (the eligible ones).
     pub masked: u32,
+    /// Slots of the block (its length; what `llada2:τ,S` splits over its steps).
+    pub block_len: u32,
 }
 
 /// LLaDA's `get_num_transfer_tokens`: k_i = m / S + (i < m % S).
@@ -116,6 +126,15 @@ impl Policy {
     /// S = gen_len; the step still runs and counts). Every other policy commits at least one.
     pub fn may_commit_none(&self) -> bool {
         matches!(self, Policy::Dream { .. })
+    }
+
+    /// `edit:`'s budget of steps after a block's last mask (`Some(P)`); `None` for every
+    /// policy that never re-writes a committed slot.
+    pub fn edit_budget(&self) -> Option<u32> {
+        match *self {
+            Policy::Edit { post, .. } => Some(post),
+            _ => None,
+        }
     }
 
     /// Which distribution confidences come from: Dream's policies take them from the tempered,
@@ -176,9 +195,11 @@ impl Policy {
             }
             Policy::Llada2 { tau, steps } => {
                 let passing = sorted.iter().take_while(|&&c| c > tau).count();
-                let sched = if ctx.step + 1 >= steps { n } else { schedule_count(ctx.block_masked, steps, ctx.step) as usize };
+                let sched = if ctx.step + 1 >= steps { n } else { schedule_count(ctx.block_len, steps, ctx.step) as usize };
                 passing.max(sched.min(n))
             }
+            // The masked slots' half of the rule (edits: `select_edits`).
+            Policy::Edit { tau_m, .. } => sorted.iter().take_while(|&&c| c > tau_m).count(),
             Policy::Factor { f } => sorted
                 .iter()
                 .enumerate()
@@ -202,6 +223,23 @@ impl Policy {
         ranked.truncate(k);
         ranked.into_iter().map(|(p, _)| p).collect()
     }
+}
+
+/// `edit:`'s re-writes: the committed slots (`current[i] != mask_id`) whose candidate differs
+/// from their token with confidence strictly above `tau_e`, in position order, as
+/// (position, candidate). `eligible`, `current`, `candidate` and `conf` are parallel (the
+/// scored slots of the block, ascending positions).
+pub fn select_edits<'a>(
+    tau_e: f32,
+    mask_id: u32,
+    eligible: &'a [u32],
+    current: &'a [u32],
+    candidate: &'a [u32],
+    conf: &'a [f32],
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    (0..eligible.len())
+        .filter(move |&i| current[i] != mask_id && candidate[i] != current[i] && conf[i] > tau_e)
+        .map(move |i| (eligible[i], candidate[i]))
 }
 
 /// Sorts (position, confidence) by confidence descending, ties by lower position.
@@ -269,6 +307,23 @@ impl FromStr for Policy {
                 want(2, "llada2:TAU,STEPS")?;
                 Policy::Llada2 { tau: unit(parse_f32(args[0], "tau", full)?, "tau")?, steps: parse_steps(args[1], full)? }
             }
+            "edit" => {
+                want(3, "edit:TAU_MASK,TAU_EDIT,POST_STEPS")?;
+                let post = match args[2].trim().parse::<u32>() {
+                    Ok(v) => v,
+                    Err(_) => {
+                        return Err(Error::bad_input(format!(
+                            "policy `{full}`: post steps `{}` must be a non-negative integer",
+                            args[2]
+                        )))
+                    }
+                };
+                Policy::Edit {
+                    tau_m: unit(parse_f32(args[0], "mask threshold", full)?, "mask threshold")?,
+                    tau_e: unit(parse_f32(args[1], "edit threshold", full)?, "edit threshold")?,
+                    post,
+                }
+            }
             "factor" => {
                 want(1, "factor:F")?;
                 let f = parse_f32(args[0], "factor", full)?;
@@ -294,7 +349,7 @@ impl FromStr for Policy {
             }
             _ => {
                 return Err(Error::bad_input(format!(
-                    "unknown policy `{full}` (schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, factor:F, dream:ALG,S)"
+                    "unknown policy `{full}` (schedule:S, random:S, threshold:T, confident:T,S, llada2:T,S, edit:TM,TE,P, factor:F, dream:ALG,S)"
                 )))
             }
         };
@@ -310,6 +365,7 @@ impl fmt::Display for Policy {
             Policy::Threshold { tau } => write!(f, "threshold:{tau}"),
             Policy::Confident { tau, steps } => write!(f, "confident:{tau},{steps}"),
             Policy::Llada2 { tau, steps } => write!(f, "llada2:{tau},{steps}"),
+            Policy::Edit { tau_m, tau_e, post } => write!(f, "edit:{tau_m},{tau_e},{post}"),
             Policy::Factor { f: x } => write!(f, "factor:{x}"),
             Policy::Dream { alg, steps } => {
                 let a = match alg {
@@ -329,7 +385,7 @@ mod tests {
     use super::*;
 
     fn ctx(step: u32, block_masked: u32, masked: u32) -> StepCtx {
-        StepCtx { step, block_masked, masked }
+        StepCtx { step, block_masked, masked, block_len: block_masked }
     }
 
     #[test]
@@ -399,9 +455,42 @@ mod tests {
         assert_eq!(p.commit_count(ctx(3, 32, 3), &[0.3, 0.2, 0.1]), 3);
         // Last step: everything left.
         assert_eq!(p.commit_count(ctx(7, 32, 6), &[0.3, 0.2, 0.1, 0.1, 0.1, 0.1]), 6);
+        // n splits the block length, not its masked slots: the first block of a 17-token
+        // prompt has 15 masked slots of 32, and S = 8 gives n = 4 (not 15 / 8 = 2).
+        let first = StepCtx { step: 0, block_masked: 15, masked: 15, block_len: 32 };
+        assert_eq!(p.commit_count(first, &[0.5; 15]), 4);
         assert_eq!("llada2:0.95,32".parse::<Policy>().unwrap(), Policy::Llada2 { tau: 0.95, steps: 32 });
         assert_eq!(Policy::Llada2 { tau: 0.95, steps: 32 }.to_string(), "llada2:0.95,32");
         assert!("llada2:0.95".parse::<Policy>().is_err() && "llada2:1.5,4".parse::<Policy>().is_err());
+    }
+
+    #[test]
+    fn edit_commits_above_tau_m_and_rewrites_differing_argmaxes_above_tau_e() {
+        let p = Policy::Edit { tau_m: 0.7, tau_e: 0.5, post: 16 };
+        // Masked slots: strictly above τm, at least one.
+        assert_eq!(p.select(ctx(0, 4, 4), &[(40, 0.9), (41, 0.7), (42, 0.95), (43, 0.1)]), [42, 40]);
+        assert_eq!(p.select(ctx(0, 3, 3), &[(40, 0.2), (41, 0.6), (42, 0.6)]), [41]);
+        // Edits: committed, differing, strictly above τe; the mask (9) is never "edited".
+        let (pos, cur, cand, conf) = ([40, 41, 42, 43, 44], [9, 3, 4, 5, 6], [1, 3, 7, 8, 2], [0.99, 0.99, 0.51, 0.5, 0.2]);
+        let e: Vec<_> = select_edits(0.5, 9, &pos, &cur, &cand, &conf).collect();
+        assert_eq!(e, [(42, 7)], "41 keeps its token, 43 is at τe, 44 below");
+        // τe = 0 re-writes every differing argmax (SGLang's and the HF file's `p > τe`).
+        let e: Vec<_> = select_edits(0.0, 9, &pos, &cur, &cand, &conf).collect();
+        assert_eq!(e, [(42, 7), (43, 8), (44, 2)]);
+        assert_eq!(p.edit_budget(), Some(16));
+        assert_eq!(Policy::Threshold { tau: 0.9 }.edit_budget(), None);
+        assert_eq!("edit:0.7,0.5,16".parse::<Policy>().unwrap(), p);
+        assert_eq!(Policy::Edit { tau_m: 0.5, tau_e: 0.0, post: 0 }.to_string(), "edit:0.5,0,0");
+        for (bad, what) in [
+            ("edit:0.7,0.5", "expected edit:TAU_MASK,TAU_EDIT,POST_STEPS"),
+            ("edit:1.2,0.5,4", "mask threshold 1.2 must lie in [0, 1]"),
+            ("edit:0.7,-0.1,4", "edit threshold -0.1 must lie in [0, 1]"),
+            ("edit:0.7,0.5,-1", "post steps `-1` must be a non-negative integer"),
+            ("edit:0.7,x,4", "edit threshold `x` is not a number"),
+        ] {
+            let e = bad.parse::<Policy>().unwrap_err().to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -414,7 +503,7 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip_and_errors() {
-        for s in ["schedule:8", "random:4", "threshold:0.9", "confident:0.9,8", "factor:1", "dream:entropy,16", "dream:maskgit_plus,2"] {
+        for s in ["schedule:8", "random:4", "threshold:0.9", "confident:0.9,8", "factor:1", "dream:entropy,16", "dream:maskgit_plus,2", "edit:0.5,0,16"] {
             let p: Policy = s.parse().unwrap();
             assert_eq!(p.to_string(), s);
         }

@@ -196,7 +196,7 @@ impl Pack {
             rows += c.len();
             slots += block;
             most_slots = most_slots.max(block);
-            most_gen = most_gen.max(c.spec().gen_len as usize);
+            most_gen = most_gen.max(c.len() - c.prompt_len() as usize);
         }
         b.tokens.clear();
         b.tokens.reserve(rows);
@@ -215,6 +215,8 @@ impl Pack {
                 w.eligible.reserve(most_slots);
                 w.logit_index.clear();
                 w.logit_index.reserve(most_slots);
+                w.current.clear();
+                w.current.reserve(most_slots);
             }
         }
         *slot_bound = slots;
@@ -237,6 +239,7 @@ impl Pack {
             if work.len() == *n_work {
                 work.push(SeqWork {
                     eligible: Vec::with_capacity(*slot_cap),
+                    current: Vec::with_capacity(*slot_cap),
                     logit_index: Vec::with_capacity(*slot_cap),
                     policy: s.policy,
                     ctx: c.ctx(),
@@ -248,8 +251,9 @@ impl Pack {
             }
             let w = &mut work[*n_work];
             *n_work += 1;
-            w.eligible.clear();
-            w.eligible.extend_from_slice(eligible);
+            s.scored_into(masked, &mut w.eligible);
+            w.current.clear();
+            w.current.extend(w.eligible.iter().map(|&p| tokens[p as usize]));
             w.logit_index.clear();
             w.policy = s.policy;
             w.ctx = c.ctx();
@@ -258,7 +262,7 @@ impl Pack {
             w.seq_id = s.seq_id;
             w.step = c.steps();
             let mut last: Option<u32> = None;
-            for &p in eligible {
+            for &p in &w.eligible {
                 let pos = logit_row(p, shifted);
                 // The plans guarantee it (tests/cache_plan.rs); a violation is an engine bug,
                 // reported as an error rather than a panic.

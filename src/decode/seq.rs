@@ -23,6 +23,8 @@ pub struct SeqState {
     pub cache_refresh_every_step: bool,
     /// The cache plan, set at admission.
     pub plan: Option<CachePlan>,
+    /// Whether the model's logits are shifted (Dream), set with the plan.
+    pub shifted: bool,
     /// First KV-cache row of this sequence, set once at admission.
     pub cache_base: Option<u32>,
     /// Slots committed at each of this sequence's steps.
@@ -58,6 +60,7 @@ impl SeqState {
             cache: CacheScheme::None,
             cache_refresh_every_step: false,
             plan: None,
+            shifted: false,
             cache_base: None,
             commits_per_step: Vec::new(),
             rows_per_step: Vec::new(),
@@ -83,15 +86,13 @@ impl SeqState {
         if self.plan.is_none() {
             let c = &self.canvas;
             let spec = c.spec();
-            let mut plan = CachePlan::new(
-                self.cache,
-                c.prompt_len() as usize,
-                spec.gen_len as usize,
-                spec.block_len as usize,
-                shifted,
-            )?;
+            // The plan's "prompt" is everything before block 0 (for LLaDA2's aligned layout,
+            // the prompt's whole blocks; its tail is in block 0) and its gen region the blocks.
+            let first = c.blocks_start() as usize;
+            let mut plan = CachePlan::new(self.cache, first, c.len() - first, spec.block_len as usize, shifted)?;
             plan.set_refresh_every_step(self.cache_refresh_every_step);
             self.plan = Some(plan);
+            self.shifted = shifted;
         }
         Ok(())
     }
@@ -107,9 +108,8 @@ impl SeqState {
         }
         self.make_plan(shifted)?;
         self.cache_base = Some(base);
-        // Each step commits at least one slot, so `gen_len` steps bound the records: they
-        // never reallocate inside the decode loop.
-        let steps = self.canvas.spec().gen_len as usize;
+        // `Canvas::max_steps` bounds the records: they never reallocate inside the decode loop.
+        let steps = self.canvas.max_steps(&self.policy);
         self.commits_per_step.reserve(steps);
         self.rows_per_step.reserve(steps);
         self.step_ms.reserve(steps);
@@ -148,10 +148,19 @@ impl SeqState {
 
     /// The current block `[start, end)` in canvas positions.
     pub fn block_range(&self) -> (u32, u32) {
-        let c = &self.canvas;
-        let bl = c.spec().block_len;
-        let lo = c.prompt_len() + c.block() * bl;
-        (lo, (lo + bl).min(c.len() as u32))
+        self.canvas.block_bounds()
+    }
+
+    /// The slots the next step scores, into `out` (cleared first): the eligible ones
+    /// ([`eligible_in`](Self::eligible_in) of `masked`), or for `edit:` every slot of the block
+    /// that is not fixed (its committed slots may be re-written).
+    pub fn scored_into(&self, masked: &[u32], out: &mut Vec<u32>) {
+        if self.policy.edit_budget().is_some() {
+            self.canvas.editable_into(out);
+        } else {
+            out.clear();
+            out.extend_from_slice(self.eligible_in(masked));
+        }
     }
 
     /// The live rows of the coming step: the plan's choice once admitted, else every row.
@@ -162,17 +171,59 @@ impl SeqState {
     }
 
     /// [`live_rows`](Self::live_rows) into `out`, given `masked` =
-    /// [`masked_positions`](Self::masked_positions).
+    /// [`masked_positions`](Self::masked_positions). With `edit:`, every row of the current
+    /// block (and, `shifted`, the row before it) is live too: its logits decide the edits.
     pub fn live_rows_into(&self, masked: &[u32], eligible: &[u32], out: &mut Vec<u32>) {
         match &self.plan {
             Some(plan) => {
                 let c = &self.canvas;
-                plan.live_rows_into(c.steps(), c.ctx().step, self.block_range(), masked, eligible, out);
+                let block = self.block_range();
+                plan.live_rows_into(c.steps(), c.ctx().step, block, masked, eligible, out);
+                if self.policy.edit_budget().is_some() {
+                    insert_range(out, block.0.saturating_sub(u32::from(self.shifted)), block.1);
+                }
             }
             None => {
                 out.clear();
                 out.extend(0..self.canvas.len() as u32);
             }
         }
+    }
+}
+
+/// Makes the ascending, unique `rows` hold every row of `[lo, hi)` too, in place (no
+/// allocation while `rows` has the capacity: the plans leave it at the canvas length).
+fn insert_range(rows: &mut Vec<u32>, lo: u32, hi: u32) {
+    if lo >= hi {
+        return;
+    }
+    let a = rows.partition_point(|&r| r < lo);
+    let b = rows.partition_point(|&r| r < hi);
+    let (n, tail) = ((hi - lo) as usize, rows.len() - b);
+    let len = a + n + tail;
+    if len > rows.len() {
+        rows.resize(len, 0);
+    }
+    rows.copy_within(b..b + tail, a + n);
+    for (k, r) in (lo..hi).enumerate() {
+        rows[a + k] = r;
+    }
+    rows.truncate(len);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn insert_range_merges_in_place() {
+        let mut v = vec![1, 5, 9, 12];
+        v.reserve(16);
+        super::insert_range(&mut v, 4, 8);
+        assert_eq!(v, [1, 4, 5, 6, 7, 9, 12]);
+        super::insert_range(&mut v, 0, 2);
+        assert_eq!(v, [0, 1, 4, 5, 6, 7, 9, 12]);
+        super::insert_range(&mut v, 12, 14);
+        assert_eq!(v, [0, 1, 4, 5, 6, 7, 9, 12, 13]);
+        super::insert_range(&mut v, 3, 3);
+        assert_eq!(v.len(), 9);
     }
 }

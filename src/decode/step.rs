@@ -11,9 +11,13 @@ use super::sampling::Sampling;
 /// What one sequence asks of a step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeqWork {
-    /// Canvas positions of the eligible slots (masked, not fixed, in the current block),
-    /// ascending.
+    /// Canvas positions of the slots the step scores, ascending: the eligible ones (masked,
+    /// not fixed, in the current block); for `edit:` every slot of the block that is not fixed
+    /// (committed ones may be re-written).
     pub eligible: Vec<u32>,
+    /// The canvas token of each scored slot (the mask id for a masked one), same order as
+    /// `eligible`. `edit:` needs it; other policies may leave it empty.
+    pub current: Vec<u32>,
     /// For each eligible slot, the index into `batch.logit_rows` of the row predicting it
     /// (the slot's own row for LLaDA; the row before it for shifted models).
     pub logit_index: Vec<u32>,

@@ -95,6 +95,8 @@ pub struct Request {
     /// Slots to generate (> 0).
     pub gen_len: u32,
     /// Semi-autoregressive block length; must divide `gen_len`. `None`: one block of `gen_len`.
+    /// LLaDA2: its attention block (config.json `block_length`, 32), which is also the default;
+    /// blocks then sit at absolute multiples of it and need not divide `gen_len`.
     pub block_len: Option<u32>,
     pub policy: Policy,
     /// Temperature (0 = argmax), top-k (0 = off), top-p (1 = off).

@@ -29,7 +29,8 @@ pub struct SeqCommitParams {
     pub block_masked: u32, // unsigned
     pub masked: u32,       // unsigned
     pub canvas_row: i32,   // int
-    pub pad: [i32; 2],     // int[2]
+    pub block_len: u32,    // unsigned
+    pub pad: i32,          // int
 }
 
 // SAFETY: plain-old-data mirror of the C struct (i32 / u32 / f32 fields, no padding holes).
@@ -49,8 +50,9 @@ pub enum CountRule {
     FactorPrefix { f: f32 },
     /// Dream's f32 count over linspace(1, 1e-3, steps + 1), 0 allowed (kernel case 5).
     DreamCount { steps: u32 },
-    /// `max(#{c > τ}, n)`: every slot strictly above τ, or the schedule count n (capped at the
-    /// slots; every remaining slot on step `steps − 1`) when fewer pass (kernel case 6).
+    /// `max(#{c > τ}, n)`: every slot strictly above τ, or n, the even split of the block's
+    /// length (not of its masked slots: a block may start partly filled) over `steps`, capped at
+    /// the slots (every remaining slot on step `steps − 1`), when fewer pass (kernel case 6).
     MaxAboveSchedule { tau: f32, steps: u32 },
 }
 
@@ -63,6 +65,8 @@ pub struct CountCtx {
     pub block_masked: u32,
     /// Masked slots of the block now.
     pub masked: u32,
+    /// Slots of the block (its length).
+    pub block_len: u32,
 }
 
 impl SeqCommitParams {
@@ -86,7 +90,8 @@ impl SeqCommitParams {
             block_masked: ctx.block_masked,
             masked: ctx.masked,
             canvas_row: canvas_row as i32,
-            pad: [0; 2],
+            block_len: ctx.block_len,
+            pad: 0,
         }
     }
 }
@@ -324,7 +329,7 @@ mod tests {
 
     #[test]
     fn parse_commits_reads_counts_then_pairs_at_slot_offsets() {
-        let ctx = CountCtx { step: 0, block_masked: 3, masked: 3 };
+        let ctx = CountCtx { step: 0, block_masked: 3, masked: 3, block_len: 3 };
         let p = CountRule::Threshold { tau: 0.5 };
         let seqs = [SeqCommitParams::new(p, ctx, 0, 3, 0), SeqCommitParams::new(p, ctx, 3, 2, 1)];
         // counts 2, 1; seq 0 ranks (7, 70) (5, 50) (9, 90); seq 1 ranks (4, 40) (6, 60)

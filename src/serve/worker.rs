@@ -134,7 +134,7 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, m: Arc<Metrics>) {
             }
             if l.stream && c.block() > l.blocks_sent {
                 l.blocks_sent = c.block();
-                let end = (c.block() * c.spec().block_len).min(c.spec().gen_len) as usize;
+                let end = c.finished_gen();
                 let _ = l.tx.send(Event::Blocks { tokens: c.gen()[..end].to_vec() });
             }
         }

@@ -16,6 +16,11 @@ pub struct Case {
     pub block_len: u32,
     pub policy: String,
     pub cache: String,
+    /// Whether the official run stopped at EOS (`stop_at_eos`, absent: off) and, if so, with
+    /// which EOS id (`eos_id`, absent: the checkpoint's).
+    pub stop_at_eos: bool,
+    #[allow(dead_code)] // (only the LLaDA2 fixtures name their own EOS)
+    pub eos_id: Option<u32>,
     /// Commits of each official forward, as (position, token).
     pub steps: Vec<BTreeSet<(u32, u32)>>,
     pub output: Vec<u32>,
@@ -41,6 +46,8 @@ pub fn load_cases(path: &Path) -> (Value, Vec<Case>) {
             block_len: c["block_len"].as_u64().unwrap() as u32,
             policy: c["policy"].as_str().unwrap().to_string(),
             cache: c["cache"].as_str().unwrap().to_string(),
+            stop_at_eos: c["stop_at_eos"].as_bool().unwrap_or(false),
+            eos_id: c["eos_id"].as_u64().map(|e| e as u32),
             steps: c["steps"]
                 .as_array()
                 .unwrap()
@@ -59,14 +66,15 @@ pub type Commits = Vec<BTreeSet<(u32, u32)>>;
 
 pub type Top = Vec<(u32, u32, f32)>;
 
-/// Runs one case on the CPU backend: (commits of each step, each step's top slots, final canvas).
+/// Runs one case on the CPU backend: (commits of each step, each step's top slots, final
+/// canvas = the prompt and the output). The engine's checkpoint must have the case's EOS id.
 pub fn run(engine: &mut Engine, c: &Case) -> (Commits, Vec<Top>, Vec<u32>) {
     let req = Request::ids(c.prompt.clone())
         .gen_len(c.gen_len)
         .block_len(c.block_len)
         .policy(c.policy.parse().unwrap())
         .cache(c.cache.parse().unwrap())
-        .stop_at_eos(false);
+        .stop_at_eos(c.stop_at_eos);
     let (mut steps, mut tops) = (Vec::new(), Vec::new());
     let out = engine
         .generate_with(&[req], &mut |e| {

@@ -13,9 +13,15 @@ Writes, under --out (default tests/fixtures/fidelity/llada2):
                                     full forward with the block-causal mask of the official
                                     `generate` (block 32, additive 0/-inf, cast to f32)
   trajectories.json                 commits of every forward of the official LLaDA2 `generate`
-                                    (the schema of ../trajectories.json), prompts a multiple of
-                                    32 long, argmax instead of dFactory's temperature-0 sample
-                                    (as the HF file and dInfer), EOS stop off (eos_id = mask id)
+                                    (the schema of ../trajectories.json, plus `stop_at_eos` and
+                                    `eos_id`), argmax instead of dFactory's temperature-0 sample
+                                    (as the HF file and dInfer): six cases with prompts a
+                                    multiple of 32 long and the EOS stop off (as first made),
+                                    then prompts of any length (the first decoded block holds
+                                    the prompt's tail, the canvas is padded to whole blocks)
+                                    with the EOS stop off and on; with --sglang, LLaDA2.1 token
+                                    editing (`edit_generate`: SGLang's JointThreshold step in
+                                    the LLaDA2.1 `generate`'s block loop)
 
 The official code is imported from a checkout given on the command line, never copied:
   --dfactory DIR    inclusionAI/dFactory  models/llada2_moe/{configuration,modeling}_llada2_moe.py.
@@ -27,10 +33,18 @@ The official code is imported from a checkout given on the command line, never c
                                           mlp.experts.{e}, the HF checkpoint names). VeOmni is
                                           replaced by stubs: its loss and fused-MoE kernels are
                                           never called, liger kernels are off.
+  --sglang DIR      a folder holding sglang/srt/dllm/algorithm/joint_threshold.py (the unpacked
+                                          sglang wheel, or a checkout's python/): SGLang's
+                                          official LLaDA2.1 JointThreshold, imported with its
+                                          runtime imports stubbed (none is used by its per-row
+                                          step). The HF LLaDA2.1 file (which needs transformers
+                                          >= 5) was out of reach; see docs/fidelity.md.
 Needs torch and transformers 4.51-4.57 (the committed fixtures: see golden.safetensors metadata).
 """
 import argparse
 import importlib
+import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -144,6 +158,214 @@ def block_mask(total, block):
     return torch.where(m, 0.0, float("-inf")).to(torch.bfloat16).to(torch.float32)
 
 
+class FullRecorder(mf.Recorder):
+    """`make_fixtures.Recorder` that also keeps the decoder's canvas tensor `x` itself: the
+    official generate mutates it in place, so after the call it is the whole final canvas
+    (padding slots and blocks after an EOS stop included), not only the trimmed output."""
+
+    def hook(self, module, args):
+        frame = inspect.currentframe().f_back
+        while frame is not None and frame.f_code.co_name not in self.fn_names:
+            frame = frame.f_back
+        if frame is None:
+            raise RuntimeError("model called outside a recorded decoder")
+        self.x = frame.f_locals["x"]
+        self.canvases.append(self.x[0].tolist())
+
+
+def record(case, model, fn_name, call):
+    """Runs `call()` (a decoder returning the generated ids after the prompt) and stores in
+    `case` the commits (position, token) of every forward, read from the decoder's own canvas,
+    and the output (prompt + what the decoder returned)."""
+    rec = FullRecorder(model.model, [fn_name])
+    try:
+        with torch.no_grad():
+            out = call()
+    finally:
+        rec.handle.remove()
+    case["forwards"] = len(rec.canvases)
+    case["steps"] = mf.trajectory(rec.canvases, rec.x[0].tolist())
+    case["output"] = case["prompt"] + out
+    if case["mask_id"] in out:
+        raise SystemExit(f"{case['name']}: the output holds the mask token")
+    if any(t == case["mask_id"] for s in case["steps"] for _, t in s):
+        raise SystemExit(f"{case['name']}: a step wrote the mask token")
+    return case
+
+
+def stop_token(model, prompt, G, S, thr, mask_id, block):
+    """An EOS id that the official decode actually produces (see `likely_eos`), from a run
+    with the EOS stop off."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), temperature=0.0, block_length=block, steps=S,
+                             gen_length=G, threshold=thr, eos_id=mask_id, mask_id=mask_id)[0].tolist()
+    return likely_eos(out, len(prompt), block)
+
+
+def likely_eos(out, P, block):
+    """The most frequent token of the second decoded block of `out` (the output of a run with
+    the EOS stop off) among those the output does not hold before that block (ties: the lower
+    id; the most frequent of the block when every one of them occurs earlier). Runs with it as
+    eos_id stop after the second block and trim inside it, which a random checkpoint with its
+    own EOS would almost never show."""
+    lo = (P // block + 1) * block - P  # offset of the second decoded block in the output
+    second = out[lo:lo + block]
+    fresh = [t for t in second if t not in out[:lo]] or second
+    return min(set(fresh), key=lambda t: (-fresh.count(t), t))
+
+
+def layout_and_eos_cases(model, mask_id, eos_id):
+    """The official generate on prompts of any length (first decoded block = the prompt's
+    tail, canvas padded to whole blocks, output x[P:P+G]) and with the EOS stop on."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    # (P, G, S, tau, eos): eos None = stop off (eos_id = mask id), "likely" = stop_token(),
+    # an int = that id (the checkpoint's EOS, 382).
+    for P, G, S, thr, eos in [(1, 40, 32, 0.95, None), (17, 48, 8, 0.7, None), (45, 20, 32, 0.9, None),
+                              (70, 26, 16, 0.5, None), (17, 64, 32, 0.95, "likely"), (45, 60, 8, 0.8, "likely"),
+                              (32, 96, 16, 0.9, "likely"), (70, 58, 32, 0.95, "likely"), (1, 64, 4, 0.7, "likely"),
+                              (17, 48, 8, 0.7, eos_id)]:
+        prompt = torch.randint(0, eos_id - 2, (P,), generator=g).tolist()
+        stop = None if eos is None else (stop_token(model, prompt, G, S, thr, mask_id, 32) if eos == "likely" else eos)
+        c = {"name": f"llada2-generate-p{P}-g{G}-s{S}-t{thr}" + ("" if stop is None else f"-eos{stop}"),
+             "model": "llada2", "decoder": "LLaDA2 generate (argmax)", "prompt": prompt, "gen_len": G,
+             "block_len": 32, "policy": f"llada2:{thr},{S}", "cache": "none", "mask_id": mask_id, "steps_arg": S,
+             "stop_at_eos": stop is not None}
+        if stop is not None:
+            c["eos_id"] = stop
+
+        def call(prompt=prompt, G=G, S=S, thr=thr, stop=stop):
+            out = model.generate(torch.tensor([prompt]), temperature=0.0, block_length=32, steps=S, gen_length=G,
+                                 threshold=thr, eos_id=mask_id if stop is None else stop, mask_id=mask_id)
+            return out[0].tolist()
+
+        cases.append(record(c, model, "generate", call))
+        print(f"{c['name']}: {c['forwards']} forwards, output {len(c['output']) - P} of {G}", flush=True)
+    return cases
+
+
+def load_sglang_joint_threshold(root):
+    """SGLang's JointThreshold (LLaDA2.1's M2T + T2T rule), imported from `root`, with the
+    few SGLang runtime imports it names replaced by stubs (none of them is used by the per-row
+    step). Returns (class, version)."""
+    for rel in ("sglang/srt/dllm/algorithm/joint_threshold.py", "python/sglang/srt/dllm/algorithm/joint_threshold.py"):
+        path = os.path.join(root, rel)
+        if os.path.isfile(path):
+            break
+    else:
+        raise SystemExit(f"--sglang {root}: no sglang/srt/dllm/algorithm/joint_threshold.py under it")
+    stubs = {
+        "sglang": {}, "sglang.srt": {}, "sglang.srt.dllm": {}, "sglang.srt.dllm.algorithm": {},
+        "sglang.srt.dllm.algorithm.base": {"DllmAlgorithm": type("DllmAlgorithm", (), {})},
+        "sglang.srt.dllm.config": {"DllmConfig": type("DllmConfig", (), {})},
+        "sglang.srt.model_executor": {},
+        "sglang.srt.model_executor.forward_batch_info": {"ForwardBatch": type("ForwardBatch", (), {})},
+        "sglang.srt.utils": {"is_npu": lambda: False},
+    }
+    saved = {k: sys.modules.get(k) for k in stubs}
+    for name, attrs in stubs.items():
+        m = types.ModuleType(name)
+        m.__path__ = []
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        sys.modules[name] = m
+    spec = importlib.util.spec_from_file_location("sglang_joint_threshold", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+    version = "unknown"
+    for d in os.listdir(root):
+        if d.startswith("sglang-") and d.endswith(".dist-info"):
+            version = d[len("sglang-"):-len(".dist-info")]
+    if version == "unknown":
+        version = "git " + mf.git_head(root)
+    return mod.JointThreshold, version
+
+
+def edit_generate(model, joint, prompt, G, tau_m, tau_e, post, mask_id, eos, block=32):
+    """LLaDA2.1's `generate` with JointThreshold editing: the official canvas (padded to whole
+    blocks, decoding from block P // 32, absolute positions, block-causal mask, the whole prefix
+    recomputed every step, no cache). Per block: a step that starts with no mask left counts
+    toward `post` and the block ends, without a forward, once more than `post` of them would
+    run; otherwise one forward and SGLang's JointThreshold step (M2T: masked slots with p >
+    tau_m, the best one when none passes; T2T: non-mask, non-prompt slots whose argmax differs,
+    with p > tau_e); the block ends after a step that changes nothing. With an EOS id, decoding
+    stops after a block that leaves x[P:end] with no mask and an EOS (eos_early_stop), and the
+    output x[P:P+G] is cut after its first EOS."""
+    P = len(prompt)
+    nb = (P + G + block - 1) // block
+    x = torch.full((1, nb * block), mask_id, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    attn = block_mask(nb * block, block)
+    pos = torch.arange(nb * block)[None]
+    algo = joint.__new__(joint)
+    algo.threshold, algo.edit_threshold, algo.max_post_edit_steps = tau_m, tau_e, post
+    algo.penalty_lambda, algo.vectorized_decoding, algo._use_shared_state = 0, False, False
+    algo.mask_id, algo.block_size, algo.fdfo = mask_id, block, False
+    for b in range(P // block, nb):
+        lo, end = b * block, (b + 1) * block
+        state = {"post_edit_steps": 0, "finished": False, "prompt_mask": torch.arange(lo, end) < P}
+        mask_free = 0
+        while True:
+            if not (x[0, lo:end] == mask_id).any():
+                mask_free += 1
+            if mask_free > post:
+                break
+            logits = model(x[:, :end], attention_mask=attn[:, :, :end, :end], position_ids=pos[:, :end]).logits[0]
+            batch = types.SimpleNamespace(batch_size=1, input_ids=x[0, lo:end])  # a view: steps write x
+            algo.step(batch, logits[lo:end].clone(), [state])
+            if state["finished"]:
+                break
+        done = x[0, P:end]
+        if eos is not None and not (done == mask_id).any() and (done == eos).any():
+            break
+    out = x[0, P:P + G].tolist()
+    if eos is not None and eos in out:
+        out = out[:out.index(eos) + 1]
+    return out
+
+
+def edit_cases(model, joint, mask_id, eos_id):
+    g = torch.Generator().manual_seed(13)
+    cases = []
+    # (P, G, tau_m, tau_e, post, eos): LLaDA2.1's quality mode (0.7, 0.5) and speed mode
+    # (0.5, 0.0: any differing argmax is written), whose edits never settle on this random
+    # checkpoint (every block runs its budget out); budgets 16, 4 and 0; and high editing
+    # thresholds whose blocks end on a step that changes nothing.
+    for P, G, tm, te, post, eos in [(17, 48, 0.7, 0.5, 16, None), (45, 40, 0.5, 0.0, 16, None),
+                                    (32, 64, 0.9, 0.8, 4, None), (1, 40, 0.5, 0.0, 0, None),
+                                    (17, 48, 0.9, 0.99, 16, None), (32, 64, 0.8, 0.95, 16, None),
+                                    (70, 40, 0.9, 0.98, 16, "likely"), (17, 60, 0.5, 0.0, 16, "likely")]:
+        prompt = torch.randint(0, eos_id - 2, (P,), generator=g).tolist()
+        stop = None
+        if eos == "likely":
+            with torch.no_grad():
+                out = edit_generate(model, joint, prompt, G, tm, te, post, mask_id, None)
+            stop = likely_eos(out, P, 32)
+        c = {"name": f"llada2_1-edit-p{P}-g{G}-m{tm}-e{te}-post{post}" + ("" if stop is None else f"-eos{stop}"),
+             "model": "llada2", "decoder": "LLaDA2.1 generate with SGLang JointThreshold (argmax)", "prompt": prompt,
+             "gen_len": G, "block_len": 32, "policy": f"edit:{tm},{te},{post}", "cache": "none", "mask_id": mask_id,
+             "stop_at_eos": stop is not None}
+        if stop is not None:
+            c["eos_id"] = stop
+        cases.append(record(c, model, "edit_generate",
+                            lambda prompt=prompt, G=G, tm=tm, te=te, post=post, stop=stop:
+                            edit_generate(model, joint, prompt, G, tm, te, post, mask_id, stop)))
+        edits = sum(1 for i, s in enumerate(c["steps"]) for p, _ in s if p >= P and not was_masked(c, i, p))
+        print(f"{c['name']}: {c['forwards']} forwards, {edits} edits, output {len(c['output']) - P} of {G}", flush=True)
+    return cases
+
+
+def was_masked(case, step, pos):
+    """Whether `pos` was still masked when step `step` of the case began (else a commit to it
+    is an edit)."""
+    return all(p != pos for s in case["steps"][:step] for p, _ in s)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dfactory", required=True)
@@ -152,6 +374,9 @@ def main():
     ap.add_argument("--router-scale", type=float, default=3.0,
                     help="router std in units of 1/sqrt(hidden): wide gaps between expert scores")
     ap.add_argument("--bias-std", type=float, default=0.1, help="std of the random f32 expert_bias")
+    ap.add_argument("--sglang", default=None,
+                    help="a directory holding sglang/srt/dllm/algorithm/joint_threshold.py (the unpacked sglang "
+                         "wheel, or a checkout's python/ folder): adds the edit-policy trajectories")
     args = ap.parse_args()
     import transformers
 
@@ -232,6 +457,8 @@ def main():
     model.model.register_forward_pre_hook(f32_mask, with_kwargs=True)
     g = torch.Generator().manual_seed(9)
     cases = []
+    # The first six: prompts a multiple of 32 long, EOS stop off (eos_id = mask id), as made
+    # before this file learnt the rest (regenerating reproduces them byte for byte).
     for P, G, S, thr in [(32, 64, 32, 0.95), (64, 32, 8, 0.7), (32, 32, 4, 0.9), (64, 64, 16, 0.5),
                          (32, 64, 8, 0.9999), (64, 32, 5, 0.999)]:
         prompt = torch.randint(0, eos_id - 2, (P,), generator=g).tolist()
@@ -247,6 +474,14 @@ def main():
         with torch.no_grad():
             cases.append(mf.run_case(c, model.model, ["generate"], lambda _inner, call=call: call(model)))
         print(f"{c['name']}: {c['forwards']} forwards", flush=True)
+    cases += layout_and_eos_cases(model, mask_id, eos_id)
+    sgl_version = None
+    if args.sglang:
+        joint, sgl_version = load_sglang_joint_threshold(args.sglang)
+        cases += edit_cases(model, joint, mask_id, eos_id)
+        meta["sglang"] = sgl_version
+        meta["edit_rule"] = ("sglang/srt/dllm/algorithm/joint_threshold.py JointThreshold.step (per-row path), "
+                             "driven block by block by edit_generate in this file")
     meta["sampling"] = "argmax (patched _sample_with_temperature_topk_topp)"
     with open(os.path.join(args.out, "trajectories.json"), "w") as f:
         json.dump({"meta": meta, "cases": cases}, f, separators=(",", ":"))
