@@ -137,7 +137,7 @@ struct QuantParams {
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for QuantParams {}
 
-/// Mirrors `struct Fp8SkinnyParams` in kernels/gemm_fp8.cu.
+/// Mirrors `struct Fp8SkinnyParams` in kernels/fp8.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct Fp8SkinnyParams {
@@ -156,15 +156,104 @@ struct Fp8SkinnyParams {
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for Fp8SkinnyParams {}
 
-/// Entry point and dynamic shared memory for `t ≤ 64` rows (`Tile8<NT>` in the kernel:
-/// STAGES × (128·128 W bytes + 8·NT·128 bf16 X)).
-fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
+/// Which W8A16 kernel multiplies. Both have the same contract, tiling and epilogue and give
+/// the same sums up to f32 summation order; they differ in the tensor-core instruction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fp8Kernel {
+    /// `DEMASK_FP8_KERNEL` if set, else `Wgmma` on compute capability 9.x and `Mma` elsewhere.
+    #[default]
+    Auto,
+    /// kernels/gemm_fp8_wgmma.cu: one warpgroup MMA (`wgmma.mma_async`, W from registers, X from
+    /// shared memory) per 64 W rows and 16 columns; sm_90a only.
+    Wgmma,
+    /// kernels/gemm_fp8.cu: `mma.sync` m16n8k16 per warp (sm_80+).
+    Mma,
+}
+
+impl Fp8Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fp8Kernel::Auto => "auto",
+            Fp8Kernel::Wgmma => "wgmma",
+            Fp8Kernel::Mma => "mma",
+        }
+    }
+
+    /// The kernel that runs on `gpu`: `Auto` resolved, `Wgmma` refused off Hopper.
+    pub fn resolve(self, gpu: &Gpu) -> Result<Fp8Kernel> {
+        let k = match self {
+            Fp8Kernel::Auto => env_kernel()?.unwrap_or(if gpu.cc_major == 9 { Fp8Kernel::Wgmma } else { Fp8Kernel::Mma }),
+            k => k,
+        };
+        if k == Fp8Kernel::Wgmma && gpu.cc_major != 9 {
+            return Err(Error::bad_input(format!(
+                "{OP}: the `wgmma` W8A16 kernel needs an sm_90 GPU (Hopper); {} is compute capability {}.x \
+                 (use DEMASK_FP8_KERNEL=mma or auto)",
+                gpu.name, gpu.cc_major
+            )));
+        }
+        Ok(k)
+    }
+}
+
+impl std::str::FromStr for Fp8Kernel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(Fp8Kernel::Auto),
+            "wgmma" => Ok(Fp8Kernel::Wgmma),
+            "mma" => Ok(Fp8Kernel::Mma),
+            other => Err(Error::bad_input(format!("unknown FP8 kernel `{other}` (expected auto, wgmma or mma)"))),
+        }
+    }
+}
+
+/// `DEMASK_FP8_KERNEL`, parsed once (unset or `auto`: `None`).
+fn env_kernel() -> Result<Option<Fp8Kernel>> {
+    static ENV: std::sync::OnceLock<std::result::Result<Option<Fp8Kernel>, String>> = std::sync::OnceLock::new();
+    let v = ENV.get_or_init(|| match std::env::var("DEMASK_FP8_KERNEL") {
+        Ok(v) => match v.parse::<Fp8Kernel>() {
+            Ok(Fp8Kernel::Auto) => Ok(None),
+            Ok(k) => Ok(Some(k)),
+            Err(e) => Err(format!("DEMASK_FP8_KERNEL: {e}")),
+        },
+        Err(_) => Ok(None),
+    });
+    v.clone().map_err(Error::bad_input)
+}
+
+/// Launch-shape overrides of the W8A16 kernel for tests and sweeps; `Default` is what
+/// [`linear_fp8`] uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fp8Config {
+    /// Number of k splits (`None`: from the SM count, as `ops::gemm::skinny_plan`).
+    pub splits: Option<usize>,
+    pub kernel: Fp8Kernel,
+}
+
+/// (module, entry point, dynamic shared memory) for `t ≤ 64` rows. Both kernels stage
+/// STAGES × (128·128 W bytes + 8·NT·128 bf16 X) (`Tile8<NT>` / `TileW<NT>`).
+fn kernel_for(t: usize, swiglu: bool, kernel: Fp8Kernel) -> (&'static str, &'static str, u32) {
     let (nt, stages) = match t {
         0..=8 => (1, 5),
         9..=16 => (2, 5),
         17..=32 => (4, 4),
         _ => (8, 3),
     };
+    let smem = (stages * (128 * STAGE_K + 8 * nt * STAGE_K * 2)) as u32;
+    if kernel == Fp8Kernel::Wgmma {
+        let sym = match (nt, swiglu) {
+            (1, false) => "gemm_fp8_wgmma8_bf16",
+            (2, false) => "gemm_fp8_wgmma16_bf16",
+            (4, false) => "gemm_fp8_wgmma32_bf16",
+            (_, false) => "gemm_fp8_wgmma64_bf16",
+            (1, true) => "gemm_fp8_wgmma8_swiglu_bf16",
+            (2, true) => "gemm_fp8_wgmma16_swiglu_bf16",
+            (4, true) => "gemm_fp8_wgmma32_swiglu_bf16",
+            (_, true) => "gemm_fp8_wgmma64_swiglu_bf16",
+        };
+        return ("gemm_fp8_wgmma", sym, smem);
+    }
     let sym = match (nt, swiglu) {
         (1, false) => "gemm_fp8_skinny8_bf16",
         (2, false) => "gemm_fp8_skinny16_bf16",
@@ -175,7 +264,7 @@ fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
         (4, true) => "gemm_fp8_skinny32_swiglu_bf16",
         (_, true) => "gemm_fp8_skinny64_swiglu_bf16",
     };
-    (sym, (stages * (128 * STAGE_K + 8 * nt * STAGE_K * 2)) as u32)
+    ("gemm_fp8", sym, smem)
 }
 
 /// `y[0..t] = x[0..t] · dequant(w)ᵀ (+ bias)`: `x` at least `[t, k]` bf16, `y` at least
@@ -189,21 +278,32 @@ pub fn linear_fp8<Y: GemmOut>(
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
 ) -> Result<()> {
-    fp8_impl(gpu, &SkinnyConfig::default(), t, x, false, w, bias, y)
+    fp8_impl(gpu, &Fp8Config::default(), t, x, false, w, bias, y)
 }
 
 /// The gate|up projection with SwiGLU: `act[0..t] = SwiGLU(x[0..t] · dequant(w_gate_up)ᵀ)`,
 /// `w_gate_up` `[2·ffn, k]`, `act` at least `[t, ffn]` bf16; bit-identical to [`linear_fp8`]
 /// into bf16 followed by `ops::swiglu`.
 pub fn linear_fp8_swiglu(gpu: &Gpu, t: usize, x: &DTensor<bf16>, w_gate_up: &Fp8Weight, act: &mut DTensor<bf16>) -> Result<()> {
-    fp8_impl(gpu, &SkinnyConfig::default(), t, x, true, w_gate_up, None, act)
+    fp8_impl(gpu, &Fp8Config::default(), t, x, true, w_gate_up, None, act)
 }
 
-/// [`linear_fp8`] with an explicit split count (`cfg.splits`; `cfg.k128` is ignored: the
-/// stages are always 128 columns), for tests and tuning.
+/// [`linear_fp8_swiglu`] with an explicit kernel (`cfg.splits` is ignored: never split-K).
+pub fn skinny_fp8_swiglu(
+    gpu: &Gpu,
+    cfg: &Fp8Config,
+    t: usize,
+    x: &DTensor<bf16>,
+    w_gate_up: &Fp8Weight,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    fp8_impl(gpu, cfg, t, x, true, w_gate_up, None, act)
+}
+
+/// [`linear_fp8`] with an explicit split count and kernel, for tests and tuning.
 pub fn skinny_fp8<Y: GemmOut>(
     gpu: &Gpu,
-    cfg: &SkinnyConfig,
+    cfg: &Fp8Config,
     t: usize,
     x: &DTensor<bf16>,
     w: &Fp8Weight,
@@ -216,7 +316,7 @@ pub fn skinny_fp8<Y: GemmOut>(
 #[allow(clippy::too_many_arguments)]
 fn fp8_impl<Y: GemmOut>(
     gpu: &Gpu,
-    cfg: &SkinnyConfig,
+    cfg: &Fp8Config,
     t: usize,
     x: &DTensor<bf16>,
     swiglu: bool,
@@ -258,6 +358,7 @@ fn fp8_impl<Y: GemmOut>(
             return Err(Error::shape(OP, "bias", &[n], &b.dims));
         }
     }
+    let kernel = cfg.kernel.resolve(gpu)?;
     let clusters = crate::ops::attention::split_kv_supported(gpu)?;
     let cfg = SkinnyConfig { splits: if swiglu { Some(1) } else { cfg.splits }, k128: true };
     let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
@@ -280,7 +381,7 @@ fn fp8_impl<Y: GemmOut>(
             out_f32: (Y::OUT == OutType::F32) as i32,
             block_scales: (w.layout == ScaleLayout::Block128) as i32,
         };
-        let (sym, smem) = kernel_for(rows, swiglu);
+        let (module, sym, smem) = kernel_for(rows, swiglu, kernel);
         let lc = LaunchEx {
             grid: (plan.blocks_n as u32, plan.splits as u32, 1),
             block: (THREADS, 1, 1),
@@ -292,7 +393,7 @@ fn fp8_impl<Y: GemmOut>(
         // y_cols (checked), so the chunk's rows [r0, r0 + rows) are in bounds; w is [n, k] with
         // k % 16 == 0 (every 16-byte access of a row in bounds), scales match the layout,
         // bias is [n]; clusters only where supported.
-        unsafe { launch_ex(gpu, "gemm_fp8", sym, lc, &params)? };
+        unsafe { launch_ex(gpu, module, sym, lc, &params)? };
     }
     Ok(())
 }
@@ -416,13 +517,26 @@ mod tests {
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<Fp8SkinnyParams>(), 64); // 5 pointers + 6 ints
         assert_eq!(std::mem::size_of::<QuantParams>(), 40); // 3 pointers + 4 ints
-        assert_eq!(kernel_for(32, false), ("gemm_fp8_skinny32_bf16", 4 * (16384 + 32 * 256)));
-        assert_eq!(kernel_for(1, true), ("gemm_fp8_skinny8_swiglu_bf16", 5 * (16384 + 8 * 256)));
+        assert_eq!(kernel_for(32, false, Fp8Kernel::Mma), ("gemm_fp8", "gemm_fp8_skinny32_bf16", 4 * (16384 + 32 * 256)));
+        assert_eq!(kernel_for(1, true, Fp8Kernel::Mma), ("gemm_fp8", "gemm_fp8_skinny8_swiglu_bf16", 5 * (16384 + 8 * 256)));
+        assert_eq!(
+            kernel_for(64, true, Fp8Kernel::Wgmma),
+            ("gemm_fp8_wgmma", "gemm_fp8_wgmma64_swiglu_bf16", 3 * (16384 + 64 * 256))
+        );
         for t in [1, 9, 17, 33, 64] {
-            let smem = kernel_for(t, false).1;
+            let smem = kernel_for(t, false, Fp8Kernel::Wgmma).2;
             // Two blocks per SM on an H100 (228 KB of shared memory per SM, 1 KB reserved each).
             assert!(2 * (smem + 1024) <= 228 << 10, "t={t}: {smem} bytes");
         }
+    }
+
+    #[test]
+    fn kernel_names_parse() {
+        for k in [Fp8Kernel::Auto, Fp8Kernel::Wgmma, Fp8Kernel::Mma] {
+            assert_eq!(k.name().parse::<Fp8Kernel>().unwrap(), k);
+        }
+        let e = "tensor".parse::<Fp8Kernel>().unwrap_err().to_string();
+        assert!(e.contains("`tensor`") && e.contains("wgmma"), "{e}");
     }
 
     #[test]

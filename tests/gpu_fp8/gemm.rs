@@ -19,7 +19,7 @@ use demask::gpu::gemm::GemmOut;
 use demask::gpu::{test_gpu, DTensor, Gpu};
 use demask::ops::fill::fill_normal;
 use demask::ops::gemm::{self, SkinnyConfig, MAX_SPLITS};
-use demask::ops::gemm_fp8::{self as fp8, Fp8Weight};
+use demask::ops::gemm_fp8::{self as fp8, Fp8Config, Fp8Kernel, Fp8Weight};
 use demask::quant::{e4m3_decode, e4m3_encode, Fp8Matrix, ScaleLayout};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -28,6 +28,16 @@ use rand_distr::{Distribution, Normal};
 const TS: [usize; 6] = [1, 7, 19, 32, 33, 64];
 const MAX_T: usize = 100;
 const LAYOUTS: [ScaleLayout; 2] = [ScaleLayout::Channel, ScaleLayout::Block128];
+
+/// The W8A16 kernels this GPU runs: `mma` everywhere, `wgmma` on sm_90.
+fn kernels(gpu: &Gpu) -> Vec<Fp8Kernel> {
+    if gpu.cc_major == 9 {
+        vec![Fp8Kernel::Mma, Fp8Kernel::Wgmma]
+    } else {
+        eprintln!("the wgmma W8A16 kernel is not checked: {} is not an sm_90 GPU", gpu.name);
+        vec![Fp8Kernel::Mma]
+    }
+}
 
 
 #[test]
@@ -139,11 +149,11 @@ impl Problem {
 
     /// Runs `t` rows into an output of t + 2 rows poisoned with NaN; checks rows < t against
     /// the reference and rows ≥ t untouched. Returns the output as f32.
-    fn check(&self, gpu: &Gpu, splits: Option<usize>, t: usize, bias: bool, f32_out: bool) -> Vec<f32> {
+    fn check(&self, gpu: &Gpu, kernel: Fp8Kernel, splits: Option<usize>, t: usize, bias: bool, f32_out: bool) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let rows = t + 2;
         let b = bias.then_some(&self.bias);
-        let cfg = SkinnyConfig { splits, k128: true };
+        let cfg = Fp8Config { splits, kernel };
         let got: Vec<f32> = if f32_out {
             let mut y = gpu.upload(&vec![f32::NAN; rows * n], &[rows, n]).unwrap();
             fp8::skinny_fp8(gpu, &cfg, t, &self.x, &self.w, b, &mut y).unwrap();
@@ -165,16 +175,18 @@ impl Problem {
                 }
             }
         }
-        let what = format!("{:?} t={t} n={n} k={k} splits={splits:?} bias={bias} f32={f32_out}", self.w.layout);
+        let what = format!("{} {:?} t={t} n={n} k={k} splits={splits:?} bias={bias} f32={f32_out}", kernel.name(), self.w.layout);
         assert!(bad.is_empty(), "{what}: {} mismatches, first (row, col, got, want) {:?}", bad.len(), &bad[..bad.len().min(6)]);
         assert!(got[t * n..].iter().all(|v| v.is_nan()), "{what}: rows >= t were written");
         got
     }
 
     fn check_all_t(&self, gpu: &Gpu) {
-        for (i, &t) in TS.iter().enumerate() {
-            self.check(gpu, None, t, i % 2 == 1, false);
-            self.check(gpu, None, t, i % 2 == 0, true);
+        for kernel in kernels(gpu) {
+            for (i, &t) in TS.iter().enumerate() {
+                self.check(gpu, kernel, None, t, i % 2 == 1, false);
+                self.check(gpu, kernel, None, t, i % 2 == 0, true);
+            }
         }
     }
 }
@@ -198,8 +210,10 @@ fn fp8_more_than_64_rows_runs_in_chunks() {
     let Some(gpu) = test_gpu() else { return };
     for layout in LAYOUTS {
         let p = Problem::new(&gpu, 384, 512, 9, layout);
-        for t in [65, 100] {
-            p.check(&gpu, None, t, true, false);
+        for kernel in kernels(&gpu) {
+            for t in [65, 100] {
+                p.check(&gpu, kernel, None, t, true, false);
+            }
         }
     }
 }
@@ -213,10 +227,12 @@ fn fp8_model_shapes() {
     for (i, &(n, k)) in shapes.iter().enumerate() {
         for layout in LAYOUTS {
             let p = Problem::new(&gpu, n, k, 200 + i as u64, layout);
-            for t in [1, 32, 64] {
-                p.check(&gpu, None, t, false, false);
+            for kernel in kernels(&gpu) {
+                for t in [1, 32, 64] {
+                    p.check(&gpu, kernel, None, t, false, false);
+                }
+                p.check(&gpu, kernel, None, 19, true, true);
             }
-            p.check(&gpu, None, 19, true, true);
         }
     }
 }
@@ -231,12 +247,14 @@ fn fp8_every_split_count_is_exact_and_deterministic() {
     }
     for layout in LAYOUTS {
         let p = Problem::new(&gpu, 512, 4096, 31, layout);
-        for s in 1..=MAX_SPLITS {
-            for t in [1, 32] {
-                let a = p.check(&gpu, Some(s), t, true, true);
-                let b = p.check(&gpu, Some(s), t, true, true);
-                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
-                assert!(same, "{layout:?} splits={s} t={t}: two runs differ");
+        for kernel in kernels(&gpu) {
+            for s in 1..=MAX_SPLITS {
+                for t in [1, 32] {
+                    let a = p.check(&gpu, kernel, Some(s), t, true, true);
+                    let b = p.check(&gpu, kernel, Some(s), t, true, true);
+                    let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+                    assert!(same, "{} {layout:?} splits={s} t={t}: two runs differ", kernel.name());
+                }
             }
         }
     }
@@ -260,9 +278,11 @@ fn fp8_subnormal_codes_are_not_flushed() {
         let scales: Vec<f32> = (0..layout.count(n, k)).map(|_| rng.gen_range(0.5f32..2.0)).collect();
         let m = Fp8Matrix::from_parts("subnormal", n, k, q.clone(), scales, layout).unwrap();
         let p = Problem::with_weight(&gpu, Fp8Weight::upload(&gpu, &m).unwrap(), 5);
-        let y = p.check(&gpu, None, 8, false, true);
-        // The all-subnormal rows' outputs are not all zero.
-        assert!((0..8).any(|r| y[r * n] != 0.0), "{layout:?}: subnormal row gave 0");
+        for kernel in kernels(&gpu) {
+            let y = p.check(&gpu, kernel, None, 8, false, true);
+            // The all-subnormal rows' outputs are not all zero.
+            assert!((0..8).any(|r| y[r * n] != 0.0), "{} {layout:?}: subnormal row gave 0", kernel.name());
+        }
     }
 }
 
@@ -273,17 +293,22 @@ fn fp8_swiglu_epilogue_is_exact() {
     for layout in LAYOUTS {
         for &(ffn, k) in &[(12288, 4096), (192, 272), (64, 16)] {
             let p = Problem::new(&gpu, 2 * ffn, k, 40 + ffn as u64, layout);
-            for t in [1, 19, 32, 64, 70] {
-                let mut gu = gpu.alloc::<bf16>(&[t, 2 * ffn]).unwrap();
-                fp8::linear_fp8(&gpu, t, &p.x, &p.w, None, &mut gu).unwrap();
-                let mut two = gpu.alloc::<bf16>(&[t, ffn]).unwrap();
-                demask::ops::swiglu::swiglu(&gpu, t, &gu, &mut two).unwrap();
-                let mut fused = gpu.upload(&vec![bf16::NAN; (t + 1) * ffn], &[t + 1, ffn]).unwrap();
-                fp8::linear_fp8_swiglu(&gpu, t, &p.x, &p.w, &mut fused).unwrap();
-                let (a, b) = (two.to_host(&gpu).unwrap(), fused.to_host(&gpu).unwrap());
-                let diff = (0..t * ffn).find(|&i| a[i].to_bits() != b[i].to_bits());
-                assert!(diff.is_none(), "{layout:?} ffn {ffn} t={t}: fused != two-step at {diff:?}");
-                assert!(b[t * ffn..].iter().all(|v| v.is_nan()), "{layout:?} ffn {ffn} t={t}: row t written");
+            for kernel in kernels(&gpu) {
+                // The plain kernel without split-K, so both sides sum in the same order.
+                let cfg = Fp8Config { splits: Some(1), kernel };
+                for t in [1, 19, 32, 64, 70] {
+                    let mut gu = gpu.alloc::<bf16>(&[t, 2 * ffn]).unwrap();
+                    fp8::skinny_fp8(&gpu, &cfg, t, &p.x, &p.w, None, &mut gu).unwrap();
+                    let mut two = gpu.alloc::<bf16>(&[t, ffn]).unwrap();
+                    demask::ops::swiglu::swiglu(&gpu, t, &gu, &mut two).unwrap();
+                    let mut fused = gpu.upload(&vec![bf16::NAN; (t + 1) * ffn], &[t + 1, ffn]).unwrap();
+                    fp8::skinny_fp8_swiglu(&gpu, &cfg, t, &p.x, &p.w, &mut fused).unwrap();
+                    let (a, b) = (two.to_host(&gpu).unwrap(), fused.to_host(&gpu).unwrap());
+                    let diff = (0..t * ffn).find(|&i| a[i].to_bits() != b[i].to_bits());
+                    let k = kernel.name();
+                    assert!(diff.is_none(), "{k} {layout:?} ffn {ffn} t={t}: fused != two-step at {diff:?}");
+                    assert!(b[t * ffn..].iter().all(|v| v.is_nan()), "{k} {layout:?} ffn {ffn} t={t}: row t written");
+                }
             }
         }
     }
@@ -346,18 +371,25 @@ fn time_row<Y: GemmOut>(gpu: &Gpu, name: &str, n: usize, k: usize, t: usize, y: 
     let sk = SkinnyConfig::default();
     let lt = time_us(gpu, |i| demask::gpu::gemm::linear(gpu, t, &x, &bf[i % 3], None, y).unwrap());
     let sb = time_us(gpu, |i| gemm::skinny_linear(gpu, &sk, t, &x, &bf[i % 3], None, y).unwrap());
-    let f = time_us(gpu, |i| fp8::linear_fp8(gpu, t, &x, &f8[i % 3], None, y).unwrap());
-    let fb = time_us(gpu, |i| fp8::linear_fp8(gpu, t, &x, &f8b[i % 3], None, y).unwrap());
     let gbs = |us: f64, bytes: usize| bytes as f64 / us / 1e3;
-    println!(
-        "{name:<14} t={t:<3} cuBLASLt {lt:7.1} µs ({:5.0} GB/s) | skinny bf16 {sb:7.1} ({:5.0}) | fp8 channel {f:7.1} ({:5.0}) | \
-         fp8 block {fb:7.1} ({:5.0}) | fp8 / best bf16 {:.2}×",
+    let mut line = format!(
+        "{name:<14} t={t:<3} cuBLASLt {lt:7.1} µs ({:5.0} GB/s) | skinny bf16 {sb:7.1} ({:5.0})",
         gbs(lt, 2 * n * k),
-        gbs(sb, 2 * n * k),
-        gbs(f, n * k),
-        gbs(fb, n * k),
-        lt.min(sb) / f
+        gbs(sb, 2 * n * k)
     );
+    for kernel in kernels(gpu) {
+        let cfg = Fp8Config { splits: None, kernel };
+        let f = time_us(gpu, |i| fp8::skinny_fp8(gpu, &cfg, t, &x, &f8[i % 3], None, y).unwrap());
+        let fb = time_us(gpu, |i| fp8::skinny_fp8(gpu, &cfg, t, &x, &f8b[i % 3], None, y).unwrap());
+        line += &format!(
+            " | {} channel {f:6.1} ({:5.0}) block {fb:6.1} ({:5.0}) {:.2}×",
+            kernel.name(),
+            gbs(f, n * k),
+            gbs(fb, n * k),
+            lt.min(sb) / f
+        );
+    }
+    println!("{line}  (× = best bf16 / fp8 channel)");
 }
 
 #[test]
@@ -399,15 +431,17 @@ fn fp8_split_sweep() {
         fill_normal(&gpu, &mut x, 9, 0.0, 1.0).unwrap();
         let mut y = gpu.alloc::<bf16>(&[t, n]).unwrap();
         let auto = gemm::skinny_plan(&SkinnyConfig { splits: None, k128: true }, gpu.sm_count, true, n, k).splits;
-        let mut line = format!("{name:<8} {n}x{k} t={t}:");
-        for s in 1..=MAX_SPLITS {
-            let cfg = SkinnyConfig { splits: Some(s), k128: true };
-            let us = time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap());
-            line += &format!(" {s}:{us:.1}{}", if s == auto { "*" } else { "" });
+        for kernel in kernels(&gpu) {
+            let mut line = format!("{name:<8} {n}x{k} t={t} {:<5}:", kernel.name());
+            for s in 1..=MAX_SPLITS {
+                let cfg = Fp8Config { splits: Some(s), kernel };
+                let us = time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap());
+                line += &format!(" {s}:{us:.1}{}", if s == auto { "*" } else { "" });
+            }
+            println!("{line}  (µs per split count; * = the plan's choice; {:.0} GB/s at the plan's)", {
+                let cfg = Fp8Config { splits: Some(auto), kernel };
+                (n * k) as f64 / time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap()) / 1e3
+            });
         }
-        println!("{line}  (µs per split count; * = the plan's choice; {:.0} GB/s at the plan's)", {
-            let cfg = SkinnyConfig { splits: Some(auto), k128: true };
-            (n * k) as f64 / time_us(&gpu, |i| fp8::skinny_fp8(&gpu, &cfg, t, &x, &ws[i % 3], None, &mut y).unwrap()) / 1e3
-        });
     }
 }
