@@ -22,8 +22,9 @@
 //   layout: 8-row × 16-byte core matrices of 128 contiguous bytes, core (row group a, column
 //   chunk c) at (16a + c)·128; the descriptor's leading byte offset (next core matrix along K)
 //   is 128 and its stride byte offset (next along N) 2048. Step s starts 2s core matrices in.
-// - Per stage: all 8 steps' A fragments are built (32 registers), then `wgmma.fence`, the 8
-//   MMAs, one commit and a wait for that group before the stage's shared slot can be
+// - Per stage, in two halves of 4 steps: the half's A fragments are built (16 registers),
+//   then `wgmma.fence`, its 4 MMAs and a commit, so the first half multiplies while the second
+//   is dequantised; a wait for both groups ends the stage before its shared slot can be
 //   refilled (the next iteration's copies target the slot read one stage earlier).
 //
 // Entry points gemm_fp8_wgmma{8,16,32,64}_bf16 and gemm_fp8_wgmma{..}_swiglu_bf16 (warpgroup 0:
@@ -227,22 +228,27 @@ __device__ __forceinline__ void wgmma_body(const Fp8SkinnyParams& p) {
         cp_async_commit();
         const uint8_t* st = ring + (it % T::STAGES) * T::STAGE_BYTES;
         const uint32_t mult = stage_mult<SWIGLU>(p, n0, 64 * wg, k0 + it * BK);
-        uint32_t a[BK / 16][4];
-#pragma unroll
-        for (int s = 0; s < BK / 16; ++s) {
-            const uint4 lo = *reinterpret_cast<const uint4*>(st + wg_w_off(row0, s));
-            const uint4 hi = *reinterpret_cast<const uint4*>(st + wg_w_off(row0 + 8, s));
-            a[s][0] = wg_dequant2(lo.x, lo.y, sel, mult);  // row g,     columns 2q, 2q+1
-            a[s][1] = wg_dequant2(hi.x, hi.y, sel, mult);  // row g + 8, columns 2q, 2q+1
-            a[s][2] = wg_dequant2(lo.z, lo.w, sel, mult);  // row g,     columns 2q+8, 2q+9
-            a[s][3] = wg_dequant2(hi.z, hi.w, sel, mult);  // row g + 8, columns 2q+8, 2q+9
-        }
         const uint32_t xb = smem_u32(st + T::W_BYTES);
+        // Two halves of 4 steps, each its own commit group: the tensor cores multiply the
+        // first half while the warps dequantise the second (into other registers).
+        uint32_t a[BK / 16][4];
         fence_acc<N>(acc);
-        wg_fence();
 #pragma unroll
-        for (int s = 0; s < BK / 16; ++s) wgmma_rs<N>(acc, a[s], x_desc(xb + 2 * s * 128));
-        wg_commit();
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int s = 4 * h; s < 4 * h + 4; ++s) {
+                const uint4 lo = *reinterpret_cast<const uint4*>(st + wg_w_off(row0, s));
+                const uint4 hi = *reinterpret_cast<const uint4*>(st + wg_w_off(row0 + 8, s));
+                a[s][0] = wg_dequant2(lo.x, lo.y, sel, mult);  // row g,     columns 2q, 2q+1
+                a[s][1] = wg_dequant2(hi.x, hi.y, sel, mult);  // row g + 8, columns 2q, 2q+1
+                a[s][2] = wg_dequant2(lo.z, lo.w, sel, mult);  // row g,     columns 2q+8, 2q+9
+                a[s][3] = wg_dequant2(hi.z, hi.w, sel, mult);  // row g + 8, columns 2q+8, 2q+9
+            }
+            wg_fence();
+#pragma unroll
+            for (int s = 4 * h; s < 4 * h + 4; ++s) wgmma_rs<N>(acc, a[s], x_desc(xb + 2 * s * 128));
+            wg_commit();
+        }
         wg_wait0();
         fence_a(a);
         fence_acc<N>(acc);
