@@ -65,7 +65,7 @@ enum Cmd {
     Loadgen(serve_cli::LoadgenArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
-    /// Measure FP8 weights against bf16: weight, logit and per-step commit agreement.
+    /// Measure FP8 weights against bf16: per-weight, per-layer and final-logit error, per-step commit agreement.
     Fidelity(fidelity_cli::FidelityArgs),
 }
 
