@@ -52,6 +52,9 @@ pub struct CpuKvCache {
     pub capacity: usize,
 }
 
+/// The per-layer hook of [`CpuModel::forward_observed`]: `(layer, residual stream)`.
+pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
 /// Refuses models whose f32 copy would not fit comfortably in host memory.
 const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 
@@ -128,7 +131,7 @@ impl CpuModel {
         &self,
         b: &RowBatch,
         cache: &mut CpuKvCache,
-        on_layer: &mut dyn FnMut(usize, &[f32]),
+        on_layer: LayerHook<'_>,
     ) -> Result<Vec<f32>> {
         self.forward_impl(b, cache, Some(on_layer))
     }
@@ -137,7 +140,7 @@ impl CpuModel {
         &self,
         b: &RowBatch,
         cache: &mut CpuKvCache,
-        mut on_layer: Option<&mut dyn FnMut(usize, &[f32])>,
+        mut on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         b.validate(cfg, cache.capacity)?;
