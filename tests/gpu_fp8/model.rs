@@ -105,8 +105,11 @@ fn layer_capture_matches_the_cpu_per_layer() {
                 WeightFormat::Bf16 => hw.clone(),
             };
             let (want_logits, want) = CpuModel::new(&reference).unwrap().forward_full_layers(&s).unwrap();
-            let plain = gpu_logits(&gpu, &cfg, GpuWeights::upload_as(&gpu, &hw, format).unwrap(), &s);
             let mut m = GpuModel::new(gpu.clone(), cfg.clone(), GpuWeights::upload_as(&gpu, &hw, format).unwrap(), cap).unwrap();
+            // Eager forwards (no graphs); the first also autotunes cuBLASLt for the shape.
+            m.set_graphs(false);
+            m.forward_full(&s).unwrap();
+            let plain = m.forward_full(&s).unwrap();
             assert!(m.layer_hidden().is_err(), "capture off: nothing to read");
             m.set_layer_capture(true).unwrap();
             assert!(m.layer_hidden().is_err(), "no forward since capture was turned on");
