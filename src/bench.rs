@@ -245,12 +245,37 @@ pub mod gpu {
 /// FLOPs and bytes each op of one forward moves (all layers together) when `live` rows per
 /// sequence attend to `len` keys, for the per-kernel table of `demask profile`: GEMMs count
 /// 2·m·n·k FLOPs and weight + activation bytes; attention the K/V rows it reads; elementwise
-/// ops bytes read + written.
+/// ops bytes read + written. bf16 weights; [`forward_op_work_as`] for another format.
 pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize) -> Vec<(&'static str, f64, f64)> {
+    forward_op_work_as(cfg, WeightFormat::Bf16, len, batch, live)
+}
+
+/// [`forward_op_work`] with the linear layers stored in `format` (`model::GpuLayer::linears`:
+/// q|k|v, o and the dense FFN's gate|up and down): their weight bytes are
+/// `format.bytes_per_weight()` per weight plus 4 per scale; the LM head, router, experts and
+/// shared expert stay bf16. Activations are counted as bf16 in and out: the W8A8 path's
+/// activation quantisation (and `split-scale`'s epilogue pass) inside a GEMM row are not, nor
+/// the W8A16 kernel's re-reads of W when it runs more than 64 rows in chunks.
+pub fn forward_op_work_as(
+    cfg: &ModelConfig,
+    format: WeightFormat,
+    len: usize,
+    batch: usize,
+    live: usize,
+) -> Vec<(&'static str, f64, f64)> {
     let t = (live * batch) as f64;
     let (h, l) = (cfg.hidden as f64, cfg.n_layers as f64);
     let (qkv, q, kv, f, v) = (cfg.qkv_dim() as f64, cfg.q_dim() as f64, cfg.kv_dim() as f64, cfg.ffn as f64, cfg.vocab as f64);
     let gemm = |n: f64, k: f64, out_bytes: f64| (2.0 * t * n * k, 2.0 * n * k + 2.0 * t * k + out_bytes * t * n);
+    // A linear layer in `format`: the same FLOPs, its weight bytes as stored.
+    let linear = |n: usize, k: usize, out_bytes: f64| {
+        let (fl, by) = gemm(n as f64, k as f64, out_bytes);
+        let stored = match format {
+            WeightFormat::Bf16 => 2.0 * (n * k) as f64,
+            WeightFormat::Fp8(layout) => (n * k * format.bytes_per_weight()) as f64 + 4.0 * layout.count(n, k) as f64,
+        };
+        (fl, by - 2.0 * (n * k) as f64 + stored)
+    };
     let per_layer = |(fl, by): (f64, f64)| (fl * l, by * l);
     // Layers with a dense FFN (LLaDA2: below first_k_dense_replace, width intermediate_size)
     // and with experts.
@@ -259,10 +284,11 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize)
         (Some(_), None) => (0.0, l),
         (None, _) => (l, 0.0),
     };
-    let df = cfg.dense_ffn() as f64;
+    let dfu = cfg.dense_ffn();
+    let df = dfu as f64;
     let mut v_ = vec![
-        ("gemm_qkv", per_layer(gemm(qkv, h, 2.0))),
-        ("gemm_o", per_layer(gemm(h, q, 2.0))),
+        ("gemm_qkv", per_layer(linear(cfg.qkv_dim(), cfg.hidden, 2.0))),
+        ("gemm_o", per_layer(linear(cfg.hidden, cfg.q_dim(), 2.0))),
         ("gemm_lm_head", gemm(v, h, 4.0)),
         ("attention", (4.0 * t * len as f64 * q * l, (2.0 * 2.0 * t * q + 2.0 * 2.0 * (len * batch) as f64 * kv) * l)),
         ("add_rmsnorm", (0.0, (2.0 * l + 1.0) * t * h * 2.0 * 3.0)),
@@ -273,9 +299,12 @@ pub fn forward_op_work(cfg: &ModelConfig, len: usize, batch: usize, live: usize)
     .map(|(n, (fl, by))| (n, fl, by))
     .collect::<Vec<_>>();
     if dense_l > 0.0 {
-        let (gf, gb) = gemm(2.0 * df, h, 2.0);
-        let (dfl, dby) = gemm(h, df, 2.0);
+        let (gf, gb) = linear(2 * dfu, cfg.hidden, 2.0);
+        let (dfl, dby) = linear(cfg.hidden, dfu, 2.0);
         v_.push(("gemm_gate_up", gf * dense_l, gb * dense_l));
+        // SwiGLU fused into the gate|up GEMM (FP8 weights, the skinny bf16 kernel): it writes
+        // the activation, half the columns, instead of gate|up.
+        v_.push(("gemm_gate_up+swiglu", gf * dense_l, (gb - t * df * 2.0) * dense_l));
         v_.push(("gemm_down", dfl * dense_l, dby * dense_l));
         v_.push(("swiglu", 0.0, dense_l * t * 3.0 * df * 2.0));
     }
@@ -579,6 +608,47 @@ mod tests {
         let w4n = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 512, 1, &no_fp8);
         assert!(w4f.floor_ms < 0.6 * w4.floor_ms, "{} vs {}", w4f.floor_ms, w4.floor_ms);
         assert_eq!((w4b.floor_ms, w4n.floor_ms), (w4.floor_ms, w4.floor_ms));
+    }
+
+    #[test]
+    fn op_work_counts_the_linear_layers_as_stored() {
+        use crate::quant::ScaleLayout;
+        let cfg = ModelConfig::preset("llada-8b").unwrap();
+        let (len, batch, live) = (512, 1, 32);
+        let get = |w: &[(&'static str, f64, f64)], name: &str| w.iter().find(|x| x.0 == name).map(|x| (x.1, x.2)).unwrap();
+        let bf = forward_op_work(&cfg, len, batch, live);
+        assert_eq!(bf, forward_op_work_as(&cfg, WeightFormat::Bf16, len, batch, live));
+        let (l, t) = (32.0, 32.0);
+        // bf16 q|k|v: 2 B per weight, x in (32 × 4096 bf16), q|k|v out (32 × 12288 bf16).
+        let qkv_bf = l * (2.0 * 12288.0 * 4096.0 + 2.0 * t * 4096.0 + 2.0 * t * 12288.0);
+        assert_eq!(get(&bf, "gemm_qkv").1, qkv_bf);
+        for (layout, scales) in [
+            // one f32 per output channel / per 128 × 128 block
+            (ScaleLayout::Channel, [12288.0, 4096.0, 24576.0, 4096.0]),
+            (ScaleLayout::Block128, [96.0 * 32.0, 32.0 * 32.0, 192.0 * 32.0, 32.0 * 96.0]),
+        ] {
+            let f8 = forward_op_work_as(&cfg, WeightFormat::Fp8(layout), len, batch, live);
+            // The same FLOPs everywhere; bytes differ only in the linear layers' weights.
+            for (a, b) in bf.iter().zip(&f8) {
+                assert_eq!((a.0, a.1), (b.0, b.1));
+            }
+            let shapes = [("gemm_qkv", 12288.0 * 4096.0), ("gemm_o", 4096.0 * 4096.0), ("gemm_gate_up", 24576.0 * 4096.0), ("gemm_down", 4096.0 * 12288.0)];
+            for ((name, nk), s) in shapes.into_iter().zip(scales) {
+                // bf16 → FP8: one byte saved per weight, 4 bytes per scale added, every layer.
+                let saved = get(&bf, name).1 - get(&f8, name).1;
+                assert_eq!(saved, l * (nk - 4.0 * s), "{layout:?} {name}");
+            }
+            assert_eq!(get(&f8, "gemm_gate_up+swiglu").1, get(&f8, "gemm_gate_up").1 - l * t * 12288.0 * 2.0);
+            for name in ["gemm_lm_head", "attention", "embed", "swiglu", "add_rmsnorm", "rope_kv_store"] {
+                assert_eq!(get(&bf, name), get(&f8, name), "{layout:?} {name}");
+            }
+        }
+        // A W1 step's linear layers in FP8: 6.98 GB of weights (13.96 GB in bf16), 5.6 MB of
+        // channel scales, 0.14 GB of bf16 activations in and out.
+        let f8 = forward_op_work_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), len, batch, live);
+        let w: f64 = ["gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down"].iter().map(|n| get(&f8, n).1).sum();
+        let want = 6.98e9 + 5.6e6 + 0.141e9;
+        assert!((w - want).abs() < 0.005e9, "{w}");
     }
 
     #[test]

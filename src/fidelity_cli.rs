@@ -1,14 +1,15 @@
 //! `demask fidelity`: how far a model's FP8 version is from its bf16 weights, on a checkpoint
 //! or a preset with random weights — per linear weight, at the final logits (against bf16 and,
-//! for models the CPU can run, against the f32 reference), and per decode step (commit
-//! agreement along the bf16 model's decodes). The measurement is `demask::fp8_fidelity`.
+//! for models the CPU can run, against the f32 reference), after every transformer block
+//! (relative L2 of the residual stream), and per decode step (commit agreement along the bf16
+//! model's decodes). The measurement is `demask::fp8_fidelity`.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::cpu::CpuStepper;
-use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant, CommitAgreement, LogitCmp, WeightError};
+use demask::fp8_fidelity::{commit_agreement, compare_logits, cpu_layer_fidelity, fake_quant, CommitAgreement, LayerCmp, LogitCmp, WeightError};
 use demask::quant::WeightFormat;
 use demask::weights::HostWeights;
 
@@ -63,6 +64,24 @@ fn print_logits(what: &str, c: &LogitCmp) {
     );
 }
 
+/// One table of per-layer hidden-state errors: a `rel L2` and `worst row` column pair per
+/// comparison (`cols`: heading, that comparison's layers).
+fn print_layers(title: &str, cols: &[(&str, &[LayerCmp])]) {
+    println!("{title}");
+    let head: String = cols.iter().map(|(h, _)| format!("  {h:>25}")).collect();
+    let sub: String = cols.iter().map(|_| format!("  {:>12} {:>12}", "rel L2", "worst row")).collect();
+    println!("{:>5}{head}", "");
+    println!("{:>5}{sub}", "layer");
+    let n = cols.iter().map(|c| c.1.len()).max().unwrap_or(0);
+    for l in 0..n {
+        let row: String = cols
+            .iter()
+            .map(|(_, c)| c.get(l).map_or_else(|| format!("  {:>12} {:>12}", "-", "-"), |x| format!("  {:>12.4} {:>12.4}", x.rel_l2, x.worst_row_rel)))
+            .collect();
+        println!("{l:>5}{row}");
+    }
+}
+
 fn print_commits(a: &CommitAgreement) {
     println!(
         "commits per step (FP8 on the bf16 model's canvas, {} steps): identical sets {}/{} ({:.1} %), same token on {}/{} shared slots",
@@ -115,15 +134,18 @@ pub fn run(a: FidelityArgs) -> Result<()> {
             let w = host.expect("small models have host weights");
             let (q, errs) = fake_quant(&w, layout)?;
             print_weights(&errs);
-            let want = CpuModel::new(&w)?.forward_full(&prompts)?;
-            let got = CpuModel::new(&q)?.forward_full(&prompts)?;
-            let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
+            let (layers, c) = cpu_layer_fidelity(&w, &q, &prompts, TIE_GAP)?;
             print_logits("logits, FP8 vs bf16 (f32 CPU)", &c);
+            print_layers(
+                "hidden state after each layer (relative L2 of the residual stream; f32 CPU):",
+                &[("FP8 vs bf16", &layers)],
+            );
             let rows = a.seqs * (a.prompt_len + a.gen_len);
             let ag = commit_agreement(&mut CpuStepper::new(&w, rows)?, &mut CpuStepper::new(&q, rows)?, &prompts, a.gen_len, a.block_len, a.steps)?;
             print_commits(&ag);
             report["weights"] = serde_json::to_value(&errs)?;
             report["logits_fp8_vs_bf16"] = serde_json::to_value(&c)?;
+            report["layers_fp8_vs_bf16"] = serde_json::to_value(&layers)?;
             report["commits"] = serde_json::to_value(&ag)?;
         }
         #[cfg(feature = "cuda")]
@@ -145,19 +167,42 @@ pub fn run(a: FidelityArgs) -> Result<()> {
             let mut rf = GpuStepper::with_weights(gpu.clone(), cfg.clone(), fw, cap)?;
             let canv: Vec<Vec<u32>> =
                 prompts.iter().enumerate().map(|(i, p)| [p.clone(), demask::bench::synthetic_tokens(a.gen_len, vocab_hi, a.seed + 200 + i as u64)].concat()).collect();
-            let lb = rb.model_mut().forward_full(&canv)?;
-            let lf = rf.model_mut().forward_full(&canv)?;
+            // One eager forward each with the residual stream captured after every layer.
+            let run = |r: &mut GpuStepper| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+                let m = r.model_mut();
+                m.set_layer_capture(true)?;
+                let logits = m.forward_full(&canv)?;
+                let layers = m.layer_hidden()?;
+                m.set_layer_capture(false)?;
+                Ok((logits, layers))
+            };
+            let (lb, hb) = run(&mut rb)?;
+            let (lf, hf) = run(&mut rf)?;
             let c = compare_logits(&lf, &lb, cfg.vocab, TIE_GAP);
             print_logits("logits, GPU FP8 vs GPU bf16", &c);
             report["logits_fp8_vs_bf16"] = serde_json::to_value(&c)?;
+            let layers = demask::fp8_fidelity::compare_layers(&hf, &hb, cfg.hidden);
+            report["layers_fp8_vs_bf16"] = serde_json::to_value(&layers)?;
             if let Some(w) = host.as_ref().filter(|_| small) {
-                let want = CpuModel::new(w)?.forward_full(&canv)?;
+                let (want, hw) = CpuModel::new(w)?.forward_full_layers(&canv)?;
                 let cb = compare_logits(&lb, &want, cfg.vocab, TIE_GAP);
                 let cf = compare_logits(&lf, &want, cfg.vocab, TIE_GAP);
                 print_logits("logits, GPU bf16 vs f32 CPU reference", &cb);
                 print_logits("logits, GPU FP8 vs f32 CPU reference", &cf);
                 report["logits_bf16_vs_f32"] = serde_json::to_value(&cb)?;
                 report["logits_fp8_vs_f32"] = serde_json::to_value(&cf)?;
+                let (lb32, lf32) = (demask::fp8_fidelity::compare_layers(&hb, &hw, cfg.hidden), demask::fp8_fidelity::compare_layers(&hf, &hw, cfg.hidden));
+                print_layers(
+                    "hidden state after each layer (relative L2 of the residual stream; GPU, bf16 activations):",
+                    &[("GPU FP8 vs GPU bf16", &layers), ("GPU bf16 vs f32 CPU", &lb32), ("GPU FP8 vs f32 CPU", &lf32)],
+                );
+                report["layers_bf16_vs_f32"] = serde_json::to_value(&lb32)?;
+                report["layers_fp8_vs_f32"] = serde_json::to_value(&lf32)?;
+            } else {
+                print_layers(
+                    "hidden state after each layer (relative L2 of the residual stream; GPU, bf16 activations):",
+                    &[("GPU FP8 vs GPU bf16", &layers)],
+                );
             }
             let ag = commit_agreement(&mut rb, &mut rf, &prompts, a.gen_len, a.block_len, a.steps)?;
             print_commits(&ag);

@@ -9,6 +9,9 @@
 //! forward to it. [`compare_logits`] is the metric both use. [`commit_agreement`] decodes
 //! with a reference backend and, at every step, asks a second backend (the FP8 model) for its
 //! commits on the same canvas: the per-step commit agreement over whole decodes.
+//! [`compare_layers`] measures the hidden state after every transformer block (relative L2 of
+//! the residual stream), from `CpuModel::forward_full_layers` or `GpuModel::layer_hidden`;
+//! [`cpu_layer_fidelity`] runs it, and the logit comparison, for two host models on the CPU.
 use half::bf16;
 
 use crate::batch::RowBatch;
@@ -155,6 +158,62 @@ pub fn compare_logits(got: &[f32], want: &[f32], vocab: usize, tie_gap: f32) -> 
     c
 }
 
+/// The residual stream after one transformer block of one model (`got`) against another's
+/// (`want`), `[rows, hidden]` each.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LayerCmp {
+    pub layer: usize,
+    pub rows: usize,
+    /// ‖got − want‖ / ‖want‖ over the whole layer output.
+    pub rel_l2: f64,
+    /// Largest per-row ‖got − want‖ / ‖want‖ (∞ for a row with a non-finite value).
+    pub worst_row_rel: f64,
+}
+
+/// Relative L2 of the hidden state after every layer: `got[l]` against `want[l]`, each
+/// `[rows, hidden]` (from `CpuModel::forward_full_layers`, `GpuModel::layer_hidden`). The
+/// error of one layer includes what the earlier layers passed on: it is the error of the
+/// model up to that layer, not of the layer alone. Layers beyond the shorter list are not
+/// compared.
+pub fn compare_layers(got: &[Vec<f32>], want: &[Vec<f32>], hidden: usize) -> Vec<LayerCmp> {
+    got.iter()
+        .zip(want)
+        .enumerate()
+        .map(|(layer, (g, w))| {
+            let mut c = LayerCmp { layer, rows: w.len() / hidden.max(1), ..Default::default() };
+            let (mut num, mut den) = (0f64, 0f64);
+            for (gr, wr) in g.chunks(hidden).zip(w.chunks(hidden)) {
+                let (mut rn, mut rd) = (0f64, 0f64);
+                for (a, b) in gr.iter().zip(wr) {
+                    rn += ((a - b) as f64).powi(2);
+                    rd += (*b as f64).powi(2);
+                }
+                num += rn;
+                den += rd;
+                // A NaN would vanish in `max`: count a non-finite row as ∞.
+                let row = if gr.iter().all(|v| v.is_finite()) { (rn / rd.max(f64::MIN_POSITIVE)).sqrt() } else { f64::INFINITY };
+                c.worst_row_rel = c.worst_row_rel.max(row);
+            }
+            c.rel_l2 = if num.is_finite() { (num / den.max(f64::MIN_POSITIVE)).sqrt() } else { f64::INFINITY };
+            c
+        })
+        .collect()
+}
+
+/// Per-layer and final-logit comparison of two host models on the f32 CPU backend (full
+/// forwards of `seqs`): `test` (e.g. `fake_quant`'s FP8 model) against `reference`.
+pub fn cpu_layer_fidelity(
+    reference: &HostWeights,
+    test: &HostWeights,
+    seqs: &[Vec<u32>],
+    tie_gap: f32,
+) -> Result<(Vec<LayerCmp>, LogitCmp)> {
+    let cfg = &reference.cfg;
+    let (want, want_l) = crate::cpu::forward::CpuModel::new(reference)?.forward_full_layers(seqs)?;
+    let (got, got_l) = crate::cpu::forward::CpuModel::new(test)?.forward_full_layers(seqs)?;
+    Ok((compare_layers(&got_l, &want_l, cfg.hidden), compare_logits(&got, &want, cfg.vocab, tie_gap)))
+}
+
 /// A step backend whose canvas can be set from the host (the GPU keeps one on the device).
 pub trait CanvasBackend: StepBackend {
     /// Makes sequence `seq`'s canvas `tokens` before a step.
@@ -293,6 +352,20 @@ mod tests {
         assert!((c.agreement() - 0.5).abs() < 1e-12);
         let nan = compare_logits(&[f32::NAN, 0.0, 0.0], &want[..3], 3, 0.05);
         assert!(nan.worst_row_rel.is_infinite());
+    }
+
+    #[test]
+    fn compare_layers_measures_relative_l2_per_layer_and_row() {
+        // Layer 0 identical; layer 1: row 0 off by 10 %, row 1 exact; layer 2 has a NaN.
+        let want = vec![vec![3.0, 4.0, 1.0, 0.0]; 3];
+        let got = vec![vec![3.0, 4.0, 1.0, 0.0], vec![3.3, 4.4, 1.0, 0.0], vec![3.0, f32::NAN, 1.0, 0.0]];
+        let c = compare_layers(&got, &want, 2);
+        assert_eq!(c.len(), 3);
+        assert_eq!((c[0].layer, c[0].rows, c[0].rel_l2, c[0].worst_row_rel), (0, 2, 0.0, 0.0));
+        assert!((c[1].worst_row_rel - 0.1).abs() < 1e-6, "{:?}", c[1]);
+        // ‖(0.3, 0.4)‖ / ‖(3, 4, 1, 0)‖ = 0.5 / √26.
+        assert!((c[1].rel_l2 - 0.5 / 26f64.sqrt()).abs() < 1e-6, "{:?}", c[1]);
+        assert!(c[2].rel_l2.is_infinite() && c[2].worst_row_rel.is_infinite(), "{:?}", c[2]);
     }
 
     #[test]

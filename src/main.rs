@@ -65,7 +65,7 @@ enum Cmd {
     Loadgen(serve_cli::LoadgenArgs),
     /// Print the device, the kernels in this build and the measured ceilings.
     Doctor,
-    /// Measure FP8 weights against bf16: weight, logit and per-step commit agreement.
+    /// Measure FP8 weights against bf16: per-weight, per-layer and final-logit error, per-step commit agreement.
     Fidelity(fidelity_cli::FidelityArgs),
 }
 
@@ -90,8 +90,8 @@ struct ProfileArgs {
     /// moe=grouped,reference (MoE presets).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
-    /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s then count bf16
-    /// bytes: halve them for FP8).
+    /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s count the weights
+    /// as stored: one byte each in FP8, plus the scales).
     #[arg(long, default_value = "bf16")]
     weights: String,
 }
@@ -207,7 +207,7 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     let mut model = GpuModel::new(gpu.clone(), cfg.clone(), weights, cap)?;
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
-    let work = bench::forward_op_work(&cfg, a.len, a.batch, live);
+    let work = bench::forward_op_work_as(&cfg, format, a.len, a.batch, live);
     for (v, gv, mv) in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;

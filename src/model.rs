@@ -89,6 +89,11 @@ pub struct GpuModel {
     graphs: GraphCache,
     graphs_on: bool,
     capture_mode: cudarc::driver::sys::CUstreamCaptureMode,
+    /// `set_layer_capture`: the residual stream after every layer of the last forward,
+    /// `[n_layers * cap.rows, hidden]` bf16 (layer `l`'s rows from `l * cap.rows`).
+    layer_capture: Option<DTensor<bf16>>,
+    /// Live rows of the last forward that filled `layer_capture` (for `layer_hidden`).
+    captured_rows: Option<usize>,
 }
 
 impl GpuModel {
@@ -153,6 +158,8 @@ impl GpuModel {
             graphs: GraphCache::new(graph::DEFAULT_GRAPH_CAPACITY),
             graphs_on: std::env::var("DEMASK_GRAPHS").map_or(true, |v| v != "0"),
             capture_mode,
+            layer_capture: None,
+            captured_rows: None,
         })
     }
 
@@ -263,15 +270,17 @@ impl GpuModel {
     /// After the one upload, the launches are run op by op, or captured into a CUDA graph, or
     /// replayed from one, by `gpu::graph::GraphCache::plan` for the batch's [`ShapeKey`]:
     /// the first forward of a shape runs eagerly, the second is captured (and launched), later
-    /// ones replay. A failed capture leaves that shape eager. Profiling,
-    /// `DEMASK_SYNC_LAUNCHES=1` and `set_graphs(false)` run every forward eagerly.
+    /// ones replay. A failed capture leaves that shape eager. Profiling, layer capture
+    /// (`set_layer_capture`), `DEMASK_SYNC_LAUNCHES=1` and `set_graphs(false)` run every
+    /// forward eagerly.
     pub fn forward(&mut self, b: &RowBatch) -> Result<()> {
         self.check_capacity(b)?;
         // This thread may not be the one that built the model (an engine is `Send`).
         self.gpu.bind_to_thread()?;
         let key = self.shape_key(b);
         self.upload(b, &IndexLayout::new(key.rows, key.seqs, key.logit_rows))?;
-        let step = if self.graphs_on && self.profiler.is_none() && !self.gpu.sync_launches {
+        let eager_only = self.profiler.is_some() || self.layer_capture.is_some() || self.gpu.sync_launches;
+        let step = if self.graphs_on && !eager_only {
             self.graphs.rebind(self.binding());
             self.graphs.plan(key)
         } else {
@@ -300,6 +309,7 @@ impl GpuModel {
             _ => self.run(&key)?,
         }
         self.last_logit_rows = key.logit_rows;
+        self.captured_rows = self.layer_capture.as_ref().map(|_| key.rows);
         Ok(())
     }
 
@@ -343,6 +353,7 @@ impl GpuModel {
         let idx = IndexViews::new(g, &self.index, &IndexLayout::new(t, key.seqs, r))?;
         let ws = &mut self.ws;
         let prof = &mut self.profiler;
+        let cap_rows = self.cap.rows;
         // Records the end of an op when profiling (one event record; nothing otherwise).
         macro_rules! mark {
             ($name:expr) => {
@@ -363,6 +374,10 @@ impl GpuModel {
             let delta = if li == 0 { None } else { Some(&ws.o) };
             ops::norm::add_rmsnorm(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h)?;
             mark!("add_rmsnorm");
+            if let (Some(c), true) = (self.layer_capture.as_mut(), li > 0) {
+                // `x` now holds layer li − 1's output (its down projection just added).
+                ws.x.copy_to(g, t * cfg.hidden, c, (li - 1) * cap_rows * cfg.hidden)?;
+            }
             linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
             mark!("gemm_qkv");
             ops::rope::rope_kv_store(
@@ -455,6 +470,10 @@ impl GpuModel {
         }
         ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
         mark!("add_rmsnorm");
+        if let Some(c) = self.layer_capture.as_mut() {
+            let last = cfg.n_layers - 1;
+            ws.x.copy_to(g, t * cfg.hidden, c, last * cap_rows * cfg.hidden)?;
+        }
         if key.identity {
             ops::gemm::linear(g, gv, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits)?;
         } else {
@@ -519,6 +538,33 @@ impl GpuModel {
     /// Drops every captured graph (shapes start over at eager).
     pub fn clear_graphs(&mut self) {
         self.graphs.clear();
+    }
+
+    /// With `on`, every forward (eager: no CUDA graph) also copies the residual stream after
+    /// each transformer block into a buffer of `n_layers × rows` hidden states (allocated
+    /// here, freed when turned off), which `layer_hidden` reads back: per-layer error
+    /// measurements (`fp8_fidelity::compare_layers`, `demask fidelity`). Off by default; a
+    /// forward without it copies nothing.
+    pub fn set_layer_capture(&mut self, on: bool) -> Result<()> {
+        self.layer_capture = if on {
+            Some(self.gpu.alloc(&[self.cfg.n_layers * self.cap.rows, self.cfg.hidden])?)
+        } else {
+            None
+        };
+        self.captured_rows = None;
+        Ok(())
+    }
+
+    /// The residual stream after every layer of the last forward (with `set_layer_capture`
+    /// on), as f32: `[n_layers][rows * hidden]` (synchronising). An error when capture is off
+    /// or no forward ran since it was turned on.
+    pub fn layer_hidden(&self) -> Result<Vec<Vec<f32>>> {
+        let (Some(c), Some(rows)) = (self.layer_capture.as_ref(), self.captured_rows) else {
+            return Err(Error::bad_input("layer_hidden: set_layer_capture(true), then a forward"));
+        };
+        let (per, n) = (self.cap.rows * self.cfg.hidden, rows * self.cfg.hidden);
+        let all = c.to_host(&self.gpu)?;
+        Ok(all.chunks(per).map(|l| l[..n].iter().map(|v| v.to_f32()).collect()).collect())
     }
 
     /// Turns per-op event timing on (every forward then ends with a host sync) or off.

@@ -52,6 +52,9 @@ pub struct CpuKvCache {
     pub capacity: usize,
 }
 
+/// The per-layer hook of [`CpuModel::forward_observed`]: `(layer, residual stream)`.
+pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
 /// Refuses models whose f32 copy would not fit comfortably in host memory.
 const MAX_CPU_PARAMS: u64 = 2_000_000_000;
 
@@ -117,6 +120,28 @@ impl CpuModel {
 
     /// Runs the live rows of `b`, updating `cache`; returns logits `[b.logit_rows.len(), vocab]`.
     pub fn forward(&self, b: &RowBatch, cache: &mut CpuKvCache) -> Result<Vec<f32>> {
+        self.forward_impl(b, cache, None)
+    }
+
+    /// [`forward`](Self::forward), calling `on_layer(layer, x)` after each transformer block
+    /// with the residual stream `x` (`[b.rows(), hidden]`: the block's output, before the next
+    /// block's norm). For per-layer error measurements (`fp8_fidelity`); `forward` passes no
+    /// hook and pays one branch per layer.
+    pub fn forward_observed(
+        &self,
+        b: &RowBatch,
+        cache: &mut CpuKvCache,
+        on_layer: LayerHook<'_>,
+    ) -> Result<Vec<f32>> {
+        self.forward_impl(b, cache, Some(on_layer))
+    }
+
+    fn forward_impl(
+        &self,
+        b: &RowBatch,
+        cache: &mut CpuKvCache,
+        mut on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         b.validate(cfg, cache.capacity)?;
         let (t, h, kvd, qd) = (b.rows(), cfg.hidden, cfg.kv_dim(), cfg.q_dim());
@@ -177,6 +202,9 @@ impl CpuModel {
                 gemm::linear(&act, &l.w_down, None, dense_ffn, &mut o);
             }
             norm::add_inplace(&mut x, &o);
+            if let Some(f) = on_layer.as_mut() {
+                f(li, &x);
+            }
         }
         norm::rms_norm(&x, &self.final_norm, eps, &mut xn);
         let mut sel = vec![0f32; b.logit_rows.len() * h];
@@ -191,5 +219,15 @@ impl CpuModel {
         let b = RowBatch::full(seqs);
         let mut cache = self.new_cache(b.cache_rows_needed());
         self.forward(&b, &mut cache)
+    }
+
+    /// [`forward_full`](Self::forward_full) that also returns the residual stream after every
+    /// transformer block: `[n_layers][Σ len * hidden]`.
+    pub fn forward_full_layers(&self, seqs: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let b = RowBatch::full(seqs);
+        let mut cache = self.new_cache(b.cache_rows_needed());
+        let mut layers = Vec::with_capacity(self.cfg.n_layers);
+        let logits = self.forward_observed(&b, &mut cache, &mut |_, x| layers.push(x.to_vec()))?;
+        Ok((logits, layers))
     }
 }

@@ -70,6 +70,21 @@ impl<T: DeviceRepr> DTensor<T> {
         Ok(())
     }
 
+    /// Copies the first `n` elements into `dst` from element `at` on (device to device, on
+    /// the stream: ordered with the kernels around it; not for use inside a graph capture's
+    /// hot path, which is why `GpuModel` copies only when asked).
+    pub fn copy_to(&self, gpu: &Gpu, n: usize, dst: &mut DTensor<T>, at: usize) -> Result<()> {
+        if n > self.len() || at + n > dst.len() {
+            return Err(Error::shape("copy", "tensor", &[dst.len()], &[at + n]));
+        }
+        if n > 0 {
+            let src = self.buf.slice(0..n);
+            let mut d = dst.buf.slice_mut(at..at + n);
+            gpu.stream.memcpy_dtod(&src, &mut d).map_err(drv("cuMemcpyDtoD"))?;
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.dims.iter().product()
     }

@@ -54,6 +54,7 @@ fn fidelity_command_reports_on_the_cpu() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("top-1 agreement") && stdout.contains("commits per step"), "{stdout}");
+    assert!(stdout.contains("hidden state after each layer") && stdout.contains("worst row"), "{stdout}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).ok();
     assert_eq!(v["format"], "fp8");
@@ -61,6 +62,14 @@ fn fidelity_command_reports_on_the_cpu() {
     assert!(rel > 0.0 && rel < 0.1, "{rel}");
     assert_eq!(v["commits"]["seq_steps"], 3 * 4 * 4); // 3 prompts, gen 32 / block 8, 4 steps each
     assert_eq!(v["weights"].as_array().unwrap().len(), 4 * 2); // 4 linear weights × 2 layers
+    // Per-layer hidden state: one entry per layer, over the 3 × 32 prompt rows, FP8 error > 0.
+    let layers = v["layers_fp8_vs_bf16"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!((l["layer"].as_u64(), l["rows"].as_u64()), (Some(i as u64), Some(96)));
+        let (rel, worst) = (l["rel_l2"].as_f64().unwrap(), l["worst_row_rel"].as_f64().unwrap());
+        assert!(rel > 0.0 && rel < 0.1 && worst >= rel && worst.is_finite(), "layer {i}: {l}");
+    }
     // Refusals: a bf16 "FP8 format", an 8B model on the CPU, neither --model nor --preset.
     refused(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--weights", "bf16"], &["--weights bf16", "FP8"]);
     refused(&["fidelity", "--preset", "llada-8b", "--device", "cpu"], &["too large for the CPU"]);

@@ -2,12 +2,13 @@
 //! what the W8A16 kernel multiplies) against its bf16 weights, on the tiny presets with
 //! random weights (LM head sharpened as a trained model's): relative error of every linear
 //! weight and of the final logits, and top-1 agreement of the candidates (near-ties of the
-//! bf16 model counted, not compared). Both scale layouts; prints which keeps fidelity better.
+//! bf16 model counted, not compared), and of the hidden state after every layer. Both scale
+//! layouts; prints which keeps fidelity better.
 use crate::common;
 use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::cpu::CpuStepper;
-use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant, fake_quant_with, LogitCmp};
+use demask::fp8_fidelity::{commit_agreement, compare_logits, cpu_layer_fidelity, fake_quant, fake_quant_with, LogitCmp};
 use demask::quant::ScaleLayout;
 
 const TIE_GAP: f32 = 0.05;
@@ -119,5 +120,60 @@ fn an_fp8_lm_head_costs_more_fidelity() {
         }
         // Quantising one more matrix, the one that makes the logits, adds error there.
         assert!(rows[1] > rows[0], "{preset}: {rows:?}");
+    }
+}
+
+#[test]
+fn per_layer_error_is_zero_for_identical_weights_and_grows_under_fp8() {
+    // The residual stream after every block (`CpuModel::forward_full_layers`): exactly 0 for
+    // the same weights, > 0 under FP8 and accumulating through the layers, and 0 up to the
+    // first layer whose weights differ.
+    for preset in common::DENSE_PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let w = common::sharp_weights(&cfg, 21);
+        let seqs: Vec<Vec<u32>> =
+            [64usize, 17, 128].iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, 500, 30 + i as u64)).collect();
+        let rows: usize = seqs.iter().map(|s| s.len()).sum();
+        // The observed forward returns the same logits as the plain one (the hook is passive).
+        let m = CpuModel::new(&w).unwrap();
+        let (logits, hidden) = m.forward_full_layers(&seqs).unwrap();
+        assert_eq!(logits, m.forward_full(&seqs).unwrap());
+        assert_eq!(hidden.len(), cfg.n_layers);
+        assert!(hidden.iter().all(|h| h.len() == rows * cfg.hidden && h.iter().all(|v| v.is_finite())));
+
+        let (same, c) = cpu_layer_fidelity(&w, &w.clone(), &seqs, TIE_GAP).unwrap();
+        assert_eq!(same.len(), cfg.n_layers);
+        for l in &same {
+            assert_eq!((l.rows, l.rel_l2, l.worst_row_rel), (rows, 0.0, 0.0), "{preset}: {l:?}");
+        }
+        assert_eq!(c.rel_l2, 0.0);
+
+        for layout in [ScaleLayout::Channel, ScaleLayout::Block128] {
+            let (q, _) = fake_quant(&w, layout).unwrap();
+            let (layers, c) = cpu_layer_fidelity(&w, &q, &seqs, TIE_GAP).unwrap();
+            let errs: Vec<String> = layers.iter().map(|l| format!("{:.4} (worst row {:.4})", l.rel_l2, l.worst_row_rel)).collect();
+            println!("{preset} fp8 {}: hidden state rel L2 per layer {}; logits {:.4}", layout.name(), errs.join(", "), c.rel_l2);
+            assert_eq!(layers.len(), cfg.n_layers);
+            for l in &layers {
+                assert_eq!(l.rows, rows);
+                assert!(l.rel_l2.is_finite() && l.worst_row_rel.is_finite(), "{preset} {layout:?}: {l:?}");
+                // E4M3 weights (≈ 2.6 % each) move each block's output by a few %.
+                assert!(l.rel_l2 > 0.0 && l.rel_l2 < 0.1, "{preset} {layout:?}: {l:?}");
+                // The whole layer's relative error is a weighted mean of its rows'.
+                assert!(l.worst_row_rel >= l.rel_l2, "{preset} {layout:?}: {l:?}");
+            }
+            // Every layer adds its own error to what it is passed (measured 2.8 % → 4.0 %).
+            assert!(layers.last().unwrap().rel_l2 > layers[0].rel_l2, "{preset} {layout:?}: {layers:?}");
+
+            // Only the last layer quantised: every earlier layer is exact, the last is not.
+            let mut tail = w.clone();
+            let last = cfg.n_layers - 1;
+            tail.layers[last] = q.layers[last].clone();
+            let (layers, _) = cpu_layer_fidelity(&w, &tail, &seqs, TIE_GAP).unwrap();
+            for l in &layers[..last] {
+                assert_eq!(l.rel_l2, 0.0, "{preset} {layout:?}: {l:?}");
+            }
+            assert!(layers[last].rel_l2 > 0.0, "{preset} {layout:?}: {layers:?}");
+        }
     }
 }

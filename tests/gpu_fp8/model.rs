@@ -6,6 +6,9 @@
 //!   activations too) within the fidelity bounds instead;
 //! - fidelity (printed, bounded): GPU FP8 logits against GPU bf16 logits, and per-step commit
 //!   agreement of FP8 with bf16 along bf16 decodes (`fp8_fidelity::commit_agreement`);
+//! - per layer: the residual stream after every block (`GpuModel::set_layer_capture`), GPU bf16
+//!   and GPU FP8 against the f32 CPU forward of the same model, within the parity budget;
+//!   capturing leaves the logits bit-identical;
 //! - decoding: a batched dual-cache decode (CUDA graphs on) commits every slot and is
 //!   deterministic (run twice: identical tokens); alone vs batched is reported, not asserted
 //!   (as tests/gpu_batching.rs: the row count picks the kernel tile, hence the reduction order).
@@ -15,7 +18,7 @@ use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::decode::gpu::GpuStepper;
 use demask::engine::{Engine, EngineOptions};
-use demask::fp8_fidelity::{commit_agreement, compare_logits, fake_quant};
+use demask::fp8_fidelity::{commit_agreement, compare_layers, compare_logits, fake_quant};
 use demask::gpu::test_gpu;
 use demask::model::{Capacity, GpuModel, GpuWeights};
 use demask::quant::{ScaleLayout, WeightFormat};
@@ -81,6 +84,53 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
                 // tests/fp8/fidelity.rs measures 3.7-3.8 % and 93-97 % on the CPU.
                 assert!(f.rel_l2 < 0.10 && f.agreement() >= 0.85, "{preset} {layout:?}: {f:?}");
             }
+        }
+    }
+}
+
+#[test]
+fn layer_capture_matches_the_cpu_per_layer() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for preset in common::DENSE_PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let hw = common::sharp_weights(&cfg, 3);
+        // 58 rows: the W8A16 kernel (≤ 64 rows) for FP8.
+        let s = seqs(cfg.vocab, &[37, 1, 20]);
+        let rows = 58;
+        let cap = Capacity { rows, logit_rows: rows, cache_rows: rows, seqs: s.len() };
+        for format in [WeightFormat::Bf16, WeightFormat::Fp8(ScaleLayout::Channel), WeightFormat::Fp8(ScaleLayout::Block128)] {
+            let reference = match format {
+                WeightFormat::Fp8(layout) => fake_quant(&hw, layout).unwrap().0,
+                WeightFormat::Bf16 => hw.clone(),
+            };
+            let (want_logits, want) = CpuModel::new(&reference).unwrap().forward_full_layers(&s).unwrap();
+            let mut m = GpuModel::new(gpu.clone(), cfg.clone(), GpuWeights::upload_as(&gpu, &hw, format).unwrap(), cap).unwrap();
+            // Eager forwards (no graphs); the first also autotunes cuBLASLt for the shape.
+            m.set_graphs(false);
+            m.forward_full(&s).unwrap();
+            let plain = m.forward_full(&s).unwrap();
+            assert!(m.layer_hidden().is_err(), "capture off: nothing to read");
+            m.set_layer_capture(true).unwrap();
+            assert!(m.layer_hidden().is_err(), "no forward since capture was turned on");
+            let logits = m.forward_full(&s).unwrap();
+            let got = m.layer_hidden().unwrap();
+            // Copying the residual stream out changes nothing the forward computes.
+            assert_eq!(logits, plain, "{preset} {format}: capture changed the logits");
+            assert_eq!(got.len(), cfg.n_layers);
+            assert!(got.iter().all(|l| l.len() == rows * cfg.hidden));
+            let layers = compare_layers(&got, &want, cfg.hidden);
+            let errs: Vec<String> = layers.iter().map(|l| format!("{:.3e} (worst row {:.3e})", l.rel_l2, l.worst_row_rel)).collect();
+            println!("{preset} {format}: GPU vs f32 CPU hidden state per layer: {}", errs.join(", "));
+            for l in &layers {
+                // bf16 activations against f32: the parity budget of the logits.
+                assert!(l.rows == rows && l.rel_l2 > 0.0 && l.worst_row_rel <= REL_TOL, "{preset} {format}: {l:?}");
+            }
+            assert!(compare_logits(&logits, &want_logits, cfg.vocab, TIE_GAP).worst_row_rel <= REL_TOL);
+            // Off again: a forward copies nothing and reading is refused.
+            m.set_layer_capture(false).unwrap();
+            m.forward_full(&s).unwrap();
+            assert!(m.layer_hidden().is_err());
         }
     }
 }
