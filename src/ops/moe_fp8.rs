@@ -19,7 +19,7 @@ use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{DTensor, Gpu};
 use crate::ops::gemm_fp8::Fp8Weight;
 use crate::ops::moe::{self, Combine, MoeGemmVariant, MoeWorkspace};
-use crate::quant::{Fp8Matrix, ScaleLayout, WeightFormat};
+use crate::quant::{quantize_experts_bf16, ScaleLayout, WeightFormat};
 
 const GEMM_THREADS: u32 = 256; // THREADS in kernels/fp8_tile.cuh
 const REF_THREADS: u32 = 128; // REF_THREADS in moe_gemm_fp8.cu
@@ -51,7 +51,7 @@ impl Fp8Experts {
     /// expert on the host (`Fp8Matrix::quantize_bf16`, channel scales; a NaN or ±∞ weight is
     /// refused naming the tensor, the expert and the element) and uploads it.
     pub fn upload(gpu: &Gpu, name: &str, w: &[bf16], dims: [usize; 3]) -> Result<Self> {
-        let m = quantize_host(name, w, dims)?;
+        let m = quantize_experts_bf16(name, w, dims)?;
         Self::from_host(gpu, dims, &m.0, &m.1)
     }
 
@@ -83,22 +83,6 @@ impl Fp8Experts {
     pub fn to_host(&self, gpu: &Gpu) -> Result<(Vec<u8>, Vec<f32>)> {
         Ok((self.q.to_host(gpu)?, self.scales.to_host(gpu)?))
     }
-}
-
-/// Channel quantisation of an `[E, n, k]` bf16 expert weight, expert by expert: codes
-/// `[E, n, k]` and scales `[E, n]`. Errors name `name`, the expert and the element.
-pub fn quantize_host(name: &str, w: &[bf16], dims: [usize; 3]) -> Result<(Vec<u8>, Vec<f32>)> {
-    let [e, n, k] = dims;
-    if e == 0 || n == 0 || k == 0 || w.len() != e * n * k {
-        return Err(Error::weights(name, format!("{} values is not a nonzero [{e}, {n}, {k}] expert stack", w.len())));
-    }
-    let (mut q, mut s) = (Vec::with_capacity(e * n * k), Vec::with_capacity(e * n));
-    for (i, we) in w.chunks(n * k).enumerate() {
-        let m = Fp8Matrix::quantize_bf16(&format!("{name} expert {i}"), we, n, k, ScaleLayout::Channel)?;
-        q.extend_from_slice(&m.q);
-        s.extend_from_slice(&m.scales);
-    }
-    Ok((q, s))
 }
 
 /// An expert weight stack on the device in either format.
@@ -356,6 +340,7 @@ pub fn moe_down_combine_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::Fp8Matrix;
 
     #[test]
     fn params_match_the_c_layout_and_kernels_fit_two_blocks_per_sm() {
@@ -381,7 +366,7 @@ mod tests {
         let nd = Normal::new(0.0f32, 1.0).unwrap();
         // Experts at very different magnitudes: each gets its own channel scales.
         let w: Vec<bf16> = (0..e * n * k).map(|i| bf16::from_f32(nd.sample(&mut rng) * 10f32.powi((i / (n * k)) as i32 - 1))).collect();
-        let (q, s) = quantize_host("layer 2 experts gate|up", &w, [e, n, k]).unwrap();
+        let (q, s) = quantize_experts_bf16("layer 2 experts gate|up", &w, [e, n, k]).unwrap();
         assert_eq!((q.len(), s.len()), (e * n * k, e * n));
         // The [E·n, k] stack quantised as one channel-scaled matrix gives the same codes and scales.
         let whole = Fp8Matrix::quantize_bf16("stack", &w, e * n, k, ScaleLayout::Channel).unwrap();
@@ -393,9 +378,9 @@ mod tests {
         }
         let mut bad = w.clone();
         bad[2 * n * k + k + 3] = bf16::NAN;
-        let err = quantize_host("layer 2 experts gate|up", &bad, [e, n, k]).unwrap_err().to_string();
+        let err = quantize_experts_bf16("layer 2 experts gate|up", &bad, [e, n, k]).unwrap_err().to_string();
         assert!(err.contains("layer 2 experts gate|up expert 2") && err.contains("[1, 3]"), "{err}");
-        let err = quantize_host("layer 2 experts down", &w[1..], [e, n, k]).unwrap_err().to_string();
+        let err = quantize_experts_bf16("layer 2 experts down", &w[1..], [e, n, k]).unwrap_err().to_string();
         assert!(err.contains("layer 2 experts down") && err.contains("[3, 5, 32]"), "{err}");
         let err = block_refusal("layer 1 experts down").to_string();
         assert!(err.contains("layer 1 experts down") && err.contains("fp8-block"), "{err}");
