@@ -1,7 +1,7 @@
 //! MoE layers on the GPU (LLaDA-MoE, LLaDA2): a layer's experts on the device ([`GpuMoe`]),
 //! the preallocated routing state ([`MoeState`]); `GpuModel::run` runs the FFN of a layer:
-//! router GEMM (f32 logits) → `ops::moe::moe_route` (LLaDA-MoE: softmax top-k; LLaDA2: sigmoid
-//! + `expert_bias` group-limited top-k, scaled) → grouped gate|up with SwiGLU → grouped down
+//! router GEMM (f32 logits) → `ops::moe::moe_route` (LLaDA-MoE: softmax top-k; LLaDA2:
+//! sigmoid plus `expert_bias` group-limited top-k, scaled) → grouped gate|up with SwiGLU → grouped down
 //! with the weighted combine into `out`. LLaDA2's shared expert runs first as a dense SwiGLU
 //! into `out`, and the combine adds the routed sum to it. Every step stays on the device (no
 //! host sync, no allocation), so a forward with MoE layers is captured in a CUDA graph like a

@@ -12,7 +12,6 @@ mod common;
 mod gemm;
 mod model;
 mod moe;
-#[allow(dead_code)]
 #[path = "../common/moe_rows.rs"]
 mod moe_rows;
 mod w8a8;

@@ -140,7 +140,8 @@ fn check_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32, max_
     let mut inexact = 0usize;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         inexact += (g.to_bits() != w.to_bits()) as usize;
-        if !((g - w).abs() <= atol + rtol * w.abs()) {
+        let close = (g - w).abs() <= atol + rtol * w.abs(); // false for NaN
+        if !close {
             bad.push((i, g, w));
         }
     }
