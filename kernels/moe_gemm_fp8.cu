@@ -197,11 +197,13 @@ __device__ __forceinline__ void grouped_fp8_body(const MoeFp8Params& p) {
     }
 }
 
-// The value of E4M3 code `b` as f32: its bits placed in a bf16 read as q · 2^-120 (as
-// dequant4), times 2^120 (exact).
+// The value of E4M3 code `b` as f32, decoded field by field (exact, no subnormal f32
+// arithmetic): normal (8 + m) · 2^(e − 10), subnormal m · 2^−9. NaN codes never occur (the
+// quantisers and the checkpoint loader refuse them).
 __device__ __forceinline__ float e4m3_value(uint8_t b) {
-    const uint32_t bits = ((uint32_t)(b & 0x80) << 8) | ((uint32_t)(b & 0x7F) << 4);
-    return __uint_as_float(bits << 16) * 0x1p120f;
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float v = e ? ldexpf((float)(8 + m), e - 10) : ldexpf((float)m, -9);
+    return (b & 0x80) ? -v : v;
 }
 
 }  // namespace

@@ -59,7 +59,10 @@ fn moe_fake_quant_quantises_experts_per_expert_and_keeps_the_router() {
         let got = CpuModel::new(&q).unwrap().forward_full(&seqs).unwrap();
         let c = compare_logits(&got, &want, cfg.vocab, 0.05);
         println!("{preset}: FP8 (experts included) vs bf16 on the CPU: logits rel L2 {:.4}, top-1 {:.1} %", c.rel_l2, 100.0 * c.agreement());
-        assert!(c.rel_l2 > 0.0 && c.rel_l2 < 0.12 && c.agreement() >= 0.8, "{preset}: {c:?}");
+        // Measured: tiny-llada-moe 3.3 %, 93.8 %; tiny-llada2 10.0 %, 91.3 % (its sigmoid group
+        // routing flips rows: most of that error comes from the attention / shared / dense
+        // layers moving the router's input, not from the experts).
+        assert!(c.rel_l2 > 0.0 && c.rel_l2 < 0.15 && c.agreement() >= 0.8, "{preset}: {c:?}");
     }
 }
 

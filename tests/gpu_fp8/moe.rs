@@ -316,10 +316,13 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
             if rows <= 64 {
                 moe_rows::check_rows(&format!("{preset} FP8 {rows} rows vs CPU FP8 model"), &got, &want, cfg.vocab);
             } else {
-                // W8A8 quantises the activations of the dense linears too (tests/gpu_fp8/model.rs).
+                // W8A8 quantises the activations of the attention / shared / dense linears too
+                // (tests/gpu_fp8/model.rs), which moves routing: fidelity bounds, not parity. On
+                // the CPU, FP8 weights alone move tiny-llada2's logits by 16 % rel L2 (random
+                // weights: its sigmoid group routing flips many rows), tiny-llada-moe's by 4 %.
                 let c = compare_logits(&got, &want, cfg.vocab, 0.05);
                 println!("{preset} FP8 {rows} rows vs CPU FP8 model: rel L2 {:.4}, top-1 {:.1} %", c.rel_l2, 100.0 * c.agreement());
-                assert!(c.rel_l2 < 0.15 && c.agreement() >= 0.85, "{preset} {rows} rows: {c:?}");
+                assert!(c.rel_l2 < 0.25 && c.agreement() >= 0.85, "{preset} {rows} rows: {c:?}");
             }
             // Grouped vs reference FP8 expert kernels: same roundings, other summation order.
             m.moe_variant = MoeGemmVariant::Reference;
@@ -335,7 +338,9 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
                 f.worst_row_rel,
                 100.0 * f.agreement()
             );
-            assert!(f.rel_l2 < 0.15 && f.agreement() >= 0.8, "{preset}: {f:?}");
+            // CPU f32, the same weights and rows: tiny-llada-moe 3.7-5.0 % rel L2, top-1 98-99 %;
+            // tiny-llada2 16.2 %, 91.6 %.
+            assert!(f.rel_l2 < 0.25 && f.agreement() >= 0.85, "{preset}: {f:?}");
         }
     }
 }
