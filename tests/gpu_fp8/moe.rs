@@ -15,6 +15,9 @@
 //!   weights (experts, shared expert, dense layers; router bf16) against the f32 CPU forward of
 //!   the same FP8 model (`fp8_fidelity::fake_quant`), row by row as tests/gpu_moe_model.rs
 //!   (the bf16 router's near-tie flips allowed), and against the GPU bf16 forward (fidelity);
+//! - `fp8_moe_decode_completes_and_is_deterministic`: batched engine decodes (dual cache for
+//!   tiny-llada-moe, block cache for tiny-llada2, CUDA graphs on) commit every slot and repeat
+//!   bit for bit; `fp8_moe_forwards_allocate_no_device_memory`: no allocation per forward;
 //! - `fp8_moe_synthetic_weights_run`: the tiny and real architectures synthesised in FP8 on the
 //!   device (exactly the bytes FP8 saves against bf16, a finite 64-row forward), and
 //!   `fp8-block` refused by name.
@@ -362,5 +365,64 @@ fn fp8_moe_synthetic_weights_run() {
         let s = moe_rows::seqs(cfg.vocab.min(cfg.mask_id as usize), &[32, 32], 3);
         let logits = m.forward_full(&s).unwrap();
         assert!(logits.iter().all(|v| v.is_finite()) && logits.iter().any(|&v| v != 0.0), "{preset}: bad logits");
+    }
+}
+
+/// Batched decodes with FP8 MoE weights through the engine (CUDA graphs on): tiny-llada-moe
+/// with the dual cache, tiny-llada2 with its block cache; every slot committed, and the same
+/// batch twice gives the same tokens.
+#[test]
+fn fp8_moe_decode_completes_and_is_deterministic() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for (preset, cache, block, policy) in [("tiny-llada-moe", "dual", 8u32, "schedule:4"), ("tiny-llada2", "block", 32, "schedule:8")] {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let hw = crate::common::sharp_weights(&cfg, 9);
+        let opts = demask::engine::EngineOptions { max_batch: 3, max_rows: 3 * 160, ..Default::default() };
+        let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+        let mut e = demask::engine::Engine::on_gpu(gpu.clone(), cfg.clone(), w, None, &opts).unwrap();
+        let reqs: Vec<_> = [(9usize, 1u64), (40, 2), (3, 3)]
+            .iter()
+            .map(|&(n, sd)| crate::common::req(&demask::bench::synthetic_tokens(n, 400, sd), 64, block, policy, cache))
+            .collect();
+        let batch = e.generate(&reqs).unwrap();
+        let again = e.generate(&reqs).unwrap();
+        for (i, out) in batch.iter().enumerate() {
+            assert_eq!(again[i].tokens, out.tokens, "{preset}: request {i}: the same batch twice differs");
+            assert_eq!(out.tokens.len(), 64, "{preset}: request {i}");
+            assert!(out.tokens.iter().all(|&t| t != cfg.mask_id), "{preset}: request {i}: a slot stayed masked");
+        }
+        println!("{preset} FP8 {cache}: 3 requests decoded, {} steps for request 0", batch[0].steps);
+    }
+}
+
+/// After the first forwards of each shape, repeated FP8 MoE forwards of a 32-row decode step
+/// (W8A16 everywhere) and a 256-row full step (W8A8 for attention / shared / dense layers,
+/// grouped FP8 experts in 64-row tiles) leave the device's free memory unchanged.
+#[test]
+fn fp8_moe_forwards_allocate_no_device_memory() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for preset in ["tiny-llada-moe", "tiny-llada2"] {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let hw = demask::checkpoint::random_weights(&cfg, 2);
+        let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+        let cap = Capacity { rows: 256, logit_rows: 256, cache_rows: 256, seqs: 1 };
+        let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
+        let step = demask::bench::gpu::decode_batch(&cfg, 256, 32, 224, 1);
+        let full = demask::bench::gpu::decode_batch(&cfg, 256, 256, 0, 1);
+        for _ in 0..3 {
+            m.forward(&full).unwrap();
+            m.forward(&step).unwrap();
+        }
+        gpu.synchronize().unwrap();
+        let (free0, _) = gpu.mem_info().unwrap();
+        for _ in 0..10 {
+            m.forward(&full).unwrap();
+            m.forward(&step).unwrap();
+        }
+        gpu.synchronize().unwrap();
+        let (free1, _) = gpu.mem_info().unwrap();
+        assert_eq!(free0, free1, "{preset}: device memory changed across FP8 forwards");
     }
 }
