@@ -3,7 +3,9 @@
 //! sigmoid group-limited router) shapes, t = 32 (one decode block) and 256 rows:
 //! `moe_route/f32/{model}/{t}x{E}`, `moe_gate_up_swiglu/bf16/{variant}/{model}/{t}x{E}x{2·ffn}x{hidden}`,
 //! `moe_down_combine/bf16/{variant}/{model}/{t}x{E}x{hidden}x{ffn}` (the reference variant at
-//! t = 32 of LLaDA-MoE only: one thread per output is slow). Device time per call from CUDA
+//! t = 32 of LLaDA-MoE only: one thread per output is slow), and the FP8 expert kernels
+//! (`ops::moe_fp8`, grouped): `moe_gate_up_swiglu/fp8/grouped/...`, `moe_down_combine/fp8/grouped/...`
+//! (bytes: one per expert weight plus the channel scales). Device time per call from CUDA
 //! events (`iter_custom`); `Throughput::Bytes` counts the weights of the experts the routing
 //! really touched (read once) plus activations read and written, and after each bench one
 //! line gives GB/s as a share of the measured copy rate. One layer's experts exceed the 50 MB
@@ -20,7 +22,8 @@ use rand_distr::{Distribution, Normal};
 use demask::bench::{gpu::measure_ceilings, Ceilings};
 use demask::gpu::{DTensor, Gpu, Timer};
 use demask::ops::fill::fill_normal;
-use demask::ops::moe::{moe_down_combine, moe_gate_up_swiglu, moe_route, MoeGemmVariant, MoeWorkspace, RouteScoring};
+use demask::ops::moe::{moe_down_combine, moe_gate_up_swiglu, moe_route, Combine, MoeGemmVariant, MoeWorkspace, RouteScoring};
+use demask::ops::moe_fp8::{moe_down_combine_fp8_as, moe_gate_up_swiglu_fp8, Fp8Experts};
 use demask::Result;
 
 const ROWS: [usize; 2] = [32, 256];
@@ -104,6 +107,13 @@ fn bench_shape(c: &mut Criterion, env: &mut Env, s: &Shape) -> Result<()> {
     fill_normal(&gpu, &mut w_gate_up, 3, 0.0, 0.02)?;
     let mut w_down = gpu.alloc::<bf16>(&[e, h, f])?;
     fill_normal(&gpu, &mut w_down, 4, 0.0, 0.02)?;
+    // The same weights in FP8 (per-expert channel scales, quantised on the device).
+    let fp8 = |seed: u64, dims: [usize; 3]| -> Result<Fp8Experts> {
+        let mut w = gpu.alloc::<bf16>(&dims)?;
+        fill_normal(&gpu, &mut w, seed, 0.0, 0.02)?;
+        Fp8Experts::quantize(&gpu, w)
+    };
+    let (q_gate_up, q_down) = (fp8(3, [e, 2 * f, h])?, fp8(4, [e, h, f])?);
     let mut out: DTensor<bf16> = gpu.alloc(&[t_max, h])?;
     let mut ws = MoeWorkspace::new(&gpu, t_max, e, k, h, f)?;
     eprintln!("  [{}] workspace {:.1} MB for {t_max} rows", s.name, ws.bytes() as f64 / 1e6);
@@ -140,6 +150,16 @@ fn bench_shape(c: &mut Criterion, env: &mut Env, s: &Shape) -> Result<()> {
                 moe_down_combine(&gpu, variant, &mut ws, t, &w_down, &mut out)
             });
         }
+        // FP8 experts: one byte per weight plus a 4-byte scale per expert row.
+        let g = MoeGemmVariant::Grouped;
+        let gu8 = gu_bytes - (touched * 2 * f * h) as f64 + (touched * 2 * f * 4) as f64;
+        let down8 = down_bytes - (touched * h * f) as f64 + (touched * h * 4) as f64;
+        let id = format!("fp8/{g}/{}/{t}x{e}x{}x{h}", s.name, 2 * f);
+        env.bench(c, "moe_gate_up_swiglu", &id, gu8, gu_flops, || moe_gate_up_swiglu_fp8(&gpu, g, &mut ws, t, &x, &q_gate_up));
+        let id = format!("fp8/{g}/{}/{t}x{e}x{h}x{f}", s.name);
+        env.bench(c, "moe_down_combine", &id, down8, down_flops, || {
+            moe_down_combine_fp8_as(&gpu, g, &mut ws, t, &q_down, Combine::Write, &mut out)
+        });
     }
     Ok(())
 }

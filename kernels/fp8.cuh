@@ -1,12 +1,13 @@
-// Shared pieces of the W8A16 skinny GEMMs (kernels/gemm_fp8.cu: mma.sync; kernels/gemm_fp8_wgmma.cu:
-// sm_90a warpgroup MMA): the parameter block, the E4M3 → bf16 register dequantisation, the
-// per-stage block-scale multiplier and the epilogue (k-group sum, channel scale, bias, SwiGLU,
-// cluster split-K reduction). Nothing here is a kernel.
+// The skinny W8A16 GEMMs' own pieces on top of kernels/fp8_tile.cuh (the tile, copies and
+// E4M3 → bf16 dequantisation shared with the grouped expert kernels): the parameter block, the
+// W row map, the per-stage block-scale multiplier and the epilogue (k-group sum, channel scale,
+// bias, SwiGLU, cluster split-K reduction). Used by kernels/gemm_fp8.cu (mma.sync) and
+// kernels/gemm_fp8_wgmma.cu (sm_90a warpgroup MMA). Nothing here is a kernel.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
-#include "common.cuh"
+#include "fp8_tile.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -24,46 +25,7 @@ struct Fp8SkinnyParams {
     int block_scales;  // 0: channel scales, 1: 128×128 block scales
 };
 
-namespace fp8 {
-
-constexpr int BN = 128;  // W rows per block
-constexpr int BK = 128;  // k columns per stage
-constexpr int THREADS = 256;
-constexpr uint32_t TWO_POW_120_X2 = 0x7B807B80u;  // bf16x2 {2^120, 2^120}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// W streams with a 256-byte L2 prefetch and no L2 cache-policy hint: with the bf16 kernel's
-// `L2::cache_hint` (an evict_first policy) ptxas 13.0 encoded this kernel's main-loop W copies
-// as `LDGSTS [R+UR0], desc[UR1]`, which the H100 rejects as an illegal instruction
-// (compute-sanitizer: CUDA_ERROR_ILLEGAL_INSTRUCTION in load_w; found 2026-12-06).
-__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Codes b0..b3 of `w` (byte 0 first) → bf16x2 {b0, b1} (lo) and {b2, b3} (hi), each value
-// q · mult / 2^120. The bf16 bit pattern sign | (e4m3 & 0x7F) << 4 is q · 2^-120 for every
-// code (normal or subnormal); the FMA with -0 as addend is an exact-or-rounded product.
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-    return d;
-}
-__device__ __forceinline__ void dequant4(uint32_t w, uint32_t mult, uint32_t& lo, uint32_t& hi) {
-    const uint32_t a = __byte_perm(w, 0, 0x1404);  // bytes [0, b0, 0, b1]
-    const uint32_t b = __byte_perm(w, 0, 0x3424);  // bytes [0, b2, 0, b3]
-    lo = bf16x2_mul((a & 0x80008000u) | ((a >> 4) & 0x07F007F0u), mult);
-    hi = bf16x2_mul((b & 0x80008000u) | ((b >> 4) & 0x07F007F0u), mult);
-}
+namespace {
 
 // Global W row of the block's local row `r` (SWIGLU: rows 0..63 are gate rows 64·b + r, rows
 // 64..127 the matching up rows + n/2); `ok` is false past the end.
@@ -160,4 +122,4 @@ __device__ __forceinline__ void fp8_finish(const Fp8SkinnyParams& p, float* red,
 #endif
 }
 
-}  // namespace fp8
+}  // namespace

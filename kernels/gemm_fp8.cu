@@ -29,35 +29,6 @@
 
 namespace {
 
-using namespace fp8;
-
-// The 8 warps form MG m-groups × KG k-groups as in the bf16 kernel: warp w owns m-tiles
-// [(w % MG)·MTW, +MTW) and, of each stage's 4 k-pairs (32 columns each), [(w / MG)·KPW, +KPW).
-template <int NT>
-struct Tile8 {
-    static constexpr int TP = 8 * NT;
-    static constexpr int STAGES = NT == 8 ? 3 : (NT == 4 ? 4 : 5);
-    static constexpr int W_BYTES = BN * BK;
-    static constexpr int STAGE_BYTES = W_BYTES + TP * BK * 2;
-    static constexpr int SMEM = STAGES * STAGE_BYTES;
-    static constexpr int MG = NT >= 4 ? 4 : 2;
-    static constexpr int KG = 8 / MG;
-    static constexpr int MTW = BN / 16 / MG;
-    static constexpr int KPW = BK / 32 / KG;
-    static_assert(SMEM >= KG * TP * BN * 4, "the k-group reduction tile must fit the ring");
-};
-
-__device__ __forceinline__ int w_off(int r, int c) { return r * BK + ((c ^ ((r & 3) << 1)) << 4); }
-__device__ __forceinline__ int x_off(int r, int c) { return r * BK * 2 + ((c ^ ((r & 1) << 2)) << 4); }
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 template <bool SWIGLU>
 __device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1) {
     constexpr int CPR = BK / 16;  // 16-byte chunks per W row
@@ -88,65 +59,6 @@ __device__ __forceinline__ void load_x(const Fp8SkinnyParams& p, uint8_t* st, in
             const bool ok = r < p.t && gk < k1;
             const bf16* src = ok ? p.x + (size_t)r * p.k + gk : p.x;
             cp_async16(smem_u32(xs + x_off(r, c)), src, ok);
-        }
-    }
-}
-
-// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over its k-pairs.
-// Each W fragment is dequantised once per warp; of the two operand sets, the smaller one is
-// held in registers across the loop over the other (W for NT ≥ 4, X otherwise), which keeps
-// the kernels within 128 registers.
-template <int NT>
-__device__ __forceinline__ void mma_stage(const uint8_t* st, int warp, int lane, uint32_t mult,
-                                          float (&acc)[Tile8<NT>::MTW][NT][4]) {
-    using T = Tile8<NT>;
-    const uint8_t* xs = st + T::W_BYTES;
-    const int mg = warp % T::MG, kg = warp / T::MG;
-    const int g = lane >> 2, q = lane & 3;
-    // The W fragments of m-tile `mt` for both k-steps of k-pair `kp`: a[step][register].
-    auto load_a = [&](int kp, int mt, uint32_t (&a)[2][4]) {
-        const int r0 = 16 * (mg * T::MTW + mt) + g;
-        const int c = 2 * kp + (q >> 1), off = (q & 1) * 8;
-        const uint2 w0 = *reinterpret_cast<const uint2*>(st + w_off(r0, c) + off);
-        const uint2 w1 = *reinterpret_cast<const uint2*>(st + w_off(r0 + 8, c) + off);
-        dequant4(w0.x, mult, a[0][0], a[0][2]);
-        dequant4(w1.x, mult, a[0][1], a[0][3]);
-        dequant4(w0.y, mult, a[1][0], a[1][2]);
-        dequant4(w1.y, mult, a[1][1], a[1][3]);
-    };
-    auto load_x = [&](int kp, int j) {
-        return *reinterpret_cast<const uint4*>(xs + x_off(8 * j + g, 4 * kp + q));
-    };
-#pragma unroll 1
-    for (int kk = 0; kk < T::KPW; ++kk) {
-        const int kp = kg * T::KPW + kk;
-        if constexpr (T::MTW * 8 <= NT * 4) {
-            uint32_t a[T::MTW][2][4];
-#pragma unroll
-            for (int mt = 0; mt < T::MTW; ++mt) load_a(kp, mt, a[mt]);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const uint4 xv = load_x(kp, j);
-#pragma unroll
-                for (int mt = 0; mt < T::MTW; ++mt) {
-                    mma_bf16(acc[mt][j], a[mt][0], xv.x, xv.y);
-                    mma_bf16(acc[mt][j], a[mt][1], xv.z, xv.w);
-                }
-            }
-        } else {
-            uint4 xv[NT];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) xv[j] = load_x(kp, j);
-#pragma unroll
-            for (int mt = 0; mt < T::MTW; ++mt) {
-                uint32_t a[2][4];
-                load_a(kp, mt, a);
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    mma_bf16(acc[mt][j], a[0], xv[j].x, xv[j].y);
-                    mma_bf16(acc[mt][j], a[1], xv[j].z, xv[j].w);
-                }
-            }
         }
     }
 }

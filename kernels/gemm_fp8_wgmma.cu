@@ -40,8 +40,6 @@
 
 namespace {
 
-using namespace fp8;
-
 #ifdef DEMASK_WGMMA
 
 template <int NT>

@@ -396,8 +396,9 @@ pub fn step_roofline(
 }
 
 /// [`step_roofline`] with the linear layers' weights in `format`: FP8 counts one byte per
-/// linear weight plus its f32 scales (embedding, norms and LM head stay bf16, as
-/// `model::GpuWeights` keeps them). The compute floor takes the linear layers' FLOPs at the
+/// linear weight plus its f32 scales, MoE experts included (one byte per expert weight plus
+/// the per-expert channel scales, of the experts the step touches; the router, embedding,
+/// norms and LM head stay bf16, as `model::GpuWeights` keeps them). The compute floor takes the linear layers' FLOPs at the
 /// measured FP8 rate where they run W8A8 (channel scales, more than 64 rows,
 /// `Ceilings::fp8_tflops` measured); at ≤ 64 rows the W8A16 kernel multiplies in bf16.
 #[allow(clippy::too_many_arguments)]
@@ -432,40 +433,50 @@ pub fn step_roofline_as(
     let dense = 2.0 * rows * row_params + 2.0 * (logit_rows * batch) as f64 * cfg.vocab as f64 * h;
     let attn = 4.0 * rows * kv_len as f64 * cfg.q_dim() as f64 * cfg.n_layers as f64;
     let flops = dense + attn;
-    // The linear layers stored in `format` (`model::GpuLayer::linears`): q|k|v and o of every
-    // layer and the dense FFNs; experts, router and shared expert stay bf16.
+    // The weights stored in `format` (`model::GpuLayer::linears` and `experts`): q|k|v and o of
+    // every layer, the dense FFNs, LLaDA2's shared expert and every routed expert (the router
+    // stays bf16). The experts run the W8A16 grouped kernels at any row count (bf16 MMA), the
+    // others W8A8 above 64 rows.
     let dense_ffn_layers = (0..cfg.n_layers).filter(|&i| !cfg.is_moe_layer(i)).count() as f64;
+    let moe_layers = cfg.n_layers as f64 - dense_ffn_layers;
     let df = cfg.dense_ffn();
-    let linear_params = attn_params * cfg.n_layers as f64 + dense_ffn_layers * 3.0 * h * df as f64;
+    let sf = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
+    let n_experts = cfg.moe.as_ref().map_or(0, |m| m.n_experts) as f64;
+    let linear_params = attn_params * cfg.n_layers as f64
+        + dense_ffn_layers * 3.0 * h * df as f64
+        + moe_layers * 3.0 * h * sf as f64;
+    let expert_params = moe_layers * n_experts * 3.0 * h * cfg.ffn as f64;
     // FP8 with channel scales above 64 rows runs the linear layers on the W8A8 path: their
-    // FLOPs at the measured FP8 rate, the rest (LM head, attention) at the bf16 rate.
+    // FLOPs at the measured FP8 rate, the rest (experts, LM head, attention) at the bf16 rate.
     let linear_flops = 2.0 * rows * linear_params;
     let fp8_rate = match (format, c.fp8_tflops) {
         (WeightFormat::Fp8(crate::quant::ScaleLayout::Channel), Some(r)) if rows > 64.0 => Some(r),
         _ => None,
     };
     // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.
-    let scale_bytes = match format {
-        WeightFormat::Bf16 => 0.0,
+    // Scale bytes of the experts are per expert (one f32 per output channel of each).
+    let (scale_bytes, expert_scale_bytes) = match format {
+        WeightFormat::Bf16 => (0.0, 0.0),
         WeightFormat::Fp8(layout) => {
             let count = |shapes: &[(usize, usize)]| shapes.iter().map(|&(n, k)| layout.count(n, k) as f64).sum::<f64>();
             let attn = count(&[(cfg.qkv_dim(), cfg.hidden), (cfg.hidden, cfg.q_dim())]);
             let ffn = count(&[(2 * df, cfg.hidden), (cfg.hidden, df)]);
-            4.0 * (cfg.n_layers as f64 * attn + dense_ffn_layers * ffn)
+            let shared = if sf > 0 { count(&[(2 * sf, cfg.hidden), (cfg.hidden, sf)]) } else { 0.0 };
+            let experts = moe_layers * n_experts * count(&[(2 * cfg.ffn, cfg.hidden), (cfg.hidden, cfg.ffn)]);
+            (4.0 * (cfg.n_layers as f64 * attn + dense_ffn_layers * ffn + moe_layers * shared), 4.0 * experts)
         }
     };
-    let saved = linear_params * (2.0 - format.bytes_per_weight() as f64);
+    let saved = (linear_params + expert_params) * (2.0 - format.bytes_per_weight() as f64);
     // MoE: only the experts the step's rows select are read: the measured fraction, or under
     // uniform routing the expectation 1 − (1 − k/E)^rows (32 random rows of LLaDA-MoE:
     // 98.6 %; a decode block of mask rows routes alike and touches far fewer).
     let untouched_expert_bytes = cfg.moe.as_ref().map_or(0.0, |m| {
-        let moe_layers = cfg.n_layers - cfg.llada2.as_ref().map_or(0, |l| l.first_k_dense);
-        let all = moe_layers as f64 * m.n_experts as f64 * 3.0 * h * cfg.ffn as f64 * 2.0;
+        let all = expert_params * format.bytes_per_weight() as f64 + expert_scale_bytes;
         let touched = touched.unwrap_or_else(|| 1.0 - (1.0 - m.top_k as f64 / m.n_experts as f64).powf(rows));
         all * (1.0 - touched.clamp(0.0, 1.0))
     });
-    let weight_bytes =
-        cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes - untouched_expert_bytes;
+    let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes + expert_scale_bytes
+        - untouched_expert_bytes;
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
     let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
     let bytes = weight_bytes + kv_bytes + logit_bytes;
@@ -557,137 +568,5 @@ pub fn run_decode(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn h100() -> Ceilings {
-        // docs/bench.md's measured H100 ceilings.
-        Ceilings {
-            device: "H100".into(),
-            sm_count: 132,
-            copy_gbps: 3030.0,
-            gemm_tflops: 796.0,
-            fp8_tflops: Some(1500.0),
-            fp8_path: Some("split-scale"),
-        }
-    }
-
-    #[test]
-    fn w1_dual_step_floor_is_the_weight_read() {
-        let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let r = step_roofline(&cfg, 1, 32.0, 512, 32, None, &h100());
-        assert_eq!(r.bound, "memory");
-        // docs/bench.md: 16.03 GB of weights at ~3.08 TB/s ≈ 5.2 ms.
-        assert!((5.0..5.5).contains(&r.floor_ms), "{}", r.floor_ms);
-    }
-
-    #[test]
-    fn fp8_w1_floor_counts_one_byte_per_linear_weight() {
-        use crate::quant::ScaleLayout;
-        let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let bf = step_roofline(&cfg, 1, 32.0, 512, 32, None, &h100());
-        let f8 = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 1, 32.0, 512, 32, None, &h100());
-        let fb = step_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 1, 32.0, 512, 32, None, &h100());
-        // 32 layers × 218.1 M linear weights save one byte each; per-channel scales add
-        // 4 B × 32 × (12288 + 4096 + 24576 + 4096) rows, block scales far less.
-        let linear = 32.0 * (4096.0 * 12288.0 + 4096.0 * 4096.0 + 3.0 * 4096.0 * 12288.0);
-        let ch_scales = 4.0 * 32.0 * (12288.0 + 4096.0 + 24576.0 + 4096.0);
-        assert!((bf.bytes - f8.bytes - (linear - ch_scales)).abs() < 1.0, "{} {}", bf.bytes, f8.bytes);
-        assert!(fb.bytes < f8.bytes);
-        // docs/bench.md: ≈ 8.0 GB of FP8 weights (LM head bf16), a batch-1 step ≈ 2.6-2.7 ms.
-        assert_eq!(f8.bound, "memory");
-        assert!((2.55..2.8).contains(&f8.floor_ms), "{}", f8.floor_ms);
-        eprintln!("W1 dual floor: bf16 {:.3} ms ({:.3} GB), fp8 {:.3} ms ({:.3} GB)", bf.floor_ms, bf.bytes / 1e9, f8.floor_ms, f8.bytes / 1e9);
-        assert_eq!(f8.flops, bf.flops);
-        // W4 (512 rows) is compute-bound: the linear layers at the FP8 rate lower the floor;
-        // block scales (no W8A8 path) or no measured FP8 rate keep the bf16 one.
-        let w4 = forward_roofline(&cfg, 512, 1, &h100());
-        let w4f = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 512, 1, &h100());
-        let w4b = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Block128), 512, 1, &h100());
-        let no_fp8 = Ceilings { fp8_tflops: None, ..h100() };
-        let w4n = forward_roofline_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), 512, 1, &no_fp8);
-        assert!(w4f.floor_ms < 0.6 * w4.floor_ms, "{} vs {}", w4f.floor_ms, w4.floor_ms);
-        assert_eq!((w4b.floor_ms, w4n.floor_ms), (w4.floor_ms, w4.floor_ms));
-    }
-
-    #[test]
-    fn op_work_counts_the_linear_layers_as_stored() {
-        use crate::quant::ScaleLayout;
-        let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let (len, batch, live) = (512, 1, 32);
-        let get = |w: &[(&'static str, f64, f64)], name: &str| w.iter().find(|x| x.0 == name).map(|x| (x.1, x.2)).unwrap();
-        let bf = forward_op_work(&cfg, len, batch, live);
-        assert_eq!(bf, forward_op_work_as(&cfg, WeightFormat::Bf16, len, batch, live));
-        let (l, t) = (32.0, 32.0);
-        // bf16 q|k|v: 2 B per weight, x in (32 × 4096 bf16), q|k|v out (32 × 12288 bf16).
-        let qkv_bf = l * (2.0 * 12288.0 * 4096.0 + 2.0 * t * 4096.0 + 2.0 * t * 12288.0);
-        assert_eq!(get(&bf, "gemm_qkv").1, qkv_bf);
-        for (layout, scales) in [
-            // one f32 per output channel / per 128 × 128 block
-            (ScaleLayout::Channel, [12288.0, 4096.0, 24576.0, 4096.0]),
-            (ScaleLayout::Block128, [96.0 * 32.0, 32.0 * 32.0, 192.0 * 32.0, 32.0 * 96.0]),
-        ] {
-            let f8 = forward_op_work_as(&cfg, WeightFormat::Fp8(layout), len, batch, live);
-            // The same FLOPs everywhere; bytes differ only in the linear layers' weights.
-            for (a, b) in bf.iter().zip(&f8) {
-                assert_eq!((a.0, a.1), (b.0, b.1));
-            }
-            let shapes = [("gemm_qkv", 12288.0 * 4096.0), ("gemm_o", 4096.0 * 4096.0), ("gemm_gate_up", 24576.0 * 4096.0), ("gemm_down", 4096.0 * 12288.0)];
-            for ((name, nk), s) in shapes.into_iter().zip(scales) {
-                // bf16 → FP8: one byte saved per weight, 4 bytes per scale added, every layer.
-                let saved = get(&bf, name).1 - get(&f8, name).1;
-                assert_eq!(saved, l * (nk - 4.0 * s), "{layout:?} {name}");
-            }
-            assert_eq!(get(&f8, "gemm_gate_up+swiglu").1, get(&f8, "gemm_gate_up").1 - l * t * 12288.0 * 2.0);
-            for name in ["gemm_lm_head", "attention", "embed", "swiglu", "add_rmsnorm", "rope_kv_store"] {
-                assert_eq!(get(&bf, name), get(&f8, name), "{layout:?} {name}");
-            }
-        }
-        // A W1 step's linear layers in FP8: 6.98 GB of weights (13.96 GB in bf16), 5.6 MB of
-        // channel scales, 0.14 GB of bf16 activations in and out.
-        let f8 = forward_op_work_as(&cfg, WeightFormat::Fp8(ScaleLayout::Channel), len, batch, live);
-        let w: f64 = ["gemm_qkv", "gemm_o", "gemm_gate_up", "gemm_down"].iter().map(|n| get(&f8, n).1).sum();
-        let want = 6.98e9 + 5.6e6 + 0.141e9;
-        assert!((w - want).abs() < 0.005e9, "{w}");
-    }
-
-    #[test]
-    fn w4_floor_is_compute_bound() {
-        let cfg = ModelConfig::preset("llada-8b").unwrap();
-        let r = forward_roofline(&cfg, 512, 1, &h100());
-        assert_eq!(r.bound, "compute");
-        // 2·512·(6.98e9 layer + 0.52e9 LM head params) + attention 0.14 TFLOP ≈ 7.8 TFLOP.
-        assert!((7.6e12..8.0e12).contains(&r.flops), "{}", r.flops);
-        assert!((9.5..10.2).contains(&r.floor_ms), "{}", r.floor_ms);
-    }
-
-    #[test]
-    fn moe_floor_counts_the_experts_a_step_touches() {
-        let cfg = ModelConfig::preset("llada-moe-7b").unwrap();
-        let m = cfg.moe.as_ref().unwrap();
-        let h = cfg.hidden as f64;
-        let all_experts = cfg.n_layers as f64 * m.n_experts as f64 * 3.0 * h * cfg.ffn as f64 * 2.0;
-        let rest = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - all_experts;
-        let c = h100();
-        // Batch 1, 32 rows: each expert is missed with probability (56/64)^32 ≈ 1.4 %.
-        let r1 = step_roofline(&cfg, 1, 32.0, 512, 32, None, &c);
-        let kv_logits = r1.bytes - rest - all_experts * (1.0 - (56.0f64 / 64.0).powi(32));
-        assert!(kv_logits.abs() < 0.05 * r1.bytes, "{} of {}", kv_logits, r1.bytes);
-        assert!(r1.bytes < rest + all_experts + 0.2e9, "{}", r1.bytes);
-        // One row touches 8 of 64 experts: the floor is far below the all-experts read.
-        let r0 = step_roofline(&cfg, 1, 1.0, 512, 1, None, &c);
-        assert!(r0.bytes < rest + 0.2 * all_experts, "{} vs {}", r0.bytes, rest + all_experts);
-        // Batch 32: every expert is touched.
-        let r32 = step_roofline(&cfg, 32, 32.0, 512, 32, None, &c);
-        assert!(r32.bytes > rest + 0.999 * all_experts, "{}", r32.bytes);
-        // A measured fraction replaces the estimate.
-        let rm = step_roofline(&cfg, 1, 32.0, 512, 32, Some(0.25), &c);
-        assert!((rm.bytes - (r1.bytes - all_experts * (0.986 - 0.25))).abs() < 0.01 * rm.bytes, "{}", rm.bytes);
-    }
-
-    #[test]
-    fn stats_median_and_mean() {
-        let s = Stats::of(&[3.0, 1.0, 2.0, 10.0]);
-        assert_eq!((s.median_ms, s.mean_ms, s.min_ms, s.max_ms, s.samples), (2.5, 4.0, 1.0, 10.0, 4));
-    }
-}
+#[path = "bench_tests.rs"]
+mod tests;

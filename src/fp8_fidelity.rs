@@ -39,36 +39,48 @@ pub fn fake_quant(w: &HostWeights, layout: ScaleLayout) -> Result<(HostWeights, 
 /// behind keeping it bf16, docs/fp8.md; its error is reported as layer `n_layers`).
 pub fn fake_quant_with(w: &HostWeights, layout: ScaleLayout, lm_head: bool) -> Result<(HostWeights, Vec<WeightError>)> {
     let cfg = &w.cfg;
-    if cfg.moe.is_some() {
-        let arch = if cfg.llada2.is_some() { "LLaDA2" } else { "LLaDA-MoE" };
+    let (h, q, qkv, df) = (cfg.hidden, cfg.q_dim(), cfg.qkv_dim(), cfg.dense_ffn());
+    let arch = if cfg.llada2.is_some() { "LLaDA2" } else { "LLaDA-MoE" };
+    if cfg.moe.is_some() && layout != ScaleLayout::Channel {
         return Err(crate::error::Error::bad_input(format!(
-            "FP8 fidelity covers the dense models only ({arch} has no FP8 expert path yet)"
+            "FP8 with {} scales: {arch}'s FP8 expert kernels take per-channel scales only",
+            layout.name()
         )));
     }
-    let (h, q, qkv, ffn) = (cfg.hidden, cfg.q_dim(), cfg.qkv_dim(), cfg.ffn);
     let mut out = w.clone();
     let mut errs = Vec::new();
+    let rel = |(num, den): (f64, f64)| (num / den.max(f64::MIN_POSITIVE)).sqrt();
     for (i, l) in out.layers.iter_mut().enumerate() {
-        let parts: [(&'static str, &mut Vec<bf16>, usize, usize); 4] = [
-            ("q|k|v projection", &mut l.wqkv, qkv, h),
-            ("o projection", &mut l.wo, h, q),
-            ("gate|up projection", &mut l.w_gate_up, 2 * ffn, h),
-            ("down projection", &mut l.w_down, h, ffn),
-        ];
+        let mut parts: Vec<(&'static str, &mut Vec<bf16>, usize, usize)> =
+            vec![("q|k|v projection", &mut l.wqkv, qkv, h), ("o projection", &mut l.wo, h, q)];
+        if !cfg.is_moe_layer(i) {
+            parts.push(("gate|up projection", &mut l.w_gate_up, 2 * df, h));
+            parts.push(("down projection", &mut l.w_down, h, df));
+        }
         for (name, t, n, k) in parts {
-            let m = Fp8Matrix::quantize_bf16(&format!("layer {i} {name}"), t, n, k, layout)?;
-            let (ops, post) = m.mma_operands();
+            errs.push(WeightError { layer: i, name, rel_err: rel(fake_matrix(&format!("layer {i} {name}"), t, n, k, layout)?) });
+        }
+        let Some(m) = l.moe.as_mut().filter(|_| cfg.is_moe_layer(i)) else { continue };
+        // Routed experts: each expert's [n, k] matrix with its own channel scales (the router
+        // stays bf16); LLaDA2's shared expert as a dense linear pair.
+        let f = cfg.ffn;
+        let sf = cfg.llada2.as_ref().map_or(0, |l| l.shared_ffn);
+        let experts: [(&'static str, &mut Vec<bf16>, usize, usize); 2] =
+            [("experts gate|up", &mut m.w_gate_up, 2 * f, h), ("experts down", &mut m.w_down, h, f)];
+        for (name, t, n, k) in experts {
             let (mut num, mut den) = (0f64, 0f64);
-            for (r, (row, orig)) in ops.chunks(k).zip(t.chunks_mut(k)).enumerate() {
-                for (o, &v) in orig.iter_mut().zip(row) {
-                    let deq = v * post[r];
-                    let x = o.to_f32();
-                    num += ((deq - x) as f64).powi(2);
-                    den += (x as f64).powi(2);
-                    *o = bf16::from_f32(deq);
-                }
+            for (e, we) in t.chunks_mut(n * k).enumerate() {
+                let (a, b) = fake_matrix(&format!("layer {i} {name} expert {e}"), we, n, k, layout)?;
+                (num, den) = (num + a, den + b);
             }
-            errs.push(WeightError { layer: i, name, rel_err: (num / den.max(f64::MIN_POSITIVE)).sqrt() });
+            errs.push(WeightError { layer: i, name, rel_err: rel((num, den)) });
+        }
+        if sf > 0 {
+            let shared: [(&'static str, &mut Vec<bf16>, usize, usize); 2] =
+                [("shared expert gate|up", &mut m.shared_gate_up, 2 * sf, h), ("shared expert down", &mut m.shared_down, h, sf)];
+            for (name, t, n, k) in shared {
+                errs.push(WeightError { layer: i, name, rel_err: rel(fake_matrix(&format!("layer {i} {name}"), t, n, k, layout)?) });
+            }
         }
     }
     if lm_head {
@@ -87,6 +99,24 @@ pub fn fake_quant_with(w: &HostWeights, layout: ScaleLayout, lm_head: bool) -> R
         errs.push(WeightError { layer: cfg.n_layers, name: "LM head", rel_err: (num / den.max(f64::MIN_POSITIVE)).sqrt() });
     }
     Ok((out, errs))
+}
+
+/// Replaces the `[n, k]` bf16 weight `t` by its FP8 version as the W8A16 kernels multiply it
+/// (`mma_operands` times the per-row factor, rounded to bf16); returns (Σ error², Σ w²).
+fn fake_matrix(name: &str, t: &mut [bf16], n: usize, k: usize, layout: ScaleLayout) -> Result<(f64, f64)> {
+    let m = Fp8Matrix::quantize_bf16(name, t, n, k, layout)?;
+    let (ops, post) = m.mma_operands();
+    let (mut num, mut den) = (0f64, 0f64);
+    for (r, (row, orig)) in ops.chunks(k).zip(t.chunks_mut(k)).enumerate() {
+        for (o, &v) in orig.iter_mut().zip(row) {
+            let deq = v * post[r];
+            let x = o.to_f32();
+            num += ((deq - x) as f64).powi(2);
+            den += (x as f64).powi(2);
+            *o = bf16::from_f32(deq);
+        }
+    }
+    Ok((num, den))
 }
 
 /// Logits of one model (`got`) against another (`want`), `[rows, vocab]` each.

@@ -329,6 +329,7 @@ impl GpuModel {
             .map(|x| [x.ptr(g), x.len() as u64])
             .chain(w.layers.iter().flat_map(GpuLayer::f32_tensors).map(|x| [x.ptr(g), x.len() as u64]));
         let linears = w.layers.iter().flat_map(GpuLayer::linears).flat_map(|l| l.fingerprint(g));
+        let experts = w.layers.iter().flat_map(GpuLayer::experts).flat_map(|x| x.fingerprint(g));
         let c = &self.cfg;
         let consts = [
             self.cache.rows as u64,
@@ -337,7 +338,7 @@ impl GpuModel {
             (c.rope_theta as f32).to_bits() as u64,
             (c.n_heads as u64) << 32 | c.n_kv_heads as u64,
         ];
-        graph::fingerprint(tensors.flatten().chain(linears).chain(consts))
+        graph::fingerprint(tensors.flatten().chain(linears).chain(experts).chain(consts))
     }
 
     /// Launches the forward of a batch of shape `key` whose index arrays are already in
@@ -445,9 +446,9 @@ impl GpuModel {
                     // LLaDA2's shared expert first, into `o`; the combine adds the routed sum.
                     let combine = match (&m.shared, st.shared_gu.as_mut(), st.shared_act.as_mut()) {
                         (Some(se), Some(sgu), Some(sact)) => {
-                            ops::gemm::linear_swiglu(g, gv, t, &ws.h, &se.w_gate_up, sgu, sact)?;
+                            linear_swiglu_any(g, gv, t, &ws.h, &se.w_gate_up, sgu, sact, ws.w8a8.as_mut())?;
                             mark!("gemm_shared_gate_up+swiglu");
-                            ops::gemm::linear(g, gv, t, sact, &se.w_down, None, &mut ws.o)?;
+                            linear_any(g, gv, t, sact, &se.w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
                             mark!("gemm_shared_down");
                             ops::moe::Combine::Add
                         }
@@ -461,9 +462,9 @@ impl GpuModel {
                         ops::moe::moe_tally_touched(g, &st.ws, &mut st.tally)?;
                     }
                     mark!("moe_route");
-                    ops::moe::moe_gate_up_swiglu(g, key.moe, &mut st.ws, t, &ws.h, &m.w_gate_up)?;
+                    ops::moe_fp8::moe_gate_up_swiglu_any(g, key.moe, &mut st.ws, t, &ws.h, &m.w_gate_up)?;
                     mark!("moe_gate_up+swiglu");
-                    ops::moe::moe_down_combine_as(g, key.moe, &mut st.ws, t, &m.w_down, combine, &mut ws.o)?;
+                    ops::moe_fp8::moe_down_combine_any(g, key.moe, &mut st.ws, t, &m.w_down, combine, &mut ws.o)?;
                     mark!("moe_down+combine");
                 }
             }

@@ -331,6 +331,22 @@ impl Fp8Matrix {
     }
 }
 
+/// Channel quantisation of an `[E, n, k]` bf16 expert weight, expert by expert: codes
+/// `[E, n, k]` and scales `[E, n]`. Errors name `name`, the expert and the element.
+pub fn quantize_experts_bf16(name: &str, w: &[bf16], dims: [usize; 3]) -> Result<(Vec<u8>, Vec<f32>)> {
+    let [e, n, k] = dims;
+    if e == 0 || n == 0 || k == 0 || w.len() != e * n * k {
+        return Err(Error::weights(name, format!("{} values is not a nonzero [{e}, {n}, {k}] expert stack", w.len())));
+    }
+    let (mut q, mut s) = (Vec::with_capacity(e * n * k), Vec::with_capacity(e * n));
+    for (i, we) in w.chunks(n * k).enumerate() {
+        let m = Fp8Matrix::quantize_bf16(&format!("{name} expert {i}"), we, n, k, ScaleLayout::Channel)?;
+        q.extend_from_slice(&m.q);
+        s.extend_from_slice(&m.scales);
+    }
+    Ok((q, s))
+}
+
 /// Per-channel scale for a row whose largest magnitude is `amax` (1 for an all-zero row).
 pub fn channel_scale(amax: f32) -> f32 {
     if amax > 0.0 {

@@ -144,11 +144,11 @@ fn llada2_mini_synthetic_weights_run() {
         match &l.ffn {
             GpuFfn::Moe(e) => {
                 assert!(i >= l2.first_k_dense, "layer {i}: experts in a dense layer");
-                assert_eq!(e.w_gate_up.dims, [m.n_experts, 2 * cfg.ffn, cfg.hidden]);
-                assert_eq!(e.w_down.dims, [m.n_experts, cfg.hidden, cfg.ffn]);
+                assert_eq!(e.w_gate_up.dims(), [m.n_experts, 2 * cfg.ffn, cfg.hidden]);
+                assert_eq!(e.w_down.dims(), [m.n_experts, cfg.hidden, cfg.ffn]);
                 assert_eq!(e.expert_bias.as_ref().map(|b| b.dims.clone()), Some(vec![m.n_experts]));
                 let s = e.shared.as_ref().expect("llada2-mini has a shared expert");
-                assert_eq!((s.w_gate_up.dims.clone(), s.w_down.dims.clone()), (vec![2 * l2.shared_ffn, cfg.hidden], vec![cfg.hidden, l2.shared_ffn]));
+                assert_eq!((s.w_gate_up.dims().to_vec(), s.w_down.dims().to_vec()), (vec![2 * l2.shared_ffn, cfg.hidden], vec![cfg.hidden, l2.shared_ffn]));
             }
             GpuFfn::Dense { w_gate_up, w_down } => {
                 assert!(i < l2.first_k_dense, "layer {i}: dense past first_k_dense_replace");

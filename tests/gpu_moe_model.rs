@@ -76,8 +76,8 @@ fn llada_moe_7b_synthetic_weights_run() {
     let m = cfg.moe.as_ref().unwrap();
     for l in &w.layers {
         let GpuFfn::Moe(e) = &l.ffn else { panic!("llada-moe-7b layer without experts") };
-        assert_eq!(e.w_gate_up.dims, [m.n_experts, 2 * cfg.ffn, cfg.hidden]);
-        assert_eq!(e.w_down.dims, [m.n_experts, cfg.hidden, cfg.ffn]);
+        assert_eq!(e.w_gate_up.dims(), [m.n_experts, 2 * cfg.ffn, cfg.hidden]);
+        assert_eq!(e.w_down.dims(), [m.n_experts, cfg.hidden, cfg.ffn]);
         assert!(l.q_norm.is_some() && l.k_norm.is_some());
     }
     let gb = w.bytes() as f64 / 1e9;

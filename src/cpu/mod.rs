@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod gemm_fp8;
 pub mod llada2;
 pub mod moe;
+pub mod moe_fp8;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

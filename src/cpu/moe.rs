@@ -118,6 +118,23 @@ pub struct ExpertFfnBf16 {
 /// rounded to bf16 (the skinny GEMM's SwiGLU epilogue); expert outputs kept in f32; the
 /// weighted sum (multiply, then add; first slot onto 0) rounded to bf16 once.
 pub fn expert_ffn_bf16(x: &[f32], routes: &[Route], w_gate_up: &[f32], w_down: &[f32], hidden: usize, ffn: usize) -> Result<ExpertFfnBf16> {
+    expert_ffn_scaled(x, routes, w_gate_up, None, w_down, None, hidden, ffn)
+}
+
+/// [`expert_ffn_bf16`] with optional per-output-channel factors on the f32 dot products
+/// (`gu_post` `[E, 2·ffn]`, `down_post` `[E, hidden]`), applied before any rounding: the FP8
+/// experts' channel scales (`cpu::moe_fp8`), with the weights holding the E4M3 code values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expert_ffn_scaled(
+    x: &[f32],
+    routes: &[Route],
+    w_gate_up: &[f32],
+    gu_post: Option<&[f32]>,
+    w_down: &[f32],
+    down_post: Option<&[f32]>,
+    hidden: usize,
+    ffn: usize,
+) -> Result<ExpertFfnBf16> {
     const OP: &str = "expert_ffn_bf16";
     let t = routes.len();
     let k = routes.first().map_or(0, |r| r.len());
@@ -128,6 +145,11 @@ pub fn expert_ffn_bf16(x: &[f32], routes: &[Route], w_gate_up: &[f32], w_down: &
     if x.len() != t * hidden {
         return Err(Error::shape(OP, "x", &[t, hidden], &[x.len()]));
     }
+    if gu_post.is_some_and(|p| p.len() != n_experts * 2 * ffn) || down_post.is_some_and(|p| p.len() != n_experts * hidden) {
+        return Err(Error::shape(OP, "scales", &[n_experts * 2 * ffn, n_experts * hidden], &[gu_post.map_or(0, <[f32]>::len), down_post.map_or(0, <[f32]>::len)]));
+    }
+    let gs = |e: usize, row: usize| gu_post.map_or(1.0, |p| p[e * 2 * ffn + row]);
+    let ds = |e: usize, row: usize| down_post.map_or(1.0, |p| p[e * hidden + row]);
     for (r, route) in routes.iter().enumerate() {
         if route.len() != k || route.iter().any(|&(e, _)| e >= n_experts) {
             return Err(Error::bad_input(format!("{OP}: route of row {r} {route:?}: expected {k} experts < {n_experts}")));
@@ -140,13 +162,13 @@ pub fn expert_ffn_bf16(x: &[f32], routes: &[Route], w_gate_up: &[f32], w_down: &
         let xr = &x[r * hidden..(r + 1) * hidden];
         let gu = &w_gate_up[e * 2 * ffn * hidden..(e + 1) * 2 * ffn * hidden];
         for (j, aj) in a.iter_mut().enumerate() {
-            let g = round_bf16(gemm::dot(xr, &gu[j * hidden..(j + 1) * hidden]));
-            let u = round_bf16(gemm::dot(xr, &gu[(ffn + j) * hidden..(ffn + j + 1) * hidden]));
+            let g = round_bf16(gemm::dot(xr, &gu[j * hidden..(j + 1) * hidden]) * gs(e, j));
+            let u = round_bf16(gemm::dot(xr, &gu[(ffn + j) * hidden..(ffn + j + 1) * hidden]) * gs(e, ffn + j));
             *aj = round_bf16(round_bf16(g / (1.0 + (-g).exp())) * u);
         }
         let down = &w_down[e * hidden * ffn..(e + 1) * hidden * ffn];
         for (n, yn) in yp.iter_mut().enumerate() {
-            *yn = gemm::dot(a, &down[n * ffn..(n + 1) * ffn]);
+            *yn = gemm::dot(a, &down[n * ffn..(n + 1) * ffn]) * ds(e, n);
         }
     });
     let mut out = vec![0f32; t * hidden];

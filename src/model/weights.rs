@@ -3,7 +3,9 @@
 //! layers below `first_k_dense_replace`, then routed experts with an f32 selection bias and a
 //! shared expert), with the linear layers of the dense models in a chosen format (`--weights`:
 //! bf16, or FP8 quantised on the host or device; a published FP8 checkpoint is uploaded as
-//! stored). The MoE models (LLaDA-MoE, LLaDA2) are bf16 only.
+//! stored). In the MoE models (LLaDA-MoE, LLaDA2) FP8 covers the experts too (per-expert
+//! channel scales, `ops::moe_fp8`; `fp8-block` is refused for them) and the shared expert;
+//! the router stays bf16.
 use half::bf16;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -12,11 +14,13 @@ use super::moe::GpuMoe;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::{self, gemm_fp8::LinearWeight};
+use crate::ops::{self, gemm_fp8::LinearWeight, moe_fp8::ExpertWeight};
 use crate::quant::WeightFormat;
 use crate::weights::HostWeights;
 
-/// A layer's FFN: dense SwiGLU, or routed experts.
+/// A layer's FFN: dense SwiGLU, or routed experts. Built once per layer at load and never
+/// moved in the forward, so the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum GpuFfn {
     Dense {
         /// `[2 * ffn, hidden]`: rows gate | up.
@@ -27,8 +31,8 @@ pub enum GpuFfn {
     Moe(GpuMoe),
 }
 
-/// One layer's weights. The dense linear layers are bf16 or FP8 (`--weights`); norms, the bias
-/// and the experts (LLaDA2's shared expert included) stay bf16, LLaDA2's expert bias f32.
+/// One layer's weights. The linear layers, experts and shared expert are bf16 or FP8
+/// (`--weights`); norms, the bias and the router stay bf16, LLaDA2's expert bias f32.
 pub struct GpuLayer {
     pub attn_norm: DTensor<bf16>,
     pub wqkv: LinearWeight,
@@ -42,7 +46,7 @@ pub struct GpuLayer {
 }
 
 impl GpuLayer {
-    /// The layer's bf16 tensors: norms, bias, experts (no allocation: the graph binding walks
+    /// The layer's bf16 tensors: norms, bias, router (no allocation: the graph binding walks
     /// this every forward).
     pub(crate) fn tensors(&self) -> impl Iterator<Item = &DTensor<bf16>> {
         let moe = match &self.ffn {
@@ -57,13 +61,24 @@ impl GpuLayer {
             .chain(self.k_norm.as_ref())
     }
 
-    /// The layer's linear weights in the weight format (the dense FFN's included).
+    /// The layer's linear weights in the weight format (the dense FFN's and LLaDA2's shared
+    /// expert's included).
     pub(crate) fn linears(&self) -> impl Iterator<Item = &LinearWeight> {
-        let ffn = match &self.ffn {
-            GpuFfn::Dense { w_gate_up, w_down } => Some([w_gate_up, w_down]),
-            GpuFfn::Moe(_) => None,
+        let (ffn, moe) = match &self.ffn {
+            GpuFfn::Dense { w_gate_up, w_down } => (Some([w_gate_up, w_down]), None),
+            GpuFfn::Moe(m) => (None, Some(m)),
         };
-        [&self.wqkv, &self.wo].into_iter().chain(ffn.into_iter().flatten())
+        [&self.wqkv, &self.wo].into_iter().chain(ffn.into_iter().flatten()).chain(moe.into_iter().flat_map(GpuMoe::shared_linears))
+    }
+
+    /// The layer's routed expert weights in the weight format (none for a dense FFN).
+    pub(crate) fn experts(&self) -> impl Iterator<Item = &ExpertWeight> {
+        match &self.ffn {
+            GpuFfn::Moe(m) => Some(m),
+            GpuFfn::Dense { .. } => None,
+        }
+        .into_iter()
+        .flat_map(GpuMoe::experts)
     }
 
     /// The layer's f32 tensors (LLaDA2's expert bias).
@@ -79,6 +94,7 @@ impl GpuLayer {
         self.tensors().map(DTensor::bytes).sum::<usize>()
             + self.linears().map(LinearWeight::bytes).sum::<usize>()
             + self.f32_tensors().map(DTensor::bytes).sum::<usize>()
+            + self.experts().map(ExpertWeight::bytes).sum::<usize>()
     }
 }
 
@@ -161,13 +177,20 @@ impl GpuWeights {
     /// quantised on the host; a NaN or ±∞ weight is refused with an error naming the layer's
     /// tensor). A published FP8 checkpoint (`HostWeights::fp8`) with an FP8 `format` is uploaded
     /// as stored, with its own 128×128 block scales, whichever FP8 layout was asked for. MoE
-    /// models run in bf16 only (no FP8 expert kernels yet).
+    /// models take `fp8` (channel scales; their experts are quantised per expert and channel)
+    /// and refuse `fp8-block` and published FP8 checkpoints by name.
     pub fn upload_as(gpu: &Gpu, w: &HostWeights, format: WeightFormat) -> Result<Self> {
         check_gpu_support(&w.cfg)?;
         check_format(&w.cfg, format)?;
         let s = Shapes::of(&w.cfg);
         let up = |v: &[bf16], dims: &[usize]| gpu.upload(v, dims);
         let stored = w.fp8.as_ref().filter(|_| format != WeightFormat::Bf16);
+        if stored.is_some() && w.cfg.moe.is_some() {
+            return Err(Error::bad_input(format!(
+                "--weights {format}: published FP8 checkpoints of {} are not supported (load it with --weights bf16)",
+                arch_name(&w.cfg)
+            )));
+        }
         let format = if stored.is_some() { WeightFormat::Fp8(crate::quant::ScaleLayout::Block128) } else { format };
         let pick = |i: usize, f: fn(&crate::weights::fp8::Fp8Linears) -> &crate::quant::Fp8Matrix| stored.map(|l| f(&l[i]));
         let lin = |i: usize, name: &str, v: &[bf16], dims: [usize; 2], m: Option<&crate::quant::Fp8Matrix>| match m {
@@ -177,7 +200,7 @@ impl GpuWeights {
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let ffn = match (&l.moe, w.cfg.is_moe_layer(i)) {
-                (Some(m), true) => GpuFfn::Moe(GpuMoe::upload(gpu, &w.cfg, i, m)?),
+                (Some(m), true) => GpuFfn::Moe(GpuMoe::upload(gpu, &w.cfg, i, m, format)?),
                 (None, false) => GpuFfn::Dense {
                     w_gate_up: lin(i, "gate|up projection", &l.w_gate_up, [2 * s.dense_ffn, s.hidden], pick(i, |l| &l.w_gate_up))?,
                     w_down: lin(i, "down projection", &l.w_down, [s.hidden, s.dense_ffn], pick(i, |l| &l.w_down))?,
@@ -255,7 +278,7 @@ impl GpuWeights {
             let wo = LinearWeight::from_bf16(gpu, gen(&[s.hidden, s.q], 0.0, inv(s.q))?, format)?;
             let ffn_norm = gen(&[s.hidden], 1.0, 0.1)?;
             let ffn = if cfg.is_moe_layer(i) {
-                GpuFfn::Moe(GpuMoe::synthesize(cfg, &mut gen, &mut gen_f32)?)
+                GpuFfn::Moe(GpuMoe::synthesize(gpu, cfg, i, format, &mut gen, &mut gen_f32)?)
             } else {
                 GpuFfn::Dense {
                     w_gate_up: LinearWeight::from_bf16(gpu, gen(&[2 * s.dense_ffn, s.hidden], 0.0, inv(s.hidden))?, format)?,
@@ -286,13 +309,21 @@ impl GpuWeights {
     }
 }
 
-/// MoE models (LLaDA-MoE, LLaDA2) run their linear layers in bf16 only in this build: refused
-/// by name otherwise.
+fn arch_name(cfg: &ModelConfig) -> &'static str {
+    if cfg.llada2.is_some() {
+        "LLaDA2"
+    } else {
+        "LLaDA-MoE"
+    }
+}
+
+/// MoE models (LLaDA-MoE, LLaDA2) take `bf16` and `fp8` (channel scales); `fp8-block` is
+/// refused by name (the FP8 expert kernels take per-channel scales only).
 fn check_format(cfg: &ModelConfig, format: WeightFormat) -> Result<()> {
-    if cfg.moe.is_some() && format != WeightFormat::Bf16 {
-        let arch = if cfg.llada2.is_some() { "LLaDA2" } else { "LLaDA-MoE" };
+    if cfg.moe.is_some() && format == WeightFormat::Fp8(crate::quant::ScaleLayout::Block128) {
         return Err(Error::bad_input(format!(
-            "--weights {format} runs the dense models only in this build ({arch} has no FP8 expert kernels yet)"
+            "--weights {format}: {}'s FP8 expert kernels take per-channel scales only (use --weights fp8)",
+            arch_name(cfg)
         )));
     }
     Ok(())
@@ -331,9 +362,9 @@ mod tests {
     }
 
     #[test]
-    fn fp8_is_refused_for_the_moe_models_by_name() {
+    fn moe_models_take_channel_fp8_and_refuse_block_scales_by_name() {
         use crate::quant::ScaleLayout;
-        let fp8 = [WeightFormat::Fp8(ScaleLayout::Channel), WeightFormat::Fp8(ScaleLayout::Block128)];
+        let (ch, blk) = (WeightFormat::Fp8(ScaleLayout::Channel), WeightFormat::Fp8(ScaleLayout::Block128));
         for (name, arch, other) in [
             ("tiny-llada-moe", "LLaDA-MoE", "LLaDA2"),
             ("llada-moe-7b", "LLaDA-MoE", "LLaDA2"),
@@ -342,14 +373,13 @@ mod tests {
         ] {
             let cfg = ModelConfig::preset(name).unwrap();
             check_format(&cfg, WeightFormat::Bf16).unwrap();
-            for f in fp8 {
-                let e = check_format(&cfg, f).unwrap_err().to_string();
-                assert!(e.contains(arch) && !e.contains(other) && e.contains(&f.to_string()), "{name} {f}: {e}");
-            }
+            check_format(&cfg, ch).unwrap();
+            let e = check_format(&cfg, blk).unwrap_err().to_string();
+            assert!(e.contains(arch) && !e.contains(other) && e.contains("fp8-block") && e.contains("--weights fp8)"), "{name}: {e}");
         }
         for name in ["tiny-llada", "tiny-dream", "llada-8b", "dream-7b"] {
             let cfg = ModelConfig::preset(name).unwrap();
-            for f in fp8 {
+            for f in [ch, blk] {
                 check_format(&cfg, f).unwrap();
             }
         }

@@ -426,6 +426,14 @@ impl LinearWeight {
         }
     }
 
+    /// `[n, k]` (the codes' dims for FP8).
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            LinearWeight::Bf16(w) => &w.dims,
+            LinearWeight::Fp8(w) => &w.q.dims,
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         match self {
             LinearWeight::Bf16(w) => w.bytes(),

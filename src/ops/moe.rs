@@ -102,21 +102,21 @@ pub struct MoeWorkspace {
     /// Rows of the last [`moe_route`] (the GEMMs must be called with the same count).
     routed_rows: Option<usize>,
     /// `[max_rows, top_k]` expert ids, selection order.
-    ids: DTensor<i32>,
+    pub(crate) ids: DTensor<i32>,
     /// `[max_rows, top_k]` routing weights.
-    weights: DTensor<f32>,
+    pub(crate) weights: DTensor<f32>,
     /// `[E]` pairs per expert.
-    counts: DTensor<i32>,
+    pub(crate) counts: DTensor<i32>,
     /// `[E + 1]` exclusive prefix of `counts`.
-    offsets: DTensor<i32>,
+    pub(crate) offsets: DTensor<i32>,
     /// `[max_rows · top_k]` pair at each position (grouped by expert, ascending pair inside).
-    perm: DTensor<i32>,
+    pub(crate) perm: DTensor<i32>,
     /// `[max_rows · top_k]` position of each pair.
-    pos: DTensor<i32>,
+    pub(crate) pos: DTensor<i32>,
     /// `[max_rows · top_k, ffn]` SwiGLU activations, by position.
-    act: DTensor<bf16>,
+    pub(crate) act: DTensor<bf16>,
     /// `[max_rows · top_k, hidden]` down-projection output per position (f32).
-    y: DTensor<f32>,
+    pub(crate) y: DTensor<f32>,
 }
 
 impl MoeWorkspace {
@@ -221,7 +221,7 @@ impl MoeWorkspace {
     }
 
     /// Errors unless the last [`moe_route`] routed exactly `t` rows.
-    fn check_routed(&self, op: &str, t: usize) -> Result<()> {
+    pub(crate) fn check_routed(&self, op: &str, t: usize) -> Result<()> {
         match self.routed_rows {
             Some(r) if r == t => Ok(()),
             Some(r) => Err(Error::bad_input(format!("{op}: {t} rows, but the workspace was routed for {r}"))),
@@ -565,6 +565,14 @@ pub fn moe_down_combine_as(
     // [E, hidden, ffn], y [>= pairs, hidden]; the routing covers exactly t rows
     // (check_routed), so positions < pairs and experts < E; ffn % 8 == 0 (16-byte copies).
     unsafe { launch_ex(gpu, "moe_gemm", sym, lc, &params)? };
+    combine(gpu, ws, t, mode, out)
+}
+
+/// `out[r] = bf16(Σ weight · y[pos])` (`Combine::Add`: plus the old `out[r]`) from the f32
+/// expert outputs `ws.y` of the last down GEMM (bf16 or FP8 experts) of the `t` routed rows;
+/// the caller has checked `out` and the routing.
+pub(crate) fn combine(gpu: &Gpu, ws: &MoeWorkspace, t: usize, mode: Combine, out: &mut DTensor<bf16>) -> Result<()> {
+    let (h, k) = (ws.hidden, ws.top_k);
     let params = CombineParams {
         y: ws.y.ptr(gpu),
         weights: ws.weights.ptr(gpu),

@@ -25,7 +25,8 @@ use rand::{Rng, SeedableRng};
 pub const PRESETS: [&str; 3] = ["tiny-llada", "tiny-dream", "tiny-llada-moe"];
 /// The presets the CPU backend runs (the same: LLaDA2 has its own tests).
 pub const CPU_PRESETS: [&str; 3] = PRESETS;
-/// The dense presets, for FP8 (dense models only) and the per-step GPU-vs-CPU parity tests: an MoE model's bf16 router
+/// The dense presets, for the dense FP8 model tests (the MoE models' are tests/gpu_fp8/moe.rs)
+/// and the per-step GPU-vs-CPU parity tests: an MoE model's bf16 router
 /// picks another expert than the f32 one at router near-ties (about 1 % of rows per layer on
 /// random weights), which moves that row's confidences beyond the dense tolerances; LLaDA-MoE's
 /// GPU-vs-CPU agreement is measured row by row in tests/gpu_moe_model.rs instead.

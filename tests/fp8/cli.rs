@@ -1,5 +1,6 @@
 //! `--weights` on the command line without a GPU: FP8 is refused with a message naming the
-//! flag (never a panic), an unknown format is refused by name.
+//! flag (never a panic), an unknown format is refused by name; `demask fidelity` on the CPU,
+//! the MoE models included.
 use std::process::{Command, Output};
 
 fn demask(args: &[&str]) -> Output {
@@ -74,4 +75,19 @@ fn fidelity_command_reports_on_the_cpu() {
     refused(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--weights", "bf16"], &["--weights bf16", "FP8"]);
     refused(&["fidelity", "--preset", "llada-8b", "--device", "cpu"], &["too large for the CPU"]);
     refused(&["fidelity", "--device", "cpu"], &["--model", "--preset"]);
+}
+
+#[test]
+fn fidelity_command_runs_the_moe_models_and_refuses_block_scales_for_them() {
+    let json = std::env::temp_dir().join(format!("demask-fp8-fid-moe-{}.json", std::process::id()));
+    let j = json.to_str().unwrap();
+    let out = demask(&["fidelity", "--preset", "tiny-llada-moe", "--device", "cpu", "--weights", "fp8", "--json", j]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("top-1 agreement") && stdout.contains("commits per step"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let names: Vec<&str> = v["weights"].as_array().unwrap().iter().filter_map(|w| w["name"].as_str()).collect();
+    assert!(names.contains(&"experts gate|up") && names.contains(&"experts down"), "{names:?}");
+    refused(&["fidelity", "--preset", "tiny-llada2", "--device", "cpu", "--weights", "fp8-block"], &["LLaDA2", "per-channel"]);
 }

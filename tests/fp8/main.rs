@@ -1,9 +1,11 @@
 //! FP8 weights without a GPU (docs/fp8.md), one test binary: `cli` the `--weights` flags and
 //! `demask fidelity`; `fidelity` the FP8 model against bf16 on the f32 CPU backend (channel vs
-//! block scales, the LM head); `checkpoint` published-layout FP8 checkpoints.
+//! block scales, the LM head); `checkpoint` published-layout FP8 checkpoints; `moe` the MoE
+//! models' FP8 version (experts per expert and channel, router bf16).
 #[allow(dead_code)]
 #[path = "../common/mod.rs"]
 mod common;
 mod checkpoint;
 mod cli;
 mod fidelity;
+mod moe;

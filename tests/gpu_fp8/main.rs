@@ -2,7 +2,7 @@
 //! `gemm` the E4M3 encoder, device quantiser and W8A16 kernel against the CPU reference;
 //! `w8a8` the activation quantiser, the cuBLASLt FP8 GEMM paths (`outer-vec`, `split-scale`) and
 //! the split path's epilogue kernels; `model` the whole model with FP8
-//! weights. Tests take one lock, so they run one at a time (timing tables, device-memory
+//! weights; `moe` the FP8 expert kernels and the MoE models with FP8 weights. Tests take one lock, so they run one at a time (timing tables, device-memory
 //! accounting). Each skips without a GPU and fails with `DEMASK_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]
 
@@ -11,6 +11,9 @@
 mod common;
 mod gemm;
 mod model;
+mod moe;
+#[path = "../common/moe_rows.rs"]
+mod moe_rows;
 mod w8a8;
 
 static GPU_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
