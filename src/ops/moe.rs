@@ -458,8 +458,8 @@ mod tests {
 
     #[test]
     fn params_match_the_c_layout() {
-        assert_eq!(std::mem::size_of::<RouteParams>(), 4 * 8 + 8 * 4);
-        assert_eq!(std::mem::size_of::<PermuteParams>(), 5 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<route::RouteParams>(), 4 * 8 + 8 * 4);
+        assert_eq!(std::mem::size_of::<route::PermuteParams>(), 5 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<GemmParams>(), 7 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<CombineParams>(), 5 * 8 + 4 * 4);
     }

@@ -9,7 +9,7 @@ use crate::gpu::{DTensor, Gpu};
 /// Mirrors `MoeRouteParams` in kernels/moe_route.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct RouteParams {
+pub(super) struct RouteParams {
     logits: u64,         // const float* [t, E]
     bias: u64,           // const float* [E] or nullptr
     ids: u64,            // int* [t, top_k]
@@ -30,7 +30,7 @@ unsafe impl cudarc::driver::DeviceRepr for RouteParams {}
 /// Mirrors `MoePermuteParams` in kernels/moe_route.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct PermuteParams {
+pub(super) struct PermuteParams {
     ids: u64,       // const int* [pairs]
     counts: u64,    // int* [E]
     offsets: u64,   // int* [E + 1]
