@@ -13,11 +13,10 @@ use demask::config::ModelConfig;
 use demask::gpu::test_gpu;
 use demask::model::{Capacity, GpuFfn, GpuModel, GpuWeights};
 use demask::ops::gemm_fp8::LinearWeight;
-use demask::ops::moe::MoeGemmVariant;
 
 #[path = "common/moe_rows.rs"]
 mod moe_rows;
-use moe_rows::{check_rows, model, rel_err, seqs};
+use moe_rows::{check_reference_expert_kernels, check_rows, model, rel_err, seqs};
 
 #[test]
 fn gpu_logits_match_the_cpu_row_by_row() {
@@ -54,23 +53,9 @@ fn bidirectional_attention_is_far_from_the_reference() {
 
 #[test]
 fn reference_expert_kernels_give_the_grouped_logits() {
-    let Some((mut m, _, cfg)) = model("tiny-llada2", 21, 160, 3) else { return };
-    let s = seqs(cfg.vocab, &[1, 47, 112], 5);
-    m.moe_variant = MoeGemmVariant::Grouped;
-    let grouped = m.forward_full(&s).unwrap();
-    m.moe_variant = MoeGemmVariant::Reference;
-    let reference = m.forward_full(&s).unwrap();
-    let e = rel_err(&grouped, &reference);
-    println!("tiny-llada2 grouped vs reference expert kernels: relative logits difference {e:.3e}");
-    assert!(e <= 1e-2, "grouped vs reference: {e}");
-    m.moe_variant = MoeGemmVariant::Grouped;
-    assert_eq!(m.forward_full(&s).unwrap(), grouped, "the grouped forward is deterministic");
+    check_reference_expert_kernels("tiny-llada2", 21);
 }
 
-/// Block diffusion's cache: two sequences' earlier blocks in one forward (the prefill), then
-/// only their current block's rows against the cached K/V, with `kv_len` the whole canvas and
-/// every cache row past the current block NaN (never written, as in a real decode): the step
-/// gives the full forward's logits of those rows (bf16 noise only) and stays finite.
 #[test]
 fn block_step_over_cached_blocks_matches_the_full_forward() {
     let lens = [128usize, 96];

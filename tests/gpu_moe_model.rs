@@ -10,26 +10,14 @@
 use demask::config::ModelConfig;
 use demask::gpu::test_gpu;
 use demask::model::{Capacity, GpuFfn, GpuModel, GpuWeights};
-use demask::ops::moe::MoeGemmVariant;
 
 #[path = "common/moe_rows.rs"]
 mod moe_rows;
-use moe_rows::{check_rows, model, rel_err, seqs};
+use moe_rows::{check_reference_expert_kernels, check_rows, model, seqs};
 
 #[test]
 fn reference_expert_kernels_give_the_grouped_logits() {
-    let Some((mut m, _, cfg)) = model("tiny-llada-moe", 21, 160, 3) else { return };
-    let s = seqs(cfg.vocab, &[1, 47, 112], 5);
-    m.moe_variant = MoeGemmVariant::Grouped;
-    let grouped = m.forward_full(&s).unwrap();
-    m.moe_variant = MoeGemmVariant::Reference;
-    let reference = m.forward_full(&s).unwrap();
-    // Same roundings, different f32 summation order inside the expert GEMMs.
-    let e = rel_err(&grouped, &reference);
-    println!("tiny-llada-moe grouped vs reference expert kernels: relative logits difference {e:.3e}");
-    assert!(e <= 1e-2, "grouped vs reference: {e}");
-    m.moe_variant = MoeGemmVariant::Grouped;
-    assert_eq!(m.forward_full(&s).unwrap(), grouped, "the grouped forward is deterministic");
+    check_reference_expert_kernels("tiny-llada-moe", 21);
 }
 
 #[test]

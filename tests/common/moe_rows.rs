@@ -7,6 +7,7 @@ use demask::config::ModelConfig;
 use demask::cpu::forward::CpuModel;
 use demask::gpu::test_gpu;
 use demask::model::{Capacity, GpuModel, GpuWeights};
+use demask::ops::moe::MoeGemmVariant;
 
 pub fn seqs(vocab: usize, lens: &[usize], seed: u64) -> Vec<Vec<u32>> {
     lens.iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, vocab, seed + i as u64)).collect()
@@ -67,3 +68,20 @@ pub fn check_rows(what: &str, got: &[f32], want: &[f32], vocab: usize) {
     assert!(agree * 100 >= decided * 95, "{what}: top-1 agreement {agree}/{decided}");
 }
 
+
+/// The reference expert kernels give the grouped ones' logits on a varlen batch (same roundings,
+/// different f32 summation order: within 1e-2 relative), and the grouped forward is
+/// deterministic.
+pub fn check_reference_expert_kernels(preset: &str, seed: u64) {
+    let Some((mut m, _, cfg)) = model(preset, seed, 160, 3) else { return };
+    let s = seqs(cfg.vocab, &[1, 47, 112], 5);
+    m.moe_variant = MoeGemmVariant::Grouped;
+    let grouped = m.forward_full(&s).unwrap();
+    m.moe_variant = MoeGemmVariant::Reference;
+    let reference = m.forward_full(&s).unwrap();
+    let e = rel_err(&grouped, &reference);
+    println!("{preset} grouped vs reference expert kernels: relative logits difference {e:.3e}");
+    assert!(e <= 1e-2, "{preset} grouped vs reference: {e}");
+    m.moe_variant = MoeGemmVariant::Grouped;
+    assert_eq!(m.forward_full(&s).unwrap(), grouped, "{preset}: the grouped forward is deterministic");
+}
