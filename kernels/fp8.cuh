@@ -41,6 +41,32 @@ __device__ __forceinline__ int w_row(const Fp8SkinnyParams& p, int n0, int r, bo
     }
 }
 
+// The W tile's shared layout: 128-byte rows of 16-byte chunks, the chunk index XOR-swizzled
+// by `Pairs` (fp8_tile.cuh's `w_off`: 2·(r % 4), for the mma kernel's 8-byte fragment loads) or
+// `Row8` (r % 8: the wgmma kernel's 16-byte loads of one chunk from 8 rows at once).
+enum class WSwizzle { Pairs, Row8 };
+template <WSwizzle S>
+__device__ __forceinline__ int w_off_as(int r, int c) {
+    return S == WSwizzle::Pairs ? w_off(r, c) : r * BK + ((c ^ (r & 7)) << 4);
+}
+
+// Issues the W copies of the stage at column kb (columns ≥ k1 and rows past n zero-filled).
+template <bool SWIGLU, WSwizzle S>
+__device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1) {
+    constexpr int CPR = BK / 16;  // 16-byte chunks per W row
+#pragma unroll
+    for (int u = 0; u < BN * CPR / THREADS; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        const int r = i / CPR, c = i % CPR;
+        bool row_ok;
+        const int gr = w_row<SWIGLU>(p, n0, r, row_ok);
+        const int gk = kb + 16 * c;
+        const bool ok = row_ok && gk < k1;
+        const uint8_t* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
+        cp_async16_stream(smem_u32(st + w_off_as<S>(r, c)), src, ok);
+    }
+}
+
 // The dequantisation multiplier of a warp for the stage starting at column kb.
 template <bool SWIGLU>
 __device__ __forceinline__ uint32_t stage_mult(const Fp8SkinnyParams& p, int n0, int warp_row0, int kb) {

@@ -29,22 +29,6 @@
 
 namespace {
 
-template <bool SWIGLU>
-__device__ __forceinline__ void load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1) {
-    constexpr int CPR = BK / 16;  // 16-byte chunks per W row
-#pragma unroll
-    for (int u = 0; u < BN * CPR / THREADS; ++u) {
-        const int i = threadIdx.x + u * THREADS;
-        const int r = i / CPR, c = i % CPR;
-        bool row_ok;
-        const int gr = w_row<SWIGLU>(p, n0, r, row_ok);
-        const int gk = kb + 16 * c;
-        const bool ok = row_ok && gk < k1;
-        const uint8_t* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
-        cp_async16_stream(smem_u32(st + w_off(r, c)), src, ok);
-    }
-}
-
 template <int NT>
 __device__ __forceinline__ void load_x(const Fp8SkinnyParams& p, uint8_t* st, int kb, int k1) {
     using T = Tile8<NT>;
@@ -89,7 +73,7 @@ __device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
     // programmatic-launch wait, X (the previous kernel's output) after it.
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s)
-        if (s < nst) load_w<SWIGLU>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1);
+        if (s < nst) load_w<SWIGLU, WSwizzle::Pairs>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1);
     pdl_wait();
     pdl_trigger();
 #pragma unroll
@@ -103,7 +87,7 @@ __device__ __forceinline__ void fp8_body(const Fp8SkinnyParams& p) {
         const int nx = it + T::STAGES - 1;
         if (nx < nst) {
             uint8_t* st = ring + (nx % T::STAGES) * T::STAGE_BYTES;
-            load_w<SWIGLU>(p, st, n0, k0 + nx * BK, k1);
+            load_w<SWIGLU, WSwizzle::Pairs>(p, st, n0, k0 + nx * BK, k1);
             load_x<NT>(p, st, k0 + nx * BK, k1);
         }
         cp_async_commit();

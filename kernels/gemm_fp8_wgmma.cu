@@ -53,25 +53,8 @@ struct TileW {
     static_assert(STAGE_BYTES % 1024 == 0, "stage slots stay 1 KB aligned");
 };
 
-__device__ __forceinline__ int wg_w_off(int r, int c) { return r * BK + ((c ^ (r & 7)) << 4); }
 // Byte offset of 16-byte chunk c (8 columns) of X row r in the no-swizzle canonical layout.
 __device__ __forceinline__ int wg_x_off(int r, int c) { return ((r >> 3) * (BK / 8) + c) * 128 + (r & 7) * 16; }
-
-template <bool SWIGLU>
-__device__ __forceinline__ void wg_load_w(const Fp8SkinnyParams& p, uint8_t* st, int n0, int kb, int k1) {
-    constexpr int CPR = BK / 16;  // 16-byte chunks per W row
-#pragma unroll
-    for (int u = 0; u < BN * CPR / THREADS; ++u) {
-        const int i = threadIdx.x + u * THREADS;
-        const int r = i / CPR, c = i % CPR;
-        bool row_ok;
-        const int gr = w_row<SWIGLU>(p, n0, r, row_ok);
-        const int gk = kb + 16 * c;
-        const bool ok = row_ok && gk < k1;
-        const uint8_t* src = ok ? p.w + (size_t)gr * p.k + gk : p.w;
-        cp_async16_stream(smem_u32(st + wg_w_off(r, c)), src, ok);
-    }
-}
 
 // X copies: consecutive threads fill the 8 rows of one core matrix (contiguous shared bytes).
 template <int NT>
@@ -206,7 +189,7 @@ __device__ __forceinline__ void wgmma_body(const Fp8SkinnyParams& p) {
 
 #pragma unroll
     for (int s = 0; s < T::STAGES - 1; ++s)
-        if (s < nst) wg_load_w<SWIGLU>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1);
+        if (s < nst) load_w<SWIGLU, WSwizzle::Row8>(p, ring + s * T::STAGE_BYTES, n0, k0 + s * BK, k1);
     pdl_wait();
     pdl_trigger();
 #pragma unroll
@@ -220,7 +203,7 @@ __device__ __forceinline__ void wgmma_body(const Fp8SkinnyParams& p) {
         const int nx = it + T::STAGES - 1;
         if (nx < nst) {
             uint8_t* st = ring + (nx % T::STAGES) * T::STAGE_BYTES;
-            wg_load_w<SWIGLU>(p, st, n0, k0 + nx * BK, k1);
+            load_w<SWIGLU, WSwizzle::Row8>(p, st, n0, k0 + nx * BK, k1);
             wg_load_x<NT>(p, st, k0 + nx * BK, k1);
         }
         cp_async_commit();
@@ -235,8 +218,8 @@ __device__ __forceinline__ void wgmma_body(const Fp8SkinnyParams& p) {
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
             for (int s = 4 * h; s < 4 * h + 4; ++s) {
-                const uint4 lo = *reinterpret_cast<const uint4*>(st + wg_w_off(row0, s));
-                const uint4 hi = *reinterpret_cast<const uint4*>(st + wg_w_off(row0 + 8, s));
+                const uint4 lo = *reinterpret_cast<const uint4*>(st + w_off_as<WSwizzle::Row8>(row0, s));
+                const uint4 hi = *reinterpret_cast<const uint4*>(st + w_off_as<WSwizzle::Row8>(row0 + 8, s));
                 a[s][0] = wg_dequant2(lo.x, lo.y, sel, mult);  // row g,     columns 2q, 2q+1
                 a[s][1] = wg_dequant2(hi.x, hi.y, sel, mult);  // row g + 8, columns 2q, 2q+1
                 a[s][2] = wg_dequant2(lo.z, lo.w, sel, mult);  // row g,     columns 2q+8, 2q+9
