@@ -277,11 +277,21 @@ pub struct CommitAgreement {
 }
 
 impl CommitAgreement {
+    /// Sequence-steps with identical commits, as a fraction (1 when there were none).
     pub fn fraction(&self) -> f64 {
         if self.seq_steps == 0 {
             1.0
         } else {
             self.same_commits as f64 / self.seq_steps as f64
+        }
+    }
+
+    /// Of the slots both committed, the fraction with the same token (1 when there were none).
+    pub fn token_fraction(&self) -> f64 {
+        if self.both_committed == 0 {
+            1.0
+        } else {
+            self.same_token as f64 / self.both_committed as f64
         }
     }
 }

@@ -460,8 +460,8 @@ impl LinearWeight {
     }
 }
 
-/// `ops::gemm::linear` (bf16, by `variant`), or for FP8 weights the W8A16 kernel up to 64
-/// rows and above that the W8A8 path (`w8a8`, where it takes the shape: `outer-vec` or
+/// `ops::gemm::linear` (bf16, by `variant`), or for FP8 weights the W8A16 kernel below
+/// `w8a8.min_rows()` rows (default 65) and from there the W8A8 path (`w8a8`, where it takes the shape: `outer-vec` or
 /// `split-scale`, see `ops::gemm_w8a8`; else the W8A16 kernel in 64-row chunks).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_any<Y: GemmOut>(
@@ -477,11 +477,9 @@ pub fn linear_any<Y: GemmOut>(
     match w {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear(gpu, variant, t, x, w, bias, y),
         LinearWeight::Fp8(w) => {
-            if t > SKINNY_ROW_LIMIT {
-                if let Some(m) = w8a8.filter(|m| m.takes::<Y>(t, w, bias.is_some())) {
-                    if m.linear(gpu, t, x, w, bias, y)?.is_some() {
-                        return Ok(());
-                    }
+            if let Some(m) = w8a8.filter(|m| t >= m.min_rows() && m.takes::<Y>(t, w, bias.is_some())) {
+                if m.linear(gpu, t, x, w, bias, y)?.is_some() {
+                    return Ok(());
                 }
             }
             linear_fp8(gpu, t, x, w, bias, y)
@@ -489,8 +487,8 @@ pub fn linear_any<Y: GemmOut>(
     }
 }
 
-/// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or above 64 rows
-/// `W8a8::linear_swiglu` where `w8a8` takes the shape (the GEMM into `gu`, then `ops::swiglu`
+/// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or from
+/// `w8a8.min_rows()` rows (default 65) `W8a8::linear_swiglu` where `w8a8` takes the shape (the GEMM into `gu`, then `ops::swiglu`
 /// or, on the `split-scale` path, the fused scale + SwiGLU epilogue into `act`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_swiglu_any(
@@ -506,11 +504,9 @@ pub fn linear_swiglu_any(
     match w_gate_up {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
         LinearWeight::Fp8(w) => {
-            if t > SKINNY_ROW_LIMIT {
-                if let Some(m) = w8a8.filter(|m| m.takes_swiglu(t, w)) {
-                    if m.linear_swiglu(gpu, t, x, w, gu, act)?.is_some() {
-                        return Ok(());
-                    }
+            if let Some(m) = w8a8.filter(|m| t >= m.min_rows() && m.takes_swiglu(t, w)) {
+                if m.linear_swiglu(gpu, t, x, w, gu, act)?.is_some() {
+                    return Ok(());
                 }
             }
             linear_fp8_swiglu(gpu, t, x, w, act)

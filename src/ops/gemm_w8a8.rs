@@ -61,6 +61,21 @@ const THREADS: u32 = 256;
 /// 16-byte vectors per thread (`W8_VPT`).
 const VPT: usize = 2;
 
+/// Default [`W8a8::min_rows`]: the W8A16 kernel up to its 64-row tile, W8A8 above (where a
+/// step reads W more than once with W8A16, and the FP8 tensor-core rate starts to matter).
+pub const W8A8_MIN_ROWS: usize = crate::ops::gemm::SKINNY_ROW_LIMIT + 1;
+
+/// `DEMASK_W8A8_MIN_ROWS` (unset: [`W8A8_MIN_ROWS`]): a positive row count.
+fn min_rows_from_env() -> Result<usize> {
+    match std::env::var("DEMASK_W8A8_MIN_ROWS") {
+        Err(_) => Ok(W8A8_MIN_ROWS),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(Error::bad_input(format!("DEMASK_W8A8_MIN_ROWS: `{v}` is not a positive row count"))),
+        },
+    }
+}
+
 /// How [`W8a8`] ran a GEMM (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W8a8Path {
@@ -330,6 +345,9 @@ pub struct W8a8 {
     sx: DTensor<f32>,
     k_max: usize,
     select: W8a8Select,
+    /// The fewest rows a GEMM must have to take the W8A8 path (`linear_any`); fewer run the
+    /// W8A16 kernel. Default [`W8A8_MIN_ROWS`], `DEMASK_W8A8_MIN_ROWS` overrides.
+    min_rows: usize,
     /// `outer-vec` without and with the bias epilogue, then `split-scale`: `None` until the
     /// path's first GEMM; `Some(false)` when cuBLASLt had no algorithm for that first GEMM.
     supported: [Option<bool>; 3],
@@ -349,10 +367,25 @@ impl W8a8 {
             sx: gpu.alloc(&[rows.max(1)])?,
             k_max,
             select: W8a8Select::from_env()?,
+            min_rows: min_rows_from_env()?,
             supported: [None; 3],
             last: None,
             refused: None,
         })
+    }
+
+    /// The fewest rows a GEMM needs for `linear_any` / `linear_swiglu_any` to send it here.
+    pub fn min_rows(&self) -> usize {
+        self.min_rows
+    }
+
+    /// Sets [`W8a8::min_rows`] (at least 1): W8A8 from `rows` rows up, W8A16 below.
+    pub fn set_min_rows(&mut self, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Err(Error::bad_input("W8A8 minimum row count: must be at least 1"));
+        }
+        self.min_rows = rows;
+        Ok(())
     }
 
     /// Restricts the paths (see [`W8a8Select`]).

@@ -299,6 +299,7 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
         let hw = demask::checkpoint::random_weights(&cfg, seed);
         let (q, _) = fake_quant(&hw, ScaleLayout::Channel).unwrap();
         let cpu = CpuModel::new(&q).unwrap();
+        let cpu_f32 = CpuModel::new(&hw).unwrap();
         // ≤ 64 rows (W8A16 for attention / shared / dense layers), then 201 rows (W8A8 there,
         // several 64-row tiles per expert).
         for lens in [vec![37usize, 1, 20], vec![37, 1, 99, 64]] {
@@ -341,9 +342,16 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
                 f.worst_row_rel,
                 100.0 * f.agreement()
             );
-            // CPU f32, the same weights and rows: tiny-llada-moe 3.7-5.0 % rel L2, top-1 98-99 %;
-            // tiny-llada2 16.2 %, 91.6 %.
-            assert!(f.rel_l2 < 0.25 && f.agreement() >= 0.85, "{preset}: {f:?}");
+            // The same quantisation measured on the f32 CPU (FP8 model vs f32 model, same rows):
+            // on random weights tiny-llada2's sigmoid group routing flips many rows under FP8
+            // noise (CPU: 16 % rel L2, 92 % top-1), and above 64 rows W8A8 rounds the inputs
+            // of the attention / shared / dense linears to E4M3 as well, so the GPU may move
+            // the logits somewhat further than the CPU's weight-only quantisation does.
+            let c = compare_logits(&want, &cpu_f32.forward_full(&s).unwrap(), cfg.vocab, 0.05);
+            println!("{preset} {rows} rows: f32 CPU FP8 vs f32: logits rel L2 {:.4}, top-1 {:.1} %", c.rel_l2, 100.0 * c.agreement());
+            let slack = if rows <= 64 { 1.25 } else { 1.5 };
+            assert!(f.rel_l2 <= slack * c.rel_l2 + 0.02, "{preset} {rows} rows: {f:?} (CPU {c:?})");
+            assert!(f.agreement() >= c.agreement() - 0.05 * slack - 0.05, "{preset} {rows} rows: {f:?} (CPU {c:?})");
         }
     }
 }

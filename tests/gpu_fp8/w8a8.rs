@@ -372,6 +372,19 @@ fn dispatch_uses_w8a8_above_64_rows_only() {
         // At 64 rows both are the W8A16 kernel (bit-identical); above, W8A8 quantises x too.
         assert_eq!(same, t <= 64, "t = {t} (W8A8 path {:?})", m.last_path());
     }
+    // The crossover moves (`DEMASK_W8A8_MIN_ROWS`, `GpuModel::set_w8a8_min_rows`): W8A8 from
+    // 17 rows on, W8A16 at 16.
+    assert_eq!(m.min_rows(), 65);
+    m.set_min_rows(17).unwrap();
+    for t in [16, 17] {
+        let mut a = gpu.alloc::<bf16>(&[t, n]).unwrap();
+        let mut b = gpu.alloc::<bf16>(&[t, n]).unwrap();
+        linear_any(&gpu, GemmVariant::Auto, t, &x, &w, None, &mut a, Some(&mut m)).unwrap();
+        demask::ops::gemm_fp8::linear_fp8(&gpu, t, &x, fw, None, &mut b).unwrap();
+        assert_eq!(a.to_host(&gpu).unwrap() == b.to_host(&gpu).unwrap(), t < 17, "min_rows 17, t = {t}");
+    }
+    assert!(m.set_min_rows(0).unwrap_err().to_string().contains("at least 1"));
+    m.set_min_rows(65).unwrap();
     // The gate|up projection: W8A8 + SwiGLU above 64 rows.
     let mut gu = gpu.alloc::<bf16>(&[128, n]).unwrap();
     let (mut a, mut b) = (gpu.alloc::<bf16>(&[128, n / 2]).unwrap(), gpu.alloc::<bf16>(&[128, n / 2]).unwrap());
@@ -422,10 +435,16 @@ fn w8a8_vs_bf16_timing() {
         let w = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap();
         let x = normal(&gpu, &[2048, k], 8, 1.0);
         let mut y = gpu.alloc::<bf16>(&[2048, n]).unwrap();
-        for t in [512usize, 2048] {
+        // Decode-sized row counts (where `DEMASK_W8A8_MIN_ROWS` may move the crossover), then
+        // full-canvas ones; at ≤ 64 rows also the bf16 skinny kernel and W GB/s.
+        for t in [1usize, 16, 32, 48, 64, 512, 2048] {
             let tf = |us: f64| 2.0 * (t * n * k) as f64 / us / 1e6;
             let bf = time(&mut || demask::gpu::gemm::linear(&gpu, t, &x, &wb, None, &mut y).unwrap());
             let mut line = format!("{name:<14} t={t:<5} bf16 {bf:8.1} µs ({:4.0} TFLOP/s)", tf(bf));
+            if t <= 64 {
+                let sk = time(&mut || demask::ops::gemm::linear(&gpu, GemmVariant::Skinny, t, &x, &wb, None, &mut y).unwrap());
+                line += &format!(" | skinny bf16 {sk:7.1} µs ({:4.0} GB/s of W)", (2 * n * k) as f64 / sk / 1e3);
+            }
             for (s, m) in paths.iter_mut() {
                 if !m.takes::<bf16>(t, &w, false) || m.linear(&gpu, t, &x, &w, None, &mut y).unwrap().is_none() {
                     line += &format!(" | {s}: unavailable");
@@ -434,7 +453,8 @@ fn w8a8_vs_bf16_timing() {
                 let us = time(&mut || {
                     m.linear(&gpu, t, &x, &w, None, &mut y).unwrap();
                 });
-                line += &format!(" | {s} {us:8.1} µs ({:4.0} TFLOP/s, {:.2}×)", tf(us), bf / us);
+                line += &format!(" | {s} {us:8.1} µs ({:4.0} TFLOP/s, {:.2}×", tf(us), bf / us);
+                line += &if t <= 64 { format!(", {:4.0} GB/s of W)", (n * k) as f64 / us / 1e3) } else { ")".to_string() };
             }
             let c = time(&mut || demask::ops::gemm_fp8::linear_fp8(&gpu, t, &x, &w, None, &mut y).unwrap());
             line += &format!(" | w8a16 {c:8.1} µs ({:.2}×)", bf / c);

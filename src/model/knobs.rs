@@ -1,0 +1,120 @@
+//! The knobs of a [`GpuModel`] that tests, `demask bench` / `profile` / `fidelity` and the
+//! engine turn between forwards: CUDA graphs, per-op profiling, the residual-stream capture,
+//! the MoE expert tally and the FP8 W8A8 row threshold.
+use super::GpuModel;
+use crate::error::{Error, Result};
+use crate::gpu::graph::GraphStats;
+use crate::ops::gemm_w8a8::W8a8Select;
+
+impl GpuModel {
+    /// Counts, from now on, the experts each MoE layer's routing touches (for the floor of
+    /// `demask bench`: a block of mask rows routes alike, so a decode step reads far fewer
+    /// experts than random rows would). Resets the tally and drops captured graphs (the tally
+    /// launch is part of the forward). An error for a dense model.
+    pub fn set_expert_stats(&mut self, on: bool) -> Result<()> {
+        let st = self.ws.moe.as_mut().ok_or_else(|| Error::bad_input("expert statistics need an MoE model"))?;
+        st.tally.write(&self.gpu, &[0, 0])?;
+        st.tally_on = on;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// `(experts touched, layer forwards)` summed since `set_expert_stats(true)` (one host
+    /// sync); `None` for a dense model.
+    pub fn expert_stats(&self) -> Result<Option<(u64, u64)>> {
+        let Some(st) = &self.ws.moe else { return Ok(None) };
+        let v = st.tally.to_host(&self.gpu)?;
+        Ok(Some((v[0] as u64, v[1] as u64)))
+    }
+
+    /// Turns CUDA graph replay of repeated batch shapes on or off (default on; the environment
+    /// variable `DEMASK_GRAPHS=0` starts a model with it off). Graphs already captured are kept
+    /// while off and used again when turned back on.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+    }
+
+    pub fn graphs_enabled(&self) -> bool {
+        self.graphs_on
+    }
+
+    /// (captures, replays, eager forwards) since the model was built.
+    pub fn graph_stats(&self) -> (u64, u64, u64) {
+        let s = self.graphs.stats();
+        (s.captures, s.replays, s.eager)
+    }
+
+    /// Every graph counter, failed captures included.
+    pub fn graph_counters(&self) -> GraphStats {
+        self.graphs.stats()
+    }
+
+    /// Why the last failed capture failed (its shape then runs eagerly).
+    pub fn graph_failure(&self) -> Option<&str> {
+        self.graphs.last_failure()
+    }
+
+    /// Drops every captured graph (shapes start over at eager).
+    pub fn clear_graphs(&mut self) {
+        self.graphs.clear();
+    }
+
+    /// With `on`, every forward (eager: no CUDA graph) also copies the residual stream after
+    /// each transformer block into a buffer of `n_layers × rows` hidden states (allocated
+    /// here, freed when turned off), which `layer_hidden` reads back: per-layer error
+    /// measurements (`fp8_fidelity::compare_layers`, `demask fidelity`). Off by default; a
+    /// forward without it copies nothing.
+    pub fn set_layer_capture(&mut self, on: bool) -> Result<()> {
+        self.layer_capture = if on {
+            Some(self.gpu.alloc(&[self.cfg.n_layers * self.cap.rows, self.cfg.hidden])?)
+        } else {
+            None
+        };
+        self.captured_rows = None;
+        Ok(())
+    }
+
+    /// The residual stream after every layer of the last forward (with `set_layer_capture`
+    /// on), as f32: `[n_layers][rows * hidden]` (synchronising). An error when capture is off
+    /// or no forward ran since it was turned on.
+    pub fn layer_hidden(&self) -> Result<Vec<Vec<f32>>> {
+        let (Some(c), Some(rows)) = (self.layer_capture.as_ref(), self.captured_rows) else {
+            return Err(Error::bad_input("layer_hidden: set_layer_capture(true), then a forward"));
+        };
+        let (per, n) = (self.cap.rows * self.cfg.hidden, rows * self.cfg.hidden);
+        let all = c.to_host(&self.gpu)?;
+        Ok(all.chunks(per).map(|l| l[..n].iter().map(|v| v.to_f32()).collect()).collect())
+    }
+
+    /// Turns per-op event timing on (every forward then ends with a host sync) or off.
+    pub fn enable_profiling(&mut self, on: bool) -> Result<()> {
+        self.profiler =
+            if on { Some(crate::gpu::profile::OpProfiler::new(&self.gpu, 16 * self.cfg.n_layers + 8)?) } else { None };
+        Ok(())
+    }
+
+    /// FP8 (channel scales) only: linear layers of at least `rows` rows run on the W8A8 path
+    /// (activations quantised per row, FP8 tensor cores), fewer on the W8A16 kernel. Default
+    /// 65 (`ops::gemm_w8a8::W8A8_MIN_ROWS`) or `DEMASK_W8A8_MIN_ROWS`. Drops captured graphs.
+    /// An error for a model without channel-scaled FP8 weights, or for 0.
+    pub fn set_w8a8_min_rows(&mut self, rows: usize) -> Result<()> {
+        let m = self.ws.w8a8.as_mut().ok_or_else(|| Error::bad_input("W8A8 row threshold: the model has no channel-scaled FP8 weights"))?;
+        m.set_min_rows(rows)?;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// The W8A8 row threshold (`None`: no channel-scaled FP8 weights, W8A8 never runs).
+    pub fn w8a8_min_rows(&self) -> Option<usize> {
+        self.ws.w8a8.as_ref().map(|m| m.min_rows())
+    }
+
+    /// Restricts the W8A8 paths (`ops::gemm_w8a8::W8a8Select`; `w8a16`: never W8A8). Drops
+    /// captured graphs. An error for a model without channel-scaled FP8 weights.
+    pub fn set_w8a8_select(&mut self, s: W8a8Select) -> Result<()> {
+        let m = self.ws.w8a8.as_mut().ok_or_else(|| Error::bad_input("W8A8 paths: the model has no channel-scaled FP8 weights"))?;
+        m.select(s);
+        self.graphs.clear();
+        Ok(())
+    }
+}
