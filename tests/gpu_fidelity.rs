@@ -24,8 +24,13 @@ use demask::model::Capacity;
 use demask::weights::HostWeights;
 use serde_json::Value;
 
+/// `$DEMASK_FIXTURES/fidelity` (the packed GPU suite sets it: the binary may run far from the
+/// tree it was built in), else `<crate>/tests/fixtures/fidelity`.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fidelity")
+    std::env::var_os("DEMASK_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+        .join("fidelity")
 }
 
 fn sorted(v: &[Commit]) -> Vec<(u32, u32)> {
