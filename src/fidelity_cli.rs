@@ -2,14 +2,18 @@
 //! or a preset with random weights — per linear weight, at the final logits (against bf16 and,
 //! for models the CPU can run, against the f32 reference), after every transformer block
 //! (relative L2 of the residual stream), and per decode step (commit agreement along the bf16
-//! model's decodes). The measurement is `demask::fp8_fidelity`.
+//! model's decodes). With `--w8a8` (CPU) the W8A8 model, activations quantised to E4M3 per row
+//! as well, is measured the same way next to the W8A16 one. The measurement is
+//! `demask::fp8_fidelity`.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use demask::config::ModelConfig;
-use demask::cpu::forward::CpuModel;
+use demask::cpu::forward::{ActQuant, CpuModel};
 use demask::decode::cpu::CpuStepper;
-use demask::fp8_fidelity::{commit_agreement, compare_logits, cpu_layer_fidelity, fake_quant, CommitAgreement, LayerCmp, LogitCmp, WeightError};
+use demask::fp8_fidelity::{
+    commit_agreement, compare_logits, cpu_layer_fidelity_act, fake_quant, CommitAgreement, LayerCmp, LogitCmp, WeightError,
+};
 use demask::quant::WeightFormat;
 use demask::weights::HostWeights;
 
@@ -23,7 +27,8 @@ pub struct FidelityArgs {
     /// Checkpoint directory (its bf16 weights are the reference).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Or a built-in preset with random weights (tiny-llada, tiny-dream, llada-8b, dream-7b).
+    /// Or a built-in preset with random weights (tiny-llada, tiny-dream, tiny-llada-moe,
+    /// tiny-llada2, llada-8b, dream-7b, llada-moe-7b, llada2-mini).
     #[arg(long)]
     pub preset: Option<String>,
     /// Seed of the random weights and prompts.
@@ -35,6 +40,11 @@ pub struct FidelityArgs {
     /// auto, cpu or cuda[:N]. The CPU runs the FP8 model as f32 (tiny models).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Also measure the W8A8 model next to W8A16: activations quantised to E4M3 per row at
+    /// q|k|v, o, the dense FFN and LLaDA2's shared expert (the GPU's path above 64 rows). f32
+    /// CPU and per-channel scales only (--device cpu, --weights fp8).
+    #[arg(long)]
+    pub w8a8: bool,
     /// Sequences (random prompts) and their prompt length.
     #[arg(long, default_value_t = 3)]
     pub seqs: usize,
@@ -82,9 +92,9 @@ fn print_layers(title: &str, cols: &[(&str, &[LayerCmp])]) {
     }
 }
 
-fn print_commits(a: &CommitAgreement) {
+fn print_commits(what: &str, a: &CommitAgreement) {
     println!(
-        "commits per step (FP8 on the bf16 model's canvas, {} steps): identical sets {}/{} ({:.1} %), same token on {}/{} shared slots",
+        "commits per step ({what} on the bf16 model's canvas, {} steps): identical sets {}/{} ({:.1} %), same token on {}/{} shared slots",
         a.steps,
         a.same_commits,
         a.seq_steps,
@@ -116,6 +126,9 @@ pub fn run(a: FidelityArgs) -> Result<()> {
     if a.block_len == 0 || !a.gen_len.is_multiple_of(a.block_len) || a.steps == 0 || a.seqs == 0 {
         bail!("--block-len must divide --gen-len, and --steps and --seqs must be positive");
     }
+    if a.w8a8 && layout != demask::quant::ScaleLayout::Channel {
+        bail!("--w8a8 with --weights {format}: the W8A8 path takes per-channel scales only (use --weights fp8)");
+    }
     let vocab_hi = cfg.vocab.min(cfg.mask_id as usize);
     let prompts: Vec<Vec<u32>> =
         (0..a.seqs).map(|i| demask::bench::synthetic_tokens(a.prompt_len, vocab_hi, a.seed + 100 + i as u64)).collect();
@@ -124,6 +137,9 @@ pub fn run(a: FidelityArgs) -> Result<()> {
     // large ones are synthesised on the device.
     let host = host.or_else(|| small.then(|| demask::checkpoint::random_weights(&cfg, a.seed)));
     let device = crate::bench_cli::pick_device(&a.device)?;
+    if a.w8a8 && !matches!(device, crate::bench_cli::Device::Cpu) {
+        bail!("--w8a8 measures the f32 CPU model: use --device cpu (on a GPU, --weights fp8 already runs W8A8 above 64 rows)");
+    }
     println!("fidelity of {format} ({}) against bf16: {}", layout.name(), a.model.as_ref().map_or_else(|| a.preset.clone().unwrap_or_default(), |d| d.display().to_string()));
     let mut report = serde_json::json!({ "format": format.name() });
     match device {
@@ -134,19 +150,32 @@ pub fn run(a: FidelityArgs) -> Result<()> {
             let w = host.expect("small models have host weights");
             let (q, errs) = fake_quant(&w, layout)?;
             print_weights(&errs);
-            let (layers, c) = cpu_layer_fidelity(&w, &q, &prompts, TIE_GAP)?;
-            print_logits("logits, FP8 vs bf16 (f32 CPU)", &c);
-            print_layers(
-                "hidden state after each layer (relative L2 of the residual stream; f32 CPU):",
-                &[("FP8 vs bf16", &layers)],
-            );
-            let rows = a.seqs * (a.prompt_len + a.gen_len);
-            let ag = commit_agreement(&mut CpuStepper::new(&w, rows)?, &mut CpuStepper::new(&q, rows)?, &prompts, a.gen_len, a.block_len, a.steps)?;
-            print_commits(&ag);
             report["weights"] = serde_json::to_value(&errs)?;
-            report["logits_fp8_vs_bf16"] = serde_json::to_value(&c)?;
-            report["layers_fp8_vs_bf16"] = serde_json::to_value(&layers)?;
-            report["commits"] = serde_json::to_value(&ag)?;
+            // W8A16 (f32 activations), and with --w8a8 also the W8A8 model: each against bf16.
+            let acts: &[(ActQuant, &str, &str)] = if a.w8a8 {
+                &[(ActQuant::None, "FP8 W8A16", "fp8"), (ActQuant::Fp8Row, "FP8 W8A8", "w8a8")]
+            } else {
+                &[(ActQuant::None, "FP8 W8A16", "fp8")]
+            };
+            let rows = a.seqs * (a.prompt_len + a.gen_len);
+            let mut tables = Vec::new();
+            let mut commits = Vec::new();
+            for &(act, label, key) in acts {
+                let (layers, c) = cpu_layer_fidelity_act(&w, &q, act, &prompts, TIE_GAP)?;
+                print_logits(&format!("logits, {label} vs bf16 (f32 CPU)"), &c);
+                report[format!("logits_{key}_vs_bf16")] = serde_json::to_value(&c)?;
+                report[format!("layers_{key}_vs_bf16")] = serde_json::to_value(&layers)?;
+                let mut test = CpuStepper::new(&q, rows)?.with_act_quant(act);
+                let ag = commit_agreement(&mut CpuStepper::new(&w, rows)?, &mut test, &prompts, a.gen_len, a.block_len, a.steps)?;
+                report[if act == ActQuant::None { "commits".to_string() } else { format!("commits_{key}") }] = serde_json::to_value(&ag)?;
+                tables.push((format!("{label} vs bf16"), layers));
+                commits.push((label, ag));
+            }
+            let cols: Vec<(&str, &[LayerCmp])> = tables.iter().map(|(h, l)| (h.as_str(), l.as_slice())).collect();
+            print_layers("hidden state after each layer (relative L2 of the residual stream; f32 CPU):", &cols);
+            for (label, ag) in &commits {
+                print_commits(label, ag);
+            }
         }
         #[cfg(feature = "cuda")]
         crate::bench_cli::Device::Cuda(gpu) => {
@@ -205,7 +234,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
                 );
             }
             let ag = commit_agreement(&mut rb, &mut rf, &prompts, a.gen_len, a.block_len, a.steps)?;
-            print_commits(&ag);
+            print_commits("GPU FP8", &ag);
             report["commits"] = serde_json::to_value(&ag)?;
         }
     }

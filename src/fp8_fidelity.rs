@@ -12,9 +12,14 @@
 //! [`compare_layers`] measures the hidden state after every transformer block (relative L2 of
 //! the residual stream), from `CpuModel::forward_full_layers` or `GpuModel::layer_hidden`;
 //! [`cpu_layer_fidelity`] runs it, and the logit comparison, for two host models on the CPU.
+//!
+//! The W8A8 model (the GPU's path above 64 rows: activations quantised to E4M3 per row too) is
+//! `fake_quant`'s weights on a `CpuModel` with `ActQuant::Fp8Row`
+//! ([`cpu_layer_fidelity_act`]; `CpuStepper::with_act_quant` for [`commit_agreement`]).
 use half::bf16;
 
 use crate::batch::RowBatch;
+use crate::cpu::forward::{ActQuant, CpuModel};
 use crate::decode::policy::{Policy, StepCtx};
 use crate::decode::step::{Commit, SeqWork, StepBackend};
 use crate::error::Result;
@@ -238,9 +243,24 @@ pub fn cpu_layer_fidelity(
     seqs: &[Vec<u32>],
     tie_gap: f32,
 ) -> Result<(Vec<LayerCmp>, LogitCmp)> {
+    cpu_layer_fidelity_act(reference, test, ActQuant::None, seqs, tie_gap)
+}
+
+/// [`cpu_layer_fidelity`] with the test model's activations quantised by `test_act`:
+/// `ActQuant::Fp8Row` on `fake_quant` weights measures the W8A8 model (the reference runs f32
+/// activations).
+pub fn cpu_layer_fidelity_act(
+    reference: &HostWeights,
+    test: &HostWeights,
+    test_act: ActQuant,
+    seqs: &[Vec<u32>],
+    tie_gap: f32,
+) -> Result<(Vec<LayerCmp>, LogitCmp)> {
     let cfg = &reference.cfg;
-    let (want, want_l) = crate::cpu::forward::CpuModel::new(reference)?.forward_full_layers(seqs)?;
-    let (got, got_l) = crate::cpu::forward::CpuModel::new(test)?.forward_full_layers(seqs)?;
+    let (want, want_l) = CpuModel::new(reference)?.forward_full_layers(seqs)?;
+    let mut t = CpuModel::new(test)?;
+    t.set_act_quant(test_act);
+    let (got, got_l) = t.forward_full_layers(seqs)?;
     Ok((compare_layers(&got_l, &want_l, cfg.hidden), compare_logits(&got, &want, cfg.vocab, tie_gap)))
 }
 

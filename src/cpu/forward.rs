@@ -1,7 +1,8 @@
 //! The whole-model forward pass on the CPU (f32): the oracle for the GPU forward and the
 //! backend that runs tiny models end to end. Same `RowBatch` semantics as the GPU: live rows
 //! write post-RoPE K/V into the cache at `cache_base + position`, attention reads
-//! `[cache_base, cache_base + kv_len)` of their sequence.
+//! `[cache_base, cache_base + kv_len)` of their sequence. [`CpuModel::set_act_quant`] fake-quantises
+//! the inputs of the linears the GPU runs W8A8 (with FP8 weights: the W8A8 reference).
 use crate::batch::RowBatch;
 use crate::config::ModelConfig;
 use crate::cpu::llada2::{self, CpuLlada2Moe};
@@ -9,6 +10,8 @@ use crate::cpu::moe::{self, CpuMoe};
 use crate::cpu::{attention, embed, gemm, norm, rope, swiglu};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
+
+pub use crate::cpu::gemm_fp8::ActQuant;
 
 fn f32s(v: &[half::bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
@@ -43,6 +46,8 @@ pub struct CpuModel {
     /// (Dream casts cos/sin to the activation dtype: a no-op in f32). The GPU's bf16 Dream
     /// forward rounds them to bf16 ([`rope::RopeMode::Dream`], settable for parity checks).
     rope_mode: rope::RopeMode,
+    /// Activation quantisation at the W8A8 linears ([`ActQuant::None`] unless set).
+    act_quant: ActQuant,
 }
 
 /// Per-layer K and V rows, `[capacity, n_kv_heads * head_dim]` each.
@@ -100,6 +105,7 @@ impl CpuModel {
             final_norm: f32s(&w.final_norm),
             lm_head: f32s(&w.lm_head),
             rope_mode: rope::RopeMode::Llada,
+            act_quant: ActQuant::None,
         })
     }
 
@@ -107,6 +113,16 @@ impl CpuModel {
     /// to bf16 as the GPU's Dream forward does).
     pub fn set_rope_mode(&mut self, mode: rope::RopeMode) {
         self.rope_mode = mode;
+    }
+
+    /// Sets the activation quantisation of the W8A8 linears (see [`ActQuant`]): `Fp8Row` on
+    /// `fp8_fidelity::fake_quant` weights is the CPU reference of the GPU's W8A8 forward.
+    pub fn set_act_quant(&mut self, q: ActQuant) {
+        self.act_quant = q;
+    }
+
+    pub fn act_quant(&self) -> ActQuant {
+        self.act_quant
     }
 
     pub fn new_cache(&self, capacity: usize) -> CpuKvCache {
@@ -146,7 +162,7 @@ impl CpuModel {
         b.validate(cfg, cache.capacity)?;
         let (t, h, kvd, qd) = (b.rows(), cfg.hidden, cfg.kv_dim(), cfg.q_dim());
         let qkv_dim = cfg.qkv_dim();
-        let mode = self.rope_mode;
+        let (mode, aq) = (self.rope_mode, self.act_quant);
         let eps = cfg.norm_eps as f32;
         let cache_rows = b.cache_rows();
 
@@ -163,6 +179,7 @@ impl CpuModel {
         for (li, l) in self.layers.iter().enumerate() {
             let dense_ffn = l.w_down.len() / h;
             norm::rms_norm(&x, &l.attn_norm, eps, &mut xn);
+            aq.apply(&mut xn, h, || format!("layer {li} q|k|v input"))?;
             gemm::linear(&xn, &l.wqkv, l.bqkv.as_deref(), h, &mut qkv);
             if let Some(w) = &l.q_norm {
                 moe::head_rms_norm_inplace(&mut qkv, qkv_dim, 0, cfg.n_heads, w, eps);
@@ -187,18 +204,21 @@ impl CpuModel {
             }
             let caps = caps.as_deref();
             attention::attention_capped(&qkv, qkv_dim, kc, vc, &b.seqs, cfg.n_heads, cfg.n_kv_heads, caps, &mut att);
+            aq.apply(&mut att, qd, || format!("layer {li} o input"))?;
             gemm::linear(&att, &l.wo, None, qd, &mut o);
             norm::add_inplace(&mut x, &o);
             norm::rms_norm(&x, &l.ffn_norm, eps, &mut xn);
             if let (Some(m), Some(mc), Some(l2)) = (&l.moe2, &cfg.moe, &cfg.llada2) {
-                llada2::moe_ffn(&xn, m, l2, h, cfg.ffn, mc.top_k, &mut o)?;
+                llada2::moe_ffn_quant(&xn, m, l2, h, cfg.ffn, mc.top_k, aq, &mut o)?;
             } else if let (Some(m), Some(mc)) = (&l.moe, &cfg.moe) {
                 moe::moe_ffn(&xn, m, h, cfg.ffn, mc.top_k, mc.norm_topk_prob, &mut o)?;
             } else {
                 gu.resize(t * 2 * dense_ffn, 0.0);
                 act.resize(t * dense_ffn, 0.0);
+                aq.apply(&mut xn, h, || format!("layer {li} gate|up input"))?;
                 gemm::linear(&xn, &l.w_gate_up, None, h, &mut gu);
                 swiglu::swiglu(&gu, dense_ffn, &mut act);
+                aq.apply(&mut act, dense_ffn, || format!("layer {li} down input"))?;
                 gemm::linear(&act, &l.w_down, None, dense_ffn, &mut o);
             }
             norm::add_inplace(&mut x, &o);

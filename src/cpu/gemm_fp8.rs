@@ -1,10 +1,14 @@
 //! Reference of the W8A16 GEMM (kernels/gemm_fp8.cu): `y[t, n] = x[t, k] · Wᵀ (+ bias[n])` for
 //! an E4M3 weight ([`Fp8Matrix`]), computed in f32 exactly as the kernel defines it: the MMA
 //! operand and epilogue factor of `Fp8Matrix::mma_operands` (per-channel: codes, then × s[n];
-//! block: `bf16(q · bf16(s))`), f32 accumulation, then the bias.
+//! block: `bf16(q · bf16(s))`), f32 accumulation, then the bias. Also the W8A8 path's
+//! references ([`linear_w8a8`], [`linear_w8a8_split`], [`w8a8_scale`]) and its activation
+//! quantiser as a fake quantisation ([`fake_quant_rows`], what `CpuModel`'s
+//! `ActQuant::Fp8Row` applies to the inputs of the W8A8 linears).
 use half::bf16;
 
-use crate::quant::Fp8Matrix;
+use crate::error::{Error, Result};
+use crate::quant::{Fp8Matrix, ScaleLayout};
 
 /// `x` is `[t, k]` (bf16 values as f32), `y` is `[t, n]`, `bias` `[n]`.
 pub fn linear_fp8(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
@@ -41,6 +45,58 @@ pub fn linear_w8a8(x: &[f32], w: &Fp8Matrix, bias: Option<&[f32]>, y: &mut [f32]
     for (r, row) in y.chunks_mut(n).enumerate() {
         for (c, v) in row.iter_mut().enumerate() {
             *v = *v * xq.scales[r] * w.scales[c] + bias.map_or(0.0, |b| b[c]);
+        }
+    }
+}
+
+/// The activations the W8A8 GEMM multiplies, dequantised, in place: each row of `x`
+/// (`[t, k]`) quantised to E4M3 with its own scale `sx[r] = max|x[r,:]| / 448` by the
+/// quantiser [`linear_w8a8`] uses (`Fp8Matrix::quantize`, channel layout over the rows), then
+/// replaced by `e4m3_decode(q) · sx[r]` (an all-zero row stays zero). `name` names the
+/// activation in the error a non-finite value gets. `x` empty: nothing to do.
+pub fn fake_quant_rows(name: &str, x: &mut [f32], k: usize) -> Result<()> {
+    if x.is_empty() {
+        return Ok(());
+    }
+    if k == 0 || !x.len().is_multiple_of(k) {
+        return Err(Error::bad_input(format!("{name}: {} values is not a whole number of rows of {k}", x.len())));
+    }
+    let q = Fp8Matrix::quantize(name, x, x.len() / k, k, ScaleLayout::Channel).map_err(|e| match e {
+        Error::Weights { name, msg } => Error::bad_input(format!("W8A8 activation quantisation of `{name}`: {msg}")),
+        e => e,
+    })?;
+    let table = crate::quant::e4m3_table();
+    for ((row, codes), &s) in x.chunks_mut(k).zip(q.q.chunks(k)).zip(&q.scales) {
+        for (v, &c) in row.iter_mut().zip(codes) {
+            *v = table[c as usize] * s;
+        }
+    }
+    Ok(())
+}
+
+/// What the input rows of the linear layers the GPU's W8A8 path quantises (attention q|k|v
+/// and o, the dense FFN's gate|up and down, LLaDA2's shared expert gate|up and down) go
+/// through before the product. The routed experts, the router and the LM head always take f32
+/// activations (on the GPU: W8A16 grouped kernels, bf16 GEMMs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActQuant {
+    /// f32 activations: with `fp8_fidelity::fake_quant` weights, the W8A16 reference.
+    #[default]
+    None,
+    /// Each input row `x[r,:]` replaced by its E4M3 fake quantisation
+    /// ([`fake_quant_rows`]: `e4m3_decode(q) · sx[r]`, `sx[r] = max|x[r,:]| / 448`):
+    /// with `fake_quant` weights, the W8A8 reference. It applies at every row count (the GPU
+    /// takes W8A8 above 64 rows only), and quantises the f32 activations where the GPU
+    /// quantises their bf16 rounding.
+    Fp8Row,
+}
+
+impl ActQuant {
+    /// Fake-quantises `x` (`[t, k]`) in place when on; `what` names the layer's input in errors.
+    pub fn apply(self, x: &mut [f32], k: usize, what: impl FnOnce() -> String) -> Result<()> {
+        match self {
+            ActQuant::None => Ok(()),
+            ActQuant::Fp8Row => fake_quant_rows(&what(), x, k),
         }
     }
 }

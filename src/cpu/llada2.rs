@@ -6,7 +6,8 @@
 //!   are kept, and the `top_k` best biased scores inside them are taken (ties to the lower id);
 //!   weights are the unbiased `s` of those experts divided by `(Σ s + 1e-20)` (not when
 //!   `top_k` is 1), times `routed_scaling_factor`;
-//! - the routed experts' SwiGLU outputs weighted and summed, plus the shared expert's;
+//! - the routed experts' SwiGLU outputs weighted and summed, plus the shared expert's (its
+//!   inputs optionally fake-quantised to E4M3 per row, [`moe_ffn_quant`]: the W8A8 reference);
 //! - partial RoPE: rotate-half over the first `rotary_dim` dims of each head with
 //!   `inv_freq[i] = theta^(-2i / rotary_dim)`, the rest passed through;
 //! - block-causal key caps: a row at position p sees keys `[0, (p / B + 1) · B)`.
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::config::Llada2Config;
 use crate::cpu::gemm;
+use crate::cpu::gemm_fp8::ActQuant;
 use crate::cpu::moe::Route;
 use crate::error::{Error, Result};
 
@@ -66,8 +68,10 @@ pub fn route_row(logits: &[f32], bias: &[f32], l: &Llada2Config, top_k: usize) -
 }
 
 /// `down(silu(gate(x)) · up(x))` of one row for a `[2 * ffn, hidden]` / `[hidden, ffn]` pair,
-/// scaled by `w` and added into `out`.
-fn swiglu_add(x: &[f32], gu: &[f32], down: &[f32], ffn: usize, w: f32, act: &mut Vec<f32>, out: &mut [f32]) {
+/// scaled by `w` and added into `out`; the SwiGLU output goes through `aq` before `down` (the
+/// caller passes `x` already through it).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_add(x: &[f32], gu: &[f32], down: &[f32], ffn: usize, w: f32, aq: ActQuant, act: &mut Vec<f32>, out: &mut [f32]) -> Result<()> {
     let hidden = x.len();
     act.resize(ffn, 0.0);
     for (j, a) in act.iter_mut().enumerate() {
@@ -75,14 +79,33 @@ fn swiglu_add(x: &[f32], gu: &[f32], down: &[f32], ffn: usize, w: f32, act: &mut
         let u = gemm::dot(x, &gu[(ffn + j) * hidden..(ffn + j + 1) * hidden]);
         *a = g / (1.0 + (-g).exp()) * u;
     }
+    aq.apply(act, ffn, || "shared expert down input".into())?;
     for (n, o) in out.iter_mut().enumerate() {
         *o += gemm::dot(act, &down[n * ffn..(n + 1) * ffn]) * w;
     }
+    Ok(())
 }
 
 /// LLaDA2's MoE FFN of every row of `xn` (`[t, hidden]`) into `out` (overwritten): the routed
 /// experts (width `ffn`) weighted as [`route_row`], plus the shared expert.
 pub fn moe_ffn(xn: &[f32], m: &CpuLlada2Moe, l: &Llada2Config, hidden: usize, ffn: usize, top_k: usize, out: &mut [f32]) -> Result<()> {
+    moe_ffn_quant(xn, m, l, hidden, ffn, top_k, ActQuant::None, out)
+}
+
+/// [`moe_ffn`] with the shared expert's inputs (`xn` rows for gate|up, the SwiGLU output for
+/// down) through `aq`, as the GPU's W8A8 path quantises them; the router and the routed
+/// experts take `xn` as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_ffn_quant(
+    xn: &[f32],
+    m: &CpuLlada2Moe,
+    l: &Llada2Config,
+    hidden: usize,
+    ffn: usize,
+    top_k: usize,
+    aq: ActQuant,
+    out: &mut [f32],
+) -> Result<()> {
     let ne = m.router.len() / hidden;
     if ne == 0
         || m.router.len() != ne * hidden
@@ -110,18 +133,29 @@ pub fn moe_ffn(xn: &[f32], m: &CpuLlada2Moe, l: &Llada2Config, hidden: usize, ff
     let t = xn.len() / hidden;
     let mut logits = vec![0f32; t * ne];
     gemm::linear(xn, &m.router, None, hidden, &mut logits);
-    out.par_chunks_mut(hidden).zip(xn.par_chunks(hidden)).zip(logits.par_chunks(ne)).for_each(|((o, x), lg)| {
+    // The shared expert's input: `xn` itself, or its quantised copy.
+    let mut xq = Vec::new();
+    let xs = if aq == ActQuant::None || l.shared_ffn == 0 {
+        xn
+    } else {
+        xq.extend_from_slice(xn);
+        aq.apply(&mut xq, hidden, || "shared expert gate|up input".into())?;
+        &xq
+    };
+    let rows = out.par_chunks_mut(hidden).zip(xn.par_chunks(hidden)).zip(xs.par_chunks(hidden)).zip(logits.par_chunks(ne));
+    rows.try_for_each(|(((o, x), xs), lg)| {
         o.fill(0.0);
         let mut act = Vec::new();
         for (e, w) in route_row(lg, &m.expert_bias, l, top_k) {
             let gu = &m.w_gate_up[e * 2 * ffn * hidden..(e + 1) * 2 * ffn * hidden];
-            swiglu_add(x, gu, &m.w_down[e * hidden * ffn..(e + 1) * hidden * ffn], ffn, w, &mut act, o);
+            let down = &m.w_down[e * hidden * ffn..(e + 1) * hidden * ffn];
+            swiglu_add(x, gu, down, ffn, w, ActQuant::None, &mut act, o)?;
         }
         if l.shared_ffn > 0 {
-            swiglu_add(x, &m.shared_gate_up, &m.shared_down, l.shared_ffn, 1.0, &mut act, o);
+            swiglu_add(xs, &m.shared_gate_up, &m.shared_down, l.shared_ffn, 1.0, aq, &mut act, o)?;
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Partial rotate-half RoPE in place over heads `[col_offset, col_offset + n_heads·head_dim)`

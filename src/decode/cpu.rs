@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::batch::RowBatch;
 use crate::config::ModelConfig;
-use crate::cpu::forward::{CpuKvCache, CpuModel};
+use crate::cpu::forward::{ActQuant, CpuKvCache, CpuModel};
 use crate::error::{Error, Result};
 use crate::weights::HostWeights;
 
@@ -116,6 +116,13 @@ impl CpuStepper {
         let model = CpuModel::new(w)?;
         let cache = model.new_cache(capacity_rows);
         Ok(CpuStepper { model, cache })
+    }
+
+    /// The stepper with its model's activation quantisation set (`ActQuant::Fp8Row` on
+    /// `fp8_fidelity::fake_quant` weights: the W8A8 reference, e.g. for `commit_agreement`).
+    pub fn with_act_quant(mut self, q: ActQuant) -> Self {
+        self.model.set_act_quant(q);
+        self
     }
 
     pub fn model(&self) -> &CpuModel {

@@ -1,6 +1,6 @@
 //! `--weights` on the command line without a GPU: FP8 is refused with a message naming the
 //! flag (never a panic), an unknown format is refused by name; `demask fidelity` on the CPU,
-//! the MoE models included.
+//! the MoE models and `--w8a8` included.
 use std::process::{Command, Output};
 
 fn demask(args: &[&str]) -> Output {
@@ -75,6 +75,31 @@ fn fidelity_command_reports_on_the_cpu() {
     refused(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--weights", "bf16"], &["--weights bf16", "FP8"]);
     refused(&["fidelity", "--preset", "llada-8b", "--device", "cpu"], &["too large for the CPU"]);
     refused(&["fidelity", "--device", "cpu"], &["--model", "--preset"]);
+}
+
+#[test]
+fn fidelity_command_measures_w8a8_next_to_w8a16() {
+    let json = std::env::temp_dir().join(format!("demask-fp8-fid-w8a8-{}.json", std::process::id()));
+    let j = json.to_str().unwrap();
+    let out = demask(&["fidelity", "--preset", "tiny-dream", "--device", "cpu", "--w8a8", "--json", j]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["logits, FP8 W8A16 vs bf16", "logits, FP8 W8A8 vs bf16", "W8A8 vs bf16", "commits per step (FP8 W8A8"] {
+        assert!(stdout.contains(want), "stdout lacks `{want}`:\n{stdout}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    // W8A16 under the keys it always had, W8A8 next to it; activations add error.
+    let (r16, r8) = (v["logits_fp8_vs_bf16"]["rel_l2"].as_f64().unwrap(), v["logits_w8a8_vs_bf16"]["rel_l2"].as_f64().unwrap());
+    assert!(r16 > 0.0 && r8 > r16 && r8 < 0.1, "W8A16 {r16}, W8A8 {r8}");
+    assert_eq!(v["layers_w8a8_vs_bf16"].as_array().unwrap().len(), 2);
+    assert_eq!(v["commits"]["seq_steps"], 48);
+    assert_eq!(v["commits_w8a8"]["seq_steps"], 48);
+    // Without the flag there is no W8A8 entry; block scales have no W8A8 path.
+    let plain = demask(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--seqs", "1", "--gen-len", "8"]);
+    let so = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.status.success() && !so.contains("W8A8"), "{so}");
+    refused(&["fidelity", "--preset", "tiny-llada", "--device", "cpu", "--weights", "fp8-block", "--w8a8"], &["--w8a8", "per-channel"]);
 }
 
 #[test]
