@@ -22,7 +22,7 @@
 //!   device (exactly the bytes FP8 saves against bf16, a finite 64-row forward), and
 //!   `fp8-block` refused by name.
 use demask::config::ModelConfig;
-use demask::cpu::forward::CpuModel;
+use demask::cpu::forward::{ActQuant, CpuModel};
 use demask::cpu::moe::{self as cpu_moe, Route};
 use demask::cpu::moe_fp8::{expert_ffn_fp8, Fp8ExpertsHost};
 use demask::fp8_fidelity::{compare_logits, fake_quant};
@@ -299,6 +299,10 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
         let hw = demask::checkpoint::random_weights(&cfg, seed);
         let (q, _) = fake_quant(&hw, ScaleLayout::Channel).unwrap();
         let cpu = CpuModel::new(&q).unwrap();
+        // The W8A8 reference: the same FP8 model with the inputs of the linears that run W8A8
+        // above 64 rows (attention, shared expert, dense layers) fake-quantised per row.
+        let mut cpu_w8a8 = CpuModel::new(&q).unwrap();
+        cpu_w8a8.set_act_quant(ActQuant::Fp8Row);
         let cpu_f32 = CpuModel::new(&hw).unwrap();
         // ≤ 64 rows (W8A16 for attention / shared / dense layers), then 201 rows (W8A8 there,
         // several 64-row tiles per expert).
@@ -316,16 +320,23 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
             }
             let mut m = GpuModel::new(gpu.clone(), cfg.clone(), fw, cap).unwrap();
             let got = m.forward_full(&s).unwrap();
-            let want = cpu.forward_full(&s).unwrap();
+            let want = if rows <= 64 { cpu.forward_full(&s).unwrap() } else { cpu_w8a8.forward_full(&s).unwrap() };
             if rows <= 64 {
                 moe_rows::check_rows(&format!("{preset} FP8 {rows} rows vs CPU FP8 model"), &got, &want, cfg.vocab);
             } else {
-                // W8A8 quantises the activations of the attention / shared / dense linears too
-                // (tests/gpu_fp8/model.rs), which moves routing: fidelity bounds, not parity. On
-                // the CPU, FP8 weights alone move tiny-llada2's logits by 16 % rel L2 (random
-                // weights: its sigmoid group routing flips many rows), tiny-llada-moe's by 4 %.
+                // Against the CPU W8A8 model: the GPU quantises bf16 activations, the CPU f32
+                // ones, so some values round to the other E4M3 neighbour, and on random weights
+                // that flips routing at near-ties (tiny-llada2's sigmoid group routing most):
+                // fidelity bounds, not parity. Printed next to the W8A16 reference's distance.
                 let c = compare_logits(&got, &want, cfg.vocab, 0.05);
-                println!("{preset} FP8 {rows} rows vs CPU FP8 model: rel L2 {:.4}, top-1 {:.1} %", c.rel_l2, 100.0 * c.agreement());
+                let c16 = compare_logits(&got, &cpu.forward_full(&s).unwrap(), cfg.vocab, 0.05);
+                println!(
+                    "{preset} FP8 {rows} rows vs CPU W8A8 model: rel L2 {:.4}, top-1 {:.1} % (vs CPU W8A16 model: {:.4}, {:.1} %)",
+                    c.rel_l2,
+                    100.0 * c.agreement(),
+                    c16.rel_l2,
+                    100.0 * c16.agreement()
+                );
                 assert!(c.rel_l2 < 0.25 && c.agreement() >= 0.85, "{preset} {rows} rows: {c:?}");
             }
             // Grouped vs reference FP8 expert kernels: same roundings, other summation order.
@@ -342,16 +353,14 @@ fn fp8_moe_forward_matches_the_cpu_fp8_model() {
                 f.worst_row_rel,
                 100.0 * f.agreement()
             );
-            // The same quantisation measured on the f32 CPU (FP8 model vs f32 model, same rows):
-            // on random weights tiny-llada2's sigmoid group routing flips many rows under FP8
-            // noise (CPU: 16 % rel L2, 92 % top-1), and above 64 rows W8A8 rounds the inputs
-            // of the attention / shared / dense linears to E4M3 as well, so the GPU may move
-            // the logits somewhat further than the CPU's weight-only quantisation does.
+            // The same quantisation measured on the f32 CPU (the FP8 model, W8A8 above 64 rows,
+            // against the f32 model, same rows): on random weights tiny-llada2's sigmoid group
+            // routing flips many rows under FP8 noise (CPU, W8A16: 16 % rel L2, 92 % top-1).
             let c = compare_logits(&want, &cpu_f32.forward_full(&s).unwrap(), cfg.vocab, 0.05);
             println!("{preset} {rows} rows: f32 CPU FP8 vs f32: logits rel L2 {:.4}, top-1 {:.1} %", c.rel_l2, 100.0 * c.agreement());
-            let slack = if rows <= 64 { 1.25 } else { 1.5 };
+            let slack = 1.25;
             assert!(f.rel_l2 <= slack * c.rel_l2 + 0.02, "{preset} {rows} rows: {f:?} (CPU {c:?})");
-            assert!(f.agreement() >= c.agreement() - 0.05 * slack - 0.05, "{preset} {rows} rows: {f:?} (CPU {c:?})");
+            assert!(f.agreement() >= c.agreement() - 0.1, "{preset} {rows} rows: {f:?} (CPU {c:?})");
         }
     }
 }
