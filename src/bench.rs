@@ -446,11 +446,13 @@ pub fn step_roofline_as(
         + dense_ffn_layers * 3.0 * h * df as f64
         + moe_layers * 3.0 * h * sf as f64;
     let expert_params = moe_layers * n_experts * 3.0 * h * cfg.ffn as f64;
-    // FP8 with channel scales above 64 rows runs the linear layers on the W8A8 path: their
-    // FLOPs at the measured FP8 rate, the rest (experts, LM head, attention) at the bf16 rate.
+    // FP8 with channel scales from `DEMASK_W8A8_MIN_ROWS` (default 17) rows runs the linear
+    // layers on the W8A8 path: their FLOPs at the measured FP8 rate, the rest (experts, LM
+    // head, attention) at the bf16 rate.
     let linear_flops = 2.0 * rows * linear_params;
+    let w8a8_from = crate::quant::w8a8_min_rows_from_env().unwrap_or(crate::quant::W8A8_MIN_ROWS) as f64;
     let fp8_rate = match (format, c.fp8_tflops) {
-        (WeightFormat::Fp8(crate::quant::ScaleLayout::Channel), Some(r)) if rows > 64.0 => Some(r),
+        (WeightFormat::Fp8(crate::quant::ScaleLayout::Channel), Some(r)) if rows >= w8a8_from => Some(r),
         _ => None,
     };
     // Weights once (the embedding only through its gathered rows), K/V rows read, f32 logits.

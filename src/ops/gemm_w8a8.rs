@@ -61,20 +61,7 @@ const THREADS: u32 = 256;
 /// 16-byte vectors per thread (`W8_VPT`).
 const VPT: usize = 2;
 
-/// Default [`W8a8::min_rows`]: the W8A16 kernel up to its 64-row tile, W8A8 above (where a
-/// step reads W more than once with W8A16, and the FP8 tensor-core rate starts to matter).
-pub const W8A8_MIN_ROWS: usize = crate::ops::gemm::SKINNY_ROW_LIMIT + 1;
-
-/// `DEMASK_W8A8_MIN_ROWS` (unset: [`W8A8_MIN_ROWS`]): a positive row count.
-fn min_rows_from_env() -> Result<usize> {
-    match std::env::var("DEMASK_W8A8_MIN_ROWS") {
-        Err(_) => Ok(W8A8_MIN_ROWS),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(Error::bad_input(format!("DEMASK_W8A8_MIN_ROWS: `{v}` is not a positive row count"))),
-        },
-    }
-}
+pub use crate::quant::{w8a8_min_rows_from_env as min_rows_from_env, W8A8_MIN_ROWS};
 
 /// How [`W8a8`] ran a GEMM (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

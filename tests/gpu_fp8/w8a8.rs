@@ -351,7 +351,7 @@ fn w8a8_swiglu_is_the_linear_then_swiglu() {
 }
 
 #[test]
-fn dispatch_uses_w8a8_above_64_rows_only() {
+fn dispatch_takes_w8a8_from_min_rows() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     if !has_fp8(&gpu) {
@@ -363,6 +363,7 @@ fn dispatch_uses_w8a8_above_64_rows_only() {
     let LinearWeight::Fp8(fw) = &w else { unreachable!() };
     let x = normal(&gpu, &[128, k], 6, 1.0);
     let mut m = W8a8::new(&gpu, 128, k).unwrap();
+    m.set_min_rows(65).unwrap();
     for t in [64, 65, 128] {
         let mut a = gpu.alloc::<bf16>(&[t, n]).unwrap();
         let mut b = gpu.alloc::<bf16>(&[t, n]).unwrap();
@@ -372,10 +373,10 @@ fn dispatch_uses_w8a8_above_64_rows_only() {
         // At 64 rows both are the W8A16 kernel (bit-identical); above, W8A8 quantises x too.
         assert_eq!(same, t <= 64, "t = {t} (W8A8 path {:?})", m.last_path());
     }
-    // The crossover moves (`DEMASK_W8A8_MIN_ROWS`, `GpuModel::set_w8a8_min_rows`): W8A8 from
-    // 17 rows on, W8A16 at 16.
-    assert_eq!(m.min_rows(), 65);
-    m.set_min_rows(17).unwrap();
+    // The crossover moves (`DEMASK_W8A8_MIN_ROWS`, `GpuModel::set_w8a8_min_rows`); the
+    // default: W8A8 from 17 rows on, W8A16 at 16.
+    m.set_min_rows(demask::quant::W8A8_MIN_ROWS).unwrap();
+    assert_eq!(m.min_rows(), 17);
     for t in [16, 17] {
         let mut a = gpu.alloc::<bf16>(&[t, n]).unwrap();
         let mut b = gpu.alloc::<bf16>(&[t, n]).unwrap();
