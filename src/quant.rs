@@ -367,14 +367,12 @@ pub fn block_scale(amax: f32) -> f32 {
 }
 
 /// Default of `ops::gemm_w8a8::W8a8::min_rows`, the row count from which FP8 linear layers
-/// with channel scales run W8A8 on the GPU: 17. Measured on an H100 (benches/RESULTS.md
-/// v0.11): at t ≤ 16 the W8A16 kernel is the faster (LLaDA-8B qkv 27-30 µs against 35-36);
-/// from t ≈ 32 on, where a `dual`/`prefix` decode step of one 32-slot block lives, cuBLASLt's
-/// FP8 GEMM holds its time while the W8A16 kernel's grows with t, and W1 `dual` batch 1 takes
-/// 5.36-5.42 ms per step with W8A8 from 1 or 17 rows against 6.41-6.46 ms with W8A16 up to 64.
-/// The cost is fidelity: E4M3 activations (docs/fp8.md); `DEMASK_W8A8_MIN_ROWS=65` restores
-/// W8A16 for every step of up to 64 rows.
-pub const W8A8_MIN_ROWS: usize = 17;
+/// with channel scales run W8A8 on the GPU: 65, i.e. the W8A16 kernel up to its 64-row tile.
+/// Measured on an H100 (benches/RESULTS.md v0.11), W8A8 from 17 rows is faster on decode
+/// steps (W1 `dual` batch 1: 5.36-5.42 ms per step against 6.41-6.46 ms; at t ≤ 16 W8A16 is
+/// the faster), at a fidelity cost (E4M3 activations, docs/fp8.md). `DEMASK_W8A8_MIN_ROWS=17`
+/// opts in; it becomes the default once the GPU tests have run with it.
+pub const W8A8_MIN_ROWS: usize = 65;
 
 /// `DEMASK_W8A8_MIN_ROWS` (unset: [`W8A8_MIN_ROWS`]): a positive row count.
 pub fn w8a8_min_rows_from_env() -> crate::error::Result<usize> {

@@ -95,8 +95,9 @@ impl GpuModel {
 
     /// FP8 (channel scales) only: linear layers of at least `rows` rows run on the W8A8 path
     /// (activations quantised per row, FP8 tensor cores), fewer on the W8A16 kernel. Default
-    /// 17 (`ops::gemm_w8a8::W8A8_MIN_ROWS`) or `DEMASK_W8A8_MIN_ROWS`; 65 keeps every GEMM of
-    /// up to 64 rows on W8A16 (weights-only quantisation). Drops captured graphs.
+    /// 65 (`ops::gemm_w8a8::W8A8_MIN_ROWS`: every GEMM of up to 64 rows on W8A16,
+    /// weights-only quantisation) or `DEMASK_W8A8_MIN_ROWS`; 17 is faster on decode steps
+    /// (docs/fp8.md). Drops captured graphs.
     /// An error for a model without channel-scaled FP8 weights, or for 0.
     pub fn set_w8a8_min_rows(&mut self, rows: usize) -> Result<()> {
         let m = self.ws.w8a8.as_mut().ok_or_else(|| Error::bad_input("W8A8 row threshold: the model has no channel-scaled FP8 weights"))?;

@@ -34,14 +34,15 @@ fn seqs(vocab: usize, lens: &[usize]) -> Vec<Vec<u32>> {
     lens.iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, vocab.min(500), 70 + i as u64)).collect()
 }
 
-/// Logits of a full-canvas forward of `s`; `w8a16` keeps every GEMM of up to 64 rows on the
-/// W8A16 kernel (`set_w8a8_min_rows(65)`; else the default: W8A8 from 17 rows).
+/// Logits of a full-canvas forward of `s`. With channel-scaled FP8 weights, `w8a16` keeps
+/// every GEMM of up to 64 rows on the W8A16 kernel (`set_w8a8_min_rows(65)`), else every GEMM
+/// runs W8A8 (`set_w8a8_min_rows(1)`), whatever the default.
 fn gpu_logits(gpu: &std::sync::Arc<demask::gpu::Gpu>, cfg: &ModelConfig, w: GpuWeights, s: &[Vec<u32>], w8a16: bool) -> Vec<f32> {
     let total: usize = s.iter().map(|x| x.len()).sum();
     let cap = Capacity { rows: total, logit_rows: total, cache_rows: total, seqs: s.len() };
     let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
-    if w8a16 && m.w8a8_min_rows().is_some() {
-        m.set_w8a8_min_rows(65).unwrap();
+    if m.w8a8_min_rows().is_some() {
+        m.set_w8a8_min_rows(if w8a16 { 65 } else { 1 }).unwrap();
     }
     m.forward_full(s).unwrap()
 }
@@ -49,8 +50,8 @@ fn gpu_logits(gpu: &std::sync::Arc<demask::gpu::Gpu>, cfg: &ModelConfig, w: GpuW
 #[test]
 fn fp8_forward_matches_the_cpu_fp8_model() {
     // 58 rows (one forward) and 201: with block scales always the W8A16 kernel (in 64-row
-    // chunks above 64); with channel scales the W8A16 kernel at 58 rows when asked
-    // (`set_w8a8_min_rows(65)`), and the W8A8 path by default at both.
+    // chunks above 64); with channel scales the W8A16 kernel (58 rows) and the W8A8 path (both),
+    // each asked for by `set_w8a8_min_rows`.
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     for preset in common::DENSE_PRESETS {
@@ -308,7 +309,7 @@ fn published_fp8_checkpoint_runs_as_stored() {
 fn fp8_forwards_allocate_no_device_memory() {
     // After the first forwards of each shape (eager, capture, replay; cuBLASLt FP8 plans made),
     // repeated forwards of an 8-row step (W8A16), a 32-row decode step and a 256-row full step
-    // (both W8A8 by default) leave the device's free memory unchanged.
+    // (both W8A8 with `set_w8a8_min_rows(17)`) leave the device's free memory unchanged.
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     let cfg = ModelConfig::preset("tiny-llada").unwrap();
@@ -316,6 +317,7 @@ fn fp8_forwards_allocate_no_device_memory() {
     let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
     let cap = Capacity { rows: 256, logit_rows: 256, cache_rows: 256, seqs: 1 };
     let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
+    m.set_w8a8_min_rows(17).unwrap();
     let step = demask::bench::gpu::decode_batch(&cfg, 256, 32, 224, 1);
     let small = demask::bench::gpu::decode_batch(&cfg, 256, 8, 248, 1);
     let full = demask::bench::gpu::decode_batch(&cfg, 256, 256, 0, 1);

@@ -373,9 +373,9 @@ fn dispatch_takes_w8a8_from_min_rows() {
         // At 64 rows both are the W8A16 kernel (bit-identical); above, W8A8 quantises x too.
         assert_eq!(same, t <= 64, "t = {t} (W8A8 path {:?})", m.last_path());
     }
-    // The crossover moves (`DEMASK_W8A8_MIN_ROWS`, `GpuModel::set_w8a8_min_rows`); the
-    // default: W8A8 from 17 rows on, W8A16 at 16.
-    m.set_min_rows(demask::quant::W8A8_MIN_ROWS).unwrap();
+    // The crossover moves (`DEMASK_W8A8_MIN_ROWS`, `GpuModel::set_w8a8_min_rows`): W8A8 from
+    // 17 rows on, W8A16 at 16.
+    m.set_min_rows(17).unwrap();
     assert_eq!(m.min_rows(), 17);
     for t in [16, 17] {
         let mut a = gpu.alloc::<bf16>(&[t, n]).unwrap();
