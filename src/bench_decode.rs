@@ -175,6 +175,9 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
                 let mut stepper = GpuStepper::with_weights(gpu.clone(), cfg, weights, cap)?;
                 variants.apply(stepper.model_mut());
                 eprintln!("variants: {}", variants.describe());
+                if let Some(r) = stepper.model().w8a8_min_rows() {
+                    eprintln!("FP8 linear layers: the W8A16 kernel below {r} live rows, W8A8 from {r} (DEMASK_W8A8_MIN_ROWS)");
+                }
                 let opts = EngineOptions { max_batch, max_rows: rows_cap, ..Default::default() };
                 let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
                 let mut engine = Engine::with_backend(Box::new(stepper), None, dev, &opts);
