@@ -1,6 +1,6 @@
 //! Reference of the W8A16 GEMM (kernels/gemm_fp8.cu): `y[t, n] = x[t, k] · Wᵀ (+ bias[n])` for
 //! an E4M3 weight ([`Fp8Matrix`]), computed in f32 exactly as the kernel defines it: the MMA
-//! operand and epilogue factor of `Fp8Matrix::mma_operands` (per-channel: codes, then × s[n];
+//! operand and epilogue factor of `Fp8Matrix::mma_operands` (per-channel: codes, then × `s[n]`;
 //! block: `bf16(q · bf16(s))`), f32 accumulation, then the bias. Also the W8A8 path's
 //! references ([`linear_w8a8`], [`linear_w8a8_split`], [`w8a8_scale`]) and its activation
 //! quantiser as a fake quantisation ([`fake_quant_rows`], what `CpuModel`'s

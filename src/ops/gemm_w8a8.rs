@@ -17,6 +17,9 @@
 //!    or no algorithm): [`W8a8::linear`] launches nothing and the caller runs the W8A16 kernel
 //!    in 64-row chunks (`ops::gemm_fp8`), reading W ⌈t/64⌉ times.
 //!
+//! Which row counts come here is [`W8a8::min_rows`] (`DEMASK_W8A8_MIN_ROWS`, default
+//! [`W8A8_MIN_ROWS`]): `ops::gemm_fp8::linear_any` sends fewer rows to the W8A16 kernel.
+//!
 //! Each path's support is probed at its first call (a cuBLASLt heuristic query) and
 //! remembered; [`W8a8Select`] (`DEMASK_W8A8=auto|outer-vec|split-scale|w8a16`, or
 //! [`W8a8::select`]) restricts the choice to one path, for tests and side-by-side timing.
@@ -42,7 +45,6 @@
 //! [`W8a8`] owns the quantised-activation scratch (allocated once, for the model's row
 //! capacity) and the cuBLASLt handle, workspace and plans; a call allocates nothing and is
 //! CUDA-graph capturable once its shape has run eagerly (plans made and timed).
-use std::str::FromStr;
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -63,84 +65,8 @@ const VPT: usize = 2;
 
 pub use crate::quant::{w8a8_min_rows_from_env as min_rows_from_env, W8A8_MIN_ROWS};
 
-/// How [`W8a8`] ran a GEMM (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum W8a8Path {
-    /// cuBLASLt FP8 with outer-vector scales (and bias) in its epilogue.
-    OuterVec,
-    /// cuBLASLt's plain FP8 GEMM into the output, then `w8a8_scale_bf16` /
-    /// `w8a8_scale_swiglu_bf16`.
-    SplitScale,
-}
-
-impl W8a8Path {
-    pub fn name(self) -> &'static str {
-        match self {
-            W8a8Path::OuterVec => "outer-vec",
-            W8a8Path::SplitScale => "split-scale",
-        }
-    }
-}
-
-/// Which paths a [`W8a8`] may take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum W8a8Select {
-    /// `outer-vec` where cuBLASLt offers it, else `split-scale`, else the W8A16 fallback.
-    Auto,
-    /// Only `outer-vec` (else the fallback).
-    OuterVec,
-    /// Only `split-scale` (else the fallback).
-    SplitScale,
-    /// Neither: every call falls back to the chunked W8A16 kernel.
-    W8a16,
-}
-
-impl W8a8Select {
-    pub const ALL: [W8a8Select; 4] = [W8a8Select::Auto, W8a8Select::OuterVec, W8a8Select::SplitScale, W8a8Select::W8a16];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            W8a8Select::Auto => "auto",
-            W8a8Select::OuterVec => "outer-vec",
-            W8a8Select::SplitScale => "split-scale",
-            W8a8Select::W8a16 => "w8a16",
-        }
-    }
-
-    /// The paths it allows, in the order they are tried.
-    fn paths(self) -> &'static [W8a8Path] {
-        match self {
-            W8a8Select::Auto => &[W8a8Path::OuterVec, W8a8Path::SplitScale],
-            W8a8Select::OuterVec => &[W8a8Path::OuterVec],
-            W8a8Select::SplitScale => &[W8a8Path::SplitScale],
-            W8a8Select::W8a16 => &[],
-        }
-    }
-
-    /// `DEMASK_W8A8` (unset: `auto`).
-    pub fn from_env() -> Result<Self> {
-        match std::env::var("DEMASK_W8A8") {
-            Ok(v) => v.parse().map_err(|e: Error| Error::bad_input(format!("DEMASK_W8A8: {e}"))),
-            Err(_) => Ok(W8a8Select::Auto),
-        }
-    }
-}
-
-impl FromStr for W8a8Select {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        W8a8Select::ALL
-            .into_iter()
-            .find(|v| v.name() == s)
-            .ok_or_else(|| Error::bad_input(format!("unknown W8A8 path `{s}` (expected auto, outer-vec, split-scale or w8a16)")))
-    }
-}
-
-impl std::fmt::Display for W8a8Select {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+mod paths;
+pub use paths::{W8a8Path, W8a8Select};
 
 /// Mirrors `struct RowQuantParams` in kernels/gemm_fp8.cu.
 #[repr(C)]
