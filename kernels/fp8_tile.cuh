@@ -5,7 +5,7 @@
 // dequantisation (`dequant4`) and one stage of bf16 m16n8k16 MMAs (`mma_stage`). The design
 // notes are at the top of kernels/gemm_fp8.cu. Nothing here is a kernel.
 #pragma once
-#include "common.cuh"
+#include "mma.cuh"  // smem_u32, cp_async16, cp_async_commit/wait, mma_bf16
 
 namespace {
 
@@ -30,9 +30,6 @@ struct Tile8 {
     static_assert(SMEM >= KG * TP * BN * 4, "the k-group reduction tile must fit the ring");
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ int w_off(int r, int c) { return r * BK + ((c ^ ((r & 3) << 1)) << 4); }
 __device__ __forceinline__ int x_off(int r, int c) { return r * BK * 2 + ((c ^ ((r & 1) << 2)) << 4); }
 
@@ -44,21 +41,7 @@ __device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src,
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Codes b0..b3 of `w` (byte 0 first) → bf16x2 {b0, b1} (lo) and {b2, b3} (hi), each value
 // q · mult / 2^120. The bf16 bit pattern sign | (e4m3 & 0x7F) << 4 is q · 2^-120 for every
