@@ -3,8 +3,10 @@
 //! `sx[r] = max|x[r, :]| / 448`, as the host quantiser) and multiplied with the channel-scaled
 //! FP8 weight on cuBLASLt's FP8 tensor cores. Since the row scale and the channel scale factor
 //! out of the dot product, `y[r, c] = sx[r] · sw[c] · Σ_k qx[r, k] · qw[c, k] (+ bias[c])`, and
-//! [`W8a8`] runs it by the first of these paths ([`W8a8Path`]) that this cuBLASLt offers:
+//! [`W8a8`] runs it by the first of these paths ([`W8a8Path`]) that takes it:
 //!
+//! 0. `skinny` (t ≤ 64, Hopper): kernels/gemm_w8a8_skinny.cu, the E4M3 codes on `mma.sync`
+//!    m16n8k32 with scales, bias and SwiGLU in its epilogue (see `gemm_w8a8::skinny`).
 //! 1. `outer-vec`: one cuBLASLt call with sx and sw as outer-vector scales and the bias in its
 //!    epilogue (`gpu::gemm_fp8lt::Fp8Lt::matmul_raw`; cuBLAS ≥ 12.9, and not on every GPU: the
 //!    H100 with the CUDA 13.0 cuBLASLt has no algorithm for it).
@@ -66,7 +68,9 @@ const VPT: usize = 2;
 pub use crate::quant::{w8a8_min_rows_from_env as min_rows_from_env, W8A8_MIN_ROWS};
 
 mod paths;
+mod skinny;
 pub use paths::{W8a8Path, W8a8Select};
+pub use skinny::skinny_w8a8;
 
 /// Mirrors `struct RowQuantParams` in kernels/gemm_fp8.cu.
 #[repr(C)]
@@ -258,6 +262,8 @@ pub struct W8a8 {
     sx: DTensor<f32>,
     k_max: usize,
     select: W8a8Select,
+    /// The GPU's compute capability major version (`skinny` needs 9).
+    cc_major: i32,
     /// The fewest rows a GEMM must have to take the W8A8 path (`linear_any`); fewer run the
     /// W8A16 kernel. Default [`W8A8_MIN_ROWS`], `DEMASK_W8A8_MIN_ROWS` overrides.
     min_rows: usize,
@@ -280,6 +286,7 @@ impl W8a8 {
             sx: gpu.alloc(&[rows.max(1)])?,
             k_max,
             select: W8a8Select::from_env()?,
+            cc_major: gpu.cc_major,
             min_rows: min_rows_from_env()?,
             supported: [None; 3],
             last: None,
@@ -309,17 +316,28 @@ impl W8a8 {
         self.select
     }
 
-    fn probe_index(path: W8a8Path, bias: bool) -> usize {
+    /// The probe slot of a cuBLASLt path (`None` for `skinny`, which needs no probe).
+    fn probe_index(path: W8a8Path, bias: bool) -> Option<usize> {
         match path {
-            W8a8Path::OuterVec => bias as usize,
-            W8a8Path::SplitScale => 2,
+            W8a8Path::Skinny => None,
+            W8a8Path::OuterVec => Some(bias as usize),
+            W8a8Path::SplitScale => Some(2),
         }
     }
 
     /// Whether `path` runs here (`None`: not tried yet); `bias` asks about the outer-vec
-    /// path's bias epilogue (the split path adds the bias itself).
+    /// path's bias epilogue (the split path adds the bias itself). `skinny`: whether this GPU
+    /// runs it (known up front).
     pub fn supported(&self, path: W8a8Path, bias: bool) -> Option<bool> {
-        self.supported[Self::probe_index(path, bias)]
+        match Self::probe_index(path, bias) {
+            Some(i) => self.supported[i],
+            None => Some(self.cc_major == 9),
+        }
+    }
+
+    /// Whether `skinny` runs `t` rows of `w` (selected, and the kernel takes the shape here).
+    fn skinny_takes(&self, t: usize, w: &Fp8Weight) -> bool {
+        self.select.allows_skinny() && skinny::refusal(self.cc_major, t, w).is_none()
     }
 
     /// The path of the last [`W8a8::linear`] / [`W8a8::linear_swiglu`] (`None`: it fell back).
@@ -351,7 +369,11 @@ impl W8a8 {
         } else if t > self.sx.len() || k > self.k_max {
             format!("needs t <= {} and k <= {} (its scratch)", self.sx.len(), self.k_max)
         } else if !k.is_multiple_of(16) {
-            "cuBLASLt's FP8 GEMM needs k to be a multiple of 16".to_string()
+            "the FP8 GEMMs need k to be a multiple of 16".to_string()
+        } else if self.skinny_takes(t, w) {
+            return None;
+        } else if self.select == W8a8Select::Skinny {
+            format!("skinny: {}", skinny::refusal(self.cc_major, t, w).unwrap_or_default())
         } else if self.candidates(n, bias).next().is_none() {
             let open: Vec<String> = self
                 .select
@@ -386,7 +408,8 @@ impl W8a8 {
     }
 
     /// Checks the operands, quantises `x[0..t]` and runs the GEMM by the first path that
-    /// cuBLASLt takes: `Some(OuterVec)` wrote the finished `y`, `Some(SplitScale)` the unscaled
+    /// takes it: `Some(Skinny)` wrote the finished `y` (or, with `act`, SwiGLU's output there
+    /// and nothing in `y`), `Some(OuterVec)` the finished `y`, `Some(SplitScale)` the unscaled
     /// product (`y` then needs its epilogue), `None` nothing (every path refused).
     #[allow(clippy::too_many_arguments)]
     fn gemm<Y: GemmOut>(
@@ -398,6 +421,7 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y_name: &str,
         y: &mut DTensor<Y>,
+        act: Option<u64>,
     ) -> Result<Option<W8a8Path>> {
         let (n, k) = (w.n(), w.k());
         if let Some(why) = self.refusal::<Y>(t, w, bias.is_some()) {
@@ -419,16 +443,23 @@ impl W8a8 {
         }
         quantize_rows(gpu, t, x, &mut self.xq, &mut self.sx)?;
         let (xq, sx) = (self.xq.ptr(gpu), self.sx.ptr(gpu));
+        if self.skinny_takes(t, w) {
+            let ops = skinny::Operands { xq, sx, bias: bp, y: act.unwrap_or(yp) };
+            skinny::launch(gpu, t, w, &ops, Y::OUT == OutType::F32, act.is_some(), None)?;
+            self.last = Some(W8a8Path::Skinny);
+            return Ok(Some(W8a8Path::Skinny));
+        }
         let paths: [Option<W8a8Path>; 2] = {
             let mut c = self.candidates(n, bias.is_some());
             [c.next(), c.next()]
         };
         for path in paths.into_iter().flatten() {
             let r = match path {
+                W8a8Path::Skinny => unreachable!("skinny is not a cuBLASLt candidate"),
                 W8a8Path::OuterVec => self.lt.matmul_raw(gpu, t, n, k, xq, wq, sx, sw, bp, yp),
                 W8a8Path::SplitScale => self.lt.matmul_unscaled_raw(gpu, t, n, k, xq, wq, yp),
             };
-            let probe = Self::probe_index(path, bias.is_some());
+            let probe = Self::probe_index(path, bias.is_some()).expect("a cuBLASLt path");
             match r {
                 Ok(()) => {
                     self.supported[probe] = Some(true);
@@ -461,7 +492,7 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<Y>,
     ) -> Result<Option<W8a8Path>> {
-        let path = self.gemm(gpu, t, x, w, bias, "y", y)?;
+        let path = self.gemm(gpu, t, x, w, bias, "y", y, None)?;
         if path == Some(W8a8Path::SplitScale) {
             scale_raw(gpu, t, w.n(), y.ptr_mut(gpu), self.sx.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)))?;
         }
@@ -469,8 +500,9 @@ impl W8a8 {
     }
 
     /// The gate|up projection with SwiGLU: `act[0..t] = SwiGLU(x[0..t] · dequant(w_gate_up)ᵀ)`,
-    /// `gu` `[>= t, 2·ffn]` the GEMM's output (scratch), `act` `[>= t, ffn]`. `outer-vec` runs
-    /// `ops::swiglu` after the GEMM; `split-scale` applies scales and SwiGLU in one pass.
+    /// `gu` `[>= t, 2·ffn]` the GEMM's output (scratch), `act` `[>= t, ffn]`. `skinny` writes
+    /// `act` from its epilogue (`gu` untouched); `outer-vec` runs `ops::swiglu` after the GEMM;
+    /// `split-scale` applies scales and SwiGLU in one pass.
     /// Returns as [`W8a8::linear`].
     pub fn linear_swiglu(
         &mut self,
@@ -490,11 +522,13 @@ impl W8a8 {
             )));
         }
         act.check_rows(OP, "act", t, ffn)?;
-        let path = self.gemm(gpu, t, x, w_gate_up, None, "gu", gu)?;
+        let ap = act.ptr_mut(gpu);
+        let path = self.gemm(gpu, t, x, w_gate_up, None, "gu", gu, Some(ap))?;
         match path {
+            Some(W8a8Path::Skinny) => {}
             Some(W8a8Path::OuterVec) => crate::ops::swiglu::swiglu(gpu, t, gu, act)?,
             Some(W8a8Path::SplitScale) => {
-                let (ap, sw) = (act.ptr_mut(gpu), w_gate_up.scales.ptr(gpu));
+                let sw = w_gate_up.scales.ptr(gpu);
                 if !aligned16(&[ap]) {
                     return Err(Error::bad_input(format!("{OP}: `act` must be 16-byte aligned")));
                 }
@@ -525,6 +559,8 @@ mod tests {
         let e = "cublaslt".parse::<W8a8Select>().unwrap_err().to_string();
         assert!(e.contains("split-scale"), "{e}");
         assert_eq!(W8a8Select::Auto.paths(), &[W8a8Path::OuterVec, W8a8Path::SplitScale]);
+        assert!(W8a8Select::Auto.allows_skinny() && W8a8Select::Skinny.allows_skinny());
+        assert!(W8a8Select::Skinny.paths().is_empty() && !W8a8Select::SplitScale.allows_skinny());
         assert!(W8a8Select::W8a16.paths().is_empty());
         assert_eq!(W8a8Path::SplitScale.name(), "split-scale");
     }

@@ -28,18 +28,18 @@ use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-fn normal(gpu: &Gpu, dims: &[usize], seed: u64, std: f32) -> DTensor<bf16> {
+pub(crate) fn normal(gpu: &Gpu, dims: &[usize], seed: u64, std: f32) -> DTensor<bf16> {
     let mut t = gpu.alloc::<bf16>(dims).unwrap();
     fill_normal(gpu, &mut t, seed, 0.0, std).unwrap();
     t
 }
 
-fn to_f32(gpu: &Gpu, t: &DTensor<bf16>) -> Vec<f32> {
+pub(crate) fn to_f32(gpu: &Gpu, t: &DTensor<bf16>) -> Vec<f32> {
     t.to_host(gpu).unwrap().iter().map(|v| v.to_f32()).collect()
 }
 
 /// FP8 tensor cores (sm_89+; Hopper here), or `false` after printing why the test is skipped.
-fn has_fp8(gpu: &Gpu) -> bool {
+pub(crate) fn has_fp8(gpu: &Gpu) -> bool {
     if gpu.cc_major < 9 {
         eprintln!("skipping: cuBLASLt FP8 GEMMs need sm_89+ (this device is sm_{}x)", gpu.cc_major);
         return false;
@@ -47,7 +47,7 @@ fn has_fp8(gpu: &Gpu) -> bool {
     true
 }
 
-fn w8a8(gpu: &Gpu, rows: usize, k_max: usize, select: W8a8Select) -> W8a8 {
+pub(crate) fn w8a8(gpu: &Gpu, rows: usize, k_max: usize, select: W8a8Select) -> W8a8 {
     let mut m = W8a8::new(gpu, rows, k_max).unwrap();
     m.select(select);
     m
@@ -412,7 +412,10 @@ fn w8a8_vs_bf16_timing() {
         return;
     }
     let mut paths: Vec<(W8a8Select, W8a8)> =
-        [W8a8Select::OuterVec, W8a8Select::SplitScale].into_iter().map(|s| (s, w8a8(&gpu, 2048, 12288, s))).collect();
+        [W8a8Select::Skinny, W8a8Select::OuterVec, W8a8Select::SplitScale]
+            .into_iter()
+            .map(|s| (s, w8a8(&gpu, 2048, 12288, s)))
+            .collect();
     println!(
         "device {}; µs per call (median of 20 after 3 warm-ups); W8A8 includes the activation quantiser, \
          split-scale its epilogue; w8a16 = the chunked fallback",

@@ -1,5 +1,6 @@
 //! The W8A8 paths ([`W8a8Path`]) and the choice among them ([`W8a8Select`],
-//! `DEMASK_W8A8=auto|outer-vec|split-scale|w8a16`); see the module doc of `ops::gemm_w8a8`.
+//! `DEMASK_W8A8=auto|skinny|outer-vec|split-scale|w8a16`); see the module doc of
+//! `ops::gemm_w8a8`.
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
@@ -7,6 +8,9 @@ use crate::error::{Error, Result};
 /// How `W8a8` ran a GEMM (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W8a8Path {
+    /// kernels/gemm_w8a8_skinny.cu (t ≤ 64): E4M3 MMAs with scales, bias and SwiGLU in the
+    /// epilogue.
+    Skinny,
     /// cuBLASLt FP8 with outer-vector scales (and bias) in its epilogue.
     OuterVec,
     /// cuBLASLt's plain FP8 GEMM into the output, then `w8a8_scale_bf16` /
@@ -17,6 +21,7 @@ pub enum W8a8Path {
 impl W8a8Path {
     pub fn name(self) -> &'static str {
         match self {
+            W8a8Path::Skinny => "skinny",
             W8a8Path::OuterVec => "outer-vec",
             W8a8Path::SplitScale => "split-scale",
         }
@@ -26,8 +31,11 @@ impl W8a8Path {
 /// Which paths a `W8a8` may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W8a8Select {
-    /// `outer-vec` where cuBLASLt offers it, else `split-scale`, else the W8A16 fallback.
+    /// `skinny` up to 64 rows (on Hopper), else `outer-vec` where cuBLASLt offers it, else
+    /// `split-scale`, else the W8A16 fallback.
     Auto,
+    /// Only `skinny` (else the fallback: above 64 rows, off Hopper).
+    Skinny,
     /// Only `outer-vec` (else the fallback).
     OuterVec,
     /// Only `split-scale` (else the fallback).
@@ -37,20 +45,28 @@ pub enum W8a8Select {
 }
 
 impl W8a8Select {
-    pub const ALL: [W8a8Select; 4] = [W8a8Select::Auto, W8a8Select::OuterVec, W8a8Select::SplitScale, W8a8Select::W8a16];
+    pub const ALL: [W8a8Select; 5] =
+        [W8a8Select::Auto, W8a8Select::Skinny, W8a8Select::OuterVec, W8a8Select::SplitScale, W8a8Select::W8a16];
 
     pub fn name(self) -> &'static str {
         match self {
             W8a8Select::Auto => "auto",
+            W8a8Select::Skinny => "skinny",
             W8a8Select::OuterVec => "outer-vec",
             W8a8Select::SplitScale => "split-scale",
             W8a8Select::W8a16 => "w8a16",
         }
     }
 
-    /// The paths it allows, in the order they are tried.
+    /// Whether it allows the `skinny` kernel (tried first, where it takes the shape).
+    pub(super) fn allows_skinny(self) -> bool {
+        matches!(self, W8a8Select::Auto | W8a8Select::Skinny)
+    }
+
+    /// The cuBLASLt paths it allows, in the order they are tried (after `skinny`).
     pub(super) fn paths(self) -> &'static [W8a8Path] {
         match self {
+            W8a8Select::Skinny => &[],
             W8a8Select::Auto => &[W8a8Path::OuterVec, W8a8Path::SplitScale],
             W8a8Select::OuterVec => &[W8a8Path::OuterVec],
             W8a8Select::SplitScale => &[W8a8Path::SplitScale],
@@ -73,7 +89,7 @@ impl FromStr for W8a8Select {
         W8a8Select::ALL
             .into_iter()
             .find(|v| v.name() == s)
-            .ok_or_else(|| Error::bad_input(format!("unknown W8A8 path `{s}` (expected auto, outer-vec, split-scale or w8a16)")))
+            .ok_or_else(|| Error::bad_input(format!("unknown W8A8 path `{s}` (expected auto, skinny, outer-vec, split-scale or w8a16)")))
     }
 }
 
