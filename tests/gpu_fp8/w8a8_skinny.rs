@@ -36,7 +36,8 @@ fn compare(label: &str, got: &[f32], want: &[f32], rows: &[usize], t: usize, n: 
     for (i, &r) in rows.iter().enumerate().filter(|&(_, &r)| r < t) {
         for c in 0..n {
             let (g, w) = (got[r * n + c], want[i * n + c]);
-            if !((g - w).abs() <= 4e-3 + 8e-3 * w.abs()) {
+            let ok = (g - w).abs() <= 4e-3 + 8e-3 * w.abs(); // false for NaN
+            if !ok {
                 bad.push((r, c, g, w));
             }
         }
