@@ -48,14 +48,13 @@
 //! capacity) and the cuBLASLt handle, workspace and plans; a call allocates nothing and is
 //! CUDA-graph capturable once its shape has run eagerly (plans made and timed).
 
-use cudarc::driver::PushKernelArg;
 use half::bf16;
 
 use crate::error::{Error, Result};
 use crate::gpu::gemm::{GemmOut, OutType};
 use crate::gpu::gemm_fp8lt::{no_algorithm, Fp8Lt};
 use crate::gpu::launch::{launch_ex, LaunchEx};
-use crate::gpu::{drv, DTensor, Gpu};
+use crate::gpu::{DTensor, Gpu};
 use crate::ops::gemm_fp8::Fp8Weight;
 use crate::quant::ScaleLayout;
 
@@ -134,14 +133,12 @@ pub fn quantize_rows(gpu: &Gpu, t: usize, x: &DTensor<bf16>, q: &mut DTensor<u8>
         return Err(Error::bad_input(format!("quantize_rows_fp8: [{t}, {k}] is too large")));
     };
     let params = RowQuantParams { x: x.ptr(gpu), q: q.ptr_mut(gpu), s: s.ptr_mut(gpu), t: ti, k: ki };
-    let f = gpu.func("gemm_fp8", "quantize_rows_fp8_bf16")?;
-    let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&params);
-    let cfg = cudarc::driver::LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // The kernel waits for its predecessor (pdl_wait) before its first load: launched early
+    // (PDL), its launch latency hides behind the kernel that writes x.
+    let lc = LaunchEx { grid: (t as u32, 1, 1), block: (256, 1, 1), smem: 0, cluster: None, pdl: true };
     // SAFETY: params mirror RowQuantParams; x holds >= t rows of k, q >= t·k bytes, s >= t
     // floats (checked); one block per row.
-    unsafe { b.launch(cfg) }.map_err(drv("quantize_rows_fp8_bf16"))?;
-    gpu.after_launch("quantize_rows_fp8_bf16")
+    unsafe { launch_ex(gpu, "gemm_fp8", "quantize_rows_fp8_bf16", lc, &params) }
 }
 
 /// Grid and block of an epilogue over `t` rows of `vpr` 16-byte vectors (as `ops::swiglu`).
