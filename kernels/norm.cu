@@ -30,6 +30,8 @@
 //   residual load follows the wait anyway, and 92 registers instead of 80.)
 // - delta is read with the streaming hint (__ldcs, evict-first): it is dead after this
 //   kernel and should not push the residual or the next GEMM's input out of L2.
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 // 16-byte vectors held in registers per thread; the wrapper sizes the block so that
@@ -48,7 +50,27 @@ struct NormParams {
     float eps;
 };
 
-extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_bf16(const NormParams p) {
+namespace {
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+// QUANT: also q[row, :] = e4m3(out / s[row]), s[row] = max|out[row, :]| / 448 (1 for a zero
+// row), from the bf16-rounded outputs: exactly quantize_rows_fp8_bf16 (kernels/gemm_fp8.cu)
+// run on `out`, without its launch and its re-read of the row.
+template <bool QUANT>
+__device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, float* sx) {
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
     const int vecs = p.hidden >> 3;
@@ -104,6 +126,53 @@ extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_bf16(
             uint4 o;
             store8(reinterpret_cast<bf16*>(&o), y);  // packs in registers
             reinterpret_cast<uint4*>(out)[v] = o;    // one 16-byte store
+            if constexpr (QUANT) xr[k] = o;          // the rounded outputs, for the codes
         }
     }
+    if constexpr (QUANT) {
+        float m = 0.f;
+#pragma unroll
+        for (int k = 0; k < NORM_MAX_VPT; ++k) {
+            if (threadIdx.x + k * blockDim.x < vecs) {
+                float y[8];
+                load8(reinterpret_cast<const bf16*>(&xr[k]), y);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(y[i]));
+            }
+        }
+        m = block_max(m, scratch);
+        const float s = m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f;
+        if (threadIdx.x == 0) sx[row] = s;
+        uint2* q8 = reinterpret_cast<uint2*>(qx + row * p.hidden);
+#pragma unroll
+        for (int k = 0; k < NORM_MAX_VPT; ++k) {
+            const int v = threadIdx.x + k * blockDim.x;
+            if (v < vecs) {
+                float y[8];
+                load8(reinterpret_cast<const bf16*>(&xr[k]), y);
+                uint32_t c[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) c[i] = (uint32_t)__nv_cvt_float_to_fp8(y[i] / s, __NV_SATFINITE, __NV_E4M3);
+                q8[v] = make_uint2(c[0] | c[1] << 8 | c[2] << 16 | c[3] << 24, c[4] | c[5] << 8 | c[6] << 16 | c[7] << 24);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_bf16(const NormParams p) {
+    norm_body<false>(p, nullptr, nullptr);
+}
+
+// add_rmsnorm_bf16 and the E4M3 codes of its output for the skinny W8A8 GEMM that reads it
+// (src/ops/gemm_w8a8.rs): q [rows, hidden] (16-byte aligned rows: hidden % 16 == 0), s [rows].
+struct NormQuantParams {
+    NormParams n;
+    uint8_t* q;
+    float* s;
+};
+
+extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_quant_bf16(const NormQuantParams p) {
+    norm_body<true>(p.n, p.q, p.s);
 }

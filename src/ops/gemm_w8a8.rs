@@ -269,6 +269,10 @@ pub struct W8a8 {
     supported: [Option<bool>; 3],
     /// The path of the last call (`None`: it fell back).
     last: Option<W8a8Path>,
+    /// (address, rows) of an input whose codes and scales are already in `xq` / `sx` (written
+    /// by `ops::norm::add_rmsnorm_quant`): the next GEMM on exactly that input skips the
+    /// quantiser. Cleared by every GEMM.
+    prequantized: Option<(u64, usize)>,
     /// Why the last path refused the last call that fell back through it (cuBLASLt's message).
     refused: Option<String>,
 }
@@ -287,6 +291,7 @@ impl W8a8 {
             min_rows: min_rows_from_env()?,
             supported: [None; 3],
             last: None,
+            prequantized: None,
             refused: None,
         })
     }
@@ -303,6 +308,30 @@ impl W8a8 {
         }
         self.min_rows = rows;
         Ok(())
+    }
+
+    /// Whether `linear_any` / `linear_swiglu_any` will run `t` rows of `w` on the `skinny`
+    /// path, so the producer of their input may quantise it itself
+    /// ([`W8a8::quant_scratch`], then [`W8a8::set_prequantized`]).
+    pub fn takes_prequantized(&self, t: usize, w: &crate::ops::gemm_fp8::LinearWeight) -> bool {
+        match w {
+            crate::ops::gemm_fp8::LinearWeight::Fp8(w) => {
+                t >= self.min_rows && self.skinny_takes(t, w) && self.takes::<bf16>(t, w, false)
+            }
+            crate::ops::gemm_fp8::LinearWeight::Bf16(_) => false,
+        }
+    }
+
+    /// The activation codes and row scales the next GEMM reads (`[rows, k_max]`, `[rows]`).
+    pub fn quant_scratch(&mut self) -> (&mut DTensor<u8>, &mut DTensor<f32>) {
+        (&mut self.xq, &mut self.sx)
+    }
+
+    /// Declares that [`W8a8::quant_scratch`] holds the quantised rows `0..t` of `x` with row
+    /// stride `x.row_len()` (as `quantize_rows` writes them): the next GEMM whose input is `x`
+    /// with `t` rows on the `skinny` path does not quantise again. Any GEMM clears it.
+    pub fn set_prequantized(&mut self, gpu: &Gpu, x: &DTensor<bf16>, t: usize) {
+        self.prequantized = Some((x.ptr(gpu), t));
     }
 
     /// Restricts the paths (see [`W8a8Select`]).
@@ -420,6 +449,7 @@ impl W8a8 {
         y: &mut DTensor<Y>,
         act: Option<u64>,
     ) -> Result<Option<W8a8Path>> {
+        let pre = self.prequantized.take();
         let (n, k) = (w.n(), w.k());
         if let Some(why) = self.refusal::<Y>(t, w, bias.is_some()) {
             return Err(Error::bad_input(why));
@@ -438,9 +468,12 @@ impl W8a8 {
         if !aligned16(&[wq, sw, bp.unwrap_or(0), yp]) {
             return Err(Error::bad_input(format!("{OP}: w, its scales, the bias and `{y_name}` must be 16-byte aligned")));
         }
-        quantize_rows(gpu, t, x, &mut self.xq, &mut self.sx)?;
+        let skinny = self.skinny_takes(t, w);
+        if !(skinny && pre == Some((x.ptr(gpu), t))) {
+            quantize_rows(gpu, t, x, &mut self.xq, &mut self.sx)?;
+        }
         let (xq, sx) = (self.xq.ptr(gpu), self.sx.ptr(gpu));
-        if self.skinny_takes(t, w) {
+        if skinny {
             let ops = skinny::Operands { xq, sx, bias: bp, y: act.unwrap_or(yp) };
             skinny::launch(gpu, t, w, &ops, Y::OUT == OutType::F32, act.is_some(), None)?;
             self.last = Some(W8a8Path::Skinny);

@@ -1,6 +1,8 @@
 //! `add_rmsnorm_bf16` (kernels/norm.cu): fused residual add + RMSNorm, one block per row.
 //! `residual = bf16(residual + delta)` (when a delta is given, stored back), then
 //! `out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))` with x = residual in f32.
+//! [`add_rmsnorm_quant`] (`add_rmsnorm_quant_bf16`) also writes the E4M3 codes and row scales
+//! of `out` for the skinny W8A8 GEMM that reads it, exactly as `ops::gemm_w8a8::quantize_rows`.
 use half::bf16;
 
 use crate::error::{Error, Result};
@@ -31,6 +33,18 @@ struct NormParams {
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32/f32 scalars).
 unsafe impl cudarc::driver::DeviceRepr for NormParams {}
 
+/// Mirrors `NormQuantParams` in kernels/norm.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NormQuantParams {
+    n: NormParams,
+    q: u64, // uint8_t* [rows, hidden]
+    s: u64, // float* [rows]
+}
+
+// SAFETY: plain-old-data mirror of the C struct (NormParams padded to 8 bytes, then pointers).
+unsafe impl cudarc::driver::DeviceRepr for NormQuantParams {}
+
 /// For the first `rows` rows of `residual` (`[>= rows, hidden]`, hidden = `weight.len()`):
 /// adds `delta` (same shape) into `residual` when given, then writes the RMSNorm of the
 /// (updated) residual times `weight` into `out` (`[>= rows, hidden]`).
@@ -44,6 +58,48 @@ pub fn add_rmsnorm(
     weight: &DTensor<bf16>,
     eps: f32,
     out: &mut DTensor<bf16>,
+) -> Result<()> {
+    norm_impl(gpu, rows, residual, delta, weight, eps, out, None)
+}
+
+/// [`add_rmsnorm`], and rows `0..rows` of `out` quantised to E4M3 per row into `q`
+/// (`[>= rows, hidden]`, hidden % 16 == 0) and `s` (`>= rows` scales): bit for bit
+/// `add_rmsnorm` followed by `ops::gemm_w8a8::quantize_rows(out)`, in one launch.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm_quant(
+    gpu: &Gpu,
+    rows: usize,
+    residual: &mut DTensor<bf16>,
+    delta: Option<&DTensor<bf16>>,
+    weight: &DTensor<bf16>,
+    eps: f32,
+    out: &mut DTensor<bf16>,
+    q: &mut DTensor<u8>,
+    s: &mut DTensor<f32>,
+) -> Result<()> {
+    let hidden = weight.len();
+    if !hidden.is_multiple_of(16) {
+        return Err(Error::bad_input(format!("{OP}: E4M3 rows need hidden % 16 == 0, got {hidden}")));
+    }
+    if q.len() < rows * hidden {
+        return Err(Error::shape(OP, "q", &[rows, hidden], &q.dims));
+    }
+    if s.len() < rows {
+        return Err(Error::shape(OP, "s", &[rows], &s.dims));
+    }
+    norm_impl(gpu, rows, residual, delta, weight, eps, out, Some((q, s)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm_impl(
+    gpu: &Gpu,
+    rows: usize,
+    residual: &mut DTensor<bf16>,
+    delta: Option<&DTensor<bf16>>,
+    weight: &DTensor<bf16>,
+    eps: f32,
+    out: &mut DTensor<bf16>,
+    quant: Option<(&mut DTensor<u8>, &mut DTensor<f32>)>,
 ) -> Result<()> {
     let hidden = weight.len();
     if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_HIDDEN {
@@ -89,9 +145,25 @@ pub fn add_rmsnorm(
         cluster: None,
         pdl: true,
     };
-    let symbol = "add_rmsnorm_bf16";
-    // SAFETY: params mirror NormParams; residual, delta and out hold >= rows rows of hidden,
-    // weight holds hidden (checked above); threads * MAX_VPT * 8 >= hidden by construction;
-    // with PDL the kernel waits for its predecessor before its first load.
-    unsafe { launch_ex(gpu, "norm", symbol, lc, &params) }
+    // SAFETY: params mirror NormParams / NormQuantParams; residual, delta and out hold >= rows
+    // rows of hidden, weight holds hidden, q >= rows·hidden codes and s >= rows scales
+    // (checked above and in add_rmsnorm_quant); threads * MAX_VPT * 8 >= hidden by
+    // construction; with PDL the kernel waits for its predecessor before its first load.
+    match quant {
+        None => unsafe { launch_ex(gpu, "norm", "add_rmsnorm_bf16", lc, &params) },
+        Some((q, s)) => {
+            let qp = NormQuantParams { n: params, q: q.ptr_mut(gpu), s: s.ptr_mut(gpu) };
+            unsafe { launch_ex(gpu, "norm", "add_rmsnorm_quant_bf16", lc, &qp) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn params_match_the_c_layout() {
+        // 4 pointers, 2 ints, a float (+ 4 bytes of tail padding); then 2 pointers.
+        assert_eq!(std::mem::size_of::<super::NormParams>(), 48);
+        assert_eq!(std::mem::size_of::<super::NormQuantParams>(), 64);
+    }
 }

@@ -7,6 +7,8 @@
 //! - the gate|up entry points (SwiGLU in the epilogue) bit for bit against the plain kernel
 //!   into bf16 followed by `ops::swiglu`, and within tolerance of the CPU;
 //! - `auto` takes `skinny` up to 64 rows and a cuBLASLt path above; refusals say why;
+//! - `ops::norm::add_rmsnorm_quant` (the norm writing the codes the skinny GEMM reads) bit for
+//!   bit against `add_rmsnorm` followed by `quantize_rows`;
 //! - a timing sweep (split counts; prints, never fails on time).
 //!
 //! Tolerance: as tests/gpu_fp8/w8a8.rs (`check`): the same E4M3 codes multiplied in f32, so the
@@ -187,6 +189,43 @@ fn auto_takes_skinny_up_to_64_rows_and_refusals_say_why() {
     let bad_bias = gpu.alloc::<bf16>(&[n - 8]).unwrap();
     let e = skinny_w8a8(&gpu, None, 32, &q, &sx, fw, Some(&bad_bias), &mut y).unwrap_err().to_string();
     assert!(e.contains("bias"), "{e}");
+}
+
+#[test]
+fn norm_quant_is_the_norm_then_the_quantiser() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for &(rows, hidden, with_delta) in &[(1, 4096, false), (32, 4096, true), (64, 3584, true), (7, 528, false), (33, 2048, true)] {
+        let seed = (rows * hidden) as u64;
+        let x0 = normal(&gpu, &[rows, hidden], seed, 2.0);
+        let d = normal(&gpu, &[rows, hidden], seed + 1, 1.0);
+        let w = normal(&gpu, &[hidden], seed + 2, 0.3);
+        let delta = with_delta.then_some(&d);
+        // Reference: the plain norm, then the row quantiser on its output.
+        let mut xa = gpu.upload(&x0.to_host(&gpu).unwrap(), &[rows, hidden]).unwrap();
+        let mut ha = gpu.alloc::<bf16>(&[rows, hidden]).unwrap();
+        demask::ops::norm::add_rmsnorm(&gpu, rows, &mut xa, delta, &w, 1e-5, &mut ha).unwrap();
+        let (mut qa, mut sa) = (gpu.alloc::<u8>(&[rows, hidden]).unwrap(), gpu.alloc::<f32>(&[rows]).unwrap());
+        quantize_rows(&gpu, rows, &ha, &mut qa, &mut sa).unwrap();
+        // Fused.
+        let mut xb = gpu.upload(&x0.to_host(&gpu).unwrap(), &[rows, hidden]).unwrap();
+        let mut hb = gpu.alloc::<bf16>(&[rows, hidden]).unwrap();
+        let (mut qb, mut sb) = (gpu.alloc::<u8>(&[rows, hidden]).unwrap(), gpu.alloc::<f32>(&[rows]).unwrap());
+        demask::ops::norm::add_rmsnorm_quant(&gpu, rows, &mut xb, delta, &w, 1e-5, &mut hb, &mut qb, &mut sb).unwrap();
+        let label = format!("{rows}x{hidden} delta={with_delta}");
+        assert_eq!(xa.to_host(&gpu).unwrap(), xb.to_host(&gpu).unwrap(), "{label}: residual");
+        assert_eq!(ha.to_host(&gpu).unwrap(), hb.to_host(&gpu).unwrap(), "{label}: out");
+        assert_eq!(sa.to_host(&gpu).unwrap(), sb.to_host(&gpu).unwrap(), "{label}: scales");
+        let (a, b) = (qa.to_host(&gpu).unwrap(), qb.to_host(&gpu).unwrap());
+        assert_eq!(a.iter().zip(&b).position(|(p, q)| p != q), None, "{label}: first differing code");
+        assert!(a.iter().filter(|&&c| c & 0x7f != 0).count() > a.len() / 2, "{label}: degenerate codes");
+    }
+    // hidden must be a multiple of 16 for 16-byte code rows.
+    let (mut x, w) = (normal(&gpu, &[2, 520], 1, 1.0), normal(&gpu, &[520], 2, 1.0));
+    let mut h = gpu.alloc::<bf16>(&[2, 520]).unwrap();
+    let (mut q, mut s) = (gpu.alloc::<u8>(&[2, 520]).unwrap(), gpu.alloc::<f32>(&[2]).unwrap());
+    let e = demask::ops::norm::add_rmsnorm_quant(&gpu, 2, &mut x, None, &w, 1e-5, &mut h, &mut q, &mut s).unwrap_err();
+    assert!(e.to_string().contains("16"), "{e}");
 }
 
 /// µs per call, median of 20 after 3 warm-ups (CUDA events).
