@@ -71,6 +71,11 @@ mod skinny;
 pub use paths::{W8a8Path, W8a8Select};
 pub use skinny::skinny_w8a8;
 
+/// Block size and 16-byte vectors per thread of `quantize_rows_vec_fp8_bf16` (`QV_THREADS`,
+/// `QV_VPT`).
+const QV_THREADS: usize = 512;
+const QV_VPT: usize = 8;
+
 /// Mirrors `struct RowQuantParams` in kernels/gemm_fp8.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -133,12 +138,17 @@ pub fn quantize_rows(gpu: &Gpu, t: usize, x: &DTensor<bf16>, q: &mut DTensor<u8>
         return Err(Error::bad_input(format!("quantize_rows_fp8: [{t}, {k}] is too large")));
     };
     let params = RowQuantParams { x: x.ptr(gpu), q: q.ptr_mut(gpu), s: s.ptr_mut(gpu), t: ti, k: ki };
-    // The kernel waits for its predecessor (pdl_wait) before its first load: launched early
-    // (PDL), its launch latency hides behind the kernel that writes x.
-    let lc = LaunchEx { grid: (t as u32, 1, 1), block: (256, 1, 1), smem: 0, cluster: None, pdl: true };
+    // The vector kernel (16-byte loads, the row held in registers) where k % 8 == 0 and the
+    // row fits its QV_THREADS × QV_VPT vectors; both give the same codes and scales.
+    let vec = k.is_multiple_of(8) && k <= 8 * QV_THREADS * QV_VPT && x.ptr(gpu) % 16 == 0 && q.ptr(gpu) % 8 == 0;
+    let (sym, threads) = if vec { ("quantize_rows_vec_fp8_bf16", QV_THREADS as u32) } else { ("quantize_rows_fp8_bf16", 256) };
+    // The kernels wait for their predecessor (pdl_wait) before the first load: launched early
+    // (PDL), the launch latency hides behind the kernel that writes x.
+    let lc = LaunchEx { grid: (t as u32, 1, 1), block: (threads, 1, 1), smem: 0, cluster: None, pdl: true };
     // SAFETY: params mirror RowQuantParams; x holds >= t rows of k, q >= t·k bytes, s >= t
-    // floats (checked); one block per row.
-    unsafe { launch_ex(gpu, "gemm_fp8", "quantize_rows_fp8_bf16", lc, &params) }
+    // floats (checked); one block per row; the vector kernel only with k % 8 == 0 (rows of
+    // whole 16-byte vectors, 16-byte aligned x, 8-byte aligned q) and k within its registers.
+    unsafe { launch_ex(gpu, "gemm_fp8", sym, lc, &params) }
 }
 
 /// Grid and block of an epilogue over `t` rows of `vpr` 16-byte vectors (as `ops::swiglu`).
