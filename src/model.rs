@@ -523,8 +523,8 @@ impl GpuModel {
 }
 
 /// `ops::norm::add_rmsnorm` into `h`, the input of the linear layer `next`; where that layer
-/// will run on the skinny W8A8 path, the norm also writes `h`'s E4M3 codes and row scales into
-/// the W8A8 scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch.
+/// will run on a W8A8 path, the norm also writes `h`'s E4M3 codes and row scales into the W8A8
+/// scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch.
 #[allow(clippy::too_many_arguments)]
 fn norm_for(
     g: &crate::gpu::Gpu,

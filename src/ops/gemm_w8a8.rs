@@ -5,8 +5,10 @@
 //! out of the dot product, `y[r, c] = sx[r] · sw[c] · Σ_k qx[r, k] · qw[c, k] (+ bias[c])`, and
 //! [`W8a8`] runs it by the first of these paths ([`W8a8Path`]) that takes it:
 //!
-//! 0. `skinny` (t ≤ 64, Hopper): kernels/gemm_w8a8_skinny.cu, the E4M3 codes on `mma.sync`
-//!    m16n8k32 with scales, bias and SwiGLU in its epilogue (see `gemm_w8a8::skinny`).
+//! 0. `skinny` (t ≤ 64, Hopper; only when selected: `DEMASK_W8A8=skinny`):
+//!    kernels/gemm_w8a8_skinny.cu, the E4M3 codes on `mma.sync` m16n8k32 with scales, bias and
+//!    SwiGLU in its epilogue (see `gemm_w8a8::skinny`). Measured slower than `split-scale` in
+//!    W1 decode steps on the H100, so `auto` leaves it out.
 //! 1. `outer-vec`: one cuBLASLt call with sx and sw as outer-vector scales and the bias in its
 //!    epilogue (`gpu::gemm_fp8lt::Fp8Lt::matmul_raw`; cuBLAS ≥ 12.9, and not on every GPU: the
 //!    H100 with the CUDA 13.0 cuBLASLt has no algorithm for it).
@@ -140,7 +142,7 @@ pub fn quantize_rows(gpu: &Gpu, t: usize, x: &DTensor<bf16>, q: &mut DTensor<u8>
     let params = RowQuantParams { x: x.ptr(gpu), q: q.ptr_mut(gpu), s: s.ptr_mut(gpu), t: ti, k: ki };
     // The vector kernel (16-byte loads, the row held in registers) where k % 8 == 0 and the
     // row fits its QV_THREADS × QV_VPT vectors; both give the same codes and scales.
-    let vec = k.is_multiple_of(8) && k <= 8 * QV_THREADS * QV_VPT && x.ptr(gpu) % 16 == 0 && q.ptr(gpu) % 8 == 0;
+    let vec = k.is_multiple_of(8) && k <= 8 * QV_THREADS * QV_VPT && x.ptr(gpu).is_multiple_of(16) && q.ptr(gpu).is_multiple_of(8);
     let (sym, threads) = if vec { ("quantize_rows_vec_fp8_bf16", QV_THREADS as u32) } else { ("quantize_rows_fp8_bf16", 256) };
     // The kernels wait for their predecessor (pdl_wait) before the first load: launched early
     // (PDL), the launch latency hides behind the kernel that writes x.
@@ -320,14 +322,12 @@ impl W8a8 {
         Ok(())
     }
 
-    /// Whether `linear_any` / `linear_swiglu_any` will run `t` rows of `w` on the `skinny`
-    /// path, so the producer of their input may quantise it itself
+    /// Whether `linear_any` / `linear_swiglu_any` will send `t` rows of `w` here (any W8A8
+    /// path), so the producer of their input may quantise it itself
     /// ([`W8a8::quant_scratch`], then [`W8a8::set_prequantized`]).
     pub fn takes_prequantized(&self, t: usize, w: &crate::ops::gemm_fp8::LinearWeight) -> bool {
         match w {
-            crate::ops::gemm_fp8::LinearWeight::Fp8(w) => {
-                t >= self.min_rows && self.skinny_takes(t, w) && self.takes::<bf16>(t, w, false)
-            }
+            crate::ops::gemm_fp8::LinearWeight::Fp8(w) => t >= self.min_rows && self.takes::<bf16>(t, w, false),
             crate::ops::gemm_fp8::LinearWeight::Bf16(_) => false,
         }
     }
@@ -339,7 +339,7 @@ impl W8a8 {
 
     /// Declares that [`W8a8::quant_scratch`] holds the quantised rows `0..t` of `x` with row
     /// stride `x.row_len()` (as `quantize_rows` writes them): the next GEMM whose input is `x`
-    /// with `t` rows on the `skinny` path does not quantise again. Any GEMM clears it.
+    /// with `t` rows does not quantise again. Any GEMM clears it.
     pub fn set_prequantized(&mut self, gpu: &Gpu, x: &DTensor<bf16>, t: usize) {
         self.prequantized = Some((x.ptr(gpu), t));
     }
@@ -478,12 +478,11 @@ impl W8a8 {
         if !aligned16(&[wq, sw, bp.unwrap_or(0), yp]) {
             return Err(Error::bad_input(format!("{OP}: w, its scales, the bias and `{y_name}` must be 16-byte aligned")));
         }
-        let skinny = self.skinny_takes(t, w);
-        if !(skinny && pre == Some((x.ptr(gpu), t))) {
+        if pre != Some((x.ptr(gpu), t)) {
             quantize_rows(gpu, t, x, &mut self.xq, &mut self.sx)?;
         }
         let (xq, sx) = (self.xq.ptr(gpu), self.sx.ptr(gpu));
-        if skinny {
+        if self.skinny_takes(t, w) {
             let ops = skinny::Operands { xq, sx, bias: bp, y: act.unwrap_or(yp) };
             skinny::launch(gpu, t, w, &ops, Y::OUT == OutType::F32, act.is_some(), None)?;
             self.last = Some(W8a8Path::Skinny);
@@ -599,7 +598,7 @@ mod tests {
         let e = "cublaslt".parse::<W8a8Select>().unwrap_err().to_string();
         assert!(e.contains("split-scale"), "{e}");
         assert_eq!(W8a8Select::Auto.paths(), &[W8a8Path::OuterVec, W8a8Path::SplitScale]);
-        assert!(W8a8Select::Auto.allows_skinny() && W8a8Select::Skinny.allows_skinny());
+        assert!(!W8a8Select::Auto.allows_skinny() && W8a8Select::Skinny.allows_skinny());
         assert!(W8a8Select::Skinny.paths().is_empty() && !W8a8Select::SplitScale.allows_skinny());
         assert!(W8a8Select::W8a16.paths().is_empty());
         assert_eq!(W8a8Path::SplitScale.name(), "split-scale");

@@ -31,8 +31,9 @@ impl W8a8Path {
 /// Which paths a `W8a8` may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W8a8Select {
-    /// `skinny` up to 64 rows (on Hopper), else `outer-vec` where cuBLASLt offers it, else
-    /// `split-scale`, else the W8A16 fallback.
+    /// `outer-vec` where cuBLASLt offers it, else `split-scale`, else the W8A16 fallback.
+    /// (`skinny` is not tried: on the H100 it makes W1 steps slower than `split-scale`,
+    /// benches/RESULTS.md v0.12.)
     Auto,
     /// Only `skinny` (else the fallback: above 64 rows, off Hopper).
     Skinny,
@@ -58,12 +59,12 @@ impl W8a8Select {
         }
     }
 
-    /// Whether it allows the `skinny` kernel (tried first, where it takes the shape).
+    /// Whether it allows the `skinny` kernel (only when selected by name).
     pub(super) fn allows_skinny(self) -> bool {
-        matches!(self, W8a8Select::Auto | W8a8Select::Skinny)
+        self == W8a8Select::Skinny
     }
 
-    /// The cuBLASLt paths it allows, in the order they are tried (after `skinny`).
+    /// The cuBLASLt paths it allows, in the order they are tried.
     pub(super) fn paths(self) -> &'static [W8a8Path] {
         match self {
             W8a8Select::Skinny => &[],
