@@ -368,10 +368,10 @@ pub fn block_scale(amax: f32) -> f32 {
 
 /// Default of `ops::gemm_w8a8::W8a8::min_rows`, the row count from which FP8 linear layers
 /// with channel scales run W8A8 on the GPU: 65, i.e. the W8A16 kernel up to its 64-row tile.
-/// Measured on an H100 (benches/RESULTS.md v0.11), W8A8 from 17 rows is faster on decode
-/// steps (W1 `dual` batch 1: 5.36-5.42 ms per step against 6.41-6.46 ms; at t ≤ 16 W8A16 is
-/// the faster), at a fidelity cost (E4M3 activations, docs/fp8.md). `DEMASK_W8A8_MIN_ROWS=17`
-/// opts in; it becomes the default once the GPU tests have run with it.
+/// Measured on an H100 (benches/RESULTS.md v0.12), W8A8 on decode steps is much faster (W1
+/// `dual` batch 1 with `DEMASK_W8A8_MIN_ROWS=1`: 4.47 ms per step against 6.42 ms), at a
+/// fidelity cost (E4M3 activations, docs/fp8.md). `DEMASK_W8A8_MIN_ROWS=1` (or 17) opts in; a
+/// lower default waits for the model-level W8A8 GPU tests (tests/gpu_fp8) to run.
 pub const W8A8_MIN_ROWS: usize = 65;
 
 /// `DEMASK_W8A8_MIN_ROWS` (unset: [`W8A8_MIN_ROWS`]): a positive row count.

@@ -96,7 +96,7 @@ impl GpuModel {
     /// FP8 (channel scales) only: linear layers of at least `rows` rows run on the W8A8 path
     /// (activations quantised per row, FP8 tensor cores), fewer on the W8A16 kernel. Default
     /// 65 (`ops::gemm_w8a8::W8A8_MIN_ROWS`: every GEMM of up to 64 rows on W8A16,
-    /// weights-only quantisation) or `DEMASK_W8A8_MIN_ROWS`; 17 is faster on decode steps
+    /// weights-only quantisation) or `DEMASK_W8A8_MIN_ROWS`; 1 is much faster on decode steps
     /// (docs/fp8.md). Drops captured graphs.
     /// An error for a model without channel-scaled FP8 weights, or for 0.
     pub fn set_w8a8_min_rows(&mut self, rows: usize) -> Result<()> {
