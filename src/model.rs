@@ -376,7 +376,7 @@ impl GpuModel {
             let _nvtx = crate::gpu::nvtx::range(c"layer");
             // The previous layer's down projection (in `o`) joins the residual here.
             let delta = if li == 0 { None } else { Some(&ws.o) };
-            norm_for(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h, ws.w8a8.as_mut(), &l.wqkv)?;
+            norm_for(g, t, &mut ws.x, delta, &l.attn_norm, eps, &mut ws.h, ws.w8a8.as_mut(), Some(&l.wqkv))?;
             mark!("add_rmsnorm");
             if let (Some(c), true) = (self.layer_capture.as_mut(), li > 0) {
                 // `x` now holds layer li − 1's output (its down projection just added).
@@ -431,10 +431,7 @@ impl GpuModel {
                 GpuFfn::Dense { w_gate_up, .. } if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) => Some(w_gate_up),
                 _ => None,
             };
-            match next {
-                Some(w) => norm_for(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h, ws.w8a8.as_mut(), w)?,
-                None => ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h)?,
-            }
+            norm_for(g, t, &mut ws.x, Some(&ws.o), &l.ffn_norm, eps, &mut ws.h, ws.w8a8.as_mut(), next)?;
             mark!("add_rmsnorm");
             match &l.ffn {
                 GpuFfn::Dense { w_gate_up, w_down } => {
@@ -524,7 +521,8 @@ impl GpuModel {
 
 /// `ops::norm::add_rmsnorm` into `h`, the input of the linear layer `next`; where that layer
 /// will run on a W8A8 path, the norm also writes `h`'s E4M3 codes and row scales into the W8A8
-/// scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch.
+/// scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch. Otherwise any
+/// earlier such mark is dropped, so only the GEMM right after this norm can use the codes.
 #[allow(clippy::too_many_arguments)]
 fn norm_for(
     g: &crate::gpu::Gpu,
@@ -535,15 +533,16 @@ fn norm_for(
     eps: f32,
     h: &mut crate::gpu::DTensor<half::bf16>,
     w8a8: Option<&mut crate::ops::gemm_w8a8::W8a8>,
-    next: &crate::ops::gemm_fp8::LinearWeight,
+    next: Option<&crate::ops::gemm_fp8::LinearWeight>,
 ) -> Result<()> {
-    match w8a8.filter(|m| m.takes_prequantized(t, next) && weight.len().is_multiple_of(16)) {
-        Some(m) => {
-            let (q, s) = m.quant_scratch();
-            ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?;
-            m.set_prequantized(g, h, t);
-            Ok(())
-        }
-        None => ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h),
+    let Some(m) = w8a8 else { return ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h) };
+    m.clear_prequantized();
+    if next.is_some_and(|w| m.takes_prequantized(t, w)) && weight.len().is_multiple_of(16) {
+        let (q, s) = m.quant_scratch();
+        ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?;
+        m.set_prequantized(g, h, t);
+        Ok(())
+    } else {
+        ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h)
     }
 }

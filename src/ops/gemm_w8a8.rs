@@ -344,6 +344,11 @@ impl W8a8 {
         self.prequantized = Some((x.ptr(gpu), t));
     }
 
+    /// Drops a [`W8a8::set_prequantized`] mark that no GEMM consumed.
+    pub fn clear_prequantized(&mut self) {
+        self.prequantized = None;
+    }
+
     /// Restricts the paths (see [`W8a8Select`]).
     pub fn select(&mut self, s: W8a8Select) {
         self.select = s;
