@@ -1,9 +1,10 @@
 // W8A8 skinny GEMM: y[t, n] = sx[r]·sw[c]·Σ_k qx[r, k]·qw[c, k] (+ bias[c]) for t ≤ 64, both
 // operands E4M3 (the activations quantised per row by quantize_rows_fp8_bf16, the weight per
-// output channel), f32 accumulation, bf16 or f32 output. The decode-step W8A8 path of
-// src/ops/gemm_w8a8.rs (`skinny`): at 32 rows cuBLASLt's FP8 GEMM streams the weight at
-// 0.9-1.4 TB/s and needs a separate scale pass; this kernel is the W8A16 kernel's design
-// (kernels/gemm_fp8.cu, read it first) without the dequantisation:
+// output channel), f32 accumulation, bf16 or f32 output. The `skinny` W8A8 path of
+// src/ops/gemm_w8a8.rs (only when selected: on the H100 it streams W at 1.6-2.4 TB/s, about as
+// the W8A16 kernel, and W1 steps are faster on cuBLASLt's FP8 GEMM; benches/RESULTS.md v0.12).
+// It is the W8A16 kernel's design (kernels/gemm_fp8.cu, read it first) without the
+// dequantisation:
 //
 // - A block owns BN = 128 W rows and one k range (cluster split-K over gridDim.y, reduced
 //   through distributed shared memory as in the W8A16 kernel). Stages of BK = 128 columns: a

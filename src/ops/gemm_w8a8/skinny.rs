@@ -1,9 +1,10 @@
 //! The `skinny` W8A8 path for decode-sized row counts (t ≤ 64): the rows quantised to E4M3
 //! (`quantize_rows`), then kernels/gemm_w8a8_skinny.cu multiplies the codes on the E4M3
 //! tensor cores (`mma.sync` m16n8k32) straight from shared memory, with the scales, the bias and
-//! (gate|up) SwiGLU in its epilogue: two launches per linear layer where `split-scale` takes
-//! three, and the weight streamed by the skinny GEMMs' design (128-row slabs, cluster split-K)
-//! instead of cuBLASLt's, which at 32 rows reads FP8 weights at 0.9–1.4 TB/s.
+//! (gate|up) SwiGLU in its epilogue: one GEMM launch where `split-scale` takes two, and the
+//! weight streamed by the skinny GEMMs' design (128-row slabs, cluster split-K). Measured on
+//! the H100 (benches/RESULTS.md v0.12) it streams at 1.6–2.4 TB/s, like the W8A16 kernel, and
+//! W1 steps run faster on `split-scale`, so it runs only when selected (`DEMASK_W8A8=skinny`).
 //!
 //! Output: `y[r, c] = bf16(f32(sx[r]·sw[c])·Σ + bias[c])` (Σ the f32 sum of code products), so
 //! one rounding where `split-scale` rounds the unscaled product to bf16 first; the gate|up entry
