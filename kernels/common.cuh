@@ -35,6 +35,27 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return scratch[0];
 }
 
+// Block-wide max, as block_sum (the max does not depend on the order, so neither does the
+// result). `scratch` holds >= 32 floats of shared memory; all threads get the result.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+// The E4M3 scale of a row or block whose largest magnitude is m: m / 448 (the largest finite
+// E4M3), floored at 1e-30 so no code overflows, and 1 for an all-zero row. The host twin is
+// quant::channel_scale (and block_scale is bf16_ceil of it).
+__device__ __forceinline__ float e4m3_scale(float m) { return m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f; }
+
 // Rounds an f32 to bf16 and back (round-to-nearest-even), to emulate PyTorch's bf16 steps.
 __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 

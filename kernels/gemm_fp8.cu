@@ -161,25 +161,9 @@ extern "C" __global__ void __launch_bounds__(256) quantize_fp8_bf16(const QuantP
     float m = 0.f;
     for (int i = threadIdx.x; i < cnt; i += blockDim.x)
         m = fmaxf(m, fabsf(__bfloat162float(p.w[(size_t)(r0 + i / w) * p.k + c0 + i % w])));
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        m = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
-        m = warp_max(m);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 1.f;
-        if (m > 0.f) {
-            s = fmaxf(m / 448.f, 1.0e-30f);
-            if (blk) s = bf16_ceil(s);
-        }
-        scratch[0] = s;
-        p.scales[blockIdx.x] = s;
-    }
-    __syncthreads();
-    const float s = scratch[0];
+    m = block_max(m, scratch);
+    const float s = blk && m > 0.f ? bf16_ceil(e4m3_scale(m)) : e4m3_scale(m);
+    if (threadIdx.x == 0) p.scales[blockIdx.x] = s;
     for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
         const size_t o = (size_t)(r0 + i / w) * p.k + c0 + i % w;
         p.q[o] = (uint8_t)__nv_cvt_float_to_fp8(__bfloat162float(p.w[o]) / s, __NV_SATFINITE, __NV_E4M3);
@@ -211,21 +195,9 @@ extern "C" __global__ void __launch_bounds__(256) quantize_rows_fp8_bf16(const R
     const bf16* xr = p.x + (size_t)r * p.k;
     float m = 0.f;
     for (int i = threadIdx.x; i < p.k; i += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(xr[i])));
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        m = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
-        m = warp_max(m);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const float s = m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f;
-        scratch[0] = s;
-        p.s[r] = s;
-    }
-    __syncthreads();
-    const float s = scratch[0];
+    m = block_max(m, scratch);
+    const float s = e4m3_scale(m);
+    if (threadIdx.x == 0) p.s[r] = s;
     uint8_t* qr = p.q + (size_t)r * p.k;
     for (int i = threadIdx.x; i < p.k; i += blockDim.x)
         qr[i] = (uint8_t)__nv_cvt_float_to_fp8(__bfloat162float(xr[i]) / s, __NV_SATFINITE, __NV_E4M3);
@@ -259,21 +231,9 @@ extern "C" __global__ void __launch_bounds__(QV_THREADS) quantize_rows_vec_fp8_b
             for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(f[e]));
         }
     }
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        m = threadIdx.x < (blockDim.x >> 5) ? scratch[threadIdx.x] : 0.f;
-        m = warp_max(m);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const float s = m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f;
-        scratch[0] = s;
-        p.s[r] = s;
-    }
-    __syncthreads();
-    const float s = scratch[0];
+    m = block_max(m, scratch);
+    const float s = e4m3_scale(m);
+    if (threadIdx.x == 0) p.s[r] = s;
     uint2* q8 = reinterpret_cast<uint2*>(p.q + (size_t)r * p.k);
 #pragma unroll
     for (int j = 0; j < QV_VPT; ++j) {

@@ -14,6 +14,16 @@
 // block (r, c) takes the 16-byte vectors t + k·blockDim.x (k < W8_VPT) of chunk c of row r;
 // every access is 16 bytes. Requirements (checked by the wrapper): n % 8 == 0 (ffn % 8 == 0),
 // 16-byte aligned y, gu, act, bias and sw.
+//
+//   w8a8_scale_swiglu_quant_bf16  the SwiGLU epilogue, then the per-row E4M3 quantisation of its
+//                           output for the down projection (q, s as quantize_rows_fp8_bf16 in
+//                           kernels/gemm_fp8.cu gives them from act), act written only if asked
+//
+// One block of WQ_THREADS per row holds the row's act values (bf16, in registers) across the
+// row max and the encode, so the down projection needs no quantiser launch and, once its GEMM
+// plan is known, no act round trip (ffn % 8 == 0, ffn <= 8·WQ_THREADS·WQ_VPT).
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 #define W8_THREADS 256  // largest block (THREADS in the wrapper)
@@ -117,6 +127,73 @@ extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_swiglu_bf16(
             uint4 o;
             store8(reinterpret_cast<bf16*>(&o), y);
             o4[c] = o;
+        }
+    }
+}
+
+#define WQ_THREADS 512
+#define WQ_VPT 8  // ffn <= 8 · 512 · 8 = 32768
+
+struct W8a8SwigluQuantParams {
+    const bf16* gu;   // [>= t, 2·ffn]: the unscaled product of gate | up
+    bf16* act;        // [>= t, ffn] or nullptr (not written)
+    uint8_t* q;       // [>= t, ffn] E4M3 codes of act (8-byte aligned)
+    float* s;         // [>= t]: in the GEMM's row scales (sx), out act's row scales
+    const float* sw;  // [2·ffn]
+    int t;
+    int ffn;
+};
+
+extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant_bf16(const W8a8SwigluQuantParams p) {
+    __shared__ float scratch[32];
+    pdl_wait();
+    pdl_trigger();
+    const int vpr = p.ffn >> 3;
+    const int64_t r = blockIdx.x;
+    const uint4* g4 = reinterpret_cast<const uint4*>(p.gu + r * 2 * p.ffn);
+    const uint4* u4 = g4 + vpr;
+    // s[r] is read here, before block_max's barriers, and overwritten after them.
+    const float sx = p.s[r];
+    uint4 a[WQ_VPT];  // act, 8 bf16 per vector
+    float m = 0.f;
+#pragma unroll
+    for (int k = 0; k < WQ_VPT; ++k) {
+        const int c = threadIdx.x + k * WQ_THREADS;
+        if (c < vpr) {
+            float g[8], u[8], sg[8], su[8], y[8];
+            load8(reinterpret_cast<const bf16*>(g4 + c), g);
+            load8(reinterpret_cast<const bf16*>(u4 + c), u);
+            load_scales8(p.sw + 8 * c, sg);
+            load_scales8(p.sw + p.ffn + 8 * c, su);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float gv = round_bf16(__fmul_rn(__fmul_rn(sx, sg[i]), g[i]));
+                const float uv = round_bf16(__fmul_rn(__fmul_rn(sx, su[i]), u[i]));
+                const float sl = round_bf16(gv / (1.f + expf(-gv)));
+                y[i] = sl * uv;
+            }
+            store8(reinterpret_cast<bf16*>(&a[k]), y);
+            load8(reinterpret_cast<const bf16*>(&a[k]), y);  // the bf16 values, as act holds them
+#pragma unroll
+            for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(y[i]));
+        }
+    }
+    m = block_max(m, scratch);
+    const float s = e4m3_scale(m);
+    if (threadIdx.x == 0) p.s[r] = s;
+    uint2* q8 = reinterpret_cast<uint2*>(p.q + r * p.ffn);
+    uint4* o4 = p.act ? reinterpret_cast<uint4*>(p.act + r * p.ffn) : nullptr;
+#pragma unroll
+    for (int k = 0; k < WQ_VPT; ++k) {
+        const int c = threadIdx.x + k * WQ_THREADS;
+        if (c < vpr) {
+            if (o4) o4[c] = a[k];
+            float y[8];
+            load8(reinterpret_cast<const bf16*>(&a[k]), y);
+            uint32_t e[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) e[i] = (uint32_t)__nv_cvt_float_to_fp8(y[i] / s, __NV_SATFINITE, __NV_E4M3);
+            q8[c] = make_uint2(e[0] | e[1] << 8 | e[2] << 16 | e[3] << 24, e[4] | e[5] << 8 | e[6] << 16 | e[7] << 24);
         }
     }
 }

@@ -1,5 +1,6 @@
 // Fused residual add + RMSNorm, one block per row:
-//   if delta: residual = bf16(residual + delta)   (stored back)
+//   if delta: residual = bf16(residual + delta)   (stored back; with dsx, delta is scaled
+//             first: the deferred epilogue of a W8A8 GEMM, see NormParams)
 //   out = bf16( w * bf16( x * rsqrt(mean(x^2) + eps) ) ),  x = residual in f32
 // (PyTorch: normalise in f32, cast to bf16, multiply by the bf16 weight).
 // hidden % 8 == 0 and hidden <= 8 * blockDim.x * NORM_MAX_VPT (checked by the wrapper).
@@ -45,6 +46,12 @@ struct NormParams {
     const bf16* delta;   // [rows, hidden] or null (no add)
     const bf16* weight;  // [hidden]
     bf16* out;           // [rows, hidden]
+    // With dsx: delta holds the unscaled product D of a W8A8 `split-scale` GEMM, and the value
+    // added is bf16(dsx[row]·dsw[c]·D (+ dbias[c])), exactly what w8a8_scale_bf16
+    // (kernels/gemm_w8a8.cu) would have stored in delta: that launch and round trip saved.
+    const float* dsx;    // [rows] or null
+    const float* dsw;    // [hidden] (with dsx)
+    const bf16* dbias;   // [hidden] or null
     int rows;
     int hidden;
     float eps;
@@ -52,24 +59,10 @@ struct NormParams {
 
 namespace {
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nwarps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
-    if (warp == 0) v = warp_max(v);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
-
 // QUANT: also q[row, :] = e4m3(out / s[row]), s[row] = max|out[row, :]| / 448 (1 for a zero
 // row), from the bf16-rounded outputs: exactly quantize_rows_fp8_bf16 (kernels/gemm_fp8.cu)
 // run on `out`, without its launch and its re-read of the row.
-template <bool QUANT>
+template <bool QUANT, bool DSCALE>
 __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, float* sx) {
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
@@ -80,6 +73,9 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
     const uint4* w4 = reinterpret_cast<const uint4*>(p.weight);
     pdl_wait();
     pdl_trigger();
+    // Read before any barrier: with QUANT, sx may be the buffer dsx points to (the W8A8
+    // scratch), and its row is overwritten after the block reductions.
+    const float dsx = DSCALE ? p.dsx[row] : 0.f;
     // All loads first (raw 16-byte vectors), so they are in flight together.
     uint4 xr[NORM_MAX_VPT], dr[NORM_MAX_VPT], wr[NORM_MAX_VPT];
 #pragma unroll
@@ -103,6 +99,19 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
             if (del4) {
                 float d[8];
                 load8(reinterpret_cast<const bf16*>(&dr[k]), d);
+                if constexpr (DSCALE) {
+                    float sw[8], b[8];
+                    const float4* s4 = reinterpret_cast<const float4*>(p.dsw) + 2 * v;
+                    const float4 s0 = __ldg(s4), s1 = __ldg(s4 + 1);
+                    sw[0] = s0.x, sw[1] = s0.y, sw[2] = s0.z, sw[3] = s0.w;
+                    sw[4] = s1.x, sw[5] = s1.y, sw[6] = s1.z, sw[7] = s1.w;
+                    if (p.dbias) load8(p.dbias + 8 * v, b);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const float sc = __fmul_rn(dsx, sw[i]);
+                        d[i] = round_bf16(p.dbias ? __fmaf_rn(sc, d[i], b[i]) : __fmul_rn(sc, d[i]));
+                    }
+                }
 #pragma unroll
                 for (int i = 0; i < 8; ++i) x[i] = round_bf16(x[i] + d[i]);
                 store8(reinterpret_cast<bf16*>(&xr[k]), x);  // exact: values are already bf16
@@ -141,7 +150,7 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
             }
         }
         m = block_max(m, scratch);
-        const float s = m > 0.f ? fmaxf(m / 448.f, 1.0e-30f) : 1.f;
+        const float s = e4m3_scale(m);
         if (threadIdx.x == 0) sx[row] = s;
         uint2* q8 = reinterpret_cast<uint2*>(qx + row * p.hidden);
 #pragma unroll
@@ -162,7 +171,7 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_bf16(const NormParams p) {
-    norm_body<false>(p, nullptr, nullptr);
+    norm_body<false, false>(p, nullptr, nullptr);
 }
 
 // add_rmsnorm_bf16 and the E4M3 codes of its output for the skinny W8A8 GEMM that reads it
@@ -174,5 +183,16 @@ struct NormQuantParams {
 };
 
 extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) add_rmsnorm_quant_bf16(const NormQuantParams p) {
-    norm_body<true>(p.n, p.q, p.s);
+    norm_body<true, false>(p.n, p.q, p.s);
+}
+
+// The same two with a scaled delta (p.dsx set; NormParams): the scales take registers, so
+// these cap the block at NORM_SCALED_THREADS (hidden <= 8 * 512 * NORM_MAX_VPT = 16384).
+#define NORM_SCALED_THREADS 512
+extern "C" __global__ void __launch_bounds__(NORM_SCALED_THREADS) add_rmsnorm_scaled_bf16(const NormParams p) {
+    norm_body<false, true>(p, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_SCALED_THREADS) add_rmsnorm_quant_scaled_bf16(const NormQuantParams p) {
+    norm_body<true, true>(p.n, p.q, p.s);
 }

@@ -15,7 +15,7 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::gemm_fp8::{linear_any, linear_swiglu_any};
+use crate::ops::gemm_fp8::{linear_any, linear_any_deferred, linear_swiglu_any};
 use crate::ops::{self, attention::{AttnMask, AttnVariant}, gemm::GemmVariant, moe::MoeGemmVariant};
 use crate::quant::WeightFormat;
 
@@ -369,6 +369,9 @@ impl GpuModel {
         if let Some(p) = prof.as_mut() {
             p.begin(g)?;
         }
+        if let Some(m) = ws.w8a8.as_mut() {
+            m.reset_pending();
+        }
         ops::embed::gather_rows(g, t, &idx.tokens, &self.weights.embed, &mut ws.x)?;
         mark!("embed");
         for (li, l) in self.weights.layers.iter().enumerate() {
@@ -425,7 +428,8 @@ impl GpuModel {
                 &mut ws.att,
             )?;
             mark!("attention");
-            linear_any(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, ws.w8a8.as_mut())?;
+            // Only the residual add (norm_for) reads `o`: a W8A8 scale epilogue is left to it.
+            linear_any_deferred(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, ws.w8a8.as_mut())?;
             mark!("gemm_o");
             let next = match &l.ffn {
                 GpuFfn::Dense { w_gate_up, .. } if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) => Some(w_gate_up),
@@ -437,7 +441,7 @@ impl GpuModel {
                 GpuFfn::Dense { w_gate_up, w_down } => {
                     if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
                         // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
-                        linear_swiglu_any(g, gv, t, &ws.h, w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut())?;
+                        linear_swiglu_any(g, gv, t, &ws.h, w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut(), Some(w_down))?;
                         mark!("gemm_gate_up+swiglu");
                     } else {
                         linear_any(g, gv, t, &ws.h, w_gate_up, None, &mut ws.gu, None)?;
@@ -445,7 +449,8 @@ impl GpuModel {
                         ops::swiglu::swiglu(g, t, &ws.gu, &mut ws.act)?;
                         mark!("swiglu");
                     }
-                    linear_any(g, gv, t, &ws.act, w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
+                    // `o` goes to the next layer's (or the final) norm_for, nothing else.
+                    linear_any_deferred(g, gv, t, &ws.act, w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
                     mark!("gemm_down");
                 }
                 GpuFfn::Moe(m) => {
@@ -453,7 +458,7 @@ impl GpuModel {
                     // LLaDA2's shared expert first, into `o`; the combine adds the routed sum.
                     let combine = match (&m.shared, st.shared_gu.as_mut(), st.shared_act.as_mut()) {
                         (Some(se), Some(sgu), Some(sact)) => {
-                            linear_swiglu_any(g, gv, t, &ws.h, &se.w_gate_up, sgu, sact, ws.w8a8.as_mut())?;
+                            linear_swiglu_any(g, gv, t, &ws.h, &se.w_gate_up, sgu, sact, ws.w8a8.as_mut(), Some(&se.w_down))?;
                             mark!("gemm_shared_gate_up+swiglu");
                             linear_any(g, gv, t, sact, &se.w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
                             mark!("gemm_shared_down");
@@ -476,7 +481,7 @@ impl GpuModel {
                 }
             }
         }
-        ops::norm::add_rmsnorm(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h)?;
+        norm_for(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h, ws.w8a8.as_mut(), None)?;
         mark!("add_rmsnorm");
         if let Some(c) = self.layer_capture.as_mut() {
             let last = cfg.n_layers - 1;
@@ -523,6 +528,8 @@ impl GpuModel {
 /// will run on a W8A8 path, the norm also writes `h`'s E4M3 codes and row scales into the W8A8
 /// scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch. Otherwise any
 /// earlier such mark is dropped, so only the GEMM right after this norm can use the codes.
+/// Where `delta` is the output of a `linear_any_deferred` whose scale epilogue is pending, the
+/// norm applies it (`add_rmsnorm_deferred`).
 #[allow(clippy::too_many_arguments)]
 fn norm_for(
     g: &crate::gpu::Gpu,
@@ -537,12 +544,31 @@ fn norm_for(
 ) -> Result<()> {
     let Some(m) = w8a8 else { return ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h) };
     m.clear_prequantized();
-    if next.is_some_and(|w| m.takes_prequantized(t, w)) && weight.len().is_multiple_of(16) {
-        let (q, s) = m.quant_scratch();
-        ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?;
-        m.set_prequantized(g, h, t);
-        Ok(())
-    } else {
-        ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h)
+    let pending = match delta {
+        Some(d) => m.take_deferred(g, d)?,
+        None if m.has_deferred() => {
+            return Err(crate::error::Error::bad_input("norm: a deferred W8A8 scale epilogue is pending, but this norm adds no delta"))
+        }
+        None => None,
+    };
+    let quant = next.is_some_and(|w| m.takes_prequantized(t, w)) && weight.len().is_multiple_of(16);
+    match (pending, delta) {
+        (Some(ds), Some(d)) => {
+            if quant {
+                let (q, s) = m.quant_scratch();
+                ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, Some((q, s)))?;
+                m.set_prequantized(g, h, t);
+                Ok(())
+            } else {
+                ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, None)
+            }
+        }
+        _ if quant => {
+            let (q, s) = m.quant_scratch();
+            ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?;
+            m.set_prequantized(g, h, t);
+            Ok(())
+        }
+        _ => ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h),
     }
 }

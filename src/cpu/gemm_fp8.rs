@@ -89,6 +89,10 @@ pub enum ActQuant {
     /// takes W8A8 above 64 rows only), and quantises the f32 activations where the GPU
     /// quantises their bf16 rounding.
     Fp8Row,
+    /// [`ActQuant::Fp8Row`] of the bf16 rounding of each input (the GPU holds its activations
+    /// in bf16 and quantises those): the same codes as the GPU's quantiser on the same bf16
+    /// values. The rest of the CPU forward stays f32.
+    Fp8RowBf16,
 }
 
 impl ActQuant {
@@ -97,6 +101,12 @@ impl ActQuant {
         match self {
             ActQuant::None => Ok(()),
             ActQuant::Fp8Row => fake_quant_rows(&what(), x, k),
+            ActQuant::Fp8RowBf16 => {
+                for v in x.iter_mut() {
+                    *v = bf16::from_f32(*v).to_f32();
+                }
+                fake_quant_rows(&what(), x, k)
+            }
         }
     }
 }

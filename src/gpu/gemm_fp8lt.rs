@@ -233,6 +233,14 @@ impl Fp8Lt {
         self.matmul(gpu, key, Operands { xq, wq, scales: Some((sx, sw)), bias, y })
     }
 
+    /// Whether a `[t, k] × [n, k]ᵀ` GEMM without a bias (outer-vector scaled, or plain) has a
+    /// plan that has run eagerly (tuned): a later call of that shape will not find cuBLASLt
+    /// without an algorithm.
+    pub fn has_plan(&self, t: usize, n: usize, k: usize, scaled: bool) -> bool {
+        let scaling = if scaled { Scaling::OuterVec } else { Scaling::Unscaled };
+        self.plans.get(&Key { t, n, k, bias: false, scaling }).is_some_and(|p| p.untuned.is_empty())
+    }
+
     /// `y[0..t] = bf16(xq · wqᵀ)`: the plain FP8 GEMM, no scales, no bias (addresses as
     /// [`Fp8Lt::matmul_raw`]). Errors with [`no_algorithm`] true where cuBLASLt has none.
     #[allow(clippy::too_many_arguments)]

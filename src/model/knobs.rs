@@ -111,6 +111,17 @@ impl GpuModel {
         self.ws.w8a8.as_ref().map(|m| m.min_rows())
     }
 
+    /// Whether the W8A8 `split-scale` epilogues fuse into their consumers (default on: the
+    /// O and down scales into the next residual add, the down projection's quantiser into
+    /// the SwiGLU pass). Off gives the same values with more launches (tests, timing). Drops
+    /// captured graphs. An error for a model without channel-scaled FP8 weights.
+    pub fn set_w8a8_fused_epilogues(&mut self, on: bool) -> Result<()> {
+        let m = self.ws.w8a8.as_mut().ok_or_else(|| Error::bad_input("W8A8 epilogues: the model has no channel-scaled FP8 weights"))?;
+        m.set_fused_epilogues(on);
+        self.graphs.clear();
+        Ok(())
+    }
+
     /// Restricts the W8A8 paths (`ops::gemm_w8a8::W8a8Select`; `w8a16`: never W8A8). Drops
     /// captured graphs. An error for a model without channel-scaled FP8 weights.
     pub fn set_w8a8_select(&mut self, s: W8a8Select) -> Result<()> {

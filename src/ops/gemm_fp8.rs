@@ -478,9 +478,13 @@ pub fn linear_any<Y: GemmOut>(
     match w {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear(gpu, variant, t, x, w, bias, y),
         LinearWeight::Fp8(w) => {
-            if let Some(m) = w8a8.filter(|m| t >= m.min_rows() && m.takes::<Y>(t, w, bias.is_some())) {
-                if m.linear(gpu, t, x, w, bias, y)?.is_some() {
-                    return Ok(());
+            if let Some(m) = w8a8 {
+                if t >= m.min_rows() && m.takes::<Y>(t, w, bias.is_some()) {
+                    if m.linear(gpu, t, x, w, bias, y)?.is_some() {
+                        return Ok(());
+                    }
+                } else {
+                    m.note_w8a16();
                 }
             }
             linear_fp8(gpu, t, x, w, bias, y)
@@ -488,10 +492,40 @@ pub fn linear_any<Y: GemmOut>(
     }
 }
 
+/// [`linear_any`] for an output `y` that a residual add reads next and nothing before it:
+/// where the GEMM takes the W8A8 `split-scale` path, its scale epilogue is left to that add
+/// (`W8a8::linear_deferred`; the caller passes `W8a8::take_deferred(y)` to
+/// `ops::norm::add_rmsnorm_deferred`). Every other path finishes `y` here.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_any_deferred(
+    gpu: &Gpu,
+    variant: crate::ops::gemm::GemmVariant,
+    t: usize,
+    x: &DTensor<bf16>,
+    w: &LinearWeight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<bf16>,
+    w8a8: Option<&mut W8a8>,
+) -> Result<()> {
+    match w {
+        LinearWeight::Fp8(fw) => match w8a8 {
+            Some(m) if t >= m.min_rows() && m.takes::<bf16>(t, fw, bias.is_some()) => {
+                if m.linear_deferred(gpu, t, x, fw, bias, y)?.is_some() {
+                    return Ok(());
+                }
+                linear_fp8(gpu, t, x, fw, bias, y)
+            }
+            m => linear_any(gpu, variant, t, x, w, bias, y, m),
+        },
+        LinearWeight::Bf16(_) => linear_any(gpu, variant, t, x, w, bias, y, w8a8),
+    }
+}
+
 /// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or from
 /// `w8a8.min_rows()` rows (default 65) `W8a8::linear_swiglu` where `w8a8` takes the shape
 /// (the GEMM into `gu`, then `ops::swiglu` or, on the `split-scale` path, the fused scale +
-/// SwiGLU epilogue into `act`).
+/// SwiGLU epilogue into `act`). `down`, the projection that reads `act` next (if known), lets
+/// that epilogue quantise `act` for it (`W8a8::linear_swiglu_for`).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_swiglu_any(
     gpu: &Gpu,
@@ -502,13 +536,22 @@ pub fn linear_swiglu_any(
     gu: &mut DTensor<bf16>,
     act: &mut DTensor<bf16>,
     w8a8: Option<&mut W8a8>,
+    down: Option<&LinearWeight>,
 ) -> Result<()> {
     match w_gate_up {
         LinearWeight::Bf16(w) => crate::ops::gemm::linear_swiglu(gpu, variant, t, x, w, gu, act),
         LinearWeight::Fp8(w) => {
-            if let Some(m) = w8a8.filter(|m| t >= m.min_rows() && m.takes_swiglu(t, w)) {
-                if m.linear_swiglu(gpu, t, x, w, gu, act)?.is_some() {
-                    return Ok(());
+            if let Some(m) = w8a8 {
+                if t >= m.min_rows() && m.takes_swiglu(t, w) {
+                    let down = match down {
+                        Some(LinearWeight::Fp8(d)) => Some(d),
+                        _ => None,
+                    };
+                    if m.linear_swiglu_for(gpu, t, x, w, gu, act, down)?.is_some() {
+                        return Ok(());
+                    }
+                } else {
+                    m.note_w8a16();
                 }
             }
             linear_fp8_swiglu(gpu, t, x, w, act)

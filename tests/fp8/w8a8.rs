@@ -366,3 +366,17 @@ fn a_non_finite_activation_is_an_error_naming_the_input() {
     let e = m.forward_full(&s).unwrap_err().to_string();
     assert!(e.contains("layer 0 q|k|v input") && e.contains("non-finite") && e.contains("[1, "), "{e}");
 }
+
+#[test]
+fn fp8_row_bf16_quantises_the_bf16_rounding_of_the_inputs() {
+    let k = 96;
+    let x: Vec<f32> = (0..3 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013_7 + 1e-4 * (i as f32).sin()).collect();
+    let rounded: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    assert!(x.iter().zip(&rounded).filter(|(a, b)| a != b).count() > x.len() / 2, "inputs are not off the bf16 grid");
+    let (mut a, mut b, mut c) = (x.clone(), rounded.clone(), x.clone());
+    ActQuant::Fp8RowBf16.apply(&mut a, k, || "x".into()).unwrap();
+    ActQuant::Fp8Row.apply(&mut b, k, || "x".into()).unwrap();
+    ActQuant::Fp8Row.apply(&mut c, k, || "x".into()).unwrap();
+    assert_eq!(a, b, "Fp8RowBf16(x) must be Fp8Row(bf16(x))");
+    assert_ne!(a, c, "the bf16 rounding must move some codes of these inputs");
+}

@@ -89,23 +89,33 @@ fn fp8_forward_matches_the_cpu_fp8_model() {
                         assert!(c.top1_rows - c.top1_agree <= c.rows.div_ceil(100), "{preset} {layout:?}: {c:?}");
                     } else {
                         // W8A8 (E4M3 activations as well): its own reference, the f32 CPU model
-                        // with the inputs of the same linears fake-quantised per row. The GPU
-                        // quantises bf16 activations and the CPU f32 ones, so a value near an
-                        // E4M3 rounding boundary may land on the other side: the whole-logit
-                        // budget of the bf16 forward, and strictly closer than the W8A16 model.
+                        // with the inputs of the same linears fake-quantised per row from their
+                        // bf16 rounding (as the GPU holds them). The rest of the two forwards
+                        // still differs at bf16 level, and a value that close to an E4M3
+                        // rounding boundary lands on the other side: with ≈ 2⁻⁹ relative
+                        // perturbations against a code step of 2⁻³, several % of the codes
+                        // move by one step. Measured on the CPU: rounding the activations to
+                        // bf16 before quantising alone moves the W8A8 logits by 4.2-4.3 % (the
+                        // first H100 run of this test: GPU vs CPU W8A8 4.35 %). So the bound
+                        // is that flip noise plus the bf16 forward's budget; a missing or
+                        // wrong scale lands far outside it.
                         let mut w8 = CpuModel::new(&q).unwrap();
+                        w8.set_act_quant(ActQuant::Fp8RowBf16);
+                        let w8_logits = w8.forward_full(&s).unwrap();
                         w8.set_act_quant(ActQuant::Fp8Row);
-                        let a = compare_logits(&got, &w8.forward_full(&s).unwrap(), cfg.vocab, TIE_GAP);
+                        let flip = compare_logits(&w8.forward_full(&s).unwrap(), &w8_logits, cfg.vocab, TIE_GAP);
+                        let a = compare_logits(&got, &w8_logits, cfg.vocab, TIE_GAP);
                         println!(
-                            "{preset} {} {path} {rows} rows: GPU FP8 vs CPU f32 W8A8 model: rel L2 {:.3e}, worst row {:.3e}, top-1 {}/{} (near-ties {})",
+                            "{preset} {} {path} {rows} rows: GPU FP8 vs CPU f32 W8A8 model: rel L2 {:.3e}, worst row {:.3e}, top-1 {}/{} (near-ties {}); flip noise (CPU W8A8, f32 vs bf16 inputs) {:.3e}",
                             layout.name(),
                             a.rel_l2,
                             a.worst_row_rel,
                             a.top1_agree,
                             a.top1_rows,
-                            a.near_ties
+                            a.near_ties,
+                            flip.rel_l2
                         );
-                        assert!(a.rel_l2 <= REL_TOL && a.rel_l2 < c.rel_l2, "{preset} {layout:?} {rows} rows: W8A8 {a:?}, W8A16 {c:?}");
+                        assert!(a.rel_l2 <= flip.rel_l2 + REL_TOL, "{preset} {layout:?} {rows} rows: W8A8 {a:?}, flip noise {flip:?}, W8A16 {c:?}");
                         assert!(a.agreement() >= 0.95, "{preset} {layout:?} {rows} rows: {a:?}");
                     }
                     let f = compare_logits(&got, &bf, cfg.vocab, TIE_GAP);

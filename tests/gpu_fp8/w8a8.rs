@@ -390,7 +390,7 @@ fn dispatch_takes_w8a8_from_min_rows() {
     // The gate|up projection: W8A8 + SwiGLU above 64 rows.
     let mut gu = gpu.alloc::<bf16>(&[128, n]).unwrap();
     let (mut a, mut b) = (gpu.alloc::<bf16>(&[128, n / 2]).unwrap(), gpu.alloc::<bf16>(&[128, n / 2]).unwrap());
-    linear_swiglu_any(&gpu, GemmVariant::Auto, 128, &x, &w, &mut gu, &mut a, Some(&mut m)).unwrap();
+    linear_swiglu_any(&gpu, GemmVariant::Auto, 128, &x, &w, &mut gu, &mut a, Some(&mut m), None).unwrap();
     demask::ops::gemm_fp8::linear_fp8_swiglu(&gpu, 128, &x, fw, &mut b).unwrap();
     assert!(m.last_path().is_some());
     assert_ne!(a.to_host(&gpu).unwrap(), b.to_host(&gpu).unwrap(), "gate|up at 128 rows did not take W8A8");

@@ -173,7 +173,7 @@ fn skinny_runs_when_selected_up_to_64_rows_and_refusals_say_why() {
         }
         let mut gu = gpu.alloc::<bf16>(&[32, n]).unwrap();
         let mut act = gpu.alloc::<bf16>(&[32, n / 2]).unwrap();
-        linear_swiglu_any(&gpu, GemmVariant::Auto, 32, &x, &w, &mut gu, &mut act, Some(&mut m)).unwrap();
+        linear_swiglu_any(&gpu, GemmVariant::Auto, 32, &x, &w, &mut gu, &mut act, Some(&mut m), None).unwrap();
         assert_eq!(m.last_path() == Some(W8a8Path::Skinny), select == W8a8Select::Skinny, "{select}");
     }
     // `skinny` alone: above 64 rows nothing takes it (the caller falls back to W8A16), said so.
