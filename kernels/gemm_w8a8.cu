@@ -19,9 +19,11 @@
 //                           output for the down projection (q, s as quantize_rows_fp8_bf16 in
 //                           kernels/gemm_fp8.cu gives them from act), act written only if asked
 //
-// One block of WQ_THREADS per row holds the row's act values (bf16, in registers) across the
-// row max and the encode, so the down projection needs no quantiser launch and, once its GEMM
-// plan is known, no act round trip (ffn % 8 == 0, ffn <= 8·WQ_THREADS·WQ_VPT).
+// The blocks of a row (a cluster on sm_90: few rows still fill the GPU) hold the row's act
+// values (bf16, in registers) across the row max and the encode, so the down projection needs
+// no quantiser launch and, once its GEMM plan is known, no act round trip (ffn % 8 == 0,
+// ffn <= 8·WQ_THREADS·WQ_VPT).
+#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -131,8 +133,9 @@ extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_swiglu_bf16(
     }
 }
 
-#define WQ_THREADS 512
-#define WQ_VPT 8  // ffn <= 8 · 512 · 8 = 32768
+#define WQ_THREADS 512  // largest block
+#define WQ_VPT 8         // 16-byte vectors per thread: a block takes up to 8 · 512 · 8 values
+#define WQ_MAX_SPLIT 8   // blocks per row (one thread-block cluster, sm_90)
 
 struct W8a8SwigluQuantParams {
     const bf16* gu;   // [>= t, 2·ffn]: the unscaled product of gate | up
@@ -142,24 +145,31 @@ struct W8a8SwigluQuantParams {
     const float* sw;  // [2·ffn]
     int t;
     int ffn;
+    int chunk;        // 16-byte vectors of the row per block (gridDim.y blocks per row)
 };
 
+// Grid (t, split), clusters of (1, split) on sm_90 (split == 1 below): block (r, c) takes the
+// vectors [c·chunk, (c + 1)·chunk) of row r, thread i the vectors c·chunk + i + k·blockDim.x.
+// The row max is the max of the blocks' maxima, exchanged through distributed shared memory
+// (a max does not depend on the order, so any split gives the same scale and codes).
 extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant_bf16(const W8a8SwigluQuantParams p) {
     __shared__ float scratch[32];
     pdl_wait();
     pdl_trigger();
     const int vpr = p.ffn >> 3;
     const int64_t r = blockIdx.x;
+    const int v0 = blockIdx.y * p.chunk, v1 = min(vpr, v0 + p.chunk);
     const uint4* g4 = reinterpret_cast<const uint4*>(p.gu + r * 2 * p.ffn);
     const uint4* u4 = g4 + vpr;
-    // s[r] is read here, before block_max's barriers, and overwritten after them.
+    // s[r] is read here, before any barrier of the block or the cluster, and overwritten
+    // (by block 0 of the row) only after the cluster barrier.
     const float sx = p.s[r];
     uint4 a[WQ_VPT];  // act, 8 bf16 per vector
     float m = 0.f;
 #pragma unroll
     for (int k = 0; k < WQ_VPT; ++k) {
-        const int c = threadIdx.x + k * WQ_THREADS;
-        if (c < vpr) {
+        const int c = v0 + threadIdx.x + k * blockDim.x;
+        if (c < v1) {
             float g[8], u[8], sg[8], su[8], y[8];
             load8(reinterpret_cast<const bf16*>(g4 + c), g);
             load8(reinterpret_cast<const bf16*>(u4 + c), u);
@@ -179,14 +189,26 @@ extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant
         }
     }
     m = block_max(m, scratch);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (gridDim.y > 1) {
+        // scratch[0] holds this block's max (block_max); every block of the cluster reads
+        // every other's, then a second barrier keeps the shared memory alive until all did.
+        cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+        cluster.sync();
+        for (unsigned j = 0; j < gridDim.y; ++j) m = fmaxf(m, *cluster.map_shared_rank(scratch, j));
+        cluster.sync();
+    }
+#else
+    if (gridDim.y > 1) __trap();  // the wrapper splits rows only on sm_90+
+#endif
     const float s = e4m3_scale(m);
-    if (threadIdx.x == 0) p.s[r] = s;
+    if (blockIdx.y == 0 && threadIdx.x == 0) p.s[r] = s;
     uint2* q8 = reinterpret_cast<uint2*>(p.q + r * p.ffn);
     uint4* o4 = p.act ? reinterpret_cast<uint4*>(p.act + r * p.ffn) : nullptr;
 #pragma unroll
     for (int k = 0; k < WQ_VPT; ++k) {
-        const int c = threadIdx.x + k * WQ_THREADS;
-        if (c < vpr) {
+        const int c = v0 + threadIdx.x + k * blockDim.x;
+        if (c < v1) {
             if (o4) o4[c] = a[k];
             float y[8];
             load8(reinterpret_cast<const bf16*>(&a[k]), y);

@@ -71,6 +71,19 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
     const uint4* res4 = reinterpret_cast<const uint4*>(res);
     const uint4* del4 = p.delta ? reinterpret_cast<const uint4*>(p.delta + row * p.hidden) : nullptr;
     const uint4* w4 = reinterpret_cast<const uint4*>(p.weight);
+    // The delta's channel scales are weights (no predecessor writes them): fetched before
+    // the programmatic-launch wait, so they are not a second round trip after it.
+    float4 swr[DSCALE ? 2 * NORM_MAX_VPT : 1];
+    if constexpr (DSCALE) {
+#pragma unroll
+        for (int k = 0; k < NORM_MAX_VPT; ++k) {
+            const int v = threadIdx.x + k * blockDim.x;
+            if (v < vecs) {
+                swr[2 * k] = __ldg(reinterpret_cast<const float4*>(p.dsw) + 2 * v);
+                swr[2 * k + 1] = __ldg(reinterpret_cast<const float4*>(p.dsw) + 2 * v + 1);
+            }
+        }
+    }
     pdl_wait();
     pdl_trigger();
     // Read before any barrier: with QUANT, sx may be the buffer dsx points to (the W8A8
@@ -101,8 +114,7 @@ __device__ __forceinline__ void norm_body(const NormParams& p, uint8_t* qx, floa
                 load8(reinterpret_cast<const bf16*>(&dr[k]), d);
                 if constexpr (DSCALE) {
                     float sw[8], b[8];
-                    const float4* s4 = reinterpret_cast<const float4*>(p.dsw) + 2 * v;
-                    const float4 s0 = __ldg(s4), s1 = __ldg(s4 + 1);
+                    const float4 s0 = swr[2 * k], s1 = swr[2 * k + 1];
                     sw[0] = s0.x, sw[1] = s0.y, sw[2] = s0.z, sw[3] = s0.w;
                     sw[4] = s1.x, sw[5] = s1.y, sw[6] = s1.z, sw[7] = s1.w;
                     if (p.dbias) load8(p.dbias + 8 * v, b);

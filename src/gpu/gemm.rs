@@ -49,6 +49,9 @@ struct Plan {
 pub(crate) const MAX_TUNE_CANDIDATES: usize = 64;
 
 /// Candidates to time: `DEMASK_GEMM_TUNE=<n>` (0 or 1: keep the heuristic's first), default 16.
+/// Timed launches per candidate algorithm when autotuning (the median is compared).
+pub(crate) const TUNE_RUNS: usize = 5;
+
 pub(crate) fn tune_candidates() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -203,8 +206,9 @@ impl Blas {
         gpu.after_launch("cublasLtMatmul")
     }
 
-    /// Times every candidate algorithm on the real operands (3 runs each, after one warm-up)
-    /// and returns the fastest. Runs once per shape, at its first call (a host sync).
+    /// Times every candidate algorithm on the real operands (after one warm-up launch, the
+    /// median of `TUNE_RUNS` launches, each with a cold L2: `gpu::cold`) and returns the
+    /// fastest. Runs once per shape, at its first call (host syncs).
     #[allow(clippy::too_many_arguments)]
     fn autotune(
         &self,
@@ -216,17 +220,13 @@ impl Blas {
         bias: Option<u64>,
         y: u64,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let timer = super::Timer::new(gpu)?;
+        let mut timer = super::cold::ColdTimer::new(gpu)?;
         let mut best = (f32::MAX, cands[0]);
         for algo in cands {
             if self.run(p, algo, x, w, bias, y).is_err() {
                 continue; // an algorithm the heuristic offered but this shape refuses
             }
-            timer.start(gpu)?;
-            for _ in 0..3 {
-                self.run(p, algo, x, w, bias, y)?;
-            }
-            let ms = timer.stop_ms(gpu)?;
+            let ms = timer.median_ms(gpu, TUNE_RUNS, || self.run(p, algo, x, w, bias, y))?;
             if ms < best.0 {
                 best = (ms, *algo);
             }

@@ -27,8 +27,9 @@ use std::sync::Arc;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::CudaStream;
 
-use super::gemm::{tune_candidates, MAX_TUNE_CANDIDATES};
-use super::{drv, Gpu, Timer};
+use super::cold::ColdTimer;
+use super::gemm::{tune_candidates, MAX_TUNE_CANDIDATES, TUNE_RUNS};
+use super::{drv, Gpu};
 use crate::error::{Error, Result};
 
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -279,20 +280,17 @@ impl Fp8Lt {
         gpu.after_launch("cublasLtMatmul (FP8)")
     }
 
-    /// Times every candidate algorithm on the real operands (3 runs each, after one warm-up)
-    /// and returns the fastest. Runs once per shape, at its first eager call (a host sync).
+    /// Times every candidate algorithm on the real operands (after one warm-up launch, the
+    /// median of `TUNE_RUNS` launches, each with a cold L2: `gpu::cold`) and returns the
+    /// fastest. Runs once per shape, at its first eager call (host syncs).
     fn autotune(&self, gpu: &Gpu, p: &Plan, cands: &[sys::cublasLtMatmulAlgo_t], ops: &Operands) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let timer = Timer::new(gpu)?;
+        let mut timer = ColdTimer::new(gpu)?;
         let mut best = (f32::MAX, p.algo);
         for algo in cands {
             if self.launch(p, algo, ops).is_err() {
                 continue; // an algorithm the heuristic offered but this shape refuses
             }
-            timer.start(gpu)?;
-            for _ in 0..3 {
-                self.launch(p, algo, ops)?;
-            }
-            let ms = timer.stop_ms(gpu)?;
+            let ms = timer.median_ms(gpu, TUNE_RUNS, || self.launch(p, algo, ops))?;
             if ms < best.0 {
                 best = (ms, *algo);
             }

@@ -1,6 +1,7 @@
 //! The GPU backend's core: device context and stream, kernel modules loaded from the fatbins
 //! that build.rs embedded, typed device tensors, events. Everything here sits behind the
 //! `cuda` feature; a machine without libcuda gets `Error::NoCuda`, never a panic.
+pub mod cold;
 pub mod gemm;
 pub mod gemm_fp8lt;
 pub mod graph;

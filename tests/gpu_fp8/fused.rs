@@ -36,8 +36,9 @@ fn swiglu_quant_is_the_swiglu_epilogue_then_the_quantiser() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(29);
-    // ffn: a multiple of 8 only (1000), LLaDA (12288), Dream (18944), one vector per thread.
-    for &(t, ffn) in &[(1, 1000), (32, 12288), (5, 18944), (130, 4096), (3, 4096 * 8)] {
+    // ffn: a multiple of 8 only (1000), LLaDA (12288), Dream (18944), the largest (32768);
+    // rows split over clusters of 8 (t <= 33 on an H100), 3 (130) and none (300).
+    for &(t, ffn) in &[(1, 1000), (32, 12288), (5, 18944), (130, 4096), (3, 4096 * 8), (300, 1000)] {
         // gu ~ N(0, 4) / (sx·sw), so the scaled gate and up values are ~N(0, 4).
         let sx = scales(&mut rng, t, 0.5 / 448.0, 2.0 / 448.0);
         let sw = scales(&mut rng, 2 * ffn, 0.01, 0.03);

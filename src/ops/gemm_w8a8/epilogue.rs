@@ -47,21 +47,37 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct SwigluQuantParams {
-    gu: u64,  // const bf16* [>= t, 2·ffn]
-    act: u64, // bf16* [>= t, ffn] or nullptr
-    q: u64,   // uint8_t* [>= t, ffn]
-    s: u64,   // float* [>= t]: in sx, out act's row scales
-    sw: u64,  // const float* [2·ffn]
-    t: i32,   // int
-    ffn: i32, // int
+    gu: u64,    // const bf16* [>= t, 2·ffn]
+    act: u64,   // bf16* [>= t, ffn] or nullptr
+    q: u64,     // uint8_t* [>= t, ffn]
+    s: u64,     // float* [>= t]: in sx, out act's row scales
+    sw: u64,    // const float* [2·ffn]
+    t: i32,     // int
+    ffn: i32,   // int
+    chunk: i32, // int: 16-byte vectors of a row per block
+    _pad: i32,
 }
-// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars; the tail padding
+// is an explicit field).
 unsafe impl cudarc::driver::DeviceRepr for SwigluQuantParams {}
 
-/// Block size and 16-byte vectors per thread of `w8a8_scale_swiglu_quant_bf16` (`WQ_THREADS`,
-/// `WQ_VPT`): it takes ffn up to 8 · 512 · 8.
+/// Largest block, 16-byte vectors per thread and blocks per row (one cluster) of
+/// `w8a8_scale_swiglu_quant_bf16` (`WQ_THREADS`, `WQ_VPT`, `WQ_MAX_SPLIT`).
 const WQ_THREADS: usize = 512;
-pub(super) const WQ_MAX_FFN: usize = 8 * WQ_THREADS * 8;
+const WQ_VPT: usize = 8;
+const WQ_MAX_SPLIT: usize = 8;
+/// Largest ffn of the fused SwiGLU + quantisation epilogue (one block holds a row).
+pub(super) const WQ_MAX_FFN: usize = 8 * WQ_THREADS * WQ_VPT;
+
+/// Blocks per row, vectors per block and threads per block of the fused epilogue for `t`
+/// rows of `vpr` vectors: rows split over a cluster (sm_90) until the grid has about two
+/// blocks per SM, blocks sized to their chunk.
+fn swiglu_quant_shape(t: usize, vpr: usize, sm_count: usize, clusters: bool) -> (usize, usize, usize) {
+    let split = if clusters { (2 * sm_count).div_ceil(t.max(1)).clamp(1, WQ_MAX_SPLIT) } else { 1 };
+    let chunk = vpr.div_ceil(split);
+    let threads = chunk.div_ceil(WQ_VPT).next_multiple_of(32).clamp(64, WQ_THREADS);
+    (split, chunk, threads)
+}
 
 /// The `split-scale` SwiGLU epilogue followed by the per-row quantisation of its output:
 /// act's codes into `q` (row stride ffn) and its row scales into `s`, which holds the GEMM's
@@ -73,15 +89,24 @@ pub(super) fn scale_swiglu_quant_raw(gpu: &Gpu, t: usize, ffn: usize, gu: u64, a
     if t == 0 {
         return Ok(());
     }
-    if t > i32::MAX as usize || ffn > WQ_MAX_FFN {
+    if t > 65535 * 65535 || t > i32::MAX as usize || ffn > WQ_MAX_FFN {
         return Err(Error::bad_input(format!("w8a8_scale_swiglu_quant: {t} rows of ffn {ffn} is too large")));
     }
-    let lc = LaunchEx { grid: (t as u32, 1, 1), block: (WQ_THREADS as u32, 1, 1), smem: 0, cluster: None, pdl: true };
-    let params = SwigluQuantParams { gu, act: act.unwrap_or(0), q, s, sw, t: t as i32, ffn: ffn as i32 };
+    let (split, chunk, threads) = swiglu_quant_shape(t, ffn / 8, gpu.sm_count, gpu.cc_major >= 9);
+    let lc = LaunchEx {
+        grid: (t as u32, split as u32, 1),
+        block: (threads as u32, 1, 1),
+        smem: 0,
+        cluster: (split > 1).then_some((1, split as u32, 1)),
+        pdl: true,
+    };
+    let params = SwigluQuantParams { gu, act: act.unwrap_or(0), q, s, sw, t: t as i32, ffn: ffn as i32, chunk: chunk as i32, _pad: 0 };
     // SAFETY: params mirror W8a8SwigluQuantParams; the caller checked gu >= t rows of 2·ffn,
     // act (if any) >= t rows of ffn, q >= t·ffn codes, s >= t, sw 2·ffn, the alignment and
-    // ffn % 8 == 0, ffn <= 8·WQ_THREADS·8 (the kernel's registers); block r touches row r only
-    // and reads s[r] before writing it.
+    // ffn % 8 == 0, ffn <= WQ_MAX_FFN; chunk <= threads · WQ_VPT (swiglu_quant_shape), so the
+    // blocks of row r cover its vectors; clusters (split > 1) only on sm_90+; block (r, ·)
+    // touches row r only, and s[r] is read by all of them before the cluster barrier after
+    // which block 0 writes it.
     unsafe { launch_ex(gpu, "gemm_w8a8", "w8a8_scale_swiglu_quant_bf16", lc, &params) }
 }
 
@@ -249,7 +274,22 @@ mod tests {
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<ScaleParams>(), 40); // 4 pointers + 2 ints
         assert_eq!(std::mem::size_of::<SwigluParams>(), 40); // 4 pointers + 2 ints
-        assert_eq!(std::mem::size_of::<SwigluQuantParams>(), 48); // 5 pointers + 2 ints
+        assert_eq!(std::mem::size_of::<SwigluQuantParams>(), 56); // 5 pointers + 4 ints
         assert_eq!(WQ_MAX_FFN, 32768);
+    }
+
+    #[test]
+    fn swiglu_quant_blocks_cover_every_row() {
+        for &(t, vpr) in &[(1, 1), (1, 1536), (32, 1536), (32, 2368), (7, 4096), (2048, 1536), (2048, 4096), (300, 125)] {
+            for clusters in [true, false] {
+                let (split, chunk, threads) = swiglu_quant_shape(t, vpr, 132, clusters);
+                assert!((1..=WQ_MAX_SPLIT).contains(&split) && (clusters || split == 1), "{t} {vpr}: split {split}");
+                assert!(split * chunk >= vpr && chunk <= threads * WQ_VPT && threads <= WQ_THREADS, "{t} {vpr}: {split} {chunk} {threads}");
+                assert!(threads % 32 == 0);
+            }
+        }
+        // Few rows fill the GPU through the split; many rows need none.
+        assert_eq!(swiglu_quant_shape(32, 1536, 132, true).0, 8);
+        assert_eq!(swiglu_quant_shape(2048, 1536, 132, true).0, 1);
     }
 }
