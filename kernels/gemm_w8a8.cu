@@ -19,10 +19,10 @@
 //                           output for the down projection (q, s as quantize_rows_fp8_bf16 in
 //                           kernels/gemm_fp8.cu gives them from act), act written only if asked
 //
-// The blocks of a row (a cluster on sm_90: few rows still fill the GPU) hold the row's act
-// values (bf16, in registers) across the row max and the encode, so the down projection needs
-// no quantiser launch and, once its GEMM plan is known, no act round trip (ffn % 8 == 0,
-// ffn <= 8·WQ_THREADS·WQ_VPT).
+// The blocks of a row (a thread-block cluster, sm_90) hold the row's act values (bf16, in
+// registers) across the row max and the encode, so the down projection needs no quantiser
+// launch and, once its GEMM plan is known, no act round trip (ffn % 8 == 0, ffn <= 8 · 512 ·
+// WQ_VPT · WQ_MAX_SPLIT; one block per row, no cluster, where ffn <= 8 · 512 · WQ_VPT).
 #include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
@@ -133,9 +133,8 @@ extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_swiglu_bf16(
     }
 }
 
-#define WQ_THREADS 512  // largest block
-#define WQ_VPT 8         // 16-byte vectors per thread: a block takes up to 8 · 512 · 8 values
-#define WQ_MAX_SPLIT 8   // blocks per row (one thread-block cluster, sm_90)
+#define WQ_VPT 2        // 16-byte vectors per thread (WQ_VPT in the wrapper)
+#define WQ_MAX_SPLIT 8  // blocks per row: one thread-block cluster
 
 struct W8a8SwigluQuantParams {
     const bf16* gu;   // [>= t, 2·ffn]: the unscaled product of gate | up
@@ -145,34 +144,42 @@ struct W8a8SwigluQuantParams {
     const float* sw;  // [2·ffn]
     int t;
     int ffn;
-    int chunk;        // 16-byte vectors of the row per block (gridDim.y blocks per row)
 };
 
-// Grid (t, split), clusters of (1, split) on sm_90 (split == 1 below): block (r, c) takes the
-// vectors [c·chunk, (c + 1)·chunk) of row r, thread i the vectors c·chunk + i + k·blockDim.x.
-// The row max is the max of the blocks' maxima, exchanged through distributed shared memory
-// (a max does not depend on the order, so any split gives the same scale and codes).
-extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant_bf16(const W8a8SwigluQuantParams p) {
+// Grid (t, split), clusters of (1, split) when split > 1 (sm_90): block (r, c) takes the
+// vectors c·B·WQ_VPT + i + k·B (B = blockDim.x, thread i, k < WQ_VPT) of row r, every load
+// issued before any arithmetic. The row max is the max of the blocks' maxima, exchanged
+// through distributed shared memory (a max does not depend on the order, so any split gives
+// the same scale and codes).
+extern "C" __global__ void __launch_bounds__(512) w8a8_scale_swiglu_quant_bf16(const W8a8SwigluQuantParams p) {
     __shared__ float scratch[32];
     pdl_wait();
     pdl_trigger();
     const int vpr = p.ffn >> 3;
     const int64_t r = blockIdx.x;
-    const int v0 = blockIdx.y * p.chunk, v1 = min(vpr, v0 + p.chunk);
+    const int c0 = blockIdx.y * blockDim.x * WQ_VPT + threadIdx.x;
     const uint4* g4 = reinterpret_cast<const uint4*>(p.gu + r * 2 * p.ffn);
     const uint4* u4 = g4 + vpr;
     // s[r] is read here, before any barrier of the block or the cluster, and overwritten
     // (by block 0 of the row) only after the cluster barrier.
     const float sx = p.s[r];
-    uint4 a[WQ_VPT];  // act, 8 bf16 per vector
+    uint4 gr[WQ_VPT], ur[WQ_VPT];
+#pragma unroll
+    for (int k = 0; k < WQ_VPT; ++k) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
+            gr[k] = __ldcs(g4 + c);  // dead after this kernel: streaming (evict-first)
+            ur[k] = __ldcs(u4 + c);
+        }
+    }
     float m = 0.f;
 #pragma unroll
     for (int k = 0; k < WQ_VPT; ++k) {
-        const int c = v0 + threadIdx.x + k * blockDim.x;
-        if (c < v1) {
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
             float g[8], u[8], sg[8], su[8], y[8];
-            load8(reinterpret_cast<const bf16*>(g4 + c), g);
-            load8(reinterpret_cast<const bf16*>(u4 + c), u);
+            load8(reinterpret_cast<const bf16*>(&gr[k]), g);
+            load8(reinterpret_cast<const bf16*>(&ur[k]), u);
             load_scales8(p.sw + 8 * c, sg);
             load_scales8(p.sw + p.ffn + 8 * c, su);
 #pragma unroll
@@ -182,8 +189,8 @@ extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant
                 const float sl = round_bf16(gv / (1.f + expf(-gv)));
                 y[i] = sl * uv;
             }
-            store8(reinterpret_cast<bf16*>(&a[k]), y);
-            load8(reinterpret_cast<const bf16*>(&a[k]), y);  // the bf16 values, as act holds them
+            store8(reinterpret_cast<bf16*>(&gr[k]), y);       // act, packed in place of g
+            load8(reinterpret_cast<const bf16*>(&gr[k]), y);  // the bf16 values, as act holds them
 #pragma unroll
             for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(y[i]));
         }
@@ -207,11 +214,11 @@ extern "C" __global__ void __launch_bounds__(WQ_THREADS) w8a8_scale_swiglu_quant
     uint4* o4 = p.act ? reinterpret_cast<uint4*>(p.act + r * p.ffn) : nullptr;
 #pragma unroll
     for (int k = 0; k < WQ_VPT; ++k) {
-        const int c = v0 + threadIdx.x + k * blockDim.x;
-        if (c < v1) {
-            if (o4) o4[c] = a[k];
+        const int c = c0 + k * blockDim.x;
+        if (c < vpr) {
+            if (o4) o4[c] = gr[k];
             float y[8];
-            load8(reinterpret_cast<const bf16*>(&a[k]), y);
+            load8(reinterpret_cast<const bf16*>(&gr[k]), y);
             uint32_t e[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i) e[i] = (uint32_t)__nv_cvt_float_to_fp8(y[i] / s, __NV_SATFINITE, __NV_E4M3);

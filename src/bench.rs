@@ -446,7 +446,7 @@ pub fn step_roofline_as(
         + dense_ffn_layers * 3.0 * h * df as f64
         + moe_layers * 3.0 * h * sf as f64;
     let expert_params = moe_layers * n_experts * 3.0 * h * cfg.ffn as f64;
-    // FP8 with channel scales from `DEMASK_W8A8_MIN_ROWS` (default 65) rows runs the linear
+    // FP8 with channel scales from `DEMASK_W8A8_MIN_ROWS` (default 17) rows runs the linear
     // layers on the W8A8 path: their FLOPs at the measured FP8 rate, the rest (experts, LM
     // head, attention) at the bf16 rate.
     let linear_flops = 2.0 * rows * linear_params;

@@ -86,8 +86,9 @@ struct ProfileArgs {
     /// Profiled forwards (after 3 warm-up forwards).
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    /// Variants to time side by side: attention=flash,reference, gemm=auto,cublaslt,skinny or
-    /// moe=grouped,reference (MoE presets).
+    /// Variants to time side by side: attention=flash,reference, gemm=auto,cublaslt,skinny,
+    /// moe=grouped,reference (MoE presets) or epilogues=fused,unfused (--weights fp8: the W8A8
+    /// scale epilogues fused into their consumers or not; same values).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
     /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s count the weights
@@ -176,12 +177,20 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // (attention, gemm, moe) triples to time: one op's variants side by side, the others at
     // their defaults.
     let (fa, fg, fm) = (AttnVariant::Flash, GemmVariant::Auto, MoeGemmVariant::Grouped);
-    let variants: Vec<(AttnVariant, GemmVariant, MoeGemmVariant)> = match a.variants.split_once('=') {
-        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm))).collect::<demask::Result<_>>()?,
-        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm))).collect::<demask::Result<_>>()?,
-        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?))).collect::<demask::Result<_>>()?,
+    // The fourth element: the W8A8 epilogues fused or not (`epilogues=`; None: the default).
+    type Variant = (AttnVariant, GemmVariant, MoeGemmVariant, Option<bool>);
+    let fused = |v: &str| match v {
+        "fused" => Ok(true),
+        "unfused" => Ok(false),
+        _ => Err(anyhow::anyhow!("bad epilogues variant `{v}` (expected fused or unfused)")),
+    };
+    let variants: Vec<Variant> = match a.variants.split_once('=') {
+        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm, None))).collect::<demask::Result<_>>()?,
+        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm, None))).collect::<demask::Result<_>>()?,
+        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?, None))).collect::<demask::Result<_>>()?,
+        Some(("epilogues", list)) => list.split(',').map(|v| Ok((fa, fg, fm, Some(fused(v)?)))).collect::<Result<_>>()?,
         _ => bail!(
-            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...] or moe=NAME[,NAME...])",
+            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...] or epilogues=fused,unfused)",
             a.variants
         ),
     };
@@ -208,10 +217,13 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work_as(&cfg, format, a.len, a.batch, live);
-    for (v, gv, mv) in variants {
+    for (v, gv, mv, fused) in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;
         model.moe_variant = mv;
+        if let Some(on) = fused {
+            model.set_w8a8_fused_epilogues(on).context("--variants epilogues= (needs --weights fp8)")?;
+        }
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
         model.enable_profiling(true)?;
@@ -219,8 +231,17 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         let p = model.profiler.as_ref().unwrap().per_forward();
         let total: f64 = p.iter().map(|x| x.1).sum();
         println!(
-            "\n{} len {} live {} batch {}, attention={} gemm={} moe={}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
-            a.preset, a.len, live, a.batch, v.name(), gv.name(), mv.name(), plain.median_ms, total
+            "\n{} len {} live {} batch {}, attention={} gemm={} moe={}{}: {:.3} ms per forward unprofiled (median), {:.3} ms sum of ops profiled",
+            a.preset,
+            a.len,
+            live,
+            a.batch,
+            v.name(),
+            gv.name(),
+            mv.name(),
+            fused.map_or(String::new(), |on| format!(" epilogues={}", if on { "fused" } else { "unfused" })),
+            plain.median_ms,
+            total
         );
         println!("{:<18} {:>9} {:>7} {:>9} {:>10} {:>9}", "op", "ms", "share", "launches", "TFLOP/s", "GB/s");
         for (name, ms, n) in p {

@@ -367,12 +367,13 @@ pub fn block_scale(amax: f32) -> f32 {
 }
 
 /// Default of `ops::gemm_w8a8::W8a8::min_rows`, the row count from which FP8 linear layers
-/// with channel scales run W8A8 on the GPU: 65, i.e. the W8A16 kernel up to its 64-row tile.
-/// Measured on an H100 (benches/RESULTS.md v0.12), W8A8 on decode steps is much faster (W1
-/// `dual` batch 1 with `DEMASK_W8A8_MIN_ROWS=1`: 4.47 ms per step against 6.42 ms), at a
-/// fidelity cost (E4M3 activations, docs/fp8.md). `DEMASK_W8A8_MIN_ROWS=1` (or 17) opts in; a
-/// lower default waits for the model-level W8A8 GPU tests (tests/gpu_fp8) to run.
-pub const W8A8_MIN_ROWS: usize = 65;
+/// with channel scales run W8A8 (activations quantised per row to E4M3, as SGLang's and
+/// dInfer's dynamic per-token FP8) on the GPU: 17. Measured on an H100 (benches/RESULTS.md
+/// v0.11-v0.13): W8A8 is much faster from 17 rows up (W1 `dual` batch 1, 32-row steps: 4.3-4.5
+/// ms per step against 6.4 with the W8A16 kernel), the W8A16 kernel below (t <= 16). The
+/// fidelity cost of quantising the activations is in docs/fp8.md; `DEMASK_W8A8_MIN_ROWS=65`
+/// keeps every GEMM of up to 64 rows weights-only.
+pub const W8A8_MIN_ROWS: usize = 17;
 
 /// `DEMASK_W8A8_MIN_ROWS` (unset: [`W8A8_MIN_ROWS`]): a positive row count.
 pub fn w8a8_min_rows_from_env() -> crate::error::Result<usize> {

@@ -95,8 +95,8 @@ impl GpuModel {
 
     /// FP8 (channel scales) only: linear layers of at least `rows` rows run on the W8A8 path
     /// (activations quantised per row, FP8 tensor cores), fewer on the W8A16 kernel. Default
-    /// 65 (`ops::gemm_w8a8::W8A8_MIN_ROWS`: every GEMM of up to 64 rows on W8A16,
-    /// weights-only quantisation) or `DEMASK_W8A8_MIN_ROWS`; 1 is much faster on decode steps
+    /// 17 (`ops::gemm_w8a8::W8A8_MIN_ROWS`: W8A16 only for steps of up to 16 rows, where its
+    /// kernel is faster) or `DEMASK_W8A8_MIN_ROWS`; 65 keeps decode steps weights-only
     /// (docs/fp8.md). Drops captured graphs.
     /// An error for a model without channel-scaled FP8 weights, or for 0.
     pub fn set_w8a8_min_rows(&mut self, rows: usize) -> Result<()> {

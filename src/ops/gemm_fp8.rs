@@ -461,7 +461,7 @@ impl LinearWeight {
 }
 
 /// `ops::gemm::linear` (bf16, by `variant`), or for FP8 weights the W8A16 kernel below
-/// `w8a8.min_rows()` rows (default 65) and from there the W8A8 path (`w8a8`, where it takes
+/// `w8a8.min_rows()` rows (default 17) and from there the W8A8 path (`w8a8`, where it takes
 /// the shape: `outer-vec` or `split-scale`, see `ops::gemm_w8a8`; else the W8A16 kernel, in
 /// 64-row chunks above 64 rows).
 #[allow(clippy::too_many_arguments)]
@@ -522,7 +522,7 @@ pub fn linear_any_deferred(
 }
 
 /// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or from
-/// `w8a8.min_rows()` rows (default 65) `W8a8::linear_swiglu` where `w8a8` takes the shape
+/// `w8a8.min_rows()` rows (default 17) `W8a8::linear_swiglu` where `w8a8` takes the shape
 /// (the GEMM into `gu`, then `ops::swiglu` or, on the `split-scale` path, the fused scale +
 /// SwiGLU epilogue into `act`). `down`, the projection that reads `act` next (if known), lets
 /// that epilogue quantise `act` for it (`W8a8::linear_swiglu_for`).

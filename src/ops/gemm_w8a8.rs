@@ -68,7 +68,7 @@ mod epilogue;
 mod paths;
 mod quant;
 mod skinny;
-use epilogue::{aligned16, scale_raw, scale_swiglu_quant_raw, scale_swiglu_raw, WQ_MAX_FFN};
+use epilogue::{aligned16, scale_raw, scale_swiglu_quant_raw, scale_swiglu_raw, swiglu_quant_runs};
 pub use epilogue::{scale_rows_cols, scale_swiglu, scale_swiglu_quant};
 pub use paths::{W8a8Path, W8a8Select};
 pub use quant::quantize_rows;
@@ -507,7 +507,7 @@ impl W8a8 {
                     return Err(Error::bad_input(format!("{OP}: `act` must be 16-byte aligned")));
                 }
                 let (xq, sx) = (self.xq.ptr_mut(gpu), self.sx.ptr_mut(gpu));
-                match down.filter(|d| self.fuse && d.k() == ffn && ffn <= WQ_MAX_FFN && act.row_len() == ffn && xq.is_multiple_of(8)) {
+                match down.filter(|d| self.fuse && d.k() == ffn && swiglu_quant_runs(gpu, t, ffn) && act.row_len() == ffn && xq.is_multiple_of(8)) {
                     Some(d) if t >= self.min_rows && self.takes::<bf16>(t, d, false) => {
                         let write_act = !self.runs_without_fallback(t, d);
                         scale_swiglu_quant_raw(gpu, t, ffn, gu.ptr(gpu), write_act.then_some(ap), xq, sx, sw)?;

@@ -36,8 +36,8 @@ fn swiglu_quant_is_the_swiglu_epilogue_then_the_quantiser() {
     let _g = lock();
     let Some(gpu) = test_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(29);
-    // ffn: a multiple of 8 only (1000), LLaDA (12288), Dream (18944), the largest (32768);
-    // rows split over clusters of 8 (t <= 33 on an H100), 3 (130) and none (300).
+    // ffn: a multiple of 8 only (1000), LLaDA (12288), Dream (18944), 32768; rows split over
+    // clusters of 2-8 blocks (few rows, wide rows) or none (300 rows of 1000).
     for &(t, ffn) in &[(1, 1000), (32, 12288), (5, 18944), (130, 4096), (3, 4096 * 8), (300, 1000)] {
         // gu ~ N(0, 4) / (sx·sw), so the scaled gate and up values are ~N(0, 4).
         let sx = scales(&mut rng, t, 0.5 / 448.0, 2.0 / 448.0);
@@ -73,12 +73,12 @@ fn swiglu_quant_is_the_swiglu_epilogue_then_the_quantiser() {
             }
         }
     }
-    // Refusals name the tensor: ffn past the kernel's registers, a short q.
-    let gu = normal(&gpu, &[2, 2 * 32776], 1, 1.0);
-    let (sw, mut s) = (gpu.alloc::<f32>(&[2 * 32776]).unwrap(), gpu.alloc::<f32>(&[2]).unwrap());
-    let mut q = gpu.alloc::<u8>(&[2, 32776]).unwrap();
+    // Refusals name the tensor: ffn past one cluster's registers, a short q.
+    let gu = normal(&gpu, &[2, 2 * 65544], 1, 1.0);
+    let (sw, mut s) = (gpu.alloc::<f32>(&[2 * 65544]).unwrap(), gpu.alloc::<f32>(&[2]).unwrap());
+    let mut q = gpu.alloc::<u8>(&[2, 65544]).unwrap();
     let e = scale_swiglu_quant(&gpu, 2, &gu, &sw, None, &mut q, &mut s).unwrap_err().to_string();
-    assert!(e.contains("gu") && e.contains("32768"), "{e}");
+    assert!(e.contains("gu") && e.contains("65536"), "{e}");
     let gu = normal(&gpu, &[2, 64], 1, 1.0);
     let (sw, mut q) = (gpu.alloc::<f32>(&[64]).unwrap(), gpu.alloc::<u8>(&[1, 32]).unwrap());
     let e = scale_swiglu_quant(&gpu, 2, &gu, &sw, None, &mut q, &mut s).unwrap_err().to_string();

@@ -47,52 +47,60 @@ unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct SwigluQuantParams {
-    gu: u64,    // const bf16* [>= t, 2·ffn]
-    act: u64,   // bf16* [>= t, ffn] or nullptr
-    q: u64,     // uint8_t* [>= t, ffn]
-    s: u64,     // float* [>= t]: in sx, out act's row scales
-    sw: u64,    // const float* [2·ffn]
-    t: i32,     // int
-    ffn: i32,   // int
-    chunk: i32, // int: 16-byte vectors of a row per block
-    _pad: i32,
+    gu: u64,  // const bf16* [>= t, 2·ffn]
+    act: u64, // bf16* [>= t, ffn] or nullptr
+    q: u64,   // uint8_t* [>= t, ffn]
+    s: u64,   // float* [>= t]: in sx, out act's row scales
+    sw: u64,  // const float* [2·ffn]
+    t: i32,   // int
+    ffn: i32, // int
 }
-// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars; the tail padding
-// is an explicit field).
+// SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for SwigluQuantParams {}
 
-/// Largest block, 16-byte vectors per thread and blocks per row (one cluster) of
-/// `w8a8_scale_swiglu_quant_bf16` (`WQ_THREADS`, `WQ_VPT`, `WQ_MAX_SPLIT`).
-const WQ_THREADS: usize = 512;
-const WQ_VPT: usize = 8;
+/// 16-byte vectors per thread and blocks per row (one cluster) of
+/// `w8a8_scale_swiglu_quant_bf16` (`WQ_VPT`, `WQ_MAX_SPLIT`; blocks of at most 512 threads).
+const WQ_VPT: usize = 2;
 const WQ_MAX_SPLIT: usize = 8;
-/// Largest ffn of the fused SwiGLU + quantisation epilogue (one block holds a row).
-pub(super) const WQ_MAX_FFN: usize = 8 * WQ_THREADS * WQ_VPT;
+/// Largest ffn of the fused SwiGLU + quantisation epilogue (a cluster of 8 blocks of 512).
+pub(super) const WQ_MAX_FFN: usize = 8 * 512 * WQ_VPT * WQ_MAX_SPLIT;
 
-/// Blocks per row, vectors per block and threads per block of the fused epilogue for `t`
-/// rows of `vpr` vectors: rows split over a cluster (sm_90) until the grid has about two
-/// blocks per SM, blocks sized to their chunk.
-fn swiglu_quant_shape(t: usize, vpr: usize, sm_count: usize, clusters: bool) -> (usize, usize, usize) {
-    let split = if clusters { (2 * sm_count).div_ceil(t.max(1)).clamp(1, WQ_MAX_SPLIT) } else { 1 };
-    let chunk = vpr.div_ceil(split);
-    let threads = chunk.div_ceil(WQ_VPT).next_multiple_of(32).clamp(64, WQ_THREADS);
-    (split, chunk, threads)
+/// Threads per block and blocks per row of the fused epilogue for `t` rows of `vpr` vectors,
+/// or `None` where it cannot run (a row needs a cluster and the GPU has none: sm_90+ only).
+/// 256-thread blocks (512 where a row would need more than a cluster of them), halved while
+/// the grid has under two blocks per SM and the row still fits one cluster.
+fn swiglu_quant_shape(t: usize, vpr: usize, sm_count: usize, clusters: bool) -> Option<(usize, usize)> {
+    let split = |threads: usize| vpr.div_ceil(threads * WQ_VPT);
+    let mut threads = if split(256) > WQ_MAX_SPLIT { 512 } else { 256 };
+    while threads > 64 && t * split(threads) < 2 * sm_count && split(threads / 2) <= WQ_MAX_SPLIT {
+        threads /= 2;
+    }
+    let s = split(threads);
+    (s <= WQ_MAX_SPLIT && (s == 1 || clusters)).then_some((threads, s))
+}
+
+/// Whether the fused SwiGLU + quantisation epilogue runs `t` rows of `ffn` on this GPU.
+pub(super) fn swiglu_quant_runs(gpu: &Gpu, t: usize, ffn: usize) -> bool {
+    ffn.is_multiple_of(8) && ffn <= WQ_MAX_FFN && swiglu_quant_shape(t, ffn / 8, gpu.sm_count, gpu.cc_major >= 9).is_some()
 }
 
 /// The `split-scale` SwiGLU epilogue followed by the per-row quantisation of its output:
 /// act's codes into `q` (row stride ffn) and its row scales into `s`, which holds the GEMM's
 /// row scales on entry; `act` written too when given. Same codes and scales as
 /// [`scale_swiglu_raw`] then [`quantize_rows`] on act. The caller checks shapes,
-/// `ffn % 8 == 0`, `ffn <= WQ_MAX_FFN`, 16-byte aligned gu, act, sw and 8-byte aligned q.
+/// `ffn % 8 == 0`, [`swiglu_quant_runs`], 16-byte aligned gu, act, sw and 8-byte aligned q.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn scale_swiglu_quant_raw(gpu: &Gpu, t: usize, ffn: usize, gu: u64, act: Option<u64>, q: u64, s: u64, sw: u64) -> Result<()> {
     if t == 0 {
         return Ok(());
     }
-    if t > 65535 * 65535 || t > i32::MAX as usize || ffn > WQ_MAX_FFN {
-        return Err(Error::bad_input(format!("w8a8_scale_swiglu_quant: {t} rows of ffn {ffn} is too large")));
-    }
-    let (split, chunk, threads) = swiglu_quant_shape(t, ffn / 8, gpu.sm_count, gpu.cc_major >= 9);
+    let shape = swiglu_quant_shape(t, ffn / 8, gpu.sm_count, gpu.cc_major >= 9);
+    let Some((threads, split)) = shape.filter(|_| t <= i32::MAX as usize && ffn <= WQ_MAX_FFN) else {
+        return Err(Error::bad_input(format!(
+            "w8a8_scale_swiglu_quant: {t} rows of ffn {ffn} do not fit (ffn <= {WQ_MAX_FFN}; above {} a row needs a thread-block cluster, sm_90+)",
+            8 * 512 * WQ_VPT
+        )));
+    };
     let lc = LaunchEx {
         grid: (t as u32, split as u32, 1),
         block: (threads as u32, 1, 1),
@@ -100,13 +108,13 @@ pub(super) fn scale_swiglu_quant_raw(gpu: &Gpu, t: usize, ffn: usize, gu: u64, a
         cluster: (split > 1).then_some((1, split as u32, 1)),
         pdl: true,
     };
-    let params = SwigluQuantParams { gu, act: act.unwrap_or(0), q, s, sw, t: t as i32, ffn: ffn as i32, chunk: chunk as i32, _pad: 0 };
+    let params = SwigluQuantParams { gu, act: act.unwrap_or(0), q, s, sw, t: t as i32, ffn: ffn as i32 };
     // SAFETY: params mirror W8a8SwigluQuantParams; the caller checked gu >= t rows of 2·ffn,
     // act (if any) >= t rows of ffn, q >= t·ffn codes, s >= t, sw 2·ffn, the alignment and
-    // ffn % 8 == 0, ffn <= WQ_MAX_FFN; chunk <= threads · WQ_VPT (swiglu_quant_shape), so the
-    // blocks of row r cover its vectors; clusters (split > 1) only on sm_90+; block (r, ·)
-    // touches row r only, and s[r] is read by all of them before the cluster barrier after
-    // which block 0 writes it.
+    // ffn % 8 == 0; split · threads · WQ_VPT >= ffn / 8 (swiglu_quant_shape), so the blocks of
+    // row r cover its vectors; clusters (split > 1) only on sm_90+; block (r, ·) touches row
+    // r only, and s[r] is read by all of them before the cluster barrier after which block 0
+    // writes it.
     unsafe { launch_ex(gpu, "gemm_w8a8", "w8a8_scale_swiglu_quant_bf16", lc, &params) }
 }
 
@@ -244,6 +252,9 @@ pub fn scale_swiglu_quant(
             gu.dims
         )));
     }
+    if !swiglu_quant_runs(gpu, t, ffn) {
+        return Err(Error::bad_input(format!("{SOP}: ffn {ffn} needs thread-block clusters (sm_90+) on this GPU")));
+    }
     gu.check_rows(SOP, "gu", t, 2 * ffn)?;
     check_scales(SOP, t, 2 * ffn, s, sw)?;
     if q.len() < t * ffn {
@@ -274,22 +285,26 @@ mod tests {
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<ScaleParams>(), 40); // 4 pointers + 2 ints
         assert_eq!(std::mem::size_of::<SwigluParams>(), 40); // 4 pointers + 2 ints
-        assert_eq!(std::mem::size_of::<SwigluQuantParams>(), 56); // 5 pointers + 4 ints
-        assert_eq!(WQ_MAX_FFN, 32768);
+        assert_eq!(std::mem::size_of::<SwigluQuantParams>(), 48); // 5 pointers + 2 ints
+        assert_eq!(WQ_MAX_FFN, 65536);
     }
 
     #[test]
     fn swiglu_quant_blocks_cover_every_row() {
-        for &(t, vpr) in &[(1, 1), (1, 1536), (32, 1536), (32, 2368), (7, 4096), (2048, 1536), (2048, 4096), (300, 125)] {
-            for clusters in [true, false] {
-                let (split, chunk, threads) = swiglu_quant_shape(t, vpr, 132, clusters);
-                assert!((1..=WQ_MAX_SPLIT).contains(&split) && (clusters || split == 1), "{t} {vpr}: split {split}");
-                assert!(split * chunk >= vpr && chunk <= threads * WQ_VPT && threads <= WQ_THREADS, "{t} {vpr}: {split} {chunk} {threads}");
-                assert!(threads % 32 == 0);
+        for &(t, vpr) in &[(1, 1), (1, 1536), (32, 1536), (32, 2368), (7, 4096), (2048, 1536), (2048, 4096), (300, 125), (3, 8192)] {
+            let (threads, split) = swiglu_quant_shape(t, vpr, 132, true).unwrap();
+            assert!((1..=WQ_MAX_SPLIT).contains(&split) && split * threads * WQ_VPT >= vpr, "{t} {vpr}: {threads} {split}");
+            assert!([64, 128, 256, 512].contains(&threads), "{t} {vpr}: {threads}");
+            // Without clusters: one block per row, or nothing.
+            match swiglu_quant_shape(t, vpr, 132, false) {
+                Some((th, 1)) => assert!(th * WQ_VPT >= vpr),
+                Some(other) => panic!("{t} {vpr}: {other:?} without clusters"),
+                None => assert!(vpr > 64 * WQ_VPT),
             }
         }
-        // Few rows fill the GPU through the split; many rows need none.
-        assert_eq!(swiglu_quant_shape(32, 1536, 132, true).0, 8);
-        assert_eq!(swiglu_quant_shape(2048, 1536, 132, true).0, 1);
+        // LLaDA's 32-row step: 6 blocks of 128 per row (192 blocks); W2's 2048 rows: 3 of 256.
+        assert_eq!(swiglu_quant_shape(32, 1536, 132, true), Some((128, 6)));
+        assert_eq!(swiglu_quant_shape(2048, 1536, 132, true), Some((256, 3)));
+        assert_eq!(swiglu_quant_shape(1, 8193, 132, true), None);
     }
 }
