@@ -477,8 +477,15 @@ pub fn step_roofline_as(
         let touched = touched.unwrap_or_else(|| 1.0 - (1.0 - m.top_k as f64 / m.n_experts as f64).powf(rows));
         all * (1.0 - touched.clamp(0.0, 1.0))
     });
+    // `DEMASK_FP8_LM_HEAD=1` (FP8 models, steps of few logit rows): the LM head is read as
+    // E4M3 codes plus one f32 scale per vocabulary row.
+    let fp8_head = matches!(format, WeightFormat::Fp8(_))
+        && crate::quant::fp8_lm_head_from_env().unwrap_or(false)
+        && logit_rows * batch <= crate::quant::FP8_LM_HEAD_MAX_ROWS;
+    let head_saved = if fp8_head { cfg.vocab as f64 * (h - 4.0) } else { 0.0 };
     let weight_bytes = cfg.param_count() as f64 * 2.0 - cfg.vocab as f64 * h * 2.0 - saved + scale_bytes + expert_scale_bytes
-        - untouched_expert_bytes;
+        - untouched_expert_bytes
+        - head_saved;
     let kv_bytes = 2.0 * (batch * kv_len) as f64 * cfg.kv_dim() as f64 * 2.0 * cfg.n_layers as f64;
     let logit_bytes = (logit_rows * batch) as f64 * cfg.vocab as f64 * 4.0;
     let bytes = weight_bytes + kv_bytes + logit_bytes;

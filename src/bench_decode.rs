@@ -178,6 +178,12 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
                 if let Some(r) = stepper.model().w8a8_min_rows() {
                     eprintln!("FP8 linear layers: the W8A16 kernel below {r} live rows, W8A8 from {r} (DEMASK_W8A8_MIN_ROWS)");
                 }
+                if stepper.model().fp8_lm_head() {
+                    eprintln!(
+                        "LM head: an E4M3 copy for steps of up to {} logit rows, bf16 above (DEMASK_FP8_LM_HEAD=1; the floor counts it so)",
+                        demask::quant::FP8_LM_HEAD_MAX_ROWS
+                    );
+                }
                 let opts = EngineOptions { max_batch, max_rows: rows_cap, ..Default::default() };
                 let dev = format!("{} (cuda:{})", gpu.name, gpu.ordinal);
                 let mut engine = Engine::with_backend(Box::new(stepper), None, dev, &opts);

@@ -98,7 +98,11 @@ pub struct GpuModel {
 }
 
 impl GpuModel {
-    pub fn new(gpu: Arc<Gpu>, cfg: ModelConfig, weights: GpuWeights, cap: Capacity) -> Result<Self> {
+    pub fn new(gpu: Arc<Gpu>, cfg: ModelConfig, mut weights: GpuWeights, cap: Capacity) -> Result<Self> {
+        // `DEMASK_FP8_LM_HEAD=1`: FP8 models also keep an E4M3 LM head (GpuWeights::set_fp8_lm_head).
+        if matches!(weights.format, WeightFormat::Fp8(_)) && crate::quant::fp8_lm_head_from_env()? {
+            weights.set_fp8_lm_head(&gpu, true)?;
+        }
         cfg.validate()?;
         if cap.rows == 0 || cap.seqs == 0 {
             return Err(Error::bad_input("GpuModel: capacity needs at least one row and one sequence"));
@@ -332,6 +336,7 @@ impl GpuModel {
             .map(|x| [x.ptr(g), x.len() as u64])
             .chain(w.layers.iter().flat_map(GpuLayer::f32_tensors).map(|x| [x.ptr(g), x.len() as u64]));
         let linears = w.layers.iter().flat_map(GpuLayer::linears).flat_map(|l| l.fingerprint(g));
+        let head_fp8 = w.lm_head_fp8.iter().flat_map(|f| [f.q.ptr(g), f.q.len() as u64, f.scales.ptr(g), f.scales.len() as u64]);
         let experts = w.layers.iter().flat_map(GpuLayer::experts).flat_map(|x| x.fingerprint(g));
         let c = &self.cfg;
         let consts = [
@@ -341,7 +346,7 @@ impl GpuModel {
             (c.rope_theta as f32).to_bits() as u64,
             (c.n_heads as u64) << 32 | c.n_kv_heads as u64,
         ];
-        graph::fingerprint(tensors.flatten().chain(linears).chain(experts).chain(consts))
+        graph::fingerprint(tensors.flatten().chain(linears).chain(head_fp8).chain(experts).chain(consts))
     }
 
     /// Launches the forward of a batch of shape `key` whose index arrays are already in
@@ -487,12 +492,19 @@ impl GpuModel {
             let last = cfg.n_layers - 1;
             ws.x.copy_to(g, t * cfg.hidden, c, last * cap_rows * cfg.hidden)?;
         }
-        if key.identity {
-            ops::gemm::linear(g, gv, r, &ws.h, &self.weights.lm_head, None, &mut ws.logits)?;
+        // The E4M3 LM head where the model has one and the step few logit rows (one pass of
+        // the W8A16 kernel), else bf16.
+        let head_fp8 = self.weights.lm_head_fp8.as_ref().filter(|_| r <= crate::quant::FP8_LM_HEAD_MAX_ROWS);
+        let x_head = if key.identity {
+            &ws.h
         } else {
             ops::embed::gather_rows(g, r, &idx.logit_rows, &ws.h, &mut ws.sel)?;
             mark!("gather_logit_rows");
-            ops::gemm::linear(g, gv, r, &ws.sel, &self.weights.lm_head, None, &mut ws.logits)?;
+            &ws.sel
+        };
+        match head_fp8 {
+            Some(w) => ops::gemm_fp8::linear_fp8(g, r, x_head, w, None, &mut ws.logits)?,
+            None => ops::gemm::linear(g, gv, r, x_head, &self.weights.lm_head, None, &mut ws.logits)?,
         }
         mark!("gemm_lm_head");
         if let Some(p) = prof.as_mut() {

@@ -386,6 +386,26 @@ pub fn w8a8_min_rows_from_env() -> crate::error::Result<usize> {
     }
 }
 
+/// Rows up to which a model with an FP8 copy of its LM head (`GpuModel::set_fp8_lm_head`)
+/// uses it: one pass of the W8A16 kernel's 64-row tile. More logit rows (full-canvas steps,
+/// batches) use the bf16 LM head, whose GEMM reads the weight once at any row count.
+pub const FP8_LM_HEAD_MAX_ROWS: usize = 64;
+
+/// `DEMASK_FP8_LM_HEAD` (unset or `0`: off; `1`: FP8 models also keep an E4M3 copy of the LM
+/// head for steps of up to [`FP8_LM_HEAD_MAX_ROWS`] logit rows).
+pub fn fp8_lm_head_from_env() -> crate::error::Result<bool> {
+    std::env::var("DEMASK_FP8_LM_HEAD").map_or(Ok(false), |v| parse_fp8_lm_head(&v))
+}
+
+/// The value of `DEMASK_FP8_LM_HEAD`: `0` (or empty) off, `1` on, anything else an error.
+pub fn parse_fp8_lm_head(v: &str) -> crate::error::Result<bool> {
+    match v.trim() {
+        "" | "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(crate::error::Error::bad_input(format!("DEMASK_FP8_LM_HEAD: `{v}` is not 0 or 1"))),
+    }
+}
+
 #[cfg(test)]
 #[path = "quant_tests.rs"]
 mod tests;

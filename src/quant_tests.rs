@@ -239,3 +239,11 @@ fn format_names_parse() {
     assert_eq!("block".parse::<ScaleLayout>().unwrap(), ScaleLayout::Block128);
     assert_eq!(WeightFormat::Fp8(ScaleLayout::Channel).bytes_per_weight(), 1);
 }
+
+#[test]
+fn fp8_lm_head_switch_parses_zero_one_and_refuses_the_rest() {
+    assert!(!parse_fp8_lm_head("0").unwrap() && !parse_fp8_lm_head("").unwrap() && !parse_fp8_lm_head(" 0 ").unwrap());
+    assert!(parse_fp8_lm_head("1").unwrap());
+    let e = parse_fp8_lm_head("yes").unwrap_err().to_string();
+    assert!(e.contains("DEMASK_FP8_LM_HEAD") && e.contains("`yes`"), "{e}");
+}

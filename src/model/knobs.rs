@@ -111,6 +111,23 @@ impl GpuModel {
         self.ws.w8a8.as_ref().map(|m| m.min_rows())
     }
 
+    /// Adds (`on`) or drops an E4M3 copy of the LM head (channel scales), used for steps of up
+    /// to `quant::FP8_LM_HEAD_MAX_ROWS` logit rows (a decode step's live rows); more rows use
+    /// the bf16 LM head. Costs `vocab · hidden` bytes (LLaDA-8B: 0.52 GB) and fidelity
+    /// (docs/fp8.md); saves about half the LM head's read (≈ 0.17 ms of a W1 step on an H100).
+    /// `DEMASK_FP8_LM_HEAD=1` turns it on for FP8 models when they are made. Drops captured
+    /// graphs.
+    pub fn set_fp8_lm_head(&mut self, on: bool) -> Result<()> {
+        self.weights.set_fp8_lm_head(&self.gpu, on)?;
+        self.graphs.clear();
+        Ok(())
+    }
+
+    /// Whether the model has the E4M3 LM head of [`GpuModel::set_fp8_lm_head`].
+    pub fn fp8_lm_head(&self) -> bool {
+        self.weights.lm_head_fp8.is_some()
+    }
+
     /// Whether the W8A8 `split-scale` epilogues fuse into their consumers (default on: the
     /// O and down scales into the next residual add, the down projection's quantiser into
     /// the SwiGLU pass). Off gives the same values with more launches (tests, timing). Drops

@@ -98,14 +98,19 @@ impl GpuLayer {
     }
 }
 
-/// The model's weights on the device. The embedding, norms and LM head are always bf16: the
+/// The model's weights on the device. The embedding, norms and LM head are bf16: the
 /// embedding is only gathered (32 rows a step, no bandwidth to save) and the LM head's logits
-/// feed the confidence/commit decisions directly (kept exact until FP8 is measured for it).
+/// feed the confidence/commit decisions directly (docs/fp8.md measures the cost of an FP8 LM
+/// head). `lm_head_fp8` is an opt-in E4M3 copy of it (`GpuModel::set_fp8_lm_head`) for steps
+/// of few logit rows.
 pub struct GpuWeights {
     pub embed: DTensor<bf16>,
     pub layers: Vec<GpuLayer>,
     pub final_norm: DTensor<bf16>,
     pub lm_head: DTensor<bf16>,
+    /// E4M3 copy of `lm_head` with channel scales, used for up to
+    /// `quant::FP8_LM_HEAD_MAX_ROWS` logit rows (`None`: off, the default).
+    pub lm_head_fp8: Option<crate::ops::gemm_fp8::Fp8Weight>,
     /// Format of the layers' linear weights.
     pub format: WeightFormat,
 }
@@ -235,6 +240,7 @@ impl GpuWeights {
             layers,
             final_norm: up(&w.final_norm, &[s.hidden])?,
             lm_head: up(&w.lm_head, &[s.vocab, s.hidden])?,
+            lm_head_fp8: None,
             format,
         })
     }
@@ -297,6 +303,7 @@ impl GpuWeights {
             layers,
             final_norm: gen(&[s.hidden], 1.0, 0.1)?,
             lm_head: gen(&[s.vocab, s.hidden], 0.0, inv(s.hidden))?,
+            lm_head_fp8: None,
             format,
         };
         gpu.synchronize()?;
@@ -305,7 +312,18 @@ impl GpuWeights {
 
     pub fn bytes(&self) -> usize {
         let l: usize = self.layers.iter().map(GpuLayer::bytes).sum();
-        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes()
+        l + self.embed.bytes() + self.final_norm.bytes() + self.lm_head.bytes() + self.lm_head_fp8.as_ref().map_or(0, |w| w.bytes())
+    }
+
+    /// Adds (`on`) or drops the E4M3 copy of the LM head (channel scales, quantised on the
+    /// device from `lm_head`): `vocab · hidden` bytes more (LLaDA-8B: 0.52 GB).
+    pub fn set_fp8_lm_head(&mut self, gpu: &crate::gpu::Gpu, on: bool) -> Result<()> {
+        self.lm_head_fp8 = match (on, self.lm_head_fp8.take()) {
+            (false, _) => None,
+            (true, Some(w)) => Some(w),
+            (true, None) => Some(crate::ops::gemm_fp8::Fp8Weight::quantize(gpu, &self.lm_head, crate::quant::ScaleLayout::Channel)?),
+        };
+        Ok(())
     }
 }
 

@@ -350,3 +350,47 @@ fn fp8_forwards_allocate_no_device_memory() {
     let (free1, _) = gpu.mem_info().unwrap();
     assert_eq!(free0, free1, "device memory changed across FP8 forwards");
 }
+
+#[test]
+fn fp8_lm_head_matches_the_cpu_model_and_leaves_many_rows_to_bf16() {
+    // `GpuModel::set_fp8_lm_head`: an E4M3 copy of the LM head (channel scales) for up to 64
+    // logit rows. 58 rows on the W8A16 kernel everywhere: against the f32 CPU forward of the
+    // same model with the LM head quantised too (`fake_quant_with(.., true)`), to the
+    // bf16-vs-f32 budget, and different from the bf16 head's logits (the copy is used). 201
+    // rows: the bf16 head, bit for bit the forward without the copy.
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    for preset in common::DENSE_PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let hw = common::sharp_weights(&cfg, 3);
+        let model = |s: &[Vec<u32>], head: bool| {
+            let total: usize = s.iter().map(|x| x.len()).sum();
+            let cap = Capacity { rows: total, logit_rows: total, cache_rows: total, seqs: s.len() };
+            let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+            let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
+            m.set_w8a8_min_rows(65).unwrap();
+            m.set_fp8_lm_head(head).unwrap();
+            assert_eq!(m.fp8_lm_head(), head);
+            m
+        };
+        let s = seqs(cfg.vocab, &[37, 1, 20]);
+        let (q, _) = demask::fp8_fidelity::fake_quant_with(&hw, ScaleLayout::Channel, true).unwrap();
+        let want = CpuModel::new(&q).unwrap().forward_full(&s).unwrap();
+        let mut m = model(&s, true);
+        let got = m.forward_full(&s).unwrap();
+        let c = compare_logits(&got, &want, cfg.vocab, TIE_GAP);
+        println!(
+            "{preset} FP8 LM head, 58 rows: GPU vs CPU f32 (LM head quantised too): rel L2 {:.3e}, worst row {:.3e}, top-1 {}/{}",
+            c.rel_l2, c.worst_row_rel, c.top1_agree, c.top1_rows
+        );
+        assert!(c.worst_row_rel <= REL_TOL, "{preset}: {c:?}");
+        assert!(c.top1_rows - c.top1_agree <= c.rows.div_ceil(100), "{preset}: {c:?}");
+        m.set_fp8_lm_head(false).unwrap();
+        let bf16_head = m.forward_full(&s).unwrap();
+        assert_ne!(got, bf16_head, "{preset}: the FP8 LM head was not used");
+        // 201 logit rows: past the FP8 head's 64, so the bf16 head runs, as without the copy.
+        let s = seqs(cfg.vocab, &[37, 1, 99, 64]);
+        let (a, b) = (model(&s, true).forward_full(&s).unwrap(), model(&s, false).forward_full(&s).unwrap());
+        assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{preset}: 201 rows");
+    }
+}
