@@ -57,6 +57,19 @@ __device__ __forceinline__ void load_scales8(const float* s, float* f) {
     f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
+// The SwiGLU of 8 gate and up products of row scale sx (channel scales sg, su): g and u
+// scaled and rounded to bf16 as w8a8_scale_bf16 stores them, then swiglu_bf16's expression.
+__device__ __forceinline__ void scaled_swiglu8(float sx, const float* g, const float* u, const float* sg,
+                                               const float* su, float* y) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float gv = round_bf16(__fmul_rn(__fmul_rn(sx, sg[i]), g[i]));
+        const float uv = round_bf16(__fmul_rn(__fmul_rn(sx, su[i]), u[i]));
+        const float s = round_bf16(gv / (1.f + expf(-gv)));
+        y[i] = s * uv;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_bf16(const W8a8ScaleParams p) {
     pdl_wait();
     pdl_trigger();
@@ -119,13 +132,7 @@ extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_swiglu_bf16(
             load8(reinterpret_cast<const bf16*>(&ur[k]), u);
             load_scales8(p.sw + 8 * c, sg);
             load_scales8(p.sw + p.ffn + 8 * c, su);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float gv = round_bf16(__fmul_rn(__fmul_rn(sx, sg[i]), g[i]));
-                const float uv = round_bf16(__fmul_rn(__fmul_rn(sx, su[i]), u[i]));
-                const float s = round_bf16(gv / (1.f + expf(-gv)));
-                y[i] = s * uv;
-            }
+            scaled_swiglu8(sx, g, u, sg, su, y);
             uint4 o;
             store8(reinterpret_cast<bf16*>(&o), y);
             o4[c] = o;
@@ -182,13 +189,7 @@ extern "C" __global__ void __launch_bounds__(512) w8a8_scale_swiglu_quant_bf16(c
             load8(reinterpret_cast<const bf16*>(&ur[k]), u);
             load_scales8(p.sw + 8 * c, sg);
             load_scales8(p.sw + p.ffn + 8 * c, su);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float gv = round_bf16(__fmul_rn(__fmul_rn(sx, sg[i]), g[i]));
-                const float uv = round_bf16(__fmul_rn(__fmul_rn(sx, su[i]), u[i]));
-                const float sl = round_bf16(gv / (1.f + expf(-gv)));
-                y[i] = sl * uv;
-            }
+            scaled_swiglu8(sx, g, u, sg, su, y);
             store8(reinterpret_cast<bf16*>(&gr[k]), y);       // act, packed in place of g
             load8(reinterpret_cast<const bf16*>(&gr[k]), y);  // the bf16 values, as act holds them
 #pragma unroll

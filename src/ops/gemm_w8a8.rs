@@ -16,7 +16,12 @@
 //!    `D = bf16(qx · qwᵀ)` into the output buffer itself, then `w8a8_scale_bf16`
 //!    (kernels/gemm_w8a8.cu) rewrites it in place as `bf16(sx[r]·sw[c]·D + bias[c])`; for the
 //!    gate|up projection `w8a8_scale_swiglu_bf16` applies the scales and SwiGLU in one pass
-//!    into `act` (bit-identical to the scale kernel followed by `ops::swiglu`).
+//!    into `act` (bit-identical to the scale kernel followed by `ops::swiglu`). Three of these
+//!    passes can be fused into the kernel that reads their output (same bits; off with
+//!    [`W8a8::set_fused_epilogues`]): [`W8a8::linear_deferred`] leaves the scale to the next
+//!    residual add (`ops::norm::add_rmsnorm_deferred`, through [`W8a8::take_deferred`]), and
+//!    [`W8a8::linear_swiglu_for`] has the SwiGLU pass quantise `act` for the down projection
+//!    (`w8a8_scale_swiglu_quant_bf16`, module `epilogue`), which then skips its quantiser.
 //! 3. Neither (block-scaled weights, an f32 output, k or n not as cuBLASLt's FP8 kernels need,
 //!    or no algorithm): [`W8a8::linear`] launches nothing and the caller runs the W8A16 kernel
 //!    in 64-row chunks (`ops::gemm_fp8`), reading W ⌈t/64⌉ times.
