@@ -384,11 +384,7 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<Y>,
     ) -> Result<Option<W8a8Path>> {
-        let path = self.gemm(gpu, t, x, w, bias, "y", y, None)?;
-        if path == Some(W8a8Path::SplitScale) {
-            scale_raw(gpu, t, w.n(), y.ptr_mut(gpu), self.sx.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)))?;
-        }
-        Ok(path)
+        self.linear_impl(gpu, t, x, w, bias, y, false)
     }
 
     /// [`W8a8::linear`] for an output that only a residual add reads next: where the GEMM
@@ -405,10 +401,27 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<bf16>,
     ) -> Result<Option<W8a8Path>> {
+        self.linear_impl(gpu, t, x, w, bias, y, true)
+    }
+
+    /// [`W8a8::linear`] (`defer` false) and [`W8a8::linear_deferred`]: the GEMM, then the
+    /// `split-scale` epilogue run here or handed on (deferring needs a bf16 output, which
+    /// every W8A8 path requires, the fusions on and n within the scaled norm's reach).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_impl<Y: GemmOut>(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        x: &DTensor<bf16>,
+        w: &Fp8Weight,
+        bias: Option<&DTensor<bf16>>,
+        y: &mut DTensor<Y>,
+        defer: bool,
+    ) -> Result<Option<W8a8Path>> {
         let path = self.gemm(gpu, t, x, w, bias, "y", y, None)?;
         if path == Some(W8a8Path::SplitScale) {
             let (yp, sxp, swp, bp) = (y.ptr_mut(gpu), self.sx.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)));
-            if self.fuse && w.n() <= crate::ops::norm::MAX_SCALED_HIDDEN && t > 0 {
+            if defer && self.fuse && Y::OUT == OutType::Bf16 && w.n() <= crate::ops::norm::MAX_SCALED_HIDDEN && t > 0 {
                 self.deferred = Some(DeltaScale { y: yp, rows: t, n: w.n(), sx: sxp, sw: swp, bias: bp });
             } else {
                 scale_raw(gpu, t, w.n(), yp, sxp, swp, bp)?;

@@ -134,16 +134,7 @@ pub fn add_rmsnorm_quant(
     q: &mut DTensor<u8>,
     s: &mut DTensor<f32>,
 ) -> Result<()> {
-    let hidden = weight.len();
-    if !hidden.is_multiple_of(16) {
-        return Err(Error::bad_input(format!("{OP}: E4M3 rows need hidden % 16 == 0, got {hidden}")));
-    }
-    if q.len() < rows * hidden {
-        return Err(Error::shape(OP, "q", &[rows, hidden], &q.dims));
-    }
-    if s.len() < rows {
-        return Err(Error::shape(OP, "s", &[rows], &s.dims));
-    }
+    check_codes(rows, weight.len(), q, s)?;
     norm_impl(gpu, rows, residual, delta, None, weight, eps, out, Some((q, s)))
 }
 
@@ -177,18 +168,25 @@ pub fn add_rmsnorm_deferred(
     match quant {
         None => norm_impl(gpu, rows, residual, Some(delta), Some(scale), weight, eps, out, None),
         Some((q, s)) => {
-            if !hidden.is_multiple_of(16) {
-                return Err(Error::bad_input(format!("{OP}: E4M3 rows need hidden % 16 == 0, got {hidden}")));
-            }
-            if q.len() < rows * hidden {
-                return Err(Error::shape(OP, "q", &[rows, hidden], &q.dims));
-            }
-            if s.len() < rows {
-                return Err(Error::shape(OP, "s", &[rows], &s.dims));
-            }
+            check_codes(rows, hidden, q, s)?;
             norm_impl(gpu, rows, residual, Some(delta), Some(scale), weight, eps, out, Some((q, s)))
         }
     }
+}
+
+/// The E4M3 outputs of the quantising norms: 16-byte code rows (hidden % 16 == 0), `q` holding
+/// `rows · hidden` codes and `s` `rows` scales.
+fn check_codes(rows: usize, hidden: usize, q: &DTensor<u8>, s: &DTensor<f32>) -> Result<()> {
+    if !hidden.is_multiple_of(16) {
+        return Err(Error::bad_input(format!("{OP}: E4M3 rows need hidden % 16 == 0, got {hidden}")));
+    }
+    if q.len() < rows * hidden {
+        return Err(Error::shape(OP, "q", &[rows, hidden], &q.dims));
+    }
+    if s.len() < rows {
+        return Err(Error::shape(OP, "s", &[rows], &s.dims));
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
