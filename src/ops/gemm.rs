@@ -173,30 +173,32 @@ struct SkinnyParams {
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for SkinnyParams {}
 
-/// Entry point and dynamic shared memory for `t` rows: NT = ceil(t/8) rounded up to 1, 2, 4, 8
-/// n-tiles; STAGES ring slots of (128 + 8·NT) rows × BK bf16 (`Tile<NT, BK>` in the kernel).
-/// `swiglu`: the gate|up entry points with SwiGLU in the epilogue (64-column stages).
-fn kernel_for(t: usize, k128: bool, swiglu: bool) -> (&'static str, u32) {
-    let nt = match t {
+/// Row tiles (8 rows each: 1, 2, 4 or 8) of the skinny kernels' entry point for `t` rows; every
+/// skinny family (bf16, FP8 W8A16 `mma`/`wgmma`, W8A8) has one entry point per tile count.
+pub(crate) fn row_tiles(t: usize) -> usize {
+    match t {
         0..=8 => 1,
         9..=16 => 2,
         17..=32 => 4,
         _ => 8,
-    };
+    }
+}
+
+/// The entry point of `nt` row tiles from a family's four, `names` ordered 8, 16, 32, 64 rows.
+pub(crate) fn by_row_tiles(nt: usize, names: [&'static str; 4]) -> &'static str {
+    names[(nt.trailing_zeros() as usize).min(3)]
+}
+
+/// Entry point and dynamic shared memory for `t` rows: NT = ceil(t/8) rounded up to 1, 2, 4, 8
+/// n-tiles; STAGES ring slots of (128 + 8·NT) rows × BK bf16 (`Tile<NT, BK>` in the kernel).
+/// `swiglu`: the gate|up entry points with SwiGLU in the epilogue (64-column stages).
+fn kernel_for(t: usize, k128: bool, swiglu: bool) -> (&'static str, u32) {
+    let nt = row_tiles(t);
     let k128 = k128 && !swiglu;
-    let sym = match (nt, swiglu, k128) {
-        (1, true, _) => "gemm_skinny8_swiglu_bf16",
-        (2, true, _) => "gemm_skinny16_swiglu_bf16",
-        (4, true, _) => "gemm_skinny32_swiglu_bf16",
-        (_, true, _) => "gemm_skinny64_swiglu_bf16",
-        (1, _, true) => "gemm_skinny8_k128_bf16",
-        (2, _, true) => "gemm_skinny16_k128_bf16",
-        (4, _, true) => "gemm_skinny32_k128_bf16",
-        (_, _, true) => "gemm_skinny64_k128_bf16",
-        (1, ..) => "gemm_skinny8_bf16",
-        (2, ..) => "gemm_skinny16_bf16",
-        (4, ..) => "gemm_skinny32_bf16",
-        _ => "gemm_skinny64_bf16",
+    let sym = match (swiglu, k128) {
+        (true, _) => by_row_tiles(nt, ["gemm_skinny8_swiglu_bf16", "gemm_skinny16_swiglu_bf16", "gemm_skinny32_swiglu_bf16", "gemm_skinny64_swiglu_bf16"]),
+        (_, true) => by_row_tiles(nt, ["gemm_skinny8_k128_bf16", "gemm_skinny16_k128_bf16", "gemm_skinny32_k128_bf16", "gemm_skinny64_k128_bf16"]),
+        _ => by_row_tiles(nt, ["gemm_skinny8_bf16", "gemm_skinny16_bf16", "gemm_skinny32_bf16", "gemm_skinny64_bf16"]),
     };
     let (bk, stages) = match (k128, nt == 8) {
         (false, false) => (STAGE_K, 5),
@@ -410,6 +412,18 @@ mod tests {
         for t in [1, 9, 17, 33, 64] {
             for (k128, sw) in [(false, false), (true, false), (false, true)] {
                 assert!(kernel_for(t, k128, sw).1 <= 227 << 10, "t={t} k128={k128} swiglu={sw}");
+            }
+        }
+    }
+
+    #[test]
+    fn entry_points_follow_the_row_tiles() {
+        for t in 1..=80usize {
+            let rows = 8 * t.div_ceil(8).next_power_of_two().min(8);
+            assert_eq!(kernel_for(t, false, false).0, format!("gemm_skinny{rows}_bf16"), "t={t}");
+            assert_eq!(kernel_for(t, true, false).0, format!("gemm_skinny{rows}_k128_bf16"), "t={t}");
+            for k128 in [false, true] {
+                assert_eq!(kernel_for(t, k128, true).0, format!("gemm_skinny{rows}_swiglu_bf16"), "t={t}");
             }
         }
     }

@@ -235,37 +235,27 @@ pub struct Fp8Config {
 /// (module, entry point, dynamic shared memory) for `t ≤ 64` rows. Both kernels stage
 /// STAGES × (128·128 W bytes + 8·NT·128 bf16 X) (`Tile8<NT>` / `TileW<NT>`).
 fn kernel_for(t: usize, swiglu: bool, kernel: Fp8Kernel) -> (&'static str, &'static str, u32) {
-    let (nt, stages) = match t {
-        0..=8 => (1, 5),
-        9..=16 => (2, 5),
-        17..=32 => (4, 4),
-        _ => (8, 3),
+    use crate::ops::gemm::{by_row_tiles, row_tiles};
+    let nt = row_tiles(t);
+    let stages = match nt {
+        1 | 2 => 5,
+        4 => 4,
+        _ => 3,
     };
     let smem = (stages * (128 * STAGE_K + 8 * nt * STAGE_K * 2)) as u32;
-    if kernel == Fp8Kernel::Wgmma {
-        let sym = match (nt, swiglu) {
-            (1, false) => "gemm_fp8_wgmma8_bf16",
-            (2, false) => "gemm_fp8_wgmma16_bf16",
-            (4, false) => "gemm_fp8_wgmma32_bf16",
-            (_, false) => "gemm_fp8_wgmma64_bf16",
-            (1, true) => "gemm_fp8_wgmma8_swiglu_bf16",
-            (2, true) => "gemm_fp8_wgmma16_swiglu_bf16",
-            (4, true) => "gemm_fp8_wgmma32_swiglu_bf16",
-            (_, true) => "gemm_fp8_wgmma64_swiglu_bf16",
-        };
-        return ("gemm_fp8_wgmma", sym, smem);
-    }
-    let sym = match (nt, swiglu) {
-        (1, false) => "gemm_fp8_skinny8_bf16",
-        (2, false) => "gemm_fp8_skinny16_bf16",
-        (4, false) => "gemm_fp8_skinny32_bf16",
-        (_, false) => "gemm_fp8_skinny64_bf16",
-        (1, true) => "gemm_fp8_skinny8_swiglu_bf16",
-        (2, true) => "gemm_fp8_skinny16_swiglu_bf16",
-        (4, true) => "gemm_fp8_skinny32_swiglu_bf16",
-        (_, true) => "gemm_fp8_skinny64_swiglu_bf16",
+    let (module, names) = match (kernel == Fp8Kernel::Wgmma, swiglu) {
+        (true, false) => ("gemm_fp8_wgmma", ["gemm_fp8_wgmma8_bf16", "gemm_fp8_wgmma16_bf16", "gemm_fp8_wgmma32_bf16", "gemm_fp8_wgmma64_bf16"]),
+        (true, true) => (
+            "gemm_fp8_wgmma",
+            ["gemm_fp8_wgmma8_swiglu_bf16", "gemm_fp8_wgmma16_swiglu_bf16", "gemm_fp8_wgmma32_swiglu_bf16", "gemm_fp8_wgmma64_swiglu_bf16"],
+        ),
+        (false, false) => ("gemm_fp8", ["gemm_fp8_skinny8_bf16", "gemm_fp8_skinny16_bf16", "gemm_fp8_skinny32_bf16", "gemm_fp8_skinny64_bf16"]),
+        (false, true) => (
+            "gemm_fp8",
+            ["gemm_fp8_skinny8_swiglu_bf16", "gemm_fp8_skinny16_swiglu_bf16", "gemm_fp8_skinny32_swiglu_bf16", "gemm_fp8_skinny64_swiglu_bf16"],
+        ),
     };
-    ("gemm_fp8", sym, smem)
+    (module, by_row_tiles(nt, names), smem)
 }
 
 /// `y[0..t] = x[0..t] · dequant(w)ᵀ (+ bias)`: `x` at least `[t, k]` bf16, `y` at least
@@ -594,5 +584,17 @@ mod tests {
         assert_eq!(scale_dims(ScaleLayout::Channel, 300, 400), vec![300]);
         assert_eq!(scale_dims(ScaleLayout::Block128, 300, 400), vec![3, 4]);
         assert_eq!(ScaleLayout::Block128.count(300, 400), 12);
+    }
+
+    #[test]
+    fn entry_points_follow_the_row_tiles() {
+        for t in 1..=80usize {
+            let rows = 8 * t.div_ceil(8).next_power_of_two().min(8);
+            for (kernel, module, family) in [(Fp8Kernel::Mma, "gemm_fp8", "skinny"), (Fp8Kernel::Wgmma, "gemm_fp8_wgmma", "wgmma")] {
+                let (m, plain, _) = kernel_for(t, false, kernel);
+                assert_eq!((m, plain), (module, format!("gemm_fp8_{family}{rows}_bf16").as_str()), "t={t}");
+                assert_eq!(kernel_for(t, true, kernel).1, format!("gemm_fp8_{family}{rows}_swiglu_bf16"), "t={t}");
+            }
+        }
     }
 }

@@ -49,22 +49,18 @@ unsafe impl cudarc::driver::DeviceRepr for W8a8SkinnyParams {}
 /// (entry point, dynamic shared memory) for `t ≤ 64` rows: NT = 1, 2, 4, 8 n-tiles of 8 rows,
 /// STAGES × (128·128 W codes + 8·NT·128 X codes) (`TileQ<NT>`).
 fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
-    let (nt, stages) = match t {
-        0..=8 => (1, 6),
-        9..=16 => (2, 6),
-        17..=32 => (4, 5),
-        _ => (8, 4),
+    use crate::ops::gemm::{by_row_tiles, row_tiles};
+    let nt = row_tiles(t);
+    let stages = match nt {
+        1 | 2 => 6,
+        4 => 5,
+        _ => 4,
     };
     let smem = (stages * (BLOCK_ROWS * STAGE_K + 8 * nt * STAGE_K)) as u32;
-    let sym = match (nt, swiglu) {
-        (1, false) => "gemm_w8a8_skinny8_bf16",
-        (2, false) => "gemm_w8a8_skinny16_bf16",
-        (4, false) => "gemm_w8a8_skinny32_bf16",
-        (_, false) => "gemm_w8a8_skinny64_bf16",
-        (1, true) => "gemm_w8a8_skinny8_swiglu_bf16",
-        (2, true) => "gemm_w8a8_skinny16_swiglu_bf16",
-        (4, true) => "gemm_w8a8_skinny32_swiglu_bf16",
-        (_, true) => "gemm_w8a8_skinny64_swiglu_bf16",
+    let sym = if swiglu {
+        by_row_tiles(nt, ["gemm_w8a8_skinny8_swiglu_bf16", "gemm_w8a8_skinny16_swiglu_bf16", "gemm_w8a8_skinny32_swiglu_bf16", "gemm_w8a8_skinny64_swiglu_bf16"])
+    } else {
+        by_row_tiles(nt, ["gemm_w8a8_skinny8_bf16", "gemm_w8a8_skinny16_bf16", "gemm_w8a8_skinny32_bf16", "gemm_w8a8_skinny64_bf16"])
     };
     (sym, smem)
 }
@@ -185,6 +181,15 @@ mod tests {
             assert!(2 * (smem + 1024) <= 228 << 10, "t={t}: {smem} bytes");
             let nt = t.div_ceil(8).next_power_of_two();
             assert!(smem as usize >= 2 * 8 * nt * 128 * 4, "t={t}");
+        }
+    }
+
+    #[test]
+    fn entry_points_follow_the_row_tiles() {
+        for t in 1..=64usize {
+            let rows = 8 * t.div_ceil(8).next_power_of_two();
+            assert_eq!(kernel_for(t, false).0, format!("gemm_w8a8_skinny{rows}_bf16"), "t={t}");
+            assert_eq!(kernel_for(t, true).0, format!("gemm_w8a8_skinny{rows}_swiglu_bf16"), "t={t}");
         }
     }
 }
