@@ -514,8 +514,9 @@ pub fn linear_any_deferred(
 /// `ops::gemm::linear_swiglu` (bf16); for FP8 the fused W8A16 kernel, or from
 /// `w8a8.min_rows()` rows (default 17) `W8a8::linear_swiglu` where `w8a8` takes the shape
 /// (the GEMM into `gu`, then `ops::swiglu` or, on the `split-scale` path, the fused scale +
-/// SwiGLU epilogue into `act`). `down`, the projection that reads `act` next (if known), lets
-/// that epilogue quantise `act` for it (`W8a8::linear_swiglu_for`).
+/// SwiGLU epilogue into `act`). `down`, if given, must be the next GEMM on `w8a8` and read
+/// `act`: the epilogue then quantises `act` for it (`W8a8::linear_swiglu_for`) and, once the
+/// down GEMM's plan has run, leaves `act` itself unwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_swiglu_any(
     gpu: &Gpu,

@@ -489,7 +489,8 @@ impl W8a8 {
         self.linear_swiglu_for(gpu, t, x, w_gate_up, gu, act, None)
     }
 
-    /// [`W8a8::linear_swiglu`] followed by the down projection `down`: where the GEMM takes
+    /// [`W8a8::linear_swiglu`] followed by the down projection `down` (which must be the next
+    /// GEMM on this `W8a8`, reading `act`): where the GEMM takes
     /// the `split-scale` path and `down` will take `act` on a W8A8 path, the epilogue also
     /// quantises `act` for it (`w8a8_scale_swiglu_quant_bf16`; the down GEMM then skips its
     /// quantiser), and once the down GEMM's plan is known to run (no fallback to the W8A16
