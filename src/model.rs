@@ -564,23 +564,16 @@ fn norm_for(
         None => None,
     };
     let quant = next.is_some_and(|w| m.takes_prequantized(t, w)) && weight.len().is_multiple_of(16);
-    match (pending, delta) {
-        (Some(ds), Some(d)) => {
-            if quant {
-                let (q, s) = m.quant_scratch();
-                ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, Some((q, s)))?;
-                m.set_prequantized(g, h, t);
-                Ok(())
-            } else {
-                ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, None)
-            }
+    {
+        let codes = if quant { Some(m.quant_scratch()) } else { None };
+        match (pending, delta, codes) {
+            (Some(ds), Some(d), codes) => ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, codes)?,
+            (_, _, Some((q, s))) => ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?,
+            (_, _, None) => ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h)?,
         }
-        _ if quant => {
-            let (q, s) = m.quant_scratch();
-            ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?;
-            m.set_prequantized(g, h, t);
-            Ok(())
-        }
-        _ => ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h),
     }
+    if quant {
+        m.set_prequantized(g, h, t);
+    }
+    Ok(())
 }
