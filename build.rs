@@ -78,7 +78,7 @@ fn gencode_flags() -> Vec<String> {
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for v in ["NVCC", "CUDA_HOME", "PATH", "DEMASK_CUDA_ARCHS", "DEMASK_NO_KERNELS"] {
+    for v in ["NVCC", "CUDA_HOME", "PATH", "DEMASK_CUDA_ARCHS", "DEMASK_NO_KERNELS", "DEMASK_NVCC_FLAGS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     println!("cargo:rerun-if-changed=kernels");
@@ -108,6 +108,9 @@ fn main() {
         }
         Some(nvcc) => {
             let gencode = gencode_flags();
+            // Extra nvcc flags for kernel variants built side by side (e.g. `-DDEMASK_PDL_EARLY`).
+            let extra: Vec<String> =
+                env::var("DEMASK_NVCC_FLAGS").unwrap_or_default().split_whitespace().map(String::from).collect();
             let jobs: Vec<_> = sources
                 .iter()
                 .map(|src| {
@@ -118,6 +121,7 @@ fn main() {
                         .arg("-I")
                         .arg(root.join("kernels"))
                         .args(&gencode)
+                        .args(&extra)
                         .arg(src)
                         .arg("-o")
                         .arg(&dst);

@@ -128,6 +128,9 @@ cat >"$pack/run.sh" <<'RUN'
 # DEMASK_SANITIZE_SPLIT=1 runs each test as its own sanitized process, DEMASK_SANITIZE_JOBS (4)
 # at once, each with its own timeout; DEMASK_SANITIZE_SKIP is a grep -E pattern of tests to leave out.
 # DEMASK_SANITIZE_ONLY=1 skips the plain test run, the benches and bench.txt.
+# Sanitized tests run at sanitizer scale (DEMASK_SANITIZE_SHAPES=small, the default here): the
+# production-shape tests cut their sizes but keep each launch's configuration (docs/sanitizers.md);
+# DEMASK_SANITIZE_SHAPES=full runs them whole.
 # Several runs may share the pack at once (e.g. one per sanitizer tool): give each its own
 # DEMASK_RUN_NAME (logs in gpu-logs-NAME, $OUT/summary-NAME.txt and all-NAME.log); unpack first
 # with DEMASK_UNPACK_ONLY=1.
@@ -215,7 +218,8 @@ run_sanitizer() {
   # shellcheck disable=SC2086
   local args=(--test-threads=1)
   [[ -n "$test" ]] && args+=(--exact "$test")
-  DEMASK_GRAPHS=0 timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
+  DEMASK_GRAPHS=0 DEMASK_SANITIZE_SHAPES="${DEMASK_SANITIZE_SHAPES:-small}" \
+    timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
     --print-limit 20 ${DEMASK_SANITIZE_OPTS:-} "$bin" "${args[@]}" ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
   rc=$?
   local errs

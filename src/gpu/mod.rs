@@ -212,6 +212,15 @@ pub fn test_gpu() -> Option<Arc<Gpu>> {
     }
 }
 
+/// Whether the GPU tests run at sanitizer scale (`DEMASK_SANITIZE_SHAPES=small`, set by the GPU
+/// suite's compute-sanitizer mode): racecheck is 100-1000× slower than a plain run, so the
+/// production-shape tests cut their sizes (fewer weight rows, heads, rows or samples) while
+/// keeping each launch's configuration (entry point, split count, k loop, tails). Plain runs
+/// always use the full shapes.
+pub fn sanitizer_shapes() -> bool {
+    std::env::var("DEMASK_SANITIZE_SHAPES").is_ok_and(|v| v == "small")
+}
+
 /// Names of the kernel modules (kernels/*.cu) compiled into this build.
 pub fn kernel_modules() -> Vec<&'static str> {
     embedded::FATBINS.iter().map(|(n, _)| *n).collect()
