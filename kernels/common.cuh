@@ -92,16 +92,8 @@ __device__ __forceinline__ void store8(bf16* p, const float* f) {
 // reading that kernel's output or writing any global memory. pdl_trigger() lets the next
 // kernel launch early (it still waits for this one's completion in its own pdl_wait()).
 // Both are no-ops before sm_90 and for launches without the attribute.
-// DEMASK_PDL_EARLY (a build variant, DEMASK_NVCC_FLAGS=-DDEMASK_PDL_EARLY): every kernel lets
-// the next one launch before its own wait, so launches cascade and each kernel's pre-wait
-// prologue (weight prefetch) overlaps the kernels before it. Safe by the contract above: no
-// kernel writes global memory or reads a predecessor's output before its wait, and a kernel
-// completes only after its wait returned, so the waits still order every dependency.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#ifdef DEMASK_PDL_EARLY
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }

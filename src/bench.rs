@@ -24,6 +24,21 @@ pub struct Ceilings {
     pub fp8_path: Option<&'static str>,
 }
 
+impl Ceilings {
+    /// The `ceilings:` line the bench commands print.
+    pub fn line(&self) -> String {
+        let fp8 = self.fp8_tflops.map_or("unavailable".into(), |r| {
+            #[cfg(feature = "cuda")]
+            let fast = crate::gpu::gemm_fp8lt::fast_accum();
+            #[cfg(not(feature = "cuda"))]
+            let fast = false;
+            let acc = if fast { "fast accumulation" } else { "f32 promotion" };
+            format!("{r:.0} TFLOP/s ({}, {acc})", self.fp8_path.unwrap_or("?"))
+        });
+        format!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {fp8}", self.copy_gbps, self.gemm_tflops)
+    }
+}
+
 /// Work one forward must do: FLOPs and the fewest bytes (weights read once).
 #[derive(Clone, Debug, Serialize)]
 pub struct Roofline {

@@ -448,7 +448,7 @@ fn bench_gpu(
     eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
     eprintln!("measuring ceilings...");
     let ceil = bench::gpu::measure_ceilings(&gpu)?;
-    eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s ({})", ceil.fp8_path.unwrap_or("?"))));
+    eprintln!("{}", ceil.line());
     let t0 = Instant::now();
     let cfg = plan.cfg.clone();
     let format = weight_format(a)?;

@@ -157,7 +157,7 @@ pub fn run(a: &BenchArgs, w: &str, device: Device, plan: Plan) -> Result<()> {
             let max_block = specs.iter().map(|s| s.block_len).max().unwrap_or(1);
             eprintln!("device: {} ({} SMs), cuda:{}", gpu.name, gpu.sm_count, gpu.ordinal);
             let ceil = bench::gpu::measure_ceilings(&gpu)?;
-            eprintln!("ceilings: copy {:.0} GB/s (read+write), bf16 GEMM {:.0} TFLOP/s, FP8 GEMM {}", ceil.copy_gbps, ceil.gemm_tflops, ceil.fp8_tflops.map_or("unavailable".into(), |r| format!("{r:.0} TFLOP/s ({})", ceil.fp8_path.unwrap_or("?"))));
+            eprintln!("{}", ceil.line());
             let variants = crate::bench_cli::parse_variants(&a.variant)?;
             let mem = || -> Result<usize> {
                 let (free, total) = gpu.mem_info()?;
