@@ -167,3 +167,17 @@ fn op_work_counts_the_linear_layers_as_stored() {
     let want = 6.98e9 + 5.6e6 + 0.141e9;
     assert!((w - want).abs() < 0.005e9, "{w}");
 }
+
+#[test]
+fn ceilings_line_names_the_fp8_path_and_accumulation() {
+    let line = h100().line();
+    assert!(line.starts_with("ceilings: copy 3030 GB/s (read+write), bf16 GEMM 796 TFLOP/s"), "{line}");
+    let acc = if cfg!(feature = "cuda") && std::env::var("DEMASK_FP8_FAST_ACCUM").is_ok_and(|v| v == "1") {
+        "fast accumulation"
+    } else {
+        "f32 promotion"
+    };
+    assert!(line.ends_with(&format!("FP8 GEMM 1500 TFLOP/s (split-scale, {acc})")), "{line}");
+    let none = Ceilings { fp8_tflops: None, ..h100() };
+    assert!(none.line().ends_with("FP8 GEMM unavailable"), "{}", none.line());
+}
