@@ -108,7 +108,7 @@ fn main() {
         }
         Some(nvcc) => {
             let gencode = gencode_flags();
-            // Extra nvcc flags for kernel variants built side by side (e.g. `-DDEMASK_PDL_EARLY`).
+            // Extra nvcc flags, e.g. `-DNAME` for a kernel variant built next to the default one.
             let extra: Vec<String> =
                 env::var("DEMASK_NVCC_FLAGS").unwrap_or_default().split_whitespace().map(String::from).collect();
             let jobs: Vec<_> = sources
