@@ -127,6 +127,17 @@ __device__ __forceinline__ void store_out(const P& p, int r, int col, float v) {
     }
 }
 
+// SwiGLU's output act[r, c] = bf16(bf16(silu(g))·u) from the f32 sums of gate row c and up
+// row n/2 + c, each scaled and rounded to bf16 first: exactly the plain kernel's bf16 gate|up
+// output followed by swiglu_bf16.
+template <class P>
+__device__ __forceinline__ void store_swiglu(const P& p, int r, int c, float g, float u) {
+    const int half = p.n >> 1;
+    const float gv = round_bf16(g * out_scale(p, r, c));
+    const float uv = round_bf16(u * out_scale(p, r, half + c));
+    static_cast<bf16*>(p.y)[(size_t)r * half + c] = __float2bfloat16(round_bf16(gv / (1.f + expf(-gv))) * uv);
+}
+
 // The epilogue, after the block's f32 partial sums are in `red` as KG tiles [TP x rows][BN W
 // rows] (tile kg at red + kg·TP·BN) and a __syncthreads: sums the KG tiles in order, then
 // writes y (channel scale, bias), or SwiGLU's output (gate|up blocks), or (split-K, gridDim.y >
@@ -146,18 +157,11 @@ __device__ __forceinline__ void fp8_finish(const P& p, float* red, int n0) {
         }
     }
     if constexpr (SWIGLU) {
-        // act[r, c] = bf16(bf16(silu(g)) · u), g and u the bf16-rounded scaled GEMM outputs:
-        // exactly the plain kernel's bf16 gate|up output followed by swiglu_bf16.
         __syncthreads();
         const int half = p.n >> 1, c0 = n0 >> 1;
         for (int i = threadIdx.x; i < rows * 64; i += THREADS) {
             const int r = i >> 6, j = i & 63;
-            if (c0 + j < half) {
-                const float gv = round_bf16(red[r * BN + j] * out_scale(p, r, c0 + j));
-                const float uv = round_bf16(red[r * BN + 64 + j] * out_scale(p, r, half + c0 + j));
-                static_cast<bf16*>(p.y)[(size_t)r * half + c0 + j] =
-                    __float2bfloat16(round_bf16(gv / (1.f + expf(-gv))) * uv);
-            }
+            if (c0 + j < half) store_swiglu(p, r, c0 + j, red[r * BN + j], red[r * BN + 64 + j]);
         }
         return;
     }

@@ -31,7 +31,7 @@
 // wrapper mirrors it). Requirements (checked by src/ops/gemm_w8a8/skinny.rs): k % 16 == 0,
 // 16-byte aligned x and w, k_split a multiple of 128, channel scales, an sm_89+ GPU (the MMA
 // traps on the sm_80 build).
-#include "fp8.cuh"
+#include "w8a8_mma.cuh"
 
 namespace {
 
@@ -42,27 +42,12 @@ struct TileQ {
     static constexpr int W_BYTES = BN * BK;
     static constexpr int STAGE_BYTES = W_BYTES + TP * BK;
     static constexpr int SMEM = STAGES * STAGE_BYTES;
-    static constexpr int MG = 4;
-    static constexpr int KG = 2;
-    static constexpr int MTW = BN / 16 / MG;
+    static constexpr int MG = QMG;
+    static constexpr int KG = QKG;
+    static constexpr int MTW = QMTW;
     static_assert(KG * 64 == BK, "each k-group takes one 64-column half of a stage");
     static_assert(SMEM >= KG * TP * BN * 4, "the k-group reduction tile must fit the ring");
 };
-
-__device__ __forceinline__ int q_off(int r, int c) { return w_off_as<WSwizzle::Half>(r, c); }
-
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();  // E4M3 MMAs need sm_89+; the wrapper refuses older GPUs
-#endif
-}
 
 // The X copies of the stage at column kb (rows ≥ t and columns ≥ k1 zero-filled).
 template <int NT>
@@ -79,35 +64,6 @@ __device__ __forceinline__ void load_xq(const W8a8SkinnyParams& p, uint8_t* st, 
             const bool ok = r < p.t && gk < k1;
             const uint8_t* src = ok ? p.x + (size_t)r * p.k + gk : p.x;
             cp_async16(smem_u32(xs + q_off(r, c)), src, ok);
-        }
-    }
-}
-
-// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over the 64
-// columns [64·kg, 64·kg + 64) of the stage: two k32 MMAs per (m-tile, n-tile).
-template <int NT>
-__device__ __forceinline__ void mma_stage_q(const uint8_t* st, int warp, int lane, float (&acc)[TileQ<NT>::MTW][NT][4]) {
-    using T = TileQ<NT>;
-    const uint8_t* xs = st + T::W_BYTES;
-    const int mg = warp % T::MG, kg = warp / T::MG;
-    const int g = lane >> 2, q = lane & 3;
-    const int c = 4 * kg + q;
-    // The W fragments (16 registers) stay while the X fragments stream through one n-tile at
-    // a time, which keeps NT = 8 (64 accumulators) within 128 registers.
-    uint4 wa[T::MTW], wb[T::MTW];
-#pragma unroll
-    for (int mt = 0; mt < T::MTW; ++mt) {
-        const int r0 = 16 * (mg * T::MTW + mt) + g;
-        wa[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0, c));
-        wb[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0 + 8, c));
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + q_off(8 * j + g, c));
-#pragma unroll
-        for (int mt = 0; mt < T::MTW; ++mt) {
-            mma_e4m3(acc[mt][j], wa[mt].x, wb[mt].x, wa[mt].y, wb[mt].y, xv.x, xv.y);
-            mma_e4m3(acc[mt][j], wa[mt].z, wb[mt].z, wa[mt].w, wb[mt].w, xv.z, xv.w);
         }
     }
 }

@@ -69,8 +69,8 @@ fn measure_fp8(
     let wq = Fp8Weight::quantize(gpu, w, crate::quant::ScaleLayout::Channel)?;
     let mut y = gpu.alloc::<bf16>(&[m, m])?;
     let mut mm = W8a8::new(gpu, m, m)?;
-    if mm.selected() == crate::ops::gemm_w8a8::W8a8Select::Skinny {
-        // `DEMASK_W8A8=skinny` picks the decode kernel (at most 64 rows): the ceiling is the
+    if matches!(mm.selected(), crate::ops::gemm_w8a8::W8a8Select::Skinny | crate::ops::gemm_w8a8::W8a8Select::Stream) {
+        // `DEMASK_W8A8=skinny|stream` picks a decode kernel (at most 64 rows): the ceiling is the
         // large-row rate, so measure it on the paths `auto` would take (the line names it).
         mm.select(crate::ops::gemm_w8a8::W8a8Select::Auto);
     }

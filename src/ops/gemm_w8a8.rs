@@ -9,6 +9,9 @@
 //!    kernels/gemm_w8a8_skinny.cu, the E4M3 codes on `mma.sync` m16n8k32 with scales, bias and
 //!    SwiGLU in its epilogue (see `gemm_w8a8::skinny`). Measured slower than `split-scale` in
 //!    W1 decode steps on the H100, so `auto` leaves it out.
+//!    `stream` (t ≤ 64, k % 128 == 0, Hopper; only when selected: `DEMASK_W8A8=stream`): the
+//!    same contract in kernels/gemm_w8a8_stream.cu, the weight streamed stream-K by one
+//!    persistent block per SM through bulk async copies (see `gemm_w8a8::stream`).
 //! 1. `outer-vec`: one cuBLASLt call with sx and sw as outer-vector scales and the bias in its
 //!    epilogue (`gpu::gemm_fp8lt::Fp8Lt::matmul_raw`; cuBLAS ≥ 12.9, and not on every GPU: the
 //!    H100 with the CUDA 13.0 cuBLASLt has no algorithm for it).
@@ -73,11 +76,13 @@ mod epilogue;
 mod paths;
 mod quant;
 mod skinny;
+mod stream;
 use epilogue::{aligned16, scale_raw, scale_swiglu_quant_raw, scale_swiglu_raw, swiglu_quant_runs};
 pub use epilogue::{scale_rows_cols, scale_swiglu, scale_swiglu_quant};
 pub use paths::{W8a8Path, W8a8Select};
 pub use quant::quantize_rows;
 pub use skinny::skinny_w8a8;
+pub use stream::{stream_w8a8, stream_w8a8_swiglu, StreamScratch};
 
 
 /// Scratch and cuBLASLt state of the W8A8 path for up to `rows` rows of up to `k_max` columns.
@@ -111,6 +116,8 @@ pub struct W8a8 {
     fuse: bool,
     /// Why the last path refused the last call that fell back through it (cuBLASLt's message).
     refused: Option<String>,
+    /// The `stream` kernel's workspace (Hopper only).
+    stream: Option<StreamScratch>,
 }
 
 impl W8a8 {
@@ -131,6 +138,7 @@ impl W8a8 {
             deferred: None,
             fuse: true,
             refused: None,
+            stream: if gpu.cc_major == 9 { Some(StreamScratch::new(gpu)?) } else { None },
         })
     }
 
@@ -192,18 +200,19 @@ impl W8a8 {
         self.select
     }
 
-    /// The probe slot of a cuBLASLt path (`None` for `skinny`, which needs no probe).
+    /// The probe slot of a cuBLASLt path (`None` for `skinny` and `stream`, which need no
+    /// probe).
     fn probe_index(path: W8a8Path, bias: bool) -> Option<usize> {
         match path {
-            W8a8Path::Skinny => None,
+            W8a8Path::Skinny | W8a8Path::Stream => None,
             W8a8Path::OuterVec => Some(bias as usize),
             W8a8Path::SplitScale => Some(2),
         }
     }
 
     /// Whether `path` runs here (`None`: not tried yet); `bias` asks about the outer-vec
-    /// path's bias epilogue (the split path adds the bias itself). `skinny`: whether this GPU
-    /// runs it (known up front).
+    /// path's bias epilogue (the split path adds the bias itself). `skinny`, `stream`: whether
+    /// this GPU runs it (known up front).
     pub fn supported(&self, path: W8a8Path, bias: bool) -> Option<bool> {
         match Self::probe_index(path, bias) {
             Some(i) => self.supported[i],
@@ -214,6 +223,11 @@ impl W8a8 {
     /// Whether `skinny` runs `t` rows of `w` (selected, and the kernel takes the shape here).
     fn skinny_takes(&self, t: usize, w: &Fp8Weight) -> bool {
         self.select.allows_skinny() && skinny::refusal(self.cc_major, t, w).is_none()
+    }
+
+    /// Whether `stream` runs `t` rows of `w` (selected, and the kernel takes the shape here).
+    fn stream_takes(&self, t: usize, w: &Fp8Weight) -> bool {
+        self.select.allows_stream() && self.stream.is_some() && stream::refusal(self.cc_major, t, w).is_none()
     }
 
     /// The path of the last GEMM offered here (`W8a8::linear*`, or `ops::gemm_fp8::linear_any`
@@ -253,10 +267,12 @@ impl W8a8 {
             format!("needs t <= {} and k <= {} (its scratch)", self.sx.len(), self.k_max)
         } else if !k.is_multiple_of(16) {
             "the FP8 GEMMs need k to be a multiple of 16".to_string()
-        } else if self.skinny_takes(t, w) {
+        } else if self.skinny_takes(t, w) || self.stream_takes(t, w) {
             return None;
         } else if self.select == W8a8Select::Skinny {
             format!("skinny: {}", skinny::refusal(self.cc_major, t, w).unwrap_or_default())
+        } else if self.select == W8a8Select::Stream {
+            format!("stream: {}", stream::refusal(self.cc_major, t, w).unwrap_or_default())
         } else if self.candidates(n, bias).next().is_none() {
             let open: Vec<String> = self
                 .select
@@ -291,7 +307,7 @@ impl W8a8 {
     }
 
     /// Checks the operands, quantises `x[0..t]` and runs the GEMM by the first path that
-    /// takes it: `Some(Skinny)` wrote the finished `y` (or, with `act`, SwiGLU's output there
+    /// takes it: `Some(Skinny)` and `Some(Stream)` wrote the finished `y` (or, with `act`, SwiGLU's output there
     /// and nothing in `y`), `Some(OuterVec)` the finished `y`, `Some(SplitScale)` the unscaled
     /// product (`y` then needs its epilogue), `None` nothing (every path refused).
     #[allow(clippy::too_many_arguments)]
@@ -341,13 +357,20 @@ impl W8a8 {
             self.last = Some(W8a8Path::Skinny);
             return Ok(Some(W8a8Path::Skinny));
         }
+        if self.stream_takes(t, w) {
+            let ops = skinny::Operands { xq, sx, bias: bp, y: act.unwrap_or(yp) };
+            let scratch = self.stream.as_mut().expect("stream_takes checked the scratch");
+            stream::launch(gpu, scratch, t, w, &ops, Y::OUT == OutType::F32, act.is_some(), None)?;
+            self.last = Some(W8a8Path::Stream);
+            return Ok(Some(W8a8Path::Stream));
+        }
         let paths: [Option<W8a8Path>; 2] = {
             let mut c = self.candidates(n, bias.is_some());
             [c.next(), c.next()]
         };
         for path in paths.into_iter().flatten() {
             let r = match path {
-                W8a8Path::Skinny => unreachable!("skinny is not a cuBLASLt candidate"),
+                W8a8Path::Skinny | W8a8Path::Stream => unreachable!("{} is not a cuBLASLt candidate", path.name()),
                 W8a8Path::OuterVec => self.lt.matmul_raw(gpu, t, n, k, xq, wq, sx, sw, bp, yp),
                 W8a8Path::SplitScale => self.lt.matmul_unscaled_raw(gpu, t, n, k, xq, wq, yp),
             };
@@ -462,7 +485,7 @@ impl W8a8 {
         if !(t >= self.min_rows && self.takes::<bf16>(t, w, false)) {
             return false;
         }
-        if self.skinny_takes(t, w) {
+        if self.skinny_takes(t, w) || self.stream_takes(t, w) {
             return true;
         }
         match self.candidates(w.n(), false).next() {
@@ -518,7 +541,7 @@ impl W8a8 {
         let ap = act.ptr_mut(gpu);
         let path = self.gemm(gpu, t, x, w_gate_up, None, "gu", gu, Some(ap))?;
         match path {
-            Some(W8a8Path::Skinny) => {}
+            Some(W8a8Path::Skinny | W8a8Path::Stream) => {}
             Some(W8a8Path::OuterVec) => crate::ops::swiglu::swiglu(gpu, t, gu, act)?,
             Some(W8a8Path::SplitScale) => {
                 let sw = w_gate_up.scales.ptr(gpu);
@@ -554,6 +577,9 @@ mod tests {
         assert!(e.contains("split-scale"), "{e}");
         assert_eq!(W8a8Select::Auto.paths(), &[W8a8Path::OuterVec, W8a8Path::SplitScale]);
         assert!(!W8a8Select::Auto.allows_skinny() && W8a8Select::Skinny.allows_skinny());
+        assert!(!W8a8Select::Auto.allows_stream() && W8a8Select::Stream.allows_stream() && !W8a8Select::Skinny.allows_stream());
+        assert!(W8a8Select::Stream.paths().is_empty());
+        assert_eq!(W8a8Path::Stream.name(), "stream");
         assert!(W8a8Select::Skinny.paths().is_empty() && !W8a8Select::SplitScale.allows_skinny());
         assert!(W8a8Select::W8a16.paths().is_empty());
         assert_eq!(W8a8Path::SplitScale.name(), "split-scale");

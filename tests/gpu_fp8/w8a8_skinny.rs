@@ -25,7 +25,7 @@ use demask::quant::ScaleLayout;
 use half::bf16;
 
 /// Hopper (the kernel's only SASS target), or `false` after printing why the test is skipped.
-fn has_skinny(gpu: &Gpu) -> bool {
+pub(crate) fn has_skinny(gpu: &Gpu) -> bool {
     if gpu.cc_major != 9 {
         eprintln!("skipping: the skinny W8A8 kernel runs on sm_90 only (this device is sm_{}x)", gpu.cc_major);
         return false;
@@ -34,7 +34,7 @@ fn has_skinny(gpu: &Gpu) -> bool {
 }
 
 /// Compares rows `rows ∩ [0, t)` of `got` (`[>= t, n]`) with `want` (`[rows.len(), n]`).
-fn compare(label: &str, got: &[f32], want: &[f32], rows: &[usize], t: usize, n: usize) {
+pub(crate) fn compare(label: &str, got: &[f32], want: &[f32], rows: &[usize], t: usize, n: usize) {
     let mut bad = Vec::new();
     for (i, &r) in rows.iter().enumerate().filter(|&(_, &r)| r < t) {
         for c in 0..n {
@@ -236,7 +236,7 @@ fn norm_quant_is_the_norm_then_the_quantiser() {
 }
 
 /// µs per call, median of 20 after 3 warm-ups (CUDA events).
-fn time_us(gpu: &Gpu, f: &mut dyn FnMut(usize)) -> f64 {
+pub(crate) fn time_us(gpu: &Gpu, f: &mut dyn FnMut(usize)) -> f64 {
     let timer = demask::gpu::Timer::new(gpu).unwrap();
     let mut v: Vec<f32> = (0..23)
         .map(|i| {

@@ -29,7 +29,7 @@ const BLOCK_ROWS: usize = 128;
 /// Mirrors `struct W8a8SkinnyParams` in kernels/fp8.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct W8a8SkinnyParams {
+pub(super) struct W8a8SkinnyParams {
     x: u64,       // const uint8_t* [>= t, k]
     sx: u64,      // const float* [>= t]
     w: u64,       // const uint8_t* [n, k]
@@ -45,6 +45,26 @@ struct W8a8SkinnyParams {
 }
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32 scalars, no holes).
 unsafe impl cudarc::driver::DeviceRepr for W8a8SkinnyParams {}
+
+impl W8a8SkinnyParams {
+    /// The block for `t` rows of an `[n, k]` weight (`w` codes, `scales` per channel), unsplit.
+    pub(super) fn new(ops: &Operands, w: u64, scales: u64, t: usize, n: usize, k: usize, out_f32: bool) -> Self {
+        W8a8SkinnyParams {
+            x: ops.xq,
+            sx: ops.sx,
+            w,
+            scales,
+            bias: ops.bias.unwrap_or(0),
+            y: ops.y,
+            t: t as i32,
+            n: n as i32,
+            k: k as i32,
+            k_split: k as i32,
+            out_f32: out_f32 as i32,
+            pad: 0,
+        }
+    }
+}
 
 /// (entry point, dynamic shared memory) for `t ≤ 64` rows: NT = 1, 2, 4, 8 n-tiles of 8 rows,
 /// STAGES × (128·128 W codes + 8·NT·128 X codes) (`TileQ<NT>`).
@@ -104,18 +124,8 @@ pub(super) fn launch(gpu: &Gpu, t: usize, w: &Fp8Weight, ops: &Operands, out_f32
     let plan = skinny_plan(&cfg, gpu.sm_count, clusters, n, k);
     debug_assert!(plan.k_split.is_multiple_of(STAGE_K));
     let params = W8a8SkinnyParams {
-        x: ops.xq,
-        sx: ops.sx,
-        w: w.q.ptr(gpu),
-        scales: w.scales.ptr(gpu),
-        bias: ops.bias.unwrap_or(0),
-        y: ops.y,
-        t: t as i32,
-        n: n as i32,
-        k: k as i32,
         k_split: plan.k_split as i32,
-        out_f32: out_f32 as i32,
-        pad: 0,
+        ..W8a8SkinnyParams::new(ops, w.q.ptr(gpu), w.scales.ptr(gpu), t, n, k, out_f32)
     };
     let (sym, smem) = kernel_for(t, swiglu);
     let lc = LaunchEx {

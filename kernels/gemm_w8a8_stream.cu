@@ -1,0 +1,348 @@
+// W8A8 decode GEMM, stream-K: y[t, n] = sx[r]·sw[c]·Σ_k qx[r, k]·qw[c, k] (+ bias[c]) for
+// t ≤ 64, both operands E4M3, f32 accumulation, bf16 or f32 output; the gate|up entry points
+// write SwiGLU's output. The contract, the stage layout and the multiply are those of
+// kernels/gemm_w8a8_skinny.cu (read it first; the multiply is kernels/w8a8_mma.cuh); what
+// differs is how the weight reaches shared memory and how the work is spread.
+//
+// Why: at decode row counts the GEMM only streams W, and the skinny kernels (and cuBLASLt's
+// FP8 GEMM) stream it at 1.1-2.4 TB/s on an H100 where the copy ceiling is ≈ 3 TB/s
+// (benches/RESULTS.md v0.12-v0.14). Their grids are n/128 slabs × a k split in waves of one or
+// two blocks per SM: a slab count that does not divide into the SMs leaves some idle for the
+// last wave, and each block ramps its pipeline up and drains it again.
+//
+// - Stream-K: the grid is one persistent block per SM (`gridDim.x` = G). The work is the
+//   `tiles × ksteps` units (a 128-row W tile × one 128-column k step, 16 KB of codes), in
+//   tile-major order, and block b takes the contiguous units [b·U/G, (b+1)·U/G): every block
+//   streams the same number of bytes (±16 KB), whatever the shape.
+// - A block's run crosses tiles: each stretch within one tile is a segment. A segment that
+//   covers its whole tile is finished at once (epilogue from shared memory). Otherwise the
+//   segment's partial sums go to a workspace slot, and the block owning the tile's last k step
+//   (its "home", for which that segment is always its first) adds the partials of the blocks
+//   before it, in block order, then its own, and runs the epilogue after its whole run (so it
+//   rarely waits: the others write their parts of the tile at the end of their runs, about when
+//   it ends its own). The others ("contributors": for them the tile is always their last
+//   segment) publish their slot with a release flag, which the home consumes and resets.
+//   The sum order depends only on (n, k, G): results are deterministic per GPU model.
+// - Warp-specialised pipeline: warp 8 is the producer. It fills a STAGES-deep ring with bulk
+//   async copies (`cp.async.bulk`, the TMA engine; 64-byte row halves into the `Half` swizzle)
+//   completing on a per-slot mbarrier with a transaction count; the 8 consumer warps wait on
+//   it, multiply (w8a8_mma.cuh) and release the slot on a second mbarrier. No __syncthreads
+//   in the main loop, and up to STAGES × 16 KB of W in flight per SM.
+// - Programmatic dependent launch: the W copies of the first STAGES units are issued before
+//   the wait for the previous kernel (W does not depend on it); X, the row scales and every
+//   global write come after.
+//
+// Workspace (`ws`, `flags`, owned by the wrapper): ws [2·G][64][128] f32 (slot 2b: block b's
+// home segment, 2b + 1: its contributed segment), flags [G] u32, all zero between launches
+// (every flag set in a launch is reset by its home in the same launch). Only one launch may use
+// a workspace at a time (the engine's one stream).
+//
+// Entry points gemm_w8a8_stream{8,16,32,64}_bf16 and gemm_w8a8_stream{..}_swiglu_bf16, 288
+// threads, dynamic shared memory TileS<NT>::SMEM (the wrapper mirrors it). Requirements
+// (checked by src/ops/gemm_w8a8/stream.rs): k % 128 == 0, 16-byte aligned operands, channel
+// scales, G ≤ units and G blocks co-resident (one per SM), an sm_90 GPU.
+#include "w8a8_mma.cuh"
+
+struct W8a8StreamParams {
+    W8a8SkinnyParams g;  // k_split unused
+    float* ws;           // [2·gridDim.x][64][128]
+    unsigned* flags;     // [gridDim.x]
+    int tiles;           // W tiles: ceil(n / 128) (SwiGLU: ceil(n/2 / 64), 64 gate + 64 up rows)
+    int ksteps;          // k / 128
+    int pad0;
+    int pad1;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DEMASK_BULK 1
+#endif
+
+namespace {
+
+constexpr int CONSUMERS = 256;              // warps 0-7 multiply
+constexpr int STREAM_THREADS = CONSUMERS + 32;  // warp 8 copies
+
+template <int NT>
+struct TileS {
+    static constexpr int TP = 8 * NT;
+    static constexpr int STAGES = NT == 8 ? 7 : 8;
+    static constexpr int STAGE_BYTES = BN * BK + TP * BK;
+    static constexpr int RING = STAGES * STAGE_BYTES;
+    static constexpr int RED = TP * BN * 4;
+    static constexpr int SMEM = RING + RED + 2 * STAGES * 8;
+    static_assert(SMEM <= 227 * 1024, "one block per SM");
+};
+
+#ifdef DEMASK_BULK
+
+constexpr int WS_ROWS = 64;  // rows of a workspace slot
+
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred P1;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\n"
+        "bra WAIT;\n"
+        "DONE:\n"
+        "}\n" ::"r"(smem_u32(b)),
+        "r"(parity)
+        : "memory");
+}
+// `bytes` (a multiple of 16) from global to this block's shared memory, counted on `bar`.
+__device__ __forceinline__ void bulk_copy(uint8_t* dst, const void* src, unsigned bytes, uint64_t* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
+                 : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS) : "memory"); }
+
+__device__ __forceinline__ int unit_start(int units, int b) { return (int)((long long)b * units / gridDim.x); }
+
+// Bytes of W one unit of `tile` copies (rows past n are not copied).
+template <bool SWIGLU>
+__device__ __forceinline__ unsigned w_unit_bytes(const W8a8SkinnyParams& p, int tile) {
+    if constexpr (SWIGLU) return 2u * (unsigned)min(64, (p.n >> 1) - 64 * tile) * BK;
+    return (unsigned)min(BN, p.n - BN * tile) * BK;
+}
+
+// Warp 8: fills the ring. Lane l copies W rows l + 32m and X rows l, l + 32 of each unit, each
+// as two 64-byte halves (the `Half` swizzle puts them in opposite halves of the bank window on
+// odd rows).
+template <int NT, bool SWIGLU>
+__device__ __forceinline__ void produce(const W8a8StreamParams& sp, uint8_t* ring, uint64_t* full, uint64_t* empty,
+                                        int u0, int u1) {
+    using T = TileS<NT>;
+    const W8a8SkinnyParams& p = sp.g;
+    const int lane = threadIdx.x & 31;
+    auto copy_w = [&](int j) {
+        const int u = u0 + j, tile = u / sp.ksteps, kb = (u % sp.ksteps) * BK, s = j % T::STAGES;
+        uint8_t* st = ring + s * T::STAGE_BYTES;
+#pragma unroll
+        for (int m = 0; m < BN / 32; ++m) {
+            const int r = lane + 32 * m;
+            bool ok;
+            const int gr = w_row<SWIGLU>(p, tile * BN, r, ok);
+            if (ok) {
+                const uint8_t* src = p.w + (size_t)gr * p.k + kb;
+                bulk_copy(st + r * BK + 64 * (r & 1), src, 64, full + s);
+                bulk_copy(st + r * BK + 64 * (1 - (r & 1)), src + 64, 64, full + s);
+            }
+        }
+    };
+    auto copy_x = [&](int j) {
+        const int u = u0 + j, kb = (u % sp.ksteps) * BK, s = j % T::STAGES;
+        uint8_t* xs = ring + s * T::STAGE_BYTES + BN * BK;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            const int r = lane + 32 * m;
+            if (r < p.t) {
+                const uint8_t* src = p.x + (size_t)r * p.k + kb;
+                bulk_copy(xs + r * BK + 64 * (r & 1), src, 64, full + s);
+                bulk_copy(xs + r * BK + 64 * (1 - (r & 1)), src + 64, 64, full + s);
+            }
+        }
+    };
+    auto expect = [&](int j) {
+        if (lane == 0) mbar_expect_tx(full + j % T::STAGES, w_unit_bytes<SWIGLU>(p, (u0 + j) / sp.ksteps) + (unsigned)p.t * BK);
+        __syncwarp();
+    };
+    const int cnt = u1 - u0, pre = min(T::STAGES, cnt);
+    for (int j = 0; j < pre; ++j) {
+        expect(j);
+        copy_w(j);
+    }
+    pdl_wait();
+    pdl_trigger();
+    for (int j = 0; j < pre; ++j) copy_x(j);
+    for (int j = pre; j < cnt; ++j) {
+        mbar_wait(empty + j % T::STAGES, ((j / T::STAGES) - 1) & 1);
+        expect(j);
+        copy_w(j);
+        copy_x(j);
+    }
+}
+
+// The epilogue of one tile from `sum(i)`, the f32 sum of element i = (x row)·BN + (tile row).
+template <bool SWIGLU, class F>
+__device__ __forceinline__ void finish_tile(const W8a8SkinnyParams& p, int tile, F sum) {
+    if constexpr (SWIGLU) {
+        const int half = p.n >> 1, c0 = 64 * tile;
+        for (int i = threadIdx.x; i < p.t * 64; i += CONSUMERS) {
+            const int r = i >> 6, j = i & 63;
+            if (c0 + j < half) store_swiglu(p, r, c0 + j, sum(r * BN + j), sum(r * BN + 64 + j));
+        }
+    } else {
+        const int n0 = BN * tile;
+        for (int i = threadIdx.x; i < p.t * BN; i += CONSUMERS) {
+            const int r = i / BN, col = n0 + (i - r * BN);
+            if (col < p.n) store_out(p, r, col, sum(i));
+        }
+    }
+}
+
+// Warps 0-7: multiply each unit as it lands, finish or hand on each segment.
+template <int NT, bool SWIGLU>
+__device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* ring, float* red, uint64_t* full,
+                                        uint64_t* empty, int u0, int u1) {
+    using T = TileS<NT>;
+    const W8a8SkinnyParams& p = sp.g;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, q = lane & 3, mg = warp % QMG, kg = warp / QMG;
+    const int b = blockIdx.x, units = sp.tiles * sp.ksteps;
+
+    // X rows t..TP of every slot are never copied: zero them once.
+    {
+        constexpr int CPR = BK / 16;
+        const int pad = (T::TP - p.t) * CPR;
+        for (int i = tid; i < T::STAGES * pad; i += CONSUMERS) {
+            const int s = i / pad, r = p.t + (i % pad) / CPR, c = i % CPR;
+            *reinterpret_cast<uint4*>(ring + s * T::STAGE_BYTES + BN * BK + r * BK + 16 * c) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    consumer_sync();
+    pdl_wait();
+    pdl_trigger();
+
+    float acc[QMTW][NT][4];
+    auto zero = [&]() {
+#pragma unroll
+        for (int mt = 0; mt < QMTW; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+    };
+    zero();
+    int j = 0, home = -1;
+    for (int u = u0; u < u1;) {
+        const int tile = u / sp.ksteps, tu0 = tile * sp.ksteps, tu1 = tu0 + sp.ksteps;
+        const int seg0 = u, seg1 = min(u1, tu1);
+        for (; u < seg1; ++u, ++j) {
+            const int s = j % T::STAGES;
+            mbar_wait(full + s, (j / T::STAGES) & 1);
+            mma_stage_q<NT>(ring + s * T::STAGE_BYTES, warp, lane, acc);
+            mbar_arrive(empty + s);
+        }
+        // The two k-groups' sums → red[x row][tile row], k-group 0 first.
+        consumer_sync();  // the previous segment's epilogue has read red
+#pragma unroll
+        for (int pass = 0; pass < QKG; ++pass) {
+            if (kg == pass) {
+#pragma unroll
+                for (int mt = 0; mt < QMTW; ++mt)
+#pragma unroll
+                    for (int jj = 0; jj < NT; ++jj)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            float& d = red[(8 * jj + 2 * q + (e & 1)) * BN + 16 * (mg * QMTW + mt) + g + 8 * (e >> 1)];
+                            d = pass == 0 ? acc[mt][jj][e] : d + acc[mt][jj][e];
+                        }
+            }
+            consumer_sync();
+        }
+        zero();
+        if (seg0 == tu0 && seg1 == tu1) {
+            finish_tile<SWIGLU>(p, tile, [&](int i) { return red[i]; });
+            continue;
+        }
+        // A partial segment: the home's (the tile's last k step; its first segment) waits in its
+        // slot for the end of the run, a contributor's is published at once.
+        const bool is_home = seg1 == tu1;
+        float4* dst = reinterpret_cast<float4*>(sp.ws + (size_t)(2 * b + (is_home ? 0 : 1)) * WS_ROWS * BN);
+        for (int i = tid; i < p.t * BN / 4; i += CONSUMERS) dst[i] = reinterpret_cast<const float4*>(red)[i];
+        if (is_home) {
+            home = tile;
+        } else {
+            __threadfence();
+            consumer_sync();
+            if (tid == 0) st_release(sp.flags + b, 1u);
+        }
+    }
+    if (home < 0) return;
+    // The contributors to the home tile: blocks lo..b-1 (every block before b whose run ends
+    // past the tile's first unit).
+    const int tu0 = home * sp.ksteps;
+    int lo = b;
+    while (lo > 0 && unit_start(units, lo) > tu0) --lo;
+    if (tid == 0) {
+        for (int c = lo; c < b; ++c) {
+            while (ld_acquire(sp.flags + c) != 1u) {
+            }
+            sp.flags[c] = 0u;
+        }
+    }
+    __threadfence();
+    consumer_sync();
+    const float* ws = sp.ws;
+    finish_tile<SWIGLU>(p, home, [&](int i) {
+        float v = 0.f;
+        for (int c = lo; c < b; ++c) v += __ldcg(ws + (size_t)(2 * c + 1) * WS_ROWS * BN + i);
+        return v + __ldcg(ws + (size_t)(2 * b) * WS_ROWS * BN + i);
+    });
+}
+
+#endif  // DEMASK_BULK
+
+template <int NT, bool SWIGLU>
+__device__ __forceinline__ void stream_body(const W8a8StreamParams& sp) {
+#ifdef DEMASK_BULK
+    using T = TileS<NT>;
+    extern __shared__ uint4 smem_raw[];
+    uint8_t* ring = reinterpret_cast<uint8_t*>(smem_raw);
+    float* red = reinterpret_cast<float*>(ring + T::RING);
+    uint64_t* full = reinterpret_cast<uint64_t*>(ring + T::RING + T::RED);
+    uint64_t* empty = full + T::STAGES;
+    const int units = sp.tiles * sp.ksteps;
+    const int u0 = unit_start(units, blockIdx.x), u1 = unit_start(units, blockIdx.x + 1);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < T::STAGES; ++s) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x >= CONSUMERS) {
+        produce<NT, SWIGLU>(sp, ring, full, empty, u0, u1);
+    } else {
+        consume<NT, SWIGLU>(sp, ring, red, full, empty, u0, u1);
+    }
+#else
+    __trap();  // bulk copies and mbarrier transaction counts need sm_90; the wrapper refuses others
+#endif
+}
+
+}  // namespace
+
+#define STREAM_ENTRY(name, NT, SWIGLU)                                                        \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) name(const W8a8StreamParams p) { \
+        stream_body<NT, SWIGLU>(p);                                                           \
+    }
+STREAM_ENTRY(gemm_w8a8_stream8_bf16, 1, false)
+STREAM_ENTRY(gemm_w8a8_stream16_bf16, 2, false)
+STREAM_ENTRY(gemm_w8a8_stream32_bf16, 4, false)
+STREAM_ENTRY(gemm_w8a8_stream64_bf16, 8, false)
+STREAM_ENTRY(gemm_w8a8_stream8_swiglu_bf16, 1, true)
+STREAM_ENTRY(gemm_w8a8_stream16_swiglu_bf16, 2, true)
+STREAM_ENTRY(gemm_w8a8_stream32_swiglu_bf16, 4, true)
+STREAM_ENTRY(gemm_w8a8_stream64_swiglu_bf16, 8, true)

@@ -1,0 +1,253 @@
+//! The `stream` W8A8 path for decode-sized row counts (t ≤ 64): kernels/gemm_w8a8_stream.cu,
+//! the `skinny` kernel's contract (E4M3 codes on `mma.sync` m16n8k32; scales, bias and SwiGLU in
+//! the epilogue) with the weight streamed stream-K: one persistent block per SM takes an equal
+//! share of the (128-row tile × 128-column k step) units, fed by bulk async copies (the TMA
+//! engine) through a warp-specialised mbarrier ring, and the blocks that share a tile add
+//! their partial sums in a fixed order through [`StreamScratch`]. Only when selected
+//! (`DEMASK_W8A8=stream`).
+//!
+//! Output as `skinny`: `y[r, c] = bf16(f32(sx[r]·sw[c])·Σ + bias[c])`; the gate|up entry points
+//! write `act = bf16(bf16(silu(g))·u)`. Σ is summed in an order fixed by (n, k, block count), so
+//! a GPU model gives the same bits on every run; another block count (`ctas`) may differ in
+//! the last f32 bits of Σ.
+use half::bf16;
+
+use super::skinny::{Operands, W8a8SkinnyParams};
+use crate::error::{Error, Result};
+use crate::gpu::gemm::{GemmOut, OutType};
+use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::{DTensor, Gpu};
+use crate::ops::gemm::SKINNY_ROW_LIMIT;
+use crate::ops::gemm_fp8::Fp8Weight;
+use crate::quant::ScaleLayout;
+
+const OP: &str = "gemm_w8a8_stream";
+/// 8 consumer warps and the producer warp.
+const THREADS: u32 = 288;
+/// k columns per unit (`BK`).
+const STAGE_K: usize = 128;
+/// W rows per tile (`BN`).
+const TILE_ROWS: usize = 128;
+/// Rows of a workspace slot (`WS_ROWS`): the most rows a launch takes.
+const SLOT_ROWS: usize = SKINNY_ROW_LIMIT;
+
+/// Mirrors `struct W8a8StreamParams` in kernels/gemm_w8a8_stream.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct W8a8StreamParams {
+    g: W8a8SkinnyParams,
+    ws: u64,    // float* [2·G][64][128]
+    flags: u64, // unsigned* [G]
+    tiles: i32,
+    ksteps: i32,
+    pad0: i32,
+    pad1: i32,
+}
+// SAFETY: plain-old-data mirror of the C struct (the skinny block, two pointers, four ints).
+unsafe impl cudarc::driver::DeviceRepr for W8a8StreamParams {}
+
+/// The stream-K kernel's workspace for up to `ctas` blocks: a partial-sum slot pair per block
+/// and a flag per block (zero between launches). One per `W8a8`; launches on it must not
+/// overlap (the engine runs one stream).
+pub struct StreamScratch {
+    ws: DTensor<f32>,
+    flags: DTensor<u32>,
+    ctas: usize,
+}
+
+impl StreamScratch {
+    /// Workspace for one block per SM (8.7 MB on a 132-SM H100).
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let ctas = gpu.sm_count.max(1);
+        Ok(StreamScratch {
+            ws: gpu.alloc(&[2 * ctas, SLOT_ROWS, TILE_ROWS])?,
+            flags: gpu.upload(&vec![0u32; ctas], &[ctas])?,
+            ctas,
+        })
+    }
+
+    /// The most blocks a launch may use (the SM count).
+    pub fn ctas(&self) -> usize {
+        self.ctas
+    }
+}
+
+/// (entry point, dynamic shared memory): NT = 1, 2, 4, 8 row tiles of 8; STAGES × (16 KB of W +
+/// 8·NT·128 X codes), the f32 reduction tile 8·NT × 128 and 2·STAGES mbarriers (`TileS<NT>`).
+fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
+    use crate::ops::gemm::{by_row_tiles, row_tiles};
+    let nt = row_tiles(t);
+    let stages = if nt == 8 { 7 } else { 8 };
+    let tp = 8 * nt;
+    let smem = (stages * (TILE_ROWS * STAGE_K + tp * STAGE_K) + tp * TILE_ROWS * 4 + 2 * stages * 8) as u32;
+    let sym = if swiglu {
+        by_row_tiles(nt, ["gemm_w8a8_stream8_swiglu_bf16", "gemm_w8a8_stream16_swiglu_bf16", "gemm_w8a8_stream32_swiglu_bf16", "gemm_w8a8_stream64_swiglu_bf16"])
+    } else {
+        by_row_tiles(nt, ["gemm_w8a8_stream8_bf16", "gemm_w8a8_stream16_bf16", "gemm_w8a8_stream32_bf16", "gemm_w8a8_stream64_bf16"])
+    };
+    (sym, smem)
+}
+
+/// Why the stream kernel cannot run `t` rows of `w` on a GPU of compute capability
+/// `cc_major`.x (`None`: it can). Hopper only (bulk copies with mbarrier transaction counts,
+/// E4M3 MMAs); k a multiple of 128 (whole units: every LLaDA, Dream and MoE linear layer).
+pub(super) fn refusal(cc_major: i32, t: usize, w: &Fp8Weight) -> Option<String> {
+    let (n, k) = (w.n(), w.k());
+    if cc_major != 9 {
+        Some(format!("needs an sm_90 GPU (Hopper; this is compute capability {cc_major}.x)"))
+    } else if t > SKINNY_ROW_LIMIT {
+        Some(format!("takes at most {SKINNY_ROW_LIMIT} rows"))
+    } else if w.layout != ScaleLayout::Channel {
+        Some(format!("needs channel scales (the weight has {} scales)", w.layout.name()))
+    } else if n == 0 || k == 0 || !k.is_multiple_of(STAGE_K) || n > i32::MAX as usize || k > i32::MAX as usize {
+        Some(format!("needs n > 0 and k a nonzero multiple of {STAGE_K} (below 2^31), got [{n}, {k}]"))
+    } else {
+        None
+    }
+}
+
+/// (tiles, k steps) of an `[n, k]` weight (SwiGLU: tiles of 64 gate rows and their 64 up rows).
+fn units(n: usize, k: usize, swiglu: bool) -> (usize, usize) {
+    let tiles = if swiglu { (n / 2).div_ceil(TILE_ROWS / 2) } else { n.div_ceil(TILE_ROWS) };
+    (tiles, k / STAGE_K)
+}
+
+/// Launches the kernel for `t ≤ 64` quantised rows on `ctas` blocks (`None`: one per SM; never
+/// more than the units, nor than `scratch` holds). The caller checked the operands' shapes and
+/// [`refusal`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch(
+    gpu: &Gpu,
+    scratch: &mut StreamScratch,
+    t: usize,
+    w: &Fp8Weight,
+    ops: &Operands,
+    out_f32: bool,
+    swiglu: bool,
+    ctas: Option<usize>,
+) -> Result<()> {
+    if t == 0 {
+        return Ok(());
+    }
+    let (n, k) = (w.n(), w.k());
+    let (tiles, ksteps) = units(n, k, swiglu);
+    let total = tiles * ksteps;
+    if total > i32::MAX as usize {
+        return Err(Error::bad_input(format!("{OP}: [{n}, {k}] weight: {total} work units exceed 2^31")));
+    }
+    let g = ctas.unwrap_or(scratch.ctas);
+    if g == 0 || g > scratch.ctas {
+        return Err(Error::bad_input(format!("{OP}: {g} blocks requested; between 1 and {} (one per SM) can run", scratch.ctas)));
+    }
+    let g = g.min(total);
+    let params = W8a8StreamParams {
+        g: W8a8SkinnyParams::new(ops, w.q.ptr(gpu), w.scales.ptr(gpu), t, n, k, out_f32),
+        ws: scratch.ws.ptr_mut(gpu),
+        flags: scratch.flags.ptr_mut(gpu),
+        tiles: tiles as i32,
+        ksteps: ksteps as i32,
+        pad0: 0,
+        pad1: 0,
+    };
+    let (sym, smem) = kernel_for(t, swiglu);
+    let lc = LaunchEx { grid: (g as u32, 1, 1), block: (THREADS, 1, 1), smem, cluster: None, pdl: true };
+    // SAFETY: params mirror W8a8StreamParams; the caller checked xq >= t rows of k codes, sx >=
+    // t, y >= t rows of n (n/2 for SwiGLU), w [n, k] with k % 128 == 0 and channel scales [n],
+    // bias [n]; t ≤ 64; ws holds 2·g slots of 64 × 128 f32 and flags g zeros; g ≤ the SM count,
+    // so every block is resident at once (the blocks wait on each other's flags).
+    unsafe { launch_ex(gpu, "gemm_w8a8_stream", sym, lc, &params) }
+}
+
+/// The kernel on its own, for tests and sweeps: `y[0..t] = sx·sw·(xq · wᵀ) (+ bias)` from rows
+/// already quantised (`xq` `[>= t, k]` codes, `sx` `[>= t]`) on `ctas` blocks (`None`: one per
+/// SM).
+#[allow(clippy::too_many_arguments)]
+pub fn stream_w8a8<Y: GemmOut>(
+    gpu: &Gpu,
+    scratch: &mut StreamScratch,
+    ctas: Option<usize>,
+    t: usize,
+    xq: &DTensor<u8>,
+    sx: &DTensor<f32>,
+    w: &Fp8Weight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<Y>,
+) -> Result<()> {
+    if let Some(why) = refusal(gpu.cc_major, t, w) {
+        return Err(Error::bad_input(format!("{OP}: [{}, {}] weight, {t} rows: {why}", w.n(), w.k())));
+    }
+    let (n, k) = (w.n(), w.k());
+    xq.check_rows(OP, "xq", t, k)?;
+    if sx.len() < t {
+        return Err(Error::shape(OP, "sx", &[t], &sx.dims));
+    }
+    if w.scales.dims != [n] {
+        return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
+    }
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(Error::shape(OP, "bias", &[n], &b.dims));
+        }
+    }
+    y.check_rows(OP, "y", t, n)?;
+    let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: bias.map(|b| b.ptr(gpu)), y: y.ptr_mut(gpu) };
+    launch(gpu, scratch, t, w, &ops, Y::OUT == OutType::F32, false, ctas)
+}
+
+/// The gate|up entry point on its own: `act[0..t] = SwiGLU(sx·sw·(xq · wᵀ))` for a gate|up
+/// weight `w` (`[2·ffn, k]`, gate rows first), `act` `[>= t, ffn]`, on `ctas` blocks.
+#[allow(clippy::too_many_arguments)]
+pub fn stream_w8a8_swiglu(
+    gpu: &Gpu,
+    scratch: &mut StreamScratch,
+    ctas: Option<usize>,
+    t: usize,
+    xq: &DTensor<u8>,
+    sx: &DTensor<f32>,
+    w: &Fp8Weight,
+    act: &mut DTensor<bf16>,
+) -> Result<()> {
+    if let Some(why) = refusal(gpu.cc_major, t, w) {
+        return Err(Error::bad_input(format!("{OP}: [{}, {}] weight, {t} rows: {why}", w.n(), w.k())));
+    }
+    let (n, k) = (w.n(), w.k());
+    if !n.is_multiple_of(2) {
+        return Err(Error::bad_input(format!("{OP}: a gate|up weight needs an even row count, got {n}")));
+    }
+    xq.check_rows(OP, "xq", t, k)?;
+    if sx.len() < t {
+        return Err(Error::shape(OP, "sx", &[t], &sx.dims));
+    }
+    if w.scales.dims != [n] {
+        return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
+    }
+    act.check_rows(OP, "act", t, n / 2)?;
+    let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: None, y: act.ptr_mut(gpu) };
+    launch(gpu, scratch, t, w, &ops, false, true, ctas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_c_layout() {
+        assert_eq!(std::mem::size_of::<W8a8StreamParams>(), 72 + 16 + 16);
+        // 8 stages of (16 KB + 32·128) + the 32 × 128 f32 tile + 16 mbarriers.
+        assert_eq!(kernel_for(32, false), ("gemm_w8a8_stream32_bf16", 8 * (16384 + 4096) + 16384 + 128));
+        assert_eq!(kernel_for(64, true), ("gemm_w8a8_stream64_swiglu_bf16", 7 * (16384 + 8192) + 32768 + 112));
+        for t in 1..=64 {
+            // One block per SM within the H100's 227 KB of shared memory per block.
+            assert!(kernel_for(t, false).1 <= 227 << 10, "t={t}");
+        }
+    }
+
+    #[test]
+    fn units_cover_every_row() {
+        assert_eq!(units(12288, 4096, false), (96, 32));
+        assert_eq!(units(136, 512, false), (2, 4));
+        // SwiGLU tiles pair 64 gate rows with their up rows: ffn = 68 is two tiles.
+        assert_eq!(units(2 * 68, 512, true), (2, 4));
+        assert_eq!(units(2 * 18944, 3584, true), (296, 28));
+    }
+}

@@ -1,0 +1,306 @@
+//! The `stream` W8A8 path (kernels/gemm_w8a8_stream.cu: the `skinny` contract, the weight
+//! streamed stream-K by one persistent block per SM through bulk async copies) against the CPU
+//! reference `cpu::gemm_fp8::linear_w8a8`:
+//! - small shapes whose tiles are split over many blocks (every contributor count from 1 to 4,
+//!   homes that also contribute, more blocks than a tile has units) and every LLaDA-8B /
+//!   Dream-7B linear shape, t from 1 to 64, with and without bias, on the default block count
+//!   (one per SM) and forced ones; the same launch twice is bit-identical;
+//! - the gate|up entry points bit for bit against the plain kernel followed by `ops::swiglu`
+//!   (on one block per tile, where both sum each output in the same order), and the default
+//!   launch within tolerance of the CPU;
+//! - `stream` runs only when selected, up to 64 rows with k a multiple of 128; refusals name
+//!   what they refuse;
+//! - a whole tiny-model forward on `stream` against the same forward on `skinny`;
+//! - a timing table against `skinny` and cuBLASLt's FP8 GEMM (prints, never fails on time).
+//!
+//! At sanitizer scale (`DEMASK_SANITIZE_SHAPES=small`) the production shapes keep their k and
+//! cut n to 384 rows, which keeps every launch configuration at a fraction of the work.
+//!
+//! Tolerance: tests/gpu_fp8/w8a8_skinny.rs's `compare` (the same E4M3 codes multiplied in f32).
+use super::w8a8::{normal, to_f32, w8a8};
+use super::w8a8_skinny::{compare, has_skinny, time_us};
+use crate::lock;
+use demask::config::ModelConfig;
+use demask::cpu::gemm_fp8 as cpu_fp8;
+use demask::fp8_fidelity::compare_logits;
+use demask::gpu::{sanitizer_shapes, test_gpu, DTensor};
+use demask::model::{Capacity, GpuModel, GpuWeights};
+use demask::ops::gemm::GemmVariant;
+use demask::ops::gemm_fp8::{linear_any, Fp8Weight, LinearWeight};
+use demask::ops::gemm_w8a8::{quantize_rows, skinny_w8a8, stream_w8a8, stream_w8a8_swiglu, StreamScratch, W8a8Path, W8a8Select};
+use demask::quant::{ScaleLayout, WeightFormat};
+use half::bf16;
+
+/// The production shape or, at sanitizer scale, its first 384 rows.
+fn cut(n: usize) -> usize {
+    if sanitizer_shapes() {
+        n.min(384)
+    } else {
+        n
+    }
+}
+
+#[test]
+fn stream_matches_the_reference() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !has_skinny(&gpu) {
+        return;
+    }
+    let mut scratch = StreamScratch::new(&gpu).unwrap();
+    let sms = scratch.ctas();
+    // (n, k): small (3 tiles of 4 units; 8 tiles of 2; a 2-tile weight with a partial tile),
+    // then LLaDA-8B (qkv, o, gate|up, down) and Dream-7B (qkv, gate|up, down).
+    let shapes: [(usize, usize); 10] = [
+        (384, 512),
+        (1008, 256),
+        (136, 4096),
+        (12288, 4096),
+        (4096, 4096),
+        (24576, 4096),
+        (4096, 12288),
+        (4608, 3584),
+        (37888, 3584),
+        (3584, 18944),
+    ];
+    let mut m = w8a8(&gpu, 64, 18944, W8a8Select::Stream);
+    for (si, &(n, k)) in shapes.iter().enumerate() {
+        let n = cut(n);
+        let seed = 700 + 10 * si as u64;
+        let wb = normal(&gpu, &[n, k], seed, 1.0 / (k as f32).sqrt());
+        let w = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap();
+        let x = normal(&gpu, &[64, k], seed + 1, 1.0);
+        let bt = normal(&gpu, &[n], seed + 2, 0.5);
+        let rows: Vec<usize> = if n * k <= 1 << 22 { (0..64).collect() } else { vec![0, 5, 8, 18, 31, 32, 47, 63] };
+        let (wm, xf, bf) = (w.to_host(&gpu).unwrap(), to_f32(&gpu, &x), to_f32(&gpu, &bt));
+        let xs: Vec<f32> = rows.iter().flat_map(|&r| xf[r * k..(r + 1) * k].iter().copied()).collect();
+        let (mut want, mut want_b) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
+        cpu_fp8::linear_w8a8(&xs, &wm, None, &mut want);
+        cpu_fp8::linear_w8a8(&xs, &wm, Some(&bf), &mut want_b);
+        let ts: &[usize] = if n * k <= 1 << 22 { &[1, 7, 8, 9, 16, 19, 32, 33, 48, 64] } else { &[1, 19, 32, 64] };
+        for (i, &t) in ts.iter().enumerate() {
+            let bias = i % 2 == 1;
+            let mut y = gpu.upload(&vec![bf16::NAN; (t + 1) * n], &[t + 1, n]).unwrap();
+            let path = m.linear(&gpu, t, &x, &w, bias.then_some(&bt), &mut y).unwrap();
+            assert_eq!(path, Some(W8a8Path::Stream), "{n}x{k} t={t}");
+            let got = to_f32(&gpu, &y);
+            assert!(got[t * n..].iter().all(|v| v.is_nan()), "{n}x{k} t={t}: row t written");
+            compare(&format!("{n}x{k} t={t} bias={bias}"), &got, if bias { &want_b } else { &want }, &rows, t, n);
+        }
+        // Forced block counts at 32 rows: one block (no fixup), a few (long runs across tiles),
+        // one per unit where small (every tile shared by all its units' blocks), the SM count.
+        let t = 32;
+        let mut q = gpu.alloc::<u8>(&[t, k]).unwrap();
+        let mut s = gpu.alloc::<f32>(&[t]).unwrap();
+        quantize_rows(&gpu, t, &x, &mut q, &mut s).unwrap();
+        let units = n.div_ceil(128) * (k / 128);
+        for ctas in [Some(1), Some(3), Some(7), Some(units.min(sms)), None] {
+            let mut y = gpu.alloc::<bf16>(&[t, n]).unwrap();
+            stream_w8a8(&gpu, &mut scratch, ctas, t, &q, &s, &w, Some(&bt), &mut y).unwrap();
+            let label = format!("{n}x{k} t={t} ctas={ctas:?}");
+            compare(&label, &to_f32(&gpu, &y), &want_b, &rows, t, n);
+            let mut again = gpu.alloc::<bf16>(&[t, n]).unwrap();
+            stream_w8a8(&gpu, &mut scratch, ctas, t, &q, &s, &w, Some(&bt), &mut again).unwrap();
+            assert_eq!(y.to_host(&gpu).unwrap(), again.to_host(&gpu).unwrap(), "{label}: not deterministic");
+        }
+    }
+}
+
+#[test]
+fn stream_swiglu_is_the_linear_then_swiglu() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !has_skinny(&gpu) {
+        return;
+    }
+    let mut scratch = StreamScratch::new(&gpu).unwrap();
+    // ffn = 1000: the last tile's 64 gate rows run past ffn. (4096, 4096): 64 tiles of 32 units,
+    // split over the SMs' blocks by default.
+    for &(ffn, k) in &[(1536, 1024), (1000, 512), (if sanitizer_shapes() { 192 } else { 4096 }, 4096)] {
+        let wb = normal(&gpu, &[2 * ffn, k], 31, 1.0 / (k as f32).sqrt());
+        let w = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap();
+        let x = normal(&gpu, &[64, k], 32, 1.0);
+        let mut m = w8a8(&gpu, 64, k, W8a8Select::Stream);
+        let small = ffn * k <= 1 << 21;
+        let mut want = vec![0f32; 64 * ffn];
+        if small {
+            let mut want_gu = vec![0f32; 64 * 2 * ffn];
+            cpu_fp8::linear_w8a8(&to_f32(&gpu, &x), &w.to_host(&gpu).unwrap(), None, &mut want_gu);
+            demask::cpu::swiglu::swiglu(&want_gu, ffn, &mut want);
+        }
+        // One block per tile: both entry points tile alike (2·ffn / 128 plain tiles, ffn / 64
+        // SwiGLU tiles) and sum every output in the same order.
+        let tiles = ffn.div_ceil(64);
+        assert!(tiles <= scratch.ctas(), "{tiles} tiles: more than the SMs");
+        for t in [1, 19, 32, 64] {
+            let mut gu = gpu.upload(&vec![bf16::NAN; t * 2 * ffn], &[t, 2 * ffn]).unwrap();
+            let mut act = gpu.upload(&vec![bf16::NAN; (t + 1) * ffn], &[t + 1, ffn]).unwrap();
+            let p = m.linear_swiglu(&gpu, t, &x, &w, &mut gu, &mut act).unwrap();
+            assert_eq!(p, Some(W8a8Path::Stream), "ffn={ffn} t={t}");
+            assert!(gu.to_host(&gpu).unwrap().iter().all(|v| v.is_nan()), "ffn={ffn} t={t}: stream SwiGLU wrote gu");
+            let a = act.to_host(&gpu).unwrap();
+            assert!(a[t * ffn..].iter().all(|v| v.is_nan()), "ffn={ffn} t={t}: row t written");
+            if small {
+                let worst = (0..t * ffn).map(|i| (a[i].to_f32() - want[i]).abs() / (0.05 + want[i].abs())).fold(0f32, f32::max);
+                assert!(worst < 0.05, "ffn={ffn} t={t}: worst relative difference to the CPU {worst}");
+            }
+            let mut q = gpu.alloc::<u8>(&[t, k]).unwrap();
+            let mut s = gpu.alloc::<f32>(&[t]).unwrap();
+            quantize_rows(&gpu, t, &x, &mut q, &mut s).unwrap();
+            stream_w8a8(&gpu, &mut scratch, Some(tiles), t, &q, &s, &w, None, &mut gu).unwrap();
+            let mut two = gpu.alloc::<bf16>(&[t, ffn]).unwrap();
+            demask::ops::swiglu::swiglu(&gpu, t, &gu, &mut two).unwrap();
+            let mut fused = gpu.alloc::<bf16>(&[t, ffn]).unwrap();
+            stream_w8a8_swiglu(&gpu, &mut scratch, Some(tiles), t, &q, &s, &w, &mut fused).unwrap();
+            let (two, fused) = (two.to_host(&gpu).unwrap(), fused.to_host(&gpu).unwrap());
+            let diff = (0..t * ffn).find(|&i| two[i].to_bits() != fused[i].to_bits());
+            assert!(diff.is_none(), "ffn={ffn} t={t}: fused != two-step at {diff:?}");
+            // The default launch (tiles shared between blocks) sums in another order.
+            let worst = (0..t * ffn).map(|i| (a[i].to_f32() - two[i].to_f32()).abs() / (0.05 + two[i].to_f32().abs())).fold(0f32, f32::max);
+            assert!(worst < 0.02, "ffn={ffn} t={t}: default launch vs one block per tile: worst relative difference {worst}");
+        }
+    }
+}
+
+#[test]
+fn stream_runs_when_selected_and_refusals_say_why() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !has_skinny(&gpu) {
+        return;
+    }
+    let (n, k) = (512, 1024);
+    let wb = normal(&gpu, &[n, k], 41, 1.0 / 32.0);
+    let w = LinearWeight::Fp8(Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap());
+    let LinearWeight::Fp8(fw) = &w else { unreachable!() };
+    let x = normal(&gpu, &[128, k], 42, 1.0);
+    let mut m = w8a8(&gpu, 128, k, W8a8Select::Stream);
+    m.set_min_rows(1).unwrap();
+    for t in [1, 32, 64, 65, 128] {
+        let mut y = gpu.alloc::<bf16>(&[t, n]).unwrap();
+        linear_any(&gpu, GemmVariant::Auto, t, &x, &w, None, &mut y, Some(&mut m)).unwrap();
+        assert_eq!(m.last_path(), (t <= 64).then_some(W8a8Path::Stream), "t = {t}");
+    }
+    let auto = w8a8(&gpu, 128, k, W8a8Select::Auto);
+    assert!(auto.refusal::<bf16>(32, fw, false).is_none());
+    let why = m.refusal::<bf16>(65, fw, false).expect("65 rows refused");
+    assert!(why.contains("stream") && why.contains("64 rows"), "{why}");
+    // k not a multiple of 128.
+    let odd = Fp8Weight::quantize(&gpu, &normal(&gpu, &[n, 528], 43, 0.05), ScaleLayout::Channel).unwrap();
+    let why = m.refusal::<bf16>(8, &odd, false).expect("k = 528 refused");
+    assert!(why.contains("multiple of 128"), "{why}");
+    let block = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Block128).unwrap();
+    assert!(m.refusal::<bf16>(8, &block, false).is_some_and(|r| r.contains("channel scales")));
+    // The kernel entry point checks its operands and block count.
+    let mut scratch = StreamScratch::new(&gpu).unwrap();
+    let mut q = gpu.alloc::<u8>(&[64, k]).unwrap();
+    let mut sx = gpu.alloc::<f32>(&[64]).unwrap();
+    quantize_rows(&gpu, 64, &x, &mut q, &mut sx).unwrap();
+    let mut y = gpu.alloc::<bf16>(&[128, n]).unwrap();
+    let e = stream_w8a8(&gpu, &mut scratch, None, 65, &q, &sx, fw, None, &mut y).unwrap_err().to_string();
+    assert!(e.contains("64 rows"), "{e}");
+    let short = gpu.alloc::<f32>(&[16]).unwrap();
+    let e = stream_w8a8(&gpu, &mut scratch, None, 32, &q, &short, fw, None, &mut y).unwrap_err().to_string();
+    assert!(e.contains("sx"), "{e}");
+    let bad_bias = gpu.alloc::<bf16>(&[n - 8]).unwrap();
+    let e = stream_w8a8(&gpu, &mut scratch, None, 32, &q, &sx, fw, Some(&bad_bias), &mut y).unwrap_err().to_string();
+    assert!(e.contains("bias"), "{e}");
+    for ctas in [0, scratch.ctas() + 1] {
+        let e = stream_w8a8(&gpu, &mut scratch, Some(ctas), 32, &q, &sx, fw, None, &mut y).unwrap_err().to_string();
+        assert!(e.contains("blocks"), "ctas {ctas}: {e}");
+    }
+    let mut odd_act = gpu.alloc::<bf16>(&[64, n / 2 + 1]).unwrap();
+    let e = stream_w8a8_swiglu(&gpu, &mut scratch, None, 32, &q, &sx, fw, &mut odd_act).unwrap_err().to_string();
+    assert!(e.contains("act"), "{e}");
+}
+
+#[test]
+fn stream_forward_matches_skinny() {
+    // A whole forward of 58 rows (every GEMM of the layers W8A8) on `stream` against the same
+    // forward on `skinny`: the same codes and epilogue, summed in another order.
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !has_skinny(&gpu) {
+        return;
+    }
+    for preset in crate::common::DENSE_PRESETS {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let hw = crate::common::sharp_weights(&cfg, 3);
+        let lens = [37usize, 1, 20];
+        let s: Vec<Vec<u32>> =
+            lens.iter().enumerate().map(|(i, &n)| demask::bench::synthetic_tokens(n, cfg.vocab.min(500), 70 + i as u64)).collect();
+        let total: usize = lens.iter().sum();
+        let logits = |select: W8a8Select| {
+            let cap = Capacity { rows: total, logit_rows: total, cache_rows: total, seqs: s.len() };
+            let w = GpuWeights::upload_as(&gpu, &hw, WeightFormat::Fp8(ScaleLayout::Channel)).unwrap();
+            let mut m = GpuModel::new(gpu.clone(), cfg.clone(), w, cap).unwrap();
+            m.set_w8a8_min_rows(1).unwrap();
+            m.set_w8a8_select(select).unwrap();
+            let a = m.forward_full(&s).unwrap();
+            assert_eq!(a, m.forward_full(&s).unwrap(), "{preset} {select}: the same forward twice differs");
+            a
+        };
+        let (stream, skinny) = (logits(W8a8Select::Stream), logits(W8a8Select::Skinny));
+        let c = compare_logits(&stream, &skinny, cfg.vocab, 0.05);
+        println!("{preset}: stream vs skinny forward, {total} rows: logits rel L2 {:.3e}, top-1 {}/{}", c.rel_l2, c.top1_agree, c.top1_rows);
+        // f32 sums in another order, one bf16 rounding each: ≈ 1e-3 after two layers.
+        assert!(c.rel_l2 < 1e-2 && c.top1_rows - c.top1_agree <= 1, "{preset}: {c:?}");
+    }
+}
+
+#[test]
+fn stream_vs_skinny_timing() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    if !has_skinny(&gpu) {
+        return;
+    }
+    println!(
+        "device {}; W8A8 decode kernels alone (rows already quantised), µs per call, median of 20; W rotated over 3 \
+         copies (L2 never holds the weight); GB/s of W codes; split-scale = cuBLASLt FP8 with the quantiser and the \
+         scale epilogue",
+        gpu.name
+    );
+    let mut scratch = StreamScratch::new(&gpu).unwrap();
+    let shapes = [
+        ("llada qkv", 12288, 4096),
+        ("llada o", 4096, 4096),
+        ("llada gate|up", 24576, 4096),
+        ("llada down", 4096, 12288),
+        ("dream qkv", 4608, 3584),
+        ("dream o", 3584, 3584),
+        ("dream gate|up", 37888, 3584),
+        ("dream down", 3584, 18944),
+    ];
+    for (name, n, k) in shapes {
+        let ws: Vec<Fp8Weight> = (0..3)
+            .map(|i| Fp8Weight::quantize(&gpu, &normal(&gpu, &[n, k], 50 + i, 0.02), ScaleLayout::Channel).unwrap())
+            .collect();
+        let x = normal(&gpu, &[64, k], 60, 1.0);
+        let mut q = gpu.alloc::<u8>(&[64, k]).unwrap();
+        let mut s = gpu.alloc::<f32>(&[64]).unwrap();
+        quantize_rows(&gpu, 64, &x, &mut q, &mut s).unwrap();
+        let mut y: DTensor<bf16> = gpu.alloc(&[64, n]).unwrap();
+        let mut split = w8a8(&gpu, 64, k, W8a8Select::SplitScale);
+        for t in [1usize, 16, 32, 64] {
+            let gbs = |us: f64| (n * k) as f64 / us / 1e3;
+            let st = time_us(&gpu, &mut |i| stream_w8a8(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
+            let sk = time_us(&gpu, &mut |i| skinny_w8a8(&gpu, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
+            let ss = time_us(&gpu, &mut |i| {
+                split.linear(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap();
+            });
+            let mut line = format!(
+                "{name:<14} t={t:<3} | stream {st:6.1} ({:4.0}) | skinny {sk:6.1} ({:4.0}) | split-scale {ss:6.1} ({:4.0})",
+                gbs(st),
+                gbs(sk),
+                gbs(ss)
+            );
+            if name.contains("gate|up") {
+                let mut act = gpu.alloc::<bf16>(&[64, n / 2]).unwrap();
+                let sw = time_us(&gpu, &mut |i| stream_w8a8_swiglu(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], &mut act).unwrap());
+                line += &format!(" | stream swiglu {sw:6.1} ({:4.0})", gbs(sw));
+            }
+            println!("{line}");
+        }
+    }
+}
