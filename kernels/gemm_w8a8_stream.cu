@@ -23,11 +23,14 @@
 //   it ends its own). The others ("contributors": for them the tile is always their last
 //   segment) publish their slot with a release flag, which the home consumes and resets.
 //   The sum order depends only on (n, k, G): results are deterministic per GPU model.
-// - Warp-specialised pipeline: warp 8 is the producer. It fills a STAGES-deep ring with bulk
-//   async copies (`cp.async.bulk`, the TMA engine; 64-byte row halves into the `Half` swizzle)
-//   completing on a per-slot mbarrier with a transaction count; the 8 consumer warps wait on
-//   it, multiply (w8a8_mma.cuh) and release the slot on a second mbarrier. No __syncthreads
-//   in the main loop, and up to STAGES × 16 KB of W in flight per SM.
+// - Warp-specialised pipeline: one thread of warp 8 is the producer. It fills a STAGES-deep
+//   ring through the TMA engine, three 2-D tensor copies per unit (two 64-row W boxes, the X
+//   box of 8·NT rows; rows past n or t arrive as zeros) in its 128-byte swizzle (the `Row8`
+//   layout of w8a8_mma.cuh), completing on a per-slot mbarrier with a transaction count; the
+//   8 consumer warps wait on it, multiply and release the slot on a second mbarrier. No
+//   __syncthreads in the main loop, and up to STAGES × 16 KB of W in flight per SM.
+//   (The first version copied 64-byte row halves with 1-D bulk copies: on the H100 the engine
+//   took ≈ 35 ns per copy, 200-270 GB/s per GEMM; benches/RESULTS.md v0.15.)
 // - Programmatic dependent launch: the W copies of the first STAGES units are issued before
 //   the wait for the previous kernel (W does not depend on it); X, the row scales and every
 //   global write come after.
@@ -37,10 +40,13 @@
 // (every flag set in a launch is reset by its home in the same launch). Only one launch may use
 // a workspace at a time (the engine's one stream).
 //
-// Entry points gemm_w8a8_stream{8,16,32,64}_bf16 and gemm_w8a8_stream{..}_swiglu_bf16, 288
-// threads, dynamic shared memory TileS<NT>::SMEM (the wrapper mirrors it). Requirements
-// (checked by src/ops/gemm_w8a8/stream.rs): k % 128 == 0, 16-byte aligned operands, channel
-// scales, G ≤ units and G blocks co-resident (one per SM), an sm_90 GPU.
+// Entry points gemm_w8a8_stream{8,16,32,64}_bf16 and gemm_w8a8_stream{..}_swiglu_bf16 taking
+// W8a8StreamArgs (the two tensor maps, encoded by the wrapper per launch: W as [n rows, k]
+// bytes in 128 × 64 boxes, X as [t rows, k] in 128 × 8·NT boxes, both 128-byte swizzled),
+// 288 threads, dynamic shared memory TileS<NT>::SMEM + 1 KB (the ring is aligned to 1 KB, as
+// the swizzle needs; the wrapper mirrors it). Requirements (checked by
+// src/ops/gemm_w8a8/stream.rs): k % 128 == 0, 16-byte aligned operands, channel scales,
+// G ≤ units and G blocks co-resident (one per SM), an sm_90 GPU.
 #include "w8a8_mma.cuh"
 
 struct W8a8StreamParams {
@@ -51,6 +57,17 @@ struct W8a8StreamParams {
     int ksteps;          // k / 128
     int pad0;
     int pad1;
+};
+
+// A CUtensorMap (cuda.h), opaque here.
+struct alignas(128) TmaDesc {
+    uint64_t opaque[16];
+};
+
+struct W8a8StreamArgs {
+    TmaDesc wmap;  // W codes [n][k]: box 128 columns × 64 rows
+    TmaDesc xmap;  // X codes [t][k]: box 128 columns × 8·NT rows
+    W8a8StreamParams sp;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -70,7 +87,9 @@ struct TileS {
     static constexpr int RING = STAGES * STAGE_BYTES;
     static constexpr int RED = TP * BN * 4;
     static constexpr int SMEM = RING + RED + 2 * STAGES * 8;
-    static_assert(SMEM <= 227 * 1024, "one block per SM");
+    static constexpr unsigned TX = STAGE_BYTES;  // bytes per unit (boxes count in full)
+    static_assert(SMEM + 1024 <= 227 * 1024, "one block per SM");
+    static_assert(STAGE_BYTES % 1024 == 0, "slots stay aligned to the swizzle's 1 KB");
 };
 
 #ifdef DEMASK_BULK
@@ -99,12 +118,13 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
         "r"(parity)
         : "memory");
 }
-// `bytes` (a multiple of 16) from global to this block's shared memory, counted on `bar`.
-__device__ __forceinline__ void bulk_copy(uint8_t* dst, const void* src, unsigned bytes, uint64_t* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     smem_u32(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
-                 : "memory");
+// The box at (column c, row r) of tensor map `map` into shared memory, counted on `bar`.
+__device__ __forceinline__ void tma_2d(uint8_t* dst, const TmaDesc* map, int c, int r, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(r), "r"(smem_u32(bar))
+        : "memory");
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -118,65 +138,37 @@ __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\
 
 __device__ __forceinline__ int unit_start(int units, int b) { return (int)((long long)b * units / gridDim.x); }
 
-// Bytes of W one unit of `tile` copies (rows past n are not copied).
-template <bool SWIGLU>
-__device__ __forceinline__ unsigned w_unit_bytes(const W8a8SkinnyParams& p, int tile) {
-    if constexpr (SWIGLU) return 2u * (unsigned)min(64, (p.n >> 1) - 64 * tile) * BK;
-    return (unsigned)min(BN, p.n - BN * tile) * BK;
-}
-
-// Warp 8: fills the ring. Lane l copies W rows l + 32m and X rows l, l + 32 of each unit, each
-// as two 64-byte halves (the `Half` swizzle puts them in opposite halves of the bank window on
-// odd rows).
+// Warp 8, lane 0: fills the ring, three tensor copies per unit.
 template <int NT, bool SWIGLU>
-__device__ __forceinline__ void produce(const W8a8StreamParams& sp, uint8_t* ring, uint64_t* full, uint64_t* empty,
+__device__ __forceinline__ void produce(const W8a8StreamArgs& a, uint8_t* ring, uint64_t* full, uint64_t* empty,
                                         int u0, int u1) {
     using T = TileS<NT>;
-    const W8a8SkinnyParams& p = sp.g;
-    const int lane = threadIdx.x & 31;
+    const W8a8StreamParams& sp = a.sp;
+    const int half = sp.g.n >> 1;
     auto copy_w = [&](int j) {
         const int u = u0 + j, tile = u / sp.ksteps, kb = (u % sp.ksteps) * BK, s = j % T::STAGES;
         uint8_t* st = ring + s * T::STAGE_BYTES;
-#pragma unroll
-        for (int m = 0; m < BN / 32; ++m) {
-            const int r = lane + 32 * m;
-            bool ok;
-            const int gr = w_row<SWIGLU>(p, tile * BN, r, ok);
-            if (ok) {
-                const uint8_t* src = p.w + (size_t)gr * p.k + kb;
-                bulk_copy(st + r * BK + 64 * (r & 1), src, 64, full + s);
-                bulk_copy(st + r * BK + 64 * (1 - (r & 1)), src + 64, 64, full + s);
-            }
-        }
+        // Rows 0-63 and 64-127 of the tile (SwiGLU: 64 gate rows, then their up rows).
+        const int r0 = SWIGLU ? 64 * tile : BN * tile, r1 = SWIGLU ? half + 64 * tile : BN * tile + 64;
+        tma_2d(st, &a.wmap, kb, r0, full + s);
+        tma_2d(st + 64 * BK, &a.wmap, kb, r1, full + s);
     };
     auto copy_x = [&](int j) {
-        const int u = u0 + j, kb = (u % sp.ksteps) * BK, s = j % T::STAGES;
-        uint8_t* xs = ring + s * T::STAGE_BYTES + BN * BK;
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            const int r = lane + 32 * m;
-            if (r < p.t) {
-                const uint8_t* src = p.x + (size_t)r * p.k + kb;
-                bulk_copy(xs + r * BK + 64 * (r & 1), src, 64, full + s);
-                bulk_copy(xs + r * BK + 64 * (1 - (r & 1)), src + 64, 64, full + s);
-            }
-        }
-    };
-    auto expect = [&](int j) {
-        if (lane == 0) mbar_expect_tx(full + j % T::STAGES, w_unit_bytes<SWIGLU>(p, (u0 + j) / sp.ksteps) + (unsigned)p.t * BK);
-        __syncwarp();
+        const int u = u0 + j, s = j % T::STAGES;
+        tma_2d(ring + s * T::STAGE_BYTES + BN * BK, &a.xmap, (u % sp.ksteps) * BK, 0, full + s);
     };
     const int cnt = u1 - u0, pre = min(T::STAGES, cnt);
     for (int j = 0; j < pre; ++j) {
-        expect(j);
+        mbar_expect_tx(full + j, T::TX);
         copy_w(j);
     }
     pdl_wait();
     pdl_trigger();
     for (int j = 0; j < pre; ++j) copy_x(j);
     for (int j = pre; j < cnt; ++j) {
-        mbar_wait(empty + j % T::STAGES, ((j / T::STAGES) - 1) & 1);
-        expect(j);
+        const int s = j % T::STAGES;
+        mbar_wait(empty + s, ((j / T::STAGES) - 1) & 1);
+        mbar_expect_tx(full + s, T::TX);
         copy_w(j);
         copy_x(j);
     }
@@ -210,16 +202,6 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
     const int g = lane >> 2, q = lane & 3, mg = warp % QMG, kg = warp / QMG;
     const int b = blockIdx.x, units = sp.tiles * sp.ksteps;
 
-    // X rows t..TP of every slot are never copied: zero them once.
-    {
-        constexpr int CPR = BK / 16;
-        const int pad = (T::TP - p.t) * CPR;
-        for (int i = tid; i < T::STAGES * pad; i += CONSUMERS) {
-            const int s = i / pad, r = p.t + (i % pad) / CPR, c = i % CPR;
-            *reinterpret_cast<uint4*>(ring + s * T::STAGE_BYTES + BN * BK + r * BK + 16 * c) = make_uint4(0, 0, 0, 0);
-        }
-    }
-    consumer_sync();
     pdl_wait();
     pdl_trigger();
 
@@ -240,7 +222,7 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
         for (; u < seg1; ++u, ++j) {
             const int s = j % T::STAGES;
             mbar_wait(full + s, (j / T::STAGES) & 1);
-            mma_stage_q<NT>(ring + s * T::STAGE_BYTES, warp, lane, acc);
+            mma_stage_q<NT, WSwizzle::Row8>(ring + s * T::STAGE_BYTES, warp, lane, acc);
             mbar_arrive(empty + s);
         }
         // The two k-groups' sums → red[x row][tile row], k-group 0 first.
@@ -304,11 +286,13 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
 #endif  // DEMASK_BULK
 
 template <int NT, bool SWIGLU>
-__device__ __forceinline__ void stream_body(const W8a8StreamParams& sp) {
+__device__ __forceinline__ void stream_body(const W8a8StreamArgs& a) {
 #ifdef DEMASK_BULK
     using T = TileS<NT>;
+    const W8a8StreamParams& sp = a.sp;
     extern __shared__ uint4 smem_raw[];
-    uint8_t* ring = reinterpret_cast<uint8_t*>(smem_raw);
+    uint8_t* base = reinterpret_cast<uint8_t*>(smem_raw);
+    uint8_t* ring = base + ((1024 - (smem_u32(base) & 1023)) & 1023);
     float* red = reinterpret_cast<float*>(ring + T::RING);
     uint64_t* full = reinterpret_cast<uint64_t*>(ring + T::RING + T::RED);
     uint64_t* empty = full + T::STAGES;
@@ -323,7 +307,7 @@ __device__ __forceinline__ void stream_body(const W8a8StreamParams& sp) {
     }
     __syncthreads();
     if (threadIdx.x >= CONSUMERS) {
-        produce<NT, SWIGLU>(sp, ring, full, empty, u0, u1);
+        if (threadIdx.x == CONSUMERS) produce<NT, SWIGLU>(a, ring, full, empty, u0, u1);
     } else {
         consume<NT, SWIGLU>(sp, ring, red, full, empty, u0, u1);
     }
@@ -335,8 +319,8 @@ __device__ __forceinline__ void stream_body(const W8a8StreamParams& sp) {
 }  // namespace
 
 #define STREAM_ENTRY(name, NT, SWIGLU)                                                        \
-    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) name(const W8a8StreamParams p) { \
-        stream_body<NT, SWIGLU>(p);                                                           \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, 1) name(const __grid_constant__ W8a8StreamArgs a) { \
+        stream_body<NT, SWIGLU>(a);                                                           \
     }
 STREAM_ENTRY(gemm_w8a8_stream8_bf16, 1, false)
 STREAM_ENTRY(gemm_w8a8_stream16_bf16, 2, false)

@@ -1,8 +1,8 @@
 //! The `stream` W8A8 path for decode-sized row counts (t ≤ 64): kernels/gemm_w8a8_stream.cu,
 //! the `skinny` kernel's contract (E4M3 codes on `mma.sync` m16n8k32; scales, bias and SwiGLU in
 //! the epilogue) with the weight streamed stream-K: one persistent block per SM takes an equal
-//! share of the (128-row tile × 128-column k step) units, fed by bulk async copies (the TMA
-//! engine) through a warp-specialised mbarrier ring, and the blocks that share a tile add
+//! share of the (128-row tile × 128-column k step) units, fed by 2-D TMA copies (tensor maps
+//! encoded here per launch, a host-only call) through a warp-specialised mbarrier ring, and the blocks that share a tile add
 //! their partial sums in a fixed order through [`StreamScratch`]. Only when selected
 //! (`DEMASK_W8A8=stream`).
 //!
@@ -20,6 +20,7 @@ use crate::gpu::{DTensor, Gpu};
 use crate::ops::gemm::SKINNY_ROW_LIMIT;
 use crate::ops::gemm_fp8::Fp8Weight;
 use crate::quant::ScaleLayout;
+use cudarc::driver::sys;
 
 const OP: &str = "gemm_w8a8_stream";
 /// 8 consumer warps and the producer warp.
@@ -45,6 +46,52 @@ struct W8a8StreamParams {
 }
 // SAFETY: plain-old-data mirror of the C struct (the skinny block, two pointers, four ints).
 unsafe impl cudarc::driver::DeviceRepr for W8a8StreamParams {}
+
+/// Mirrors `struct W8a8StreamArgs` (the kernel's one parameter, `__grid_constant__`): the
+/// tensor maps of W and X, then the parameter block.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct W8a8StreamArgs {
+    wmap: sys::CUtensorMap,
+    xmap: sys::CUtensorMap,
+    sp: W8a8StreamParams,
+}
+// SAFETY: plain-old-data mirror of the C struct (two 128-byte-aligned opaque descriptors and
+// the parameter block; the trailing padding is never read).
+unsafe impl cudarc::driver::DeviceRepr for W8a8StreamArgs {}
+
+/// A 2-D TMA map of `rows` rows of `k` E4M3 codes at `ptr` (row stride k bytes), boxes of
+/// 128 columns × `box_rows` rows, 128-byte swizzle, rows past `rows` read as zeros.
+fn tensor_map(ptr: u64, rows: usize, k: usize, box_rows: u32) -> Result<sys::CUtensorMap> {
+    use sys::{CUtensorMapDataType as D, CUtensorMapFloatOOBfill as F, CUtensorMapInterleave as I, CUtensorMapL2promotion as L, CUtensorMapSwizzle as S};
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let dims = [k as u64, rows as u64];
+    let strides = [k as u64];
+    let boxes = [STAGE_K as u32, box_rows];
+    let elem = [1u32, 1];
+    // SAFETY: a host-side encoding into `map` from the arrays above (rank 2); no device access.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            D::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            I::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            S::CU_TENSOR_MAP_SWIZZLE_128B,
+            L::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            F::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::bad_input(format!("{OP}: encoding the tensor map of [{rows}, {k}] codes (box {box_rows} rows): {r:?}")));
+    }
+    // SAFETY: cuTensorMapEncodeTiled succeeded, so it wrote the whole map.
+    Ok(unsafe { map.assume_init() })
+}
 
 /// The stream-K kernel's workspace for up to `ctas` blocks: a partial-sum slot pair per block
 /// and a flag per block (zero between launches). One per `W8a8`; launches on it must not
@@ -73,13 +120,14 @@ impl StreamScratch {
 }
 
 /// (entry point, dynamic shared memory): NT = 1, 2, 4, 8 row tiles of 8; STAGES × (16 KB of W +
-/// 8·NT·128 X codes), the f32 reduction tile 8·NT × 128 and 2·STAGES mbarriers (`TileS<NT>`).
+/// 8·NT·128 X codes), the f32 reduction tile 8·NT × 128 and 2·STAGES mbarriers (`TileS<NT>`),
+/// plus 1 KB to align the ring to the swizzle's 1 KB.
 fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
     use crate::ops::gemm::{by_row_tiles, row_tiles};
     let nt = row_tiles(t);
     let stages = if nt == 8 { 7 } else { 8 };
     let tp = 8 * nt;
-    let smem = (stages * (TILE_ROWS * STAGE_K + tp * STAGE_K) + tp * TILE_ROWS * 4 + 2 * stages * 8) as u32;
+    let smem = (stages * (TILE_ROWS * STAGE_K + tp * STAGE_K) + tp * TILE_ROWS * 4 + 2 * stages * 8 + 1024) as u32;
     let sym = if swiglu {
         by_row_tiles(nt, ["gemm_w8a8_stream8_swiglu_bf16", "gemm_w8a8_stream16_swiglu_bf16", "gemm_w8a8_stream32_swiglu_bf16", "gemm_w8a8_stream64_swiglu_bf16"])
     } else {
@@ -140,8 +188,9 @@ pub(super) fn launch(
         return Err(Error::bad_input(format!("{OP}: {g} blocks requested; between 1 and {} (one per SM) can run", scratch.ctas)));
     }
     let g = g.min(total);
-    let params = W8a8StreamParams {
-        g: W8a8SkinnyParams::new(ops, w.q.ptr(gpu), w.scales.ptr(gpu), t, n, k, out_f32),
+    let wq = w.q.ptr(gpu);
+    let sp = W8a8StreamParams {
+        g: W8a8SkinnyParams::new(ops, wq, w.scales.ptr(gpu), t, n, k, out_f32),
         ws: scratch.ws.ptr_mut(gpu),
         flags: scratch.flags.ptr_mut(gpu),
         tiles: tiles as i32,
@@ -149,9 +198,12 @@ pub(super) fn launch(
         pad0: 0,
         pad1: 0,
     };
+    let x_box = 8 * crate::ops::gemm::row_tiles(t) as u32;
+    let params = W8a8StreamArgs { wmap: tensor_map(wq, n, k, 64)?, xmap: tensor_map(ops.xq, t, k, x_box)?, sp };
     let (sym, smem) = kernel_for(t, swiglu);
     let lc = LaunchEx { grid: (g as u32, 1, 1), block: (THREADS, 1, 1), smem, cluster: None, pdl: true };
-    // SAFETY: params mirror W8a8StreamParams; the caller checked xq >= t rows of k codes, sx >=
+    // SAFETY: params mirror W8a8StreamArgs (maps of exactly w's n × k codes and xq's t × k);
+    // the caller checked xq >= t rows of k codes, sx >=
     // t, y >= t rows of n (n/2 for SwiGLU), w [n, k] with k % 128 == 0 and channel scales [n],
     // bias [n]; t ≤ 64; ws holds 2·g slots of 64 × 128 f32 and flags g zeros; g ≤ the SM count,
     // so every block is resident at once (the blocks wait on each other's flags).
@@ -233,9 +285,12 @@ mod tests {
     #[test]
     fn params_match_the_c_layout() {
         assert_eq!(std::mem::size_of::<W8a8StreamParams>(), 72 + 16 + 16);
-        // 8 stages of (16 KB + 32·128) + the 32 × 128 f32 tile + 16 mbarriers.
-        assert_eq!(kernel_for(32, false), ("gemm_w8a8_stream32_bf16", 8 * (16384 + 4096) + 16384 + 128));
-        assert_eq!(kernel_for(64, true), ("gemm_w8a8_stream64_swiglu_bf16", 7 * (16384 + 8192) + 32768 + 112));
+        // Two 128-byte maps, the block, padded to the maps' 128-byte alignment.
+        assert_eq!(std::mem::size_of::<W8a8StreamArgs>(), 384);
+        assert_eq!(std::mem::align_of::<W8a8StreamArgs>(), 128);
+        // 8 stages of (16 KB + 32·128) + the 32 × 128 f32 tile + 16 mbarriers + 1 KB alignment.
+        assert_eq!(kernel_for(32, false), ("gemm_w8a8_stream32_bf16", 8 * (16384 + 4096) + 16384 + 128 + 1024));
+        assert_eq!(kernel_for(64, true), ("gemm_w8a8_stream64_swiglu_bf16", 7 * (16384 + 8192) + 32768 + 112 + 1024));
         for t in 1..=64 {
             // One block per SM within the H100's 227 KB of shared memory per block.
             assert!(kernel_for(t, false).1 <= 227 << 10, "t={t}");
