@@ -130,7 +130,8 @@ cat >"$pack/run.sh" <<'RUN'
 # DEMASK_SANITIZE_ONLY=1 skips the plain test run, the benches and bench.txt.
 # Sanitized tests run at sanitizer scale (DEMASK_SANITIZE_SHAPES=small, the default here): the
 # production-shape tests cut their sizes but keep each launch's configuration (docs/sanitizers.md);
-# DEMASK_SANITIZE_SHAPES=full runs them whole.
+# DEMASK_SANITIZE_SHAPES=full runs them whole. Sanitized runs take cuBLASLt's first plan
+# (DEMASK_GEMM_TUNE=1 unless set): racecheck died timing its other candidates.
 # Several runs may share the pack at once (e.g. one per sanitizer tool): give each its own
 # DEMASK_RUN_NAME (logs in gpu-logs-NAME, $OUT/summary-NAME.txt and all-NAME.log); unpack first
 # with DEMASK_UNPACK_ONLY=1.
@@ -218,7 +219,7 @@ run_sanitizer() {
   # shellcheck disable=SC2086
   local args=(--test-threads=1)
   [[ -n "$test" ]] && args+=(--exact "$test")
-  DEMASK_GRAPHS=0 DEMASK_SANITIZE_SHAPES="${DEMASK_SANITIZE_SHAPES:-small}" \
+  DEMASK_GRAPHS=0 DEMASK_SANITIZE_SHAPES="${DEMASK_SANITIZE_SHAPES:-small}" DEMASK_GEMM_TUNE="${DEMASK_GEMM_TUNE:-1}" \
     timeout "${DEMASK_SANITIZE_TIMEOUT:-600}" "$cs" --tool "$tool" --error-exitcode 99 \
     --print-limit 20 ${DEMASK_SANITIZE_OPTS:-} "$bin" "${args[@]}" ${DEMASK_SANITIZE_ARGS:-} >"$log" 2>&1
   rc=$?
