@@ -16,6 +16,17 @@ static_assert(QKG * 64 == BK, "each k-group takes one 64-column half of a stage"
 
 __device__ __forceinline__ int q_off(int r, int c) { return w_off_as<WSwizzle::Half>(r, c); }
 
+// The 16-byte chunk (of 8 in a 128-column stage row) that thread q of a warp in k-group kg
+// loads. `Half`: chunks 4kg..4kg+3, so a warp's 8-lane load phase (rows 2i, 2i + 1) covers both
+// 64-byte halves of the bank window. `Row8` (the TMA's 128-byte swizzle, chunk c of row r at
+// c ^ (r % 8)): chunks kg, kg + 2, kg + 4, kg + 6, which rows 2i and 2i + 1 then place in
+// complementary bank groups. Either way A and B use the same chunks, each column once.
+template <WSwizzle S>
+__device__ __forceinline__ int q_chunk(int kg, int q) {
+    if constexpr (S == WSwizzle::Row8) return 2 * q + kg;
+    return 4 * kg + q;
+}
+
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -29,26 +40,27 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over the 64
-// columns [64·kg, 64·kg + 64) of the stage: two k32 MMAs per (m-tile, n-tile).
-template <int NT>
+// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over its four
+// 16-column chunks of the stage (`q_chunk`; both tiles in the layout S): two k32 MMAs per
+// (m-tile, n-tile).
+template <int NT, WSwizzle S = WSwizzle::Half>
 __device__ __forceinline__ void mma_stage_q(const uint8_t* st, int warp, int lane, float (&acc)[QMTW][NT][4]) {
     const uint8_t* xs = st + BN * BK;
     const int mg = warp % QMG, kg = warp / QMG;
     const int g = lane >> 2, q = lane & 3;
-    const int c = 4 * kg + q;
+    const int c = q_chunk<S>(kg, q);
     // The W fragments (16 registers) stay while the X fragments stream through one n-tile at
     // a time, which keeps NT = 8 (64 accumulators) within 128 registers.
     uint4 wa[QMTW], wb[QMTW];
 #pragma unroll
     for (int mt = 0; mt < QMTW; ++mt) {
         const int r0 = 16 * (mg * QMTW + mt) + g;
-        wa[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0, c));
-        wb[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0 + 8, c));
+        wa[mt] = *reinterpret_cast<const uint4*>(st + w_off_as<S>(r0, c));
+        wb[mt] = *reinterpret_cast<const uint4*>(st + w_off_as<S>(r0 + 8, c));
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + q_off(8 * j + g, c));
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + w_off_as<S>(8 * j + g, c));
 #pragma unroll
         for (int mt = 0; mt < QMTW; ++mt) {
             mma_e4m3(acc[mt][j], wa[mt].x, wb[mt].x, wa[mt].y, wb[mt].y, xv.x, xv.y);
