@@ -48,6 +48,39 @@ pub(crate) fn compare(label: &str, got: &[f32], want: &[f32], rows: &[usize], t:
     assert!(bad.is_empty(), "{label}: {} mismatches, first (row, col, got, want) {:?}", bad.len(), &bad[..bad.len().min(6)]);
 }
 
+/// One weight of a W8A8 parity test: `w` `[n, k]` (channel-scaled codes of normal weights),
+/// 64 input rows `x`, a bias `bt`, and the CPU reference (`cpu::gemm_fp8::linear_w8a8`) without
+/// and with the bias for the reference `rows`: all 64 for small weights, a spread (every
+/// n-tile, both tile halves) for large ones (each output row depends only on its input row);
+/// `ts`, the row counts to test.
+pub(crate) struct Case {
+    pub w: Fp8Weight,
+    pub x: DTensor<bf16>,
+    pub bt: DTensor<bf16>,
+    pub rows: Vec<usize>,
+    pub want: Vec<f32>,
+    pub want_b: Vec<f32>,
+    pub ts: &'static [usize],
+}
+
+impl Case {
+    pub fn new(gpu: &Gpu, n: usize, k: usize, seed: u64) -> Case {
+        let wb = normal(gpu, &[n, k], seed, 1.0 / (k as f32).sqrt());
+        let w = Fp8Weight::quantize(gpu, &wb, ScaleLayout::Channel).unwrap();
+        let x = normal(gpu, &[64, k], seed + 1, 1.0);
+        let bt = normal(gpu, &[n], seed + 2, 0.5);
+        let small = n * k <= 1 << 22;
+        let rows: Vec<usize> = if small { (0..64).collect() } else { vec![0, 5, 8, 18, 31, 32, 47, 63] };
+        let (wm, xf, bf) = (w.to_host(gpu).unwrap(), to_f32(gpu, &x), to_f32(gpu, &bt));
+        let xs: Vec<f32> = rows.iter().flat_map(|&r| xf[r * k..(r + 1) * k].iter().copied()).collect();
+        let (mut want, mut want_b) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
+        cpu_fp8::linear_w8a8(&xs, &wm, None, &mut want);
+        cpu_fp8::linear_w8a8(&xs, &wm, Some(&bf), &mut want_b);
+        let ts: &'static [usize] = if small { &[1, 7, 8, 9, 16, 19, 32, 33, 48, 64] } else { &[1, 19, 32, 64] };
+        Case { w, x, bt, rows, want, want_b, ts }
+    }
+}
+
 #[test]
 fn skinny_matches_the_reference() {
     let _g = lock();
@@ -70,20 +103,7 @@ fn skinny_matches_the_reference() {
     ];
     let mut m = w8a8(&gpu, 64, 18944, W8a8Select::Skinny);
     for (si, &(n, k)) in shapes.iter().enumerate() {
-        let seed = 300 + 10 * si as u64;
-        let wb = normal(&gpu, &[n, k], seed, 1.0 / (k as f32).sqrt());
-        let w = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap();
-        let x = normal(&gpu, &[64, k], seed + 1, 1.0);
-        let bt = normal(&gpu, &[n], seed + 2, 0.5);
-        // Reference rows: all 64 for small weights, a spread (every n-tile, both tile halves)
-        // for large ones; each output row depends only on its own input row.
-        let rows: Vec<usize> = if n * k <= 1 << 22 { (0..64).collect() } else { vec![0, 5, 8, 18, 31, 32, 47, 63] };
-        let (wm, xf, bf) = (w.to_host(&gpu).unwrap(), to_f32(&gpu, &x), to_f32(&gpu, &bt));
-        let xs: Vec<f32> = rows.iter().flat_map(|&r| xf[r * k..(r + 1) * k].iter().copied()).collect();
-        let (mut want, mut want_b) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
-        cpu_fp8::linear_w8a8(&xs, &wm, None, &mut want);
-        cpu_fp8::linear_w8a8(&xs, &wm, Some(&bf), &mut want_b);
-        let ts: &[usize] = if n * k <= 1 << 22 { &[1, 7, 8, 9, 16, 19, 32, 33, 48, 64] } else { &[1, 19, 32, 64] };
+        let Case { w, x, bt, rows, want, want_b, ts } = Case::new(&gpu, n, k, 300 + 10 * si as u64);
         for (i, &t) in ts.iter().enumerate() {
             let bias = i % 2 == 1;
             let mut y = gpu.upload(&vec![bf16::NAN; (t + 1) * n], &[t + 1, n]).unwrap();
@@ -250,6 +270,39 @@ pub(crate) fn time_us(gpu: &Gpu, f: &mut dyn FnMut(usize)) -> f64 {
     v[10] as f64 * 1e3
 }
 
+/// The LLaDA-8B and Dream-7B linear shapes the timing tables sweep.
+pub(crate) const DECODE_SHAPES: [(&str, usize, usize); 8] = [
+    ("llada qkv", 12288, 4096),
+    ("llada o", 4096, 4096),
+    ("llada gate|up", 24576, 4096),
+    ("llada down", 4096, 12288),
+    ("dream qkv", 4608, 3584),
+    ("dream o", 3584, 3584),
+    ("dream gate|up", 37888, 3584),
+    ("dream down", 3584, 18944),
+];
+
+/// Operands of a timing row: three copies of an `[n, k]` weight (rotated, so the L2 never holds
+/// it), 64 input rows and their codes and scales, an output.
+pub(crate) struct TimingOperands {
+    pub ws: Vec<Fp8Weight>,
+    pub x: DTensor<bf16>,
+    pub q: DTensor<u8>,
+    pub s: DTensor<f32>,
+    pub y: DTensor<bf16>,
+}
+
+impl TimingOperands {
+    pub fn new(gpu: &Gpu, n: usize, k: usize) -> Self {
+        let ws = (0..3).map(|i| Fp8Weight::quantize(gpu, &normal(gpu, &[n, k], 50 + i, 0.02), ScaleLayout::Channel).unwrap()).collect();
+        let x = normal(gpu, &[64, k], 60, 1.0);
+        let mut q = gpu.alloc::<u8>(&[64, k]).unwrap();
+        let mut s = gpu.alloc::<f32>(&[64]).unwrap();
+        quantize_rows(gpu, 64, &x, &mut q, &mut s).unwrap();
+        TimingOperands { ws, x, q, s, y: gpu.alloc(&[64, n]).unwrap() }
+    }
+}
+
 #[test]
 fn skinny_split_sweep_timing() {
     let _g = lock();
@@ -262,25 +315,8 @@ fn skinny_split_sweep_timing() {
          W rotated over 3 copies (L2 never holds the weight); GB/s of W codes",
         gpu.name
     );
-    let shapes = [
-        ("llada qkv", 12288, 4096),
-        ("llada o", 4096, 4096),
-        ("llada gate|up", 24576, 4096),
-        ("llada down", 4096, 12288),
-        ("dream qkv", 4608, 3584),
-        ("dream o", 3584, 3584),
-        ("dream gate|up", 37888, 3584),
-        ("dream down", 3584, 18944),
-    ];
-    for (name, n, k) in shapes {
-        let ws: Vec<Fp8Weight> = (0..3)
-            .map(|i| Fp8Weight::quantize(&gpu, &normal(&gpu, &[n, k], 50 + i, 0.02), ScaleLayout::Channel).unwrap())
-            .collect();
-        let x = normal(&gpu, &[64, k], 60, 1.0);
-        let mut q = gpu.alloc::<u8>(&[64, k]).unwrap();
-        let mut s = gpu.alloc::<f32>(&[64]).unwrap();
-        quantize_rows(&gpu, 64, &x, &mut q, &mut s).unwrap();
-        let mut y: DTensor<bf16> = gpu.alloc(&[64, n]).unwrap();
+    for (name, n, k) in DECODE_SHAPES {
+        let TimingOperands { ws, x, q, s, mut y } = TimingOperands::new(&gpu, n, k);
         for t in [1usize, 16, 32, 64] {
             let mut line = format!("{name:<14} t={t:<3}");
             for splits in [None, Some(1), Some(2), Some(3), Some(4), Some(6), Some(8)] {

@@ -19,12 +19,12 @@
 //!
 //! Tolerance: tests/gpu_fp8/w8a8_skinny.rs's `compare` (the same E4M3 codes multiplied in f32).
 use super::w8a8::{normal, to_f32, w8a8};
-use super::w8a8_skinny::{compare, has_skinny, time_us};
+use super::w8a8_skinny::{compare, has_skinny, time_us, Case, TimingOperands, DECODE_SHAPES};
 use crate::lock;
 use demask::config::ModelConfig;
 use demask::cpu::gemm_fp8 as cpu_fp8;
 use demask::fp8_fidelity::compare_logits;
-use demask::gpu::{sanitizer_shapes, test_gpu, DTensor};
+use demask::gpu::{sanitizer_shapes, test_gpu};
 use demask::model::{Capacity, GpuModel, GpuWeights};
 use demask::ops::gemm::GemmVariant;
 use demask::ops::gemm_fp8::{linear_any, Fp8Weight, LinearWeight};
@@ -67,18 +67,7 @@ fn stream_matches_the_reference() {
     let mut m = w8a8(&gpu, 64, 18944, W8a8Select::Stream);
     for (si, &(n, k)) in shapes.iter().enumerate() {
         let n = cut(n);
-        let seed = 700 + 10 * si as u64;
-        let wb = normal(&gpu, &[n, k], seed, 1.0 / (k as f32).sqrt());
-        let w = Fp8Weight::quantize(&gpu, &wb, ScaleLayout::Channel).unwrap();
-        let x = normal(&gpu, &[64, k], seed + 1, 1.0);
-        let bt = normal(&gpu, &[n], seed + 2, 0.5);
-        let rows: Vec<usize> = if n * k <= 1 << 22 { (0..64).collect() } else { vec![0, 5, 8, 18, 31, 32, 47, 63] };
-        let (wm, xf, bf) = (w.to_host(&gpu).unwrap(), to_f32(&gpu, &x), to_f32(&gpu, &bt));
-        let xs: Vec<f32> = rows.iter().flat_map(|&r| xf[r * k..(r + 1) * k].iter().copied()).collect();
-        let (mut want, mut want_b) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
-        cpu_fp8::linear_w8a8(&xs, &wm, None, &mut want);
-        cpu_fp8::linear_w8a8(&xs, &wm, Some(&bf), &mut want_b);
-        let ts: &[usize] = if n * k <= 1 << 22 { &[1, 7, 8, 9, 16, 19, 32, 33, 48, 64] } else { &[1, 19, 32, 64] };
+        let Case { w, x, bt, rows, want, want_b, ts } = Case::new(&gpu, n, k, 700 + 10 * si as u64);
         for (i, &t) in ts.iter().enumerate() {
             let bias = i % 2 == 1;
             let mut y = gpu.upload(&vec![bf16::NAN; (t + 1) * n], &[t + 1, n]).unwrap();
@@ -264,25 +253,8 @@ fn stream_vs_skinny_timing() {
         gpu.name
     );
     let mut scratch = StreamScratch::new(&gpu).unwrap();
-    let shapes = [
-        ("llada qkv", 12288, 4096),
-        ("llada o", 4096, 4096),
-        ("llada gate|up", 24576, 4096),
-        ("llada down", 4096, 12288),
-        ("dream qkv", 4608, 3584),
-        ("dream o", 3584, 3584),
-        ("dream gate|up", 37888, 3584),
-        ("dream down", 3584, 18944),
-    ];
-    for (name, n, k) in shapes {
-        let ws: Vec<Fp8Weight> = (0..3)
-            .map(|i| Fp8Weight::quantize(&gpu, &normal(&gpu, &[n, k], 50 + i, 0.02), ScaleLayout::Channel).unwrap())
-            .collect();
-        let x = normal(&gpu, &[64, k], 60, 1.0);
-        let mut q = gpu.alloc::<u8>(&[64, k]).unwrap();
-        let mut s = gpu.alloc::<f32>(&[64]).unwrap();
-        quantize_rows(&gpu, 64, &x, &mut q, &mut s).unwrap();
-        let mut y: DTensor<bf16> = gpu.alloc(&[64, n]).unwrap();
+    for (name, n, k) in DECODE_SHAPES {
+        let TimingOperands { ws, x, q, s, mut y } = TimingOperands::new(&gpu, n, k);
         let mut split = w8a8(&gpu, 64, k, W8a8Select::SplitScale);
         for t in [1usize, 16, 32, 64] {
             let gbs = |us: f64| (n * k) as f64 / us / 1e3;

@@ -154,25 +154,40 @@ pub fn skinny_w8a8<Y: GemmOut>(
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
 ) -> Result<()> {
-    if let Some(why) = refusal(gpu.cc_major, t, w) {
-        return Err(Error::bad_input(format!("{OP}: [{}, {}] weight, {t} rows: {why}", w.n(), w.k())));
-    }
-    let (n, k) = (w.n(), w.k());
-    xq.check_rows(OP, "xq", t, k)?;
-    if sx.len() < t {
-        return Err(Error::shape(OP, "sx", &[t], &sx.dims));
-    }
-    if w.scales.dims != [n] {
-        return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
-    }
-    if let Some(b) = bias {
-        if b.len() != n {
-            return Err(Error::shape(OP, "bias", &[n], &b.dims));
-        }
-    }
-    y.check_rows(OP, "y", t, n)?;
+    check_quantized(OP, refusal(gpu.cc_major, t, w), t, xq, sx, w, bias)?;
+    y.check_rows(OP, "y", t, w.n())?;
     let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: bias.map(|b| b.ptr(gpu)), y: y.ptr_mut(gpu) };
     launch(gpu, t, w, &ops, Y::OUT == OutType::F32, false, splits)
+}
+
+/// The operand checks of the kernel-level entry points (`skinny_w8a8`, `stream_w8a8`): the
+/// kernel's `refusal` of the shape (`why`), `xq` `[>= t, k]`, `sx` `[>= t]`, channel scales
+/// `[n]` and the bias `[n]`. Each names the operand it refuses.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_quantized(
+    op: &str,
+    why: Option<String>,
+    t: usize,
+    xq: &DTensor<u8>,
+    sx: &DTensor<f32>,
+    w: &Fp8Weight,
+    bias: Option<&DTensor<bf16>>,
+) -> Result<()> {
+    let (n, k) = (w.n(), w.k());
+    if let Some(why) = why {
+        return Err(Error::bad_input(format!("{op}: [{n}, {k}] weight, {t} rows: {why}")));
+    }
+    xq.check_rows(op, "xq", t, k)?;
+    if sx.len() < t {
+        return Err(Error::shape(op, "sx", &[t], &sx.dims));
+    }
+    if w.scales.dims != [n] {
+        return Err(Error::shape(op, "scales", &[n], &w.scales.dims));
+    }
+    match bias {
+        Some(b) if b.len() != n => Err(Error::shape(op, "bias", &[n], &b.dims)),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! the last f32 bits of Σ.
 use half::bf16;
 
-use super::skinny::{Operands, W8a8SkinnyParams};
+use super::skinny::{check_quantized, Operands, W8a8SkinnyParams};
 use crate::error::{Error, Result};
 use crate::gpu::gemm::{GemmOut, OutType};
 use crate::gpu::launch::{launch_ex, LaunchEx};
@@ -227,23 +227,8 @@ pub fn stream_w8a8<Y: GemmOut>(
     bias: Option<&DTensor<bf16>>,
     y: &mut DTensor<Y>,
 ) -> Result<()> {
-    if let Some(why) = refusal(gpu.cc_major, t, w) {
-        return Err(Error::bad_input(format!("{OP}: [{}, {}] weight, {t} rows: {why}", w.n(), w.k())));
-    }
-    let (n, k) = (w.n(), w.k());
-    xq.check_rows(OP, "xq", t, k)?;
-    if sx.len() < t {
-        return Err(Error::shape(OP, "sx", &[t], &sx.dims));
-    }
-    if w.scales.dims != [n] {
-        return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
-    }
-    if let Some(b) = bias {
-        if b.len() != n {
-            return Err(Error::shape(OP, "bias", &[n], &b.dims));
-        }
-    }
-    y.check_rows(OP, "y", t, n)?;
+    check_quantized(OP, refusal(gpu.cc_major, t, w), t, xq, sx, w, bias)?;
+    y.check_rows(OP, "y", t, w.n())?;
     let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: bias.map(|b| b.ptr(gpu)), y: y.ptr_mut(gpu) };
     launch(gpu, scratch, t, w, &ops, Y::OUT == OutType::F32, false, ctas)
 }
@@ -261,19 +246,10 @@ pub fn stream_w8a8_swiglu(
     w: &Fp8Weight,
     act: &mut DTensor<bf16>,
 ) -> Result<()> {
-    if let Some(why) = refusal(gpu.cc_major, t, w) {
-        return Err(Error::bad_input(format!("{OP}: [{}, {}] weight, {t} rows: {why}", w.n(), w.k())));
-    }
-    let (n, k) = (w.n(), w.k());
+    check_quantized(OP, refusal(gpu.cc_major, t, w), t, xq, sx, w, None)?;
+    let n = w.n();
     if !n.is_multiple_of(2) {
         return Err(Error::bad_input(format!("{OP}: a gate|up weight needs an even row count, got {n}")));
-    }
-    xq.check_rows(OP, "xq", t, k)?;
-    if sx.len() < t {
-        return Err(Error::shape(OP, "sx", &[t], &sx.dims));
-    }
-    if w.scales.dims != [n] {
-        return Err(Error::shape(OP, "scales", &[n], &w.scales.dims));
     }
     act.check_rows(OP, "act", t, n / 2)?;
     let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: None, y: act.ptr_mut(gpu) };
