@@ -21,7 +21,6 @@ use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{DTensor, Gpu};
 use crate::ops::gemm::SKINNY_ROW_LIMIT;
 use crate::ops::gemm_fp8::Fp8Weight;
-use crate::quant::ScaleLayout;
 use cudarc::driver::sys;
 
 const OP: &str = "gemm_w8a8_stream";
@@ -139,21 +138,13 @@ fn kernel_for(t: usize, swiglu: bool) -> (&'static str, u32) {
 }
 
 /// Why the stream kernel cannot run `t` rows of `w` on a GPU of compute capability
-/// `cc_major`.x (`None`: it can). Hopper only (TMA copies with mbarrier transaction counts,
-/// E4M3 MMAs); k a multiple of 128 (whole units: every LLaDA, Dream and MoE linear layer).
+/// `cc_major`.x (`None`: it can): what the skinny kernel refuses (Hopper only, t ≤ 64, channel
+/// scales, n and k in range), and k not a multiple of 128 (whole units: every LLaDA, Dream and
+/// MoE linear layer has it).
 pub(super) fn refusal(cc_major: i32, t: usize, w: &Fp8Weight) -> Option<String> {
-    let (n, k) = (w.n(), w.k());
-    if cc_major != 9 {
-        Some(format!("needs an sm_90 GPU (Hopper; this is compute capability {cc_major}.x)"))
-    } else if t > SKINNY_ROW_LIMIT {
-        Some(format!("takes at most {SKINNY_ROW_LIMIT} rows"))
-    } else if w.layout != ScaleLayout::Channel {
-        Some(format!("needs channel scales (the weight has {} scales)", w.layout.name()))
-    } else if n == 0 || k == 0 || !k.is_multiple_of(STAGE_K) || n > i32::MAX as usize || k > i32::MAX as usize {
-        Some(format!("needs n > 0 and k a nonzero multiple of {STAGE_K} (below 2^31), got [{n}, {k}]"))
-    } else {
-        None
-    }
+    super::skinny::refusal(cc_major, t, w).or_else(|| {
+        (!w.k().is_multiple_of(STAGE_K)).then(|| format!("needs k to be a multiple of {STAGE_K}, got [{}, {}]", w.n(), w.k()))
+    })
 }
 
 /// (tiles, k steps) of an `[n, k]` weight (SwiGLU: tiles of 64 gate rows and their 64 up rows).
