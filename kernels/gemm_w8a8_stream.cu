@@ -1,14 +1,16 @@
 // W8A8 decode GEMM, stream-K: y[t, n] = sx[r]·sw[c]·Σ_k qx[r, k]·qw[c, k] (+ bias[c]) for
 // t ≤ 64, both operands E4M3, f32 accumulation, bf16 or f32 output; the gate|up entry points
-// write SwiGLU's output. The contract, the stage layout and the multiply are those of
-// kernels/gemm_w8a8_skinny.cu (read it first; the multiply is kernels/w8a8_mma.cuh); what
-// differs is how the weight reaches shared memory and how the work is spread.
+// write SwiGLU's output. The contract and the epilogue are those of kernels/gemm_w8a8_skinny.cu
+// (fp8.cuh's store_out / store_swiglu); what differs is how the weight reaches shared memory,
+// how the work is spread and the multiply.
 //
 // Why: at decode row counts the GEMM only streams W, and the skinny kernels (and cuBLASLt's
 // FP8 GEMM) stream it at 1.1-2.4 TB/s on an H100 where the copy ceiling is ≈ 3 TB/s
 // (benches/RESULTS.md v0.12-v0.14). Their grids are n/128 slabs × a k split in waves of one or
 // two blocks per SM: a slab count that does not divide into the SMs leaves some idle for the
-// last wave, and each block ramps its pipeline up and drains it again.
+// last wave, and each block ramps its pipeline up and drains it again. And their `mma.sync`
+// E4M3 MMAs run far below the tensor cores' FP8 rate on Hopper: at 64 rows the skinny kernel
+// is bound by them (≈ 110 TFLOP/s; v0.15).
 //
 // - Stream-K: the grid is one persistent block per SM (`gridDim.x` = G). The work is the
 //   `tiles × ksteps` units (a 128-row W tile × one 128-column k step, 16 KB of codes), in
@@ -25,15 +27,17 @@
 //   The sum order depends only on (n, k, G): results are deterministic per GPU model.
 // - Warp-specialised pipeline: one thread of warp 8 is the producer. It fills a STAGES-deep
 //   ring through the TMA engine, three 2-D tensor copies per unit (two 64-row W boxes, the X
-//   box of 8·NT rows; rows past n or t arrive as zeros) in its 128-byte swizzle (the `Row8`
-//   layout of w8a8_mma.cuh), completing on a per-slot mbarrier with a transaction count; the
-//   8 consumer warps wait on it, multiply and release the slot on a second mbarrier. No
-//   __syncthreads in the main loop, and up to STAGES × 16 KB of W in flight per SM.
+//   box of 8·NT rows; rows past n or t arrive as zeros) in its 128-byte swizzle, completing on
+//   a per-slot mbarrier with a transaction count; the two consumer warpgroups wait on it,
+//   multiply and release the slot on a second mbarrier. No __syncthreads in the main loop, and
+//   up to STAGES × 16 KB of W in flight per SM.
+// - The multiply: warpgroup w owns W rows [64w, 64w + 64) of each tile and issues four
+//   `wgmma.mma_async` m64nNk32 E4M3 MMAs per unit (N = 8·NT ≥ t), both operands read from the
+//   swizzled ring by descriptor. Each unit's MMAs start from zero and their sum is added to
+//   the running f32 total: the FP8 tensor cores' internal accumulator is narrower than f32,
+//   so it never sums more than 128 columns (cuBLASLt's default promotion interval).
 //   (The first version copied 64-byte row halves with 1-D bulk copies: on the H100 the engine
 //   took ≈ 35 ns per copy, 200-270 GB/s per GEMM; benches/RESULTS.md v0.15.)
-// - Measured (H100, v0.15): correct, and no faster than the skinny kernel: from 16 rows up the
-//   `mma.sync` E4M3 multiply they share bounds both (≈ 110 TFLOP/s at 64 rows), not the
-//   weight stream. Hopper reaches its FP8 rate only through `wgmma`.
 // - Programmatic dependent launch: the W copies of the first STAGES units are issued before
 //   the wait for the previous kernel (W does not depend on it); X, the row scales and every
 //   global write come after.
@@ -50,7 +54,7 @@
 // the swizzle needs; the wrapper mirrors it). Requirements (checked by
 // src/ops/gemm_w8a8/stream.rs): k % 128 == 0, 16-byte aligned operands, channel scales,
 // G ≤ units and G blocks co-resident (one per SM), an sm_90 GPU.
-#include "w8a8_mma.cuh"
+#include "fp8.cuh"
 
 struct W8a8StreamParams {
     W8a8SkinnyParams g;  // k_split unused
@@ -139,6 +143,80 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
 }
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS) : "memory"); }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DEMASK_WGMMA_FP8 1
+#endif
+
+// Shared-memory matrix descriptor of a K-major operand in the TMA's 128-byte swizzle: start
+// address, leading byte offset unused (1), stride byte offset 1024 (the next 8-row group),
+// layout type 1 (128B swizzle). A k32 step starts 32 bytes further along the row.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+    return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+// d (N/2 f32 per thread) = (acc ? d : 0) + A · B, m64nNk32, both E4M3 operands from shared
+// memory (A: 64 W rows, B: N X rows). sm_90a only.
+template <int N>
+__device__ __forceinline__ void wgmma_e4m3(float* d, uint64_t a, uint64_t b, int acc);
+
+#ifdef DEMASK_WGMMA_FP8
+template <>
+__device__ __forceinline__ void wgmma_e4m3<8>(float* d, uint64_t a, uint64_t b, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, %4, %5, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a), "l"(b), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wgmma_e4m3<16>(float* d, uint64_t a, uint64_t b, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wgmma_e4m3<32>(float* d, uint64_t a, uint64_t b, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void wgmma_e4m3<64>(float* d, uint64_t a, uint64_t b, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(acc));
+}
+#else
+template <int N>
+__device__ __forceinline__ void wgmma_e4m3(float*, uint64_t, uint64_t, int) {
+    __trap();  // the warpgroup MMA needs sm_90a; the wrapper launches only there
+}
+#endif
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs.
+template <int N>
+__device__ __forceinline__ void fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 __device__ __forceinline__ int unit_start(int units, int b) { return (int)((long long)b * units / gridDim.x); }
 
 // Warp 8, lane 0: fills the ring, three tensor copies per unit.
@@ -195,29 +273,28 @@ __device__ __forceinline__ void finish_tile(const W8a8SkinnyParams& p, int tile,
     }
 }
 
-// Warps 0-7: multiply each unit as it lands, finish or hand on each segment.
+// Warps 0-7 (two warpgroups, one per 64-row half of each tile): multiply each unit as it
+// lands on the warpgroup MMA, finish or hand on each segment.
 template <int NT, bool SWIGLU>
 __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* ring, float* red, uint64_t* full,
                                         uint64_t* empty, int u0, int u1) {
     using T = TileS<NT>;
     const W8a8SkinnyParams& p = sp.g;
+    constexpr int N = T::TP;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, q = lane & 3, mg = warp % QMG, kg = warp / QMG;
+    const int g = lane >> 2, q = lane & 3;
+    const int wg = warp >> 2;                         // W rows [64·wg, +64) of each tile
+    const int row0 = 64 * wg + 16 * (warp & 3) + g;   // this thread's accumulator rows row0, row0 + 8
     const int b = blockIdx.x, units = sp.tiles * sp.ksteps;
-
     pdl_wait();
     pdl_trigger();
 
-    float acc[QMTW][NT][4];
-    auto zero = [&]() {
+    // Each unit's four k32 MMAs start from zero (`part`) and are added into `acc` in f32: the
+    // FP8 tensor cores' own accumulator keeps fewer bits than f32, so it never sums more than
+    // 128 columns (as cuBLASLt's default promotion).
+    float acc[N / 2], part[N / 2];
 #pragma unroll
-        for (int mt = 0; mt < QMTW; ++mt)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
-    };
-    zero();
+    for (int i = 0; i < N / 2; ++i) acc[i] = part[i] = 0.f;
     int j = 0, home = -1;
     for (int u = u0; u < u1;) {
         const int tile = u / sp.ksteps, tu0 = tile * sp.ksteps, tu1 = tu0 + sp.ksteps;
@@ -225,27 +302,28 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
         for (; u < seg1; ++u, ++j) {
             const int s = j % T::STAGES;
             mbar_wait(full + s, (j / T::STAGES) & 1);
-            mma_stage_q<NT, WSwizzle::Row8>(ring + s * T::STAGE_BYTES, warp, lane, acc);
+            const uint32_t st = smem_u32(ring + s * T::STAGE_BYTES);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 32; ++kk)
+                wgmma_e4m3<N>(part, sw128_desc(st + wg * 64 * BK + 32 * kk), sw128_desc(st + BN * BK + 32 * kk), kk);
+            wg_commit();
+            wg_wait0();
+            fence_acc<N>(part);
             mbar_arrive(empty + s);
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) acc[i] += part[i];
         }
-        // The two k-groups' sums → red[x row][tile row], k-group 0 first.
+        // acc → red[x row][tile row].
         consumer_sync();  // the previous segment's epilogue has read red
 #pragma unroll
-        for (int pass = 0; pass < QKG; ++pass) {
-            if (kg == pass) {
+        for (int jj = 0; jj < N / 8; ++jj)
 #pragma unroll
-                for (int mt = 0; mt < QMTW; ++mt)
-#pragma unroll
-                    for (int jj = 0; jj < NT; ++jj)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            float& d = red[(8 * jj + 2 * q + (e & 1)) * BN + 16 * (mg * QMTW + mt) + g + 8 * (e >> 1)];
-                            d = pass == 0 ? acc[mt][jj][e] : d + acc[mt][jj][e];
-                        }
+            for (int e = 0; e < 4; ++e) {
+                red[(8 * jj + 2 * q + (e & 1)) * BN + row0 + 8 * (e >> 1)] = acc[4 * jj + e];
+                acc[4 * jj + e] = 0.f;
             }
-            consumer_sync();
-        }
-        zero();
+        consumer_sync();
         if (seg0 == tu0 && seg1 == tu1) {
             finish_tile<SWIGLU>(p, tile, [&](int i) { return red[i]; });
             continue;
