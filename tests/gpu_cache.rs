@@ -32,11 +32,11 @@ use rand::SeedableRng;
 const SCHEMES: [&str; 7] = ["none", "prompt", "prefix", "dual", "dkv:1", "dkv:3", "dkv-greedy"];
 
 /// Whether a GPU/CPU disagreement is a near-tie at the cut-off (the rule of
-/// tests/gpu_decode.rs): every slot in the symmetric difference of the committed sets has a CPU
+/// tests/gpu_decode/): every slot in the symmetric difference of the committed sets has a CPU
 /// confidence within `conf_tol` of a cut value (`common::sets_differ_only_at_cut`: the k-th or
 /// (k+1)-th ranked confidence, τ, or the factor threshold at its rank), and every slot
 /// committed by both with different tokens is an argmax near-tie (CPU probability ≤ 0.5).
-/// (`conf_tol`: the bf16-vs-f32 confidence tolerance of tests/gpu_decode.rs,
+/// (`conf_tol`: the bf16-vs-f32 confidence tolerance of tests/gpu_decode/,
 /// |gpu − cpu| ≤ 0.02 + 0.1·|cpu|.)
 fn near_tie(w: &SeqWork, cpu: &[Commit], gpu: &[Commit], sc: &SlotScores) -> bool {
     let conf_of = |p: u32| sc.conf[w.eligible.iter().position(|&q| q == p).unwrap()];

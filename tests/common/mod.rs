@@ -152,7 +152,7 @@ pub fn conf_tol(c: f32) -> f32 {
     0.02 + 0.1 * c.abs()
 }
 
-/// The commit-set half of the near-tie rule (tests/gpu_decode.rs, tests/gpu_cache.rs): every
+/// The commit-set half of the near-tie rule (tests/gpu_decode/, tests/gpu_cache.rs): every
 /// slot in the symmetric difference of the CPU's and the GPU's committed sets has a CPU
 /// confidence (`conf`, one per eligible slot of `w`) within `conf_tol` of a cut value: the
 /// k-th or (k+1)-th ranked confidence (k = the CPU's commit count), τ, or the factor threshold
