@@ -27,7 +27,7 @@ use demask::fp8_fidelity::compare_logits;
 use demask::gpu::{sanitizer_shapes, test_gpu};
 use demask::model::{Capacity, GpuModel, GpuWeights};
 use demask::ops::gemm::GemmVariant;
-use demask::ops::gemm_fp8::{linear_any, Fp8Weight, LinearWeight};
+use demask::ops::gemm_fp8::{linear_any, linear_fp8, Fp8Weight, LinearWeight};
 use demask::ops::gemm_w8a8::{quantize_rows, skinny_w8a8, stream_w8a8, stream_w8a8_swiglu, StreamScratch, W8a8Path, W8a8Select};
 use demask::quant::{ScaleLayout, WeightFormat};
 use half::bf16;
@@ -249,25 +249,27 @@ fn stream_vs_skinny_timing() {
     println!(
         "device {}; W8A8 decode kernels alone (rows already quantised), µs per call, median of 20; W rotated over 3 \
          copies (L2 never holds the weight); GB/s of W codes; split-scale = cuBLASLt FP8 with the quantiser and the \
-         scale epilogue",
+         scale epilogue; w8a16 = the W8A16 kernel on the bf16 rows (what runs below the W8A8 crossover)",
         gpu.name
     );
     let mut scratch = StreamScratch::new(&gpu).unwrap();
     for (name, n, k) in DECODE_SHAPES {
         let TimingOperands { ws, x, q, s, mut y } = TimingOperands::new(&gpu, n, k);
         let mut split = w8a8(&gpu, 64, k, W8a8Select::SplitScale);
-        for t in [1usize, 16, 32, 64] {
+        for t in [1usize, 4, 8, 16, 32, 64] {
             let gbs = |us: f64| (n * k) as f64 / us / 1e3;
             let st = time_us(&gpu, &mut |i| stream_w8a8(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
             let sk = time_us(&gpu, &mut |i| skinny_w8a8(&gpu, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
             let ss = time_us(&gpu, &mut |i| {
                 split.linear(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap();
             });
+            let wa = time_us(&gpu, &mut |i| linear_fp8(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap());
             let mut line = format!(
-                "{name:<14} t={t:<3} | stream {st:6.1} ({:4.0}) | skinny {sk:6.1} ({:4.0}) | split-scale {ss:6.1} ({:4.0})",
+                "{name:<14} t={t:<3} | stream {st:6.1} ({:4.0}) | skinny {sk:6.1} ({:4.0}) | split-scale {ss:6.1} ({:4.0}) | w8a16 {wa:6.1} ({:4.0})",
                 gbs(st),
                 gbs(sk),
-                gbs(ss)
+                gbs(ss),
+                gbs(wa)
             );
             if name.contains("gate|up") {
                 let mut act = gpu.alloc::<bf16>(&[64, n / 2]).unwrap();
