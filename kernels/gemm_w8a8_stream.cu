@@ -255,22 +255,121 @@ __device__ __forceinline__ void produce(const W8a8StreamArgs& a, uint8_t* ring, 
     }
 }
 
-// The epilogue of one tile from `sum(i)`, the f32 sum of element i = (x row)·BN + (tile row).
-template <bool SWIGLU, class F>
-__device__ __forceinline__ void finish_tile(const W8a8SkinnyParams& p, int tile, F sum) {
-    if constexpr (SWIGLU) {
-        const int half = p.n >> 1, c0 = 64 * tile;
-        for (int i = threadIdx.x; i < p.t * 64; i += CONSUMERS) {
-            const int r = i >> 6, j = i & 63;
-            if (c0 + j < half) store_swiglu(p, r, c0 + j, sum(r * BN + j), sum(r * BN + 64 + j));
+// n consecutive channel scales from column c (`n` columns exist): two 16-byte loads where c is
+// 4-aligned and all 8 are in range, else one at a time (0 past the end).
+__device__ __forceinline__ void channel8(const float* sw, int c, int n, float (&f)[8]) {
+    if ((c & 3) == 0 && c + 8 <= n) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(sw + c)), b = __ldg(reinterpret_cast<const float4*>(sw + c) + 1);
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) f[i] = c + i < n ? __ldg(sw + c + i) : 0.f;
+    }
+}
+
+// Stores v[0..8) at columns c.. of row r of y (bf16, or f32 with p.out_f32; row length ld):
+// 16-byte stores where the row allows them and all 8 columns exist (c < lim), else one by one.
+__device__ __forceinline__ void store8_out(const W8a8SkinnyParams& p, size_t ld, int r, int c, int lim, const float (&v)[8]) {
+    const size_t o = (size_t)r * ld + c;
+    if (p.out_f32) {
+        float* y = static_cast<float*>(p.y) + o;
+        if ((o & 3) == 0 && c + 8 <= lim) {
+            reinterpret_cast<float4*>(y)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4*>(y)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (c + i < lim) y[i] = v[i];
         }
     } else {
-        const int n0 = BN * tile;
-        for (int i = threadIdx.x; i < p.t * BN; i += CONSUMERS) {
-            const int r = i / BN, col = n0 + (i - r * BN);
-            if (col < p.n) store_out(p, r, col, sum(i));
+        bf16* y = static_cast<bf16*>(p.y) + o;
+        if ((o & 7) == 0 && c + 8 <= lim) {
+            uint4 u;
+            store8(reinterpret_cast<bf16*>(&u), v);
+            *reinterpret_cast<uint4*>(y) = u;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if (c + i < lim) y[i] = __float2bfloat16(v[i]);
         }
     }
+}
+
+// The epilogue of one tile from `sum8(i, v)`, which sets v to the f32 sums of elements
+// i..i+7 (i a multiple of 8; element = (x row)·BN + (tile row)). The values are those of
+// fp8.cuh's store_out / store_swiglu, but each thread takes 8 consecutive columns at a time,
+// and every read of a thread (sums, scales, bias) is issued before its first store: at 64
+// rows that is 4 (SwiGLU: 2) vectors a thread whose loads are in flight together, where one
+// element at a time made the tile's epilogue 32 dependent round trips long.
+template <bool SWIGLU, class F>
+__device__ __forceinline__ void finish_tile(const W8a8SkinnyParams& p, int tile, F sum8) {
+    if constexpr (SWIGLU) {
+        constexpr int V = 64 * 64 / 8 / CONSUMERS;  // vectors per thread at t = 64
+        const int half = p.n >> 1, c0 = 64 * tile, nv = p.t * 8;
+        float o[V][8];
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+            const int v = threadIdx.x + u * CONSUMERS, r = v >> 3, j = 8 * (v & 7);
+            if (v < nv && c0 + j < half) {
+                float g[8], up[8], fg[8], fu[8];
+                sum8(r * BN + j, g);
+                sum8(r * BN + 64 + j, up);
+                channel8(p.scales, c0 + j, half, fg);
+                channel8(p.scales + half, c0 + j, half, fu);
+                const float sx = __ldg(p.sx + r);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float gv = round_bf16(g[i] * __fmul_rn(sx, fg[i]));
+                    const float uv = round_bf16(up[i] * __fmul_rn(sx, fu[i]));
+                    o[u][i] = round_bf16(gv / (1.f + expf(-gv))) * uv;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+            const int v = threadIdx.x + u * CONSUMERS, r = v >> 3, j = 8 * (v & 7);
+            if (v < nv && c0 + j < half) store8_out(p, half, r, c0 + j, half, o[u]);
+        }
+    } else {
+        constexpr int V = 64 * BN / 8 / CONSUMERS;
+        const int n0 = BN * tile, nv = p.t * (BN / 8);
+        float o[V][8];
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+            const int v = threadIdx.x + u * CONSUMERS, r = v >> 4, c = n0 + 8 * (v & 15);
+            if (v < nv && c < p.n) {
+                float f[8], b[8];
+                sum8(8 * v, o[u]);
+                channel8(p.scales, c, p.n, f);
+                if (p.bias) {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) b[i] = c + i < p.n ? __bfloat162float(p.bias[c + i]) : 0.f;
+                }
+                const float sx = __ldg(p.sx + r);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    float x = o[u][i] * __fmul_rn(sx, f[i]);
+                    if (p.bias) x += b[i];
+                    o[u][i] = x;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < V; ++u) {
+            const int v = threadIdx.x + u * CONSUMERS, r = v >> 4, c = n0 + 8 * (v & 15);
+            if (v < nv && c < p.n) store8_out(p, p.n, r, c, p.n, o[u]);
+        }
+    }
+}
+
+// v = the 8 floats at src + i (16-byte aligned).
+__device__ __forceinline__ void smem8(const float* src, int i, float (&v)[8]) {
+    const float4 a = reinterpret_cast<const float4*>(src + i)[0], b = reinterpret_cast<const float4*>(src + i)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ __forceinline__ void add_l2_8(const float* src, int i, float (&v)[8]) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(src + i)), b = __ldcg(reinterpret_cast<const float4*>(src + i) + 1);
+    v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w, v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
 }
 
 // Warps 0-7 (two warpgroups, one per 64-row half of each tile): multiply each unit as it
@@ -325,7 +424,7 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
             }
         consumer_sync();
         if (seg0 == tu0 && seg1 == tu1) {
-            finish_tile<SWIGLU>(p, tile, [&](int i) { return red[i]; });
+            finish_tile<SWIGLU>(p, tile, [&](int i, float(&v)[8]) { smem8(red, i, v); });
             continue;
         }
         // A partial segment: the home's (the tile's last k step; its first segment) waits in its
@@ -357,10 +456,11 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
     __threadfence();
     consumer_sync();
     const float* ws = sp.ws;
-    finish_tile<SWIGLU>(p, home, [&](int i) {
-        float v = 0.f;
-        for (int c = lo; c < b; ++c) v += __ldcg(ws + (size_t)(2 * c + 1) * WS_ROWS * BN + i);
-        return v + __ldcg(ws + (size_t)(2 * b) * WS_ROWS * BN + i);
+    finish_tile<SWIGLU>(p, home, [&](int i, float(&v)[8]) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = 0.f;
+        for (int c = lo; c < b; ++c) add_l2_8(ws + (size_t)(2 * c + 1) * WS_ROWS * BN, i, v);
+        add_l2_8(ws + (size_t)(2 * b) * WS_ROWS * BN, i, v);
     });
 }
 
