@@ -270,6 +270,27 @@ pub(crate) fn time_us(gpu: &Gpu, f: &mut dyn FnMut(usize)) -> f64 {
     v[10] as f64 * 1e3
 }
 
+/// µs per call of `f(i)` run back to back, as in a forward: 5 repetitions of 21 calls between
+/// two events, the median of their means. Unlike [`time_us`] (one call between events), the
+/// host's launch work overlaps the GPU's, as it does when a graph replays.
+pub(crate) fn time_us_b2b(gpu: &Gpu, f: &mut dyn FnMut(usize)) -> f64 {
+    let timer = demask::gpu::Timer::new(gpu).unwrap();
+    for i in 0..3 {
+        f(i);
+    }
+    let mut v: Vec<f32> = (0..5)
+        .map(|_| {
+            timer.start(gpu).unwrap();
+            for i in 0..21 {
+                f(i);
+            }
+            timer.stop_ms(gpu).unwrap() / 21.0
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[2] as f64 * 1e3
+}
+
 /// The LLaDA-8B and Dream-7B linear shapes the timing tables sweep.
 pub(crate) const DECODE_SHAPES: [(&str, usize, usize); 8] = [
     ("llada qkv", 12288, 4096),

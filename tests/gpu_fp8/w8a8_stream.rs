@@ -19,7 +19,7 @@
 //!
 //! Tolerance: tests/gpu_fp8/w8a8_skinny.rs's `compare` (the same E4M3 codes multiplied in f32).
 use super::w8a8::{normal, to_f32, w8a8};
-use super::w8a8_skinny::{compare, has_skinny, time_us, Case, TimingOperands, DECODE_SHAPES};
+use super::w8a8_skinny::{compare, has_skinny, time_us, time_us_b2b, Case, TimingOperands, DECODE_SHAPES};
 use crate::lock;
 use demask::config::ModelConfig;
 use demask::cpu::gemm_fp8 as cpu_fp8;
@@ -256,9 +256,11 @@ fn stream_vs_skinny_timing() {
         return;
     }
     println!(
-        "device {}; W8A8 decode kernels alone (rows already quantised), µs per call, median of 20; W rotated over 3 \
-         copies (L2 never holds the weight); GB/s of W codes; split-scale = cuBLASLt FP8 with the quantiser and the \
-         scale epilogue; w8a16 = the W8A16 kernel on the bf16 rows (what runs below the W8A8 crossover)",
+        "device {}; W8A8 decode kernels alone (rows already quantised), µs per call: back to back (21 calls between \
+         two events, median of 5; as in a forward) and, for stream, also one call between events (median of 20, \
+         the launch's host work included); W rotated over 3 copies (L2 never holds the weight); GB/s of W codes; \
+         split-scale = cuBLASLt FP8 with the quantiser and the scale epilogue; w8a16 = the W8A16 kernel on the \
+         bf16 rows (what runs below the W8A8 crossover)",
         gpu.name
     );
     let mut scratch = StreamScratch::new(&gpu).unwrap();
@@ -267,14 +269,15 @@ fn stream_vs_skinny_timing() {
         let mut split = w8a8(&gpu, 64, k, W8a8Select::SplitScale);
         for t in [1usize, 4, 8, 16, 32, 64] {
             let gbs = |us: f64| (n * k) as f64 / us / 1e3;
-            let st = time_us(&gpu, &mut |i| stream_w8a8(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
-            let sk = time_us(&gpu, &mut |i| skinny_w8a8(&gpu, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
-            let ss = time_us(&gpu, &mut |i| {
+            let st1 = time_us(&gpu, &mut |i| stream_w8a8(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
+            let st = time_us_b2b(&gpu, &mut |i| stream_w8a8(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
+            let sk = time_us_b2b(&gpu, &mut |i| skinny_w8a8(&gpu, None, t, &q, &s, &ws[i % 3], None, &mut y).unwrap());
+            let ss = time_us_b2b(&gpu, &mut |i| {
                 split.linear(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap();
             });
-            let wa = time_us(&gpu, &mut |i| linear_fp8(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap());
+            let wa = time_us_b2b(&gpu, &mut |i| linear_fp8(&gpu, t, &x, &ws[i % 3], None, &mut y).unwrap());
             let mut line = format!(
-                "{name:<14} t={t:<3} | stream {st:6.1} ({:4.0}) | skinny {sk:6.1} ({:4.0}) | split-scale {ss:6.1} ({:4.0}) | w8a16 {wa:6.1} ({:4.0})",
+                "{name:<14} t={t:<3} | stream {st:6.1} ({:4.0}) 1x {st1:6.1} | skinny {sk:6.1} ({:4.0}) | split-scale {ss:6.1} ({:4.0}) | w8a16 {wa:6.1} ({:4.0})",
                 gbs(st),
                 gbs(sk),
                 gbs(ss),
@@ -282,7 +285,7 @@ fn stream_vs_skinny_timing() {
             );
             if name.contains("gate|up") {
                 let mut act = gpu.alloc::<bf16>(&[64, n / 2]).unwrap();
-                let sw = time_us(&gpu, &mut |i| stream_w8a8_swiglu(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], &mut act).unwrap());
+                let sw = time_us_b2b(&gpu, &mut |i| stream_w8a8_swiglu(&gpu, &mut scratch, None, t, &q, &s, &ws[i % 3], &mut act).unwrap());
                 line += &format!(" | stream swiglu {sw:6.1} ({:4.0})", gbs(sw));
             }
             println!("{line}");
