@@ -38,7 +38,7 @@ const SLOT_ROWS: usize = SKINNY_ROW_LIMIT;
 #[derive(Clone, Copy, Debug)]
 struct W8a8StreamParams {
     g: W8a8SkinnyParams,
-    ws: u64,    // float* [2·G][64][128]
+    ws: u64,    // float* [G][64][128]
     flags: u64, // unsigned* [G]
     tiles: i32,
     ksteps: i32,
@@ -94,7 +94,7 @@ fn tensor_map(ptr: u64, rows: usize, k: usize, box_rows: u32) -> Result<sys::CUt
     Ok(unsafe { map.assume_init() })
 }
 
-/// The stream-K kernel's workspace for up to `ctas` blocks: a partial-sum slot pair per block
+/// The stream-K kernel's workspace for up to `ctas` blocks: a partial-sum slot per block
 /// and a flag per block (zero between launches). One per `W8a8`; launches on it must not
 /// overlap (the engine runs one stream).
 pub struct StreamScratch {
@@ -104,11 +104,11 @@ pub struct StreamScratch {
 }
 
 impl StreamScratch {
-    /// Workspace for one block per SM (8.7 MB on a 132-SM H100).
+    /// Workspace for one block per SM (4.3 MB on a 132-SM H100).
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let ctas = gpu.sm_count.max(1);
         Ok(StreamScratch {
-            ws: gpu.alloc(&[2 * ctas, SLOT_ROWS, TILE_ROWS])?,
+            ws: gpu.alloc(&[ctas, SLOT_ROWS, TILE_ROWS])?,
             flags: gpu.upload(&vec![0u32; ctas], &[ctas])?,
             ctas,
         })
@@ -198,7 +198,7 @@ pub(super) fn launch(
     // SAFETY: params mirror W8a8StreamArgs (maps of exactly w's n × k codes and xq's t × k);
     // the caller checked xq >= t rows of k codes, sx >=
     // t, y >= t rows of n (n/2 for SwiGLU), w [n, k] with k % 128 == 0 and channel scales [n],
-    // bias [n]; t ≤ 64; ws holds 2·g slots of 64 × 128 f32 and flags g zeros; g ≤ the SM count,
+    // bias [n]; t ≤ 64; ws holds g slots of 64 × 128 f32 and flags g zeros; g ≤ the SM count,
     // so every block is resident at once (the blocks wait on each other's flags).
     unsafe { launch_ex(gpu, "gemm_w8a8_stream", sym, lc, &params) }
 }
