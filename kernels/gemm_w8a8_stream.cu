@@ -1,16 +1,17 @@
 // W8A8 decode GEMM, stream-K: y[t, n] = sx[r]·sw[c]·Σ_k qx[r, k]·qw[c, k] (+ bias[c]) for
 // t ≤ 64, both operands E4M3, f32 accumulation, bf16 or f32 output; the gate|up entry points
-// write SwiGLU's output. The contract and the epilogue are those of kernels/gemm_w8a8_skinny.cu
-// (fp8.cuh's store_out / store_swiglu); what differs is how the weight reaches shared memory,
-// how the work is spread and the multiply.
+// write SwiGLU's output. The contract and the output values are those of
+// kernels/gemm_w8a8_skinny.cu (fp8.cuh's store_out / store_swiglu, here 8 columns at a time);
+// what differs is how the weight reaches shared memory, how the work is spread and the
+// multiply.
 //
 // Why: at decode row counts the GEMM only streams W, and the skinny kernels (and cuBLASLt's
 // FP8 GEMM) stream it at 1.1-2.4 TB/s on an H100 where the copy ceiling is ≈ 3 TB/s
 // (benches/RESULTS.md v0.12-v0.14). Their grids are n/128 slabs × a k split in waves of one or
 // two blocks per SM: a slab count that does not divide into the SMs leaves some idle for the
 // last wave, and each block ramps its pipeline up and drains it again. And their `mma.sync`
-// E4M3 MMAs run far below the tensor cores' FP8 rate on Hopper: at 64 rows the skinny kernel
-// is bound by them (≈ 110 TFLOP/s; v0.15).
+// E4M3 MMAs run far below the tensor cores' FP8 rate on Hopper: the skinny kernel takes twice
+// as long at 64 rows as at 16, this kernel on `wgmma` 1.2× (v0.16).
 //
 // - Stream-K: the grid is one persistent block per SM (`gridDim.x` = G). The work is the
 //   `tiles × ksteps` units (a 128-row W tile × one 128-column k step, 16 KB of codes), in

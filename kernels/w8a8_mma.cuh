@@ -1,8 +1,7 @@
-// The E4M3 × E4M3 stage multiply shared by kernels/gemm_w8a8_skinny.cu and
-// kernels/gemm_w8a8_stream.cu (the design notes are at the top of gemm_w8a8_skinny.cu): a
-// stage is a 128-row × 128-column W tile of codes followed by the X tile (8·NT rows × 128
-// codes), both in 128-byte rows with the `Half` swizzle (16-byte chunk c of row r at
-// c ^ 4(r % 2)); 8 warps as 4 m-groups (2 m-tiles of 16 W rows each) × 2 k-groups (one
+// The E4M3 × E4M3 stage multiply of kernels/gemm_w8a8_skinny.cu (the design notes are at
+// the top of that file): a stage is a 128-row × 128-column W tile of codes followed by the
+// X tile (8·NT rows × 128 codes), both in 128-byte rows with the `Half` swizzle (16-byte
+// chunk c of row r at c ^ 4(r % 2)); 8 warps as 4 m-groups (2 m-tiles of 16 W rows each) × 2 k-groups (one
 // 64-column half each) run `mma.sync` m16n8k32 E4M3 MMAs. Nothing here is a kernel.
 #pragma once
 #include "fp8.cuh"
@@ -15,17 +14,6 @@ constexpr int QMTW = BN / 16 / QMG;   // m-tiles per warp
 static_assert(QKG * 64 == BK, "each k-group takes one 64-column half of a stage");
 
 __device__ __forceinline__ int q_off(int r, int c) { return w_off_as<WSwizzle::Half>(r, c); }
-
-// The 16-byte chunk (of 8 in a 128-column stage row) that thread q of a warp in k-group kg
-// loads. `Half`: chunks 4kg..4kg+3, so a warp's 8-lane load phase (rows 2i, 2i + 1) covers both
-// 64-byte halves of the bank window. `Row8` (the TMA's 128-byte swizzle, chunk c of row r at
-// c ^ (r % 8)): chunks kg, kg + 2, kg + 4, kg + 6, which rows 2i and 2i + 1 then place in
-// complementary bank groups. Either way A and B use the same chunks, each column once.
-template <WSwizzle S>
-__device__ __forceinline__ int q_chunk(int kg, int q) {
-    if constexpr (S == WSwizzle::Row8) return 2 * q + kg;
-    return 4 * kg + q;
-}
 
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -40,27 +28,26 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over its four
-// 16-column chunks of the stage (`q_chunk`; both tiles in the layout S): two k32 MMAs per
-// (m-tile, n-tile).
-template <int NT, WSwizzle S = WSwizzle::Half>
+// One stage: warp (mg, kg) multiplies its MTW m-tiles by the NT X row tiles over the 64
+// columns [64·kg, 64·kg + 64) of the stage: two k32 MMAs per (m-tile, n-tile).
+template <int NT>
 __device__ __forceinline__ void mma_stage_q(const uint8_t* st, int warp, int lane, float (&acc)[QMTW][NT][4]) {
     const uint8_t* xs = st + BN * BK;
     const int mg = warp % QMG, kg = warp / QMG;
     const int g = lane >> 2, q = lane & 3;
-    const int c = q_chunk<S>(kg, q);
+    const int c = 4 * kg + q;
     // The W fragments (16 registers) stay while the X fragments stream through one n-tile at
     // a time, which keeps NT = 8 (64 accumulators) within 128 registers.
     uint4 wa[QMTW], wb[QMTW];
 #pragma unroll
     for (int mt = 0; mt < QMTW; ++mt) {
         const int r0 = 16 * (mg * QMTW + mt) + g;
-        wa[mt] = *reinterpret_cast<const uint4*>(st + w_off_as<S>(r0, c));
-        wb[mt] = *reinterpret_cast<const uint4*>(st + w_off_as<S>(r0 + 8, c));
+        wa[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0, c));
+        wb[mt] = *reinterpret_cast<const uint4*>(st + q_off(r0 + 8, c));
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xs + w_off_as<S>(8 * j + g, c));
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + q_off(8 * j + g, c));
 #pragma unroll
         for (int mt = 0; mt < QMTW; ++mt) {
             mma_e4m3(acc[mt][j], wa[mt].x, wb[mt].x, wa[mt].y, wb[mt].y, xv.x, xv.y);

@@ -10,9 +10,9 @@
 //!    SwiGLU in its epilogue (see `gemm_w8a8::skinny`). Measured slower than `split-scale` in
 //!    W1 decode steps on the H100, so `auto` leaves it out.
 //!    `stream` (t ≤ 64, k % 128 == 0, Hopper; only when selected: `DEMASK_W8A8=stream`): the
-//!    same contract in kernels/gemm_w8a8_stream.cu, the weight streamed stream-K by one
-//!    persistent block per SM through TMA copies (see `gemm_w8a8::stream`; no faster than
-//!    `skinny` on the H100: the shared `mma.sync` E4M3 multiply bounds both).
+//!    same contract in kernels/gemm_w8a8_stream.cu on the warpgroup MMA, the weight streamed
+//!    stream-K by one persistent block per SM through TMA copies (see `gemm_w8a8::stream`;
+//!    faster than `split-scale` back to back, slower in W1 decode steps on the H100).
 //! 1. `outer-vec`: one cuBLASLt call with sx and sw as outer-vector scales and the bias in its
 //!    epilogue (`gpu::gemm_fp8lt::Fp8Lt::matmul_raw`; cuBLAS ≥ 12.9, and not on every GPU: the
 //!    H100 with the CUDA 13.0 cuBLASLt has no algorithm for it).

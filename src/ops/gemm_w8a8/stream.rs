@@ -1,12 +1,13 @@
 //! The `stream` W8A8 path for decode-sized row counts (t ≤ 64): kernels/gemm_w8a8_stream.cu,
-//! the `skinny` kernel's contract and multiply (E4M3 `mma.sync` m16n8k32; scales, bias and
-//! SwiGLU in the epilogue) with the weight streamed stream-K: one persistent block per SM takes
-//! an equal share of the (128-row tile × 128-column k step) units, fed by 2-D TMA copies
-//! (tensor maps encoded here per launch, a host-only call) through a warp-specialised mbarrier
-//! ring, and the blocks that share a tile add their partial sums in a fixed order through
-//! [`StreamScratch`]. Only when selected (`DEMASK_W8A8=stream`): on the H100 it is correct and
-//! no faster than `skinny` (benches/RESULTS.md v0.15), because the `mma.sync` E4M3 multiply
-//! they share, not the weight stream, bounds both from 16 rows up.
+//! the `skinny` kernel's contract (scales, bias and SwiGLU in the epilogue) on Hopper's
+//! warpgroup MMA (`wgmma` m64nNk32 E4M3, both operands from shared memory, each 128-column
+//! unit's product added into an f32 total), with the weight streamed stream-K: one persistent
+//! block per SM takes an equal share of the (128-row tile × 128-column k step) units, fed by
+//! 2-D TMA copies (tensor maps encoded here per launch, a host-only call) through a
+//! warp-specialised mbarrier ring, and the blocks that share a tile add their partial sums in
+//! a fixed order through [`StreamScratch`]. Only when selected (`DEMASK_W8A8=stream`): on the
+//! H100 it is the fastest W8A8 kernel from 16 rows up when launched back to back, but W1
+//! decode steps are slower on it than on `split-scale` (benches/RESULTS.md v0.16).
 //!
 //! Output as `skinny`: `y[r, c] = bf16(f32(sx[r]·sw[c])·Σ + bias[c])`; the gate|up entry points
 //! write `act = bf16(bf16(silu(g))·u)`. Σ is summed in an order fixed by (n, k, block count), so
