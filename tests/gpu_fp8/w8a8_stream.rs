@@ -202,6 +202,11 @@ fn stream_runs_when_selected_and_refusals_say_why() {
     let mut odd_act = gpu.alloc::<bf16>(&[64, n / 2 + 1]).unwrap();
     let e = stream_w8a8_swiglu(&gpu, &mut scratch, None, 32, &q, &sx, fw, &mut odd_act).unwrap_err().to_string();
     assert!(e.contains("act"), "{e}");
+    // A gate|up weight of 2·1001 rows: ffn not a multiple of 4, refused by name.
+    let w2002 = Fp8Weight::quantize(&gpu, &normal(&gpu, &[2002, k], 44, 0.05), ScaleLayout::Channel).unwrap();
+    let mut act = gpu.alloc::<bf16>(&[64, 1001]).unwrap();
+    let e = stream_w8a8_swiglu(&gpu, &mut scratch, None, 32, &q, &sx, &w2002, &mut act).unwrap_err().to_string();
+    assert!(e.contains("multiple of 8"), "{e}");
 }
 
 #[test]

@@ -240,8 +240,10 @@ pub fn stream_w8a8_swiglu(
 ) -> Result<()> {
     check_quantized(OP, refusal(gpu.cc_major, t, w), t, xq, sx, w, None)?;
     let n = w.n();
-    if !n.is_multiple_of(2) {
-        return Err(Error::bad_input(format!("{OP}: a gate|up weight needs an even row count, got {n}")));
+    // ffn = n/2 a multiple of 4: the epilogue reads the up rows' channel scales (from scales +
+    // ffn) 16 bytes at a time. Every model's gate|up has it (the W8A8 paths need n % 16).
+    if !n.is_multiple_of(8) {
+        return Err(Error::bad_input(format!("{OP}: a gate|up weight needs a row count that is a multiple of 8, got {n}")));
     }
     act.check_rows(OP, "act", t, n / 2)?;
     let ops = Operands { xq: xq.ptr(gpu), sx: sx.ptr(gpu), bias: None, y: act.ptr_mut(gpu) };
