@@ -105,6 +105,7 @@ struct TileS {
 #ifdef DEMASK_BULK
 
 constexpr int WS_ROWS = 64;  // rows of a workspace slot
+constexpr int HOME_LOADS = 4;  // contributor parts a home loads at once
 
 __device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count) : "memory");
@@ -364,8 +365,8 @@ __device__ __forceinline__ void finish_tile(const W8a8SkinnyParams& p, int tile,
             const int v = threadIdx.x + u * CONSUMERS, r = v >> 4, c = n0 + 8 * (v & 15);
             if (v < nv && c < p.n) {
                 float f[8], b[8];
-                sum8(8 * v, o[u]);
                 channel8(p.scales, c, p.n, f);
+                sum8(8 * v, o[u]);
                 if (p.bias) {
 #pragma unroll
                     for (int i = 0; i < 8; ++i) b[i] = c + i < p.n ? __bfloat162float(p.bias[c + i]) : 0.f;
@@ -458,7 +459,8 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
                 // C: published in the block's workspace slot at once.
                 float4* dst = reinterpret_cast<float4*>(sp.ws + (size_t)b * WS_ROWS * BN);
                 for (int i = tid; i < p.t * BN / 4; i += CONSUMERS) dst[i] = reinterpret_cast<const float4*>(red)[i];
-                __threadfence();
+                // The barrier orders every thread's slot writes before thread 0's release
+                // (cumulative at gpu scope), as CUTLASS's semaphores do: no fence per thread.
                 consumer_sync();
                 if (tid == 0) st_release(sp.flags + b, 1u);
             }
@@ -473,25 +475,56 @@ __device__ __forceinline__ void consume(const W8a8StreamParams& sp, uint8_t* rin
     const int tu0 = home * sp.ksteps;
     int lo = b;
     while (lo > 0 && unit_start(units, lo) > tu0) --lo;
-    if (tid == 0) {
-        for (int c = lo; c < b; ++c) {
-            while (ld_acquire(sp.flags + c) != 1u) {
-            }
-            sp.flags[c] = 0u;
+    // One thread per contributor acquires its flag (all in parallel, not one L2 round trip
+    // after another) and resets it; the barrier then orders their acquires before every
+    // thread's reads of the slots.
+    for (int c = lo + tid; c < b; c += CONSUMERS) {
+        while (ld_acquire(sp.flags + c) != 1u) {
         }
+        sp.flags[c] = 0u;
     }
-    __threadfence();
     consumer_sync();
-    const float* ws = sp.ws;
-    finish_tile<SWIGLU>(p, home, [&](int i, float(&v)[8]) {
+    const float* ws = sp.ws + (size_t)lo * WS_ROWS * BN;
+    const int nc = b - lo;
+    // The contributors' parts in block order, then the own part. Up to HOME_LOADS
+    // contributors (every LLaDA-8B and Dream-7B shape on an H100), a straight-line path: every
+    // load of a thread's vectors (parts, scales) can be in flight at once, one L2 round trip
+    // where the loop over contributors took one per part and vector (most of the 4-7 µs the
+    // hand-over cost in v0.16). More contributors (few units per block) add one by one.
+    auto own = [&](int i, float(&v)[8]) {
+        float o[8];
+        smem8(red, i, o);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = 0.f;
-        for (int c = lo; c < b; ++c) add_l2_8(ws + (size_t)c * WS_ROWS * BN, i, v);
-        float own[8];
-        smem8(red, i, own);
+        for (int e = 0; e < 8; ++e) v[e] += o[e];
+    };
+    if (nc <= HOME_LOADS) {
+        finish_tile<SWIGLU>(p, home, [&](int i, float(&v)[8]) {
+            float4 part[HOME_LOADS][2];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += own[e];
-    });
+            for (int c = 0; c < HOME_LOADS; ++c)
+                if (c < nc) {
+                    const float4* src = reinterpret_cast<const float4*>(ws + (size_t)c * WS_ROWS * BN + i);
+                    part[c][0] = __ldcg(src);
+                    part[c][1] = __ldcg(src + 1);
+                }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = 0.f;
+#pragma unroll
+            for (int c = 0; c < HOME_LOADS; ++c)
+                if (c < nc) {
+                    v[0] += part[c][0].x, v[1] += part[c][0].y, v[2] += part[c][0].z, v[3] += part[c][0].w;
+                    v[4] += part[c][1].x, v[5] += part[c][1].y, v[6] += part[c][1].z, v[7] += part[c][1].w;
+                }
+            own(i, v);
+        });
+    } else {
+        finish_tile<SWIGLU>(p, home, [&](int i, float(&v)[8]) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = 0.f;
+            for (int c = 0; c < nc; ++c) add_l2_8(ws + (size_t)c * WS_ROWS * BN, i, v);
+            own(i, v);
+        });
+    }
 }
 
 #endif  // DEMASK_BULK
@@ -517,7 +550,12 @@ __device__ __forceinline__ void stream_body(const W8a8StreamArgs& a) {
     }
     __syncthreads();
     if (threadIdx.x >= CONSUMERS) {
-        if (threadIdx.x == CONSUMERS) produce<NT, SWIGLU>(a, ring, full, empty, ord);
+        if (threadIdx.x == CONSUMERS) {
+            // Fetch both descriptors ahead of the first copies that use them.
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&a.wmap)) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&a.xmap)) : "memory");
+            produce<NT, SWIGLU>(a, ring, full, empty, ord);
+        }
     } else {
         consume<NT, SWIGLU>(sp, ring, red, full, empty, ord);
     }

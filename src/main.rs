@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 #[cfg(feature = "cuda")]
 use demask::bench;
 use demask::config::{ModelConfig, PRESETS};
+#[cfg(feature = "cuda")]
+use demask::model::Ablate;
 
 mod bench_cli;
 mod bench_decode;
@@ -87,10 +89,19 @@ struct ProfileArgs {
     #[arg(long, default_value_t = 10)]
     iters: usize,
     /// Variants to time side by side: attention=flash,reference, gemm=auto,cublaslt,skinny,
-    /// moe=grouped,reference (MoE presets) or epilogues=fused,unfused (--weights fp8: the W8A8
-    /// scale epilogues fused into their consumers or not; same values).
+    /// moe=grouped,reference (MoE presets), epilogues=fused,unfused (--weights fp8: the W8A8
+    /// scale epilogues fused into their consumers or not; same values) or
+    /// w8a8=auto,split-scale,stream,skinny,outer-vec,w8a16 (--weights fp8: the W8A8 paths
+    /// allowed).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
+    /// Also time each variant's replayed graph with ops left out, to measure what each op
+    /// costs inside the forward, overlap with its neighbours included (the per-op table times
+    /// an eager forward, launch gaps and all): a comma-separated list of sets, each op or
+    /// several joined by + (qkv, o, gate_up, down, attention, rope, head), e.g.
+    /// `qkv,o,gate_up,down`. Timing only: such forwards compute nothing meaningful.
+    #[arg(long)]
+    ablate: Option<String>,
     /// Linear-layer weights: bf16, fp8 or fp8-block (the GEMM rows' GB/s count the weights
     /// as stored: one byte each in FP8, plus the scales).
     #[arg(long, default_value = "bf16")]
@@ -173,26 +184,33 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     use demask::model::{Capacity, GpuModel, GpuWeights};
     use demask::ops::attention::AttnVariant;
     use demask::ops::gemm::GemmVariant;
+    use demask::ops::gemm_w8a8::W8a8Select;
     use demask::ops::moe::MoeGemmVariant;
     // (attention, gemm, moe) triples to time: one op's variants side by side, the others at
     // their defaults.
     let (fa, fg, fm) = (AttnVariant::Flash, GemmVariant::Auto, MoeGemmVariant::Grouped);
-    // The fourth element: the W8A8 epilogues fused or not (`epilogues=`; None: the default).
-    type Variant = (AttnVariant, GemmVariant, MoeGemmVariant, Option<bool>);
+    // The fourth element: the W8A8 epilogues fused or not (`epilogues=`; None: the default);
+    // the fifth: the W8A8 paths allowed (`w8a8=`; None: the model's default).
+    type Variant = (AttnVariant, GemmVariant, MoeGemmVariant, Option<bool>, Option<W8a8Select>);
     let fused = |v: &str| match v {
         "fused" => Ok(true),
         "unfused" => Ok(false),
         _ => Err(anyhow::anyhow!("bad epilogues variant `{v}` (expected fused or unfused)")),
     };
     let variants: Vec<Variant> = match a.variants.split_once('=') {
-        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm, None))).collect::<demask::Result<_>>()?,
-        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm, None))).collect::<demask::Result<_>>()?,
-        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?, None))).collect::<demask::Result<_>>()?,
-        Some(("epilogues", list)) => list.split(',').map(|v| Ok((fa, fg, fm, Some(fused(v)?)))).collect::<Result<_>>()?,
+        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm, None, None))).collect::<demask::Result<_>>()?,
+        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm, None, None))).collect::<demask::Result<_>>()?,
+        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?, None, None))).collect::<demask::Result<_>>()?,
+        Some(("epilogues", list)) => list.split(',').map(|v| Ok((fa, fg, fm, Some(fused(v)?), None))).collect::<Result<_>>()?,
+        Some(("w8a8", list)) => list.split(',').map(|v| Ok((fa, fg, fm, None, Some(v.parse()?)))).collect::<demask::Result<_>>()?,
         _ => bail!(
-            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...] or epilogues=fused,unfused)",
+            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...], epilogues=fused,unfused or w8a8=NAME[,NAME...])",
             a.variants
         ),
+    };
+    let ablations: Vec<Ablate> = match &a.ablate {
+        Some(list) => list.split(',').map(Ablate::parse).collect::<demask::Result<_>>().context("--ablate")?,
+        None => Vec::new(),
     };
     // Arguments first: opening the GPU and synthesising 16 GB of weights takes a while.
     let cfg = ModelConfig::preset(&a.preset).with_context(|| format!("--preset {}", a.preset))?;
@@ -217,12 +235,15 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work_as(&cfg, format, a.len, a.batch, live);
-    for (v, gv, mv, fused) in variants {
+    for (v, gv, mv, fused, sel) in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;
         model.moe_variant = mv;
         if let Some(on) = fused {
             model.set_w8a8_fused_epilogues(on).context("--variants epilogues= (needs --weights fp8)")?;
+        }
+        if let Some(s) = sel {
+            model.set_w8a8_select(s).context("--variants w8a8= (needs --weights fp8)")?;
         }
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
@@ -239,7 +260,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             v.name(),
             gv.name(),
             mv.name(),
-            fused.map_or(String::new(), |on| format!(" epilogues={}", if on { "fused" } else { "unfused" })),
+            fused.map_or(String::new(), |on| format!(" epilogues={}", if on { "fused" } else { "unfused" }))
+                + &sel.map_or(String::new(), |s| format!(" w8a8={s}")),
             plain.median_ms,
             total
         );
@@ -251,6 +273,37 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             println!("{:<18} {:>9.3} {:>6.1}% {:>9.0} {:>10} {:>9}", name, ms, 100.0 * ms / total, n, tf, gb);
         }
         model.enable_profiling(false)?;
+        if !ablations.is_empty() {
+            ablate_table(&mut model, &batch, a.iters, &ablations)?;
+        }
+    }
+    Ok(())
+}
+
+/// `profile --ablate`: the replayed forward with each set of ops left out against the full
+/// one (timed before and after the sets, their mean the baseline), so the difference is what
+/// the set costs inside the graph.
+#[cfg(feature = "cuda")]
+fn ablate_table(model: &mut demask::model::GpuModel, batch: &demask::batch::RowBatch, iters: usize, sets: &[Ablate]) -> Result<()> {
+    let time = |m: &mut demask::model::GpuModel, ab: Ablate| -> Result<f64> {
+        m.set_ablate(ab);
+        Ok(bench::gpu::time_batch(m, batch, 3, iters)?.median_ms)
+    };
+    let mut rows = Vec::with_capacity(sets.len());
+    let before = time(model, Ablate::NONE)?;
+    for &s in sets {
+        rows.push((s, time(model, s)?));
+    }
+    let after = time(model, Ablate::NONE)?;
+    model.set_ablate(Ablate::NONE);
+    let base = 0.5 * (before + after);
+    let layers = model.cfg.n_layers as f64;
+    println!(
+        "\nleft out (replayed graph, median of {iters}; full forward {before:.3} ms before, {after:.3} after): ms saved per forward, µs per launch"
+    );
+    for (s, ms) in rows {
+        let per = if s == Ablate::parse("head")? { 1.0 } else { layers };
+        println!("{:<18} {:>9.3} ms  {:>7.3} saved  {:>6.1} µs", s.to_string(), ms, base - ms, 1e3 * (base - ms) / per);
     }
     Ok(())
 }

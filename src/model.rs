@@ -21,7 +21,10 @@ use crate::quant::WeightFormat;
 
 mod knobs;
 mod moe;
+mod norm;
 mod weights;
+use norm::norm_for;
+pub use knobs::Ablate;
 pub use moe::{GpuMoe, MoeState, SharedExpert};
 pub use weights::{check_gpu_support, GpuFfn, GpuLayer, GpuWeights};
 
@@ -95,6 +98,8 @@ pub struct GpuModel {
     layer_capture: Option<DTensor<bf16>>,
     /// Live rows of the last forward that filled `layer_capture` (for `layer_hidden`).
     captured_rows: Option<usize>,
+    /// Ops left out of every forward (`set_ablate`; timing only).
+    ablate: Ablate,
 }
 
 impl GpuModel {
@@ -167,6 +172,7 @@ impl GpuModel {
             capture_mode,
             layer_capture: None,
             captured_rows: None,
+            ablate: Ablate::NONE,
         })
     }
 
@@ -363,6 +369,15 @@ impl GpuModel {
         let ws = &mut self.ws;
         let prof = &mut self.profiler;
         let cap_rows = self.cap.rows;
+        let ab = self.ablate;
+        // A GEMM left out (`set_ablate`) drops the codes its norm quantised for it.
+        macro_rules! skipped {
+            () => {
+                if let Some(m) = ws.w8a8.as_mut() {
+                    m.clear_prequantized();
+                }
+            };
+        }
         // Records the end of an op when profiling (one event record; nothing otherwise).
         macro_rules! mark {
             ($name:expr) => {
@@ -390,51 +405,61 @@ impl GpuModel {
                 // `x` now holds layer li − 1's output (its down projection just added).
                 ws.x.copy_to(g, t * cfg.hidden, c, (li - 1) * cap_rows * cfg.hidden)?;
             }
-            linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
+            if ab.runs("qkv") {
+                linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
+            } else {
+                skipped!();
+            }
             mark!("gemm_qkv");
-            ops::rope::rope_kv_store(
-                g,
-                t,
-                &mut ws.qkv,
-                &idx.positions,
-                &idx.cache_rows,
-                &mut self.cache.k[li],
-                &mut self.cache.v[li],
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                cfg.rope_theta as f32,
-                mode,
-                &ops::rope::RopeExtras {
-                    q_norm: l.q_norm.as_ref(),
-                    k_norm: l.k_norm.as_ref(),
-                    eps,
-                    rotary_dim: cfg.llada2.as_ref().map_or(cfg.head_dim, |l2| l2.rotary_dim),
-                },
-            )?;
+            if ab.runs("rope") {
+                ops::rope::rope_kv_store(
+                    g,
+                    t,
+                    &mut ws.qkv,
+                    &idx.positions,
+                    &idx.cache_rows,
+                    &mut self.cache.k[li],
+                    &mut self.cache.v[li],
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.rope_theta as f32,
+                    mode,
+                    &ops::rope::RopeExtras {
+                        q_norm: l.q_norm.as_ref(),
+                        k_norm: l.k_norm.as_ref(),
+                        eps,
+                        rotary_dim: cfg.llada2.as_ref().map_or(cfg.head_dim, |l2| l2.rotary_dim),
+                    },
+                )?;
+            }
             mark!("rope_kv_store");
             let mask = match &cfg.llada2 {
                 Some(l2) => AttnMask::BlockCausal { positions: &idx.positions, block: l2.block },
                 None => AttnMask::Bidirectional,
             };
-            ops::attention::attention(
-                g,
-                key.attn,
-                t,
-                &ws.qkv,
-                cfg.qkv_dim(),
-                &idx.spans,
-                key.seqs,
-                key.max_rows,
-                &self.cache.k[li],
-                &self.cache.v[li],
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                mask,
-                &mut ws.att,
-            )?;
+            if ab.runs("attention") {
+                ops::attention::attention(
+                    g,
+                    key.attn,
+                    t,
+                    &ws.qkv,
+                    cfg.qkv_dim(),
+                    &idx.spans,
+                    key.seqs,
+                    key.max_rows,
+                    &self.cache.k[li],
+                    &self.cache.v[li],
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    mask,
+                    &mut ws.att,
+                )?;
+            }
             mark!("attention");
             // Only the residual add (norm_for) reads `o`: a W8A8 scale epilogue is left to it.
-            linear_any_deferred(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, ws.w8a8.as_mut())?;
+            if ab.runs("o") {
+                linear_any_deferred(g, gv, t, &ws.att, &l.wo, None, &mut ws.o, ws.w8a8.as_mut())?;
+            }
             mark!("gemm_o");
             let next = match &l.ffn {
                 GpuFfn::Dense { w_gate_up, .. } if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) => Some(w_gate_up),
@@ -444,7 +469,9 @@ impl GpuModel {
             mark!("add_rmsnorm");
             match &l.ffn {
                 GpuFfn::Dense { w_gate_up, w_down } => {
-                    if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
+                    if !ab.runs("gate_up") {
+                        skipped!();
+                    } else if w_gate_up.fuses_swiglu(gv, t, cfg.hidden) {
                         // SwiGLU in the gate|up GEMM's epilogue (one launch, no `gu` round trip).
                         linear_swiglu_any(g, gv, t, &ws.h, w_gate_up, &mut ws.gu, &mut ws.act, ws.w8a8.as_mut(), Some(w_down))?;
                         mark!("gemm_gate_up+swiglu");
@@ -455,7 +482,11 @@ impl GpuModel {
                         mark!("swiglu");
                     }
                     // `o` goes to the next layer's (or the final) norm_for, nothing else.
-                    linear_any_deferred(g, gv, t, &ws.act, w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
+                    if ab.runs("down") {
+                        linear_any_deferred(g, gv, t, &ws.act, w_down, None, &mut ws.o, ws.w8a8.as_mut())?;
+                    } else {
+                        skipped!();
+                    }
                     mark!("gemm_down");
                 }
                 GpuFfn::Moe(m) => {
@@ -503,6 +534,7 @@ impl GpuModel {
             &ws.sel
         };
         match head_fp8 {
+            _ if !ab.runs("head") => {}
             Some(w) => ops::gemm_fp8::linear_fp8(g, r, x_head, w, None, &mut ws.logits)?,
             None => ops::gemm::linear(g, gv, r, x_head, &self.weights.lm_head, None, &mut ws.logits)?,
         }
@@ -534,46 +566,4 @@ impl GpuModel {
         self.forward(&b)?;
         self.logits_to_host()
     }
-}
-
-/// `ops::norm::add_rmsnorm` into `h`, the input of the linear layer `next`; where that layer
-/// will run on a W8A8 path, the norm also writes `h`'s E4M3 codes and row scales into the W8A8
-/// scratch (`add_rmsnorm_quant`), so the GEMM skips its quantiser launch. Otherwise any
-/// earlier such mark is dropped, so only the GEMM right after this norm can use the codes.
-/// Where `delta` is the output of a `linear_any_deferred` whose scale epilogue is pending, the
-/// norm applies it (`add_rmsnorm_deferred`).
-#[allow(clippy::too_many_arguments)]
-fn norm_for(
-    g: &crate::gpu::Gpu,
-    t: usize,
-    x: &mut crate::gpu::DTensor<half::bf16>,
-    delta: Option<&crate::gpu::DTensor<half::bf16>>,
-    weight: &crate::gpu::DTensor<half::bf16>,
-    eps: f32,
-    h: &mut crate::gpu::DTensor<half::bf16>,
-    w8a8: Option<&mut crate::ops::gemm_w8a8::W8a8>,
-    next: Option<&crate::ops::gemm_fp8::LinearWeight>,
-) -> Result<()> {
-    let Some(m) = w8a8 else { return ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h) };
-    m.clear_prequantized();
-    let pending = match delta {
-        Some(d) => m.take_deferred(g, d)?,
-        None if m.has_deferred() => {
-            return Err(crate::error::Error::bad_input("norm: a deferred W8A8 scale epilogue is pending, but this norm adds no delta"))
-        }
-        None => None,
-    };
-    let quant = next.is_some_and(|w| m.takes_prequantized(t, w)) && weight.len().is_multiple_of(16);
-    {
-        let codes = if quant { Some(m.quant_scratch()) } else { None };
-        match (pending, delta, codes) {
-            (Some(ds), Some(d), codes) => ops::norm::add_rmsnorm_deferred(g, t, x, d, &ds, weight, eps, h, codes)?,
-            (_, _, Some((q, s))) => ops::norm::add_rmsnorm_quant(g, t, x, delta, weight, eps, h, q, s)?,
-            (_, _, None) => ops::norm::add_rmsnorm(g, t, x, delta, weight, eps, h)?,
-        }
-    }
-    if quant {
-        m.set_prequantized(g, h, t);
-    }
-    Ok(())
 }

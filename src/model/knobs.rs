@@ -148,3 +148,79 @@ impl GpuModel {
         Ok(())
     }
 }
+
+/// Ops a forward can leave out, for timing only (`demask profile --ablate`): the time a
+/// replayed graph saves without an op is what that op costs inside the forward, its overlap
+/// with its neighbours (programmatic dependent launch) included, which per-op event timing of
+/// an eager forward cannot show. A forward with an op left out computes nothing meaningful;
+/// the ops around it run as they would (a skipped GEMM's input may then be quantised by the
+/// next GEMM instead of by the norm before it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ablate(u8);
+
+impl Ablate {
+    /// The ops that can be left out, by name.
+    pub const OPS: [&'static str; 7] = ["qkv", "o", "gate_up", "down", "attention", "rope", "head"];
+
+    /// Nothing left out (every forward outside `demask profile --ablate`).
+    pub const NONE: Ablate = Ablate(0);
+
+    /// The set of the named ops, e.g. `o` or `qkv+o`.
+    pub fn parse(s: &str) -> Result<Ablate> {
+        let mut bits = 0u8;
+        for name in s.split('+') {
+            let i = Self::OPS.iter().position(|o| *o == name).ok_or_else(|| {
+                Error::bad_input(format!("unknown op `{name}` to leave out (expected one of {} or several joined by +)", Self::OPS.join(", ")))
+            })?;
+            bits |= 1 << i;
+        }
+        Ok(Ablate(bits))
+    }
+
+    /// Whether the op named `name` (one of [`Ablate::OPS`]) runs.
+    pub fn runs(self, name: &str) -> bool {
+        Self::OPS.iter().position(|o| *o == name).is_none_or(|i| self.0 & (1 << i) == 0)
+    }
+
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::fmt::Display for Ablate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = Self::OPS.iter().enumerate().filter(|(i, _)| self.0 & (1 << i) != 0).map(|(_, n)| *n).collect();
+        f.write_str(if names.is_empty() { "none" } else { "" })?;
+        f.write_str(&names.join("+"))
+    }
+}
+
+impl GpuModel {
+    /// Leaves the ops of `a` out of every forward from now on ([`Ablate`]: timing only, the
+    /// outputs are not a model's); [`Ablate::NONE`] restores the full forward. Drops captured
+    /// graphs.
+    pub fn set_ablate(&mut self, a: Ablate) {
+        self.ablate = a;
+        self.graphs.clear();
+    }
+
+    pub fn ablate(&self) -> Ablate {
+        self.ablate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ablate;
+
+    #[test]
+    fn ablate_parses_names_and_refuses_unknown_ones() {
+        let a = Ablate::parse("qkv+down").unwrap();
+        assert!(!a.runs("qkv") && !a.runs("down") && a.runs("o") && a.runs("attention"));
+        assert_eq!(a.to_string(), "qkv+down");
+        assert!(Ablate::NONE.runs("head") && Ablate::NONE.is_none());
+        assert_eq!(Ablate::NONE.to_string(), "none");
+        let e = Ablate::parse("qkv+norm").unwrap_err().to_string();
+        assert!(e.contains("`norm`") && e.contains("gate_up"), "{e}");
+    }
+}
