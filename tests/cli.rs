@@ -396,3 +396,15 @@ fn install_nvcc_leaves_no_staging_folder() {
     assert!(!prefix.join("site").exists(), "the pip staging folder is still there");
     assert!(nvcc.exists(), "the fast path removed the install");
 }
+
+// ---- profile ----
+
+/// `profile` checks its arguments before it opens a GPU, so these refusals are the same on a
+/// machine with one or without.
+#[test]
+fn profile_refuses_unknown_ablations_and_w8a8_paths_by_name() {
+    let err = refused(&demask(&["profile", "--ablate", "qkv,norm"]), &["--ablate", "`norm`", "gate_up"]);
+    assert!(!err.contains("GPU"), "checked after opening the GPU:\n{err}");
+    let err = refused(&demask(&["profile", "--variants", "w8a8=stream,fastest"]), &["`fastest`", "split-scale"]);
+    assert!(!err.contains("GPU"), "checked after opening the GPU:\n{err}");
+}
