@@ -302,6 +302,7 @@ fn ablate_table(model: &mut demask::model::GpuModel, batch: &demask::batch::RowB
         "\nleft out (replayed graph, median of {iters}; full forward {before:.3} ms before, {after:.3} after): ms saved per forward, µs per launch"
     );
     for (s, ms) in rows {
+        // The LM head runs once a forward, the other ops once a layer.
         let per = if s == Ablate::parse("head")? { 1.0 } else { layers };
         println!("{:<18} {:>9.3} ms  {:>7.3} saved  {:>6.1} µs", s.to_string(), ms, base - ms, 1e3 * (base - ms) / per);
     }

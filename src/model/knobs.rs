@@ -179,6 +179,7 @@ impl Ablate {
 
     /// Whether the op named `name` (one of [`Ablate::OPS`]) runs.
     pub fn runs(self, name: &str) -> bool {
+        debug_assert!(Self::OPS.contains(&name), "`{name}` is not an op `Ablate` knows");
         Self::OPS.iter().position(|o| *o == name).is_none_or(|i| self.0 & (1 << i) == 0)
     }
 
