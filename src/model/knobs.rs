@@ -153,8 +153,9 @@ impl GpuModel {
 /// replayed graph saves without an op is what that op costs inside the forward, its overlap
 /// with its neighbours (programmatic dependent launch) included, which per-op event timing of
 /// an eager forward cannot show. A forward with an op left out computes nothing meaningful;
-/// the ops around it run as they would (a skipped GEMM's input may then be quantised by the
-/// next GEMM instead of by the norm before it).
+/// the ops around it run as they would, except that a hand-off to a left-out GEMM is dropped:
+/// the down projection after a left-out gate|up quantises its own input (on `split-scale` the
+/// gate|up epilogue would have), one launch more than the real forward.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ablate(u8);
 
