@@ -92,7 +92,9 @@ struct ProfileArgs {
     /// moe=grouped,reference (MoE presets), epilogues=fused,unfused (--weights fp8: the W8A8
     /// scale epilogues fused into their consumers or not; same values) or
     /// w8a8=auto,split-scale,stream,skinny,outer-vec,w8a16 (--weights fp8: the W8A8 paths
-    /// allowed).
+    /// allowed) or prefetch=0,17,40s,40s+8 (L2 prefetches of the next GEMMs' weights: MB after
+    /// each QKV GEMM, `s` to spread the gate|up share over its rows, `+MB` of the next QKV
+    /// weight after each down GEMM; same values).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
     /// Also time each variant's replayed graph with ops left out, to measure what each op
@@ -186,25 +188,45 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     use demask::ops::gemm::GemmVariant;
     use demask::ops::gemm_w8a8::W8a8Select;
     use demask::ops::moe::MoeGemmVariant;
-    // (attention, gemm, moe) triples to time: one op's variants side by side, the others at
-    // their defaults.
-    let (fa, fg, fm) = (AttnVariant::Flash, GemmVariant::Auto, MoeGemmVariant::Grouped);
-    // The fourth element: the W8A8 epilogues fused or not (`epilogues=`; None: the default);
-    // the fifth: the W8A8 paths allowed (`w8a8=`; None: the model's default).
-    type Variant = (AttnVariant, GemmVariant, MoeGemmVariant, Option<bool>, Option<W8a8Select>);
+    use demask::ops::prefetch::L2Prefetch;
+    // One op's variants side by side, the others at their defaults (`None`: the model's own).
+    #[derive(Clone, Copy)]
+    struct Variant {
+        attn: AttnVariant,
+        gemm: GemmVariant,
+        moe: MoeGemmVariant,
+        /// The W8A8 epilogues fused or not (`epilogues=`).
+        fused: Option<bool>,
+        /// The W8A8 paths allowed (`w8a8=`).
+        w8a8: Option<W8a8Select>,
+        /// The forward's L2 prefetches (`prefetch=`).
+        prefetch: Option<L2Prefetch>,
+    }
+    let base = Variant {
+        attn: AttnVariant::Flash,
+        gemm: GemmVariant::Auto,
+        moe: MoeGemmVariant::Grouped,
+        fused: None,
+        w8a8: None,
+        prefetch: None,
+    };
     let fused = |v: &str| match v {
         "fused" => Ok(true),
         "unfused" => Ok(false),
         _ => Err(anyhow::anyhow!("bad epilogues variant `{v}` (expected fused or unfused)")),
     };
-    let variants: Vec<Variant> = match a.variants.split_once('=') {
-        Some(("attention", list)) => list.split(',').map(|v| Ok((v.parse()?, fg, fm, None, None))).collect::<demask::Result<_>>()?,
-        Some(("gemm", list)) => list.split(',').map(|v| Ok((fa, v.parse()?, fm, None, None))).collect::<demask::Result<_>>()?,
-        Some(("moe", list)) => list.split(',').map(|v| Ok((fa, fg, v.parse()?, None, None))).collect::<demask::Result<_>>()?,
-        Some(("epilogues", list)) => list.split(',').map(|v| Ok((fa, fg, fm, Some(fused(v)?), None))).collect::<Result<_>>()?,
-        Some(("w8a8", list)) => list.split(',').map(|v| Ok((fa, fg, fm, None, Some(v.parse()?)))).collect::<demask::Result<_>>()?,
+    let list = |f: &dyn Fn(&str) -> Result<Variant>| -> Result<Vec<Variant>> {
+        a.variants.split_once('=').map_or(Ok(Vec::new()), |(_, l)| l.split(',').map(f).collect())
+    };
+    let variants: Vec<Variant> = match a.variants.split_once('=').map(|v| v.0) {
+        Some("attention") => list(&|v| Ok(Variant { attn: v.parse()?, ..base }))?,
+        Some("gemm") => list(&|v| Ok(Variant { gemm: v.parse()?, ..base }))?,
+        Some("moe") => list(&|v| Ok(Variant { moe: v.parse()?, ..base }))?,
+        Some("epilogues") => list(&|v| Ok(Variant { fused: Some(fused(v)?), ..base }))?,
+        Some("w8a8") => list(&|v| Ok(Variant { w8a8: Some(v.parse()?), ..base }))?,
+        Some("prefetch") => list(&|v| Ok(Variant { prefetch: Some(v.parse()?), ..base }))?,
         _ => bail!(
-            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...], epilogues=fused,unfused or w8a8=NAME[,NAME...])",
+            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...], epilogues=fused,unfused, w8a8=NAME[,NAME...] or prefetch=MB[s][+MB][,...])",
             a.variants
         ),
     };
@@ -235,7 +257,7 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work_as(&cfg, format, a.len, a.batch, live);
-    for (v, gv, mv, fused, sel) in variants {
+    for Variant { attn: v, gemm: gv, moe: mv, fused, w8a8: sel, prefetch } in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;
         model.moe_variant = mv;
@@ -244,6 +266,9 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         }
         if let Some(s) = sel {
             model.set_w8a8_select(s).context("--variants w8a8= (needs --weights fp8)")?;
+        }
+        if let Some(p) = prefetch {
+            model.set_l2_prefetch(p);
         }
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
@@ -261,7 +286,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             gv.name(),
             mv.name(),
             fused.map_or(String::new(), |on| format!(" epilogues={}", if on { "fused" } else { "unfused" }))
-                + &sel.map_or(String::new(), |s| format!(" w8a8={s}")),
+                + &sel.map_or(String::new(), |s| format!(" w8a8={s}"))
+                + &format!(" prefetch={}", model.l2_prefetch()),
             plain.median_ms,
             total
         );

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
 use crate::ops::gemm_fp8::{linear_any, linear_any_deferred, linear_swiglu_any};
-use crate::ops::{self, attention::{AttnMask, AttnVariant}, gemm::GemmVariant, moe::MoeGemmVariant};
+use crate::ops::{self, attention::{AttnMask, AttnVariant}, gemm::GemmVariant, moe::MoeGemmVariant, prefetch::L2Prefetch};
 use crate::quant::WeightFormat;
 
 mod knobs;
@@ -100,6 +100,8 @@ pub struct GpuModel {
     captured_rows: Option<usize>,
     /// Ops left out of every forward (`set_ablate`; timing only).
     ablate: Ablate,
+    /// L2 prefetches of the next GEMMs' weights (`set_l2_prefetch`; off by default).
+    l2_prefetch: L2Prefetch,
 }
 
 impl GpuModel {
@@ -173,6 +175,7 @@ impl GpuModel {
             layer_capture: None,
             captured_rows: None,
             ablate: Ablate::NONE,
+            l2_prefetch: L2Prefetch::from_env()?,
         })
     }
 
@@ -370,6 +373,7 @@ impl GpuModel {
         let prof = &mut self.profiler;
         let cap_rows = self.cap.rows;
         let ab = self.ablate;
+        let pf = self.l2_prefetch;
         // A GEMM left out (`set_ablate`) drops the codes its norm quantised for it.
         macro_rules! skipped {
             () => {
@@ -411,6 +415,16 @@ impl GpuModel {
                 skipped!();
             }
             mark!("gemm_qkv");
+            // RoPE, attention and the O quantiser leave DRAM idle: fetch the O weight, then
+            // gate|up, into L2 meanwhile.
+            if pf.after_qkv > 0 {
+                let gate_up = match &l.ffn {
+                    GpuFfn::Dense { w_gate_up, .. } => w_gate_up.stream_span(g),
+                    GpuFfn::Moe(_) => (0, 0),
+                };
+                ops::prefetch::l2_prefetch(g, &ops::prefetch::plan(&[l.wo.stream_span(g), gate_up], pf.after_qkv, pf.spread)?)?;
+                mark!("l2_prefetch");
+            }
             if ab.runs("rope") {
                 ops::rope::rope_kv_store(
                     g,
@@ -488,6 +502,11 @@ impl GpuModel {
                         skipped!();
                     }
                     mark!("gemm_down");
+                    // The residual add and norm before the next QKV GEMM leave DRAM idle too.
+                    if let (true, Some(next)) = (pf.after_down > 0, self.weights.layers.get(li + 1)) {
+                        ops::prefetch::l2_prefetch(g, &ops::prefetch::plan(&[next.wqkv.stream_span(g)], pf.after_down, true)?)?;
+                        mark!("l2_prefetch");
+                    }
                 }
                 GpuFfn::Moe(m) => {
                     let st = ws.moe.as_mut().ok_or_else(|| Error::bad_input("MoE layer in a model built without MoE state"))?;

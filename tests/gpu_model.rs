@@ -114,3 +114,62 @@ fn bad_token_id_is_refused_before_launch() {
     let e = model.forward_full(&[vec![1; 9]]).unwrap_err().to_string();
     assert!(e.contains("live rows"), "{e}");
 }
+
+/// The L2 prefetch is a hint: every setting gives bit-identical logits, eager, captured and
+/// replayed, for bf16 and FP8 weights, with the budgets cut so that each path of the plan runs
+/// (whole regions, the head of gate|up, a spread share, the next layer's QKV).
+#[test]
+fn l2_prefetch_changes_no_result() {
+    use demask::ops::prefetch::L2Prefetch;
+    use demask::quant::{ScaleLayout, WeightFormat};
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = ModelConfig::preset("tiny-llada").unwrap();
+    let hw = random_weights(&cfg, 11);
+    let (h, ffn) = (cfg.hidden, cfg.dense_ffn());
+    for format in [WeightFormat::Bf16, WeightFormat::Fp8(ScaleLayout::Channel)] {
+        let byte = if format == WeightFormat::Bf16 { 2 } else { 1 };
+        let (o, gu) = (h * h * byte, 2 * ffn * h * byte);
+        let settings = [
+            L2Prefetch::OFF,
+            L2Prefetch { after_qkv: 1 << 30, spread: false, after_down: 1 << 30 },
+            L2Prefetch { after_qkv: o + gu / 3, spread: false, after_down: 0 },
+            L2Prefetch { after_qkv: o + gu / 3, spread: true, after_down: cfg.qkv_dim() * h * byte / 2 },
+        ];
+        let seqs: Vec<Vec<u32>> = (0..2).map(|i| demask::bench::synthetic_tokens(48, cfg.vocab, 20 + i)).collect();
+        let cap = Capacity { rows: 96, logit_rows: 96, cache_rows: 96, seqs: 2 };
+        let mut model = GpuModel::new(gpu.clone(), cfg.clone(), GpuWeights::upload_as(&gpu, &hw, format).unwrap(), cap).unwrap();
+        model.forward_full(&seqs).unwrap();
+        // A decode step: 16 live rows of each sequence over its cached 48.
+        let live: Vec<u32> = (16..32).collect();
+        let b = RowBatch {
+            tokens: (0..2).flat_map(|s| live.iter().map(move |&p| p + 7 * s)).collect(),
+            positions: live.iter().chain(&live).copied().collect(),
+            seqs: vec![
+                SeqSpan { row_start: 0, row_count: 16, cache_base: 0, kv_len: 48 },
+                SeqSpan { row_start: 16, row_count: 16, cache_base: 48, kv_len: 48 },
+            ],
+            logit_rows: (0..32).collect(),
+        };
+        let mut want: Option<Vec<f32>> = None;
+        for p in settings {
+            model.set_l2_prefetch(p);
+            assert_eq!(model.l2_prefetch(), p);
+            // Eager, captured, replayed (graphs on by default).
+            for pass in 0..3 {
+                model.forward(&b).unwrap();
+                let got = model.logits_to_host().unwrap();
+                assert!(got.iter().all(|v| v.is_finite()), "{format:?} {p}: non-finite logits");
+                match &want {
+                    None => want = Some(got),
+                    Some(w) => {
+                        let same = w.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{format:?}, prefetch {p:?}, pass {pass}: logits differ from the forward without prefetch");
+                    }
+                }
+            }
+        }
+        let (captures, replays, _) = model.graph_stats();
+        assert!(captures >= 4 && replays >= 4, "{format:?}: {captures} captures, {replays} replays");
+        println!("{format:?}: {} settings × eager/captured/replayed, logits bit-identical", settings.len());
+    }
+}

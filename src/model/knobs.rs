@@ -5,6 +5,7 @@ use super::GpuModel;
 use crate::error::{Error, Result};
 use crate::gpu::graph::GraphStats;
 use crate::ops::gemm_w8a8::W8a8Select;
+use crate::ops::prefetch::L2Prefetch;
 
 impl GpuModel {
     /// Counts, from now on, the experts each MoE layer's routing touches (for the floor of
@@ -208,6 +209,19 @@ impl GpuModel {
 
     pub fn ablate(&self) -> Ablate {
         self.ablate
+    }
+
+    /// Sets the forward's L2 prefetches (`ops::prefetch::L2Prefetch`: after each QKV GEMM the O
+    /// weight then gate|up, after each down GEMM the next QKV weight, up to the given bytes).
+    /// A hint: the outputs are the same with any setting. Off by default, or
+    /// `DEMASK_L2_PREFETCH` when the model is made. Drops captured graphs.
+    pub fn set_l2_prefetch(&mut self, p: L2Prefetch) {
+        self.l2_prefetch = p;
+        self.graphs.clear();
+    }
+
+    pub fn l2_prefetch(&self) -> L2Prefetch {
+        self.l2_prefetch
     }
 }
 

@@ -440,6 +440,15 @@ impl LinearWeight {
         }
     }
 
+    /// (device address, bytes) of the matrix a GEMM streams: the bf16 weight, or the E4M3
+    /// codes (an L2 prefetch's region, `ops::prefetch`).
+    pub fn stream_span(&self, gpu: &Gpu) -> (u64, usize) {
+        match self {
+            LinearWeight::Bf16(w) => (w.ptr(gpu), w.bytes()),
+            LinearWeight::Fp8(w) => (w.q.ptr(gpu), w.q.bytes()),
+        }
+    }
+
     /// Whether the gate|up projection of `t` rows runs with SwiGLU fused into its epilogue
     /// (always for FP8; for bf16 where `variant` resolves to the skinny kernel).
     pub fn fuses_swiglu(&self, variant: crate::ops::gemm::GemmVariant, t: usize, k: usize) -> bool {

@@ -8,6 +8,7 @@ pub mod gemm_w8a8;
 pub mod moe;
 pub mod moe_fp8;
 pub mod norm;
+pub mod prefetch;
 pub mod rope;
 pub mod swiglu;
 pub mod commit;
