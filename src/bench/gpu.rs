@@ -72,7 +72,7 @@ fn measure_fp8(
     if matches!(mm.selected(), crate::ops::gemm_w8a8::W8a8Select::Skinny | crate::ops::gemm_w8a8::W8a8Select::Stream) {
         // `DEMASK_W8A8=skinny|stream` picks a decode kernel (at most 64 rows): the ceiling is the
         // large-row rate, so measure it on the paths `auto` would take (the line names it).
-        mm.select(crate::ops::gemm_w8a8::W8a8Select::Auto);
+        mm.select(gpu, crate::ops::gemm_w8a8::W8a8Select::Auto)?;
     }
     let Some(path) = mm.linear(gpu, m, x, &wq, None, &mut y)? else {
         return Ok(None);

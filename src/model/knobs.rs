@@ -144,7 +144,7 @@ impl GpuModel {
     /// captured graphs. An error for a model without channel-scaled FP8 weights.
     pub fn set_w8a8_select(&mut self, s: W8a8Select) -> Result<()> {
         let m = self.ws.w8a8.as_mut().ok_or_else(|| Error::bad_input("W8A8 paths: the model has no channel-scaled FP8 weights"))?;
-        m.select(s);
+        m.select(&self.gpu, s)?;
         self.graphs.clear();
         Ok(())
     }

@@ -118,7 +118,8 @@ pub struct W8a8 {
     fuse: bool,
     /// Why the last path refused the last call that fell back through it (cuBLASLt's message).
     refused: Option<String>,
-    /// The `stream` kernel's workspace (Hopper only).
+    /// The `stream` kernel's workspace: allocated on Hopper once a selection allows `stream`
+    /// (4.3 MB on an H100), never otherwise.
     stream: Option<StreamScratch>,
 }
 
@@ -126,7 +127,7 @@ impl W8a8 {
     /// Scratch for `rows` rows of up to `k_max` columns; paths from `DEMASK_W8A8` (default
     /// `auto`).
     pub fn new(gpu: &Gpu, rows: usize, k_max: usize) -> Result<Self> {
-        Ok(W8a8 {
+        let mut m = W8a8 {
             lt: Fp8Lt::new(gpu)?,
             xq: gpu.alloc(&[rows.max(1), k_max])?,
             sx: gpu.alloc(&[rows.max(1)])?,
@@ -140,8 +141,10 @@ impl W8a8 {
             deferred: None,
             fuse: true,
             refused: None,
-            stream: if gpu.cc_major == 9 { Some(StreamScratch::new(gpu)?) } else { None },
-        })
+            stream: None,
+        };
+        m.select(gpu, m.select)?;
+        Ok(m)
     }
 
     /// The fewest rows a GEMM needs for `linear_any` / `linear_swiglu_any` to send it here.
@@ -194,9 +197,19 @@ impl W8a8 {
         self.fuse
     }
 
-    /// Restricts the paths (see [`W8a8Select`]).
-    pub fn select(&mut self, s: W8a8Select) {
+    /// Restricts the paths (see [`W8a8Select`]). A selection that allows `stream` on Hopper
+    /// allocates its workspace the first time (an error when the device is out of memory).
+    pub fn select(&mut self, gpu: &Gpu, s: W8a8Select) -> Result<()> {
+        if s.allows_stream() && self.cc_major == 9 && self.stream.is_none() {
+            self.stream = Some(StreamScratch::new(gpu)?);
+        }
         self.select = s;
+        Ok(())
+    }
+
+    /// Whether the `stream` workspace is allocated (tests).
+    pub fn has_stream_scratch(&self) -> bool {
+        self.stream.is_some()
     }
     pub fn selected(&self) -> W8a8Select {
         self.select

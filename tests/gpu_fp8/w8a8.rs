@@ -49,7 +49,7 @@ pub(crate) fn has_fp8(gpu: &Gpu) -> bool {
 
 pub(crate) fn w8a8(gpu: &Gpu, rows: usize, k_max: usize, select: W8a8Select) -> W8a8 {
     let mut m = W8a8::new(gpu, rows, k_max).unwrap();
-    m.select(select);
+    m.select(gpu, select).unwrap();
     m
 }
 
@@ -487,4 +487,22 @@ fn w8a8_vs_bf16_timing() {
         line += &format!(" | {s} {us:8.1} µs ({:.2}×)", bf / us);
     }
     println!("{line}");
+}
+
+/// The `stream` kernel's workspace exists only once a selection allows `stream` (on Hopper).
+#[test]
+fn stream_workspace_is_allocated_only_when_selected() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    let hopper = gpu.cc_major == 9;
+    let mut m = W8a8::new(&gpu, 32, 4096).unwrap();
+    assert_eq!(m.has_stream_scratch(), hopper && m.selected().allows_stream(), "selection {}", m.selected());
+    m.select(&gpu, W8a8Select::Auto).unwrap();
+    let before = m.has_stream_scratch();
+    m.select(&gpu, W8a8Select::Stream).unwrap();
+    assert_eq!(m.has_stream_scratch(), hopper);
+    // Kept when the selection moves away (a later switch back reuses it).
+    m.select(&gpu, W8a8Select::Auto).unwrap();
+    assert_eq!(m.has_stream_scratch(), hopper);
+    println!("stream workspace allocated: {before} under auto (after the model's own selection), {hopper} once stream was selected");
 }

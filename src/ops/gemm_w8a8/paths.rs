@@ -78,7 +78,7 @@ impl W8a8Select {
     }
 
     /// Whether it allows the `stream` kernel (only when selected by name).
-    pub(super) fn allows_stream(self) -> bool {
+    pub fn allows_stream(self) -> bool {
         self == W8a8Select::Stream
     }
 
