@@ -87,6 +87,30 @@ __device__ __forceinline__ void store8(bf16* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// sw[c .. c + 8) as floats (c a multiple of 8: two 16-byte loads).
+__device__ __forceinline__ void load_scales8(const float* s, float* f) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(s));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(s) + 1);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
+    f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+// The W8A8 `split-scale` epilogue of 8 unscaled products d of row scale sx, channel scales
+// sw[0..8) and bias[0..8) (nullptr: none): d = sx·sw·d (+ bias), with s = sx·sw rounded to f32
+// first and the bias added by one fma, unrounded (the caller rounds to bf16). The one
+// definition of these steps for every kernel that applies it (cpu::gemm_fp8::w8a8_scale is
+// the host twin).
+__device__ __forceinline__ void w8a8_scale8(float sx, const float* sw, const bf16* bias, float* d) {
+    float s[8], b[8];
+    load_scales8(sw, s);
+    if (bias) load8(bias, b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float sc = __fmul_rn(sx, s[i]);
+        d[i] = bias ? __fmaf_rn(sc, d[i], b[i]) : __fmul_rn(sc, d[i]);
+    }
+}
+
 // Programmatic dependent launch (sm_90+). A kernel launched with the PDL attribute may start
 // while the kernel before it on the stream is still running: it must call pdl_wait() before
 // reading that kernel's output or writing any global memory. pdl_trigger() lets the next

@@ -49,13 +49,6 @@ struct W8a8SwigluParams {
     int ffn;
 };
 
-// sw[c .. c + 8) as floats (c a multiple of 8: two 16-byte loads).
-__device__ __forceinline__ void load_scales8(const float* s, float* f) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(s));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(s) + 1);
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
-    f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
-}
 
 // The SwiGLU of 8 gate and up products of row scale sx (channel scales sg, su): g and u
 // scaled and rounded to bf16 as w8a8_scale_bf16 stores them, then swiglu_bf16's expression.
@@ -88,15 +81,9 @@ extern "C" __global__ void __launch_bounds__(W8_THREADS) w8a8_scale_bf16(const W
     for (int k = 0; k < W8_VPT; ++k) {
         const int c = c0 + k * blockDim.x;
         if (c < vpr) {
-            float d[8], s[8], b[8];
+            float d[8];
             load8(reinterpret_cast<const bf16*>(&dr[k]), d);
-            load_scales8(p.sw + 8 * c, s);
-            if (p.bias) load8(p.bias + 8 * c, b);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float sc = __fmul_rn(sx, s[i]);
-                d[i] = p.bias ? __fmaf_rn(sc, d[i], b[i]) : __fmul_rn(sc, d[i]);
-            }
+            w8a8_scale8(sx, p.sw + 8 * c, p.bias ? p.bias + 8 * c : nullptr, d);
             uint4 o;
             store8(reinterpret_cast<bf16*>(&o), d);  // packs in registers
             y4[c] = o;

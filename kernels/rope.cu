@@ -50,6 +50,12 @@ struct RopeParams {
     float theta;
     int mode;
     int cache_cap;  // rows of k_cache / v_cache; a cache row >= cache_cap traps
+    // rope_scale_kv_store_bf16 only: qkv holds the unscaled product of a W8A8 `split-scale`
+    // GEMM, finished here as w8a8_scale_bf16 would have (common.cuh's w8a8_scale8, rounded to
+    // bf16) before the rotation and the store.
+    const float* sx;   // [rows] row scales
+    const float* sw;   // [qkv_dim] channel scales
+    const bf16* bias;  // [qkv_dim] or nullptr
 };
 
 // The LLaDA rotation of 8 pairs with the f32 steps of the previous kernel, pinned with
@@ -87,7 +93,17 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf16(const RopeParams p) {
+// 8 values at column col of the row (row scale sx) through the split-scale epilogue, rounded
+// to bf16 as w8a8_scale_bf16 stores them, back in the uint4.
+__device__ __forceinline__ void scale_in_place(uint4& v, const RopeParams& p, float sx, int col) {
+    float d[8];
+    unpack8(v, d);
+    w8a8_scale8(sx, p.sw + col, p.bias ? p.bias + col : nullptr, d);
+    v = pack8(d);
+}
+
+template <bool SCALED>
+__device__ __forceinline__ void rope_body(const RopeParams& p) {
     __shared__ float cs[ROPE_HALF], sn[ROPE_HALF];
     const int row = blockIdx.x;
     const int qkv_dim = (p.n_heads + 2 * p.n_kv_heads) * ROPE_HEAD_DIM;
@@ -111,6 +127,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf1
     // 1. Every load of the block, in flight together: position, cache row, data.
     const uint32_t pos = p.positions[row];
     const uint32_t crow = p.cache_rows[row];
+    const float sx = SCALED ? p.sx[row] : 0.f;
     uint4 ra[ROPE_IPT], rb[ROPE_IPT];
 #pragma unroll
     for (int k = 0; k < ROPE_IPT; ++k) {
@@ -142,10 +159,17 @@ extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf1
     }
     if (crow >= (uint32_t)p.cache_cap) __trap();  // the host validates cache rows: this is a bug
 
-    // 3. Rotate and store.
+    // 3. Rotate and store (the scaled kernel first finishes the GEMM's output).
 #pragma unroll
     for (int k = 0; k < ROPE_IPT; ++k) {
         const int w = w_first + threadIdx.x + k * blockDim.x;
+        if (SCALED && w < n_rot) {
+            const int col = (w >> 3) * ROPE_HEAD_DIM + (w & 7) * 8;
+            scale_in_place(ra[k], p, sx, col);
+            scale_in_place(rb[k], p, sx, col + ROPE_HALF);
+        } else if (SCALED && w < n_items) {
+            scale_in_place(ra[k], p, sx, (p.n_heads + p.n_kv_heads) * ROPE_HEAD_DIM + (w - n_rot) * 8);
+        }
         if (w < n_rot) {
             const int h = w >> 3;
             const int i0 = (w & 7) * 8;
@@ -167,6 +191,17 @@ extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf1
             reinterpret_cast<uint4*>(p.v_cache + (int64_t)crow * kv_dim)[w - n_rot] = ra[k];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_kv_store_bf16(const RopeParams p) {
+    rope_body<false>(p);
+}
+
+// The same op on the unscaled product of a W8A8 `split-scale` QKV GEMM, its scale epilogue
+// (w8a8_scale_bf16: a launch and a pass over qkv) fused in, the same bits: q is written back
+// finished and rotated, the caches get finished k and v; k and v in qkv stay unscaled.
+extern "C" __global__ void __launch_bounds__(ROPE_MAX_THREADS) rope_scale_kv_store_bf16(const RopeParams p) {
+    rope_body<true>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use crate::cpu::rope::RopeMode;
 use crate::error::{Error, Result};
 use crate::gpu::graph::{self, GraphCache, GraphStep, IndexLayout, IndexViews, ShapeKey};
 use crate::gpu::{DTensor, Gpu};
-use crate::ops::gemm_fp8::{linear_any, linear_any_deferred, linear_swiglu_any};
+use crate::ops::gemm_fp8::{linear_any, linear_any_deferred, linear_any_deferred_to, linear_swiglu_any};
 use crate::ops::{self, attention::{AttnMask, AttnVariant}, gemm::GemmVariant, moe::MoeGemmVariant, prefetch::L2Prefetch};
 use crate::quant::WeightFormat;
 
@@ -409,11 +409,25 @@ impl GpuModel {
                 // `x` now holds layer li − 1's output (its down projection just added).
                 ws.x.copy_to(g, t * cfg.hidden, c, (li - 1) * cap_rows * cfg.hidden)?;
             }
-            if ab.runs("qkv") {
-                linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
-            } else {
+            let extras = ops::rope::RopeExtras {
+                q_norm: l.q_norm.as_ref(),
+                k_norm: l.k_norm.as_ref(),
+                eps,
+                rotary_dim: cfg.llada2.as_ref().map_or(cfg.head_dim, |l2| l2.rotary_dim),
+            };
+            if !ab.runs("qkv") {
                 skipped!();
+            } else if extras.is_none() {
+                // The plain RoPE finishes a `split-scale` product itself (its scale epilogue fused).
+                linear_any_deferred_to(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut(), usize::MAX)?;
+            } else {
+                linear_any(g, gv, t, &ws.h, &l.wqkv, l.bqkv.as_ref(), &mut ws.qkv, ws.w8a8.as_mut())?;
             }
+            // Taken here even when RoPE is left out (`set_ablate`, timing only): dropped with it.
+            let qkv_scale = match ws.w8a8.as_mut() {
+                Some(m) => m.take_deferred(g, &ws.qkv)?,
+                None => None,
+            };
             mark!("gemm_qkv");
             // RoPE, attention and the O quantiser leave DRAM idle: fetch the O weight, then
             // gate|up, into L2 meanwhile.
@@ -426,10 +440,11 @@ impl GpuModel {
                 mark!("l2_prefetch");
             }
             if ab.runs("rope") {
-                ops::rope::rope_kv_store(
+                ops::rope::rope_kv_store_scaled(
                     g,
                     t,
                     &mut ws.qkv,
+                    qkv_scale.as_ref(),
                     &idx.positions,
                     &idx.cache_rows,
                     &mut self.cache.k[li],
@@ -438,12 +453,7 @@ impl GpuModel {
                     cfg.n_kv_heads,
                     cfg.rope_theta as f32,
                     mode,
-                    &ops::rope::RopeExtras {
-                        q_norm: l.q_norm.as_ref(),
-                        k_norm: l.k_norm.as_ref(),
-                        eps,
-                        rotary_dim: cfg.llada2.as_ref().map_or(cfg.head_dim, |l2| l2.rotary_dim),
-                    },
+                    &extras,
                 )?;
             }
             mark!("rope_kv_store");

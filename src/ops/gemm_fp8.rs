@@ -506,10 +506,28 @@ pub fn linear_any_deferred(
     y: &mut DTensor<bf16>,
     w8a8: Option<&mut W8a8>,
 ) -> Result<()> {
+    linear_any_deferred_to(gpu, variant, t, x, w, bias, y, w8a8, crate::ops::norm::MAX_SCALED_HIDDEN)
+}
+
+/// [`linear_any_deferred`] for a consumer other than the residual add that takes outputs of
+/// up to `max_n` columns (`W8a8::linear_deferred_to`): the QKV projection, whose epilogue
+/// `ops::rope::rope_kv_store_scaled` fuses.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_any_deferred_to(
+    gpu: &Gpu,
+    variant: crate::ops::gemm::GemmVariant,
+    t: usize,
+    x: &DTensor<bf16>,
+    w: &LinearWeight,
+    bias: Option<&DTensor<bf16>>,
+    y: &mut DTensor<bf16>,
+    w8a8: Option<&mut W8a8>,
+    max_n: usize,
+) -> Result<()> {
     match w {
         LinearWeight::Fp8(fw) => match w8a8 {
             Some(m) if t >= m.min_rows() && m.takes::<bf16>(t, fw, bias.is_some()) => {
-                if m.linear_deferred(gpu, t, x, fw, bias, y)?.is_some() {
+                if m.linear_deferred_to(gpu, t, x, fw, bias, y, max_n)?.is_some() {
                     return Ok(());
                 }
                 linear_fp8(gpu, t, x, fw, bias, y)

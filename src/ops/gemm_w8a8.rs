@@ -422,7 +422,7 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<Y>,
     ) -> Result<Option<W8a8Path>> {
-        self.linear_impl(gpu, t, x, w, bias, y, false)
+        self.linear_impl(gpu, t, x, w, bias, y, None)
     }
 
     /// [`W8a8::linear`] for an output that only a residual add reads next: where the GEMM
@@ -439,12 +439,30 @@ impl W8a8 {
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<bf16>,
     ) -> Result<Option<W8a8Path>> {
-        self.linear_impl(gpu, t, x, w, bias, y, true)
+        self.linear_impl(gpu, t, x, w, bias, y, Some(crate::ops::norm::MAX_SCALED_HIDDEN))
     }
 
-    /// [`W8a8::linear`] (`defer` false) and [`W8a8::linear_deferred`]: the GEMM, then the
-    /// `split-scale` epilogue run here or handed on (deferring needs a bf16 output, which
-    /// every W8A8 path requires, the fusions on and n within the scaled norm's reach).
+    /// [`W8a8::linear_deferred`] for a consumer other than the residual add, which takes
+    /// outputs of up to `max_n` columns: `ops::rope::rope_kv_store_scaled` takes the QKV
+    /// projection's (any width).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_deferred_to(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        x: &DTensor<bf16>,
+        w: &Fp8Weight,
+        bias: Option<&DTensor<bf16>>,
+        y: &mut DTensor<bf16>,
+        max_n: usize,
+    ) -> Result<Option<W8a8Path>> {
+        self.linear_impl(gpu, t, x, w, bias, y, Some(max_n))
+    }
+
+    /// [`W8a8::linear`] (`defer` None) and [`W8a8::linear_deferred_to`] (`defer`: the
+    /// consumer's widest output): the GEMM, then the `split-scale` epilogue run here or handed
+    /// on (deferring needs a bf16 output, which every W8A8 path requires, the fusions on and n
+    /// within the consumer's reach).
     #[allow(clippy::too_many_arguments)]
     fn linear_impl<Y: GemmOut>(
         &mut self,
@@ -454,12 +472,12 @@ impl W8a8 {
         w: &Fp8Weight,
         bias: Option<&DTensor<bf16>>,
         y: &mut DTensor<Y>,
-        defer: bool,
+        defer: Option<usize>,
     ) -> Result<Option<W8a8Path>> {
         let path = self.gemm(gpu, t, x, w, bias, "y", y, None)?;
         if path == Some(W8a8Path::SplitScale) {
             let (yp, sxp, swp, bp) = (y.ptr_mut(gpu), self.sx.ptr(gpu), w.scales.ptr(gpu), bias.map(|b| b.ptr(gpu)));
-            if defer && self.fuse && Y::OUT == OutType::Bf16 && w.n() <= crate::ops::norm::MAX_SCALED_HIDDEN && t > 0 {
+            if defer.is_some_and(|max_n| w.n() <= max_n) && self.fuse && Y::OUT == OutType::Bf16 && t > 0 {
                 self.deferred = Some(DeltaScale { y: yp, rows: t, n: w.n(), sx: sxp, sw: swp, bias: bp });
             } else {
                 scale_raw(gpu, t, w.n(), yp, sxp, swp, bp)?;
@@ -486,6 +504,12 @@ impl W8a8 {
     pub fn reset_pending(&mut self) {
         self.prequantized = None;
         self.deferred = None;
+    }
+
+    /// Runs a deferred epilogue `d` (taken with [`W8a8::take_deferred`]) as its own launch,
+    /// for a consumer that cannot fuse it.
+    pub fn apply_deferred(gpu: &Gpu, d: &DeltaScale) -> Result<()> {
+        epilogue::scale_raw(gpu, d.rows, d.n, d.y, d.sx, d.sw, d.bias)
     }
 
     /// Whether a [`W8a8::linear_deferred`] epilogue is waiting to be taken.

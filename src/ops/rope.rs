@@ -4,6 +4,8 @@
 //! With a [`RopeExtras`] option on (per-head q/k RMSNorm before the rotation, partial RoPE:
 //! LLaDA-MoE, LLaDA2) the op runs `rope_qknorm_kv_store_bf16` instead (same grid; reference
 //! `cpu::rope::rope_qk_bf16`); with none on it launches exactly what it did before.
+//! [`rope_kv_store_scaled`] also finishes a W8A8 `split-scale` QKV product first (its deferred
+//! scale epilogue, fused into `rope_scale_kv_store_bf16` on the plain path).
 use half::bf16;
 
 pub use crate::cpu::rope::RopeMode;
@@ -12,6 +14,7 @@ use crate::config::HEAD_DIM;
 use crate::error::{Error, Result};
 use crate::gpu::launch::{launch_ex, LaunchEx};
 use crate::gpu::{DTensor, Gpu};
+use crate::ops::norm::DeltaScale;
 
 /// The op's options beyond a full rotation, with the norm weights (`[128]` bf16 each) on the
 /// device; `RopeExtras::none()` (or `Default`) is the plain op. Fields: see
@@ -39,6 +42,9 @@ struct RopeParams {
     theta: f32,      // float
     mode: i32,       // int (0 LLaDA, 1 Dream)
     cache_cap: i32,  // int (rows of k_cache / v_cache)
+    sx: u64,         // const float* (rope_scale_kv_store_bf16 only)
+    sw: u64,         // const float*
+    bias: u64,       // const bf16* (0: none)
 }
 
 // SAFETY: plain-old-data mirror of the C struct (u64 pointers, i32/f32 scalars).
@@ -91,6 +97,31 @@ pub fn rope_kv_store(
     mode: RopeMode,
     extras: &RopeExtras<'_>,
 ) -> Result<()> {
+    rope_kv_store_scaled(gpu, rows, qkv, None, positions, cache_rows, k_cache, v_cache, n_heads, n_kv_heads, theta, mode, extras)
+}
+
+/// [`rope_kv_store`] on the unscaled product of a W8A8 `split-scale` QKV GEMM whose scale
+/// epilogue `scale` was deferred (`W8a8::take_deferred` of `qkv`; `None`: `qkv` is finished,
+/// as [`rope_kv_store`]). Without extras the epilogue is fused (`rope_scale_kv_store_bf16`:
+/// the same bits as the epilogue's own launch followed by the rotation; q finished in place,
+/// k and v finished in the caches, k and v in `qkv` left unscaled); with extras it runs as its
+/// own launch first. An error when `scale` is not `qkv`'s (rows, width).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_store_scaled(
+    gpu: &Gpu,
+    rows: usize,
+    qkv: &mut DTensor<bf16>,
+    scale: Option<&DeltaScale>,
+    positions: &DTensor<u32>,
+    cache_rows: &DTensor<u32>,
+    k_cache: &mut DTensor<bf16>,
+    v_cache: &mut DTensor<bf16>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    theta: f32,
+    mode: RopeMode,
+    extras: &RopeExtras<'_>,
+) -> Result<()> {
     if n_heads == 0 || n_kv_heads == 0 || n_heads > 4096 || n_kv_heads > n_heads {
         return Err(Error::bad_input(format!(
             "{OP}: heads {n_heads} / kv heads {n_kv_heads} are out of range"
@@ -122,6 +153,18 @@ pub fn rope_kv_store(
     k_cache.check_rows(OP, "k_cache", cache_cap, kv_dim)?;
     if v_cache.dims != k_cache.dims {
         return Err(Error::shape(OP, "v_cache", &k_cache.dims, &v_cache.dims));
+    }
+    if let Some(d) = scale {
+        if d.y != qkv.ptr(gpu) || d.rows != rows || d.n != qkv_dim {
+            return Err(Error::bad_input(format!(
+                "{OP}: the deferred scale epilogue ([{}, {}]) is not that of qkv ([{rows}, {qkv_dim}])",
+                d.rows, d.n
+            )));
+        }
+        d.check_aligned()?;
+        if !extras.is_none() {
+            crate::ops::gemm_w8a8::W8a8::apply_deferred(gpu, d)?;
+        }
     }
     if rows == 0 {
         return Ok(());
@@ -167,13 +210,18 @@ pub fn rope_kv_store(
             theta,
             mode,
             cache_cap: cache_cap as i32,
+            sx: scale.map_or(0, |d| d.sx),
+            sw: scale.map_or(0, |d| d.sw),
+            bias: scale.and_then(|d| d.bias).unwrap_or(0),
         };
+        let symbol = if scale.is_some() { "rope_scale_kv_store_bf16" } else { "rope_kv_store_bf16" };
         // SAFETY: params mirror RopeParams; qkv holds >= rows rows of qkv_dim, positions and
         // cache_rows >= rows entries, both caches are [cache_cap, kv_dim] (checked above);
         // block (r, c) touches row r < rows only and items < items (the kernel checks);
         // chunks <= 512 (heads <= 4096) fits grid y; the kernel traps on a cache row >=
-        // cache_cap.
-        return unsafe { launch_ex(gpu, "rope", "rope_kv_store_bf16", lc, &params) };
+        // cache_cap. A scale's sx holds >= rows entries and sw / bias qkv_dim, 16-byte aligned
+        // (the W8A8 GEMM that deferred it checked them; checked again above).
+        return unsafe { launch_ex(gpu, "rope", symbol, lc, &params) };
     }
     let params = RopeExtParams {
         qkv: qkv.ptr_mut(gpu),

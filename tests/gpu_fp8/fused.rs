@@ -6,6 +6,8 @@
 //!   on the delta then `add_rmsnorm{,_quant}` (residual, output, codes, scales; with and
 //!   without bias; the output scales in the buffer the delta's row scales came from);
 //! - `W8a8::linear_deferred` leaves the epilogue pending, and a GEMM before it is taken errors;
+//! - `rope_scale_kv_store_bf16` (`ops::rope::rope_kv_store_scaled`) = `w8a8_scale_bf16` on the
+//!   QKV product then `rope_kv_store` (q, both caches; with and without bias, both modes);
 //! - the whole W8A8 forward gives the same logits bits with the fusions on and off.
 use crate::w8a8::{has_fp8, normal, w8a8};
 use crate::{common, lock};
@@ -15,6 +17,7 @@ use demask::model::{Capacity, GpuModel, GpuWeights};
 use demask::ops::gemm_fp8::{Fp8Weight, LinearWeight};
 use demask::ops::gemm_w8a8::{quantize_rows, scale_rows_cols, scale_swiglu, scale_swiglu_quant, W8a8Path, W8a8Select};
 use demask::ops::norm::{add_rmsnorm, add_rmsnorm_deferred, add_rmsnorm_quant, DeltaScale};
+use demask::ops::rope::{rope_kv_store, rope_kv_store_scaled, RopeExtras, RopeMode};
 use demask::quant::{ScaleLayout, WeightFormat};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -225,4 +228,62 @@ fn w8a8_forward_is_bit_identical_with_and_without_fused_epilogues() {
         assert!(logits[0].iter().all(|v| v.is_finite()) && logits[0].iter().any(|&v| v != 0.0), "{preset}: degenerate logits");
         println!("{preset}: W8A8 forward of {total} rows, fused epilogues on and off: identical logits");
     }
+}
+
+#[test]
+fn rope_scaled_is_the_scale_epilogue_then_rope() {
+    let _g = lock();
+    let Some(gpu) = test_gpu() else { return };
+    let (nh, nkv, t, cap) = (4usize, 2usize, 19usize, 40usize);
+    let (qkv_dim, kv_dim) = ((nh + 2 * nkv) * 128, nkv * 128);
+    let mut rng = StdRng::seed_from_u64(31);
+    // The unscaled product of a QKV GEMM (|D| up to a few hundred, as E4M3 codes give).
+    let d = normal(&gpu, &[t, qkv_dim], 32, 60.0);
+    let sx = gpu.upload(&scales(&mut rng, t, 2e-3, 2e-2), &[t]).unwrap();
+    let sw = gpu.upload(&scales(&mut rng, qkv_dim, 2e-3, 2e-2), &[qkv_dim]).unwrap();
+    let bias = normal(&gpu, &[qkv_dim], 33, 0.2);
+    let pos: Vec<u32> = (0..t).map(|_| rng.gen_range(0..4096)).collect();
+    let mut rows: Vec<u32> = (0..cap as u32).collect();
+    for i in (1..rows.len()).rev() {
+        rows.swap(i, rng.gen_range(0..=i));
+    }
+    let (pos, crow) = (gpu.upload(&pos, &[t]).unwrap(), gpu.upload(&rows[..t], &[t]).unwrap());
+    let k0 = normal(&gpu, &[cap, kv_dim], 34, 1.0);
+    let v0 = normal(&gpu, &[cap, kv_dim], 35, 1.0);
+    let none = RopeExtras::none();
+    for mode in [RopeMode::Llada, RopeMode::Dream] {
+        for b in [None, Some(&bias)] {
+            let label = format!("{mode:?}, bias {}", b.is_some());
+            // The epilogue's own launch, then the plain op.
+            let (mut qa, mut ka, mut va) = (copy(&gpu, &d), copy(&gpu, &k0), copy(&gpu, &v0));
+            let ds = DeltaScale::new(&gpu, &qa, t, &sx, &sw, b).unwrap();
+            demask::ops::gemm_w8a8::W8a8::apply_deferred(&gpu, &ds).unwrap();
+            rope_kv_store(&gpu, t, &mut qa, &pos, &crow, &mut ka, &mut va, nh, nkv, 10000.0, mode, &none).unwrap();
+            // Fused.
+            let (mut qb, mut kb, mut vb) = (copy(&gpu, &d), copy(&gpu, &k0), copy(&gpu, &v0));
+            let ds = DeltaScale::new(&gpu, &qb, t, &sx, &sw, b).unwrap();
+            rope_kv_store_scaled(&gpu, t, &mut qb, Some(&ds), &pos, &crow, &mut kb, &mut vb, nh, nkv, 10000.0, mode, &none).unwrap();
+            let bits = |x: &DTensor<bf16>| x.to_host(&gpu).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let (qa, qb, d_host) = (bits(&qa), bits(&qb), bits(&d));
+            for r in 0..t {
+                let q = r * qkv_dim..r * qkv_dim + nh * 128;
+                assert_eq!(qa[q.clone()], qb[q.clone()], "{label}: q of row {r}");
+                // k and v in qkv stay as the GEMM left them.
+                assert_eq!(qb[q.end..(r + 1) * qkv_dim], d_host[q.end..(r + 1) * qkv_dim], "{label}: k, v of row {r} in qkv");
+            }
+            assert_eq!(bits(&ka), bits(&kb), "{label}: k cache");
+            assert_eq!(bits(&va), bits(&vb), "{label}: v cache");
+            assert_ne!(bits(&ka), bits(&k0), "{label}: nothing written");
+        }
+    }
+    // A scale epilogue of another tensor, or of other rows, is refused by name.
+    let mut q = copy(&gpu, &d);
+    let (mut k, mut v) = (copy(&gpu, &k0), copy(&gpu, &v0));
+    let other = DeltaScale::new(&gpu, &d, t, &sx, &sw, None).unwrap();
+    let e = rope_kv_store_scaled(&gpu, t, &mut q, Some(&other), &pos, &crow, &mut k, &mut v, nh, nkv, 1e4, RopeMode::Llada, &none).unwrap_err().to_string();
+    assert!(e.contains("deferred scale"), "{e}");
+    let short = DeltaScale::new(&gpu, &q, t - 1, &sx, &sw, None).unwrap();
+    let e = rope_kv_store_scaled(&gpu, t, &mut q, Some(&short), &pos, &crow, &mut k, &mut v, nh, nkv, 1e4, RopeMode::Llada, &none).unwrap_err().to_string();
+    assert!(e.contains("deferred scale"), "{e}");
+    println!("rope_scale_kv_store_bf16: q and both caches bit-identical to the epilogue then RoPE ({t} rows, both modes, with and without bias)");
 }
