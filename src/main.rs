@@ -92,9 +92,9 @@ struct ProfileArgs {
     /// moe=grouped,reference (MoE presets), epilogues=fused,unfused (--weights fp8: the W8A8
     /// scale epilogues fused into their consumers or not; same values) or
     /// w8a8=auto,split-scale,stream,skinny,outer-vec,w8a16 (--weights fp8: the W8A8 paths
-    /// allowed) or prefetch=0,17,40s,40s+8 (L2 prefetches of the next GEMMs' weights: MB after
-    /// each QKV GEMM, `s` to spread the gate|up share over its rows, `+MB` of the next QKV
-    /// weight after each down GEMM; same values).
+    /// allowed) or prefetch=0,17,40s,40s+8,40s@side (L2 prefetches of the next GEMMs' weights:
+    /// MB after each QKV GEMM, `s` to spread the gate|up share over its rows, `+MB` of the next
+    /// QKV weight after each down GEMM, `@side` on a second stream; same values).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
     /// Also time each variant's replayed graph with ops left out, to measure what each op
@@ -268,7 +268,7 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             model.set_w8a8_select(s).context("--variants w8a8= (needs --weights fp8)")?;
         }
         if let Some(p) = prefetch {
-            model.set_l2_prefetch(p);
+            model.set_l2_prefetch(p).context("--variants prefetch=")?;
         }
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;

@@ -102,6 +102,8 @@ pub struct GpuModel {
     ablate: Ablate,
     /// L2 prefetches of the next GEMMs' weights (`set_l2_prefetch`; off by default).
     l2_prefetch: L2Prefetch,
+    /// The stream and events of side-branch prefetches (made by the first `@side` setting).
+    side: Option<knobs::SideBranch>,
 }
 
 impl GpuModel {
@@ -154,7 +156,7 @@ impl GpuModel {
         let index = gpu.alloc(&[index_len])?;
         let staging = Vec::with_capacity(index_len);
         let capture_mode = graph::capture_mode_from_env()?;
-        Ok(GpuModel {
+        let mut model = GpuModel {
             gpu,
             cfg,
             weights,
@@ -175,8 +177,11 @@ impl GpuModel {
             layer_capture: None,
             captured_rows: None,
             ablate: Ablate::NONE,
-            l2_prefetch: L2Prefetch::from_env()?,
-        })
+            l2_prefetch: L2Prefetch::OFF,
+            side: None,
+        };
+        model.set_l2_prefetch(L2Prefetch::from_env()?)?;
+        Ok(model)
     }
 
     /// Device bytes of the workspace, logits and KV cache for `cap`.
@@ -374,6 +379,23 @@ impl GpuModel {
         let cap_rows = self.cap.rows;
         let ab = self.ablate;
         let pf = self.l2_prefetch;
+        let side = self.side.as_ref().filter(|_| pf.side);
+        let mut forked = false;
+        // One prefetch launch: in line, or forked onto the side stream.
+        macro_rules! prefetch {
+            ($items:expr, $budget:expr, $spread:expr) => {
+                let plan = ops::prefetch::plan($items, $budget, $spread)?;
+                match side {
+                    Some(sb) if plan.chunks() > 0 => {
+                        sb.fork(g)?;
+                        ops::prefetch::l2_prefetch_on(g, &sb.stream, &plan)?;
+                        forked = true;
+                    }
+                    _ => ops::prefetch::l2_prefetch(g, &plan)?,
+                }
+                mark!("l2_prefetch");
+            };
+        }
         // A GEMM left out (`set_ablate`) drops the codes its norm quantised for it.
         macro_rules! skipped {
             () => {
@@ -436,8 +458,7 @@ impl GpuModel {
                     GpuFfn::Dense { w_gate_up, .. } => w_gate_up.stream_span(g),
                     GpuFfn::Moe(_) => (0, 0),
                 };
-                ops::prefetch::l2_prefetch(g, &ops::prefetch::plan(&[l.wo.stream_span(g), gate_up], pf.after_qkv, pf.spread)?)?;
-                mark!("l2_prefetch");
+                prefetch!(&[l.wo.stream_span(g), gate_up], pf.after_qkv, pf.spread);
             }
             if ab.runs("rope") {
                 ops::rope::rope_kv_store_scaled(
@@ -514,8 +535,7 @@ impl GpuModel {
                     mark!("gemm_down");
                     // The residual add and norm before the next QKV GEMM leave DRAM idle too.
                     if let (true, Some(next)) = (pf.after_down > 0, self.weights.layers.get(li + 1)) {
-                        ops::prefetch::l2_prefetch(g, &ops::prefetch::plan(&[next.wqkv.stream_span(g)], pf.after_down, true)?)?;
-                        mark!("l2_prefetch");
+                        prefetch!(&[next.wqkv.stream_span(g)], pf.after_down, true);
                     }
                 }
                 GpuFfn::Moe(m) => {
@@ -545,6 +565,9 @@ impl GpuModel {
                     mark!("moe_down+combine");
                 }
             }
+        }
+        if let (true, Some(sb)) = (forked, side) {
+            sb.join(g)?;
         }
         norm_for(g, t, &mut ws.x, Some(&ws.o), &self.weights.final_norm, eps, &mut ws.h, ws.w8a8.as_mut(), None)?;
         mark!("add_rmsnorm");

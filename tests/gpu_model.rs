@@ -117,7 +117,8 @@ fn bad_token_id_is_refused_before_launch() {
 
 /// The L2 prefetch is a hint: every setting gives bit-identical logits, eager, captured and
 /// replayed, for bf16 and FP8 weights, with the budgets cut so that each path of the plan runs
-/// (whole regions, the head of gate|up, a spread share, the next layer's QKV).
+/// (whole regions, the head of gate|up, a spread share, the next layer's QKV; in line and on
+/// the side branch).
 #[test]
 fn l2_prefetch_changes_no_result() {
     use demask::ops::prefetch::L2Prefetch;
@@ -131,9 +132,11 @@ fn l2_prefetch_changes_no_result() {
         let (o, gu) = (h * h * byte, 2 * ffn * h * byte);
         let settings = [
             L2Prefetch::OFF,
-            L2Prefetch { after_qkv: 1 << 30, spread: false, after_down: 1 << 30 },
-            L2Prefetch { after_qkv: o + gu / 3, spread: false, after_down: 0 },
-            L2Prefetch { after_qkv: o + gu / 3, spread: true, after_down: cfg.qkv_dim() * h * byte / 2 },
+            L2Prefetch { after_qkv: 1 << 30, spread: false, after_down: 1 << 30, side: false },
+            L2Prefetch { after_qkv: o + gu / 3, spread: false, after_down: 0, side: false },
+            L2Prefetch { after_qkv: o + gu / 3, spread: true, after_down: cfg.qkv_dim() * h * byte / 2, side: false },
+            L2Prefetch { after_qkv: o + gu / 3, spread: true, after_down: cfg.qkv_dim() * h * byte / 2, side: true },
+            L2Prefetch { after_qkv: 1 << 30, spread: false, after_down: 0, side: true },
         ];
         let seqs: Vec<Vec<u32>> = (0..2).map(|i| demask::bench::synthetic_tokens(48, cfg.vocab, 20 + i)).collect();
         let cap = Capacity { rows: 96, logit_rows: 96, cache_rows: 96, seqs: 2 };
@@ -152,7 +155,7 @@ fn l2_prefetch_changes_no_result() {
         };
         let mut want: Option<Vec<f32>> = None;
         for p in settings {
-            model.set_l2_prefetch(p);
+            model.set_l2_prefetch(p).unwrap();
             assert_eq!(model.l2_prefetch(), p);
             // Eager, captured, replayed (graphs on by default).
             for pass in 0..3 {

@@ -59,6 +59,21 @@ pub unsafe fn launch_ex<P: DeviceRepr>(
     cfg: LaunchEx,
     params: &P,
 ) -> Result<()> {
+    launch_ex_on(gpu, &gpu.stream, module, symbol, cfg, params)
+}
+
+/// [`launch_ex`] on another stream of the GPU's context (a side branch of the forward).
+///
+/// # Safety
+/// As [`launch_ex`]; the caller orders the launch against the main stream (events).
+pub unsafe fn launch_ex_on<P: DeviceRepr>(
+    gpu: &Gpu,
+    stream: &cudarc::driver::CudaStream,
+    module: &'static str,
+    symbol: &'static str,
+    cfg: LaunchEx,
+    params: &P,
+) -> Result<()> {
     if let Some((cx, cy, cz)) = cfg.cluster {
         let (gx, gy, gz) = cfg.grid;
         if cx == 0 || cy == 0 || cz == 0 || gx % cx != 0 || gy % cy != 0 || gz % cz != 0 {
@@ -90,7 +105,7 @@ pub unsafe fn launch_ex<P: DeviceRepr>(
         blockDimY: cfg.block.1,
         blockDimZ: cfg.block.2,
         sharedMemBytes: cfg.smem,
-        hStream: gpu.stream.cu_stream(),
+        hStream: stream.cu_stream(),
         attrs: attrs.as_mut_ptr(),
         numAttrs: n_attrs as u32,
     };

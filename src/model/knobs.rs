@@ -5,6 +5,7 @@ use super::GpuModel;
 use crate::error::{Error, Result};
 use crate::gpu::graph::GraphStats;
 use crate::ops::gemm_w8a8::W8a8Select;
+use crate::gpu::{drv, Gpu};
 use crate::ops::prefetch::L2Prefetch;
 
 impl GpuModel {
@@ -212,16 +213,48 @@ impl GpuModel {
     }
 
     /// Sets the forward's L2 prefetches (`ops::prefetch::L2Prefetch`: after each QKV GEMM the O
-    /// weight then gate|up, after each down GEMM the next QKV weight, up to the given bytes).
-    /// A hint: the outputs are the same with any setting. Off by default, or
-    /// `DEMASK_L2_PREFETCH` when the model is made. Drops captured graphs.
-    pub fn set_l2_prefetch(&mut self, p: L2Prefetch) {
+    /// weight then gate|up, after each down GEMM the next QKV weight, up to the given bytes;
+    /// in line or on a side branch). A hint: the outputs are the same with any setting. Off by
+    /// default, or `DEMASK_L2_PREFETCH` when the model is made. Drops captured graphs; the
+    /// first side-branch setting creates the second stream and its two events.
+    pub fn set_l2_prefetch(&mut self, p: L2Prefetch) -> Result<()> {
+        if p.side && self.side.is_none() {
+            self.side = Some(SideBranch::new(&self.gpu)?);
+        }
         self.l2_prefetch = p;
         self.graphs.clear();
+        Ok(())
     }
 
     pub fn l2_prefetch(&self) -> L2Prefetch {
         self.l2_prefetch
+    }
+}
+
+/// The second stream that side-branch prefetches run on, and the events that fork it from the
+/// GPU's stream and join it back (captured into a graph as a branch and its join).
+pub(crate) struct SideBranch {
+    pub(crate) stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    fork: cudarc::driver::CudaEvent,
+    join: cudarc::driver::CudaEvent,
+}
+
+impl SideBranch {
+    pub(crate) fn new(gpu: &Gpu) -> Result<Self> {
+        let ev = || gpu.ctx.new_event(None).map_err(drv("cuEventCreate"));
+        Ok(SideBranch { stream: gpu.ctx.new_stream().map_err(drv("cuStreamCreate"))?, fork: ev()?, join: ev()? })
+    }
+
+    /// The side stream waits for everything launched on the GPU's stream so far.
+    pub(crate) fn fork(&self, gpu: &Gpu) -> Result<()> {
+        self.fork.record(&gpu.stream).map_err(drv("cuEventRecord"))?;
+        self.stream.wait(&self.fork).map_err(drv("cuStreamWaitEvent"))
+    }
+
+    /// The GPU's stream waits for everything launched on the side stream so far.
+    pub(crate) fn join(&self, gpu: &Gpu) -> Result<()> {
+        self.join.record(&self.stream).map_err(drv("cuEventRecord"))?;
+        gpu.stream.wait(&self.join).map_err(drv("cuStreamWaitEvent"))
     }
 }
 

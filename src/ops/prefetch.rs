@@ -8,7 +8,7 @@
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::gpu::launch::{launch_ex, LaunchEx};
+use crate::gpu::launch::{launch_ex_on, LaunchEx};
 use crate::gpu::Gpu;
 
 /// Regions one launch can take (PF_MAX_REGIONS in the .cu).
@@ -127,29 +127,38 @@ pub fn plan(items: &[(u64, usize)], budget: usize, spread: bool) -> Result<Plan>
     Ok(p)
 }
 
-/// Launches the prefetch `plan` describes (nothing for an empty plan): one warp per SM at
-/// most, one request per chunk. With programmatic dependent launch it waits for the kernel
-/// before it, so the kernel after it may treat its completion as that kernel's.
+/// Launches the prefetch `plan` describes (nothing for an empty plan) on the GPU's stream: one
+/// warp per SM at most, one request per chunk. With programmatic dependent launch it waits for
+/// the kernel before it, so the kernel after it may treat its completion as that kernel's.
 pub fn l2_prefetch(gpu: &Gpu, plan: &Plan) -> Result<()> {
+    l2_prefetch_on(gpu, &gpu.stream, plan)
+}
+
+/// [`l2_prefetch`] on `stream` (a side branch that the caller forks from and joins to the
+/// GPU's stream with events), launched without programmatic dependent launch.
+pub fn l2_prefetch_on(gpu: &Gpu, stream: &cudarc::driver::CudaStream, plan: &Plan) -> Result<()> {
     let chunks = plan.chunks();
     if chunks == 0 {
         return Ok(());
     }
     let blocks = chunks.div_ceil(32).clamp(1, gpu.sm_count.max(1));
-    let lc = LaunchEx { grid: (blocks as u32, 1, 1), block: (32, 1, 1), smem: 0, cluster: None, pdl: true };
+    let main = std::ptr::eq(stream, &*gpu.stream);
+    let lc = LaunchEx { grid: (blocks as u32, 1, 1), block: (32, 1, 1), smem: 0, cluster: None, pdl: main };
     // SAFETY: the params mirror PrefetchParams; a prefetch reads no memory into the program and
     // writes none, and every region lies within an allocation the caller named (the plan only
     // shrinks the items).
-    unsafe { launch_ex(gpu, "prefetch", "l2_prefetch", lc, &plan.params) }
+    unsafe { launch_ex_on(gpu, stream, "prefetch", "l2_prefetch", lc, &plan.params) }
 }
 
 /// The forward's L2 prefetches (`GpuModel::set_l2_prefetch`; `DEMASK_L2_PREFETCH` when a model
 /// is made; `demask profile --variants prefetch=`). Off by default.
 ///
-/// Written `MB[s][+MB]`: `40` prefetches 40 MB after each layer's QKV GEMM (the O weight, then
-/// the first rows of gate|up), `40s` spreads the gate|up share over all its rows, `40s+8` also
-/// prefetches 8 MB of the next layer's QKV weight, spread, after each down GEMM; `0` is off.
-/// (MB = 10⁶ bytes.)
+/// Written `MB[s][+MB][@side]`: `40` prefetches 40 MB after each layer's QKV GEMM (the O
+/// weight, then the first rows of gate|up), `40s` spreads the gate|up share over all its rows,
+/// `40s+8` also prefetches 8 MB of the next layer's QKV weight, spread, after each down GEMM;
+/// `@side` launches the prefetches on a side branch of the forward (a second stream forked
+/// after the GEMM and joined at the end of the forward) instead of between the GEMM and the
+/// kernel after it; `0` is off. (MB = 10⁶ bytes.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct L2Prefetch {
     /// Bytes prefetched after each QKV GEMM (0: none).
@@ -158,10 +167,12 @@ pub struct L2Prefetch {
     pub spread: bool,
     /// Bytes of the next layer's QKV weight prefetched after each down GEMM (0: none).
     pub after_down: usize,
+    /// On a side branch (a second stream) rather than in line.
+    pub side: bool,
 }
 
 impl L2Prefetch {
-    pub const OFF: L2Prefetch = L2Prefetch { after_qkv: 0, spread: false, after_down: 0 };
+    pub const OFF: L2Prefetch = L2Prefetch { after_qkv: 0, spread: false, after_down: 0, side: false };
 
     pub fn is_off(&self) -> bool {
         self.after_qkv == 0 && self.after_down == 0
@@ -179,7 +190,11 @@ impl L2Prefetch {
 impl FromStr for L2Prefetch {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::bad_input(format!("bad L2 prefetch `{s}` (expected MB[s][+MB], e.g. 0, 17, 40s or 40s+8)"));
+        let bad = || Error::bad_input(format!("bad L2 prefetch `{s}` (expected MB[s][+MB][@side], e.g. 0, 17, 40s, 40s+8 or 40s@side)"));
+        let (s, side) = match s.strip_suffix("@side") {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
         let mb = |t: &str| -> Result<usize> {
             let v: usize = t.parse().map_err(|_| bad())?;
             v.checked_mul(1_000_000).filter(|b| *b <= 1 << 40).ok_or_else(bad)
@@ -192,7 +207,7 @@ impl FromStr for L2Prefetch {
             Some(n) => (n, true),
             None => (first, false),
         };
-        Ok(L2Prefetch { after_qkv: mb(qkv)?, spread, after_down: down })
+        Ok(L2Prefetch { after_qkv: mb(qkv)?, spread, after_down: down, side })
     }
 }
 
@@ -201,6 +216,9 @@ impl std::fmt::Display for L2Prefetch {
         write!(f, "{}{}", self.after_qkv / 1_000_000, if self.spread { "s" } else { "" })?;
         if self.after_down > 0 {
             write!(f, "+{}", self.after_down / 1_000_000)?;
+        }
+        if self.side {
+            f.write_str("@side")?;
         }
         Ok(())
     }
@@ -260,15 +278,16 @@ mod tests {
 
     #[test]
     fn spec_parses_and_prints_back() {
-        for s in ["0", "17", "40s", "40s+8", "32+16"] {
+        for s in ["0", "17", "40s", "40s+8", "32+16", "40s@side", "24+8@side"] {
             assert_eq!(s.parse::<L2Prefetch>().unwrap().to_string(), s);
         }
         let p: L2Prefetch = "40s+8".parse().unwrap();
-        assert_eq!(p, L2Prefetch { after_qkv: 40_000_000, spread: true, after_down: 8_000_000 });
+        assert_eq!(p, L2Prefetch { after_qkv: 40_000_000, spread: true, after_down: 8_000_000, side: false });
+        assert!("40s@side".parse::<L2Prefetch>().unwrap().side);
         assert!("0".parse::<L2Prefetch>().unwrap().is_off() && !p.is_off());
-        for bad in ["", "s", "4x", "40s+", "-1", "40+8s", "99999999999"] {
+        for bad in ["", "s", "4x", "40s+", "-1", "40+8s", "99999999999", "40@side+8", "@side"] {
             let e = bad.parse::<L2Prefetch>().unwrap_err().to_string();
-            assert!(e.contains("MB[s][+MB]"), "{bad}: {e}");
+            assert!(e.contains("MB[s][+MB][@side]") && e.contains(bad), "{bad}: {e}");
         }
     }
 }
