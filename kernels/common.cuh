@@ -97,9 +97,10 @@ __device__ __forceinline__ void load_scales8(const float* s, float* f) {
 
 // The W8A8 `split-scale` epilogue of 8 unscaled products d of row scale sx, channel scales
 // sw[0..8) and bias[0..8) (nullptr: none): d = sx·sw·d (+ bias), with s = sx·sw rounded to f32
-// first and the bias added by one fma, unrounded (the caller rounds to bf16). The one
-// definition of these steps for every kernel that applies it (cpu::gemm_fp8::w8a8_scale is
-// the host twin).
+// first and the bias added by one fma, unrounded (the caller rounds to bf16). Used by
+// w8a8_scale_bf16 and rope_scale_kv_store_bf16; add_rmsnorm_*_scaled_bf16 (norm.cu) spells the
+// same steps out on scales it loaded into registers before its wait (cpu::gemm_fp8::w8a8_scale
+// is the host twin of all three).
 __device__ __forceinline__ void w8a8_scale8(float sx, const float* sw, const bf16* bias, float* d) {
     float s[8], b[8];
     load_scales8(sw, s);

@@ -49,7 +49,6 @@ struct W8a8SwigluParams {
     int ffn;
 };
 
-
 // The SwiGLU of 8 gate and up products of row scale sx (channel scales sg, su): g and u
 // scaled and rounded to bf16 as w8a8_scale_bf16 stores them, then swiglu_bf16's expression.
 __device__ __forceinline__ void scaled_swiglu8(float sx, const float* g, const float* u, const float* sg,
