@@ -316,7 +316,7 @@ fn bench_attention(c: &mut Criterion, env: &mut Env) -> Result<()> {
             env.bench(&mut grp, &id, work, || {
                 attention(
                     &gpu, variant, q, &qkv, q_stride, &seqs, 1, q, &k_cache, &v_cache, h, kvh,
-                    AttnMask::Bidirectional, &mut out,
+                    AttnMask::Bidirectional, None, &mut out,
                 )
             });
         }
@@ -339,7 +339,7 @@ fn bench_attention(c: &mut Criterion, env: &mut Env) -> Result<()> {
         env.bench(&mut grp, &id, work, || {
             attention(
                 &gpu, AttnVariant::Flash, q, &qkv, q_stride, &seqs, 1, q, &k_cache, &v_cache, h, kvh,
-                AttnMask::BlockCausal { positions: pos, block: 32 }, &mut out,
+                AttnMask::BlockCausal { positions: pos, block: 32 }, None, &mut out,
             )
         });
     }

@@ -39,6 +39,11 @@ struct AttnParams {
     float scale;
     const uint32_t* positions;  // [rows] canvas positions; read only when causal_block > 0
     int causal_block;           // 0: bidirectional; B > 0: block-causal with blocks of B
+    // [n_seqs*2] or null: keys [lo, hi) of sequence s (cache rows cache_base + lo..) that the
+    // kernels just before this one may have written (this forward's live rows). The flash
+    // kernels copy the key tiles outside it before their wait for those kernels (pdl_wait), so
+    // the copies overlap them; null: every key is read after the wait.
+    const uint32_t* fresh;
 };
 
 // How many of its sequence's kv_len keys packed row `row` may see.
@@ -381,8 +386,29 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
         kv_len = s_bound;
     }
 
-    // Q tile: 64 M-rows x 16 chunks.
+    // Keys that the kernels before this one may still be writing ([f_lo, f_hi), this forward's
+    // live rows): every other key was written by an earlier forward, and the memory these reads
+    // depend on (seqs, positions, fresh) was uploaded before the forward, so the first STAGES
+    // key tiles that miss the fresh range are copied before the wait (commit group 0) and
+    // overlap the kernel before (RoPE); Q and the fresh tiles follow the wait (group 1).
     constexpr int NT = NW * 32;
+    int f_lo = 0, f_hi = kv_len;
+    if (p.fresh) f_lo = (int)p.fresh[2 * blockIdx.y], f_hi = (int)p.fresh[2 * blockIdx.y + 1];
+    const int n_tiles = (kv_len + FA_N - 1) / FA_N;
+    auto stable = [&](int t) { return t * FA_N >= f_hi || (t + 1) * FA_N <= f_lo; };
+    auto load_tile = [&](int st, int t) {
+        load_kv_tile<NT>(sK + st * TILE_ELEMS, p.k_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+        load_kv_tile<NT>(sV + st * TILE_ELEMS, p.v_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
+    };
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+        const int t = rank + st * SPLIT;
+        if (t < n_tiles && stable(t)) load_tile(st, t);
+    }
+    cp_async_commit();
+    pdl_wait();
+    pdl_trigger();
+    // Q tile: 64 M-rows x 16 chunks.
 #pragma unroll
     for (int i = 0; i < (FA_M * 16) / NT; ++i) {
         const int idx = tid + i * NT;
@@ -393,17 +419,12 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
         const bf16* src = p.q + (size_t)(row_start + r) * p.q_stride + (size_t)h * HEAD_DIM + chunk * 8;
         cp_async16(smem_u32(sQ + swz(row, chunk)), src, valid);
     }
-    const int n_tiles = (kv_len + FA_N - 1) / FA_N;
-    // One commit group per stage, empty ones included, so that group `it` is tile `it`.
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
+    for (int st = 0; st < STAGES; ++st) {
         const int t = rank + st * SPLIT;
-        if (t < n_tiles) {
-            load_kv_tile<NT>(sK + st * TILE_ELEMS, p.k_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
-            load_kv_tile<NT>(sV + st * TILE_ELEMS, p.v_cache, kv_stride, cache_base, t * FA_N, kv_len, kvh);
-        }
-        cp_async_commit();
+        if (t < n_tiles && !stable(t)) load_tile(st, t);
     }
+    cp_async_commit();
 
     // Warps that would idle on a short M-tile share the key tiles instead: `ways` warps take
     // the same 16 rows (a slice), each 64/ways keys of every tile, and merge their softmax
@@ -430,16 +451,14 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
     for (int d = 0; d < 16; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
 
+    // Tile `it` of the block sits in stage it % STAGES. The first STAGES came with groups 0
+    // and 1; tile it + STAGES is copied (group 2 + it, empty past the end) once iteration it
+    // has released its stage, so at iteration it >= 1 at most STAGES - 1 groups may be pending.
     for (int t = rank, it = 0; t < n_tiles; t += SPLIT, ++it) {
         const int st = it % STAGES;
-        {
-            const int tn = t + (STAGES - 1) * SPLIT;
-            const int sn = (it + STAGES - 1) % STAGES;  // the stage read in iteration it - 1
-            if (tn < n_tiles) {
-                load_kv_tile<NT>(sK + sn * TILE_ELEMS, p.k_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
-                load_kv_tile<NT>(sV + sn * TILE_ELEMS, p.v_cache, kv_stride, cache_base, tn * FA_N, kv_len, kvh);
-            }
-            cp_async_commit();
+        if (it == 0) {
+            cp_async_wait<0>();
+        } else {
             cp_async_wait<STAGES - 1>();
         }
         __syncthreads();
@@ -462,7 +481,10 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
                 tile_step<2>(k_t, v_t, qf, o, row_m, row_l, key_off, t * FA_N, cap, sl2, lane);
             }
         }
-        __syncthreads();  // the next iteration's loads overwrite the stage just read
+        __syncthreads();  // the copy below overwrites the stage just read
+        const int tn = t + STAGES * SPLIT;
+        if (tn < n_tiles) load_tile(st, tn);
+        cp_async_commit();
     }
 
 #pragma unroll
@@ -521,8 +543,6 @@ __device__ __forceinline__ void flash_body(const AttnParams& p, const int m_tile
 
 // Whole key range per block, 2 stages (80 KiB of shared memory: 2 blocks per SM).
 extern "C" __global__ void __launch_bounds__(128) attention_bf16(const AttnParams p) {
-    pdl_wait();
-    pdl_trigger();
     flash_body<1, 2, 4>(p, blockIdx.x, 0);
 }
 
@@ -536,8 +556,6 @@ extern "C" __global__ void __launch_bounds__(128) attention_bf16(const AttnParam
 #endif
 extern "C" __global__ void FA_SPLIT_CLUSTER __launch_bounds__(128) attention_split_bf16(const AttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    pdl_wait();
-    pdl_trigger();
     flash_body<FA_SPLIT, 2, 4>(p, blockIdx.x / FA_SPLIT, (int)cooperative_groups::this_cluster().block_rank());
 #else
     __trap();

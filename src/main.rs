@@ -94,7 +94,9 @@ struct ProfileArgs {
     /// w8a8=auto,split-scale,stream,skinny,outer-vec,w8a16 (--weights fp8: the W8A8 paths
     /// allowed) or prefetch=0,17,40s,40s+8,40s@side (L2 prefetches of the next GEMMs' weights:
     /// MB after each QKV GEMM, `s` to spread the gate|up share over its rows, `+MB` of the next
-    /// QKV weight after each down GEMM, `@side` on a second stream; same values).
+    /// QKV weight after each down GEMM, `@side` on a second stream; same values) or
+    /// kv-preload=on,off (attention copies the cached keys outside the live rows before it
+    /// waits for RoPE; same values).
     #[arg(long, default_value = "attention=flash")]
     variants: String,
     /// Also time each variant's replayed graph with ops left out, to measure what each op
@@ -201,6 +203,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         w8a8: Option<W8a8Select>,
         /// The forward's L2 prefetches (`prefetch=`).
         prefetch: Option<L2Prefetch>,
+        /// Attention's early copies of the cached keys (`kv-preload=`).
+        kv_preload: Option<bool>,
     }
     let base = Variant {
         attn: AttnVariant::Flash,
@@ -209,6 +213,12 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         fused: None,
         w8a8: None,
         prefetch: None,
+        kv_preload: None,
+    };
+    let on_off = |v: &str| match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(anyhow::anyhow!("bad kv-preload variant `{v}` (expected on or off)")),
     };
     let fused = |v: &str| match v {
         "fused" => Ok(true),
@@ -225,8 +235,9 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         Some("epilogues") => list(&|v| Ok(Variant { fused: Some(fused(v)?), ..base }))?,
         Some("w8a8") => list(&|v| Ok(Variant { w8a8: Some(v.parse()?), ..base }))?,
         Some("prefetch") => list(&|v| Ok(Variant { prefetch: Some(v.parse()?), ..base }))?,
+        Some("kv-preload") => list(&|v| Ok(Variant { kv_preload: Some(on_off(v)?), ..base }))?,
         _ => bail!(
-            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...], epilogues=fused,unfused, w8a8=NAME[,NAME...] or prefetch=MB[s][+MB][,...])",
+            "bad --variants `{}` (expected attention=NAME[,NAME...], gemm=NAME[,NAME...], moe=NAME[,NAME...], epilogues=fused,unfused, w8a8=NAME[,NAME...], prefetch=MB[s][+MB][,...] or kv-preload=on,off)",
             a.variants
         ),
     };
@@ -257,7 +268,7 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     // Live rows sit at the canvas's end (a dual step's block of the last gen block).
     let batch = bench::gpu::decode_batch(&cfg, a.len, live, a.len - live, a.batch);
     let work = bench::forward_op_work_as(&cfg, format, a.len, a.batch, live);
-    for Variant { attn: v, gemm: gv, moe: mv, fused, w8a8: sel, prefetch } in variants {
+    for Variant { attn: v, gemm: gv, moe: mv, fused, w8a8: sel, prefetch, kv_preload } in variants {
         model.attn_variant = v;
         model.gemm_variant = gv;
         model.moe_variant = mv;
@@ -269,6 +280,9 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         }
         if let Some(p) = prefetch {
             model.set_l2_prefetch(p).context("--variants prefetch=")?;
+        }
+        if let Some(on) = kv_preload {
+            model.set_kv_preload(on);
         }
         model.enable_profiling(false)?;
         let plain = bench::gpu::time_batch(&mut model, &batch, 3, a.iters)?;
@@ -287,7 +301,8 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
             mv.name(),
             fused.map_or(String::new(), |on| format!(" epilogues={}", if on { "fused" } else { "unfused" }))
                 + &sel.map_or(String::new(), |s| format!(" w8a8={s}"))
-                + &format!(" prefetch={}", model.l2_prefetch()),
+                + &format!(" prefetch={}", model.l2_prefetch())
+                + if model.kv_preload() { " kv-preload=on" } else { " kv-preload=off" },
             plain.median_ms,
             total
         );

@@ -104,6 +104,9 @@ pub struct GpuModel {
     l2_prefetch: L2Prefetch,
     /// The stream and events of side-branch prefetches (made by the first `@side` setting).
     side: Option<knobs::SideBranch>,
+    /// Attention copies the cache keys outside the live rows before it waits for RoPE
+    /// (`set_kv_preload`; on unless `DEMASK_KV_PRELOAD=0`).
+    kv_preload: bool,
 }
 
 impl GpuModel {
@@ -179,6 +182,7 @@ impl GpuModel {
             ablate: Ablate::NONE,
             l2_prefetch: L2Prefetch::OFF,
             side: None,
+            kv_preload: knobs::kv_preload_from_env()?,
         };
         model.set_l2_prefetch(L2Prefetch::from_env()?)?;
         Ok(model)
@@ -272,6 +276,12 @@ impl GpuModel {
         for (i, sq) in b.seqs.iter().enumerate() {
             let at = l.spans + 4 * i;
             s[at..at + 4].copy_from_slice(&[sq.row_start, sq.row_count, sq.cache_base, sq.kv_len]);
+            // The keys this forward writes: its live rows' positions (cache row cache_base + p).
+            let span = sq.row_start as usize..(sq.row_start + sq.row_count) as usize;
+            let pos = &b.positions[span];
+            let lo = pos.iter().copied().min().unwrap_or(0);
+            let hi = pos.iter().copied().max().map_or(0, |p| p + 1);
+            s[l.fresh + 2 * i..l.fresh + 2 * i + 2].copy_from_slice(&[lo, hi]);
         }
         let idx = &mut s[l.logit_idx..l.len];
         if idx.len() == b.logit_rows.len() {
@@ -379,6 +389,7 @@ impl GpuModel {
         let cap_rows = self.cap.rows;
         let ab = self.ablate;
         let pf = self.l2_prefetch;
+        let kv_preload = self.kv_preload;
         let side = self.side.as_ref().filter(|_| pf.side);
         let mut forked = false;
         // One prefetch launch: in line, or forked onto the side stream.
@@ -497,6 +508,7 @@ impl GpuModel {
                     cfg.n_heads,
                     cfg.n_kv_heads,
                     mask,
+                    kv_preload.then_some(&*idx.fresh),
                     &mut ws.att,
                 )?;
             }

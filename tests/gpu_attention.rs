@@ -193,7 +193,7 @@ fn run(
     };
     attention_forced(
         gpu, variant, path, rows, &d.q, b.q_stride, &d.seqs, n_seqs, b.max_rows, &d.k, &d.v,
-        c.n_heads, c.n_kv, mask, &mut d.out,
+        c.n_heads, c.n_kv, mask, None, &mut d.out,
     )
     .unwrap_or_else(|e| panic!("{}: {variant} ({path:?}) launch: {e}", c.name));
     gpu.synchronize()
@@ -481,7 +481,7 @@ fn block_causal_llada2_shapes() {
     );
 }
 
-/// A bad block length or too few positions is refused by name.
+/// A bad block length, too few positions or a short `fresh` array is refused by name.
 #[test]
 fn block_causal_refusals() {
     let Some(gpu) = test_gpu() else { return };
@@ -489,11 +489,13 @@ fn block_causal_refusals() {
     let b = build(&c);
     let mut d = upload(&gpu, &b, &c);
     let short: DTensor<u32> = gpu.upload(&[0u32; 4], &[4]).unwrap();
-    for (mask, want) in [
-        (AttnMask::BlockCausal { positions: &d.positions, block: 0 }, "block length 0"),
-        (AttnMask::BlockCausal { positions: &short, block: 32 }, "`positions`"),
+    let one: DTensor<u32> = gpu.upload(&[0u32; 1], &[1]).unwrap();
+    for (mask, fresh, want) in [
+        (AttnMask::BlockCausal { positions: &d.positions, block: 0 }, None, "block length 0"),
+        (AttnMask::BlockCausal { positions: &short, block: 32 }, None, "`positions`"),
+        (AttnMask::Bidirectional, Some(&one), "`fresh`"),
     ] {
-        let e = attention(&gpu, AttnVariant::Flash, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, 4, 2, mask, &mut d.out)
+        let e = attention(&gpu, AttnVariant::Flash, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k, &d.v, 4, 2, mask, fresh, &mut d.out)
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{e}");
@@ -542,11 +544,11 @@ fn flash_timing() {
                 match path {
                     FlashPath::Auto => attention(
                         &gpu, variant, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
-                        &d.v, h, kvh, AttnMask::Bidirectional, &mut d.out,
+                        &d.v, h, kvh, AttnMask::Bidirectional, None, &mut d.out,
                     ),
                     p => attention_forced(
                         &gpu, variant, p, b.rows, &d.q, b.q_stride, &d.seqs, 1, b.max_rows, &d.k,
-                        &d.v, h, kvh, AttnMask::Bidirectional, &mut d.out,
+                        &d.v, h, kvh, AttnMask::Bidirectional, None, &mut d.out,
                     ),
                 }
                 .unwrap()
@@ -565,6 +567,121 @@ fn flash_timing() {
                 "attention/{label}/{name}: {us:.1} us, {:.0} TFLOP/s",
                 flops / (us as f64 * 1e-6) / 1e12
             );
+        }
+    }
+}
+
+/// Bit-pattern equality of two bf16 outputs (NaN-poisoned rows included).
+fn same_bits(a: &[bf16], b: &[bf16]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits())
+}
+
+/// `fresh` (keys copied before the wait when outside it) changes no value: with no kernel
+/// writing the cache, every fresh range — none, a tile-aligned block, one straddling two tiles,
+/// the last keys, an empty range, all keys, a range past kv_len — gives the bits of `None`, on
+/// both flash paths, one and several sequences (each with its own range).
+#[test]
+fn fresh_ranges_change_no_value() {
+    let Some(gpu) = test_gpu() else { return };
+    let split_ok = split_kv_supported(&gpu).unwrap();
+    let cases = [
+        Case { name: "llada decode", seqs: vec![seq(32, 512, 0)], n_heads: 32, n_kv: 32, std: 1.0, seed: 41 },
+        Case { name: "dream batch", seqs: vec![seq(32, 512, 0), seq(32, 700, 16), seq(33, 290, 0)], n_heads: 28, n_kv: 4, std: 1.0, seed: 42 },
+        Case { name: "long", seqs: vec![seq(8, 1000, 5)], n_heads: 8, n_kv: 2, std: 1.0, seed: 43 },
+    ];
+    for c in &cases {
+        let b = build(c);
+        let mut d = upload(&gpu, &b, c);
+        let ranges = |s: usize| -> Vec<[u32; 2]> {
+            let kv = b.spans[s].kv_len;
+            vec![[256, 288], [250, 270], [kv - 33, kv], [7, 7], [0, kv], [kv - 5, kv + 90], [0, 1], [64, 128]]
+        };
+        let paths: &[FlashPath] = if split_ok { &[FlashPath::Whole, FlashPath::SplitKv] } else { &[FlashPath::Whole] };
+        for &path in paths {
+            let none = run_fresh(&gpu, path, &b, c, None, &mut d);
+            for i in 0..ranges(0).len() {
+                // Sequence s takes range i + s: each sequence its own.
+                let flat: Vec<u32> = (0..b.spans.len()).flat_map(|s| ranges(s)[(i + s) % ranges(s).len()]).collect();
+                let f = gpu.upload(&flat, &[b.spans.len(), 2]).unwrap();
+                let got = run_fresh(&gpu, path, &b, c, Some(&f), &mut d);
+                if let Some(at) = same_bits(&got, &none) {
+                    panic!("{} {path:?} fresh {flat:?}: element {at} is {} with the range, {} without", c.name, got[at], none[at]);
+                }
+            }
+        }
+        eprintln!("{}: fresh ranges bit-identical on {} path(s)", c.name, paths.len());
+    }
+}
+
+fn run_fresh(gpu: &Gpu, path: FlashPath, b: &Built, c: &Case, fresh: Option<&DTensor<u32>>, d: &mut Dev) -> Vec<bf16> {
+    d.out.write(gpu, &vec![bf16::NAN; d.out.len()]).unwrap();
+    attention_forced(
+        gpu, AttnVariant::Flash, path, b.rows, &d.q, b.q_stride, &d.seqs, b.spans.len(), b.max_rows, &d.k, &d.v,
+        c.n_heads, c.n_kv, AttnMask::Bidirectional, fresh, &mut d.out,
+    )
+    .unwrap();
+    gpu.synchronize().unwrap();
+    d.out.to_host(gpu).unwrap()
+}
+
+/// The contract `fresh` exists for, as the model runs it: RoPE stores the live rows' K/V into
+/// the cache and attention is launched right behind it (programmatic dependent launch, no sync).
+/// The live rows' cache rows hold NaN before RoPE, so attention reading any of them before its
+/// wait gives NaN; the output must be the bits of RoPE, a sync, then attention without `fresh`.
+/// LLaDA-8B's decode shape (32 live rows at positions 256..288 of 512 keys, 32 heads) and a
+/// block straddling two key tiles, on both flash paths, 5 trials each.
+#[test]
+fn fresh_keys_written_just_before_are_read_after_the_wait() {
+    use demask::cpu::rope::RopeMode;
+    use demask::ops::rope::{rope_kv_store, RopeExtras};
+    let Some(gpu) = test_gpu() else { return };
+    let split_ok = split_kv_supported(&gpu).unwrap();
+    let (h, kv, rows) = (32usize, 512usize, 32usize);
+    let (qkv_dim, kv_w) = (3 * h * D, h * D);
+    let mut rng = StdRng::seed_from_u64(44);
+    let qkv = rounded(&mut rng, rows * qkv_dim, 1.0).0;
+    let k0 = rounded(&mut rng, kv * kv_w, 1.0).0;
+    let v0 = rounded(&mut rng, kv * kv_w, 1.0).0;
+    let seqs = gpu.upload(&[0u32, rows as u32, 0, kv as u32], &[1, 4]).unwrap();
+    let paths: &[FlashPath] = if split_ok { &[FlashPath::Whole, FlashPath::SplitKv] } else { &[FlashPath::Whole] };
+    for first in [256u32, 232] {
+        let positions: Vec<u32> = (first..first + rows as u32).collect();
+        let pos_d = gpu.upload(&positions, &[rows]).unwrap();
+        let fresh = gpu.upload(&[first, first + rows as u32], &[1, 2]).unwrap();
+        // The caches as they stand before this forward's RoPE: its rows poisoned.
+        let (mut kp, mut vp) = (k0.clone(), v0.clone());
+        for &p in &positions {
+            let r = p as usize * kv_w..(p as usize + 1) * kv_w;
+            kp[r.clone()].fill(bf16::NAN);
+            vp[r].fill(bf16::NAN);
+        }
+        let mut q = gpu.upload(&qkv, &[rows, qkv_dim]).unwrap();
+        let mut k = gpu.upload(&kp, &[kv, kv_w]).unwrap();
+        let mut v = gpu.upload(&vp, &[kv, kv_w]).unwrap();
+        let mut out = gpu.alloc::<bf16>(&[rows, h * D]).unwrap();
+        let step = |q: &mut DTensor<bf16>, k: &mut DTensor<bf16>, v: &mut DTensor<bf16>, out: &mut DTensor<bf16>, path: FlashPath, f: Option<&DTensor<u32>>, sync: bool| {
+            q.write(&gpu, &qkv).unwrap();
+            k.write(&gpu, &kp).unwrap();
+            v.write(&gpu, &vp).unwrap();
+            out.write(&gpu, &vec![bf16::NAN; rows * h * D]).unwrap();
+            gpu.synchronize().unwrap();
+            rope_kv_store(&gpu, rows, q, &pos_d, &pos_d, k, v, h, h, 500000.0, RopeMode::Llada, &RopeExtras::none()).unwrap();
+            if sync {
+                gpu.synchronize().unwrap();
+            }
+            attention_forced(&gpu, AttnVariant::Flash, path, rows, q, qkv_dim, &seqs, 1, rows, k, v, h, h, AttnMask::Bidirectional, f, out).unwrap();
+            gpu.synchronize().unwrap();
+            out.to_host(&gpu).unwrap()
+        };
+        for &path in paths {
+            let want = step(&mut q, &mut k, &mut v, &mut out, path, None, true);
+            assert!(want.iter().all(|x| x.is_finite()), "block at {first} {path:?}: the synced reference has non-finite values");
+            for trial in 0..5 {
+                let got = step(&mut q, &mut k, &mut v, &mut out, path, Some(&fresh), false);
+                if let Some(at) = same_bits(&got, &want) {
+                    panic!("block at {first} {path:?} trial {trial}: element {at} is {} right behind RoPE, {} after a sync", got[at], want[at]);
+                }
+            }
         }
     }
 }

@@ -324,6 +324,9 @@ pub struct IndexLayout {
     pub cache_rows: usize,
     /// Sequence spans `[seqs, 4]`: row_start, row_count, cache_base, kv_len.
     pub spans: usize,
+    /// Keys each sequence's live rows write `[seqs, 2]`: lo, hi (positions lo..hi; see
+    /// `ops::attention::attention`'s `fresh`).
+    pub fresh: usize,
     /// Rows whose logits are computed `[logit_rows]`.
     pub logit_idx: usize,
     /// Elements copied per forward (`logit_idx + logit_rows`).
@@ -339,7 +342,8 @@ impl IndexLayout {
         let positions = a(rows);
         let cache_rows = positions + a(rows);
         let spans = cache_rows + a(rows);
-        let logit_idx = spans + a(4 * seqs);
+        let fresh = spans + a(4 * seqs);
+        let logit_idx = fresh + a(2 * seqs);
         IndexLayout {
             rows,
             seqs,
@@ -348,6 +352,7 @@ impl IndexLayout {
             positions,
             cache_rows,
             spans,
+            fresh,
             logit_idx,
             len: logit_idx + logit_rows,
         }
@@ -393,12 +398,13 @@ impl<T: DeviceRepr> Drop for DView<'_, T> {
     }
 }
 
-/// The five index arrays of one forward, as views into the packed buffer.
+/// The six index arrays of one forward, as views into the packed buffer.
 pub struct IndexViews<'a> {
     pub tokens: DView<'a, u32>,
     pub positions: DView<'a, u32>,
     pub cache_rows: DView<'a, u32>,
     pub spans: DView<'a, u32>,
+    pub fresh: DView<'a, u32>,
     pub logit_rows: DView<'a, u32>,
 }
 
@@ -409,6 +415,7 @@ impl<'a> IndexViews<'a> {
             positions: DView::new(gpu, packed, l.positions, l.rows)?,
             cache_rows: DView::new(gpu, packed, l.cache_rows, l.rows)?,
             spans: DView::new(gpu, packed, l.spans, 4 * l.seqs)?,
+            fresh: DView::new(gpu, packed, l.fresh, 2 * l.seqs)?,
             logit_rows: DView::new(gpu, packed, l.logit_idx, l.logit_rows)?,
         })
     }
@@ -504,14 +511,17 @@ mod tests {
     #[test]
     fn index_layout_is_compact_aligned_and_monotone() {
         let l = IndexLayout::new(19, 3, 5);
-        assert_eq!((l.tokens, l.positions, l.cache_rows, l.spans, l.logit_idx, l.len), (0, 32, 64, 96, 112, 117));
+        assert_eq!(
+            (l.tokens, l.positions, l.cache_rows, l.spans, l.fresh, l.logit_idx, l.len),
+            (0, 32, 64, 96, 112, 128, 133)
+        );
         for (r, s, g) in [(1, 1, 1), (99, 7, 0), (111, 2, 111), (4096, 8, 512)] {
             let l = IndexLayout::new(r, s, g);
-            for off in [l.positions, l.cache_rows, l.spans, l.logit_idx] {
+            for off in [l.positions, l.cache_rows, l.spans, l.fresh, l.logit_idx] {
                 assert_eq!(off % INDEX_ALIGN, 0);
             }
             assert!(l.positions >= r && l.cache_rows - l.positions >= r && l.spans - l.cache_rows >= r);
-            assert!(l.logit_idx - l.spans >= 4 * s && l.len == l.logit_idx + g);
+            assert!(l.fresh - l.spans >= 4 * s && l.logit_idx - l.fresh >= 2 * s && l.len == l.logit_idx + g);
             // A buffer sized for the capacity holds every smaller batch.
             assert!(IndexLayout::new(r + 1, s + 1, g + 1).len >= l.len);
         }

@@ -229,6 +229,29 @@ impl GpuModel {
     pub fn l2_prefetch(&self) -> L2Prefetch {
         self.l2_prefetch
     }
+
+    /// Whether attention copies the cache keys outside this forward's live rows before it
+    /// waits for the kernels before it (RoPE, which writes the live rows' keys), so that those
+    /// copies overlap them (`ops::attention::attention`'s `fresh`). The same values either way.
+    /// On by default, off with `DEMASK_KV_PRELOAD=0` when the model is made. Drops captured
+    /// graphs.
+    pub fn set_kv_preload(&mut self, on: bool) {
+        self.kv_preload = on;
+        self.graphs.clear();
+    }
+
+    pub fn kv_preload(&self) -> bool {
+        self.kv_preload
+    }
+}
+
+/// `DEMASK_KV_PRELOAD`: unset or `1` on, `0` off; anything else an error naming the variable.
+pub(crate) fn kv_preload_from_env() -> Result<bool> {
+    match std::env::var("DEMASK_KV_PRELOAD").as_deref() {
+        Err(_) | Ok("1") => Ok(true),
+        Ok("0") => Ok(false),
+        Ok(v) => Err(Error::bad_input(format!("DEMASK_KV_PRELOAD must be 0 or 1, not `{v}`"))),
+    }
 }
 
 /// The second stream that side-branch prefetches run on, and the events that fork it from the

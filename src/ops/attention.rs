@@ -89,6 +89,8 @@ struct AttnParams {
     positions: u64,
     /// int causal_block: 0 bidirectional, B > 0 block-causal
     causal_block: i32,
+    /// const uint32_t* fresh: [n_seqs*2] keys [lo, hi) the kernels before may write, or null
+    fresh: u64,
 }
 
 /// Which keys a query may see.
@@ -137,6 +139,12 @@ pub enum FlashPath {
 ///   `row_count` (it sizes the grid: sequences with more rows would be cut short). The spans
 ///   are trusted (the scheduler validated them with `RowBatch::validate`).
 /// - `k_cache`, `v_cache`: `[cache_rows, n_kv_heads·128]` bf16 (this layer).
+/// - `fresh`: `None`, or `[n_seqs, 2]` u32 on the device: per sequence the keys `[lo, hi)` that
+///   the kernels launched just before may still be writing (a forward's live rows: RoPE stores
+///   their K/V). The flash kernels copy the key tiles outside that range before they wait for
+///   those kernels (programmatic dependent launch), so the copies overlap them; the caller
+///   promises that no kernel still running writes those keys, nor `seqs`, `fresh` or the
+///   positions. `None`: every key is read after the wait.
 /// - `out`: `[≥ rows, n_heads·128]` bf16; rows outside every sequence are not written.
 ///
 /// The flash variant picks its path ([`FlashPath::Auto`]): one block per 64-row tile
@@ -159,6 +167,7 @@ pub fn attention(
     n_heads: usize,
     n_kv_heads: usize,
     mask: AttnMask<'_>,
+    fresh: Option<&DTensor<u32>>,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     attention_forced(
@@ -176,6 +185,7 @@ pub fn attention(
         n_heads,
         n_kv_heads,
         mask,
+        fresh,
         out,
     )
 }
@@ -198,6 +208,7 @@ pub fn attention_forced(
     n_heads: usize,
     n_kv_heads: usize,
     mask: AttnMask<'_>,
+    fresh: Option<&DTensor<u32>>,
     out: &mut DTensor<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention";
@@ -231,6 +242,11 @@ pub fn attention_forced(
     out.check_rows(OP, "out", rows, q_width)?;
     if seqs.len() < n_seqs * 4 {
         return Err(Error::shape(OP, "seqs", &[n_seqs, 4], &seqs.dims));
+    }
+    if let Some(f) = fresh {
+        if f.len() < n_seqs * 2 {
+            return Err(Error::shape(OP, "fresh", &[n_seqs, 2], &f.dims));
+        }
     }
     if !k_cache.len().is_multiple_of(kv_width) || k_cache.is_empty() {
         return Err(Error::shape(
@@ -271,6 +287,7 @@ pub fn attention_forced(
         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
         positions,
         causal_block,
+        fresh: fresh.map_or(0, |f| f.ptr(gpu)),
     };
     let group = n_heads / n_kv_heads;
     let m_tiles = (max_rows * group).div_ceil(FA_M);
@@ -320,7 +337,8 @@ pub fn attention_forced(
     };
     // SAFETY: `params` mirrors the kernel's AttnParams; q, out and the caches were checked to
     // hold the rows and widths the kernel indexes, given spans within them (RowBatch::validate);
-    // every attention kernel waits for its predecessor (pdl_wait) before touching memory.
+    // every attention kernel waits for its predecessor (pdl_wait) before reading q or writing,
+    // and before that reads only the cache keys outside `fresh` (the caller's contract).
     unsafe { launch_ex(gpu, "attention", symbol, lc, &params) }
 }
 
